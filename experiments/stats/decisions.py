@@ -1,0 +1,283 @@
+"""Guardrail, non-inferiority and SLO decisions from always-valid bounds.
+
+The rollout analysis calls these every interval (10 s) on cumulative sums, so
+they are plain arithmetic: no scipy call, no raw data.
+
+One-sided bounds. Each decision reads one side of the *two-sided* (1 - alpha)
+confidence sequence of ``sequential.py``. A wrong decision of either kind (a
+breach called on a candidate within the margin, or a candidate called safe
+that is beyond it) needs the true effect to fall outside that sequence at some
+look, which has probability at most alpha; so breach and safe are valid at
+alpha together, at every look and every stopping time. Reading one side of the
+sequence built at 2 * alpha would be narrower, but it is not valid at alpha:
+both sides share one mixture martingale, so the miss probability of one side is
+alpha plus half the (small, non-zero) chance of crossing both sides, not alpha.
+The price of the conservative choice is a slightly wider bound: about 3.0
+standard errors at N = N* for alpha = 0.05, instead of about 2.8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ._checks import check_alpha, check_choice, check_finite, check_non_negative, check_positive
+from .arm import ArmStats
+from .estimators import KINDS, ArmEstimate, arm_difference, arm_estimate, check_binary
+from .sequential import always_valid_p_value, half_width, half_width_multiplier
+
+DIRECTIONS = ("lower_is_better", "higher_is_better")
+
+# Below this many observations per arm the normal approximation behind the
+# asymptotic confidence sequence is not trusted; a mean over a handful of
+# requests can even have zero variance, which would make any bound look exact.
+DEFAULT_MIN_N = 30
+
+
+class Decision(StrEnum):
+    BREACH = "breach"
+    SAFE = "safe"
+    UNDECIDED = "undecided"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailResult:
+    """A guardrail ("candidate no more than ``margin`` worse than baseline").
+
+    ``effect`` and both bounds are on the *harm* scale: positive means the
+    candidate is worse, whatever the metric's direction, in the margin's units
+    (a fraction of the baseline when ``relative``). ``bound`` is the always-valid
+    upper bound on the harm, i.e. "at most this much worse". ``p_value`` is the
+    always-valid p-value against "harm <= margin": small means evidence of a breach.
+    """
+
+    decision: Decision
+    effect: float
+    bound: float
+    lower_bound: float
+    margin: float
+    p_value: float
+    kind: str
+    relative: bool
+    direction: str
+    alpha: float
+    baseline_n: int
+    candidate_n: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SloResult:
+    """One arm's metric against an absolute limit, with always-valid bounds.
+
+    For a tail SLO ``estimate`` is the share of requests over the latency
+    threshold and ``limit`` the allowed share (0.01 for a p99 objective).
+    """
+
+    decision: Decision
+    estimate: float
+    lower_bound: float
+    upper_bound: float
+    limit: float
+    p_value: float
+    direction: str
+    alpha: float
+    n: int
+    reason: str
+
+
+def _decide_harm(lower: float, upper: float, margin: float) -> tuple[Decision, str]:
+    if lower > margin:
+        return Decision.BREACH, f"the candidate is worse than the margin: harm >= {lower:.6g} > {margin:.6g}"
+    if upper <= margin:
+        return Decision.SAFE, f"the candidate is within the margin: harm <= {upper:.6g} <= {margin:.6g}"
+    return Decision.UNDECIDED, f"the interval [{lower:.6g}, {upper:.6g}] contains the margin {margin:.6g}"
+
+
+def _smoothed_proportion(arm: ArmStats, role: str) -> ArmEstimate:
+    check_binary(role, arm)
+    p = arm.sum / arm.n
+    # Variance at (x + 1) / (n + 2), as in Agresti and Caffo (2000): with no
+    # errors yet in either arm the plain p(1 - p) is 0 and would call a
+    # candidate "safe" after two requests. The point estimate stays x / n.
+    smoothed = (arm.sum + 1.0) / (arm.n + 2.0)
+    return ArmEstimate(p, smoothed * (1.0 - smoothed), arm.n)
+
+
+def guardrail_check(
+    baseline: ArmStats,
+    candidate: ArmStats,
+    *,
+    kind: str = "mean",
+    margin: float,
+    relative: bool = False,
+    direction: str = "lower_is_better",
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+    min_n: int = DEFAULT_MIN_N,
+) -> GuardrailResult:
+    """Decide a guardrail / non-inferiority test from cumulative sufficient statistics.
+
+    Breach when the whole always-valid interval of the harm lies above
+    ``margin``; safe (non-inferior) when it lies at or below it; undecided
+    otherwise. ``margin >= 0`` is the tolerated harm: 0.10 with
+    ``relative=True`` is "TPOT not more than 10 % worse", 0.005 with
+    ``kind="proportion"`` is "error rate not more than 0.5 points worse".
+    For several guardrails at once, pass alpha / k to each (Bonferroni), or run
+    Holm on their ``p_value`` fields.
+    """
+    check_choice("kind", kind, KINDS)
+    check_choice("direction", direction, DIRECTIONS)
+    margin = check_non_negative("margin", margin)
+    alpha = check_alpha(alpha)
+    tuning_n = check_positive("tuning_n", tuning_n)
+    if not isinstance(relative, bool):
+        raise ValueError(f"relative must be True or False, got {relative!r}")
+    if isinstance(min_n, bool) or not isinstance(min_n, int) or min_n < 2:
+        raise ValueError(f"min_n must be an integer of at least 2, got {min_n!r}")
+    for role, arm in (("baseline", baseline), ("candidate", candidate)):
+        if not isinstance(arm, ArmStats):
+            raise ValueError(f"{role} must be an ArmStats, got {type(arm).__name__}")
+
+    def undecided(reason: str) -> GuardrailResult:
+        return GuardrailResult(
+            Decision.UNDECIDED, math.nan, math.inf, -math.inf, margin, 1.0, kind, relative, direction, alpha,
+            baseline.n, candidate.n, reason,
+        )  # fmt: skip
+
+    if min(baseline.n, candidate.n) < min_n:
+        return undecided(f"fewer than min_n={min_n} observations in an arm")
+    if kind == "proportion":
+        base_est = _smoothed_proportion(baseline, "baseline")
+        cand_est = _smoothed_proportion(candidate, "candidate")
+    else:
+        base_est = arm_estimate(baseline, kind=kind, role="baseline")
+        cand_est = arm_estimate(candidate, kind=kind, role="candidate")
+    if relative and base_est.mean <= 0:
+        return undecided("baseline mean is not positive, so a relative margin is undefined")
+
+    diff = arm_difference(base_est, cand_est, relative=relative, t_reference=False)
+    n_total = baseline.n + candidate.n
+    width = half_width(variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    harm = diff.effect if direction == "lower_is_better" else -diff.effect
+    lower, upper = harm - width, harm + width
+    p_value = (
+        always_valid_p_value(
+            effect=harm, variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n, null=margin
+        )
+        if harm > margin
+        else 1.0
+    )
+    decision, reason = _decide_harm(lower, upper, margin)
+    return GuardrailResult(
+        decision, harm, upper, lower, margin, p_value, kind, relative, direction, alpha,
+        baseline.n, candidate.n, reason,
+    )  # fmt: skip
+
+
+def _decide_limit(lower: float, upper: float, limit: float, direction: str) -> tuple[Decision, str]:
+    if direction == "lower_is_better":
+        if lower > limit:
+            return Decision.BREACH, f"above the limit: >= {lower:.6g} > {limit:.6g}"
+        if upper <= limit:
+            return Decision.SAFE, f"within the limit: <= {upper:.6g} <= {limit:.6g}"
+    else:
+        if upper < limit:
+            return Decision.BREACH, f"below the limit: <= {upper:.6g} < {limit:.6g}"
+        if lower >= limit:
+            return Decision.SAFE, f"within the limit: >= {lower:.6g} >= {limit:.6g}"
+    return Decision.UNDECIDED, f"the interval [{lower:.6g}, {upper:.6g}] contains the limit {limit:.6g}"
+
+
+def tail_slo_check(
+    exceedances: ArmStats,
+    *,
+    max_share: float = 0.01,
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+) -> SloResult:
+    """A tail objective ("p99 TTFT <= 800 ms") as a share of requests over the threshold.
+
+    ``exceedances`` holds one 0/1 value per request (1 = over the latency
+    threshold), e.g. ``ArmStats.from_counts(over, n)``; ``max_share`` is the
+    allowed share (0.01 for p99). The bounds invert the mixture test with the
+    variance p(1 - p) taken at each candidate share p rather than estimated, a
+    Wilson-style interval: it stays honest when no request has been over the
+    threshold yet, where the plug-in variance would be 0.
+    """
+    if not isinstance(exceedances, ArmStats):
+        raise ValueError(f"exceedances must be an ArmStats, got {type(exceedances).__name__}")
+    max_share = check_finite("max_share", max_share)
+    if not (0.0 < max_share < 1.0):
+        raise ValueError(f"max_share must be in (0, 1), got {max_share!r}")
+    alpha = check_alpha(alpha)
+    tuning_n = check_positive("tuning_n", tuning_n)
+    n = exceedances.n
+    if n < 2:
+        raise ValueError(f"exceedances.n must be at least 2, got {n}")
+    check_binary("exceedances", exceedances)
+    share = exceedances.sum / n
+    # Solve (share - p)^2 <= c p (1 - p) / n for p, c the squared multiplier.
+    c = half_width_multiplier(n_total=n, alpha=alpha, tuning_n=tuning_n) ** 2
+    denominator = 1.0 + c / n
+    centre = (share + c / (2.0 * n)) / denominator
+    spread = math.sqrt(c * share * (1.0 - share) / n + c * c / (4.0 * n * n)) / denominator
+    lower, upper = max(centre - spread, 0.0), min(centre + spread, 1.0)
+    p_value = (
+        always_valid_p_value(
+            effect=share,
+            variance=max_share * (1.0 - max_share) / n,
+            n_total=n,
+            alpha=alpha,
+            tuning_n=tuning_n,
+            null=max_share,
+        )
+        if share > max_share
+        else 1.0
+    )
+    decision, reason = _decide_limit(lower, upper, max_share, "lower_is_better")
+    return SloResult(decision, share, lower, upper, max_share, p_value, "lower_is_better", alpha, n, reason)
+
+
+def mean_slo_check(
+    arm: ArmStats,
+    *,
+    threshold: float,
+    direction: str = "lower_is_better",
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+    min_n: int = DEFAULT_MIN_N,
+) -> SloResult:
+    """One arm's mean against an absolute threshold ("mean TPOT <= 50 ms").
+
+    Uses the one-sample confidence sequence (N = n, V = s^2 / n).
+    """
+    if not isinstance(arm, ArmStats):
+        raise ValueError(f"arm must be an ArmStats, got {type(arm).__name__}")
+    threshold = check_finite("threshold", threshold)
+    check_choice("direction", direction, DIRECTIONS)
+    alpha = check_alpha(alpha)
+    tuning_n = check_positive("tuning_n", tuning_n)
+    if isinstance(min_n, bool) or not isinstance(min_n, int) or min_n < 2:
+        raise ValueError(f"min_n must be an integer of at least 2, got {min_n!r}")
+    if arm.n < 2:
+        raise ValueError(f"arm.n must be at least 2, got {arm.n}")
+    if arm.n < min_n:
+        return SloResult(
+            Decision.UNDECIDED, arm.mean, -math.inf, math.inf, threshold, 1.0, direction, alpha, arm.n,
+            f"fewer than min_n={min_n} observations",
+        )  # fmt: skip
+    variance = arm.variance / arm.n
+    width = half_width(variance=variance, n_total=arm.n, alpha=alpha, tuning_n=tuning_n)
+    lower, upper = arm.mean - width, arm.mean + width
+    beyond = arm.mean > threshold if direction == "lower_is_better" else arm.mean < threshold
+    p_value = (
+        always_valid_p_value(
+            effect=arm.mean, variance=variance, n_total=arm.n, alpha=alpha, tuning_n=tuning_n, null=threshold
+        )
+        if beyond
+        else 1.0
+    )
+    decision, reason = _decide_limit(lower, upper, threshold, direction)
+    return SloResult(decision, arm.mean, lower, upper, threshold, p_value, direction, alpha, arm.n, reason)

@@ -1,0 +1,91 @@
+"""How many samples a plan needs: statsmodels' power solvers, shown when a plan is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from statsmodels.stats.power import NormalIndPower, TTestIndPower
+from statsmodels.stats.proportion import proportion_effectsize
+
+from ._checks import check_alpha, check_choice, check_finite, check_positive
+
+PLAN_KINDS = ("mean", "proportion")
+ALTERNATIVES = ("two-sided", "larger", "smaller")
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSizePlan:
+    """Samples per arm for a fixed-horizon test to detect ``min_effect``.
+
+    ``effect_size`` is standardised: Cohen's d for means, Cohen's h (arcsine)
+    for proportions. A sequential analysis of the same data needs more samples
+    at N* to reach the same power; ``total_n`` is a reasonable ``tuning_n``.
+    """
+
+    baseline_n: int
+    candidate_n: int
+    total_n: int
+    effect_size: float
+    alpha: float
+    power: float
+
+
+def sample_size_per_arm(
+    *,
+    kind: str,
+    baseline_mean: float,
+    min_effect: float,
+    relative: bool = True,
+    baseline_sd: float | None = None,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    ratio: float = 1.0,
+    alternative: str = "two-sided",
+) -> SampleSizePlan:
+    """Samples per arm to detect ``min_effect`` (a fraction of the baseline when ``relative``).
+
+    ``ratio`` is candidate_n / baseline_n (0.05 / 0.95 for a 5 % canary).
+    Means need ``baseline_sd`` (assumed the same in both arms); proportions use
+    the baseline rate, and ``baseline_mean`` is that rate.
+    """
+    check_choice("kind", kind, PLAN_KINDS)
+    check_choice("alternative", alternative, ALTERNATIVES)
+    baseline_mean = check_finite("baseline_mean", baseline_mean)
+    min_effect = check_finite("min_effect", min_effect)
+    alpha = check_alpha(alpha)
+    power = check_alpha(power, "power")
+    ratio = check_positive("ratio", ratio)
+    if min_effect == 0:
+        raise ValueError("min_effect must not be 0: no sample size detects a zero effect")
+    absolute = min_effect * baseline_mean if relative else min_effect
+    if absolute == 0:
+        raise ValueError("baseline_mean must not be 0 with a relative min_effect")
+    if kind == "mean":
+        if baseline_sd is None:
+            raise ValueError("baseline_sd is required for kind='mean'")
+        sd = check_positive("baseline_sd", baseline_sd)
+        effect_size = absolute / sd
+        solver = TTestIndPower()
+    else:
+        if not (0.0 < baseline_mean < 1.0):
+            raise ValueError(
+                f"baseline_mean must be a rate in (0, 1) for kind='proportion', got {baseline_mean!r}"
+            )
+        target = baseline_mean + absolute
+        if not (0.0 < target < 1.0):
+            raise ValueError(f"baseline_mean + effect must stay in (0, 1), got {target!r}")
+        effect_size = float(proportion_effectsize(target, baseline_mean))
+        solver = NormalIndPower()
+    # statsmodels reads the one-sided alternatives off the sign of the effect size.
+    if (alternative == "larger" and effect_size <= 0) or (alternative == "smaller" and effect_size >= 0):
+        raise ValueError(f"min_effect has the wrong sign for alternative={alternative!r}")
+    signed = abs(effect_size) if alternative == "two-sided" else effect_size
+    nobs1 = float(
+        solver.solve_power(
+            effect_size=signed, nobs1=None, alpha=alpha, power=power, ratio=ratio, alternative=alternative
+        )
+    )
+    baseline_n = math.ceil(nobs1)
+    candidate_n = math.ceil(nobs1 * ratio)
+    return SampleSizePlan(baseline_n, candidate_n, baseline_n + candidate_n, abs(effect_size), alpha, power)
