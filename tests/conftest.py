@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from django.contrib.auth.models import AbstractUser
+from rest_framework.test import APIClient
+
+from accounts.roles import Role
+from accounts.services import api_token_create, user_create
+
+
+@dataclass
+class Member:
+    user: AbstractUser
+    token: str
+
+    def api(self) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {self.token}")
+        return client
+
+
+def _member(username: str, roles: list[Role]) -> Member:
+    user = user_create(username=username, password=f"{username}-password-1", roles=roles)
+    return Member(user=user, token=api_token_create(user=user, name="tests").raw)
+
+
+@pytest.fixture
+def owner(db: None) -> Member:
+    """A release manager who creates rollouts."""
+    return _member("owner", [Role.RELEASE_MANAGER])
+
+
+@pytest.fixture
+def approver(db: None) -> Member:
+    return _member("approver", [Role.APPROVER])
+
+
+@pytest.fixture
+def viewer(db: None) -> Member:
+    return _member("viewer", [Role.VIEWER])
+
+
+@pytest.fixture
+def outsider(db: None) -> Member:
+    """Logged in, but holding no role."""
+    return _member("outsider", [])
+
+
+@pytest.fixture
+def platform_admin(db: None) -> Member:
+    return _member("platform-admin", [Role.ADMIN])
+
+
+@pytest.fixture
+def anonymous() -> APIClient:
+    return APIClient()
