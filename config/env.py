@@ -121,7 +121,7 @@ def parse_database_url(name: str, raw: str) -> DatabaseUrl:
         parts = urlsplit(raw)
         port = parts.port
     except ValueError:
-        raise EnvError(f"{name}: expected postgres://user:password@host:port/db or sqlite:///path, got {raw!r}") from None
+        raise EnvError(f"{name}: expected postgres://user:password@host:port/db or sqlite:////absolute/path.db, got {raw!r}") from None
     if parts.scheme in _PG_SCHEMES:
         db = unquote(parts.path.lstrip("/"))
         if not parts.hostname or not db:
@@ -137,9 +137,10 @@ def parse_database_url(name: str, raw: str) -> DatabaseUrl:
             options=options,
         )
     if parts.scheme == "sqlite":
-        path = unquote(parts.path)
-        if not path or path == "/":
-            raise EnvError(f"{name}: expected sqlite:///absolute/path.db, got {raw!r}")
+        # sqlite:///relative.db and sqlite:////absolute/path.db, as SQLAlchemy and dj-database-url read them.
+        path = unquote(parts.path)[1:]
+        if not path:
+            raise EnvError(f"{name}: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {raw!r}")
         return DatabaseUrl(engine="django.db.backends.sqlite3", name=path)
     raise EnvError(f"{name}: expected a postgres:// or sqlite:/// URL, got {raw!r}")
 
