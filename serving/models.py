@@ -1,1 +1,211 @@
+"""Serving's data: model versions, engine workers, aliases (the route table), gateway keys, and what the
+gateway records. Other apps read and change these only through `serving.services` and `serving.selectors`."""
+
 from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class ModelVersion(models.Model):
+    """One deployable version of a model: weights, tokenizer, chat template, engine flags."""
+
+    name = models.SlugField(max_length=64, help_text="The model family, e.g. 'adder'.")
+    version = models.SlugField(max_length=64, help_text="e.g. 'v2' or 'v2-int8'.")
+    description = models.TextField(blank=True)
+    artifact = models.CharField(max_length=500, help_text="A local directory, or a hub id on GPU hosts.")
+    served_model_name = models.CharField(max_length=128, help_text="The name the engine serves it under.")
+    engine_args = models.JSONField(default=list, blank=True, help_text="Extra vLLM command-line arguments.")
+    sampling_defaults = models.JSONField(default=dict, blank=True)
+    # sha256 over the weights, tokenizer, chat template and sampling defaults, and each part's own hash.
+    lineage_hash = models.CharField(max_length=64, blank=True)
+    lineage = models.JSONField(default=dict, blank=True)
+    price_input_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=0)
+    price_output_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("name", "version")
+        constraints = [models.UniqueConstraint(fields=("name", "version"), name="model_version_unique")]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class EngineWorker(models.Model):
+    """One engine serving one model version: a vLLM process the agent runs, or a static endpoint."""
+
+    class Driver(models.TextChoices):
+        LOCAL = "local", "local vLLM process"
+        STATIC = "static", "static endpoint"
+
+    class Desired(models.TextChoices):
+        RUNNING = "running"
+        STOPPED = "stopped"
+
+    class State(models.TextChoices):
+        PENDING = "pending"  # desired running, not started yet
+        STARTING = "starting"  # process launched, not ready yet
+        READY = "ready"  # passed readiness; routable
+        UNHEALTHY = "unhealthy"  # was ready, a health check failed; not routable
+        DRAINING = "draining"  # stop routing, wait for in-flight requests
+        STOPPED = "stopped"
+        CRASHED = "crashed"  # the process died; restart after backoff
+        FAILED = "failed"  # gave up after too many restarts
+
+    ROUTABLE_STATES = (State.READY,)
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="workers")
+    driver = models.CharField(max_length=16, choices=Driver.choices, default=Driver.LOCAL)
+    host_name = models.CharField(max_length=128, default="localhost", help_text="The agent host that runs it.")
+    base_url = models.URLField(max_length=300, blank=True, help_text="Static: the endpoint; local: set by the agent.")
+    port = models.PositiveIntegerField(null=True, blank=True)
+    api_key = models.CharField(max_length=300, blank=True, help_text="Static endpoints that need a bearer key.")
+    desired_state = models.CharField(max_length=16, choices=Desired.choices, default=Desired.RUNNING)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    state_reason = models.CharField(max_length=500, blank=True)
+    state_changed_at = models.DateTimeField(null=True, blank=True)
+    # Compare-and-set claim: the agent that owns the process, until when (renewed each pass).
+    claimed_by = models.CharField(max_length=128, blank=True)
+    claim_expires_at = models.DateTimeField(null=True, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    restarts = models.PositiveIntegerField(default=0)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    next_start_at = models.DateTimeField(null=True, blank=True, help_text="Backoff after a crash.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    last_health_ok = models.BooleanField(null=True)
+    last_health_at = models.DateTimeField(null=True, blank=True)
+    last_health_detail = models.CharField(max_length=500, blank=True)
+    log_tail = models.TextField(blank=True, help_text="The engine's last log lines.")
+    metrics = models.JSONField(default=dict, blank=True, help_text="The last scrape of the engine's /metrics.")
+    metrics_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("id",)
+        indexes = [models.Index(fields=("host_name", "desired_state")), models.Index(fields=("state",))]
+
+    def __str__(self) -> str:
+        return f"engine {self.pk} ({self.model_version.label}, {self.state})"
+
+
+class Alias(models.Model):
+    """A public model name and how its traffic is split. The gateway's route table is built from these."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    baseline = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    candidate = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    candidate_weight = models.FloatField(default=0.0, help_text="Share of users sent to the candidate, 0 to 1.")
+    shadow_rate = models.FloatField(default=0.0, help_text="Share of baseline requests mirrored to the candidate.")
+    # The rollout driving the split, by id: serving depends on no other app.
+    rollout_id = models.PositiveBigIntegerField(null=True, blank=True)
+    # May a request fail over to the candidate when every baseline engine is down?
+    failover_to_candidate = models.BooleanField(default=False)
+    store_prompts = models.BooleanField(default=False, help_text="Keep redacted prompts and outputs.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("name",)
+        verbose_name_plural = "aliases"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RouteGeneration(models.Model):
+    """A single row bumped in the same transaction as any change a gateway must see (alias, engine readiness).
+
+    Every gateway process polls it; a new generation makes it rebuild its in-memory route table."""
+
+    generation = models.PositiveBigIntegerField(default=0)
+    changed_at = models.DateTimeField(auto_now=True)
+
+
+class GatewayKey(models.Model):
+    """A key an application presents to the gateway. Only a SHA-256 of it is stored."""
+
+    name = models.CharField(max_length=100)
+    key_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12)
+    aliases = models.JSONField(default=list, blank=True, help_text="Aliases it may call; empty means all.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class RequestRecord(models.Model):
+    """One request the gateway served, measured as DESIGN.md defines (times in milliseconds)."""
+
+    class Outcome(models.TextChoices):
+        OK = "ok"
+        ENGINE_ERROR = "engine_error"  # >= 500 from the engine, connection failure, in-stream error, cut stream
+        CLIENT_ERROR = "client_error"  # 4xx from the engine: not the engine's fault
+        CANCELLED = "cancelled"  # the client went away first
+        NO_ENGINE = "no_engine"  # 503: nothing healthy to send it to
+
+    request_id = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(db_index=True, help_text="When the request was sent upstream.")
+    alias = models.CharField(max_length=64)
+    rollout_id = models.PositiveBigIntegerField(null=True, blank=True)
+    arm = models.CharField(max_length=16)  # baseline | candidate
+    model_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
+    engine_worker_id = models.PositiveBigIntegerField(null=True, blank=True)
+    endpoint = models.CharField(max_length=32)  # chat.completions | completions
+    stream = models.BooleanField(default=False)
+    session_hash = models.CharField(max_length=32, blank=True)
+    prompt_hash = models.CharField(max_length=32, blank=True)
+    prompt_chars = models.PositiveIntegerField(default=0)
+    status_code = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    error_kind = models.CharField(max_length=64, blank=True)
+    failover = models.BooleanField(default=False, help_text="Sent to the other arm after the first choice failed.")
+    ttft_ms = models.FloatField(null=True)
+    tpot_ms = models.FloatField(null=True)
+    e2e_ms = models.FloatField(null=True)
+    prompt_tokens = models.PositiveIntegerField(null=True)
+    completion_tokens = models.PositiveIntegerField(null=True)
+    prompt_text = models.TextField(blank=True, help_text="Redacted; only when the alias opts in.")
+    output_text = models.TextField(blank=True, help_text="Redacted; only when the alias opts in.")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=("rollout_id", "arm", "created_at")),
+            models.Index(fields=("alias", "created_at")),
+            models.Index(fields=("session_hash",)),
+        ]
+
+
+class ShadowPair(models.Model):
+    """A baseline response and the candidate's answer to the same request, replayed off the user's path."""
+
+    request_id = models.CharField(max_length=64, unique=True, help_text="The served request it mirrors.")
+    created_at = models.DateTimeField(db_index=True)
+    alias = models.CharField(max_length=64)
+    rollout_id = models.PositiveBigIntegerField(null=True, blank=True)
+    baseline_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
+    candidate_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
+    prompt_text = models.TextField(blank=True, help_text="Redacted.")
+    baseline_output = models.TextField(blank=True, help_text="Redacted.")
+    candidate_output = models.TextField(blank=True, help_text="Redacted.")
+    baseline_ttft_ms = models.FloatField(null=True)
+    baseline_e2e_ms = models.FloatField(null=True)
+    baseline_completion_tokens = models.PositiveIntegerField(null=True)
+    candidate_ttft_ms = models.FloatField(null=True)
+    candidate_tpot_ms = models.FloatField(null=True)
+    candidate_e2e_ms = models.FloatField(null=True)
+    candidate_completion_tokens = models.PositiveIntegerField(null=True)
+    candidate_outcome = models.CharField(max_length=16, choices=RequestRecord.Outcome.choices)
+    candidate_error = models.CharField(max_length=300, blank=True)
+    # Filled by the evals app's shadow scoring, keyed by scorer name.
+    scores = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=("rollout_id", "created_at"))]

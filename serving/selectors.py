@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from config.errors import NotFound
+from serving.models import Alias, EngineWorker, ModelVersion, RequestRecord, ShadowPair
+
+
+def model_version_get(*, ref: str | int) -> ModelVersion:
+    """A model version by id or by label (`adder-v2`)."""
+    found: ModelVersion | None = None
+    if isinstance(ref, int) or ref.isdigit():
+        found = ModelVersion.objects.filter(pk=int(ref)).first()
+    else:
+        # Names and versions may both hold dashes: try every split of the label.
+        parts = ref.split("-")
+        for cut in range(1, len(parts)):
+            found = ModelVersion.objects.filter(name="-".join(parts[:cut]), version="-".join(parts[cut:])).first()
+            if found is not None:
+                break
+    if found is None:
+        raise NotFound(f"no model version {ref!r}")
+    return found
+
+
+def model_version_list() -> QuerySet[ModelVersion]:
+    return ModelVersion.objects.order_by("name", "version")
+
+
+def engine_workers_ready(*, model_version: ModelVersion) -> QuerySet[EngineWorker]:
+    return EngineWorker.objects.filter(
+        model_version=model_version,
+        desired_state=EngineWorker.Desired.RUNNING,
+        state__in=EngineWorker.ROUTABLE_STATES,
+    )
+
+
+def model_version_is_ready(*, model_version: ModelVersion) -> bool:
+    return engine_workers_ready(model_version=model_version).exists()
+
+
+def engine_base_url(*, model_version: ModelVersion) -> tuple[str, str]:
+    """(base URL, api key) of one ready engine of the version, for callers that bypass the gateway (evals)."""
+    worker = engine_workers_ready(model_version=model_version).order_by("?").first()
+    if worker is None:
+        raise NotFound(f"model version {model_version.label} has no ready engine")
+    return worker.base_url, worker.api_key
+
+
+def alias_get(*, name: str) -> Alias | None:
+    return Alias.objects.select_related("baseline", "candidate").filter(name=name).first()
+
+
+def request_records(*, rollout_id: int | None = None, alias: str | None = None) -> QuerySet[RequestRecord]:
+    """Request records to aggregate (the analysis never loads them row by row)."""
+    records = RequestRecord.objects.all()
+    if rollout_id is not None:
+        records = records.filter(rollout_id=rollout_id)
+    if alias is not None:
+        records = records.filter(alias=alias)
+    return records
+
+
+def shadow_pairs(*, rollout_id: int) -> QuerySet[ShadowPair]:
+    return ShadowPair.objects.filter(rollout_id=rollout_id)

@@ -1,0 +1,197 @@
+"""Every write to serving's models that other code makes goes through here (the engine agent has its own
+state transitions in `serving.engines.services`, the gateway its record writer in `serving.gateway`)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from config.errors import Conflict, DomainError
+from serving.lineage import lineage_of
+from serving.models import Alias, EngineWorker, GatewayKey, ModelVersion, RouteGeneration, ShadowPair
+
+GATEWAY_KEY_PREFIX = "gw_"
+
+
+def route_generation_bump() -> None:
+    """Tell every gateway process to rebuild its route table. Call inside the transaction that changed routing."""
+    updated = RouteGeneration.objects.filter(pk=1).update(generation=F("generation") + 1, changed_at=timezone.now())
+    if not updated:
+        RouteGeneration.objects.get_or_create(pk=1, defaults={"generation": 1})
+
+
+@transaction.atomic
+def model_version_register(
+    *,
+    name: str,
+    version: str,
+    artifact: str,
+    served_model_name: str = "",
+    engine_args: list[str] | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
+    description: str = "",
+    price_input_per_million: Decimal | float = 0,
+    price_output_per_million: Decimal | float = 0,
+    created_by: AbstractBaseUser | None = None,
+) -> ModelVersion:
+    if ModelVersion.objects.filter(name=name, version=version).exists():
+        raise Conflict(f"model version {name}-{version} is already registered", field="version")
+    engine_args = list(engine_args or [])
+    if not all(isinstance(arg, str) for arg in engine_args):
+        raise DomainError("engine_args must be a list of strings", field="engine_args")
+    sampling_defaults = dict(sampling_defaults or {})
+    lineage = lineage_of(artifact, sampling_defaults=sampling_defaults)
+    return ModelVersion.objects.create(
+        name=name,
+        version=version,
+        artifact=artifact,
+        served_model_name=served_model_name or f"{name}-{version}",
+        engine_args=engine_args,
+        sampling_defaults=sampling_defaults,
+        description=description,
+        lineage=lineage,
+        lineage_hash=lineage["lineage_hash"],
+        price_input_per_million=Decimal(str(price_input_per_million)),
+        price_output_per_million=Decimal(str(price_output_per_million)),
+        created_by=created_by,
+    )
+
+
+@transaction.atomic
+def engine_worker_create(
+    *,
+    model_version: ModelVersion,
+    driver: str = EngineWorker.Driver.LOCAL,
+    host_name: str = "localhost",
+    base_url: str = "",
+    api_key: str = "",
+) -> EngineWorker:
+    if driver not in EngineWorker.Driver.values:
+        raise DomainError(f"driver must be one of {', '.join(EngineWorker.Driver.values)}", field="driver")
+    if driver == EngineWorker.Driver.STATIC and not base_url:
+        raise DomainError("a static engine needs the base_url of its OpenAI-compatible endpoint", field="base_url")
+    return EngineWorker.objects.create(
+        model_version=model_version,
+        driver=driver,
+        host_name=host_name,
+        base_url=base_url.rstrip("/"),
+        api_key=api_key,
+        desired_state=EngineWorker.Desired.RUNNING,
+        state=EngineWorker.State.PENDING,
+        state_changed_at=timezone.now(),
+    )
+
+
+@transaction.atomic
+def engine_worker_set_desired(*, worker: EngineWorker, desired: str) -> EngineWorker:
+    if desired not in EngineWorker.Desired.values:
+        raise DomainError(f"desired_state must be one of {', '.join(EngineWorker.Desired.values)}", field="desired_state")
+    worker = EngineWorker.objects.select_for_update().get(pk=worker.pk)
+    if worker.desired_state == desired:
+        return worker
+    worker.desired_state = desired
+    fields = ["desired_state"]
+    if desired == EngineWorker.Desired.STOPPED and worker.state == EngineWorker.State.READY:
+        # Stop routing at once; the agent drains and stops the process.
+        worker.state = EngineWorker.State.DRAINING
+        worker.state_reason = "stop requested"
+        worker.state_changed_at = timezone.now()
+        fields += ["state", "state_reason", "state_changed_at"]
+        route_generation_bump()
+    elif desired == EngineWorker.Desired.RUNNING and worker.state in (
+        EngineWorker.State.STOPPED, EngineWorker.State.FAILED
+    ):
+        worker.state = EngineWorker.State.PENDING
+        worker.consecutive_failures = 0
+        worker.next_start_at = None
+        worker.state_changed_at = timezone.now()
+        fields += ["state", "consecutive_failures", "next_start_at", "state_changed_at"]
+    worker.save(update_fields=fields)
+    return worker
+
+
+@transaction.atomic
+def alias_ensure(*, name: str, stable: ModelVersion, store_prompts: bool = False) -> Alias:
+    """Create the alias serving `stable`, or return it unchanged if it exists."""
+    alias, created = Alias.objects.get_or_create(name=name, defaults={"baseline": stable, "store_prompts": store_prompts})
+    if created:
+        route_generation_bump()
+    return alias
+
+
+@dataclass(frozen=True)
+class RouteSplit:
+    baseline: ModelVersion
+    candidate: ModelVersion | None
+    candidate_weight: float
+    shadow_rate: float
+    rollout_id: int | None
+    failover_to_candidate: bool = False
+
+
+@transaction.atomic
+def route_set(*, alias_name: str, split: RouteSplit) -> Alias:
+    """Set how an alias splits its traffic. Gateways see it within a second (RouteGeneration)."""
+    if not 0.0 <= split.candidate_weight <= 1.0:
+        raise DomainError("candidate_weight must be between 0 and 1", field="candidate_weight")
+    if not 0.0 <= split.shadow_rate <= 1.0:
+        raise DomainError("shadow_rate must be between 0 and 1", field="shadow_rate")
+    if split.candidate is None and (split.candidate_weight > 0 or split.shadow_rate > 0):
+        raise DomainError("a weight or shadow rate needs a candidate", field="candidate")
+    alias = Alias.objects.select_for_update().filter(name=alias_name).first()
+    if alias is None:
+        alias = Alias(name=alias_name)
+    alias.baseline = split.baseline
+    alias.candidate = split.candidate
+    alias.candidate_weight = split.candidate_weight
+    alias.shadow_rate = split.shadow_rate
+    alias.rollout_id = split.rollout_id
+    alias.failover_to_candidate = split.failover_to_candidate
+    alias.save()
+    route_generation_bump()
+    return alias
+
+
+@dataclass(frozen=True)
+class IssuedGatewayKey:
+    key: GatewayKey
+    raw: str
+
+
+def gateway_key_digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@transaction.atomic
+def gateway_key_create(*, name: str, aliases: list[str] | None = None, raw: str | None = None) -> IssuedGatewayKey:
+    """A new gateway key; `raw` lets the operator choose it (PLATFORM_DEMO_GATEWAY_KEY), else it is generated."""
+    raw = raw or GATEWAY_KEY_PREFIX + secrets.token_urlsafe(24)
+    digest = gateway_key_digest(raw)
+    existing = GatewayKey.objects.filter(key_hash=digest).first()
+    if existing is not None:
+        return IssuedGatewayKey(key=existing, raw=raw)
+    key = GatewayKey.objects.create(name=name, key_hash=digest, prefix=raw[:10], aliases=list(aliases or []))
+    route_generation_bump()
+    return IssuedGatewayKey(key=key, raw=raw)
+
+
+@transaction.atomic
+def gateway_key_revoke(*, key: GatewayKey) -> None:
+    GatewayKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    route_generation_bump()
+
+
+def shadow_pair_scores_set(*, pair: ShadowPair, scores: dict[str, float | None]) -> None:
+    """Scores of a shadow pair, by scorer name (written by the evals app's shadow scoring)."""
+    with transaction.atomic():
+        locked = ShadowPair.objects.select_for_update().get(pk=pair.pk)
+        locked.scores = {**locked.scores, **scores}
+        locked.save(update_fields=["scores"])
