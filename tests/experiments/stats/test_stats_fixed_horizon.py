@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats import proportion as sm_proportion
+from statsmodels.stats.multitest import multipletests
 
 from experiments.stats import (
     ArmStats,
@@ -42,13 +42,17 @@ def test_welch_matches_scipy(seed: int, alpha: float) -> None:
     assert ours.ci_high == pytest.approx(ci.high, rel=REL)
 
 
-@pytest.mark.parametrize(("x_a", "n_a", "x_b", "n_b"), [(120, 1000, 150, 1000), (3, 400, 9, 350), (500, 600, 480, 610)])
+@pytest.mark.parametrize(
+    ("x_a", "n_a", "x_b", "n_b"), [(120, 1000, 150, 1000), (3, 400, 9, 350), (500, 600, 480, 610)]
+)
 def test_proportion_difference_matches_statsmodels_wald(x_a: int, n_a: int, x_b: int, n_b: int) -> None:
     ours = compare(
         ArmStats.from_counts(x_a, n_a), ArmStats.from_counts(x_b, n_b), kind="proportion", method="fixed"
     )
     test = sm_proportion.test_proportions_2indep(x_b, n_b, x_a, n_a, method="wald", compare="diff")
-    low, high = sm_proportion.confint_proportions_2indep(x_b, n_b, x_a, n_a, method="wald", compare="diff", alpha=0.05)
+    low, high = sm_proportion.confint_proportions_2indep(
+        x_b, n_b, x_a, n_a, method="wald", compare="diff", alpha=0.05
+    )
     assert ours.effect == pytest.approx(x_b / n_b - x_a / n_a, rel=REL)
     assert ours.p_value == pytest.approx(test.pvalue, rel=REL)
     assert ours.ci_low == pytest.approx(low, rel=REL)
@@ -107,7 +111,9 @@ def test_cuped_effect_and_theta_equal_the_ancova_regression() -> None:
     # x ~ 1 + treated + y: the treated coefficient is the CUPED estimate with
     # theta pooled within arms, and the y coefficient is that theta.
     x = np.concatenate([x_a, x_b])
-    design = sm.add_constant(np.column_stack([np.r_[np.zeros(n_a), np.ones(n_b)], np.concatenate([y_a, y_b])]))
+    design = sm.add_constant(
+        np.column_stack([np.r_[np.zeros(n_a), np.ones(n_b)], np.concatenate([y_a, y_b])])
+    )
     fit = sm.OLS(x, design).fit()
     assert ours.effect == pytest.approx(fit.params[1], rel=REL)
     assert ours.cuped_theta == pytest.approx(fit.params[2], rel=REL)
