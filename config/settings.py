@@ -275,6 +275,21 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 ROLLOUT_ANALYSIS_INTERVAL_S = env_float("ROLLOUT_ANALYSIS_INTERVAL_S", 10.0, minimum=0.5)
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
 
+# --- gateway --------------------------------------------------------------------------------------
+
+# A request body over this gets 413 before it is read in full.
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
+# How often each gateway process checks RouteGeneration; a routing change must reach it within 1 s.
+GATEWAY_ROUTE_POLL_S = env_float("GATEWAY_ROUTE_POLL_S", 0.25, minimum=0.05)
+# Request records waiting for the database; past this the oldest are dropped (and counted).
+GATEWAY_RECORD_BUFFER = env_int("GATEWAY_RECORD_BUFFER", 20000, minimum=1)
+GATEWAY_RECORD_BATCH = env_int("GATEWAY_RECORD_BATCH", 500, minimum=1)
+GATEWAY_RECORD_FLUSH_S = env_float("GATEWAY_RECORD_FLUSH_S", 0.5, minimum=0.01)
+# Shadow mirrors handed to Celery but not yet accepted by the broker; past this they are shed (and counted).
+GATEWAY_SHADOW_MAX_PENDING = env_int("GATEWAY_SHADOW_MAX_PENDING", 64, minimum=1)
+GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", 2.0, minimum=0.01)
+GATEWAY_UPSTREAM_READ_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", 600.0, minimum=0.1)
+
 LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {
     "version": 1,
