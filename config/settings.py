@@ -290,6 +290,26 @@ GATEWAY_SHADOW_MAX_PENDING = env_int("GATEWAY_SHADOW_MAX_PENDING", 64, minimum=1
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", 2.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", 600.0, minimum=0.1)
 
+# --- engine agent ---------------------------------------------------------------------------------
+
+# The host whose engine workers this machine's agent runs (`engine_agent --host-name` overrides).
+ENGINE_AGENT_HOST = env_str("ENGINE_AGENT_HOST") or "localhost"
+ENGINE_LOG_DIR = Path(env_str("ENGINE_LOG_DIR") or VAR_DIR / "engines")
+# Local engines listen on ENGINE_BIND_HOST; gateways reach them at ENGINE_PUBLIC_HOST.
+ENGINE_BIND_HOST = env_str("ENGINE_BIND_HOST") or "127.0.0.1"
+ENGINE_PUBLIC_HOST = env_str("ENGINE_PUBLIC_HOST") or ENGINE_BIND_HOST
+ENGINE_HEALTH_INTERVAL_S = env_float("ENGINE_HEALTH_INTERVAL_S", 5.0, minimum=0.1)
+ENGINE_UNHEALTHY_AFTER = env_int("ENGINE_UNHEALTHY_AFTER", 2, minimum=1)
+# vLLM on 2 busy CPU cores has been seen to take 110 s to become ready.
+ENGINE_START_TIMEOUT_S = env_float("ENGINE_START_TIMEOUT_S", 300.0, minimum=1.0)
+ENGINE_RESTART_BACKOFF_S = env_float("ENGINE_RESTART_BACKOFF_S", 5.0, minimum=0.0)
+ENGINE_RESTART_BACKOFF_MAX_S = env_float("ENGINE_RESTART_BACKOFF_MAX_S", 300.0, minimum=0.0)
+ENGINE_MAX_CONSECUTIVE_FAILURES = env_int("ENGINE_MAX_CONSECUTIVE_FAILURES", 5, minimum=1)
+ENGINE_DRAIN_TIMEOUT_S = env_float("ENGINE_DRAIN_TIMEOUT_S", 60.0, minimum=0.0)
+ENGINE_STOP_GRACE_S = env_float("ENGINE_STOP_GRACE_S", 15.0, minimum=0.0)
+# An agent renews its claims every pass; a claim not renewed for this long may be taken over.
+ENGINE_CLAIM_TTL_S = env_float("ENGINE_CLAIM_TTL_S", 30.0, minimum=1.0)
+
 LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {
     "version": 1,
