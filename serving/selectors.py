@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db.models import QuerySet
 
 from config.errors import NotFound
@@ -33,6 +35,29 @@ def engine_workers_ready(*, model_version: ModelVersion) -> QuerySet[EngineWorke
         desired_state=EngineWorker.Desired.RUNNING,
         state__in=EngineWorker.ROUTABLE_STATES,
     )
+
+
+def engine_workers_failed_since(*, since: datetime) -> QuerySet[EngineWorker]:
+    """Workers the agent gave up on (crash loop or a start that never became ready) since `since`."""
+    return EngineWorker.objects.select_related("model_version").filter(
+        state=EngineWorker.State.FAILED, state_changed_at__gte=since
+    ).order_by("state_changed_at")
+
+
+def engine_worker_list(*, model_version: ModelVersion | None = None, host_name: str | None = None) -> QuerySet[EngineWorker]:
+    workers = EngineWorker.objects.select_related("model_version")
+    if model_version is not None:
+        workers = workers.filter(model_version=model_version)
+    if host_name is not None:
+        workers = workers.filter(host_name=host_name)
+    return workers.order_by("id")
+
+
+def engine_worker_get(*, worker_id: int) -> EngineWorker:
+    worker = EngineWorker.objects.select_related("model_version").filter(pk=worker_id).first()
+    if worker is None:
+        raise NotFound(f"no engine worker {worker_id}")
+    return worker
 
 
 def model_version_is_ready(*, model_version: ModelVersion) -> bool:

@@ -66,6 +66,20 @@ def model_version_register(
 
 
 @transaction.atomic
+def model_version_artifact_update(*, model_version: ModelVersion, artifact: str) -> ModelVersion:
+    """Point a version at a rebuilt artifact and recompute its lineage (the demo models after a recipe change).
+
+    Engines already running keep serving what they loaded until they restart."""
+    locked = ModelVersion.objects.select_for_update().get(pk=model_version.pk)
+    lineage = lineage_of(artifact, sampling_defaults=locked.sampling_defaults)
+    locked.artifact = artifact
+    locked.lineage = lineage
+    locked.lineage_hash = lineage["lineage_hash"]
+    locked.save(update_fields=["artifact", "lineage", "lineage_hash"])
+    return locked
+
+
+@transaction.atomic
 def engine_worker_create(
     *,
     model_version: ModelVersion,
@@ -95,7 +109,9 @@ def engine_worker_set_desired(*, worker: EngineWorker, desired: str) -> EngineWo
     if desired not in EngineWorker.Desired.values:
         raise DomainError(f"desired_state must be one of {', '.join(EngineWorker.Desired.values)}", field="desired_state")
     worker = EngineWorker.objects.select_for_update().get(pk=worker.pk)
-    if worker.desired_state == desired:
+    # Asking a failed worker to run again is a retry, though it was never asked to stop.
+    retry = desired == EngineWorker.Desired.RUNNING and worker.state == EngineWorker.State.FAILED
+    if worker.desired_state == desired and not retry:
         return worker
     worker.desired_state = desired
     fields = ["desired_state"]
