@@ -1,0 +1,56 @@
+"""Error bodies in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import json
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+
+class GatewayError(Exception):
+    """An answer the gateway gives itself instead of proxying."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or (SERVER_ERROR if status >= 500 else INVALID_REQUEST)
+
+    def body(self) -> bytes:
+        return error_body(self.message, type_=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+def bad_request(message: str, *, param: str | None) -> GatewayError:
+    return GatewayError(400, message, param=param, code="invalid_value" if param else "invalid_json")
+
+
+def unauthorized(message: str = "Missing or invalid gateway key: send 'Authorization: Bearer <key>'.") -> GatewayError:
+    return GatewayError(401, message, code="invalid_api_key")
+
+
+def unknown_model(model: str) -> GatewayError:
+    return GatewayError(
+        404, f"The model '{model}' does not exist or this key may not use it.", param="model", code="model_not_found"
+    )
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is over {limit} bytes.", code="request_too_large")
+
+
+def upstream_failed(message: str) -> GatewayError:
+    return GatewayError(502, message, code="upstream_error")
+
+
+def no_engine(message: str) -> GatewayError:
+    return GatewayError(503, message, code="no_healthy_engine")

@@ -1,0 +1,65 @@
+"""Reading the route table's rows from the database (called in the gateway's database thread)."""
+
+from __future__ import annotations
+
+from django.db import InterfaceError, OperationalError, connection
+
+from serving.gateway.routing import AliasRow, KeyRow, RouteRows, VersionRow, WorkerRow
+from serving.models import Alias, EngineWorker, GatewayKey, ModelVersion, RouteGeneration
+
+
+def route_version_read() -> tuple[int, str]:
+    """(generation, changed_at): the timestamp tells a reset row (a fresh database) from an unchanged one."""
+    try:
+        row = RouteGeneration.objects.filter(pk=1).values_list("generation", "changed_at").first()
+    except (OperationalError, InterfaceError):
+        connection.close()
+        raise
+    if row is None:
+        return (0, "")
+    return (int(row[0]), row[1].isoformat() if row[1] else "")
+
+
+def route_rows_load() -> RouteRows:
+    try:
+        return _load()
+    except (OperationalError, InterfaceError):
+        connection.close()
+        raise
+
+
+def _load() -> RouteRows:
+    # The version is read first: a change landing during the reads below bumps it again, so the next
+    # poll rebuilds once more rather than keeping a table older than its version.
+    version = route_version_read()
+    versions = {
+        mv.id: VersionRow(id=mv.id, label=mv.label, served_model_name=mv.served_model_name)
+        for mv in ModelVersion.objects.only("id", "name", "version", "served_model_name")
+    }
+    aliases = tuple(
+        AliasRow(
+            name=alias.name,
+            baseline=versions[alias.baseline_id],
+            candidate=versions.get(alias.candidate_id) if alias.candidate_id else None,
+            candidate_weight=alias.candidate_weight,
+            shadow_rate=alias.shadow_rate,
+            rollout_id=alias.rollout_id,
+            failover_to_candidate=alias.failover_to_candidate,
+            store_prompts=alias.store_prompts,
+        )
+        for alias in Alias.objects.all()
+        if alias.baseline_id in versions
+    )
+    workers = tuple(
+        WorkerRow(id=w["id"], model_version_id=w["model_version_id"], base_url=w["base_url"], api_key=w["api_key"])
+        for w in EngineWorker.objects.filter(
+            desired_state=EngineWorker.Desired.RUNNING, state__in=EngineWorker.ROUTABLE_STATES
+        )
+        .order_by("id")
+        .values("id", "model_version_id", "base_url", "api_key")
+    )
+    keys = tuple(
+        KeyRow(key_hash=k["key_hash"], aliases=tuple(k["aliases"] or ()))
+        for k in GatewayKey.objects.filter(revoked_at__isnull=True).values("key_hash", "aliases")
+    )
+    return RouteRows(version=version, aliases=aliases, workers=workers, keys=keys)

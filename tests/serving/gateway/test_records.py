@@ -1,0 +1,96 @@
+"""The request-record buffer: bounded, oldest dropped and counted, kept while the database is down."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import REGISTRY
+
+from serving.gateway.app import Gateway, GatewayConfig
+from serving.gateway.records import DatabaseDown, RecordBuffer, RecordDraft, records_write
+from serving.gateway.routing import RouteRows
+from serving.models import RequestRecord
+
+
+def draft(n: int) -> RecordDraft:
+    return RecordDraft(
+        request_id=f"req-{n}", created_at=datetime.now(UTC), alias="adder", rollout_id=None, arm="baseline",
+        model_version_id=None, engine_worker_id=None, endpoint="chat.completions", stream=True, session_hash="",
+        prompt_hash="", prompt_chars=5, status_code=200, outcome="ok", ttft_ms=3.0, e2e_ms=9.0,
+    )
+
+
+def dropped_total() -> float:
+    return REGISTRY.get_sample_value("platform_gateway_records_dropped_total") or 0.0
+
+
+def test_a_full_buffer_drops_the_oldest_and_counts_them() -> None:
+    drops: list[int] = []
+    buffer = RecordBuffer(3, on_drop=drops.append)
+    for n in range(5):
+        buffer.add(draft(n))
+    assert buffer.dropped == 2
+    assert [d.request_id for d in buffer.take(10)] == ["req-2", "req-3", "req-4"]
+    assert sum(drops) == 2
+
+
+def test_a_batch_put_back_goes_first_and_still_respects_the_bound() -> None:
+    buffer = RecordBuffer(4)
+    for n in range(4):
+        buffer.add(draft(n))
+    batch = buffer.take(2)  # req-0, req-1 are being written...
+    buffer.add(draft(4))
+    buffer.add(draft(5))  # ...while two more arrive
+    buffer.put_back(batch)  # the write failed: six records for four places
+    assert buffer.dropped == 2
+    assert [d.request_id for d in buffer.take(10)] == ["req-2", "req-3", "req-4", "req-5"]
+
+
+def gateway_with(writer: object, *, capacity: int = 3) -> Gateway:
+    config = GatewayConfig(record_buffer=capacity, record_batch=2, record_flush_s=0.01, route_poll_s=10.0)
+    return Gateway(
+        config,
+        rows_loader=lambda: RouteRows(version=(1, ""), aliases=(), workers=(), keys=()),
+        version_reader=lambda: (1, ""),
+        records_writer=writer,  # type: ignore[arg-type]
+    )
+
+
+def test_records_wait_while_the_database_is_down_and_are_written_when_it_is_back() -> None:
+    written: list[str] = []
+    database_up = False
+
+    def writer(batch: list[RecordDraft]) -> int:
+        if not database_up:
+            raise DatabaseDown("connection refused")
+        written.extend(d.request_id for d in batch)
+        return len(batch)
+
+    async def scenario() -> None:
+        nonlocal database_up
+        gateway = gateway_with(writer, capacity=3)
+        await gateway.startup()
+        before = dropped_total()
+        for n in range(5):
+            gateway._record(draft(n))
+        await asyncio.sleep(0.2)
+        assert written == []
+        assert len(gateway.records) == 3  # the newest three; two dropped and counted
+        assert dropped_total() - before == 2
+        database_up = True
+        await gateway.shutdown()  # the shutdown flush writes what waited
+
+    asyncio.run(scenario())
+    assert written == ["req-2", "req-3", "req-4"]
+
+
+@pytest.mark.django_db
+def test_records_write_is_safe_to_repeat() -> None:
+    batch = [draft(1), draft(2)]
+    assert records_write(batch) == 2
+    records_write(batch)  # a retried batch whose first commit went through
+    assert RequestRecord.objects.filter(request_id__in=["req-1", "req-2"]).count() == 2
+    record = RequestRecord.objects.get(request_id="req-1")
+    assert (record.ttft_ms, record.e2e_ms, record.outcome) == (3.0, 9.0, "ok")
