@@ -95,14 +95,17 @@ def _decide_harm(lower: float, upper: float, margin: float) -> tuple[Decision, s
     return Decision.UNDECIDED, f"the interval [{lower:.6g}, {upper:.6g}] contains the margin {margin:.6g}"
 
 
-def _smoothed_proportion(arm: ArmStats, role: str) -> ArmEstimate:
+def _smoothed_proportion(arm: ArmStats, role: str, pseudo: float) -> ArmEstimate:
     check_binary(role, arm)
     p = arm.sum / arm.n
-    # Variance at (x + 1) / (n + 2), as in Agresti and Caffo (2000): with no
-    # errors yet in either arm the plain p(1 - p) is 0 and would call a
-    # candidate "safe" after two requests. The point estimate stays x / n.
-    smoothed = (arm.sum + 1.0) / (arm.n + 2.0)
-    return ArmEstimate(p, smoothed * (1.0 - smoothed), arm.n)
+    # Variance at the Wilson centre (x + c / 2) / (n + c), c the squared
+    # multiplier of the sequence (Wilson 1927 with z^2 = c): with no errors yet
+    # the plain p(1 - p) is 0 and would call a candidate "safe" on a handful
+    # of requests, and with a few errors it is still far too small. For many
+    # errors the centre tends to x / n, so this agrees with DESIGN.md's p(1 - p).
+    # The point estimate stays x / n.
+    centre = (arm.sum + pseudo / 2.0) / (arm.n + pseudo)
+    return ArmEstimate(p, centre * (1.0 - centre), arm.n)
 
 
 def guardrail_check(
@@ -148,9 +151,11 @@ def guardrail_check(
 
     if min(baseline.n, candidate.n) < min_n:
         return undecided(f"fewer than min_n={min_n} observations in an arm")
+    n_total = baseline.n + candidate.n
     if kind == "proportion":
-        base_est = _smoothed_proportion(baseline, "baseline")
-        cand_est = _smoothed_proportion(candidate, "candidate")
+        pseudo = half_width_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n) ** 2
+        base_est = _smoothed_proportion(baseline, "baseline", pseudo)
+        cand_est = _smoothed_proportion(candidate, "candidate", pseudo)
     else:
         base_est = arm_estimate(baseline, kind=kind, role="baseline")
         cand_est = arm_estimate(candidate, kind=kind, role="candidate")
@@ -158,7 +163,6 @@ def guardrail_check(
         return undecided("baseline mean is not positive, so a relative margin is undefined")
 
     diff = arm_difference(base_est, cand_est, relative=relative, t_reference=False)
-    n_total = baseline.n + candidate.n
     width = half_width(variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     harm = diff.effect if direction == "lower_is_better" else -diff.effect
     lower, upper = harm - width, harm + width

@@ -96,6 +96,21 @@ def test_no_errors_yet_is_not_safe_on_a_handful_of_requests() -> None:
     assert guardrail_check(many, many, kind="proportion", margin=0.005).decision is Decision.SAFE
 
 
+def test_a_lucky_run_without_errors_is_not_called_safe() -> None:
+    # A canary at a true 2 % error rate shows no error in 225 requests about 1 % of
+    # the time; the plug-in variance (0 for the canary) would then call it within
+    # 0.5 points of a 1.1 % baseline.
+    result = guardrail_check(
+        ArmStats.from_counts(46, 4275),
+        ArmStats.from_counts(0, 225),
+        kind="proportion",
+        margin=0.005,
+        alpha=0.025,
+    )
+    assert result.decision is Decision.UNDECIDED
+    assert result.bound > 0.01
+
+
 def test_one_sided_bound_is_the_two_sided_sequence_at_alpha() -> None:
     # Documented choice: read one side of the two-sided (1 - alpha) sequence.
     rng = np.random.default_rng(35)
