@@ -310,6 +310,22 @@ ENGINE_STOP_GRACE_S = env_float("ENGINE_STOP_GRACE_S", 15.0, minimum=0.0)
 # An agent renews its claims every pass; a claim not renewed for this long may be taken over.
 ENGINE_CLAIM_TTL_S = env_float("ENGINE_CLAIM_TTL_S", 30.0, minimum=1.0)
 
+# --- evals ----------------------------------------------------------------------------------------
+
+# A running eval run whose heartbeat is older than this is taken to have lost its worker and is resumed.
+EVAL_RUN_STALE_S = env_float("EVAL_RUN_STALE_S", 60.0, minimum=1.0)
+# How long a run waits for a ready engine of its model version (or its judge's) before it fails.
+EVAL_ENGINE_WAIT_S = env_float("EVAL_ENGINE_WAIT_S", 900.0, minimum=0.0)
+# One execution works this long, then checkpoints and re-enqueues itself: below the task soft limit.
+EVAL_SLICE_S = env_float("EVAL_SLICE_S", 200.0, minimum=1.0)
+EVAL_REQUEST_RETRIES = env_int("EVAL_REQUEST_RETRIES", 4, minimum=0)
+EVAL_RETRY_BACKOFF_S = env_float("EVAL_RETRY_BACKOFF_S", 0.5, minimum=0.0)
+# Results are written in batches of this many items, or at least this often (kind to SQLite).
+EVAL_FLUSH_ITEMS = env_int("EVAL_FLUSH_ITEMS", 25, minimum=1)
+EVAL_FLUSH_S = env_float("EVAL_FLUSH_S", 2.0, minimum=0.05)
+CELERY_BEAT_SCHEDULE["evals-runs-sweep"] = {"task": "evals.eval_runs_sweep", "schedule": 30.0}
+CELERY_BEAT_SCHEDULE["evals-score-shadow-pairs"] = {"task": "evals.score_shadow_pairs", "schedule": 15.0}
+
 LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {
     "version": 1,
