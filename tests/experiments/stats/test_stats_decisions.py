@@ -197,7 +197,7 @@ def test_tail_slo_decisions() -> None:
 
 def test_tail_slo_false_breaches_stay_below_alpha() -> None:
     rng = np.random.default_rng(38)
-    sims, looks, per_look = 2000, 30, 200
+    sims, looks, per_look = 1000, 20, 300
     over = np.cumsum(rng.binomial(per_look, 0.01, size=(sims, looks)), axis=1)
     breaches = 0
     for s in range(sims):

@@ -59,7 +59,7 @@ def _arm(kind: str, values: list[float], ones: int, n: int) -> ArmStats:
     return ArmStats.from_values(values) if kind == "mean" else ArmStats.from_counts(ones, n)
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=100)
 @given(
     kind=_kind,
     difference=_difference,
@@ -87,7 +87,7 @@ def test_intervals_contain_the_estimate(
     assert 0.0 <= result.p_value <= 1.0
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=100)
 @given(
     kind=_kind,
     difference=_difference,

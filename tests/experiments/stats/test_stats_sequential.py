@@ -139,7 +139,7 @@ def _simulate_looks(
 
 def test_a_a_with_twenty_looks_keeps_false_positives_at_alpha() -> None:
     rng = np.random.default_rng(2024)
-    sims, looks, per_look, alpha = 1500, 20, 100, 0.05
+    sims, looks, per_look, alpha = 1000, 20, 100, 0.05
     n, sa, qa, sb, qb = _simulate_looks(rng, sims, looks, per_look, 100.0, 20.0)
     sequential_hits = naive_hits = 0
     for s in range(sims):
