@@ -10,8 +10,9 @@ that is beyond it) needs the true effect to fall outside that sequence at some
 look, which has probability at most alpha; so breach and safe are valid at
 alpha together, at every look and every stopping time. Reading one side of the
 sequence built at 2 * alpha would be narrower, but it is not valid at alpha:
-both sides share one mixture martingale, so the miss probability of one side is
-alpha plus half the (small, non-zero) chance of crossing both sides, not alpha.
+both sides share one mixture martingale, whose crossing probability is 2 * alpha
+in all, so one side misses with probability up to alpha plus half the (small,
+non-zero) chance of crossing both sides: not guaranteed to be at most alpha.
 The price of the conservative choice is a slightly wider bound: about 3.0
 standard errors at N = N* for alpha = 0.05, instead of about 2.8.
 """
