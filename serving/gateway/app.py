@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from serving.gateway import metrics
 from serving.gateway.errors import (
     GatewayError,
@@ -49,6 +47,7 @@ from serving.gateway.routing import (
     route_table_build,
     session_of,
 )
+from serving.gateway.upstream import Response, UpstreamError, UpstreamPool, UpstreamRefused
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -155,7 +154,7 @@ class Gateway:
         self._version_reader = version_reader
         self._records_writer = records_writer or records_write
         self._shadow_enqueue = shadow_enqueue or _celery_enqueue
-        self._client: httpx.AsyncClient | None = None
+        self._pool: UpstreamPool | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._routes_executor: ThreadPoolExecutor | None = None
         self._records_executor: ThreadPoolExecutor | None = None
@@ -178,11 +177,7 @@ class Gateway:
         self.shadow = ShadowQueue(
             max_pending=config.shadow_max_pending, executor=self._shadow_executor, enqueue=self._shadow_enqueue
         )
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=60),
-            trust_env=False,
-        )
+        self._pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s)
         self._flush_wakeup = asyncio.Event()
         # The table is built before the first request is accepted: a gateway never routes on nothing.
         deadline = time.monotonic() + config.startup_timeout_s
@@ -214,9 +209,9 @@ class Gateway:
                 break
         if len(self.records):
             log.warning("%d request records not written at shutdown", len(self.records))
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         for executor in (self._routes_executor, self._records_executor, self._shadow_executor):
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=False)
@@ -522,51 +517,49 @@ class Gateway:
         self, arm: ArmRoute, replica: Replica, ex: _Exchange, body: dict[str, Any], stream: bool, request_id: str,
         endpoint: str, send: Send,
     ) -> None:
-        client = self._client
-        assert client is not None
+        pool = self._pool
+        assert pool is not None
         body["model"] = arm.version.served_model_name
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        if replica.api_key:
-            headers["authorization"] = f"Bearer {replica.api_key}"
-        url = replica.url_chat if endpoint == CHAT else replica.url_completions
-        request = client.build_request("POST", url, content=payload, headers=headers)
+        path = "/v1/chat/completions" if endpoint == CHAT else "/v1/completions"
         ex.replica = replica
         replica.outstanding += 1
         try:
             sent = time.perf_counter()
             ex.created_at = datetime.now(UTC)
             try:
-                response = await client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise _Refused(str(exc) or type(exc).__name__) from exc
-            except httpx.HTTPError as exc:
+                response = await pool.request(
+                    replica.endpoint, "POST", path, body=payload, headers=(*replica.headers, f"X-Request-Id: {request_id}")
+                )
+            except UpstreamRefused as exc:
+                raise _Refused(str(exc)) from exc
+            except UpstreamError as exc:
                 ex.status, ex.outcome, ex.error_kind = 502, ENGINE_ERROR, _kind(exc)
-                await _send_error(send, upstream_failed(f"The engine failed before answering: {_kind(exc)}."),
+                await _send_error(send, upstream_failed(f"The engine failed before answering: {exc}."),
                                   _arm_headers(ex, request_id))
                 return
             try:
-                if response.status_code != 200 or not stream:
+                if response.status != 200 or not stream:
                     await self._forward_whole(response, ex, sent, request_id, send)
                 else:
                     await self._forward_stream(response, ex, sent, request_id, send)
             finally:
-                await response.aclose()
+                response.close()
         finally:
             replica.outstanding -= 1
 
     async def _forward_whole(
-        self, response: httpx.Response, ex: _Exchange, sent: float, request_id: str, send: Send
+        self, response: Response, ex: _Exchange, sent: float, request_id: str, send: Send
     ) -> None:
         try:
-            content = await response.aread()
-        except httpx.HTTPError as exc:
+            content = await response.read()
+        except UpstreamError as exc:
             ex.status, ex.outcome, ex.error_kind = 502, ENGINE_ERROR, _kind(exc)
             await _send_error(send, upstream_failed(f"The engine's answer broke off: {_kind(exc)}."),
                               _arm_headers(ex, request_id))
             return
         ex.e2e_ms = (time.perf_counter() - sent) * 1000.0
-        status = response.status_code
+        status = response.status
         if status >= 500:
             ex.status, ex.outcome, ex.error_kind = 502, ENGINE_ERROR, f"http_{status}"
             detail = content[:300].decode("utf-8", "replace")
@@ -580,26 +573,26 @@ class Gateway:
             ex.prompt_tokens, ex.completion_tokens = usage_tokens(usage)
             if ex.collect:
                 ex.output_text = text
-        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        content_type = response.headers.get(b"content-type", _JSON)
         headers = [(b"content-type", content_type), (b"content-length", str(len(content)).encode()),
                    *_arm_headers(ex, request_id)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
     async def _forward_stream(
-        self, response: httpx.Response, ex: _Exchange, sent: float, request_id: str, send: Send
+        self, response: Response, ex: _Exchange, sent: float, request_id: str, send: Send
     ) -> None:
         meter = StreamMeter(sent_at=sent, strip_usage=not ex.client_usage, collect_text=ex.collect)
         ex.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *_arm_headers(ex, request_id)]})
         perf = time.perf_counter
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.chunks():
                 out = meter.feed(chunk, perf())
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = meter.finish(perf())
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Bytes already reached the client: the error goes in the stream, as OpenAI sends it.
             ex.outcome, ex.error_kind = ENGINE_ERROR, _kind(exc)
             event = {"error": {"message": f"The engine failed mid-stream: {_kind(exc)}.", "type": "server_error",

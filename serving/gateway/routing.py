@@ -10,6 +10,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from serving.gateway.upstream import Endpoint
+
 BASELINE = "baseline"
 CANDIDATE = "candidate"
 
@@ -64,7 +66,7 @@ class RouteRows:
 class Replica:
     """One ready engine worker, with the gateway's own count of requests in flight to it."""
 
-    __slots__ = ("api_key", "base_url", "id", "outstanding", "refused_until", "url_chat", "url_completions")
+    __slots__ = ("api_key", "base_url", "endpoint", "headers", "id", "outstanding", "refused_until")
 
     def __init__(self, worker_id: int, base_url: str, api_key: str) -> None:
         self.id = worker_id
@@ -73,10 +75,13 @@ class Replica:
         self.update(base_url, api_key)
 
     def update(self, base_url: str, api_key: str) -> None:
+        """Raises ValueError for a URL that is not http(s)."""
+        self.endpoint = Endpoint(base_url.rstrip("/"))
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self.url_chat = self.base_url + "/v1/chat/completions"
-        self.url_completions = self.base_url + "/v1/completions"
+        self.headers: tuple[str, ...] = ("Content-Type: application/json",)
+        if api_key:
+            self.headers += (f"Authorization: Bearer {api_key}",)
 
     def refused(self, now: float) -> None:
         self.refused_until = now + REFUSED_BACKOFF_S
@@ -135,10 +140,13 @@ def route_table_build(rows: RouteRows, previous: RouteTable | None = None) -> Ro
         if not worker.base_url:
             continue
         replica = old.get(worker.id)
-        if replica is None:
-            replica = Replica(worker.id, worker.base_url, worker.api_key)
-        else:
-            replica.update(worker.base_url, worker.api_key)
+        try:
+            if replica is None:
+                replica = Replica(worker.id, worker.base_url, worker.api_key)
+            else:
+                replica.update(worker.base_url, worker.api_key)
+        except ValueError:
+            continue  # not a URL the gateway can call; the engine's own checks will say why
         replicas[worker.id] = replica
         by_version.setdefault(worker.model_version_id, []).append(replica)
 

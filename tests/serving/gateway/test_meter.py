@@ -35,17 +35,17 @@ CHAT_STREAM = [
 ]
 
 
-def run(chunks: list[bytes], **kwargs: bool) -> tuple[StreamMeter, bytes, list[float]]:
+def run(chunks: list[bytes], **kwargs: bool) -> tuple[StreamMeter, bytes]:
     meter = StreamMeter(sent_at=0.0, **kwargs)
     out = b""
     for t, chunk in enumerate(chunks, start=1):
         out += meter.feed(chunk, float(t))
     out += meter.finish(float(len(chunks) + 1))
-    return meter, out, []
+    return meter, out
 
 
 def test_ttft_is_the_first_chunk_with_content_and_e2e_the_done_event() -> None:
-    meter, out, _ = run(CHAT_STREAM)
+    meter, _ = run(CHAT_STREAM)
     assert meter.first_token_at == 3.0
     assert meter.done_at == 7.0
     assert meter.completion_tokens == 3
@@ -54,9 +54,9 @@ def test_ttft_is_the_first_chunk_with_content_and_e2e_the_done_event() -> None:
 
 
 def test_the_usage_chunk_only_reaches_clients_that_asked_for_it() -> None:
-    _, stripped, _ = run(CHAT_STREAM, strip_usage=True)
+    _, stripped = run(CHAT_STREAM, strip_usage=True)
     assert stripped == b"".join(c for c in CHAT_STREAM if c is not USAGE)
-    _, kept, _ = run(CHAT_STREAM, strip_usage=False)
+    _, kept = run(CHAT_STREAM, strip_usage=False)
     assert kept == b"".join(CHAT_STREAM)
 
 
@@ -74,7 +74,7 @@ def test_events_cut_at_any_byte_give_the_same_stream_and_figures() -> None:
 
 
 def test_several_events_in_one_chunk() -> None:
-    meter, out, _ = run([b"".join(CHAT_STREAM)], collect_text=True)
+    meter, out = run([b"".join(CHAT_STREAM)], collect_text=True)
     assert meter.first_token_at == 1.0 and meter.done_at == 1.0
     assert meter.text == "85"
     assert out == b"".join(CHAT_STREAM)
@@ -87,7 +87,7 @@ def test_completion_text_chunks_and_crlf_line_endings() -> None:
         event({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}).replace(b"\n", b"\r\n"),
         DONE.replace(b"\n", b"\r\n"),
     ]
-    meter, _, _ = run(chunks, collect_text=True)
+    meter, _ = run(chunks, collect_text=True)
     assert meter.first_token_at == 2.0
     assert meter.text == "4"
     assert meter.completion_tokens == 1
@@ -96,16 +96,16 @@ def test_completion_text_chunks_and_crlf_line_endings() -> None:
 
 def test_an_error_event_and_a_stream_cut_before_done() -> None:
     error = b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
-    meter, out, _ = run([chat_chunk(content="1"), error])
+    meter, out = run([chat_chunk(content="1"), error])
     assert meter.error == "engine died"
     assert meter.done_at is None
     assert error in out
-    cut, _, _ = run([chat_chunk(content="1"), chat_chunk(content="2")])
+    cut, _ = run([chat_chunk(content="1"), chat_chunk(content="2")])
     assert cut.error is None and cut.done_at is None
 
 
 def test_a_last_event_without_its_blank_line_still_counts() -> None:
-    meter, out, _ = run([chat_chunk(content="1"), b"data: [DONE]"])
+    meter, out = run([chat_chunk(content="1"), b"data: [DONE]"])
     assert meter.done_at is not None
     assert out.endswith(b"data: [DONE]\n\n")
 

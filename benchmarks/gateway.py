@@ -1,0 +1,405 @@
+"""Gateway overhead: closed-loop streaming load against one vLLM engine directly, through this gateway
+(standalone uvicorn process, and mounted in the combined `config.asgi` server), and through LiteLLM's
+proxy in front of the same engine, in interleaved rounds.
+
+    .venv/bin/python benchmarks/gateway.py                      # 16 clients, 16 tokens, 2 rounds of 20 s
+    .venv/bin/python benchmarks/gateway.py --duration 10 --rounds 1 --targets direct,gateway
+    .venv/bin/python benchmarks/gateway.py --help
+
+LiteLLM is installed into its own virtual environment (var/bench-venv, created on first use), never into
+.venv. The engine takes one engine slot (tests/support/engines.py). Everything else (the database, the
+broker) lives in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httptools
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from serving.gateway.meter import StreamMeter  # noqa: E402
+from tests.support.engines import free_port, running_engine  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+BENCH_VENV = REPO / "var" / "bench-venv"
+LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2
+GATEWAY_KEY = "gw_bench_" + "0123456789abcdef" * 2
+ALIAS = "bench"
+
+
+# --- a lean HTTP/1.1 client, so the load generator costs as little CPU as it can ------------------
+
+
+class _Response:
+    def __init__(self) -> None:
+        self.status = 0
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.put_nowait(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.chunks.put_nowait(None)
+
+
+class Connection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post_stream(self, path: str, body: bytes, headers: dict[str, str], meter: StreamMeter) -> int:
+        """POST and read the response through, feeding the meter; returns the status."""
+        if self.writer is None:
+            await self._open()
+        assert self.reader is not None and self.writer is not None
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode() + body)
+        response = _Response()
+        parser = httptools.HttpResponseParser(response)
+        perf = time.perf_counter
+        try:
+            while not response.complete:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                parser.feed_data(data)
+                while not response.chunks.empty():
+                    chunk = response.chunks.get_nowait()
+                    if chunk is not None:
+                        meter.feed(chunk, perf())
+        except Exception:
+            self.close()
+            raise
+        meter.finish(perf())
+        if not parser.should_keep_alive():
+            self.close()
+        return parser.get_status_code()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+# --- the load --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    path: str
+    model: str
+    headers: dict[str, str]
+    pid: int | None = None
+
+
+@dataclass
+class Samples:
+    ttft_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    rounds_rps: list[float] = field(default_factory=list)
+
+
+def request_body(target: Target, max_tokens: int, n: int) -> bytes:
+    a, b = 10 + n % 90, 10 + (n * 7) % 90
+    return json.dumps({
+        "model": target.model, "messages": [{"role": "user", "content": f"{a}+{b}"}], "max_tokens": max_tokens,
+        "ignore_eos": True, "stream": True, "temperature": 0,
+    }).encode()
+
+
+async def closed_loop(target: Target, *, clients: int, seconds: float, max_tokens: int, into: Samples | None) -> int:
+    deadline = time.perf_counter() + seconds
+    headers = {"Content-Type": "application/json", **target.headers}
+    done = 0
+
+    async def client(index: int) -> None:
+        nonlocal done
+        connection = Connection("127.0.0.1", target.port)
+        n = index * 100000
+        while time.perf_counter() < deadline:
+            n += 1
+            sent = time.perf_counter()
+            meter = StreamMeter(sent_at=sent)
+            try:
+                status = await connection.post_stream(target.path, request_body(target, max_tokens, n), headers, meter)
+            except Exception:
+                status = 0
+            ok = status == 200 and meter.done_at is not None and meter.first_token_at is not None and meter.error is None
+            if into is not None:
+                if ok:
+                    assert meter.first_token_at is not None and meter.done_at is not None
+                    into.ttft_ms.append((meter.first_token_at - sent) * 1000)
+                    into.e2e_ms.append((meter.done_at - sent) * 1000)
+                else:
+                    into.errors += 1
+            if ok:
+                done += 1
+        connection.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return done
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its children (reaped and alive), from /proc."""
+    if pid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank, as DESIGN.md's metric definitions say."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, int(-(-q * len(ordered) // 100)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# --- the systems under test ------------------------------------------------------------------------
+
+
+def bench_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PLATFORM_VAR_DIR": str(tmp / "var"),
+        "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "WARNING",
+    })
+    return env
+
+
+def database_prepare(env: dict[str, str], engine_url: str, model_dir: str, served: str) -> None:
+    """Migrate a fresh SQLite database and route alias `bench` to the engine (in a child, whose settings
+    come from the benchmark's environment rather than the caller's)."""
+    script = f"""
+import django; django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from serving.engines.services import engine_claim, engine_ready, engine_start_begin
+from serving.services import RouteSplit, engine_worker_create, gateway_key_create, model_version_register, route_set
+name, version = {served!r}.rsplit("-", 1)
+mv = model_version_register(name=name, version=version, artifact={model_dir!r}, served_model_name={served!r})
+w = engine_worker_create(model_version=mv, driver="static", base_url={engine_url!r})
+engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
+engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url={engine_url!r})
+assert engine_ready(worker_id=w.id, agent="bench") is not None
+route_set(alias_name={ALIAS!r}, split=RouteSplit(baseline=mv, candidate=None, candidate_weight=0.0, shadow_rate=0.0,
+          rollout_id=None))
+gateway_key_create(name="bench", raw={GATEWAY_KEY!r})
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)
+
+
+@contextmanager
+def process(args: list[str], *, env: dict[str, str], log: Path, ready_url: str, timeout_s: float = 180) -> Iterator[int]:
+    import httpx
+
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2, trust_env=False).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{args[0]} not ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
+def litellm_ready() -> Path:
+    litellm = BENCH_VENV / "bin" / "litellm"
+    if not litellm.exists():
+        print("installing litellm[proxy] into", BENCH_VENV, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "--quiet", "litellm[proxy]"], check=True)
+    return litellm
+
+
+def demo_model(name: str) -> str:
+    from serving.demo_models import build_demo_models  # type: ignore[attr-defined]
+
+    return str(build_demo_models(names=[name])[name])
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per target per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each run")
+    parser.add_argument("--targets", default="direct,gateway,combined,litellm")
+    parser.add_argument("--model", default="adder-v1", help="demo model to serve")
+    parser.add_argument("--model-dir", default=None, help="serve this directory instead of a demo model")
+    parser.add_argument("--engine-url", default=None,
+                        help="use an engine that is already running (serving --model) instead of starting one")
+    args = parser.parse_args()
+    targets_wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+
+    model_dir = args.model_dir or (args.engine_url and "-") or demo_model(args.model)
+    served = args.model
+    tmp = Path(tempfile.mkdtemp(prefix="ramp-bench-gateway-"))
+    env = bench_env(tmp)
+    logs = tmp / "logs"
+    logs.mkdir(parents=True)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    with ExitStack() as stack:
+        if args.engine_url:
+            engine_url = args.engine_url.rstrip("/")
+            engine_port = int(engine_url.rsplit(":", 1)[1])
+        else:
+            engine = stack.enter_context(running_engine(model_dir=model_dir, served_name=served, log_dir=logs))
+            engine_url, engine_port = engine.base_url, engine.port
+        print(f"engine {served} ready at {engine_url}", flush=True)
+        database_prepare(env, engine_url, model_dir, served)
+        targets: dict[str, Target] = {}
+        if "direct" in targets_wanted:
+            targets["direct"] = Target("direct", engine_port, "/v1/chat/completions", served, {}, pid=None)
+        if "gateway" in targets_wanted:
+            port = free_port()
+            pid = stack.enter_context(process(
+                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(port), "--no-access-log"],
+                env=env, log=logs / "gateway.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
+            targets["gateway"] = Target("gateway", port, "/v1/chat/completions", ALIAS,
+                                        {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+        if "combined" in targets_wanted:
+            port = free_port()
+            pid = stack.enter_context(process(
+                [str(VENV_BIN / "uvicorn"), "config.asgi:application", "--port", str(port), "--no-access-log"],
+                env=env, log=logs / "combined.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
+            targets["combined"] = Target("combined", port, "/v1/chat/completions", ALIAS,
+                                         {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+        if "litellm" in targets_wanted:
+            litellm = litellm_ready()
+            port = free_port()
+            config = tmp / "litellm.yaml"
+            config.write_text(
+                "model_list:\n"
+                f"  - model_name: {ALIAS}\n"
+                "    litellm_params:\n"
+                f"      model: hosted_vllm/{served}\n"
+                f"      api_base: {engine_url}/v1\n"
+                "general_settings:\n"
+                f"  master_key: {LITELLM_KEY}\n"
+            )
+            litellm_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL",)}
+            litellm_env["LITELLM_LOG"] = "ERROR"
+            pid = stack.enter_context(process(
+                [str(litellm), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+                env=litellm_env, log=logs / "litellm.log", ready_url=f"http://127.0.0.1:{port}/health/liveliness",
+                timeout_s=300))
+            targets["litellm"] = Target("litellm", port, "/v1/chat/completions", ALIAS,
+                                        {"Authorization": f"Bearer {LITELLM_KEY}"}, pid=pid)
+
+        samples = {name: Samples() for name in targets}
+        for round_index in range(args.rounds):
+            for name, target in targets.items():
+                asyncio.run(closed_loop(target, clients=args.clients, seconds=args.warmup, max_tokens=args.max_tokens, into=None))
+                cpu_before = cpu_seconds(target.pid)
+                started = time.perf_counter()
+                done = asyncio.run(closed_loop(target, clients=args.clients, seconds=args.duration,
+                                               max_tokens=args.max_tokens, into=samples[name]))
+                elapsed = time.perf_counter() - started
+                samples[name].seconds += elapsed
+                samples[name].cpu_s += cpu_seconds(target.pid) - cpu_before
+                samples[name].rounds_rps.append(done / elapsed)
+                print(f"round {round_index + 1} {name:9s} {done / elapsed:7.1f} req/s", flush=True)
+
+        report(samples, args)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
+    print()
+    print(f"{args.clients} concurrent streaming clients, {args.max_tokens} output tokens (ignore_eos), "
+          f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; {os.cpu_count()} CPUs")
+    print()
+    header = (f"| {'target':9s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>8s} | {'TTFT p50':>8s} | "
+              f"{'TTFT p99':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>9s} | {'proxy CPU/req':>13s} |")
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    direct = samples.get("direct")
+    direct_rps = len(direct.e2e_ms) / direct.seconds if direct and direct.seconds else None
+    direct_ttft = percentile(direct.ttft_ms, 50) if direct else None
+    for name, s in samples.items():
+        rps = len(s.e2e_ms) / s.seconds if s.seconds else 0.0
+        ratio = f"{rps / direct_rps:.2f}x" if direct_rps else "-"
+        ttft50 = percentile(s.ttft_ms, 50)
+        added = f"{ttft50 - direct_ttft:+.1f} ms" if direct_ttft is not None and name != "direct" else "-"
+        cpu = f"{1000 * s.cpu_s / len(s.e2e_ms):.2f} ms" if s.cpu_s and s.e2e_ms else "-"
+        print(f"| {name:9s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:7.1f} | {ratio:>8s} | {ttft50:6.1f}ms | "
+              f"{percentile(s.ttft_ms, 99):6.1f}ms | {percentile(s.e2e_ms, 50):6.1f}ms | {percentile(s.e2e_ms, 99):6.1f}ms | "
+              f"{added:>9s} | {cpu:>13s} |")
+    print()
+    print("per round req/s: " + "; ".join(f"{n} " + ", ".join(f"{r:.1f}" for r in s.rounds_rps) for n, s in samples.items()))
+
+
+if __name__ == "__main__":
+    main()
