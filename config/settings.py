@@ -300,8 +300,8 @@ ENGINE_BIND_HOST = env_str("ENGINE_BIND_HOST") or "127.0.0.1"
 ENGINE_PUBLIC_HOST = env_str("ENGINE_PUBLIC_HOST") or ENGINE_BIND_HOST
 ENGINE_HEALTH_INTERVAL_S = env_float("ENGINE_HEALTH_INTERVAL_S", 5.0, minimum=0.1)
 ENGINE_UNHEALTHY_AFTER = env_int("ENGINE_UNHEALTHY_AFTER", 2, minimum=1)
-# vLLM on 2 busy CPU cores has been seen to take 110 s to become ready.
-ENGINE_START_TIMEOUT_S = env_float("ENGINE_START_TIMEOUT_S", 300.0, minimum=1.0)
+# vLLM on 2 busy CPU cores has been seen to take over 300 s to become ready.
+ENGINE_START_TIMEOUT_S = env_float("ENGINE_START_TIMEOUT_S", 600.0, minimum=1.0)
 ENGINE_RESTART_BACKOFF_S = env_float("ENGINE_RESTART_BACKOFF_S", 5.0, minimum=0.0)
 ENGINE_RESTART_BACKOFF_MAX_S = env_float("ENGINE_RESTART_BACKOFF_MAX_S", 300.0, minimum=0.0)
 ENGINE_MAX_CONSECUTIVE_FAILURES = env_int("ENGINE_MAX_CONSECUTIVE_FAILURES", 5, minimum=1)
