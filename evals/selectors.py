@@ -1,0 +1,291 @@
+"""Reads of the evals app: suites, runs with their progress, paired comparisons, eval gate results for the
+rollouts app, and the shadow-quality guardrail. The web UI builds its pages from these."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from django.db.models import Count, Q, QuerySet
+
+from config.errors import DomainError, NotFound
+from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
+from evals.paired import PairedItem, compare_paired
+from evals.scorers import SCORERS
+from experiments.stats import half_width
+from serving.selectors import shadow_pairs
+
+# --- suites ---------------------------------------------------------------------------------------
+
+
+def eval_suite_list(*, name: str | None = None, latest_only: bool = False) -> QuerySet[EvalSuite]:
+    """Suites, newest version first within a name; `latest_only` keeps each name's newest version."""
+    suites = EvalSuite.objects.order_by("name", "-version")
+    if name:
+        suites = suites.filter(name=name)
+    if latest_only:
+        newest: dict[str, int] = {}
+        for suite_id, suite_name in suites.values_list("id", "name"):
+            newest.setdefault(suite_name, suite_id)
+        suites = suites.filter(pk__in=newest.values())
+    return suites
+
+
+def eval_suite_get(*, ref: int | str) -> EvalSuite:
+    """A suite by id, by name (its latest version) or by "name@version"."""
+    found: EvalSuite | None
+    if isinstance(ref, int) or str(ref).isdigit():
+        found = EvalSuite.objects.filter(pk=int(ref)).first()
+    elif "@" in str(ref):
+        name, _, version = str(ref).partition("@")
+        found = EvalSuite.objects.filter(name=name, version=int(version)).first() if version.isdigit() else None
+    else:
+        found = EvalSuite.objects.filter(name=ref).order_by("-version").first()
+    if found is None:
+        raise NotFound(f"no eval suite {ref!r}")
+    return found
+
+
+def eval_suite_items(*, suite: EvalSuite, tag: str | None = None) -> QuerySet[EvalItem]:
+    items = EvalItem.objects.filter(suite=suite).order_by("position")
+    if tag:
+        # JSON containment is not portable to SQLite; tags are few, so filter on the serialised list.
+        items = items.filter(tags__icontains=f'"{tag}"')
+    return items
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+def eval_run_list(*, suite: EvalSuite | None = None, model_version_id: int | None = None,
+                  state: str | None = None) -> QuerySet[EvalRun]:
+    runs = EvalRun.objects.select_related("suite", "model_version").order_by("-id")
+    if suite is not None:
+        runs = runs.filter(suite=suite)
+    if model_version_id is not None:
+        runs = runs.filter(model_version_id=model_version_id)
+    if state:
+        runs = runs.filter(state=state)
+    return runs
+
+
+def eval_run_get(*, run_id: int) -> EvalRun:
+    run = EvalRun.objects.select_related("suite", "model_version").filter(pk=run_id).first()
+    if run is None:
+        raise NotFound(f"no eval run {run_id}")
+    return run
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    done: int
+    total: int
+    failed_items: int
+    state: str
+    state_reason: str
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+def eval_run_progress(*, run: EvalRun) -> RunProgress:
+    """done/total as of the runner's last checkpoint (it writes progress in batches)."""
+    return RunProgress(done=run.done, total=run.total, failed_items=run.failed_items, state=run.state,
+                       state_reason=run.state_reason)
+
+
+def eval_run_results(*, run: EvalRun, failed_only: bool = False) -> QuerySet[EvalResult]:
+    results = EvalResult.objects.filter(run=run).select_related("item").order_by("item__position")
+    if failed_only:
+        results = results.exclude(error="")
+    return results
+
+
+def _nearest_rank(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def eval_run_summary(*, run: EvalRun) -> dict[str, Any]:
+    """Per scorer: {n, mean, pass_rate, errors}; and items, failed items, latency p50/p95 (ms), tokens."""
+    rows = list(EvalResult.objects.filter(run=run).values_list("scores", "error", "latency_ms", "completion_tokens",
+                                                                "prompt_tokens"))
+    scorers: dict[str, Any] = {}
+    for spec in run.scorers:
+        label = spec["label"]
+        cells = [scores.get(label) or {} for scores, *_ in rows]
+        values = [c["value"] for c in cells if c.get("value") is not None]
+        verdicts = [c["passed"] for c in cells if c.get("passed") is not None]
+        scorers[label] = {
+            "name": spec["name"],
+            "n": len(values),
+            "mean": float(np.mean(values)) if values else None,
+            "pass_rate": sum(verdicts) / len(verdicts) if verdicts else None,
+            "errors": sum(1 for c in cells if c.get("value") is None),
+        }
+    latencies = sorted(r[2] for r in rows if r[2] is not None)
+    return {
+        "items": len(rows),
+        "failed_items": sum(1 for r in rows if r[1]),
+        "scorers": scorers,
+        "latency_ms": {"p50": _nearest_rank(latencies, 0.5), "p95": _nearest_rank(latencies, 0.95)},
+        "prompt_tokens": sum(r[4] or 0 for r in rows),
+        "completion_tokens": sum(r[3] or 0 for r in rows),
+    }
+
+
+def eval_run_live_summary(*, run: EvalRun) -> dict[str, Any]:
+    """The stored summary of a finished run, or one computed from the results so far."""
+    return run.summary if run.is_finished and run.summary else eval_run_summary(run=run)
+
+
+# --- comparisons ----------------------------------------------------------------------------------
+
+
+def _run_ref(run: EvalRun) -> dict[str, Any]:
+    return {"run_id": run.pk, "model_version": run.model_version.label, "model_version_id": run.model_version_id,
+            "lineage_hash": run.lineage_hash, "state": run.state}
+
+
+def eval_runs_compare(
+    *, baseline_run: EvalRun, candidate_run: EvalRun, scorer: str | None = None,
+    baseline_scorer: str | None = None, candidate_scorer: str | None = None, alpha: float = 0.05, seed: int = 0,
+    resamples: int = 2000,
+) -> dict[str, Any]:
+    """The paired comparison of two runs of the same suite version on one scorer (its label), as JSON.
+
+    The scorer defaults to the first one both runs share. The structure is evals.paired.compare_paired's,
+    plus "suite", "scorer", "baseline" and "candidate" (run ids, model versions, lineage hashes)."""
+    if baseline_run.suite_id != candidate_run.suite_id:
+        raise DomainError("the two runs are not on the same suite version", field="candidate")
+    if not 0 < alpha < 1:
+        raise DomainError("alpha must be between 0 and 1", field="alpha")
+    b_specs = {s["label"]: s for s in baseline_run.scorers}
+    c_specs = {s["label"]: s for s in candidate_run.scorers}
+    if baseline_scorer is None and candidate_scorer is None:
+        if scorer is None:
+            shared = [label for label in b_specs if label in c_specs]
+            if not shared:
+                raise DomainError("the two runs share no scorer", field="scorer")
+            scorer = shared[0]
+        baseline_scorer = candidate_scorer = scorer
+    if baseline_scorer not in b_specs or candidate_scorer not in c_specs:
+        raise DomainError(f"both runs must have the scorer {scorer or baseline_scorer!r}", field="scorer")
+    spec = b_specs[baseline_scorer]
+    if spec["name"] != c_specs[candidate_scorer]["name"]:
+        raise DomainError("the two runs scored with different scorers", field="scorer")
+    b_cells = dict(EvalResult.objects.filter(run=baseline_run).values_list("item_id", "scores"))
+    c_cells = dict(EvalResult.objects.filter(run=candidate_run).values_list("item_id", "scores"))
+    items = []
+    for item_id, key, tags in EvalItem.objects.filter(suite_id=baseline_run.suite_id).values_list("id", "key", "tags"):
+        b = (b_cells.get(item_id) or {}).get(baseline_scorer) or {}
+        c = (c_cells.get(item_id) or {}).get(candidate_scorer) or {}
+        items.append(PairedItem(key=key, baseline=b.get("value"), candidate=c.get("value"),
+                                baseline_passed=b.get("passed"), candidate_passed=c.get("passed"),
+                                tags=tuple(tags or ())))
+    comparison = compare_paired(items, binary=bool(SCORERS[spec["name"]].binary), alpha=alpha, seed=seed,
+                                resamples=resamples)
+    suite = baseline_run.suite
+    return {
+        **comparison,
+        "suite": {"id": suite.pk, "name": suite.name, "version": suite.version},
+        "scorer": {"name": spec["name"], "label": baseline_scorer, "params": spec["params"]},
+        "baseline": _run_ref(baseline_run),
+        "candidate": _run_ref(candidate_run),
+    }
+
+
+# --- eval gates -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalGateResult:
+    """status: "pending" | "passed" | "failed" | "error"; evidence: the comparison (see eval_runs_compare)
+    plus "decision" {max_drop, min_score, rule, drop, drop_low, drop_upper_bound, baseline_score,
+    candidate_score}, "status" and "reason"; {} while pending."""
+
+    status: str
+    reason: str
+    evidence: dict[str, Any]
+
+
+def eval_gate_result(*, rollout_id: int) -> EvalGateResult | None:
+    """The rollout's eval gate: None if it has none. A cancelled gate reads as an error."""
+    gate = EvalGate.objects.select_related("baseline_run", "candidate_run").filter(rollout_id=rollout_id).first()
+    if gate is None:
+        return None
+    if gate.status == EvalGate.Status.CANCELLED:
+        return EvalGateResult(status="error", reason="the eval gate was cancelled", evidence=gate.evidence)
+    if gate.status == EvalGate.Status.PENDING:
+        parts = []
+        for side, run in (("baseline", gate.baseline_run), ("candidate", gate.candidate_run)):
+            if run is not None:
+                parts.append(f"{side} {run.model_version.label}: {run.done}/{run.total} ({run.state})")
+        return EvalGateResult(status="pending", reason="running the suite: " + ", ".join(parts), evidence={})
+    return EvalGateResult(status=gate.status, reason=gate.reason, evidence=gate.evidence)
+
+
+def eval_gate_get(*, rollout_id: int) -> EvalGate | None:
+    """The gate row itself (for pages that link to its runs)."""
+    return EvalGate.objects.select_related("baseline_run", "candidate_run", "baseline", "candidate").filter(
+        rollout_id=rollout_id).first()
+
+
+# --- shadow quality -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShadowQuality:
+    """Mean score of the candidate's shadow answers against the baseline's (1 = the same), with an always-valid
+    (1 - alpha) interval: the analysis looks at it every interval, so a fixed-n interval would not do."""
+
+    n: int
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    scorer: str
+
+
+def shadow_scoring_get(*, rollout_id: int) -> ShadowScoring | None:
+    return ShadowScoring.objects.filter(rollout_id=rollout_id).first()
+
+
+def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float = 0.05,
+                   tuning_n: float = 1000.0) -> ShadowQuality | None:
+    """None when the rollout has no shadow scoring; n = 0 (and no mean) until a pair is scored.
+
+    `scorer` is a label of the configured scorers (default: the first). The interval is the normal-mixture
+    confidence sequence of experiments.stats (tuned for `tuning_n` pairs), clipped to [0, 1]."""
+    config = shadow_scoring_get(rollout_id=rollout_id)
+    if config is None or not config.scorers:
+        return None
+    label = scorer or config.scorers[0]["label"]
+    values = []
+    for scores in shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).values_list("scores", flat=True):
+        value = (scores or {}).get(label)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            values.append(float(value))
+    if not values:
+        return ShadowQuality(n=0, mean=None, ci_low=None, ci_high=None, scorer=label)
+    n = len(values)
+    mean = float(np.mean(values))
+    variance = float(np.var(values, ddof=1)) / n if n > 1 else 0.0
+    width = half_width(variance=variance, n_total=n, alpha=alpha, tuning_n=tuning_n) if n > 1 else 1.0
+    return ShadowQuality(n=n, mean=mean, ci_low=max(0.0, mean - width), ci_high=min(1.0, mean + width), scorer=label)
+
+
+def shadow_pairs_unscored(*, rollout_id: int, labels: list[str]) -> QuerySet[Any]:
+    """The rollout's shadow pairs lacking a score of any of `labels`, oldest first."""
+    missing = Q()
+    for label in labels:
+        missing |= ~Q(scores__has_key=label)
+    return shadow_pairs(rollout_id=rollout_id).filter(missing).order_by("created_at", "id")
+
+
+def eval_suite_run_counts() -> dict[int, int]:
+    return dict(EvalRun.objects.values_list("suite_id").annotate(n=Count("id")).values_list("suite_id", "n"))
