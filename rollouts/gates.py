@@ -1,0 +1,69 @@
+"""The rollout's calls into the evals app (eval gates, shadow quality), through its services and selectors.
+
+Names are looked up when called, so the evals app can land (or be swapped for a fake in a unit test)
+without this module changing: `evals.services.eval_gate_validate / eval_gate_start / eval_gate_cancel`,
+`evals.selectors.eval_gate_result / shadow_quality`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from config.errors import DomainError
+from serving.models import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+
+def _evals(module: str, name: str) -> Any | None:
+    try:
+        return getattr(importlib.import_module(f"evals.{module}"), name, None)
+    except ImportError:
+        return None
+
+
+def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
+    validate = _evals("services", "eval_gate_validate")
+    if validate is None:
+        raise DomainError("eval gates are not available: the evals app does not provide them", field="eval_gate")
+    normalised = validate(spec=spec)
+    return dict(normalised) if normalised is not None else dict(spec)
+
+
+def eval_gate_start_safely(*, rollout_id: int, baseline: ModelVersion, candidate: ModelVersion, spec: dict[str, Any]) -> None:
+    """On commit of the transition into gating. A failure is logged: the analysis asks again."""
+    start = _evals("services", "eval_gate_start")
+    if start is None:
+        logger.error("rollout %s: the evals app has no eval_gate_start", rollout_id)
+        return
+    try:
+        start(rollout_id=rollout_id, baseline=baseline, candidate=candidate, spec=spec)
+    except Exception:
+        logger.exception("rollout %s: starting the eval gate failed; the analysis will ask again", rollout_id)
+
+
+def eval_gate_cancel_safely(*, rollout_id: int) -> None:
+    cancel = _evals("services", "eval_gate_cancel")
+    if cancel is None:
+        return
+    try:
+        cancel(rollout_id=rollout_id)
+    except Exception:
+        logger.exception("rollout %s: cancelling the eval gate failed", rollout_id)
+
+
+def eval_gate_result(*, rollout_id: int) -> Any | None:
+    """The gate's EvalGateResult (status pending/passed/failed/error, reason, evidence) or None."""
+    result = _evals("selectors", "eval_gate_result")
+    return result(rollout_id=rollout_id) if result is not None else None
+
+
+def shadow_quality_available() -> bool:
+    return _evals("selectors", "shadow_quality") is not None
+
+
+def shadow_quality(*, rollout_id: int) -> Any | None:
+    """ShadowQuality (n, mean, ci_low, ci_high, scorer) of the rollout's scored shadow pairs, or None."""
+    quality = _evals("selectors", "shadow_quality")
+    return quality(rollout_id=rollout_id) if quality is not None else None

@@ -1,0 +1,65 @@
+"""Celery tasks of rollouts: thin, take ids, safe to run twice."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from rollouts.models import Rollout
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="rollouts.tasks.analyse_live_rollouts", ignore_result=True)
+def analyse_live_rollouts() -> int:
+    """Beat, every ROLLOUT_ANALYSIS_INTERVAL_S: fan out one analysis per live rollout, start the drafts that
+    wait for their engines, resolve recent outcome events, and re-send notifications left pending."""
+    from experiments.services import outcome_events_resolve
+    from rollouts.notifications import notifications_pending
+    from rollouts.services import rollout_start_when_ready
+
+    try:
+        outcome_events_resolve()
+    except Exception:  # outcome joins are best effort; the analysis must run regardless
+        logger.exception("resolving outcome events failed")
+    for draft in Rollout.objects.select_related("baseline", "candidate").filter(
+        state=Rollout.State.DRAFT, start_when_ready=True
+    ):
+        rollout_start_when_ready(rollout=draft)
+    ids = list(Rollout.objects.filter(state__in=Rollout.ANALYSED_STATES).values_list("pk", flat=True))
+    for rollout_id in ids:
+        analyse_rollout.delay(rollout_id)
+    for event_id in notifications_pending():
+        notify_event.delay(event_id)
+    return len(ids)
+
+
+# A look older than one interval is stale; expiring it keeps a backed-up queue from replaying old looks.
+@shared_task(name="rollouts.tasks.analyse_rollout", ignore_result=True, expires=60)
+def analyse_rollout(rollout_id: int) -> str:
+    from rollouts.analysis import rollout_analyse
+
+    analysis = rollout_analyse(rollout_id=rollout_id)
+    if analysis is None:
+        return "skipped"
+    return f"{analysis.decision}{'' if analysis.applied or analysis.decision == 'hold' else ' (not applied)'}"
+
+
+@shared_task(
+    name="rollouts.tasks.notify_event",
+    bind=True,
+    ignore_result=True,
+    max_retries=5,
+    default_retry_delay=10,
+)
+def notify_event(self, event_id: int) -> str:  # type: ignore[no-untyped-def]
+    from rollouts.notifications import DeliveryFailed, notification_deliver
+
+    try:
+        status = notification_deliver(event_id=event_id)
+    except DeliveryFailed as exc:
+        raise self.retry(exc=exc, countdown=min(300, 10 * 2**self.request.retries)) from exc
+    if status == "missing":
+        logger.info("no notification for rollout event %s; ignored", event_id)
+    return status

@@ -1,0 +1,131 @@
+"""Shared set-up for rollout, experiment and CLI tests: versions with (fake) ready engines, plans, and
+synthetic request records written the way the gateway writes them."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from rollouts.models import Rollout
+from serving.models import EngineWorker, ModelVersion, RequestRecord
+from serving.services import engine_worker_create, model_version_register
+
+
+def version(label: str, *, ready: bool = True, price_in: float = 0.0, price_out: float = 0.0) -> ModelVersion:
+    """A registered version; `ready` gives it one engine in the READY state (no process behind it)."""
+    name, ver = label.rsplit("-", 1)
+    found = ModelVersion.objects.filter(name=name, version=ver).first()
+    if found is None:
+        found = model_version_register(
+            name=name, version=ver, artifact=f"/nonexistent/{label}", served_model_name=label,
+            price_input_per_million=price_in, price_output_per_million=price_out,
+        )  # fmt: skip
+    if ready:
+        engine_ready(found)
+    return found
+
+
+def engine_ready(model_version: ModelVersion) -> EngineWorker:
+    worker = EngineWorker.objects.filter(model_version=model_version).first()
+    if worker is None:
+        worker = engine_worker_create(model_version=model_version, driver="static", base_url="http://127.0.0.1:9")
+    EngineWorker.objects.filter(pk=worker.pk).update(state=EngineWorker.State.READY, desired_state="running")
+    return worker
+
+
+def engines_down(model_version: ModelVersion) -> None:
+    EngineWorker.objects.filter(model_version=model_version).update(state=EngineWorker.State.CRASHED)
+
+
+def canary_plan(**overrides: Any) -> dict[str, Any]:
+    plan: dict[str, Any] = {
+        "alias": "adder",
+        "baseline": "adder-v1",
+        "candidate": "adder-v2",
+        "strategy": "canary",
+        "steps": [
+            {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 50},
+            {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100},
+        ],
+        "guardrails": [
+            {"metric": "tpot_mean_ms", "margin": "10%"},
+            {"metric": "error_rate", "margin": 0.01},
+        ],
+    }
+    plan.update(overrides)
+    return plan
+
+
+def records(
+    rollout: Rollout | int | None,
+    *,
+    arm: str,
+    n: int,
+    alias: str = "adder",
+    model_version: ModelVersion | None = None,
+    at: datetime | None = None,
+    ttft: tuple[float, float] = (100.0, 10.0),
+    tpot: tuple[float, float] = (20.0, 2.0),
+    error_rate: float = 0.0,
+    prompt_tokens: int = 12,
+    completion_tokens: int = 4,
+    seed: int | None = None,
+    spread_s: float = 0.0,
+) -> list[RequestRecord]:
+    """`n` request records as the gateway writes them: normal latencies (mean, sd), errors at `error_rate`."""
+    rng = random.Random(seed)
+    start = at or timezone.now()
+    rollout_id = rollout if isinstance(rollout, int) or rollout is None else rollout.pk
+    rows = []
+    for i in range(n):
+        failed = rng.random() < error_rate
+        ttft_ms = max(1.0, rng.gauss(*ttft))
+        tpot_ms = max(0.1, rng.gauss(*tpot))
+        rows.append(
+            RequestRecord(
+                request_id=os.urandom(12).hex(),
+                created_at=start + timedelta(seconds=spread_s * i / max(n, 1)),
+                alias=alias,
+                rollout_id=rollout_id,
+                arm=arm,
+                model_version=model_version,
+                endpoint="chat.completions",
+                stream=True,
+                session_hash=f"{rng.getrandbits(64):016x}",
+                status_code=502 if failed else 200,
+                outcome="engine_error" if failed else "ok",
+                ttft_ms=None if failed else ttft_ms,
+                tpot_ms=None if failed else tpot_ms,
+                e2e_ms=None if failed else ttft_ms + tpot_ms * (completion_tokens - 1),
+                prompt_tokens=None if failed else prompt_tokens,
+                completion_tokens=None if failed else completion_tokens,
+            )
+        )
+    return RequestRecord.objects.bulk_create(rows)
+
+
+def both_arms(rollout: Rollout, *, total: int, weight: float, **kwargs: Any) -> None:
+    """A split of `total` requests at the configured weight (what a correct gateway produces)."""
+    candidate_n = round(total * weight)
+    candidate_kwargs = {k[len("candidate_"):]: v for k, v in kwargs.items() if k.startswith("candidate_")}
+    common = {k: v for k, v in kwargs.items() if not k.startswith("candidate_")}
+    records(rollout, arm="baseline", n=total - candidate_n, model_version=rollout.baseline, **common)
+    records(rollout, arm="candidate", n=candidate_n, model_version=rollout.candidate, **{**common, **candidate_kwargs})
+
+
+def step_back(rollout: Rollout, seconds: float) -> None:
+    """Pretend the current step started `seconds` ago (tests do not sleep)."""
+    Rollout.objects.filter(pk=rollout.pk).update(step_started_at=timezone.now() - timedelta(seconds=seconds))
+
+
+def kinds(rollout: Rollout) -> list[str]:
+    return list(rollout.events.order_by("seq").values_list("kind", flat=True))
+
+
+def ids(items: Iterable[Any]) -> list[int]:
+    return [int(item.pk) for item in items]
