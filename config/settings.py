@@ -273,6 +273,12 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 # --- platform -------------------------------------------------------------------------------------
 
 ROLLOUT_ANALYSIS_INTERVAL_S = env_float("ROLLOUT_ANALYSIS_INTERVAL_S", 10.0, minimum=0.5)
+CELERY_BEAT_SCHEDULE["rollouts-analyse-live"] = {
+    "task": "rollouts.tasks.analyse_live_rollouts",
+    "schedule": ROLLOUT_ANALYSIS_INTERVAL_S,
+    # A fan-out older than one interval is superseded by the next one.
+    "options": {"expires": ROLLOUT_ANALYSIS_INTERVAL_S},
+}
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
 
 # --- gateway --------------------------------------------------------------------------------------
