@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 
 
 class ModelVersion(models.Model):
@@ -24,10 +25,17 @@ class ModelVersion(models.Model):
     price_output_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
+    # An Idempotency-Key replays the registration it first made (config.idempotency).
+    idempotency_key = models.CharField(max_length=255, blank=True, default="")
+    idempotency_fingerprint = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ("name", "version")
-        constraints = [models.UniqueConstraint(fields=("name", "version"), name="model_version_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=("name", "version"), name="model_version_unique"),
+            models.UniqueConstraint(fields=("created_by", "idempotency_key"), condition=~Q(idempotency_key=""),
+                                    name="model_version_idempotency_key_unique"),
+        ]
 
     @property
     def label(self) -> str:
@@ -86,10 +94,19 @@ class EngineWorker(models.Model):
     metrics = models.JSONField(default=dict, blank=True, help_text="The last scrape of the engine's /metrics.")
     metrics_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    # An Idempotency-Key replays the creation it first made (config.idempotency).
+    idempotency_key = models.CharField(max_length=255, blank=True, default="")
+    idempotency_fingerprint = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ("id",)
         indexes = [models.Index(fields=("host_name", "desired_state")), models.Index(fields=("state",))]
+        constraints = [
+            models.UniqueConstraint(fields=("created_by", "idempotency_key"), condition=~Q(idempotency_key=""),
+                                    name="engine_worker_idempotency_key_unique"),
+        ]
 
     def __str__(self) -> str:
         return f"engine {self.pk} ({self.model_version.label}, {self.state})"
