@@ -41,6 +41,8 @@ def model_version_register(
     price_input_per_million: Decimal | float = 0,
     price_output_per_million: Decimal | float = 0,
     created_by: AbstractBaseUser | None = None,
+    idempotency_key: str = "",
+    idempotency_fingerprint: str = "",
 ) -> ModelVersion:
     if ModelVersion.objects.filter(name=name, version=version).exists():
         raise Conflict(f"model version {name}-{version} is already registered", field="version")
@@ -61,8 +63,20 @@ def model_version_register(
         lineage_hash=lineage["lineage_hash"],
         price_input_per_million=Decimal(str(price_input_per_million)),
         price_output_per_million=Decimal(str(price_output_per_million)),
-        created_by=created_by,
+        # By id: the user model is whatever AUTH_USER_MODEL says.
+        created_by_id=created_by.pk if created_by is not None else None,
+        idempotency_key=_idempotency_key_take(ModelVersion, created_by, idempotency_key),
+        idempotency_fingerprint=idempotency_fingerprint if idempotency_key else "",
     )
+
+
+def _idempotency_key_take(model: type[ModelVersion] | type[EngineWorker], user: AbstractBaseUser | None,
+                          key: str) -> str:
+    """The key to store on a new object; an older object holding it (past the key's lifetime) lets go."""
+    if not key or user is None:
+        return ""
+    model.objects.filter(created_by_id=user.pk, idempotency_key=key).update(idempotency_key="")
+    return key
 
 
 @transaction.atomic
@@ -87,6 +101,9 @@ def engine_worker_create(
     host_name: str = "localhost",
     base_url: str = "",
     api_key: str = "",
+    created_by: AbstractBaseUser | None = None,
+    idempotency_key: str = "",
+    idempotency_fingerprint: str = "",
 ) -> EngineWorker:
     if driver not in EngineWorker.Driver.values:
         raise DomainError(f"driver must be one of {', '.join(EngineWorker.Driver.values)}", field="driver")
@@ -101,6 +118,9 @@ def engine_worker_create(
         desired_state=EngineWorker.Desired.RUNNING,
         state=EngineWorker.State.PENDING,
         state_changed_at=timezone.now(),
+        created_by_id=created_by.pk if created_by is not None else None,
+        idempotency_key=_idempotency_key_take(EngineWorker, created_by, idempotency_key),
+        idempotency_fingerprint=idempotency_fingerprint if idempotency_key else "",
     )
 
 
