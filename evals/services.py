@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
@@ -57,7 +57,7 @@ def _spec_error(exc: ScorerSpecError, *, prefix: str) -> DomainError:
 
 
 def eval_suite_create(
-    *, name: str, jsonl_data: bytes | str, description: str = "", created_by: AbstractBaseUser | None = None,
+    *, name: str, jsonl_data: bytes | str, description: str = "", created_by: AbstractBaseUser | AnonymousUser | None = None,
 ) -> EvalSuite:
     """A suite from a JSONL upload (the API and the web UI both call this).
 
@@ -79,7 +79,7 @@ def _check_suite_name(name: str) -> str:
 
 
 def _suite_store(
-    *, name: str, items: Sequence[jsonl.ParsedItem], description: str, created_by: AbstractBaseUser | None,
+    *, name: str, items: Sequence[jsonl.ParsedItem], description: str, created_by: AbstractBaseUser | AnonymousUser | None,
     source: str,
 ) -> EvalSuite:
     name = _check_suite_name(name)
@@ -160,7 +160,7 @@ def eval_run_create(
     scorers: Any,
     concurrency: int = 4,
     max_tokens: int = 64,
-    created_by: AbstractBaseUser | None = None,
+    created_by: AbstractBaseUser | AnonymousUser | None = None,
     gate_rollout_id: int | None = None,
 ) -> EvalRun:
     """A queued run; a Celery worker picks it up once the transaction commits."""

@@ -41,7 +41,7 @@ def _json_objects(text: str) -> list[dict[str, Any]]:
     return found
 
 
-_RUBRIC_LABELLED = re.compile(r"\b(?:score|rating)\b\s*(?:is|of)?\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_RUBRIC_LABELLED = re.compile(r"\b(?:score|rating)\b[\s*]*(?:is|of)?[\s*:=]*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _RUBRIC_BARE = re.compile(r"^\W*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?\W*$")
 
 
