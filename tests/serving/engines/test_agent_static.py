@@ -1,0 +1,138 @@
+"""The agent's reconcile loop, run in this process, on static workers: endpoints someone else runs.
+
+The endpoints are real HTTP servers (a stub that answers like vLLM, or a port nobody listens on), so
+readiness, health, the metrics scrape and the drain go over the wire exactly as for a real engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from serving.engines.agent import AgentConfig, EngineAgent
+from serving.engines.drivers import free_port
+from serving.models import EngineWorker, ModelVersion, RouteGeneration
+from serving.services import engine_worker_create, engine_worker_set_desired
+from tests.serving.engines.stub_engine import StubBehaviour, stub_engine
+
+State = EngineWorker.State
+HOST = "static-tests"
+
+
+@pytest.fixture
+def version(db: None) -> ModelVersion:
+    return ModelVersion.objects.create(name="adder", version="v1", artifact="/nowhere", served_model_name="adder-v1")
+
+
+@pytest.fixture
+def agent(db: None) -> Iterator[EngineAgent]:
+    agent = EngineAgent(AgentConfig(host_name=HOST, interval_s=0.0, health_interval_s=0.0, unhealthy_after=2, drain_timeout_s=600,
+                                    start_timeout_s=600))
+    yield agent
+    agent.shutdown()
+
+
+@pytest.fixture
+def stub() -> Iterator[tuple[str, StubBehaviour]]:
+    with stub_engine("adder-v1") as found:
+        yield found
+
+
+def passes(agent: EngineAgent, until: Callable[[EngineWorker], bool], worker: EngineWorker, limit: int = 20) -> EngineWorker:
+    """Run reconcile passes (each waits for its probes) until `until` holds for the worker."""
+    for _ in range(limit):
+        agent.reconcile()
+        agent.wait_for_jobs()
+        agent.reconcile()
+        current = EngineWorker.objects.get(pk=worker.pk)
+        if until(current):
+            return current
+    raise AssertionError(f"worker stuck: {current.state} ({current.state_reason})")
+
+
+def generation() -> int:
+    row = RouteGeneration.objects.filter(pk=1).first()
+    return row.generation if row else 0
+
+
+def static(version: ModelVersion, base_url: str) -> EngineWorker:
+    return engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=HOST,
+                                base_url=base_url)
+
+
+def test_a_static_endpoint_that_answers_becomes_ready_and_routable(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    url, behaviour = stub
+    before = generation()
+    worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
+    assert worker.ready_at is not None and worker.last_health_ok
+    assert generation() == before + 1
+    # Readiness really ran a completion, and the agent never touched a process.
+    assert behaviour.completions >= 1
+    assert worker.pid is None and agent.engines == {}
+    worker = passes(agent, lambda w: w.metrics_at is not None, worker)
+    assert worker.metrics["vllm:num_requests_running"] == 0.0
+
+
+def test_an_endpoint_nobody_listens_on_never_becomes_ready_and_says_why(
+        agent: EngineAgent, version: ModelVersion) -> None:
+    worker = static(version, f"http://127.0.0.1:{free_port()}")
+    worker = passes(agent, lambda w: w.last_health_at is not None, worker)
+    for _ in range(3):
+        worker = passes(agent, lambda w: True, worker)
+    assert worker.state == State.STARTING
+    assert worker.state_reason.startswith("not ready yet: GET /health: cannot connect")
+    assert worker.last_health_ok is False
+
+
+def test_healthy_but_unable_to_complete_is_not_ready(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    # On CPU an engine with an unsupported head size passes /health, lists its model, and dies on a request.
+    url, behaviour = stub
+    behaviour.completion_status = 500
+    worker = passes(agent, lambda w: w.last_health_at is not None, static(version, url))
+    assert worker.state == State.STARTING
+    assert "1-token completion: 500" in worker.state_reason
+
+
+def test_a_failing_health_check_takes_it_out_of_routing_and_recovery_brings_it_back(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    url, behaviour = stub
+    worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
+    behaviour.health_status = 503
+    before = generation()
+    worker = passes(agent, lambda w: w.state == State.UNHEALTHY, worker)
+    assert "GET /health: 503" in worker.state_reason
+    assert generation() == before + 1
+    behaviour.health_status = 200
+    worker = passes(agent, lambda w: w.state == State.READY, worker)
+    assert worker.state_reason == "healthy again"
+    assert generation() == before + 2
+
+
+def test_a_stopped_worker_drains_until_nothing_is_in_flight(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    url, behaviour = stub
+    worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
+    behaviour.running, behaviour.waiting = 1, 2
+    worker = engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
+    assert worker.state == State.DRAINING
+    for _ in range(3):
+        worker = passes(agent, lambda w: True, worker)
+    assert worker.state == State.DRAINING
+    behaviour.running, behaviour.waiting = 0, 0
+    worker = passes(agent, lambda w: w.state == State.STOPPED, worker)
+    assert worker.state_reason == "drained"
+    assert worker.claimed_by == ""
+
+
+def test_a_worker_of_another_host_is_left_alone(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    url, _ = stub
+    other = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name="elsewhere",
+                                 base_url=url)
+    for _ in range(3):
+        agent.reconcile()
+        agent.wait_for_jobs()
+    other.refresh_from_db()
+    assert (other.state, other.claimed_by) == (State.PENDING, "")
