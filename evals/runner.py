@@ -46,7 +46,7 @@ from serving.selectors import engine_base_url, model_version_get
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-REQUEST_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 60.0
 BACKOFF_CAP_S = 10.0
 ENGINE_WAIT_POLL_S = 5.0
 
@@ -215,7 +215,8 @@ class RunSlice:
         if not pending:
             eval_run_finish(run_id=run.pk, token=token, state=EvalRun.State.SUCCEEDED)
             return SliceReport("finished")
-        with httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
+        # Engines are reached directly on the internal network, never through an HTTP proxy.
+        with httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0), trust_env=False,
                           limits=httpx.Limits(max_connections=run.concurrency * 2)) as client:
             try:
                 endpoint = endpoint_for(run.model_version)

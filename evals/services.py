@@ -567,7 +567,7 @@ def shadow_pairs_score(*, rollout_id: int, limit: int = 200) -> int:
     pairs = list(shadow_pairs_unscored(rollout_id=rollout_id, labels=labels)[:limit])
     if not pairs:
         return 0
-    with httpx.Client(timeout=60.0) as client:
+    with httpx.Client(timeout=60.0, trust_env=False) as client:
         try:
             scorers = bound_scorers(config.scorers, client=client, retries=settings.EVAL_REQUEST_RETRIES,
                                     backoff_s=settings.EVAL_RETRY_BACKOFF_S, stop=threading.Event())
