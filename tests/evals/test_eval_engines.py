@@ -22,7 +22,13 @@ from django.utils import timezone
 from evals import runner, services
 from evals.models import EvalGate, EvalResult, EvalRun, EvalSuite
 from evals.selectors import eval_gate_result
-from evals.services import builtin_suites_ensure, eval_gate_start, eval_run_create, eval_runs_sweep, eval_suite_create
+from evals.services import (
+    builtin_suites_ensure,
+    eval_gate_start,
+    eval_run_create,
+    eval_runs_sweep,
+    eval_suite_create,
+)
 from serving.demo_models import DEMO_RECIPES, BuiltModel, build_demo_models
 from serving.engines.services import engine_claim, engine_ready, engine_start_begin
 from serving.models import EngineWorker, ModelVersion
