@@ -15,6 +15,7 @@ from typing import Any
 
 from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import Cast
+from django.utils import timezone
 
 from experiments.metrics import LATENCY_FIELDS, METRICS, Metric
 from experiments.models import OutcomeEvent
@@ -197,6 +198,31 @@ def _window(qs: QuerySet[Any], since: datetime | None, until: datetime | None) -
     return qs
 
 
+def _record_aggregates(thresholds: dict[str, list[float]]) -> dict[str, Any]:
+    ok = Q(outcome="ok")
+    return {
+        "requests": Count("pk"),
+        "counted": Count("pk", filter=~Q(outcome__in=UNCOUNTED_OUTCOMES)),
+        "errors": Count("pk", filter=Q(outcome__in=ERROR_OUTCOMES)),
+        "ok": Count("pk", filter=ok),
+        "good": Count("pk", filter=_good_filter(_RECORD_FIELDS, ok, thresholds)),
+        **_latency_aggregates(_RECORD_FIELDS, ok, thresholds),
+        **_token_aggregates(ok, "prompt_tokens", "completion_tokens"),
+    }
+
+
+def alias_history(*, alias: str, model_version_id: int | None, since: datetime) -> tuple[ArmSums, float]:
+    """What a version has served on an alias since `since` (all rollouts and none), and the alias's
+    request rate per second: the planning estimates' baseline."""
+    records = _window(request_records(alias=alias), since, None).order_by()
+    rate_n = records.count()
+    if model_version_id is not None:
+        records = records.filter(model_version_id=model_version_id)
+    row = records.aggregate(**_record_aggregates({}))
+    span = max((timezone.now() - since).total_seconds(), 1.0)
+    return _sums_from_row(row, _RECORD_FIELDS, {}, has_prompt_tokens=True), rate_n / span
+
+
 def arm_sums(
     *,
     rollout_id: int,
@@ -211,18 +237,8 @@ def arm_sums(
     `thresholds` maps a latency field (ttft_ms, tpot_ms, e2e_ms) to the limits of tail SLOs: each gets a
     count of requests over it, and together they define goodput."""
     thresholds = thresholds or {}
-    ok = Q(outcome="ok")
     records = _window(request_records(rollout_id=rollout_id), since, until).order_by()
-    aggregates = {
-        "requests": Count("pk"),
-        "counted": Count("pk", filter=~Q(outcome__in=UNCOUNTED_OUTCOMES)),
-        "errors": Count("pk", filter=Q(outcome__in=ERROR_OUTCOMES)),
-        "ok": Count("pk", filter=ok),
-        "good": Count("pk", filter=_good_filter(_RECORD_FIELDS, ok, thresholds)),
-        **_latency_aggregates(_RECORD_FIELDS, ok, thresholds),
-        **_token_aggregates(ok, "prompt_tokens", "completion_tokens"),
-    }
-    rows = {row["arm"]: row for row in records.values("arm").annotate(**aggregates)}
+    rows = {row["arm"]: row for row in records.values("arm").annotate(**_record_aggregates(thresholds))}
     result: dict[str, ArmSums] = {}
     outcome_stats = outcome_arm_stats(rollout_id=rollout_id, since=since, until=until) if outcomes else {}
     for arm in ARMS:

@@ -31,7 +31,7 @@ class Metric:
 
     @property
     def is_latency(self) -> bool:
-        return self.source in LATENCY_FIELDS
+        return self.source in LATENCY_FIELDS.values()
 
 
 LATENCY_FIELDS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}

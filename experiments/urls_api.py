@@ -1,5 +1,7 @@
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from experiments.api import OutcomeEventsApi
+
+urlpatterns = [path("events", OutcomeEventsApi.as_view(), name="api-outcome-events")]

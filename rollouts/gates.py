@@ -67,3 +67,34 @@ def shadow_quality(*, rollout_id: int) -> Any | None:
     """ShadowQuality (n, mean, ci_low, ci_high, scorer) of the rollout's scored shadow pairs, or None."""
     quality = _evals("selectors", "shadow_quality")
     return quality(rollout_id=rollout_id) if quality is not None else None
+
+
+def shadow_scorer_normalise(*, spec: Any) -> dict[str, Any]:
+    """The evals app's normalised scorer spec, or DomainError naming shadow.quality.scorer[.<param>]."""
+    try:
+        from evals.scorers import ScorerSpecError, scorer_spec_normalise
+    except ImportError:
+        raise DomainError("shadow quality needs the evals app's scorers", field="shadow.quality") from None
+    try:
+        return dict(scorer_spec_normalise(spec))
+    except ScorerSpecError as exc:
+        suffix = f".{exc.field}" if exc.field else ""
+        raise DomainError(exc.message, field=f"shadow.quality.scorer{suffix}") from None
+
+
+def shadow_scoring_configure(*, rollout_id: int, scorer: dict[str, Any]) -> None:
+    """Ask the evals app to score this rollout's shadow pairs (inside the start transaction)."""
+    configure = _evals("services", "shadow_scoring_configure")
+    if configure is None:
+        raise DomainError("shadow quality needs the evals app's shadow scoring", field="shadow.quality")
+    configure(rollout_id=rollout_id, scorers=[scorer])
+
+
+def shadow_scoring_stop_safely(*, rollout_id: int) -> None:
+    stop = _evals("services", "shadow_scoring_stop")
+    if stop is None:
+        return
+    try:
+        stop(rollout_id=rollout_id)
+    except Exception:
+        logger.exception("rollout %s: stopping shadow scoring failed", rollout_id)

@@ -117,7 +117,8 @@ class ShadowQuality:
     """Shadow-pair quality (scored by the evals app): the candidate's mean score must reach `min_mean`."""
 
     min_mean: float
-    scorer: str
+    # A scorer name or {name, params, label} (the evals app's scorer spec); normalised by plan_validate.
+    scorer: Any = "exact_match"
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ class Plan:
 
     def with_eval_gate(self, spec: dict[str, Any] | None) -> Plan:
         return replace(self, eval_gate=spec)
+
+    def with_shadow_scorer(self, scorer: dict[str, Any]) -> Plan:
+        assert self.shadow_quality is not None
+        return replace(self, shadow_quality=replace(self.shadow_quality, scorer=scorer))
 
     @property
     def latency_thresholds(self) -> dict[str, list[float]]:
@@ -502,11 +507,11 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
     if shadow_raw.get("quality") is not None:
         quality_raw = _mapping(errors, "shadow.quality", shadow_raw["quality"], {"min_mean", "scorer"})
         min_mean = _number(quality_raw.get("min_mean"))
-        scorer = quality_raw.get("scorer", "")
-        if min_mean is None:
-            errors.add("shadow.quality.min_mean", "required: the lowest acceptable mean score")
-        elif not isinstance(scorer, str):
-            errors.add("shadow.quality.scorer", "must be a scorer name")
+        scorer = quality_raw.get("scorer", "exact_match")
+        if min_mean is None or not 0 <= min_mean <= 1:
+            errors.add("shadow.quality.min_mean", "required: the lowest acceptable mean score, 0 to 1")
+        elif not isinstance(scorer, str | dict) or not scorer:
+            errors.add("shadow.quality.scorer", "must be a scorer name or {name, params, label}")
         else:
             shadow_quality = ShadowQuality(min_mean=min_mean, scorer=scorer)
 

@@ -133,8 +133,11 @@ def plan_validate(
             plan = plan.with_eval_gate(gates.eval_gate_validate(spec=plan.eval_gate))
         except DomainError as exc:
             errors.setdefault(exc.field or "eval_gate", []).append(exc.message)
-    if plan.shadow_quality is not None and not gates.shadow_quality_available():
-        errors.setdefault("shadow.quality", []).append("shadow quality needs the evals app's shadow scoring")
+    if plan.shadow_quality is not None:
+        try:
+            plan = plan.with_shadow_scorer(gates.shadow_scorer_normalise(spec=plan.shadow_quality.scorer))
+        except DomainError as exc:
+            errors.setdefault(exc.field or "shadow.quality.scorer", []).append(exc.message)
     if errors:
         raise PlanInvalid(errors)
     assert baseline is not None and candidate is not None
@@ -313,6 +316,12 @@ def _apply(locked: Rollout, move: _Move, *, actor: Actor, reason: str, evidence:
     split = _route_for(locked)
     if split is not None:
         route_set(alias_name=locked.alias_name, split=split)
+    quality = (locked.plan.get("shadow") or {}).get("quality")
+    if quality and from_state == State.DRAFT and move.to_state not in Rollout.TERMINAL_STATES:
+        gates.shadow_scoring_configure(rollout_id=locked.pk, scorer=quality["scorer"])
+    if quality and move.to_state in Rollout.TERMINAL_STATES:
+        rollout_id = locked.pk
+        move.on_commit.append(lambda: gates.shadow_scoring_stop_safely(rollout_id=rollout_id))
     event = _event(locked, kind=move.kind, from_state=from_state, actor=actor, reason=move.reason or reason, evidence=evidence)
     for callback in move.on_commit:
         transaction.on_commit(callback)

@@ -1,0 +1,127 @@
+"""Reads of rollouts for the API, the UI and Slack."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from config.errors import NotFound
+from rollouts.models import Rollout, RolloutAnalysis, RolloutApproval, RolloutEvent
+from rollouts.services import ACTION_STATES, ACTIONS, action_allowed
+
+State = Rollout.State
+
+
+def rollout_get(*, rollout_id: int) -> Rollout:
+    rollout = Rollout.objects.select_related("baseline", "candidate", "created_by").filter(pk=rollout_id).first()
+    if rollout is None:
+        raise NotFound(f"no rollout {rollout_id}")
+    return rollout
+
+
+def rollout_list(*, state: str | None = None, alias: str | None = None, live: bool | None = None) -> QuerySet[Rollout]:
+    """Newest first. `state` may be a comma-separated list; `live` keeps only (or drops) live rollouts."""
+    rollouts = Rollout.objects.select_related("baseline", "candidate", "created_by").order_by("-created_at", "-id")
+    if state:
+        rollouts = rollouts.filter(state__in=[s.strip() for s in state.split(",") if s.strip()])
+    if alias:
+        rollouts = rollouts.filter(alias_name=alias)
+    if live is True:
+        rollouts = rollouts.filter(state__in=Rollout.LIVE_STATES)
+    elif live is False:
+        rollouts = rollouts.filter(state__in=Rollout.TERMINAL_STATES)
+    return rollouts
+
+
+def rollouts_awaiting_approval() -> QuerySet[Rollout]:
+    """Oldest request first: who has waited longest."""
+    return Rollout.objects.select_related("baseline", "candidate").filter(state=State.AWAITING_APPROVAL).order_by("updated_at")
+
+
+def rollout_events(*, rollout: Rollout | int, after_seq: int | None = None) -> QuerySet[RolloutEvent]:
+    rollout_id = rollout if isinstance(rollout, int) else rollout.pk
+    events = RolloutEvent.objects.filter(rollout_id=rollout_id).order_by("seq")
+    if after_seq is not None:
+        events = events.filter(seq__gt=after_seq)
+    return events
+
+
+def rollout_series(
+    *, rollout: Rollout | int, since: datetime | None = None, limit: int = 500
+) -> list[RolloutAnalysis]:
+    """The latest `limit` looks (oldest first) after `since`: what the UI charts."""
+    rollout_id = rollout if isinstance(rollout, int) else rollout.pk
+    looks = RolloutAnalysis.objects.filter(rollout_id=rollout_id)
+    if since is not None:
+        looks = looks.filter(created_at__gt=since)
+    return list(reversed(list(looks.order_by("-created_at", "-id")[:limit])))
+
+
+def rollout_latest_analysis(*, rollout: Rollout | int) -> RolloutAnalysis | None:
+    rollout_id = rollout if isinstance(rollout, int) else rollout.pk
+    return RolloutAnalysis.objects.filter(rollout_id=rollout_id).order_by("-created_at", "-id").first()
+
+
+def rollout_approvals(*, rollout: Rollout | int) -> QuerySet[RolloutApproval]:
+    rollout_id = rollout if isinstance(rollout, int) else rollout.pk
+    return RolloutApproval.objects.select_related("approved_by").filter(rollout_id=rollout_id).order_by("step_index")
+
+
+def rollout_weights(*, rollout: Rollout) -> dict[str, float]:
+    """The split the rollout's state implies (what its alias routes while it is live)."""
+    if rollout.state == State.PROMOTED:
+        return {"baseline": 0.0, "candidate": 1.0, "shadow": 0.0}
+    step = rollout.current_step
+    if rollout.state in (State.DRAFT, State.ROLLED_BACK, State.ABORTED, State.GATING) or step is None:
+        return {"baseline": 1.0, "candidate": 0.0, "shadow": 0.0}
+    weight = float(step["weight"])
+    return {"baseline": round(1.0 - weight, 6), "candidate": weight, "shadow": float(step["shadow_rate"])}
+
+
+def rollout_pending_step(*, rollout: Rollout) -> int | None:
+    """The step index an approval would start (len(steps) is the promotion), when awaiting one."""
+    if rollout.state != State.AWAITING_APPROVAL:
+        return None
+    return rollout.step_index + 1
+
+
+def rollout_actions(*, rollout: Rollout, user: Any) -> list[str]:
+    """The actions `user` may take on the rollout now (for showing buttons; the services check again)."""
+    allowed = []
+    for action in ACTIONS:
+        if rollout.state not in ACTION_STATES[action] or not action_allowed(user=user, action=action):
+            continue
+        if action == "approve" and rollout.created_by_id == getattr(user, "pk", None) and not rollout.plan.get(
+            "allow_self_approval"
+        ):
+            continue
+        if action == "promote" and rollout.state == State.PAUSED and rollout.paused_from == State.GATING:
+            continue
+        allowed.append(action)
+    return allowed
+
+
+def rollout_health(*, analysis: RolloutAnalysis | None) -> dict[str, Any]:
+    """Green / amber / red from the latest look, with the check that drives it (for the dashboard, the
+    CLI's progress line and Slack): red = a breach, amber = undecided or SRM, green = everything safe."""
+    if analysis is None:
+        return {"status": "unknown", "driver": None, "checks": {}}
+    checks = {c.get("name", c.get("metric", "?")): c.get("decision") for c in analysis.checks}
+    breach = next((name for name, d in checks.items() if d in ("breach", "loss")), None)
+    if breach is not None:
+        return {"status": "red", "driver": breach, "checks": checks}
+    if analysis.srm and analysis.srm.get("mismatch"):
+        return {"status": "amber", "driver": "sample ratio mismatch", "checks": checks}
+    pending = next((name for name, d in checks.items() if d == "undecided"), None)
+    if pending is not None:
+        return {"status": "amber", "driver": pending, "checks": checks}
+    return {"status": "green", "driver": None, "checks": checks}
+
+
+def rollout_time_in_step_s(*, rollout: Rollout) -> float | None:
+    if rollout.step_started_at is None or rollout.is_terminal:
+        return None
+    return (timezone.now() - rollout.step_started_at).total_seconds()

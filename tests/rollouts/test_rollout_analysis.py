@@ -1,0 +1,265 @@
+"""The analysis loop deciding on synthetic request records written the way the gateway writes them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from rollouts.analysis import rollout_analyse, rollout_look
+from rollouts.models import Notification, Rollout, RolloutAnalysis
+from rollouts.services import rollout_approve, rollout_create
+from serving.selectors import alias_get
+from tests.rollouts.helpers import both_arms, canary_plan, engines_down, kinds, records, shadow_pairs, step_back, version
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def versions() -> None:
+    version("adder-v1")
+    version("adder-v2")
+
+
+def started(owner: Any, **overrides: Any) -> Rollout:
+    return rollout_create(plan=canary_plan(**overrides), actor=owner.user, start=True).rollout
+
+
+def fresh(rollout: Rollout) -> Rollout:
+    return Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
+
+
+def look(rollout: Rollout) -> RolloutAnalysis:
+    analysis = rollout_analyse(rollout_id=rollout.pk)
+    assert analysis is not None
+    return analysis
+
+
+def test_an_a_a_canary_holds_until_its_minimums_then_advances(owner: Any, versions: None) -> None:
+    rollout = started(owner, steps=[
+        {"weight": 0.1, "min_duration_s": 60, "min_candidate_requests": 50},
+        {"weight": 0.5, "min_duration_s": 60, "min_candidate_requests": 50},
+    ])  # fmt: skip
+    step_back(rollout, 10)
+    both_arms(rollout, total=600, weight=0.1, seed=1, at=timezone.now() - timedelta(seconds=5))
+
+    first = look(rollout)
+    assert (first.decision, first.applied) == ("hold", False)
+    assert "50/50 candidate requests, 10/60 s" in first.reason
+    assert first.arms["candidate"]["n"] == 60 and first.arms["baseline"]["n"] == 540
+    assert [c["metric"] for c in first.checks] == ["tpot_mean_ms", "error_rate"]
+    assert "breach" not in {c["decision"] for c in first.checks}
+    assert fresh(rollout).step_index == 0
+
+    step_back(rollout, 61)
+    second = look(rollout)
+    assert (second.decision, second.applied) == ("advance", True)
+    rollout = fresh(rollout)
+    assert (rollout.state, rollout.step_index) == ("running", 1)
+    assert alias_get(name="adder").candidate_weight == 0.5  # type: ignore[union-attr]
+    event = rollout.events.order_by("seq").last()
+    assert event is not None and (event.kind, event.actor) == ("step_started", "analysis")
+    assert event.evidence["arms"]["candidate"]["n"] == 60
+    assert event.evidence["checks"][0]["metric"] == "tpot_mean_ms"
+
+    # The new step's window starts empty: the old step's requests do not count for it.
+    third = look(rollout)
+    assert (third.decision, third.reason) == ("hold", "the step has just started")
+    step_back(rollout, 5)
+    fourth = look(rollout)
+    assert fourth.decision == "hold" and fourth.arms["candidate"]["n"] == 0
+
+
+def test_a_tpot_regression_rolls_back_by_itself_with_the_evidence(owner: Any, versions: None) -> None:
+    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600, "min_candidate_requests": 1000}])
+    step_back(rollout, 30)
+    both_arms(rollout, total=500, weight=0.2, tpot=(20.0, 2.0), candidate_tpot=(30.0, 3.0), seed=2)
+
+    analysis = look(rollout)
+    assert (analysis.decision, analysis.applied) == ("rollback", True)
+    assert "tpot_mean_ms" in analysis.reason and "margin 10%" in analysis.reason
+    rollout = fresh(rollout)
+    assert rollout.state == "rolled_back"
+    alias = alias_get(name="adder")
+    assert alias is not None and (alias.candidate, alias.candidate_weight) == (None, 0.0)
+
+    event = rollout.events.order_by("seq").last()
+    assert event is not None and (event.kind, event.actor, event.to_state) == ("rolled_back", "analysis", "rolled_back")
+    tpot = next(c for c in event.evidence["checks"] if c["metric"] == "tpot_mean_ms")
+    assert tpot["decision"] == "breach"
+    assert 0.4 < tpot["effect"] < 0.6 and tpot["low"] > 0.1
+    assert event.evidence["arms"]["candidate"]["tpot_mean_ms"] > event.evidence["arms"]["baseline"]["tpot_mean_ms"]
+    # People hear about it: an outbox row for the notification task.
+    assert Notification.objects.filter(event=event, status="pending").exists()
+
+
+def test_an_slo_breach_on_errors_rolls_back(owner: Any, versions: None) -> None:
+    rollout = started(owner, slos=["error_rate <= 0.01"], guardrails=[])
+    step_back(rollout, 30)
+    both_arms(rollout, total=1000, weight=0.1, candidate_error_rate=0.3, seed=3)
+    analysis = look(rollout)
+    assert analysis.decision == "rollback" and "SLO breached: error_rate <= 0.01" in analysis.reason
+    assert fresh(rollout).state == "rolled_back"
+
+
+def test_a_tail_slo_counts_requests_over_the_threshold(owner: Any, versions: None) -> None:
+    rollout = started(owner, slos=["ttft_p99_ms <= 800"], guardrails=[],
+                      steps=[{"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 10_000}])
+    step_back(rollout, 30)
+    both_arms(rollout, total=1000, weight=0.1, seed=4)  # ttft ~ 100 ms: nobody near 800
+    analysis = look(rollout)
+    slo = analysis.checks[0]
+    assert (slo["name"], slo["estimate"], analysis.decision) == ("ttft_p99_ms <= 800", 0.0, "hold")
+    assert slo["decision"] != "breach"
+    # Another 100 candidate requests at 1.5 s: half of the candidate's requests over 800 ms, not 1 %.
+    records(rollout, arm="candidate", n=100, ttft=(1500.0, 50.0), model_version=rollout.candidate)
+    analysis = look(rollout)
+    assert analysis.decision == "rollback" and analysis.checks[0]["decision"] == "breach"
+    assert analysis.checks[0]["estimate"] == 0.5 and analysis.checks[0]["low"] > 0.01
+
+
+def test_a_sample_ratio_mismatch_is_flagged_and_blocks_advancing(owner: Any, versions: None) -> None:
+    rollout = started(owner)
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=700, model_version=rollout.baseline, seed=5)
+    records(rollout, arm="candidate", n=300, model_version=rollout.candidate, seed=6)  # configured: 10 %
+
+    analysis = look(rollout)
+    assert analysis.srm is not None and analysis.srm["mismatch"] is True and analysis.srm["counts"] == [700, 300]
+    assert analysis.decision == "hold" and "sample ratio mismatch" in analysis.reason
+    assert fresh(rollout).step_index == 0
+
+
+def test_an_approval_step_waits_for_a_person(owner: Any, approver: Any, versions: None) -> None:
+    rollout = started(owner, steps=[
+        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 20},
+        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20, "requires_approval": True},
+    ])  # fmt: skip
+    step_back(rollout, 30)
+    both_arms(rollout, total=300, weight=0.1, seed=7)
+    assert look(rollout).decision == "await_approval"
+    rollout = fresh(rollout)
+    assert rollout.state == "awaiting_approval"
+    assert alias_get(name="adder").candidate_weight == 0.1  # type: ignore[union-attr]
+    waiting = rollout.events.order_by("seq").last()
+    assert waiting is not None and waiting.kind == "awaiting_approval"
+    assert Notification.objects.filter(event=waiting).exists()
+
+    again = look(rollout)
+    assert (again.decision, again.reason) == ("hold", "waiting for an approval")
+    rollout_approve(rollout=rollout, actor=approver.user)
+    assert fresh(rollout).step_index == 1
+
+
+def test_the_last_step_promotes_the_candidate(owner: Any, versions: None) -> None:
+    rollout = started(owner, steps=[{"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20}])
+    step_back(rollout, 30)
+    both_arms(rollout, total=200, weight=0.5, seed=8)
+    assert look(rollout).decision == "promote"
+    assert fresh(rollout).state == "promoted"
+    assert alias_get(name="adder").baseline.label == "adder-v2"  # type: ignore[union-attr]
+
+
+def test_a_candidate_without_a_ready_engine_rolls_back_after_the_grace_period(owner: Any, versions: None) -> None:
+    rollout = started(owner, engine_grace_s=30)
+    engines_down(rollout.candidate)
+    first = look(rollout)
+    assert first.decision == "hold"
+    assert fresh(rollout).candidate_unready_since is not None
+    Rollout.objects.filter(pk=rollout.pk).update(candidate_unready_since=timezone.now() - timedelta(seconds=31))
+    second = look(rollout)
+    assert second.decision == "rollback" and "adder-v2 has had no ready engine for 3" in second.reason
+    assert fresh(rollout).state == "rolled_back"
+
+
+def test_an_engine_back_in_time_clears_the_grace_clock(owner: Any, versions: None) -> None:
+    rollout = started(owner, engine_grace_s=30)
+    engines_down(rollout.candidate)
+    look(rollout)
+    version("adder-v2")  # its engine is ready again
+    look(rollout)
+    assert fresh(rollout).candidate_unready_since is None
+
+
+def test_a_baseline_with_every_engine_down_pauses_the_rollout(owner: Any, versions: None) -> None:
+    rollout = started(owner, engine_grace_s=0)
+    engines_down(rollout.baseline)
+    analysis = look(rollout)
+    assert analysis.decision == "pause" and "baseline adder-v1" in analysis.reason
+    rollout = fresh(rollout)
+    assert (rollout.state, rollout.paused_from) == ("paused", "running")
+
+
+def test_a_stale_decision_is_never_applied_twice(owner: Any, versions: None) -> None:
+    """Two workers that read the same version both decide to advance; only the first applies."""
+    from rollouts.analysis import _apply
+
+    rollout = started(owner)
+    step_back(rollout, 30)
+    both_arms(rollout, total=1000, weight=0.1, seed=9)
+    snapshot = fresh(rollout)
+    first, _ = rollout_look(rollout=snapshot)
+    second, _ = rollout_look(rollout=snapshot)
+    assert first.decision == second.decision == "advance"
+
+    assert _apply(snapshot, first) is True
+    from config.errors import Conflict
+
+    with pytest.raises(Conflict, match="expected version"):
+        _apply(snapshot, second)
+    assert kinds(fresh(rollout)).count("step_started") == 1
+    assert fresh(rollout).step_index == 1
+
+
+def test_a_look_that_finds_the_lease_taken_does_nothing(owner: Any, versions: None) -> None:
+    """A worker that died mid-analysis holds the lease until it runs out; meanwhile nobody else acts."""
+    rollout = started(owner)
+    step_back(rollout, 30)
+    both_arms(rollout, total=1000, weight=0.1, seed=10)
+    Rollout.objects.filter(pk=rollout.pk).update(analysis_lease_until=timezone.now() + timedelta(seconds=30))
+    assert rollout_analyse(rollout_id=rollout.pk) is None
+    assert fresh(rollout).step_index == 0
+    Rollout.objects.filter(pk=rollout.pk).update(analysis_lease_until=timezone.now() - timedelta(seconds=1))
+    assert look(rollout).decision == "advance"
+    assert rollout_analyse(rollout_id=rollout.pk) is not None  # the lease was released after the look
+    assert kinds(fresh(rollout)).count("step_started") == 1
+
+
+def test_a_terminal_rollout_is_not_analysed(owner: Any, versions: None) -> None:
+    rollout = started(owner)
+    step_back(rollout, 30)
+    both_arms(rollout, total=500, weight=0.1, candidate_error_rate=0.5, seed=11)
+    assert look(rollout).decision == "rollback"
+    assert rollout_analyse(rollout_id=rollout.pk) is None
+    assert kinds(fresh(rollout)).count("rolled_back") == 1
+
+
+def test_a_shadow_rollout_compares_the_candidates_shadow_replies(owner: Any, versions: None) -> None:
+    plan = canary_plan(strategy="shadow", steps=None, shadow={"rate": 0.5}, guardrails=[{"metric": "tpot_mean_ms", "margin": "10%"}])
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    alias = alias_get(name="adder")
+    assert alias is not None and (alias.candidate_weight, alias.shadow_rate) == (0.0, 0.5)
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=300, model_version=rollout.baseline, seed=12)
+    shadow_pairs(rollout, n=150, tpot=(35.0, 3.0), seed=13)
+    analysis = look(rollout)
+    assert analysis.arms["candidate"]["source"] == "shadow" and analysis.arms["candidate"]["n"] == 150
+    assert analysis.decision == "rollback" and "tpot_mean_ms" in analysis.reason
+
+
+def test_a_blue_green_warms_up_on_shadow_traffic_then_switches_all_at_once(owner: Any, versions: None) -> None:
+    plan = {
+        "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "blue_green",
+        "blue_green": {"shadow_rate": 1.0, "warmup_s": 0, "min_shadow_requests": 50, "rollback_window_s": 0},
+    }  # fmt: skip
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=100, model_version=rollout.baseline, seed=14)
+    shadow_pairs(rollout, n=100, seed=15)
+    assert look(rollout).decision == "advance"
+    assert alias_get(name="adder").candidate_weight == 1.0  # type: ignore[union-attr]
+    step_back(rollout, 30)
+    assert look(rollout).decision == "promote"
+    assert fresh(rollout).state == "promoted"
