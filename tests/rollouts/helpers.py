@@ -150,15 +150,14 @@ def shadow_pairs(
     for _ in range(n):
         failed = rng.random() < error_rate
         ttft_ms, tpot_ms = max(1.0, rng.gauss(*ttft)), max(0.1, rng.gauss(*tpot))
-        rows.append(
-            ShadowPair(
-                request_id=os.urandom(12).hex(), created_at=start, alias=rollout.alias_name, rollout_id=rollout.pk,
-                baseline_version=rollout.baseline, candidate_version=rollout.candidate,
-                baseline_ttft_ms=100.0, baseline_e2e_ms=160.0, baseline_completion_tokens=4,
-                candidate_ttft_ms=None if failed else ttft_ms, candidate_tpot_ms=None if failed else tpot_ms,
-                candidate_e2e_ms=None if failed else ttft_ms + 3 * tpot_ms,
-                candidate_completion_tokens=None if failed else 4,
-                candidate_outcome="engine_error" if failed else "ok",
-            )  # fmt: skip
-        )
+        pair = ShadowPair(
+            request_id=os.urandom(12).hex(), created_at=start, alias=rollout.alias_name, rollout_id=rollout.pk,
+            baseline_version=rollout.baseline, candidate_version=rollout.candidate,
+            baseline_ttft_ms=100.0, baseline_e2e_ms=160.0, baseline_completion_tokens=4,
+            candidate_ttft_ms=None if failed else ttft_ms, candidate_tpot_ms=None if failed else tpot_ms,
+            candidate_e2e_ms=None if failed else ttft_ms + 3 * tpot_ms,
+            candidate_completion_tokens=None if failed else 4,
+            candidate_outcome="engine_error" if failed else "ok",
+        )  # fmt: skip
+        rows.append(pair)
     ShadowPair.objects.bulk_create(rows)

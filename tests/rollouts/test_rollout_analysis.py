@@ -12,7 +12,16 @@ from rollouts.analysis import rollout_analyse, rollout_look
 from rollouts.models import Notification, Rollout, RolloutAnalysis
 from rollouts.services import rollout_approve, rollout_create
 from serving.selectors import alias_get
-from tests.rollouts.helpers import both_arms, canary_plan, engines_down, kinds, records, shadow_pairs, step_back, version
+from tests.rollouts.helpers import (
+    both_arms,
+    canary_plan,
+    engines_down,
+    kinds,
+    records,
+    shadow_pairs,
+    step_back,
+    version,
+)
 
 pytestmark = pytest.mark.django_db
 
