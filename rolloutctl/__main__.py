@@ -1,0 +1,5 @@
+import sys
+
+from rolloutctl.cli import main
+
+sys.exit(main())

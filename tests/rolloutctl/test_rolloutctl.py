@@ -1,0 +1,159 @@
+"""rolloutctl against a live server: the way a CI job creates a rollout and gates on it."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from django.db import connection
+
+from rolloutctl.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_ROLLED_BACK, EXIT_TIMEOUT, run
+from rollouts.analysis import rollout_analyse
+from rollouts.models import Rollout
+from rollouts.services import rollout_abort, rollout_create, rollout_rollback
+from tests.rollouts.helpers import both_arms, canary_plan, step_back, version
+from tests.support.processes import VENV_BIN
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def env(live_server: Any, owner: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    version("adder-v1")
+    version("adder-v2")
+    monkeypatch.setenv("RAMP_URL", live_server.url)
+    monkeypatch.setenv("RAMP_TOKEN", owner.token)
+    for name in ("RAMP_IDEMPOTENCY_SCOPE", "GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT", "CI_PIPELINE_ID", "BUILD_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return live_server
+
+
+def ctl(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def plan_file(tmp_path: Path) -> Path:
+    path = tmp_path / "canary.yaml"
+    path.write_text(yaml.safe_dump(canary_plan(steps=[
+        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 30},
+        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 30},
+    ])))  # fmt: skip
+    return path
+
+
+def test_create_starts_the_rollout_and_a_retry_replays_it(env: Any, plan_file: Path) -> None:
+    code, out, err = ctl("create", str(plan_file))
+    assert code == EXIT_OK, err
+    rollout = Rollout.objects.get()
+    assert out.splitlines()[0] == f"rollout {rollout.pk} created"
+    assert f"rollout {rollout.pk}  running  step 1/2  weights adder-v1 90% / adder-v2 10%" in out
+    # The CI step retried: same file, same derived Idempotency-Key, same rollout.
+    code, out, _ = ctl("create", str(plan_file), "--output", "id")
+    assert (code, out.strip()) == (EXIT_OK, str(rollout.pk))
+    assert Rollout.objects.count() == 1
+
+
+def test_a_bad_plan_exits_4_naming_the_field(env: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"alias": "adder", "candidate": "adder-v2", "strategy": "canary", "steps": [{"weight": 0.5}, {"weight": 0.1}]}')
+    code, _, err = ctl("create", str(bad))
+    assert code == EXIT_ERROR
+    assert "error 400: steps[1].weight: weights must increase" in err
+    assert not Rollout.objects.exists()
+
+
+def test_status_approve_and_rollback(env: Any, approver: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = tmp_path / "approve.yaml"
+    plan.write_text(yaml.safe_dump(canary_plan(steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}])))
+    code, out, _ = ctl("create", str(plan), "--output", "id")
+    rollout_id = out.strip()
+    assert ctl("advance", rollout_id)[0] == EXIT_OK
+
+    code, out, _ = ctl("status", rollout_id)
+    assert code == EXIT_OK and "awaiting_approval" in out and "awaiting approval of step 2" in out
+    code, _, err = ctl("approve", rollout_id)
+    assert code == EXIT_ERROR and "error 403" in err  # a release manager is not an approver
+
+    monkeypatch.setenv("RAMP_TOKEN", approver.token)
+    code, out, err = ctl("approve", rollout_id, "--step", "2", "--reason", "dashboards look fine")
+    assert code == EXIT_OK, err
+    assert "running  step 2/2" in out
+    event = Rollout.objects.get(pk=rollout_id).events.order_by("seq").last()
+    assert event is not None and (event.actor, event.via, event.reason) == ("approver", "cli", "dashboards look fine")
+
+    code, out, _ = ctl("rollback", rollout_id, "--reason", "smoke test failed")
+    assert code == EXIT_OK and "rolled_back" in out
+
+
+def _drive(rollout_id: int, stop: threading.Event) -> None:
+    """The analysis loop, compressed: each pass adds traffic to the current step and looks at it."""
+    try:
+        while not stop.is_set():
+            rollout = Rollout.objects.select_related("baseline", "candidate").get(pk=rollout_id)
+            if rollout.is_terminal:
+                return
+            if rollout.current_step is not None:
+                step_back(rollout, 60)
+                both_arms(rollout, total=300, weight=float(rollout.current_step["weight"]))
+            rollout_analyse(rollout_id=rollout_id)
+            time.sleep(0.3)
+    finally:
+        connection.close()
+
+
+def test_wait_follows_the_rollout_and_exits_0_on_promotion(env: Any, plan_file: Path) -> None:
+    code, out, _ = ctl("create", str(plan_file), "--output", "id")
+    rollout_id = int(out)
+    stop = threading.Event()
+    driver = threading.Thread(target=_drive, args=(rollout_id, stop))
+    driver.start()
+    try:
+        code, out, _ = ctl("wait", str(rollout_id), "--interval", "0.2", "--timeout", "120")
+    finally:
+        stop.set()
+        driver.join(timeout=30)
+    assert code == EXIT_OK, out
+    assert "event step_started by analysis" in out and "event promoted by analysis" in out
+    progress = [line for line in out.splitlines() if "  rollout " in line]
+    assert any("step 2/2" in line and "adder-v2 50%" in line for line in progress)
+    assert "promoted" in progress[-1]
+
+
+def test_wait_exit_codes_for_rollback_abort_and_timeout(env: Any, owner: Any) -> None:
+    rolled = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
+    rollout_rollback(rollout=rolled, actor=owner.user, reason="bad")
+    code, out, _ = ctl("wait", str(rolled.pk), "--interval", "0.1")
+    assert code == EXIT_ROLLED_BACK and "rolled_back" in out
+
+    aborted = rollout_create(plan=canary_plan(), actor=owner.user).rollout
+    rollout_abort(rollout=aborted, actor=owner.user)
+    assert ctl("wait", str(aborted.pk), "--interval", "0.1")[0] == EXIT_ABORTED
+
+    draft = rollout_create(plan=canary_plan(), actor=owner.user).rollout
+    code, out, _ = ctl("wait", str(draft.pk), "--interval", "0.1", "--timeout", "0.5")
+    assert code == EXIT_TIMEOUT and "timed out" in out
+
+
+def test_no_token_is_a_configuration_error(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAMP_TOKEN")
+    code, _, err = ctl("status", "1")
+    assert code == EXIT_ERROR and "RAMP_TOKEN is not set" in err
+
+
+def test_the_installed_console_script_talks_to_the_server(env: Any, owner: Any) -> None:
+    rollout = rollout_create(plan=canary_plan(), actor=owner.user).rollout
+    result = subprocess.run(
+        [str(VENV_BIN / "rolloutctl"), "status", str(rollout.pk)],
+        capture_output=True, text=True, timeout=60, env={"RAMP_URL": env.url, "RAMP_TOKEN": owner.token, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"rollout {rollout.pk}  draft  step -/2" in result.stdout
