@@ -304,9 +304,12 @@ def eval_runs_sweep(*, stale_after_s: float | None = None) -> dict[str, int]:
     nobody holds, and decide gates whose runs are over. Each resume is a plain enqueue; the task's
     compare-and-set claim makes duplicates harmless."""
     stale_after_s = settings.EVAL_RUN_STALE_S if stale_after_s is None else stale_after_s
-    stale = timezone.now() - timedelta(seconds=stale_after_s)
+    now = timezone.now()
+    stale = now - timedelta(seconds=stale_after_s)
+    # A run never claimed may just be queued behind others: only a much older one has lost its message.
+    never_claimed = now - timedelta(seconds=max(5 * stale_after_s, 300.0))
     orphaned = EvalRun.objects.filter(state__in=EvalRun.ACTIVE_STATES).filter(
-        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True, created_at__lt=stale)
+        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True, created_at__lt=never_claimed)
     )
     counts = {"resumed": 0, "cancelled": 0, "gates": 0}
     for run_id, cancel in orphaned.values_list("id", "cancel_requested"):
@@ -322,7 +325,12 @@ def eval_runs_sweep(*, stale_after_s: float | None = None) -> dict[str, int]:
         else:
             eval_run_enqueue(run_id=run_id)
             counts["resumed"] += 1
-    for gate_id in list(EvalGate.objects.filter(status=EvalGate.Status.PENDING).values_list("id", flat=True)):
+    # Only gates with nothing left to wait for: deciding takes the gate's row lock.
+    active = EvalRun.objects.filter(state__in=EvalRun.ACTIVE_STATES).values("id")
+    decidable = EvalGate.objects.filter(status=EvalGate.Status.PENDING).exclude(
+        Q(baseline_run_id__in=active) | Q(candidate_run_id__in=active)
+    )
+    for gate_id in list(decidable.values_list("id", flat=True)):
         if eval_gate_decide(gate_id=gate_id) != EvalGate.Status.PENDING:
             counts["gates"] += 1
     return counts
