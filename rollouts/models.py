@@ -259,3 +259,6 @@ class Notification(models.Model):
 
     def __str__(self) -> str:
         return f"notification of event {self.event_id} ({self.status})"
+
+
+from rollouts.slack.models import SlackIdentity, SlackMessage  # noqa: E402,F401

@@ -1,0 +1,478 @@
+"""Every write of the Slack integration: identities, the messages the platform posts, and the decisions
+people make by clicking or typing in Slack (which go through the rollouts services like any other)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from config.errors import Conflict, DomainError, Forbidden, NotFound
+from rollouts.actors import Actor
+from rollouts.models import Rollout, RolloutApproval, RolloutEvent
+from rollouts.services import rollout_approve, rollout_reject
+from rollouts.slack import blocks, client
+from rollouts.slack.client import SlackPermanentError, SlackTransientError
+from rollouts.slack.models import SlackIdentity, SlackMessage
+from serving.selectors import engine_worker_get, engine_workers_failed_since
+
+logger = logging.getLogger(__name__)
+
+Kind = RolloutEvent.Kind
+MAX_ATTEMPTS = 5
+# A claim older than this belongs to a task that died mid-post; the next attempt takes it over.
+STALE_CLAIM = timedelta(minutes=5)
+# Engine failures older than this when first seen are history, not news.
+ENGINE_FAILURE_LOOKBACK = timedelta(hours=1)
+LINK_CODE_TTL_S = 10 * 60
+_LINK_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O or 1/I: people type these codes
+
+MESSAGE_KINDS = {
+    Kind.AWAITING_APPROVAL: SlackMessage.Kind.APPROVAL,
+    Kind.ROLLED_BACK: SlackMessage.Kind.ROLLED_BACK,
+    Kind.PROMOTED: SlackMessage.Kind.PROMOTED,
+    Kind.EVAL_GATE_FAILED: SlackMessage.Kind.EVAL_GATE_FAILED,
+    Kind.PAUSED: SlackMessage.Kind.PAUSED,
+}
+
+
+# --- identities ----------------------------------------------------------------------------------------
+
+
+def slack_identity_find(*, team_id: str, slack_user_id: str) -> SlackIdentity | None:
+    return (
+        SlackIdentity.objects.select_related("user")
+        .filter(team_id=team_id, slack_user_id=slack_user_id, user__is_active=True)
+        .first()
+    )
+
+
+def slack_link_code_create(*, user: Any) -> str:
+    """A one-time code the user types as `/rollout link CODE` in Slack: Slack's signed request then proves
+    which Slack user they are, so nobody can claim someone else's Slack account."""
+    code = "".join(secrets.choice(_LINK_ALPHABET) for _ in range(8))
+    cache.set(f"slack:link:{code}", int(user.pk), timeout=LINK_CODE_TTL_S)
+    return code
+
+
+def slack_identity_link(*, code: str, team_id: str, slack_user_id: str, slack_username: str = "") -> SlackIdentity:
+    """Link the Slack user who sent the code to the platform user who asked for it (replacing that user's
+    earlier link in the same workspace). The code works once."""
+    from django.contrib.auth import get_user_model
+
+    normalised = code.strip().upper().replace("-", "")
+    key = f"slack:link:{normalised}"
+    user_id = cache.get(key) if normalised.isalnum() and len(normalised) <= 16 else None
+    if user_id is None:
+        raise DomainError("unknown or expired link code: get a new one on your profile page", field="code")
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        raise NotFound("the account that asked for this code no longer exists", field="code")
+    with transaction.atomic():
+        taken = SlackIdentity.objects.filter(team_id=team_id, slack_user_id=slack_user_id).exclude(user=user).first()
+        if taken is not None:
+            raise Conflict(
+                f"this Slack user is linked to {taken.user.get_username()} already: unlink it there first",
+                field="slack_user_id",
+            )
+        SlackIdentity.objects.filter(user=user, team_id=team_id).exclude(slack_user_id=slack_user_id).delete()
+        try:
+            identity, _ = SlackIdentity.objects.update_or_create(
+                team_id=team_id, slack_user_id=slack_user_id,
+                defaults={"user": user, "slack_username": slack_username[:150]},
+            )  # fmt: skip
+        except IntegrityError:
+            raise Conflict("this Slack user was linked by someone else a moment ago", field="slack_user_id") from None
+    cache.delete(key)
+    return identity
+
+
+def slack_identity_unlink(*, user: Any, identity_id: int) -> bool:
+    deleted, _ = SlackIdentity.objects.filter(pk=identity_id, user=user).delete()
+    return deleted > 0
+
+
+# --- posting -----------------------------------------------------------------------------------------
+
+
+def _backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
+    return max(retry_after_s or 0.0, min(300.0, 10.0 * 2 ** max(attempts - 1, 0)))
+
+
+def _claim(message_id: int) -> bool:
+    """Compare-and-set: only one task posts a message; a claim whose task died is taken over."""
+    now = timezone.now()
+    claimed = SlackMessage.objects.filter(pk=message_id, status=SlackMessage.Status.PENDING).update(
+        status=SlackMessage.Status.POSTING, claimed_at=now, attempts=F("attempts") + 1
+    )
+    if claimed:
+        return True
+    return bool(
+        SlackMessage.objects.filter(
+            pk=message_id, status=SlackMessage.Status.POSTING, claimed_at__lt=now - STALE_CLAIM
+        ).update(claimed_at=now, attempts=F("attempts") + 1)
+    )
+
+
+def _deliver(message_id: int, build: Callable[[SlackMessage, bool], tuple[str, list[dict[str, Any]]]]) -> str:
+    """Post a claimed message once. Raises SlackTransientError (the message is pending again) when another
+    attempt is allowed; a permanent error, or the last attempt, marks it failed."""
+    if not _claim(message_id):
+        return str(SlackMessage.objects.filter(pk=message_id).values_list("status", flat=True).first() or "missing")
+    message = SlackMessage.objects.get(pk=message_id)
+    how = client.mode()
+    try:
+        if how == "off":
+            raise SlackPermanentError("Slack is not configured (no SLACK_BOT_TOKEN or SLACK_WEBHOOK_URL)")
+        text, message_blocks = build(message, how == "bot")
+        if how == "bot":
+            posted = client.post_message(channel=message.channel, text=text, blocks=message_blocks)
+            changes: dict[str, Any] = {"via": "bot", "channel": posted.channel, "ts": posted.ts}
+        else:
+            client.webhook_send(url=str(settings.SLACK_WEBHOOK_URL), text=text, blocks=message_blocks)
+            changes = {"via": "webhook"}
+    except SlackTransientError as exc:
+        final = message.attempts >= MAX_ATTEMPTS
+        SlackMessage.objects.filter(pk=message_id).update(
+            status=SlackMessage.Status.FAILED if final else SlackMessage.Status.PENDING, claimed_at=None,
+            last_error=exc.message[:500],
+            next_attempt_at=timezone.now() + timedelta(seconds=_backoff_s(message.attempts, exc.retry_after_s)),
+        )  # fmt: skip
+        logger.warning("slack message %s: %s (attempt %s of %s)", message.key, exc.message, message.attempts, MAX_ATTEMPTS)
+        if final:
+            return SlackMessage.Status.FAILED
+        raise
+    except (SlackPermanentError, NotFound) as exc:
+        reason = exc.message
+        SlackMessage.objects.filter(pk=message_id).update(
+            status=SlackMessage.Status.FAILED, claimed_at=None, last_error=reason[:500]
+        )
+        logger.error("slack message %s not posted: %s", message.key, reason)
+        return SlackMessage.Status.FAILED
+    SlackMessage.objects.filter(pk=message_id).update(
+        status=SlackMessage.Status.POSTED, claimed_at=None, posted_at=timezone.now(), last_error="", **changes
+    )
+    return SlackMessage.Status.POSTED
+
+
+def eval_gate_summary(*, rollout: Rollout) -> str:
+    """The eval gate's verdict as the audit trail recorded it."""
+    if not rollout.plan.get("eval_gate"):
+        return "none in this plan"
+    event = (
+        RolloutEvent.objects.filter(rollout=rollout, kind__in=(Kind.EVAL_GATE_PASSED, Kind.EVAL_GATE_FAILED))
+        .order_by("-seq")
+        .first()
+    )
+    if event is None:
+        return "not decided yet"
+    verdict = "passed" if event.kind == Kind.EVAL_GATE_PASSED else "failed"
+    return f"{verdict}: {event.reason}" if event.reason else verdict
+
+
+def _approval_outcome(message: SlackMessage) -> blocks.Outcome | None:
+    if not message.outcome or message.outcome_at is None:
+        return None
+    return blocks.Outcome(verb=message.outcome, who=message.outcome_by, at=message.outcome_at)
+
+
+def _build_event_message(message: SlackMessage, interactive: bool) -> tuple[str, list[dict[str, Any]]]:
+    if message.event_id is None:
+        raise SlackPermanentError(f"slack message {message.key} is about no rollout event")
+    event = RolloutEvent.objects.select_related("rollout", "rollout__baseline", "rollout__candidate").get(pk=message.event_id)
+    rollout = event.rollout
+    if message.kind == SlackMessage.Kind.APPROVAL:
+        return blocks.approval_message(
+            rollout=rollout, event=event, step_index=int(message.step_index or 0),
+            version=int(message.rollout_version or event.seq), eval_gate=eval_gate_summary(rollout=rollout),
+            outcome=_approval_outcome(message), interactive=interactive,
+        )  # fmt: skip
+    return blocks.event_message(rollout=rollout, event=event)
+
+
+def slack_event_post(*, event_id: int) -> str:
+    """The Slack dispatcher of the rollouts notification hook: post the event (once), and close the
+    approval messages the event settles. Raises SlackTransientError to be retried."""
+    if client.mode() == "off":
+        return "off"
+    event = RolloutEvent.objects.select_related("rollout").filter(pk=event_id).first()
+    if event is None:
+        logger.info("rollout event %s is gone; nothing posted to Slack", event_id)
+        return "missing"
+    kind = MESSAGE_KINDS.get(event.kind)  # type: ignore[call-overload]
+    if kind is None:
+        return "not notable"
+    message, _ = SlackMessage.objects.get_or_create(
+        key=f"event:{event.pk}",
+        defaults={
+            "kind": kind, "rollout": event.rollout, "event": event, "channel": client.channel_for(alias=event.rollout.alias_name),
+            "step_index": event.step_index + 1 if kind == SlackMessage.Kind.APPROVAL else None,
+            "rollout_version": event.seq,
+        },
+    )  # fmt: skip
+    status = _deliver(message.pk, _build_event_message)
+    approval_messages_close(rollout_id=int(event.rollout_id))
+    return status
+
+
+def slack_event_dispatch(event: RolloutEvent) -> None:
+    """The callable registered with rollouts.notifications (it passes the event row)."""
+    slack_event_post(event_id=int(event.pk))
+
+
+# --- approval messages: showing the decision ---------------------------------------------------------
+
+
+def _who(identity: SlackIdentity) -> str:
+    """How a Slack user is named in the audit trail and in messages: a mention, and the platform user."""
+    return f"<@{identity.slack_user_id}> ({identity.user.get_username()})"
+
+
+def _named(event: RolloutEvent) -> str:
+    if event.via == "slack" and event.actor_detail:
+        return f"<@{event.actor_detail.rsplit('/', 1)[-1]}> ({event.actor})"
+    return event.actor if event.via == "system" else f"{event.actor} (via {event.via})"
+
+
+def _decision_of(rollout: Rollout, step_index: int) -> tuple[str, str, datetime] | None:
+    """(verb, who, when) if the step an approval message asks about is decided, else None (still open,
+    or paused while waiting: it comes back to the same question)."""
+    approval = RolloutApproval.objects.select_related("approved_by").filter(rollout=rollout, step_index=step_index).first()
+    if approval is not None:
+        event = (
+            RolloutEvent.objects.filter(rollout=rollout, actor_user=approval.approved_by, kind__in=(Kind.APPROVED, Kind.PROMOTED))
+            .order_by("-seq")
+            .first()
+        )
+        who = _named(event) if event is not None else approval.approved_by.get_username()
+        return "approved", who, approval.created_at
+    if not rollout.is_terminal:
+        return None
+    last = RolloutEvent.objects.filter(rollout=rollout).order_by("-seq").first()
+    if last is None:
+        return None
+    return str(last.kind).replace("_", " "), _named(last), last.created_at
+
+
+def approval_outcome_record(*, message: SlackMessage, verb: str, who: str, at: datetime) -> bool:
+    """Write the decision onto the message row (once) and have a task show it. True when newly recorded."""
+    recorded = SlackMessage.objects.filter(pk=message.pk, outcome="").update(
+        outcome=verb, outcome_by=who[:300], outcome_at=at, outcome_shown=False
+    )
+    if recorded:
+        message_id = int(message.pk)
+        transaction.on_commit(lambda: _enqueue_refresh(message_id))
+    return bool(recorded)
+
+
+def _enqueue_refresh(message_id: int) -> None:
+    from rollouts.slack.tasks import slack_message_refresh as slack_message_refresh_task
+
+    try:
+        slack_message_refresh_task.delay(message_id)
+    except Exception:  # the broker is down: the message keeps its buttons, and a click says what happened
+        logger.exception("could not enqueue the update of slack message %s", message_id)
+
+
+def approval_messages_close(*, rollout_id: int) -> int:
+    """Approval messages of the rollout whose question is settled (decided anywhere: the UI, the API, a
+    rollback) get the decision in place of their buttons."""
+    rollout = Rollout.objects.filter(pk=rollout_id).first()
+    if rollout is None:
+        return 0
+    closed = 0
+    for message in SlackMessage.objects.filter(rollout=rollout, kind=SlackMessage.Kind.APPROVAL, outcome=""):
+        decided = _decision_of(rollout, int(message.step_index or 0))
+        if decided is not None and approval_outcome_record(message=message, verb=decided[0], who=decided[1], at=decided[2]):
+            closed += 1
+    return closed
+
+
+def slack_message_refresh(*, message_id: int) -> str:
+    """Show the recorded decision on an approval message: chat.update with the bot token, else the click's
+    response_url. Raises SlackTransientError to be retried."""
+    message = SlackMessage.objects.filter(pk=message_id).first()
+    if message is None:
+        logger.info("slack message %s is gone", message_id)
+        return "missing"
+    if message.kind != SlackMessage.Kind.APPROVAL or not message.outcome or message.outcome_shown:
+        return "nothing to show"
+    if message.event_id is None:
+        return "no event"
+    text, message_blocks = _build_event_message(message, True)
+    try:
+        if message.ts and message.via == "bot" and client.mode() == "bot":
+            client.update_message(channel=message.channel, ts=message.ts, text=text, blocks=message_blocks)
+        elif message.response_url:
+            client.webhook_send(url=message.response_url, text=text, blocks=message_blocks, replace_original=True)
+        else:
+            return "cannot update (no ts and no response_url)"
+    except SlackPermanentError as exc:
+        SlackMessage.objects.filter(pk=message_id).update(last_error=exc.message[:500])
+        logger.error("slack message %s not updated: %s", message.key, exc.message)
+        return "failed"
+    SlackMessage.objects.filter(pk=message_id).update(outcome_shown=True, last_error="")
+    return "updated"
+
+
+def slack_respond(*, response_url: str, text: str) -> None:
+    """An ephemeral reply (only the person who clicked sees it) through the click's response_url."""
+    client.webhook_send(url=response_url, text=text, response_type="ephemeral", replace_original=False)
+
+
+# --- decisions from Slack ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decided:
+    ok: bool
+    text: str  # what the person is told
+
+
+def _actor(identity: SlackIdentity) -> Actor:
+    return Actor.of(identity.user, via="slack", detail=f"{identity.team_id}/{identity.slack_user_id}")
+
+
+def _refusal(exc: DomainError, action: str) -> str:
+    if isinstance(exc, Forbidden):
+        return f":no_entry: You cannot {action} this: {exc.message}. Nothing changed."
+    if isinstance(exc, NotFound):
+        return f":grey_question: {exc.message}. Nothing changed."
+    return f":information_source: Nothing changed: {exc.message}."
+
+
+def _settled_text(rollout_id: int, step_index: int, version: int | None) -> str | None:
+    rollout = Rollout.objects.filter(pk=rollout_id).first()
+    if rollout is None:
+        return None
+    decided = _decision_of(rollout, step_index)
+    if decided is not None:
+        verb, who, at = decided
+        what = blocks.step_description(rollout, step_index)
+        return f":information_source: Already decided: {what} was {verb} by {who} at {at:%Y-%m-%d %H:%M:%S} UTC. Nothing changed."
+    if rollout.state == Rollout.State.AWAITING_APPROVAL and rollout.step_index + 1 != step_index:
+        return (
+            f":information_source: This message is out of date (rollout #{rollout_id} was at version {version}, now "
+            f"{rollout.version}): it waits for {blocks.step_description(rollout, rollout.step_index + 1)}. Nothing changed."
+        )
+    return None
+
+
+def _approval_message_for(*, rollout_id: int, step_index: int, channel: str, ts: str, response_url: str) -> SlackMessage | None:
+    found = (
+        SlackMessage.objects.filter(rollout_id=rollout_id, kind=SlackMessage.Kind.APPROVAL, step_index=step_index)
+        .order_by("-id")
+        .first()
+    )
+    if found is not None and response_url and not found.response_url:
+        SlackMessage.objects.filter(pk=found.pk).update(response_url=response_url[:500])
+        found.response_url = response_url[:500]
+    return found
+
+
+def slack_decide(
+    *, identity: SlackIdentity, action: str, rollout_id: int, step_index: int | None = None, version: int | None = None,
+    note: str = "", channel: str = "", ts: str = "", response_url: str = "",
+) -> Decided:  # fmt: skip
+    """Approve or reject (a button or `/rollout approve`) as the linked user, through the rollouts
+    services: their role and four-eyes checks apply unchanged. The audit event names the Slack user."""
+    actor = _actor(identity)
+    who = _who(identity)
+    verbs = {"approve": "approved", "reject": "rejected"}
+    reason = f"{verbs[action]} in Slack by {who}" + (f": {note}" if note else "")
+    try:
+        with transaction.atomic():
+            if action == "approve":
+                rollout = rollout_approve(rollout=rollout_id, actor=actor, reason=reason, step_index=step_index)
+                decided_step = rollout.step_index if rollout.state == Rollout.State.RUNNING else len(rollout.steps)
+                if step_index is not None:
+                    decided_step = step_index
+            else:
+                # rollout_reject refuses any approval the rollout waits for; a button names one step, so
+                # hold the row and check it is still that step (a stale message must not reject a later one).
+                locked = Rollout.objects.select_for_update().filter(pk=rollout_id).first()
+                if locked is None:
+                    raise NotFound(f"no rollout {rollout_id}")
+                pending = locked.step_index + 1
+                if step_index is not None and (locked.state != Rollout.State.AWAITING_APPROVAL or pending != step_index):
+                    raise Conflict(f"rollout {rollout_id} no longer waits for step {step_index + 1}", field="step_index")
+                rollout = rollout_reject(rollout=rollout_id, actor=actor, reason=reason)
+                decided_step = step_index if step_index is not None else pending
+            message = _approval_message_for(
+                rollout_id=rollout_id, step_index=decided_step, channel=channel, ts=ts, response_url=response_url
+            )
+            if message is not None:
+                approval_outcome_record(message=message, verb=verbs[action], who=who, at=timezone.now())
+    except DomainError as exc:
+        settled = None
+        if isinstance(exc, Conflict) and step_index is not None:
+            settled = _settled_text(rollout_id, step_index, version)
+            approval_messages_close(rollout_id=rollout_id)
+        return Decided(ok=False, text=settled or _refusal(exc, action))
+    if action == "approve":
+        now = (
+            f"step {rollout.step_index + 1} is live (candidate at {float(rollout.current_step['weight']):.0%})"
+            if rollout.state == Rollout.State.RUNNING and rollout.current_step else f"the rollout is {rollout.state}"
+        )  # fmt: skip
+        return Decided(ok=True, text=f":white_check_mark: Approved rollout #{rollout_id}: {now}.")
+    return Decided(ok=True, text=f":x: Rejected: rollout #{rollout_id} rolled back to {rollout.baseline.label}.")
+
+
+def slack_act(*, identity: SlackIdentity, action: str, rollout_id: int, note: str = "") -> Decided:
+    """`/rollout pause|rollback <id>` as the linked user, through the rollouts services."""
+    from rollouts.services import rollout_pause, rollout_rollback
+
+    who = _who(identity)
+    past = {"pause": "paused", "rollback": "rolled back"}[action]
+    reason = f"{past} in Slack by {who}" + (f": {note}" if note else "")
+    service = rollout_pause if action == "pause" else rollout_rollback
+    try:
+        rollout = service(rollout=rollout_id, actor=_actor(identity), reason=reason)
+    except DomainError as exc:
+        return Decided(ok=False, text=_refusal(exc, "pause" if action == "pause" else "roll back"))
+    return Decided(ok=True, text=f":white_check_mark: Rollout #{rollout.pk} {past} ({rollout.alias_name}).")
+
+
+# --- engine crash loops ------------------------------------------------------------------------------
+
+
+def _build_engine_message(message: SlackMessage, interactive: bool) -> tuple[str, list[dict[str, Any]]]:
+    worker = engine_worker_get(worker_id=int(message.engine_worker_id or 0))
+    return blocks.engine_failed_message(worker=worker)
+
+
+def slack_engine_failures_notify(*, now: datetime | None = None) -> int:
+    """Beat: one message per failure episode of an engine (a worker entering FAILED at a given time); a
+    worker that is retried and fails again is a new episode. Returns how many were posted."""
+    if client.mode() == "off":
+        return 0
+    now = now or timezone.now()
+    for worker in engine_workers_failed_since(since=now - ENGINE_FAILURE_LOOKBACK):
+        changed = worker.state_changed_at or now
+        SlackMessage.objects.get_or_create(
+            key=f"engine:{worker.pk}:{changed.isoformat()}",
+            defaults={"kind": SlackMessage.Kind.ENGINE_FAILED, "engine_worker_id": worker.pk,
+                      "channel": client.channel_for(alias=None)},
+        )  # fmt: skip
+    due = SlackMessage.objects.filter(
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now),
+        kind=SlackMessage.Kind.ENGINE_FAILED, status=SlackMessage.Status.PENDING,
+        created_at__gte=now - ENGINE_FAILURE_LOOKBACK,
+    ).order_by("id")  # fmt: skip
+    posted = 0
+    for message_id in list(due.values_list("pk", flat=True)[:50]):
+        try:
+            if _deliver(message_id, _build_engine_message) == SlackMessage.Status.POSTED:
+                posted += 1
+        except SlackTransientError:
+            continue  # pending again with a backoff; a later beat retries it
+    return posted
