@@ -8,6 +8,7 @@ given as `NAME_FILE`, a path whose contents are the value (Docker and Kubernetes
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,28 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_map(name: str, default: dict[str, str], *, value_pattern: str | None = None, value_is: str = "") -> dict[str, str]:
+    """`key=value,key=value` (e.g. SLACK_ALIAS_CHANNELS="adder=#adder-rollouts,chat=C0123ABCD"); each value
+    must match `value_pattern` when given (`value_is` says what that is, for the error)."""
+    raw = env_str(name)
+    if raw is None:
+        return dict(default)
+    out: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise EnvError(f"{name}: expected key=value pairs separated by commas, got {item.strip()!r}")
+        if key in out:
+            raise EnvError(f"{name}: {key!r} is given twice")
+        if value_pattern is not None and not re.fullmatch(value_pattern, value):
+            raise EnvError(f"{name}: the value for {key!r} must be {value_is or value_pattern}, got {value!r}")
+        out[key] = value
+    return out
 
 
 def generated_secret(path: Path, *, nbytes: int = 32) -> str:

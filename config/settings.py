@@ -15,6 +15,7 @@ from config.env import (
     env_float,
     env_int,
     env_list,
+    env_map,
     env_str,
     generated_secret,
     parse_database_url,
@@ -93,6 +94,10 @@ SLACK_BOT_TOKEN = env_str("SLACK_BOT_TOKEN", secret=True)
 SLACK_WEBHOOK_URL = env_str("SLACK_WEBHOOK_URL", secret=True)
 SLACK_DEFAULT_CHANNEL = env_str("SLACK_DEFAULT_CHANNEL", "#rollouts")
 SLACK_API_BASE_URL = env_str("SLACK_API_BASE_URL", "https://slack.com/api/")
+# Per alias, the channel its rollout messages go to (others go to SLACK_DEFAULT_CHANNEL).
+SLACK_ALIAS_CHANNELS = env_map(
+    "SLACK_ALIAS_CHANNELS", {}, value_pattern=r"#[a-z0-9][a-z0-9._-]*|[CGD][A-Z0-9]{6,}", value_is="#channel-name or a channel id"
+)
 
 # --- web ------------------------------------------------------------------------------------------
 
@@ -331,6 +336,8 @@ EVAL_FLUSH_ITEMS = env_int("EVAL_FLUSH_ITEMS", 25, minimum=1)
 EVAL_FLUSH_S = env_float("EVAL_FLUSH_S", 2.0, minimum=0.05)
 CELERY_BEAT_SCHEDULE["evals-runs-sweep"] = {"task": "evals.eval_runs_sweep", "schedule": 30.0}
 CELERY_BEAT_SCHEDULE["evals-score-shadow-pairs"] = {"task": "evals.score_shadow_pairs", "schedule": 15.0}
+# Engines the agent gave up on are announced in Slack once per failure episode (a no-op without Slack).
+CELERY_BEAT_SCHEDULE["slack-engine-failures"] = {"task": "rollouts.slack.engine_failures_notify", "schedule": 30.0}
 
 LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {
