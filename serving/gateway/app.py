@@ -466,6 +466,15 @@ class Gateway:
             ex.error_kind = "client_disconnected"
             if not ex.status:
                 ex.status = 499
+        except Exception:
+            # A bug of ours: say so in OpenAI's shape if nothing was sent yet (every path sets the
+            # status before its first send), and still record the request.
+            log.exception("gateway failure on request %s", request_id)
+            ex.outcome, ex.error_kind = ENGINE_ERROR, "gateway_error"
+            if not ex.status:
+                ex.status = 500
+                await _send_error(send, GatewayError(500, "The gateway failed on this request.", code="gateway_error"),
+                                  _arm_headers(ex, request_id))
         finally:
             ex.finished = True
             watcher.cancel()

@@ -258,7 +258,7 @@ class UpstreamPool:
         # A pooled connection the engine closed just now fails before any byte comes back: the engine
         # never saw the request, so it is sent once more on a new connection.
         for attempt in range(2):
-            conn = self._take(endpoint.key)
+            conn = self._take(endpoint.key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(endpoint)

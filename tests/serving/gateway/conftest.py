@@ -3,8 +3,11 @@ registered through serving's services, and two real vLLM engines (started once p
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +29,7 @@ from serving.services import (
     route_set,
 )
 from tests.support.engines import RunningEngine, free_port, running_engine
-from tests.support.processes import VENV_BIN, child_env, child_process
+from tests.support.processes import REPO_ROOT, VENV_BIN, child_env, child_process
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
 TEST_AGENT = "gateway-tests"
@@ -126,13 +129,29 @@ def records_wait(count: int, timeout_s: float = 15.0, **filters: object) -> list
 # --- real engines ---------------------------------------------------------------------------------
 
 
-def demo_model_dirs() -> dict[str, Path]:
-    """adder-v1 and adder-v2 from the demo-model builder (cached under DEMO_MODELS_DIR)."""
-    from serving.demo_models import DEMO_RECIPES, build_demo_models
+_BUILD = """
+import json, sys
+from pathlib import Path
+from serving.demo_models import DEMO_RECIPES, build_demo_models
+wanted = [recipe for recipe in DEMO_RECIPES if recipe.name in ("adder-v1", "adder-v2")]
+built = build_demo_models(Path(sys.argv[1]), recipes=wanted, log=lambda line: print(line, file=sys.stderr))
+print(json.dumps({model.served_name: str(model.path) for model in built}))
+"""
 
-    wanted = [recipe for recipe in DEMO_RECIPES if recipe.name in ("adder-v1", "adder-v2")]
-    built = build_demo_models(Path(settings.DEMO_MODELS_DIR), recipes=wanted)
-    return {model.served_name: Path(model.path) for model in built}
+
+def demo_model_dirs() -> dict[str, Path]:
+    """adder-v1 and adder-v2 from the demo-model builder (cached under DEMO_MODELS_DIR). In a child process:
+    training is torch's business, and the test process stays small."""
+    dev = os.environ.get("GATEWAY_TESTS_MODEL_DIR")
+    if dev:
+        return {"adder-v1": Path(dev), "adder-v2": Path(dev)}
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD, str(settings.DEMO_MODELS_DIR)], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"building the demo models failed:\n{done.stderr[-3000:]}")
+    return {label: Path(path) for label, path in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 class EnginePair:

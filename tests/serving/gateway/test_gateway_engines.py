@@ -1,0 +1,323 @@
+"""The gateway in front of two real vLLM engines (adder-v1 baseline, adder-v2 candidate), driven by the
+official `openai` SDK and plain HTTP. The engine-killing test is last in the file; the `engines` fixture
+starts a killed engine again for whatever runs after it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+from scipy.stats import binom
+
+from serving.gateway.shadow import shadow_pair_mirror
+from serving.models import RequestRecord, ShadowPair
+from serving.services import route_set
+from tests.serving.gateway.conftest import (
+    AdderRoutes,
+    EnginePair,
+    GatewayProcess,
+    records_wait,
+    route_generation,
+    split,
+)
+from tests.support.processes import celery_worker
+
+pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def gateway(adder_routes: AdderRoutes, gateway_process: Callable[..., GatewayProcess]) -> GatewayProcess:
+    process = gateway_process()
+    process.key = adder_routes.key
+    return process
+
+
+def sdk(gateway: GatewayProcess) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=120)
+
+
+def reroute(gateway: GatewayProcess, routes: AdderRoutes, **kwargs: object) -> None:
+    route_set(alias_name="adder", split=split(routes.v1, routes.v2, **kwargs))  # type: ignore[arg-type]
+    gateway.wait_for_generation(route_generation())
+
+
+def ask(client: httpx.Client, user: str | None = None, *, session: str | None = None) -> httpx.Response:
+    body: dict[str, object] = {"model": "adder", "prompt": "12+30=", "max_tokens": 1}
+    if user is not None:
+        body["user"] = user
+    headers = {"X-Session-Id": session} if session else {}
+    response = client.post("/v1/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_the_openai_sdk_streams_and_not_through_the_gateway(gateway: GatewayProcess) -> None:
+    client = sdk(gateway)
+    messages = [{"role": "user", "content": "37+48"}]
+
+    raw = client.chat.completions.with_raw_response.create(model="adder", messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert raw.headers["x-rollout-arm"] == "baseline"
+    assert raw.headers["x-model-version"] == "adder-v1"
+    chat = raw.parse()
+    answer = chat.choices[0].message.content
+    assert answer and answer.isdigit()
+
+    # Streamed without asking for usage: the usage chunk the gateway asked for never reaches the client.
+    chunks = list(client.chat.completions.create(model="adder", messages=messages, max_tokens=4, temperature=0, stream=True))  # type: ignore[call-overload]
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+
+    # Asked for: it arrives, last, with the token count.
+    chunks = list(client.chat.completions.create(  # type: ignore[call-overload]
+        model="adder", messages=messages, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    streamed_tokens = chunks[-1].usage.completion_tokens
+
+    completion = client.completions.create(model="adder", prompt="37+48=", max_tokens=4, temperature=0)
+    assert completion.choices[0].text == answer
+    pieces = list(client.completions.create(model="adder", prompt="37+48=", max_tokens=4, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == answer
+
+    assert [m.id for m in client.models.list()] == ["adder"]
+
+    records = records_wait(5, alias="adder")
+    assert len(records) == 5
+    assert [(r.endpoint, r.stream) for r in records] == [
+        ("chat.completions", False), ("chat.completions", True), ("chat.completions", True),
+        ("completions", False), ("completions", True),
+    ]
+    for record in records:
+        assert (record.arm, record.model_version_id, record.status_code, record.outcome) == (
+            "baseline", gateway_version_id("adder-v1"), 200, RequestRecord.Outcome.OK)
+        assert record.completion_tokens == streamed_tokens
+        assert record.prompt_tokens and record.prompt_chars > 0 and len(record.prompt_hash) == 32
+        assert record.e2e_ms and record.e2e_ms > 0
+        # Prompts are not kept unless the alias opts in.
+        assert record.prompt_text == "" and record.output_text == ""
+    assert all(r.ttft_ms is not None and r.ttft_ms <= r.e2e_ms for r in records if r.stream)
+
+
+def gateway_version_id(label: str) -> int:
+    from serving.selectors import model_version_get
+
+    return model_version_get(ref=label).id
+
+
+def test_recorded_timings_agree_with_what_the_client_saw(gateway: GatewayProcess) -> None:
+    client = sdk(gateway)
+    sent = time.perf_counter()
+    first_token = None
+    stream = client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
+        model="adder", messages=[{"role": "user", "content": "12+13"}], max_tokens=16, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    request_id = stream.headers["x-request-id"]
+    usage = None
+    for chunk in stream.parse():
+        if first_token is None and chunk.choices and chunk.choices[0].delta.content:
+            first_token = time.perf_counter()
+        usage = chunk.usage or usage
+    ended = time.perf_counter()
+    assert first_token is not None and usage is not None
+    client_ttft_ms = (first_token - sent) * 1000
+    client_e2e_ms = (ended - sent) * 1000
+
+    (record,) = records_wait(1, request_id=request_id)
+    assert record.completion_tokens == usage.completion_tokens == 16
+    assert record.ttft_ms is not None and record.e2e_ms is not None and record.tpot_ms is not None
+    # The gateway's clock starts after the client's and stops before it: it can only see less.
+    assert 0 < record.ttft_ms <= client_ttft_ms
+    assert record.ttft_ms < record.e2e_ms <= client_e2e_ms
+    # ...but not much less: most of the client's time is the engine's.
+    assert record.e2e_ms > 0.5 * client_e2e_ms
+    assert record.tpot_ms == pytest.approx((record.e2e_ms - record.ttft_ms) / 15)
+
+
+def split_counts(client: httpx.Client, users: list[str]) -> Counter[str]:
+    with ThreadPoolExecutor(6) as pool:
+        return Counter(r.headers["x-rollout-arm"] for r in pool.map(lambda u: ask(client, u), users))
+
+
+def test_the_split_follows_the_weight_and_a_change_shows_within_a_second(
+    gateway: GatewayProcess, adder_routes: AdderRoutes
+) -> None:
+    client = gateway.client()
+    n = 200
+    for weight, tag in ((0.5, "a"), (0.9, "b")):
+        route_set(alias_name="adder", split=split(adder_routes.v1, adder_routes.v2, weight=weight))
+        # Every gateway process sees a routing change within a second.
+        time.sleep(1.0)
+        counts = split_counts(client, [f"user-{tag}-{i}" for i in range(n)])
+        low, high = binom.interval(0.99, n, weight)
+        assert low <= counts["candidate"] <= high, (weight, counts)
+        assert counts["baseline"] + counts["candidate"] == n
+
+    records = records_wait(2 * n, alias="adder")
+    assert len(records) == 2 * n
+    assert {(r.arm, r.model_version_id) for r in records} == {
+        ("baseline", adder_routes.v1.id), ("candidate", adder_routes.v2.id)}
+    assert all(r.rollout_id == 1 and len(r.session_hash) == 32 for r in records)
+
+
+def test_users_and_sessions_keep_their_arm(gateway: GatewayProcess, adder_routes: AdderRoutes) -> None:
+    reroute(gateway, adder_routes, weight=0.5)
+    client = gateway.client()
+    arms_by_user = {user: {ask(client, user).headers["x-rollout-arm"] for _ in range(3)} for user in
+                    [f"sticky-{i}" for i in range(12)]}
+    assert all(len(arms) == 1 for arms in arms_by_user.values())
+    assert {arm for arms in arms_by_user.values() for arm in arms} == {"baseline", "candidate"}
+    for session in ("s-1", "s-2", "s-3", "s-4"):
+        assert len({ask(client, session=session).headers["x-rollout-arm"] for _ in range(3)}) == 1
+    # The same user on the same arm is the same session in the records.
+    records = records_wait(48, alias="adder")
+    by_hash: dict[str, set[str]] = {}
+    for record in records:
+        by_hash.setdefault(record.session_hash, set()).add(record.arm)
+    assert len(by_hash) == 16 and all(len(arms) == 1 for arms in by_hash.values())
+
+
+def test_a_client_that_goes_away_cancels_the_engine_request(gateway: GatewayProcess, engines: EnginePair) -> None:
+    engine = engines["adder-v1"]
+
+    def finished_by_length() -> float:
+        for line in httpx.get(engine.base_url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:request_success_total{") and 'finished_reason="length"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def running() -> float:
+        for line in httpx.get(engine.base_url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:num_requests_running{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = finished_by_length()
+    body = {"model": "adder", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 240, "stream": True,
+            "ignore_eos": True}
+    with gateway.client().stream("POST", "/v1/chat/completions", json=body) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        for line in lines:
+            if '"content":"' in line and '"content":""' not in line:
+                break  # one token seen: leave
+    # Had the request gone on, it would end by running into max_tokens ("length").
+    (record,) = records_wait(1, request_id=request_id)
+    assert record.outcome == RequestRecord.Outcome.CANCELLED
+    deadline = time.monotonic() + 60
+    while running() > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert finished_by_length() == before
+
+
+def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
+    gateway: GatewayProcess, adder_routes: AdderRoutes
+) -> None:
+    reroute(gateway, adder_routes, weight=0.0, shadow=1.0)
+    client = sdk(gateway)
+    served: dict[str, str] = {}
+    with celery_worker(name="gateway-shadow"):
+        for prompt in ("37+48", "12+30", "55+55"):
+            raw = client.chat.completions.with_raw_response.create(model="adder", messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0)  # type: ignore[arg-type]
+            assert (raw.headers["x-rollout-arm"], raw.headers["x-model-version"]) == ("baseline", "adder-v1")
+            chat = raw.parse()
+            assert chat.model == "adder-v1"  # the baseline answered, and only it
+            served[raw.headers["x-request-id"]] = chat.choices[0].message.content or ""
+        stream = client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
+            model="adder", messages=[{"role": "user", "content": "20+22"}], max_tokens=4, temperature=0, stream=True)
+        chunks = list(stream.parse())
+        assert {c.model for c in chunks} == {"adder-v1"}
+        served[stream.headers["x-request-id"]] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        deadline = time.monotonic() + 90
+        while ShadowPair.objects.filter(request_id__in=served).count() < len(served):
+            assert time.monotonic() < deadline, "shadow pairs never arrived"
+            time.sleep(0.3)
+
+    for pair in ShadowPair.objects.filter(request_id__in=served):
+        assert pair.baseline_version_id == adder_routes.v1.id
+        assert pair.candidate_version_id == adder_routes.v2.id
+        assert pair.rollout_id == 1 and pair.alias == "adder"
+        assert pair.baseline_output == served[pair.request_id]
+        assert pair.candidate_outcome == "ok" and pair.candidate_output.isdigit()
+        assert pair.candidate_ttft_ms is not None and pair.candidate_e2e_ms is not None
+        assert pair.prompt_text.startswith("user: ")
+    assert gateway.metric("platform_gateway_shadow_enqueued_total") == len(served)
+
+    # Mirroring is safe to repeat: a second run of the same request id stores nothing new.
+    payload = {"request_id": next(iter(served)), "candidate_version_id": adder_routes.v2.id, "endpoint": "completions",
+               "body": {"model": "adder", "prompt": "1+1=", "max_tokens": 2}}
+    assert shadow_pair_mirror(payload=payload, final_attempt=True) is False
+    fresh = {**payload, "request_id": "replayed-twice", "alias": "adder", "prompt_text": "1+1= mail me at a@b.example"}
+    assert shadow_pair_mirror(payload=fresh, final_attempt=True) is True
+    assert shadow_pair_mirror(payload=fresh, final_attempt=True) is False
+    pair = ShadowPair.objects.get(request_id="replayed-twice")
+    assert "a@b.example" not in pair.prompt_text and "[EMAIL]" in pair.prompt_text
+
+
+def test_stored_prompts_are_redacted(gateway: GatewayProcess, adder_routes: AdderRoutes) -> None:
+    from serving.models import Alias
+
+    Alias.objects.filter(name="adder").update(store_prompts=True)
+    reroute(gateway, adder_routes, weight=0.0)  # the bump makes gateways reload the alias
+    response = gateway.client().post("/v1/chat/completions", json={
+        "model": "adder", "max_tokens": 3, "messages": [{"role": "user", "content": "12+30 from jane@corp.example"}]})
+    assert response.status_code == 200
+    (record,) = records_wait(1, request_id=response.headers["x-request-id"])
+    assert "jane@corp.example" not in record.prompt_text and "[EMAIL]" in record.prompt_text
+    assert record.output_text == response.json()["choices"][0]["message"]["content"]
+
+
+# --- last: it kills an engine -------------------------------------------------------------------
+
+
+def test_requests_fail_over_to_the_baseline_when_the_candidate_dies(
+    gateway: GatewayProcess, adder_routes: AdderRoutes, engines: EnginePair
+) -> None:
+    reroute(gateway, adder_routes, weight=1.0)
+    client = gateway.client()
+    body = {"model": "adder", "messages": [{"role": "user", "content": "12+13"}], "max_tokens": 8, "stream": True,
+            "ignore_eos": True}
+    results: list[tuple[float, str, bool]] = []  # (started, arm, completed)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            started = time.monotonic()
+            try:
+                with client.stream("POST", "/v1/chat/completions", json={**body, "user": f"u{n}"}) as response:
+                    arm = response.headers.get("x-rollout-arm", "")
+                    text = "".join(response.iter_text())
+                completed = response.status_code == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+            except httpx.HTTPError:
+                arm, completed = "", False
+            results.append((started, arm, completed))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for _, arm, ok in results if ok and arm == "candidate") < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        engines["adder-v2"].kill()  # mid-run: requests are in flight
+        killed_at = time.monotonic()
+        while sum(1 for started, _, _ in results if started > killed_at + 0.05) < 8:
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+    after = [(arm, ok) for started, arm, ok in results if started > killed_at + 0.05]
+    # Every request sent after the candidate died was served, by the baseline.
+    assert after and all(ok and arm == "baseline" for arm, ok in after), after
+    failed_over = records_wait(1, failover=True)
+    assert failed_over and all(r.arm == "baseline" and r.outcome == RequestRecord.Outcome.OK for r in failed_over)
+    assert gateway.metric("platform_gateway_failovers_total", alias="adder") >= len(after)
