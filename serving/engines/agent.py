@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from serving.engines import services as engine_services
@@ -193,15 +193,24 @@ class EngineAgent:
         logger.info("engine agent %s for host %r started", self.claim, self.config.host_name)
         try:
             while not self._stop.is_set():
-                self.reconcile()
+                self._reconcile_retrying()
                 if once:
                     self.wait_for_jobs()
-                    self.reconcile()
+                    self._reconcile_retrying()
                     break
                 self._wake.wait(self.config.interval_s)
                 self._wake.clear()
         finally:
             self.shutdown()
+
+    def _reconcile_retrying(self) -> None:
+        try:
+            self.reconcile()
+        except DatabaseError:
+            # The database restarting must not take the engines down with the agent: retry next pass. Claims
+            # not renewed meanwhile expire, and a claim found lost stops that engine.
+            logger.exception("engine agent: database error; retrying in %.1f s", self.config.interval_s)
+            close_old_connections()
 
     def wait_for_jobs(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -389,8 +398,9 @@ class EngineAgent:
             engine_services.engine_stopped(worker_id=worker.pk, agent=self.claim, reason=f"stopped ({how})")
             return
         words = last_words(tail)
-        logger.warning("engine %s: exited with %s: %s", worker.pk, how, words)
-        self._failed(worker, f"exited with {how}" + (f": {words}" if words else ""))
+        reason = f"exited with {how}" + (f": {words}" if words else "")
+        logger.warning("engine %s: %s", worker.pk, reason)
+        self._failed(worker, reason)
 
     def _failed(self, worker: EngineWorker, reason: str) -> None:
         result = engine_services.engine_failed_start(
@@ -508,10 +518,13 @@ class EngineAgent:
         """Stop routing to this agent's engines, give in-flight requests a moment, stop the processes,
         and hand the workers back (PENDING, unclaimed) so the next agent starts them at once."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._fresh_connection()
         agent = self.claim
-        for worker_id in list(self.engines):
-            engine_services.engine_drain_begin(worker_id=worker_id, agent=agent, reason="engine agent stopping")
+        try:
+            self._fresh_connection()
+            for worker_id in list(self.engines):
+                engine_services.engine_drain_begin(worker_id=worker_id, agent=agent, reason="engine agent stopping")
+        except DatabaseError:
+            logger.exception("engine agent: database error while stopping; stopping the engines anyway")
         deadline = time.monotonic() + SHUTDOWN_DRAIN_S
         while self.engines and time.monotonic() < deadline and self._any_in_flight():
             time.sleep(0.2)
@@ -528,11 +541,15 @@ class EngineAgent:
                 engine.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # exiting anyway; PDEATHSIG covers what is left
                 logger.warning("engine %s: pid %s did not exit", engine.worker_id, engine.pid)
-        for worker_id, engine in list(self.engines.items()):
-            self._record_log_tail(worker_id, engine)
-        self.engines.clear()
-        for worker in EngineWorker.objects.filter(claimed_by=agent):
-            engine_services.engine_agent_left(worker_id=worker.pk, agent=agent, reason="engine agent stopped")
+        engines, self.engines = self.engines, {}
+        try:
+            for worker_id, engine in engines.items():
+                self._record_log_tail(worker_id, engine)
+            for worker in EngineWorker.objects.filter(claimed_by=agent):
+                engine_services.engine_agent_left(worker_id=worker.pk, agent=agent, reason="engine agent stopped")
+        except DatabaseError:
+            # The processes are gone; the claims expire and the next agent resets the workers.
+            logger.exception("engine agent: database error while handing the workers back")
         logger.info("engine agent %s stopped", agent)
 
     def _any_in_flight(self) -> bool:

@@ -232,7 +232,7 @@ def engine_failed_start(
         else:
             delay = restart_delay_s(failures=failures, base_s=backoff_base_s, max_s=backoff_max_s)
             fields.update(state=State.CRASHED, next_start_at=now + timedelta(seconds=delay),
-                          state_reason=_cut(f"{reason}; restart {failures} in {delay:.0f} s"))
+                          state_reason=_cut(f"{reason}; restart {failures} in {delay:.3g} s"))
         return _save(worker, was=worker.state, fields=fields, now=now)
 
 
