@@ -13,7 +13,7 @@ INSTALL_STAMP := $(VENV)/.installed-$(ENGINE)
 comma := ,
 EXTRAS := dev$(if $(filter none,$(ENGINE)),,$(comma)$(ENGINE))
 
-.PHONY: run test install lint typecheck pytest clean-var
+.PHONY: run test install lint typecheck pytest clean-var browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,14 @@ typecheck: install
 pytest: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install
+# The browser tests drive Debian's Chromium (Playwright's own browser download does not work here).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	  else echo "/usr/bin/chromium is missing and we are not root: apt-get install -y chromium" >&2; fi; \
+	fi
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy config accounts serving experiments rollouts evals rolloutctl
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
