@@ -56,7 +56,8 @@ class PlanYamlParser(BaseParser):
 
     media_type = "application/yaml"
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> str:
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        # The text itself: rollouts.plans.plan_parse reads it, with the line of any YAML error.
         return stream.read().decode("utf-8", errors="replace")
 
 
@@ -74,7 +75,7 @@ def _via(request: Request) -> str:
 
 
 def _actor(request: Request) -> Actor:
-    return Actor.of(request.user, via=_via(request))
+    return Actor.of(request.user, via=_via(request))  # type: ignore[arg-type]  # permissions admit no anonymous
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -164,7 +165,8 @@ class RolloutDetailOutput(RolloutOutput):
     actions = serializers.SerializerMethodField(help_text="What the caller may do now.")
 
     def _latest(self, rollout: Rollout) -> RolloutAnalysis | None:
-        cache = self.context.setdefault("latest", {})
+        # Several method fields read the latest look: one query per rollout.
+        cache: dict[int, RolloutAnalysis | None] = self.__dict__.setdefault("_latest_cache", {})
         if rollout.pk not in cache:
             cache[rollout.pk] = selectors.rollout_latest_analysis(rollout=rollout)
         return cache[rollout.pk]
