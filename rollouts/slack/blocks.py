@@ -141,6 +141,13 @@ def _evidence_blocks(evidence: dict[str, Any]) -> Blocks:
     return blocks
 
 
+_STRATEGIES = {"canary": "canary", "shadow": "shadow", "ab": "A/B", "blue_green": "blue-green"}
+
+
+def strategy_label(rollout: Rollout) -> str:
+    return _STRATEGIES.get(rollout.strategy, rollout.strategy)
+
+
 def _versions(rollout: Rollout) -> str:
     return f"*{_escape(rollout.baseline.label)}* → *{_escape(rollout.candidate.label)}*"
 
@@ -183,7 +190,7 @@ def approval_message(
     blocks: Blocks = [
         {"type": "header", "text": _plain(title)},
         _section(
-            f"{_versions(rollout)} ({rollout.get_strategy_display()}) on alias `{_escape(rollout.alias_name)}`\n"
+            f"{_versions(rollout)} ({strategy_label(rollout)}) on alias `{_escape(rollout.alias_name)}`\n"
             f"*Waiting for:* {_escape(what)}"
             + (f"\n*Why:* {_escape(event.reason)}" if event is not None and event.reason else "")
         ),
@@ -247,7 +254,7 @@ def event_message(*, rollout: Rollout, event: RolloutEvent) -> tuple[str, Blocks
     }
     icon, title = titles.get(event.kind, (":information_source:", f"{alias} rollout #{rollout.pk}: {event.kind}"))
     reason = event.reason or "no reason given"
-    body = f"{_versions(rollout)} ({rollout.get_strategy_display()})\n*Reason:* {_escape(reason)}\n*By:* {_actor(event)}"
+    body = f"{_versions(rollout)} ({strategy_label(rollout)})\n*Reason:* {_escape(reason)}\n*By:* {_actor(event)}"
     if event.kind == RolloutEvent.Kind.ROLLED_BACK:
         body += f"\nEvery user of `{_escape(alias)}` is back on {_escape(rollout.baseline.label)}."
     blocks: Blocks = [{"type": "header", "text": _plain(f"{icon} {title}")}, _section(body)]

@@ -192,7 +192,7 @@ def _status_line(rollout: Rollout) -> str:
     driver = f" ({health['driver']})" if health.get("driver") else ""
     return (
         f"*#{rollout.pk} {rollout.alias_name}*: {rollout.baseline.label} → {rollout.candidate.label} "
-        f"({rollout.get_strategy_display()}) — *{rollout.state.replace('_', ' ')}*, {step}, candidate at "
+        f"({blocks.strategy_label(rollout)}) — *{rollout.state.replace('_', ' ')}*, {step}, candidate at "
         f"{weights['candidate']:.0%}, health {health['status']}{driver}"
         + (f"\n    _{rollout.state_reason}_" if rollout.state_reason else "")
         + f"\n    <{blocks.rollout_url(int(rollout.pk))}|open rollout #{rollout.pk}>"

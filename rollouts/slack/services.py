@@ -124,8 +124,8 @@ def _claim(message_id: int) -> bool:
 
 
 def _deliver(message_id: int, build: Callable[[SlackMessage, bool], tuple[str, list[dict[str, Any]]]]) -> str:
-    """Post a claimed message once. Raises SlackTransientError (the message is pending again) when another
-    attempt is allowed; a permanent error, or the last attempt, marks it failed."""
+    """Post a message once (whoever claims it). A transient error raises SlackTransientError with the row
+    pending again, or failed after MAX_ATTEMPTS; a permanent error marks it failed and returns."""
     if not _claim(message_id):
         return str(SlackMessage.objects.filter(pk=message_id).values_list("status", flat=True).first() or "missing")
     message = SlackMessage.objects.get(pk=message_id)
@@ -148,9 +148,7 @@ def _deliver(message_id: int, build: Callable[[SlackMessage, bool], tuple[str, l
             next_attempt_at=timezone.now() + timedelta(seconds=_backoff_s(message.attempts, exc.retry_after_s)),
         )  # fmt: skip
         logger.warning("slack message %s: %s (attempt %s of %s)", message.key, exc.message, message.attempts, MAX_ATTEMPTS)
-        if final:
-            return SlackMessage.Status.FAILED
-        raise
+        raise  # the caller's retry budget ends too; a failed row is never claimed again
     except (SlackPermanentError, NotFound) as exc:
         reason = exc.message
         SlackMessage.objects.filter(pk=message_id).update(
