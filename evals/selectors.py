@@ -144,6 +144,16 @@ def eval_run_live_summary(*, run: EvalRun) -> dict[str, Any]:
     return run.summary if run.is_finished and run.summary else eval_run_summary(run=run)
 
 
+def eval_runs_comparable(*, run: EvalRun) -> QuerySet[EvalRun]:
+    """Finished runs a run can be compared with: the same suite version, another run, newest first."""
+    return (
+        EvalRun.objects.select_related("suite", "model_version")
+        .filter(suite_id=run.suite_id, state=EvalRun.State.SUCCEEDED)
+        .exclude(pk=run.pk)
+        .order_by("-id")
+    )
+
+
 # --- comparisons ----------------------------------------------------------------------------------
 
 

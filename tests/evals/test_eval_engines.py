@@ -36,7 +36,8 @@ from serving.services import engine_worker_create, model_version_register
 from tests.support.engines import RunningEngine, running_engine
 from tests.support.processes import celery_worker
 
-pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True)]
+# Engines take minutes to start on a busy 2-core machine: more than the suite's default 600 s limit.
+pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pytest.mark.timeout(2400)]
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
 AGENT = "evals-tests"
