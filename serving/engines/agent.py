@@ -12,6 +12,7 @@ process: workers claimed by an agent that is gone are reset and started again.""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -164,6 +165,7 @@ class EngineAgent:
         # refused connection would be retried in a hot loop.
         self._next_probe: dict[int, float] = {}
         self._tails: dict[int, str] = {}
+        self._renewed = -math.inf
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -221,7 +223,10 @@ class EngineAgent:
         """One pass over this host's workers."""
         self._fresh_connection()
         self._apply_finished_jobs()
-        engine_services.engine_claims_renew(agent=self.claim, ttl_s=self.config.claim_ttl_s)
+        # Renewed well inside the TTL, but not every pass: on SQLite every write takes the database's lock.
+        if time.monotonic() - self._renewed >= min(self.config.claim_ttl_s / 3, 5.0):
+            engine_services.engine_claims_renew(agent=self.claim, ttl_s=self.config.claim_ttl_s)
+            self._renewed = time.monotonic()
         workers = list(EngineWorker.objects.select_related("model_version").filter(host_name=self.config.host_name))
         present = set()
         for worker in workers:
@@ -276,16 +281,17 @@ class EngineAgent:
             if claimed is None:
                 return
             worker = claimed
-        if worker.pk in self._jobs:
-            return  # a probe is out; its answer decides the next step
         local = worker.driver == Driver.LOCAL
         engine = self.engines.get(worker.pk)
         if local and engine is not None:
             self._record_log_tail(worker.pk, engine)
             code = engine.exit_code()
             if code is not None:
+                # Even with a probe out: its answer no longer fits the row's state and is refused.
                 self._on_exit(worker, engine, code)
                 return
+        if worker.pk in self._jobs:
+            return  # a probe is out; its answer decides the next step
         running = worker.desired_state == Desired.RUNNING
         state = worker.state
         if state == State.PENDING:
@@ -297,6 +303,8 @@ class EngineAgent:
             if not running:
                 engine_services.engine_stopped(worker_id=worker.pk, agent=self.claim, reason="stopped after a crash")
                 return
+            if worker.next_start_at is not None and worker.next_start_at > timezone.now():
+                return  # backing off
             pending = engine_services.engine_restart_due(worker_id=worker.pk, agent=self.claim)
             if pending is not None:
                 self._start(pending)
