@@ -40,6 +40,14 @@ def _text(label: str, *, help_text: str = "", placeholder: str = "", size: str =
     return forms.CharField(label=label, required=False, help_text=help_text, widget=forms.TextInput(attrs=attrs))
 
 
+def _select(label: str, *, choices: list[tuple[str, str]] | None = None, help_text: str = "", initial: str = "") -> forms.CharField:
+    """A drop-down whose value is passed on as chosen: the plan validator, not the form, says what is wrong."""
+    return forms.CharField(
+        label=label, required=False, help_text=help_text, initial=initial or None,
+        widget=forms.Select(choices=choices or []),
+    )  # fmt: skip
+
+
 def _number_or_text(raw: str) -> Any:
     """What the person typed, as the plan validator expects it: 0.25, 60, or "25%" as written. Text that is
     no number stays text, so the validator names the field and says what it expected."""
@@ -63,9 +71,9 @@ class RolloutForm(forms.Form):
     name = _text("Name", placeholder="adder v2 canary")
     description = forms.CharField(label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2}))
     alias = _text("Alias", help_text="The public model name whose traffic moves.", placeholder="adder")
-    baseline = forms.ChoiceField(label="Baseline", required=False, help_text="Leave as is to start from what the alias serves.")
-    candidate = forms.ChoiceField(label="Candidate", required=False)
-    strategy = forms.ChoiceField(label="Strategy", choices=STRATEGY_CHOICES, initial="canary")
+    baseline = _select("Baseline", help_text="Leave as is to start from what the alias serves.")
+    candidate = _select("Candidate")
+    strategy = _select("Strategy", choices=STRATEGY_CHOICES, initial="canary")
     shadow_rate = _text(
         "Shadow rate", placeholder="10%", size="decimal",
         help_text="Share of requests mirrored to the candidate (required for shadow; optional otherwise).",
@@ -85,14 +93,14 @@ class RolloutForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="One per line: metric and how much worse the candidate may be: 10% (relative) or 0.005 (absolute).",
     )  # fmt: skip
-    primary_metric = forms.ChoiceField(label="Primary metric", required=False, help_text="Decides an A/B test.")
+    primary_metric = _select("Primary metric", help_text="Decides an A/B test.")
     primary_min_effect = _text("Smallest effect worth detecting", placeholder="0.05", size="decimal")
     alpha = _text("Alpha", placeholder="0.05", size="decimal", help_text="The chance of a wrong decision over the whole rollout.")
-    eval_gate_suite = forms.ChoiceField(label="Eval gate: suite", required=False, help_text="Run before any traffic moves.")
+    eval_gate_suite = _select("Eval gate: suite", help_text="Run before any traffic moves.")
     eval_gate_scorer = _text("Eval gate: scorer", placeholder="exact_match")
     eval_gate_max_drop = _text("Eval gate: largest score drop", placeholder="0.05", size="decimal")
     allow_self_approval = forms.BooleanField(label="Let the creator approve their own steps", required=False)
-    promotion_requires_approval = forms.ChoiceField(label="Promotion needs an approval", choices=TRI_STATE, required=False)
+    promotion_requires_approval = _select("Promotion needs an approval", choices=TRI_STATE)
 
     def __init__(
         self, *args: Any, versions: list[str] | None = None, suites: list[str] | None = None, **kwargs: Any
@@ -118,9 +126,9 @@ class RolloutForm(forms.Form):
                 })  # fmt: skip
 
     def _choices(self, name: str, choices: list[tuple[str, str]]) -> None:
-        field = self.fields[name]
-        assert isinstance(field, forms.ChoiceField)
-        field.choices = choices
+        widget = self.fields[name].widget
+        assert isinstance(widget, forms.Select)
+        widget.choices = choices
 
     def step_rows(self) -> list[dict[str, Any]]:
         """The step inputs grouped by row, for the template."""
