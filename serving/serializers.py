@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.core.validators import URLValidator
 from rest_framework import serializers
 
@@ -69,8 +70,9 @@ class ModelVersionDetailOutput(ModelVersionOutput):
 class EngineWorkerCreateInput(serializers.Serializer):
     model_version = serializers.CharField(max_length=200, help_text="The version's id or label (adder-v2).")
     driver = serializers.ChoiceField(choices=EngineWorker.Driver.choices, default=EngineWorker.Driver.LOCAL)
-    host_name = serializers.CharField(max_length=128, required=False, default="localhost",
-                                      help_text="The engine agent host that runs (or probes) it.")
+    host_name = serializers.CharField(max_length=128, required=False, default=lambda: settings.ENGINE_AGENT_HOST,
+                                      help_text="The engine agent host that runs (or probes) it "
+                                                "(default: this server's ENGINE_AGENT_HOST).")
     base_url = serializers.CharField(max_length=300, required=False, allow_blank=True, default="",
                                      help_text="Static only: the OpenAI-compatible endpoint (http or https).")
     api_key = serializers.CharField(max_length=300, required=False, allow_blank=True, default="", write_only=True,
