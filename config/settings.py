@@ -90,6 +90,9 @@ if _secret_key is None:
 SECRET_KEY = _secret_key
 
 SLACK_SIGNING_SECRET = env_str("SLACK_SIGNING_SECRET", secret=True)
+if SLACK_SIGNING_SECRET is None and not PRODUCTION:
+    # The embedded default has one (generated once, printed by setup_platform) so /slack/* can be tried.
+    SLACK_SIGNING_SECRET = generated_secret(VAR_DIR / "secrets" / "slack_signing_secret")
 SLACK_BOT_TOKEN = env_str("SLACK_BOT_TOKEN", secret=True)
 SLACK_WEBHOOK_URL = env_str("SLACK_WEBHOOK_URL", secret=True)
 SLACK_DEFAULT_CHANNEL = env_str("SLACK_DEFAULT_CHANNEL", "#rollouts")

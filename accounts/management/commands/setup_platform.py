@@ -25,3 +25,5 @@ class Command(BaseCommand):
         _, created = admin_ensure(username="admin", password=password)
         self.stdout.write(self.style.SUCCESS(f"admin user {'created' if created else 'ready'}: log in as admin with {shown}"))
         self.stdout.write(f"web UI: {settings.PUBLIC_URL}/   API docs: {settings.PUBLIC_URL}/api/docs/")
+        if env_str("SLACK_SIGNING_SECRET", secret=True) is None and settings.SLACK_SIGNING_SECRET:
+            self.stdout.write(f"Slack signing secret {settings.SLACK_SIGNING_SECRET} (generated, kept in var/secrets/slack_signing_secret)")
