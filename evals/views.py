@@ -27,13 +27,26 @@ from evals.scorers import SCORERS
 from serving.selectors import model_version_get, model_version_list
 
 POLL_S = 2.0
-RUN_STATUS = {"queued": "amber", "running": "amber", "succeeded": "green", "failed": "red", "cancelled": "grey"}
+RUN_STATUS = {
+    "queued": "amber",
+    "running": "amber",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "grey",
+}
 ITEMS_SHOWN = 50
 
 
 class SuiteUploadForm(forms.Form):
-    name = forms.CharField(label="Suite name", max_length=64, required=False, help_text="An existing name makes its next version.")
-    description = forms.CharField(label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    name = forms.CharField(
+        label="Suite name",
+        max_length=64,
+        required=False,
+        help_text="An existing name makes its next version.",
+    )
+    description = forms.CharField(
+        label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2})
+    )
     file = forms.FileField(
         label="JSONL file", required=False,
         help_text='One JSON object per line: {"id", "prompt" or "messages", "reference", "tags"}.',
@@ -101,14 +114,22 @@ def eval_suite_list_page(request: HttpRequest) -> HttpResponse:
                     )  # fmt: skip
                 except services.SuiteUploadError as exc:
                     line_errors = exc.line_errors
-                    form.add_error("file", f"the file was not stored: {len(line_errors)} bad line{'s' if len(line_errors) != 1 else ''}")
+                    form.add_error(
+                        "file",
+                        f"the file was not stored: {len(line_errors)} bad line{'s' if len(line_errors) != 1 else ''}",
+                    )
                 except DomainError as exc:
                     form.add_error(exc.field if exc.field in form.fields else None, exc.message)
                 else:
                     messages.success(request, f"Stored {suite.label} with {suite.item_count} items.")
                     return redirect("eval-suite-detail", suite_id=suite.pk)
         status = 400
-    return render(request, "evals/suites.html", {"rows": _suite_rows(), "form": form, "line_errors": line_errors}, status=status)
+    return render(
+        request,
+        "evals/suites.html",
+        {"rows": _suite_rows(), "form": form, "line_errors": line_errors},
+        status=status,
+    )
 
 
 def _suite_or_404(suite_id: int) -> EvalSuite:
@@ -118,7 +139,9 @@ def _suite_or_404(suite_id: int) -> EvalSuite:
         raise Http404(exc.message) from exc
 
 
-def _runs_region(request: HttpRequest, *, suite: EvalSuite | None = None, model_version_id: int | None = None) -> LiveRegion:
+def _runs_region(
+    request: HttpRequest, *, suite: EvalSuite | None = None, model_version_id: int | None = None
+) -> LiveRegion:
     runs = [run_view(r) for r in selectors.eval_run_list(suite=suite, model_version_id=model_version_id)[:50]]
     url = reverse("eval-run-list-live")
     params = []
@@ -154,7 +177,11 @@ def eval_run_start(request: HttpRequest, suite_id: int) -> HttpResponse:
     suite = _suite_or_404(suite_id)
     form = RunStartForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "Could not start the run: " + "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()))
+        messages.error(
+            request,
+            "Could not start the run: "
+            + "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
+        )
         return redirect("eval-suite-detail", suite_id=suite.pk)
     try:
         version = model_version_get(ref=form.cleaned_data["model_version"])
@@ -178,7 +205,9 @@ def eval_run_start(request: HttpRequest, suite_id: int) -> HttpResponse:
 def eval_run_list(request: HttpRequest) -> HttpResponse:
     version_id = request.GET.get("model_version")
     model_version_id = int(version_id) if version_id and version_id.isdigit() else None
-    return render(request, "evals/runs.html", {"live": _runs_region(request, model_version_id=model_version_id)})
+    return render(
+        request, "evals/runs.html", {"live": _runs_region(request, model_version_id=model_version_id)}
+    )
 
 
 @viewer_required
@@ -233,7 +262,9 @@ def eval_run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
     except DomainError as exc:
         messages.error(request, f"Could not cancel: {exc.message}")
     else:
-        messages.success(request, f"Run {run.pk}: cancel requested; a running worker stops at its next checkpoint.")
+        messages.success(
+            request, f"Run {run.pk}: cancel requested; a running worker stops at its next checkpoint."
+        )
     return redirect("eval-run-detail", run_id=run.pk)
 
 
@@ -245,7 +276,12 @@ def eval_run_cancel(request: HttpRequest, run_id: int) -> HttpResponse:
 def eval_compare(request: HttpRequest) -> HttpResponse:
     baseline_id, candidate_id = request.GET.get("baseline", ""), request.GET.get("candidate", "")
     if not (baseline_id.isdigit() and candidate_id.isdigit()):
-        return render(request, "evals/compare.html", {"error": "Choose two runs of the same suite to compare."}, status=400)
+        return render(
+            request,
+            "evals/compare.html",
+            {"error": "Choose two runs of the same suite to compare."},
+            status=400,
+        )
     baseline, candidate = _run_or_404(int(baseline_id)), _run_or_404(int(candidate_id))
     try:
         comparison = selectors.eval_runs_compare(
@@ -253,7 +289,10 @@ def eval_compare(request: HttpRequest) -> HttpResponse:
         )
     except DomainError as exc:
         return render(
-            request, "evals/compare.html", {"error": exc.message, "baseline": baseline, "candidate": candidate}, status=400
+            request,
+            "evals/compare.html",
+            {"error": exc.message, "baseline": baseline, "candidate": candidate},
+            status=400,
         )
     return render(request, "evals/compare.html", {
         "comparison": comparison, "baseline": baseline, "candidate": candidate,

@@ -18,11 +18,13 @@ def _finite(value: float | None) -> float | None:
 def arm_comparisons(
     *, rollout_id: int, since: datetime | None, until: datetime | None = None, metrics: list[str],
     prices: dict[str, tuple[float, float]], alpha: float = 0.05, tuning_n: float = 5000.0,
+    differences: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Per metric: each arm's value, the effect (relative for means, absolute for shares) with its
     always-valid interval and p-value, and the Bayesian chance that the candidate is better.
 
-    The chance to win summarises; it does not decide (the rollout decides on the sequential test)."""
+    `differences` overrides that choice per metric ("relative" or "absolute"). The chance to win
+    summarises; it does not decide (the rollout decides on the sequential test)."""
     sums = arm_sums(rollout_id=rollout_id, since=since, until=until)
     rows = []
     for name in metrics:
@@ -32,7 +34,7 @@ def arm_comparisons(
         base = sums["baseline"].stats_for(metric, prices=prices.get("baseline", (0.0, 0.0)))
         cand = sums["candidate"].stats_for(metric, prices=prices.get("candidate", (0.0, 0.0)))
         kind = "proportion" if metric.shape == "proportion" else "mean"
-        difference = "absolute" if kind == "proportion" else "relative"
+        difference = (differences or {}).get(name) or ("absolute" if kind == "proportion" else "relative")
         row: dict[str, Any] = {
             "metric": name, "direction": metric.direction, "unit": metric.unit, "description": metric.description,
             "difference": difference, "baseline_n": base.n if base else 0, "candidate_n": cand.n if cand else 0,
@@ -43,7 +45,15 @@ def arm_comparisons(
             rows.append({**row, "reason": "not enough data in an arm"})
             continue
         try:
-            result = compare(base, cand, kind=kind, difference=difference, method="sequential", alpha=alpha, tuning_n=tuning_n)
+            result = compare(
+                base,
+                cand,
+                kind=kind,
+                difference=difference,
+                method="sequential",
+                alpha=alpha,
+                tuning_n=tuning_n,
+            )
             bayes = bayesian_summary(base, cand, kind=kind, difference=difference, direction=metric.direction)
         except ValueError as exc:
             rows.append({**row, "reason": str(exc)[:200]})

@@ -6,7 +6,6 @@ through `experiments.selectors`."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from django.http import Http404, HttpRequest, HttpResponse
@@ -20,14 +19,23 @@ from config.live import LiveRegion, live_region, live_response
 from experiments.metrics import HIGHER, METRICS
 from experiments.selectors import arm_comparisons
 from rollouts import selectors as rollout_selectors
+
+# The window and the N* of the analysis, so the intervals here are the ones the rollout decides on.
+from rollouts.analysis import ROUTE_SETTLE
+from rollouts.analysis import _tuning_n as rollout_tuning_n
 from rollouts.models import Rollout
 from rollouts.plans import plan_from_stored
-from rollouts.views import MISSING, fmt, rollout_summary
+from rollouts.views.display import MISSING, fmt, rollout_summary
 
 POLL_S = 2.0
-STANDARD_METRICS = ("error_rate", "goodput", "ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "completion_tokens_mean")
-# The gateway's first seconds of a step may still follow the previous split (rollouts.analysis).
-ROUTE_SETTLE = timedelta(seconds=2)
+STANDARD_METRICS = (
+    "error_rate",
+    "goodput",
+    "ttft_mean_ms",
+    "tpot_mean_ms",
+    "e2e_mean_ms",
+    "completion_tokens_mean",
+)
 
 
 def _metrics_of(rollout: Rollout) -> tuple[list[str], str | None]:
@@ -51,7 +59,11 @@ def _row_view(row: dict[str, Any], primary: str | None) -> dict[str, Any]:
     def effect_text(value: float | None) -> str:
         if value is None:
             return MISSING
-        return fmt(value * 100, "percent", signed=True) if relative else fmt(value, "points" if unit_kind == "share" else unit_kind, signed=True)
+        return (
+            fmt(value * 100, "percent", signed=True)
+            if relative
+            else fmt(value, "points" if unit_kind == "share" else unit_kind, signed=True)
+        )
 
     chance = row.get("chance_to_win")
     effect = row.get("effect")
@@ -78,18 +90,27 @@ def _results(rollout: Rollout) -> dict[str, Any]:
     names, primary = _metrics_of(rollout)
     since = (rollout.step_started_at + ROUTE_SETTLE) if rollout.step_started_at else None
     prices = {
-        "baseline": (float(rollout.baseline.price_input_per_million), float(rollout.baseline.price_output_per_million)),
-        "candidate": (float(rollout.candidate.price_input_per_million), float(rollout.candidate.price_output_per_million)),
+        "baseline": (
+            float(rollout.baseline.price_input_per_million),
+            float(rollout.baseline.price_output_per_million),
+        ),
+        "candidate": (
+            float(rollout.candidate.price_input_per_million),
+            float(rollout.candidate.price_output_per_million),
+        ),
     }
-    rows = []
-    if since is not None:
-        comparisons = arm_comparisons(
-            rollout_id=rollout.pk, since=since, until=rollout.ended_at, metrics=names, prices=prices,
-            alpha=float(rollout.plan.get("alpha") or 0.05), tuning_n=float(rollout.plan.get("tuning_n") or 5000),
-        )  # fmt: skip
-        rows = [_row_view(row, primary) for row in comparisons]
+    plan = plan_from_stored(rollout.plan)
     latest = rollout_selectors.rollout_latest_analysis(rollout=rollout)
     decision = next((c for c in (latest.checks if latest else []) if c.get("type") == "primary"), None)
+    rows = []
+    step = rollout.current_step
+    if since is not None and step is not None:
+        comparisons = arm_comparisons(
+            rollout_id=rollout.pk, since=since, until=rollout.ended_at, metrics=names, prices=prices, alpha=plan.alpha,
+            tuning_n=rollout_tuning_n(plan, step),
+            differences={plan.primary_metric.metric: plan.primary_metric.difference} if plan.primary_metric else None,
+        )  # fmt: skip
+        rows = [_row_view(row, primary) for row in comparisons]
     return {"rows": rows, "primary": primary, "decision": decision, "since": since, "latest": latest}
 
 

@@ -37,10 +37,14 @@ def _text(label: str, *, help_text: str = "", placeholder: str = "", size: str =
     attrs = {"placeholder": placeholder} if placeholder else {}
     if size:
         attrs["inputmode"] = size
-    return forms.CharField(label=label, required=False, help_text=help_text, widget=forms.TextInput(attrs=attrs))
+    return forms.CharField(
+        label=label, required=False, help_text=help_text, widget=forms.TextInput(attrs=attrs)
+    )
 
 
-def _select(label: str, *, choices: list[tuple[str, str]] | None = None, help_text: str = "", initial: str = "") -> forms.CharField:
+def _select(
+    label: str, *, choices: list[tuple[str, str]] | None = None, help_text: str = "", initial: str = ""
+) -> forms.CharField:
     """A drop-down whose value is passed on as chosen: the plan validator, not the form, says what is wrong."""
     return forms.CharField(
         label=label, required=False, help_text=help_text, initial=initial or None,
@@ -64,12 +68,16 @@ def _number_or_text(raw: str) -> Any:
 
 
 def _lines(raw: str) -> list[str]:
-    return [line.strip() for line in (raw or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip() for line in (raw or "").splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 class RolloutForm(forms.Form):
     name = _text("Name", placeholder="adder v2 canary")
-    description = forms.CharField(label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    description = forms.CharField(
+        label="Description", required=False, widget=forms.Textarea(attrs={"rows": 2})
+    )
     alias = _text("Alias", help_text="The public model name whose traffic moves.", placeholder="adder")
     baseline = _select("Baseline", help_text="Leave as is to start from what the alias serves.")
     candidate = _select("Candidate")
@@ -81,7 +89,9 @@ class RolloutForm(forms.Form):
     ab_weight = _text("A/B: candidate share", placeholder="50%", size="decimal")
     ab_min_duration_s = _text("A/B: minimum duration (s)", placeholder="3600", size="numeric")
     ab_min_candidate_requests = _text("A/B: minimum candidate requests", placeholder="1000", size="numeric")
-    ab_horizon_s = _text("A/B: horizon (s)", placeholder="604800", size="numeric", help_text="Ends here if undecided.")
+    ab_horizon_s = _text(
+        "A/B: horizon (s)", placeholder="604800", size="numeric", help_text="Ends here if undecided."
+    )
     bg_warmup_s = _text("Blue-green: warm-up (s)", placeholder="300", size="numeric")
     bg_rollback_window_s = _text("Blue-green: rollback window (s)", placeholder="300", size="numeric")
     slos = forms.CharField(
@@ -95,7 +105,12 @@ class RolloutForm(forms.Form):
     )  # fmt: skip
     primary_metric = _select("Primary metric", help_text="Decides an A/B test.")
     primary_min_effect = _text("Smallest effect worth detecting", placeholder="0.05", size="decimal")
-    alpha = _text("Alpha", placeholder="0.05", size="decimal", help_text="The chance of a wrong decision over the whole rollout.")
+    alpha = _text(
+        "Alpha",
+        placeholder="0.05",
+        size="decimal",
+        help_text="The chance of a wrong decision over the whole rollout.",
+    )
     eval_gate_suite = _select("Eval gate: suite", help_text="Run before any traffic moves.")
     eval_gate_scorer = _text("Eval gate: scorer", placeholder="exact_match")
     eval_gate_max_drop = _text("Eval gate: largest score drop", placeholder="0.05", size="decimal")
@@ -114,11 +129,19 @@ class RolloutForm(forms.Form):
         ])  # fmt: skip
         self._choices("eval_gate_suite", [("", "no eval gate")] + [(s, s) for s in suites or []])
         for i in range(STEP_ROWS):
-            weight, duration, requests, approval = DEFAULT_STEPS[i] if i < len(DEFAULT_STEPS) else ("", "", "", False)
+            weight, duration, requests, approval = (
+                DEFAULT_STEPS[i] if i < len(DEFAULT_STEPS) else ("", "", "", False)
+            )
             self.fields[f"step_{i}_weight"] = _text(f"Step {i + 1} weight", placeholder="25%", size="decimal")
-            self.fields[f"step_{i}_min_duration_s"] = _text(f"Step {i + 1} minimum duration (s)", size="numeric")
-            self.fields[f"step_{i}_min_candidate_requests"] = _text(f"Step {i + 1} minimum candidate requests", size="numeric")
-            self.fields[f"step_{i}_requires_approval"] = forms.BooleanField(label=f"Step {i + 1} needs an approval", required=False)
+            self.fields[f"step_{i}_min_duration_s"] = _text(
+                f"Step {i + 1} minimum duration (s)", size="numeric"
+            )
+            self.fields[f"step_{i}_min_candidate_requests"] = _text(
+                f"Step {i + 1} minimum candidate requests", size="numeric"
+            )
+            self.fields[f"step_{i}_requires_approval"] = forms.BooleanField(
+                label=f"Step {i + 1} needs an approval", required=False
+            )
             if not self.is_bound:
                 self.initial.update({
                     f"step_{i}_weight": weight, f"step_{i}_min_duration_s": duration,
@@ -134,7 +157,10 @@ class RolloutForm(forms.Form):
         """The step inputs grouped by row, for the template."""
         rows = []
         for i in range(STEP_ROWS):
-            fields = {key: self[f"step_{i}_{key}"] for key in ("weight", "min_duration_s", "min_candidate_requests", "requires_approval")}
+            fields = {
+                key: self[f"step_{i}_{key}"]
+                for key in ("weight", "min_duration_s", "min_candidate_requests", "requires_approval")
+            }
             rows.append({"index": i, "number": i + 1, "errors": self.row_errors.get(i, []), **fields})
         return rows
 
@@ -206,7 +232,10 @@ class RolloutForm(forms.Form):
         if alpha is not None:
             plan["alpha"] = alpha
         if data.get("eval_gate_suite"):
-            gate: dict[str, Any] = {"suite": data["eval_gate_suite"], "scorer": (data.get("eval_gate_scorer") or "").strip() or "exact_match"}
+            gate: dict[str, Any] = {
+                "suite": data["eval_gate_suite"],
+                "scorer": (data.get("eval_gate_scorer") or "").strip() or "exact_match",
+            }
             max_drop = _number_or_text(data.get("eval_gate_max_drop") or "")
             if max_drop is not None:
                 gate["max_drop"] = max_drop

@@ -121,7 +121,8 @@ def model_version_list_page(request: HttpRequest) -> HttpResponse:
             by_lineage.setdefault(version.lineage_hash, []).append(version.label)
     rows = [
         {
-            "version": v, "engines": [engine_view(w) for w in engines.get(v.pk, [])],
+            "version": v,
+            "engines": [engine_view(w) for w in engines.get(v.pk, [])],
             "ready": sum(1 for w in engines.get(v.pk, []) if w.state == EngineWorker.State.READY),
             "twins": [label for label in by_lineage.get(v.lineage_hash, []) if label != v.label],
         }
@@ -143,7 +144,11 @@ def model_version_detail(request: HttpRequest, version_id: int) -> HttpResponse:
     version = _version_or_404(version_id)
     lineage = version.lineage or {}
     parts = [{"label": label, "hash": lineage[key]} for key, label in LINEAGE_PARTS if lineage.get(key)]
-    twins = [v for v in model_version_list().filter(lineage_hash=version.lineage_hash).exclude(pk=version.pk)] if version.lineage_hash else []
+    twins = (
+        [v for v in model_version_list().filter(lineage_hash=version.lineage_hash).exclude(pk=version.pk)]
+        if version.lineage_hash
+        else []
+    )
     return render(request, "serving/model_version_detail.html", {
         "version": version, "parts": parts, "twins": twins,
         "engines": [engine_view(w) for w in engine_worker_list(model_version=version)],
@@ -191,7 +196,9 @@ def _engine_region(request: HttpRequest, worker: EngineWorker) -> LiveRegion:
 @require_GET
 def engine_detail(request: HttpRequest, worker_id: int) -> HttpResponse:
     worker = _engine_or_404(worker_id)
-    return render(request, "serving/engine_detail.html", {"worker": worker, "live": _engine_region(request, worker)})
+    return render(
+        request, "serving/engine_detail.html", {"worker": worker, "live": _engine_region(request, worker)}
+    )
 
 
 @viewer_required

@@ -36,7 +36,9 @@ def _expect() -> Any:
 
 
 def login(browser: Any, base_url: str, member: Any, *, viewport: dict[str, int] = LAPTOP) -> Any:
-    context = browser.new_context(viewport=viewport, timezone_id=BROWSER_TZ, locale="en-GB", base_url=base_url)
+    context = browser.new_context(
+        viewport=viewport, timezone_id=BROWSER_TZ, locale="en-GB", base_url=base_url
+    )
     page = context.new_page()
     page.goto("/login/")
     page.get_by_label("Username").fill(member.user.username)
@@ -80,7 +82,12 @@ def fill_canary(page: Any) -> None:
     page.locator("#id_baseline").select_option("adder-v1")
     page.locator("#id_candidate").select_option("adder-v2")
     page.locator("#id_strategy").select_option("canary")
-    rows = [("10%", "0", "50", False), ("25%", "0", "50", False), ("50%", "0", "100", True), ("100%", "0", "100", False)]
+    rows = [
+        ("10%", "0", "50", False),
+        ("25%", "0", "50", False),
+        ("50%", "0", "100", True),
+        ("100%", "0", "100", False),
+    ]
     for i, (weight, duration, requests, approval) in enumerate(rows):
         page.locator(f"#id_step_{i}_weight").fill(weight)
         page.locator(f"#id_step_{i}_min_duration_s").fill(duration)
@@ -177,7 +184,9 @@ def test_a_canary_advances_live_is_approved_and_rolls_back_on_a_tpot_regression(
     red = page.locator("#rollout-status tr.check-red").first
     expect(red).to_contain_text("tpot_mean_ms at most 10% worse")
     expect(red).to_contain_text("breach")
-    expect(page.locator("#rollout-status tr.check-explain.check-red").first).to_contain_text("beyond the margin of 10.0 %")
+    expect(page.locator("#rollout-status tr.check-explain.check-red").first).to_contain_text(
+        "beyond the margin of 10.0 %"
+    )
     expect(page.locator("#rollout-status .health")).to_contain_text("tpot_mean_ms")
     # Times are in the browser's zone.
     event = RolloutEvent.objects.filter(rollout=rollout, kind="rolled_back").get()
@@ -200,7 +209,9 @@ def test_a_canary_advances_live_is_approved_and_rolls_back_on_a_tpot_regression(
     viewer_page.goto(f"/rollouts/{other.pk}")
     expect(viewer_page.locator("#rollout-status .state")).to_have_text("running")
     expect(viewer_page.locator("#rollout-status .actions")).to_have_count(0)
-    expect(viewer_page.get_by_role("button", name=re.compile("Pause|Roll back|Abort|Approve"))).to_have_count(0)
+    expect(viewer_page.get_by_role("button", name=re.compile("Pause|Roll back|Abort|Approve"))).to_have_count(
+        0
+    )
     forged = viewer_page.request.post(f"/rollouts/{other.pk}/rollback", form={"reason": "forged"})
     assert forged.status == 403 and "security token" in forged.text()
     token = next(c["value"] for c in viewer_page.context.cookies() if c["name"] == "csrftoken")
@@ -220,5 +231,11 @@ def _second_rollout(owner: Any) -> Rollout:
 
     version("chat-v1")
     version("chat-v2")
-    plan = {"alias": "chat", "baseline": "chat-v1", "candidate": "chat-v2", "strategy": "canary", "steps": [{"weight": 0.2}]}
+    plan = {
+        "alias": "chat",
+        "baseline": "chat-v1",
+        "candidate": "chat-v2",
+        "strategy": "canary",
+        "steps": [{"weight": 0.2}],
+    }
     return rollout_create(plan=plan, actor=owner.user, start=True).rollout

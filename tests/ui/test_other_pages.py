@@ -49,7 +49,9 @@ def finished(suite: EvalSuite, version: ModelVersion, answer: Callable[[EvalItem
     for item in suite.items.order_by("position"):
         output = answer(item)
         case = ScoreInput(output=output, reference=item.reference, prompt=item.prompt)
-        outcomes.append(ItemOutcome(item_id=item.pk, output=output, scores={"exact_match": scorer(case).as_dict()}))
+        outcomes.append(
+            ItemOutcome(item_id=item.pk, output=output, scores={"exact_match": scorer(case).as_dict()})
+        )
     eval_run_checkpoint(run_id=run.pk, token=token, outcomes=outcomes)
     eval_run_finish(run_id=run.pk, token=token, state=EvalRun.State.SUCCEEDED)
     run.refresh_from_db()
@@ -61,7 +63,9 @@ def finished(suite: EvalSuite, version: ModelVersion, answer: Callable[[EvalItem
 
 def test_an_upload_with_bad_lines_lists_each_line_and_stores_nothing(owner: Any) -> None:
     bad = '{"id": "a", "prompt": "1+1=", "reference": "2"}\nnot json\n{"id": "a", "prompt": "2+2="}\n{"reference": "3"}\n'
-    response = logged_in(owner).post(reverse("eval-suite-list"), {"name": "sums", "file": jsonl("sums.jsonl", bad)})
+    response = logged_in(owner).post(
+        reverse("eval-suite-list"), {"name": "sums", "file": jsonl("sums.jsonl", bad)}
+    )
     assert response.status_code == 400
     html = response.content.decode()
     assert "Nothing was stored." in html
@@ -73,21 +77,36 @@ def test_an_upload_with_bad_lines_lists_each_line_and_stores_nothing(owner: Any)
 
 def test_a_good_upload_goes_to_its_suite_page(owner: Any) -> None:
     client = logged_in(owner)
-    response = client.post(reverse("eval-suite-list"), {"name": "sums", "description": "three sums", "file": jsonl("s.jsonl", SUITE)})
+    response = client.post(
+        reverse("eval-suite-list"),
+        {"name": "sums", "description": "three sums", "file": jsonl("s.jsonl", SUITE)},
+    )
     suite = EvalSuite.objects.get(name="sums")
-    assert response.status_code == 302 and response["Location"] == reverse("eval-suite-detail", args=[suite.pk])
+    assert response.status_code == 302 and response["Location"] == reverse(
+        "eval-suite-detail", args=[suite.pk]
+    )
     page = client.get(response["Location"]).content.decode()
     assert "sums@1" in page and "carry 2" in page and "no-carry 1" in page and "12+30=" in page
     assert "Run this suite" in page
 
 
-def test_a_viewer_cannot_upload_or_start_runs_and_a_forged_upload_is_refused(viewer: Any, owner: Any, versions: None) -> None:
+def test_a_viewer_cannot_upload_or_start_runs_and_a_forged_upload_is_refused(
+    viewer: Any, owner: Any, versions: None
+) -> None:
     client = logged_in(viewer)
     assert "Upload a suite" not in client.get(reverse("eval-suite-list")).content.decode()
-    assert client.post(reverse("eval-suite-list"), {"name": "x", "file": jsonl("x.jsonl", SUITE)}).status_code == 403
+    assert (
+        client.post(reverse("eval-suite-list"), {"name": "x", "file": jsonl("x.jsonl", SUITE)}).status_code
+        == 403
+    )
     suite = eval_suite_create(name="sums", jsonl_data=SUITE)
     version = ModelVersion.objects.get(name="adder", version="v1")
-    assert client.post(reverse("eval-run-start", args=[suite.pk]), {"model_version": version.pk, "scorer": "exact_match"}).status_code == 403
+    assert (
+        client.post(
+            reverse("eval-run-start", args=[suite.pk]), {"model_version": version.pk, "scorer": "exact_match"}
+        ).status_code
+        == 403
+    )
     forged = logged_in(owner, enforce_csrf_checks=True).post(
         reverse("eval-suite-list"), {"name": "forged", "file": jsonl("f.jsonl", SUITE)}
     )
@@ -95,24 +114,36 @@ def test_a_viewer_cannot_upload_or_start_runs_and_a_forged_upload_is_refused(vie
     assert not EvalSuite.objects.filter(name__in=["x", "forged"]).exists() and not EvalRun.objects.exists()
 
 
-def test_a_release_manager_starts_and_cancels_a_run_and_watches_its_progress(owner: Any, versions: None) -> None:
+def test_a_release_manager_starts_and_cancels_a_run_and_watches_its_progress(
+    owner: Any, versions: None
+) -> None:
     suite = eval_suite_create(name="sums", jsonl_data=SUITE)
     version = ModelVersion.objects.get(name="adder", version="v1")
     client = logged_in(owner)
     response = client.post(
-        reverse("eval-run-start", args=[suite.pk]), {"model_version": version.pk, "scorer": "exact_match", "max_tokens": 8}
+        reverse("eval-run-start", args=[suite.pk]),
+        {"model_version": version.pk, "scorer": "exact_match", "max_tokens": 8},
     )
     run = EvalRun.objects.get()
-    assert response.status_code == 302 and (run.suite_id, run.model_version_id, run.max_tokens) == (suite.pk, version.pk, 8)
+    assert response.status_code == 302 and (run.suite_id, run.model_version_id, run.max_tokens) == (
+        suite.pk,
+        version.pk,
+        8,
+    )
     live = client.get(reverse("eval-run-detail-live", args=[run.pk])).content.decode()
     assert "0 of 3 items (0 %)" in live and 'id="cancel-run"' in live
     digest = re.search(r'data-live-digest="(\w+)"', live)
     assert digest is not None
-    assert client.get(reverse("eval-run-detail-live", args=[run.pk]), {"h": digest.group(1)}).status_code == 204
+    assert (
+        client.get(reverse("eval-run-detail-live", args=[run.pk]), {"h": digest.group(1)}).status_code == 204
+    )
     client.post(reverse("eval-run-cancel", args=[run.pk]))
     run.refresh_from_db()
     assert run.state == "cancelled"
-    assert "cancelled" in client.get(reverse("eval-run-detail-live", args=[run.pk]), {"h": digest.group(1)}).content.decode()
+    assert (
+        "cancelled"
+        in client.get(reverse("eval-run-detail-live", args=[run.pk]), {"h": digest.group(1)}).content.decode()
+    )
 
 
 def test_the_comparison_page_has_a_per_tag_table(viewer: Any, versions: None) -> None:
@@ -120,12 +151,25 @@ def test_the_comparison_page_has_a_per_tag_table(viewer: Any, versions: None) ->
     v1, v2 = ModelVersion.objects.get(version="v1"), ModelVersion.objects.get(version="v2")
     right = finished(suite, v1, lambda item: item.reference or "")
     carries_wrong = finished(suite, v2, lambda item: "0" if "carry" in item.tags else item.reference or "")
-    html = logged_in(viewer).get(reverse("eval-compare"), {"baseline": right.pk, "candidate": carries_wrong.pk}).content.decode()
-    rows = re.findall(r'<th scope="row" data-label="\w+">([\w-]+)</th><td data-label="n">(\d+)</td><td data-label="Baseline">([\d.]+)</td><td data-label="Candidate">([\d.]+)</td>', html)
-    assert rows == [("all", "3", "1.000", "0.333"), ("carry", "2", "1.000", "0.000"), ("no-carry", "1", "1.000", "1.000")]
+    html = (
+        logged_in(viewer)
+        .get(reverse("eval-compare"), {"baseline": right.pk, "candidate": carries_wrong.pk})
+        .content.decode()
+    )
+    rows = re.findall(
+        r'<th scope="row" data-label="\w+">([\w-]+)</th><td data-label="n">(\d+)</td><td data-label="Baseline">([\d.]+)</td><td data-label="Candidate">([\d.]+)</td>',
+        html,
+    )
+    assert rows == [
+        ("all", "3", "1.000", "0.333"),
+        ("carry", "2", "1.000", "0.000"),
+        ("no-carry", "1", "1.000", "1.000"),
+    ]
     assert "only the baseline on 2" in html
     # Runs of different suites cannot be compared: said, not a 500.
-    other = finished(eval_suite_create(name="other", jsonl_data=SUITE.replace("12+30", "10+30")), v2, lambda item: "")
+    other = finished(
+        eval_suite_create(name="other", jsonl_data=SUITE.replace("12+30", "10+30")), v2, lambda item: ""
+    )
     refused = logged_in(viewer).get(reverse("eval-compare"), {"baseline": right.pk, "candidate": other.pk})
     assert refused.status_code == 400 and "not on the same suite version" in refused.content.decode()
 
@@ -133,21 +177,28 @@ def test_the_comparison_page_has_a_per_tag_table(viewer: Any, versions: None) ->
 # --- serving --------------------------------------------------------------------------------------------
 
 
-def test_the_engine_page_shows_state_health_restarts_logs_and_metrics(viewer: Any, engine_with_metrics: EngineWorker) -> None:
+def test_the_engine_page_shows_state_health_restarts_logs_and_metrics(
+    viewer: Any, engine_with_metrics: EngineWorker
+) -> None:
     client = logged_in(viewer)
     html = client.get(reverse("engine-detail", args=[engine_with_metrics.pk])).content.decode()
     assert "ready" in html and "ok" in html
     assert "<dt>Restarts</dt><dd>2" in html
     assert "Uvicorn running on http://127.0.0.1:8101" in html
     assert "25.0 %" in html  # KV cache
-    ttft = re.search(r"<th scope=\"row\">Time to first token</th><td>100</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", html)
+    ttft = re.search(
+        r"<th scope=\"row\">Time to first token</th><td>100</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>",
+        html,
+    )
     # p50: 50 of 100 falls in the (10 ms, 50 ms] bucket holding requests 11 to 60: 10 + 40 x 0.8 = 42 ms.
     assert ttft is not None and ttft.groups() == ("50 ms", "42 ms", "99 ms")
     listing = client.get(reverse("engine-list")).content.decode()
     assert "3 running, 1 waiting" in listing
 
 
-def test_the_model_version_page_shows_lineage_engines_and_loads_eval_history(viewer: Any, versions: None) -> None:
+def test_the_model_version_page_shows_lineage_engines_and_loads_eval_history(
+    viewer: Any, versions: None
+) -> None:
     version = ModelVersion.objects.get(version="v2")
     client = logged_in(viewer)
     html = client.get(reverse("model-version-detail", args=[version.pk])).content.decode()
@@ -174,9 +225,11 @@ def test_an_ab_test_shows_effect_interval_and_chance_to_win(owner: Any, viewer: 
     rollout_analyse(rollout_id=rollout.pk)
     client = logged_in(viewer)
     listing = client.get(reverse("experiment-list")).content.decode()
-    assert f'href="{reverse("experiment-detail", args=[rollout.pk])}"' in listing and "tpot_mean_ms" in listing
+    assert (
+        f'href="{reverse("experiment-detail", args=[rollout.pk])}"' in listing and "tpot_mean_ms" in listing
+    )
     html = client.get(reverse("experiment-detail", args=[rollout.pk])).content.decode()
-    row = html[html.index('class="row-primary"'):]
+    row = html[html.index('class="row-primary"') :]
     row = row[: row.index("</tr>")]
     assert "tpot_mean_ms" in row and "lower is better" in row
     effect = re.search(r'data-label="Effect">([-+\d.]+)\xa0%', row)

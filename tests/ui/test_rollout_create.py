@@ -60,30 +60,42 @@ def test_validation_errors_are_shown_beside_their_fields(owner: Any, versions: N
 
 
 def test_database_facts_are_checked_by_the_same_validator(owner: Any, versions: None) -> None:
-    html = logged_in(owner).post(URL, {**form_data(candidate="", baseline="adder-v1"), "intent": "check"}).content.decode()
+    html = (
+        logged_in(owner)
+        .post(URL, {**form_data(candidate="", baseline="adder-v1"), "intent": "check"})
+        .content.decode()
+    )
     assert "required: a model version label" in errors_of(html, "id_candidate")
     # A candidate that is not registered: the choice list refuses nothing, the validator names the field.
     html = logged_in(owner).post(URL, {**form_data(candidate="adder-v9"), "intent": "check"}).content.decode()
     assert "no model version &#x27;adder-v9&#x27; is registered" in errors_of(html, "id_candidate")
 
 
-def test_checking_a_valid_plan_shows_the_estimate_per_step_and_creates_nothing(owner: Any, versions: None) -> None:
+def test_checking_a_valid_plan_shows_the_estimate_per_step_and_creates_nothing(
+    owner: Any, versions: None
+) -> None:
     response = logged_in(owner).post(URL, {**form_data(), "intent": "check"})
     assert response.status_code == 200
     html = response.content.decode()
     assert "The plan is valid. Requests each step needs" in html
-    estimate = html[html.index('class="stack estimate"'):]
+    estimate = html[html.index('class="stack estimate"') :]
     assert estimate.count('<td data-label="Step">') == 2
-    assert "tpot_mean_ms at most 10% worse:" in estimate and "(assumed coefficient of variation 0.5)" in estimate
+    assert (
+        "tpot_mean_ms at most 10% worse:" in estimate and "(assumed coefficient of variation 0.5)" in estimate
+    )
     assert "min_candidate_requests: 50" in html  # the normalised plan, every default written out
     assert not Rollout.objects.exists()
 
 
-def test_creating_makes_a_draft_whose_page_shows_the_estimate_and_a_start_button(owner: Any, versions: None) -> None:
+def test_creating_makes_a_draft_whose_page_shows_the_estimate_and_a_start_button(
+    owner: Any, versions: None
+) -> None:
     client = logged_in(owner)
     response = client.post(URL, {**form_data(), "intent": "create"})
     rollout = Rollout.objects.get()
-    assert response.status_code == 302 and response["Location"] == reverse("rollout-detail", args=[rollout.pk])
+    assert response.status_code == 302 and response["Location"] == reverse(
+        "rollout-detail", args=[rollout.pk]
+    )
     assert (rollout.state, rollout.created_by_id, len(rollout.steps)) == ("draft", owner.user.pk, 2)
     assert rollout.plan["steps"][1] == {
         "weight": 0.5, "shadow_rate": 0.0, "min_duration_s": 120, "min_candidate_requests": 200, "requires_approval": True,
@@ -121,7 +133,9 @@ def test_the_start_button_starts_the_draft(owner: Any, versions: None) -> None:
     client = logged_in(owner)
     client.post(URL, {**form_data(), "intent": "create"})
     rollout = Rollout.objects.get()
-    response = client.post(reverse("rollout-action", args=[rollout.pk, "start"]), {"reason": "go"}, follow=True)
+    response = client.post(
+        reverse("rollout-action", args=[rollout.pk, "start"]), {"reason": "go"}, follow=True
+    )
     assert "Start: done. The rollout is now running." in response.content.decode()
     rollout.refresh_from_db()
     assert (rollout.state, rollout.step_index) == ("running", 0)

@@ -39,13 +39,18 @@ def state_of(rollout: Rollout) -> str:
 # --- what each role sees ------------------------------------------------------------------------------
 
 
-def test_the_dashboard_lists_the_live_canary_with_its_step_split_and_slo_status(viewer: Any, canary: Rollout) -> None:
+def test_the_dashboard_lists_the_live_canary_with_its_step_split_and_slo_status(
+    viewer: Any, canary: Rollout
+) -> None:
     html = logged_in(viewer).get(reverse("dashboard")).content.decode()
     assert f'href="/rollouts/{canary.pk}"' in html
     assert "adder-v1 → <strong>adder-v2</strong>" in html
     assert "step 1 of 2" in html and "10 % candidate" in html
     # TPOT is already within its margin; the error rate cannot be told apart yet: amber, naming that check.
-    assert 'health-amber"><span class="dot" aria-hidden="true"></span><span class="health-word">undecided' in html
+    assert (
+        'health-amber"><span class="dot" aria-hidden="true"></span><span class="health-word">undecided'
+        in html
+    )
     assert '<span class="health-driver">error_rate at most 0.01 worse</span>' in html
     assert "New rollout" not in html  # a viewer cannot create one
 
@@ -63,7 +68,7 @@ def test_pending_approvals_come_first_on_the_dashboard(viewer: Any, canary: Roll
     awaiting(canary)
     html = logged_in(viewer).get(reverse("dashboard")).content.decode()
     assert "Waiting for an approval" in html and "step 2 of 2 needs an approval" in html
-    table = html[html.index('class="stack rollouts-table"'):]
+    table = html[html.index('class="stack rollouts-table"') :]
     assert table.index(f"/rollouts/{canary.pk}") < table.index(f"/rollouts/{newer.pk}")
 
 
@@ -75,7 +80,9 @@ def test_a_viewer_sees_the_evidence_but_no_action_buttons(viewer: Any, canary: R
     assert buttons(page) == [] and "<dialog" not in page
 
 
-def test_a_release_manager_gets_the_buttons_their_role_allows_each_saying_what_happens(owner: Any, canary: Rollout) -> None:
+def test_a_release_manager_gets_the_buttons_their_role_allows_each_saying_what_happens(
+    owner: Any, canary: Rollout
+) -> None:
     html = status_html(logged_in(owner), canary)
     assert buttons(html) == ["pause", "advance", "promote", "rollback", "abort"]
     assert "Every user of adder goes back to adder-v1 within a second" in html
@@ -99,14 +106,21 @@ def test_an_approver_approves_through_the_page(approver: Any, canary: Rollout) -
     rollout = awaiting(canary)
     client = logged_in(approver)
     response = client.post(
-        reverse("rollout-action", args=[rollout.pk, "approve"]), {"reason": "looks fine", "step_index": "1"}, follow=True
+        reverse("rollout-action", args=[rollout.pk, "approve"]),
+        {"reason": "looks fine", "step_index": "1"},
+        follow=True,
     )
     assert response.status_code == 200
     assert "Approve: done. The rollout is now running." in response.content.decode()
     fresh = Rollout.objects.get(pk=rollout.pk)
     assert (fresh.state, fresh.step_index) == ("running", 1)
     event = RolloutEvent.objects.filter(rollout=rollout).order_by("-seq").first()
-    assert event is not None and (event.kind, event.actor, event.via, event.reason) == ("approved", "approver", "ui", "looks fine")
+    assert event is not None and (event.kind, event.actor, event.via, event.reason) == (
+        "approved",
+        "approver",
+        "ui",
+        "looks fine",
+    )
 
 
 def test_a_service_refusal_is_shown_as_a_message(approver: Any, owner: Any, canary: Rollout) -> None:
@@ -126,7 +140,9 @@ def test_a_service_refusal_is_shown_as_a_message(approver: Any, owner: Any, cana
 def test_the_creator_cannot_approve_their_own_rollout_even_by_posting(owner: Any, canary: Rollout) -> None:
     """The owner is a release manager, not an approver: the role check refuses before the four-eyes rule."""
     rollout = awaiting(canary)
-    response = logged_in(owner).post(reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1"})
+    response = logged_in(owner).post(
+        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1"}
+    )
     assert response.status_code == 403
     assert state_of(rollout) == "awaiting_approval"
 
@@ -155,7 +171,8 @@ def test_a_forged_post_without_the_csrf_token_is_refused(owner: Any, canary: Rol
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
     assert token is not None
     response = client.post(
-        reverse("rollout-action", args=[canary.pk, "rollback"]), {"reason": "real", "csrfmiddlewaretoken": token.group(1)}
+        reverse("rollout-action", args=[canary.pk, "rollback"]),
+        {"reason": "real", "csrfmiddlewaretoken": token.group(1)},
     )
     assert response.status_code == 302 and state_of(canary) == "rolled_back"
 
@@ -198,7 +215,9 @@ def test_the_series_endpoint_gives_the_looks_for_the_charts(viewer: Any, canary:
     assert client.get(reverse("rollout-series", args=[canary.pk]), {"since": "yesterday"}).status_code == 400
 
 
-def test_a_rollback_shows_the_red_guardrail_and_the_reason_in_the_timeline(viewer: Any, canary: Rollout) -> None:
+def test_a_rollback_shows_the_red_guardrail_and_the_reason_in_the_timeline(
+    viewer: Any, canary: Rollout
+) -> None:
     step_back(canary, 60)
     both_arms(canary, total=500, weight=0.1, seed=10, candidate_tpot=(40.0, 3.0))
     analysis = rollout_analyse(rollout_id=canary.pk)
@@ -206,11 +225,11 @@ def test_a_rollback_shows_the_red_guardrail_and_the_reason_in_the_timeline(viewe
     client = logged_in(viewer)
     status = status_html(client, canary)
     assert "rolled back" in status and "health-red" in status
-    red = status[status.index('class="check check-red"'):]
+    red = status[status.index('class="check check-red"') :]
     assert "tpot_mean_ms at most 10% worse" in red[:400] and "breach" in red[:1200]
     assert "beyond the margin of 10.0" in status
     history = client.get(reverse("rollout-history", args=[canary.pk])).content.decode()
-    first = history[history.index('class="tl-item'):]
+    first = history[history.index('class="tl-item') :]
     assert "Rolled back" in first[:300] and "guardrail breached: tpot_mean_ms" in first[:1500]
 
 
@@ -228,9 +247,13 @@ def test_times_are_shown_in_the_browsers_time_zone(viewer: Any, canary: Rollout)
 # --- the audit log --------------------------------------------------------------------------------------
 
 
-def test_the_audit_log_filters_by_rollout_actor_and_kind_and_exports_csv(viewer: Any, approver: Any, canary: Rollout) -> None:
+def test_the_audit_log_filters_by_rollout_actor_and_kind_and_exports_csv(
+    viewer: Any, approver: Any, canary: Rollout
+) -> None:
     rollout = awaiting(canary)
-    logged_in(approver).post(reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "reason": "=cmd()"})
+    logged_in(approver).post(
+        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "reason": "=cmd()"}
+    )
     client = logged_in(viewer)
     html = client.get(reverse("audit-log"), {"actor": "approver"}).content.decode()
     assert "1 event match" in html and "Approved" in html and "Created" not in html

@@ -1,0 +1,154 @@
+"""The buttons of a rollout: which a person may press now, what each will do (said in its confirmation
+dialog), and the POST that calls the service. Roles and states are checked again by the services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from config.errors import DomainError
+from rollouts import selectors
+from rollouts.models import Rollout
+from rollouts.services import (
+    ACTIONS,
+    action_allowed,
+    rollout_abort,
+    rollout_advance,
+    rollout_approve,
+    rollout_pause,
+    rollout_promote,
+    rollout_reject,
+    rollout_resume,
+    rollout_rollback,
+    rollout_start,
+)
+from rollouts.views.display import percent, rollout_or_404, ui_actor
+
+ACTION_LABELS = {
+    "start": "Start", "pause": "Pause", "resume": "Resume", "approve": "Approve", "reject": "Reject",
+    "advance": "Advance now", "promote": "Promote now", "rollback": "Roll back", "abort": "Abort",
+}  # fmt: skip
+
+
+DANGER_ACTIONS = {"rollback", "abort", "reject"}
+ACTION_SERVICES: dict[str, Any] = {
+    "start": rollout_start, "pause": rollout_pause, "resume": rollout_resume, "approve": rollout_approve,
+    "reject": rollout_reject, "advance": rollout_advance, "promote": rollout_promote, "rollback": rollout_rollback,
+    "abort": rollout_abort,
+}  # fmt: skip
+
+
+assert set(ACTION_SERVICES) == set(ACTIONS)
+
+
+def _step_text(rollout: Rollout, index: int) -> str:
+    steps = rollout.steps
+    step = steps[index]
+    where = f"step {index + 1} of {len(steps)}"
+    weight = float(step["weight"])
+    if weight == 0:
+        return f"{where}: no users on {rollout.candidate.label}; {percent(float(step['shadow_rate']))} of requests are mirrored to it"
+    return f"{where}: {percent(weight)} of the users of {rollout.alias_name} go to {rollout.candidate.label}"
+
+
+def action_explanation(rollout: Rollout, action: str) -> str:
+    alias, base, cand = rollout.alias_name, rollout.baseline.label, rollout.candidate.label
+    steps = rollout.steps
+    watch = "The analysis keeps checking every guardrail and rolls back by itself on a breach."
+    if action == "start":
+        gate = rollout.plan.get("eval_gate")
+        if gate:
+            return (
+                f"The eval gate runs first: {base} and {cand} answer the suite {gate.get('suite')}, and no traffic "
+                f"moves until {cand} passes it. Then {_step_text(rollout, 0)}."
+            )
+        if steps and steps[0].get("requires_approval"):
+            return f"The rollout starts and waits for an approval of step 1 ({_step_text(rollout, 0)})."
+        return f"The rollout starts now: {_step_text(rollout, 0)}. {watch}"
+    if action == "approve":
+        pending = rollout.step_index + 1
+        if pending >= len(steps):
+            return f"You approve the promotion: {cand} becomes what {alias} serves to every user, and the rollout ends."
+        return f"You approve {_step_text(rollout, pending)}. It starts at once. {watch}"
+    if action == "reject":
+        return (
+            f"You refuse the approval: the rollout rolls back and every user of {alias} goes back to {base}."
+        )
+    if action == "advance":
+        nxt = rollout.step_index + 1
+        if nxt < len(steps):
+            if steps[nxt].get("requires_approval"):
+                return f"Step {nxt} ends now, without waiting for its minimums; step {nxt + 1} needs an approval, so the rollout then waits for one."
+            return f"Step {nxt} ends now, without waiting for its minimums, and {_step_text(rollout, nxt)}."
+        if rollout.plan.get("promotion_requires_approval"):
+            return (
+                "The last step ends now; the promotion needs an approval, so the rollout then waits for one."
+            )
+        return f"The last step ends now and {cand} is promoted: it serves every user of {alias}."
+    if action == "promote":
+        return f"{cand} becomes what {alias} serves to every user now, skipping any remaining steps. The rollout ends as promoted."
+    if action == "pause":
+        weights = selectors.rollout_weights(rollout=rollout)
+        return (
+            f"The split stays where it is ({percent(weights['candidate'])} of users on {cand}) and nothing advances until "
+            "someone resumes. The analysis still rolls back by itself on a breach."
+        )
+    if action == "resume":
+        return f"The rollout carries on from where it was paused ({(rollout.paused_from or 'running').replace('_', ' ')})."
+    if action == "rollback":
+        return (
+            f"Every user of {alias} goes back to {base} within a second and the rollout ends as rolled back. "
+            f"Trying {cand} again needs a new rollout."
+        )
+    if action == "abort":
+        return f"The rollout stops without a verdict: {base} keeps (or gets back) all of {alias}'s traffic."
+    return ""
+
+
+def actions_for(rollout: Rollout, user: Any) -> list[dict[str, Any]]:
+    out = []
+    for action in selectors.rollout_actions(rollout=rollout, user=user):
+        label = ACTION_LABELS[action]
+        if action == "approve":
+            pending = rollout.step_index + 1
+            label = "Approve promotion" if pending >= len(rollout.steps) else f"Approve step {pending + 1}"
+        out.append({
+            "action": action, "label": label, "danger": action in DANGER_ACTIONS,
+            "explanation": action_explanation(rollout, action),
+            "url": reverse("rollout-action", args=[rollout.pk, action]),
+            "step_index": rollout.step_index + 1 if action == "approve" else None,
+        })  # fmt: skip
+    return out
+
+
+@require_POST
+def rollout_action(request: HttpRequest, rollout_id: int, action: str) -> HttpResponse:
+    if not request.user.is_authenticated:
+        raise PermissionDenied("log in first")
+    if action not in ACTION_SERVICES:
+        raise Http404(f"no action {action!r}")
+    if not action_allowed(user=request.user, action=action):
+        raise PermissionDenied(f"{action} is not open to your role")
+    rollout = rollout_or_404(rollout_id)
+    kwargs: dict[str, Any] = {
+        "rollout": rollout,
+        "actor": ui_actor(request),
+        "reason": request.POST.get("reason", "")[:2000],
+    }
+    if action == "approve" and (request.POST.get("step_index") or "").isdigit():
+        kwargs["step_index"] = int(request.POST["step_index"])
+    try:
+        after = ACTION_SERVICES[action](**kwargs)
+    except DomainError as exc:
+        messages.error(request, f"Could not {ACTION_LABELS[action].lower()}: {exc.message}")
+    else:
+        messages.success(
+            request, f"{ACTION_LABELS[action]}: done. The rollout is now {after.state.replace('_', ' ')}."
+        )
+    return redirect("rollout-detail", rollout_id=rollout.pk)
