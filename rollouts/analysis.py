@@ -306,7 +306,8 @@ def _decide_traffic(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     if plan.strategy == "ab":
         primary = next((c for c in look.checks if c["type"] == "primary"), None)
         horizon = plan.ab_horizon_s or 0
-        if primary and minimums_met and not srm_bad and primary["decision"] == "win":
+        # A paused test still rolls back on a loss (stopping harm), but is not promoted behind people's backs.
+        if primary and minimums_met and not srm_bad and primary["decision"] == "win" and rollout.state == State.RUNNING:
             look.decision, look.reason = D.PROMOTE, f"the candidate wins on {primary['metric']} (effect {primary['effect']}, p {primary['p']})"
         elif primary and minimums_met and primary["decision"] == "loss":
             look.decision, look.reason = D.ROLLBACK, f"the candidate loses on {primary['metric']} (effect {primary['effect']}, p {primary['p']})"
