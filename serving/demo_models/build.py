@@ -25,6 +25,12 @@ HASH_CHARS = 12
 # max_tokens: an answer is at most 3 digits, and a bad model must not ramble to
 # the end of the context when a request gives no limit.
 GENERATION_DEFAULTS = {"do_sample": False, "temperature": 0.0, "max_new_tokens": 8}
+# vLLM serves a float32 checkpoint in bfloat16 on CPU unless told otherwise. On a CPU
+# without native bf16 (AVX2 only, like this repo's machines) that is also slower:
+# oneDNN has no bf16 matmul there and vLLM falls back to plain torch. In float32 the
+# engine's greedy answers are the torch answers that exact_match counts (checked:
+# 200/200 for v2 and v2-slow; in bf16 3/200 of v2's and 5/200 of v2-broken's differ).
+ENGINE_ARGS: tuple[str, ...] = ("--dtype", "float32")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class BuiltModel:
     build_seconds: float
     # True when this call found a complete build and did no training.
     cached: bool
+    # Extra vLLM arguments the model is meant to be served with (see ENGINE_ARGS).
+    engine_args: tuple[str, ...] = ENGINE_ARGS
 
 
 def build_dir(out_dir: Path, recipe: Recipe) -> Path:
