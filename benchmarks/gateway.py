@@ -274,9 +274,17 @@ def litellm_ready() -> Path:
 
 
 def demo_model(name: str) -> str:
-    from serving.demo_models import build_demo_models  # type: ignore[attr-defined]
-
-    return str(build_demo_models(names=[name])[name])
+    """The demo model's directory, built (or found cached) by the demo-model builder in a child process."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom serving.demo_models import DEMO_RECIPES, build_demo_models\n"
+        "recipes = [r for r in DEMO_RECIPES if r.name == sys.argv[2]]\n"
+        "built = build_demo_models(Path(sys.argv[1]), recipes=recipes, log=lambda m: print(m, file=sys.stderr))\n"
+        "print(built[0].path)\n"
+    )
+    out_dir = os.environ.get("DEMO_MODELS_DIR") or str(REPO / "var" / "demo-models")
+    done = subprocess.run([sys.executable, "-c", script, out_dir, name], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip().splitlines()[-1]
 
 
 # --- main -------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ registered through serving's services, and two real vLLM engines (started once p
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -142,9 +141,6 @@ print(json.dumps({model.served_name: str(model.path) for model in built}))
 def demo_model_dirs() -> dict[str, Path]:
     """adder-v1 and adder-v2 from the demo-model builder (cached under DEMO_MODELS_DIR). In a child process:
     training is torch's business, and the test process stays small."""
-    dev = os.environ.get("GATEWAY_TESTS_MODEL_DIR")
-    if dev:
-        return {"adder-v1": Path(dev), "adder-v2": Path(dev)}
     done = subprocess.run(
         [sys.executable, "-c", _BUILD, str(settings.DEMO_MODELS_DIR)], cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=900,
