@@ -214,7 +214,8 @@ def _look_payload(look: RolloutAnalysis) -> dict[str, Any]:
 
 
 def series_payload(looks: list[RolloutAnalysis]) -> dict[str, Any]:
-    return {"looks": [_look_payload(look) for look in looks]}
+    # Looks that measured no traffic (the eval gate's, a step's first seconds) have nothing to draw.
+    return {"looks": [_look_payload(look) for look in looks if look.arms]}
 
 
 def _chart_specs(rollout: Rollout) -> dict[str, Any]:

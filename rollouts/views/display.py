@@ -91,9 +91,9 @@ def duration(seconds: float | None) -> str:
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
+        return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds // 60} min {seconds % 60:02d} s"
     if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+        return f"{seconds // 3600} h" if seconds % 3600 == 0 else f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
@@ -287,7 +287,8 @@ def rollout_summary(rollout: Rollout, analysis: RolloutAnalysis | None = None) -
     """What the dashboard and the detail header show about one rollout."""
     steps = rollout.steps
     weights = selectors.rollout_weights(rollout=rollout)
-    health = selectors.rollout_health(analysis=analysis)
+    # A look that judged no traffic (the eval gate's) says nothing about the SLOs yet.
+    health = selectors.rollout_health(analysis=analysis if analysis is None or analysis.checks else None)
     if rollout.state == State.ROLLED_BACK:
         health = {**health, "status": "red", "driver": health.get("driver") or "rolled back"}
     step = rollout.current_step

@@ -190,6 +190,8 @@
           });
           ds.pointBackgroundColor = colors;
           ds.pointBorderColor = colors;
+          // Dots tell the decision at each look; with many looks they shrink so the band stays readable.
+          ds.pointRadius = state.looks.length > 40 ? 1.5 : (state.looks.length > 15 ? 2.5 : 3.5);
         }
       });
       chart.options.scales.y.title = { display: !!unit, text: unit };
@@ -197,6 +199,8 @@
     });
     var empty = document.querySelector(".chart-empty");
     if (empty) empty.hidden = state.looks.length > 0;
+    var body = document.querySelector(".charts-body");
+    if (body) body.hidden = state.looks.length === 0;
   }
 
   function initCharts() {
