@@ -14,7 +14,10 @@ import pytest
 from serving.demo_models import (
     DEMO_RECIPES,
     BuiltModel,
+    TrainRecipe,
     build_demo_models,
+    build_dir,
+    demo_model_build,
     heldout_answers,
     heldout_sums,
     recipe_hash,
@@ -115,3 +118,19 @@ def test_tokenizer_round_trip(built: dict[str, BuiltModel]) -> None:
     assert tokenizer.decode(answer, skip_special_tokens=True) == "85"
     # Text the model never saw still tokenises, as <unk>, instead of failing.
     assert UNK_ID in tokenizer("what is 2+2?").input_ids
+
+
+def test_an_interrupted_build_is_not_taken_for_a_cached_one(tmp_path: Path) -> None:
+    tiny = TrainRecipe(name="tiny", version="t", description="", seed=0, steps=2, batch_size=8,
+                       learning_rate=1e-3, warmup_steps=1)
+    final = build_dir(tmp_path, tiny)
+    # What a crash leaves: a temporary directory, or (copied by hand) files without the marker.
+    (tmp_path / f".tmp-{final.name}-crashed").mkdir()
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+
+    first = demo_model_build(tiny, out_dir=tmp_path, log=lambda line: None)
+    assert not first.cached and (final / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+    again = demo_model_build(tiny, out_dir=tmp_path, log=lambda line: None)
+    assert again.cached and again.heldout_answers == first.heldout_answers
