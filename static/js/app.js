@@ -50,6 +50,20 @@
       if (open) open.close();
     }
   });
+  // The account menu closes on a click elsewhere or on Escape, like any menu.
+  document.addEventListener("click", function (event) {
+    document.querySelectorAll("details.account-menu[open]").forEach(function (menu) {
+      if (!menu.contains(event.target)) menu.open = false;
+    });
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape") return;
+    document.querySelectorAll("details.account-menu[open]").forEach(function (menu) {
+      menu.open = false;
+      var summary = menu.querySelector("summary");
+      if (summary) summary.focus();
+    });
+  });
   // One click, one request: a second click while the first POST is on its way does nothing.
   document.addEventListener("submit", function (event) {
     var form = event.target;
