@@ -386,8 +386,10 @@ def main() -> None:
 
 def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
     print()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{args.clients} concurrent streaming clients, {args.max_tokens} output tokens (ignore_eos), "
-          f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; {os.cpu_count()} CPUs")
+          f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; {os.cpu_count()} CPUs, "
+          f"load average at the end {load}")
     print()
     header = (f"| {'target':9s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>8s} | {'TTFT p50':>8s} | "
               f"{'TTFT p99':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>9s} | {'proxy CPU/req':>13s} |")
