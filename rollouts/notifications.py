@@ -124,9 +124,10 @@ def notification_deliver(*, event_id: int) -> str:
 
 
 def notifications_pending(*, older_than: timedelta = timedelta(seconds=60)) -> list[int]:
-    """Event ids whose notification is waiting: never enqueued (broker down) or its worker died."""
+    """Event ids whose notification is waiting: never tried (the broker was down on commit) or its worker
+    died mid-send. One that failed and waits for its retry is left to the task's own backoff."""
     now = timezone.now()
-    waiting = Q(status=Notification.Status.PENDING, created_at__lt=now - older_than) | Q(
+    waiting = Q(status=Notification.Status.PENDING, attempts=0, created_at__lt=now - older_than) | Q(
         status=Notification.Status.SENDING, claimed_at__lt=now - STALE_CLAIM
     )
     return list(Notification.objects.filter(waiting).order_by("id").values_list("event_id", flat=True)[:500])
