@@ -63,10 +63,12 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         "baseline": "adder-v1",
         "candidate": "adder-v2-slow",
         "strategy": "canary",
+        # Steps long enough for the guardrail to decide at demo_load's few requests per second (it needs
+        # about a hundred candidate requests); a candidate that passed them would promote.
         "steps": [
-            {"weight": "20%", "min_duration_s": 120, "min_candidate_requests": 60},
-            {"weight": "50%", "min_duration_s": 120, "min_candidate_requests": 60},
-            {"weight": "100%", "min_duration_s": 60, "min_candidate_requests": 60},
+            {"weight": "25%", "min_duration_s": 300, "min_candidate_requests": 100},
+            {"weight": "50%", "min_duration_s": 300, "min_candidate_requests": 100},
+            {"weight": "100%", "min_duration_s": 120, "min_candidate_requests": 60},
         ],
         "guardrails": [
             {"metric": "tpot_mean_ms", "margin": "10%"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -70,7 +70,7 @@ def records(
     model_version: ModelVersion | None = None,
     at: datetime | None = None,
     ttft: tuple[float, float] = (100.0, 10.0),
-    tpot: tuple[float, float] = (20.0, 2.0),
+    tpot: tuple[float, float] | Callable[[random.Random], float] = (20.0, 2.0),
     error_rate: float = 0.0,
     prompt_tokens: int = 12,
     completion_tokens: int = 4,
@@ -85,7 +85,7 @@ def records(
     for i in range(n):
         failed = rng.random() < error_rate
         ttft_ms = max(1.0, rng.gauss(*ttft))
-        tpot_ms = max(0.1, rng.gauss(*tpot))
+        tpot_ms = max(0.1, tpot(rng) if callable(tpot) else rng.gauss(*tpot))
         rows.append(
             RequestRecord(
                 request_id=os.urandom(12).hex(),

@@ -24,7 +24,7 @@ class Command(BaseCommand):
     help = "Send a few requests per second of random two-digit sums to the demo aliases through the gateway."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--rate", type=float, default=4.0, help="requests per second in all (default 4)")
+        parser.add_argument("--rate", type=float, default=6.0, help="requests per second in all (default 6)")
         parser.add_argument("--url", default=None, help="the gateway (default: PUBLIC_URL)")
         parser.add_argument("--alias", action="append", dest="aliases", help="an alias to load (default: the demo's)")
         parser.add_argument("--users", type=int, default=1000, help="size of the sticky user pool (default 1000)")
