@@ -240,7 +240,7 @@ def _run_region(request: HttpRequest, run: EvalRun) -> LiveRegion:
 @require_GET
 def eval_run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     run = _run_or_404(run_id)
-    others = selectors.eval_run_list(suite=run.suite, state=EvalRun.State.SUCCEEDED).exclude(pk=run.pk)[:20]
+    others = selectors.eval_runs_comparable(run=run)[:20]
     results = selectors.eval_run_results(run=run)[:ITEMS_SHOWN]
     return render(request, "evals/run_detail.html", {
         "run": run, "live": _run_region(request, run), "others": others, "results": results, "items_shown": ITEMS_SHOWN,

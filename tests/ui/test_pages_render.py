@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.urls import reverse
 
-from evals.services import eval_suite_create
+from evals.services import eval_run_create, eval_suite_create
 from rollouts.models import Rollout
 from serving.models import EngineWorker, ModelVersion
 from tests.ui.conftest import logged_in
@@ -21,6 +21,7 @@ SUITE = '{"id": "a", "prompt": "1+2=", "reference": "3", "tags": ["small"]}\n{"i
 def pages(canary: Rollout, engine_with_metrics: EngineWorker) -> dict[str, str]:
     suite = eval_suite_create(name="tiny", jsonl_data=SUITE)
     version = ModelVersion.objects.get(name="adder", version="v2")
+    run = eval_run_create(suite=suite, model_version=version, scorers=["exact_match"])
     return {
         "dashboard": reverse("dashboard"),
         "dashboard live": reverse("dashboard-live"),
@@ -36,6 +37,8 @@ def pages(canary: Rollout, engine_with_metrics: EngineWorker) -> dict[str, str]:
         "suites": reverse("eval-suite-list"),
         "suite": reverse("eval-suite-detail", args=[suite.pk]),
         "runs": reverse("eval-run-list"),
+        "run": reverse("eval-run-detail", args=[run.pk]),
+        "run live": reverse("eval-run-detail-live", args=[run.pk]),
         "eval history": reverse("eval-history", args=[version.pk]),
         "experiments": reverse("experiment-list"),
         "experiment": reverse("experiment-detail", args=[canary.pk]),
