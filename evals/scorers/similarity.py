@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on 128-token inputs; longer text is cut here.
 BATCH = 32
+# Torch threads for the encoder (process-wide). A 6-layer encoder gains little from more, and on a busy
+# machine OpenMP threads that spin-wait cost far more than they give: one pair took 855 ms with 2 threads
+# and 104 ms with 1 on this 2-core machine under load (see benchmarks/README.md, "Evals").
+THREADS = int(os.environ.get("EVAL_EMBEDDING_THREADS", "1"))
 
 
 def default_model_dir() -> Path:
@@ -38,7 +42,11 @@ class SentenceEncoder:
         # Offline on purpose: a scorer must never reach for a hub in the middle of a run.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
         from transformers import AutoModel, AutoTokenizer
+
+        if THREADS > 0:
+            torch.set_num_threads(THREADS)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
