@@ -200,6 +200,8 @@ class _Connection(asyncio.Protocol):
         if response is not None:
             response._conn = None
             response._done()
+        # The response holds its bytes now; a connection paused for it must read again for the next one.
+        self.resume()
         if keep and not self.closed:
             self.pool._release(self)
         else:
