@@ -129,7 +129,7 @@ DEMO_RECIPES: tuple[Recipe, ...] = (
         version="v2-slow",
         description="adder-v2's answers from a model many times its size: same quality, slower tokens.",
         base=ADDER_V2,
-        # About 75x v2's parameters (25M, 100 MB in float32). Through vLLM on 2 busy
+        # 77x v2's parameters (25.7M, 103 MB in float32). Through vLLM on 2 busy
         # cores, 16384 wide gave 6x v2's TPOT and a TTFT near a second: more than a
         # latency guardrail needs to see, and twice the build and memory.
         extra_layers=6,

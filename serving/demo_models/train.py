@@ -231,6 +231,7 @@ def model_inflate(base: LlamaForCausalLM, recipe: InflateRecipe) -> LlamaForCaus
         model.model.embed_tokens.weight.copy_(base.model.embed_tokens.weight)
         model.model.norm.weight.copy_(base.model.norm.weight)
         model.lm_head.weight.copy_(base.lm_head.weight)
+        # strict=False on purpose: the layers beyond the base's stay all zero.
         for new, src in zip(model.model.layers, base.model.layers, strict=False):
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(new.self_attn, proj).weight.copy_(getattr(src.self_attn, proj).weight)
