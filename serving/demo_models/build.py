@@ -139,6 +139,11 @@ def demo_model_build(recipe: Recipe, *, out_dir: Path, log: Log = print) -> Buil
             marker = _build_into(recipe, tmp, base=base, log=log)
             marker["build_seconds"] = round(time.monotonic() - started, 2)
             _write_json(tmp / MARKER_FILE, marker)
+            # mkdtemp makes the directory 0700 and safetensors writes 0600: an engine
+            # run as another user must still read the model. Weights are no secret.
+            for item in tmp.iterdir():
+                item.chmod(0o644)
+            tmp.chmod(0o755)
             # rename is atomic on one filesystem: the final name only ever
             # points at a complete build.
             os.rename(tmp, final)
