@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from typing import Any
 
 from accounts.models import ApiToken
 from accounts.roles import ALL_ROLES, Role
@@ -12,22 +11,22 @@ def token_digest(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def user_roles(*, user: AbstractBaseUser | AnonymousUser) -> frozenset[Role]:
+def user_roles(*, user: Any) -> frozenset[Role]:
     if not user.is_authenticated or not user.is_active:
         return frozenset()
     if user.is_superuser:
         return frozenset(ALL_ROLES)
     cached = getattr(user, "_platform_roles", None)
     if cached is None:
-        names = set(user.groups.values_list("name", flat=True))  # type: ignore[attr-defined]
+        names = set(user.groups.values_list("name", flat=True))
         cached = frozenset(role for role in ALL_ROLES if role.value in names)
         if Role.ADMIN in cached:
             cached = frozenset(ALL_ROLES)
-        user._platform_roles = cached  # type: ignore[union-attr]
+        user._platform_roles = cached
     return cached
 
 
-def user_has_role(*, user: AbstractBaseUser | AnonymousUser, role: Role) -> bool:
+def user_has_role(*, user: Any, role: Role) -> bool:
     return role in user_roles(user=user)
 
 

@@ -29,7 +29,7 @@ def _broker_status() -> str:
     try:
         if url.startswith("filesystem"):
             # The filesystem transport "connects" without touching the disk; check the folder instead.
-            folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_out"]
+            folder = str(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_out"])
             probe = os.path.join(folder, f".readyz-{os.getpid()}-{time.monotonic_ns()}")
             with open(probe, "w") as handle:
                 handle.write("ok")

@@ -7,8 +7,10 @@ fresh clone runs with nothing set. Production sets `DATABASE_URL`, `CELERY_BROKE
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from config.env import (
+    DatabaseUrl,
     EnvError,
     check_broker_url,
     env_bool,
@@ -33,6 +35,7 @@ _database_url = env_str("DATABASE_URL", secret=True)
 # Production is whatever runs on a real database; there a missing secret is an error, not a default.
 PRODUCTION = _database_url is not None and not _database_url.startswith("sqlite")
 
+_db: DatabaseUrl | None = None
 if _database_url:
     _db = parse_database_url("DATABASE_URL", _database_url)
     DATABASES = {
@@ -51,8 +54,6 @@ if _database_url:
     }
     if _db.engine.endswith("sqlite3"):
         DATABASES["default"].pop("CONN_MAX_AGE")
-else:
-    _db = None
 
 _SQLITE_OPTIONS = {
     # WAL lets the web process, the Celery worker and beat read while one of them writes;
@@ -210,7 +211,7 @@ CACHES = {
 
 # --- REST API -------------------------------------------------------------------------------------
 
-REST_FRAMEWORK = {
+REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.authentication.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
