@@ -61,6 +61,8 @@ class Command(BaseCommand):
                 price_in, price_out = PRICES.get(model.version, DEFAULT_PRICE)
                 version = model_version_register(
                     name=name, version=model.version, artifact=artifact, served_model_name=model.served_name,
+                    # float32: vLLM on CPU would serve these in bfloat16, which changes a few greedy answers.
+                    engine_args=list(model.engine_args),
                     sampling_defaults=dict(SAMPLING_DEFAULTS),
                     description=(f"{model.description} Exact match {model.exact_match:.1%} on the held-out sums; "
                                  f"{model.param_count:,} parameters."),
