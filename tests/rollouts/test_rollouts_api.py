@@ -237,3 +237,13 @@ def test_the_schema_documents_every_rollout_endpoint(client: Any) -> None:
     create_body = paths["/api/v1/rollouts"]["post"]["requestBody"]["content"]
     assert set(create_body) == {"application/json", "application/yaml"}
     assert "steps" in create_body["application/json"]["schema"]["properties"]
+
+
+def test_a_rollout_the_platform_created_reads_with_no_creator(viewer: Any, versions: None) -> None:
+    from rollouts.actors import SYSTEM
+    from rollouts.services import rollout_create
+
+    rollout = rollout_create(plan=canary_plan(), actor=SYSTEM, start_when_ready=True).rollout
+    body = viewer.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
+    assert (body["created_by"], body["start_when_ready"], body["state"]) == (None, True, "draft")
+    assert body["actions"] == []  # a viewer may do nothing
