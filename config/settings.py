@@ -234,6 +234,11 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": "/api/v1",
+    "ENUM_NAME_OVERRIDES": {
+        "EngineStateEnum": "serving.models.EngineWorker.State",
+        "RolloutStateEnum": "rollouts.models.Rollout.State",
+        "EvalRunStateEnum": "evals.models.EvalRun.State",
+    },
 }
 
 # --- Celery ---------------------------------------------------------------------------------------
