@@ -300,6 +300,7 @@ def main() -> None:
     parser.add_argument("--targets", default="direct,gateway,combined,litellm")
     parser.add_argument("--model", default="adder-v1", help="demo model to serve")
     parser.add_argument("--model-dir", default=None, help="serve this directory instead of a demo model")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--engine-url", default=None,
                         help="use an engine that is already running (serving --model) instead of starting one")
     args = parser.parse_args()
@@ -381,7 +382,10 @@ def main() -> None:
                 print(f"round {round_index + 1} {name:9s} {done / elapsed:7.1f} req/s", flush=True)
 
         report(samples, args)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"logs and database kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
