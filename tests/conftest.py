@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -8,6 +9,7 @@ from rest_framework.test import APIClient
 
 from accounts.roles import Role
 from accounts.services import api_token_create, user_create
+from tests.support.demo import EnginePool
 
 
 @dataclass
@@ -56,3 +58,13 @@ def platform_admin(db: None) -> Member:
 @pytest.fixture
 def anonymous() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture(scope="session")
+def demo_engines() -> Iterator[EnginePool]:
+    """Real vLLM engines on the demo models, shared by the whole session (see tests/support/demo.py)."""
+    pool = EnginePool()
+    try:
+        yield pool
+    finally:
+        pool.close()

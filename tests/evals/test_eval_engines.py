@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,10 @@ from evals.services import (
     eval_suite_create,
 )
 from serving.demo_models import DEMO_RECIPES, BuiltModel, build_demo_models
-from serving.engines.services import engine_claim, engine_ready, engine_start_begin
-from serving.models import EngineWorker, ModelVersion
-from serving.services import engine_worker_create, model_version_register
-from tests.support.engines import RunningEngine, running_engine
+from serving.models import ModelVersion
+from serving.services import model_version_register
+from tests.support.demo import EnginePool, static_worker_ready
+from tests.support.engines import RunningEngine
 from tests.support.processes import celery_worker
 
 # Engines take minutes to start on a busy 2-core machine: more than the suite's default 600 s limit.
@@ -50,20 +49,16 @@ def built() -> dict[str, BuiltModel]:
     return {m.name: m for m in build_demo_models(Path(settings.DEMO_MODELS_DIR), recipes=wanted, log=lambda _: None)}
 
 
-@pytest.fixture(scope="module")
-def v1_engine(built: dict[str, BuiltModel]) -> Iterator[RunningEngine]:
-    with running_engine(model_dir=built["adder-v1"].path, served_name="adder-v1", log_dir=LOG_DIR) as engine:
-        yield engine
+@pytest.fixture
+def v1_engine(demo_engines: EnginePool) -> RunningEngine:
+    return demo_engines.get("adder-v1")
 
 
 def register(model: BuiltModel, engine: RunningEngine | None) -> ModelVersion:
     version = model_version_register(name="adder", version=model.version, artifact=str(model.path),
                                      served_model_name=model.served_name)
     if engine is not None:
-        worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, base_url=engine.base_url)
-        assert engine_claim(worker_id=worker.id, agent=AGENT, ttl_s=3600) is not None
-        assert engine_start_begin(worker_id=worker.id, agent=AGENT, port=None, base_url=engine.base_url) is not None
-        assert engine_ready(worker_id=worker.id, agent=AGENT) is not None
+        static_worker_ready(version, engine.base_url, agent=AGENT)
     return version
 
 
@@ -91,12 +86,12 @@ def gate_run(rollout_id: int, baseline: ModelVersion, candidate: ModelVersion) -
 
 
 def test_the_eval_gate_stops_adder_v2_broken_with_mcnemar_evidence(
-    built: dict[str, BuiltModel], v1_engine: RunningEngine, no_broker: None
+    built: dict[str, BuiltModel], v1_engine: RunningEngine, demo_engines: EnginePool, no_broker: None
 ) -> None:
     builtin_suites_ensure()
-    with running_engine(model_dir=built["adder-v2-broken"].path, served_name="adder-v2-broken", log_dir=LOG_DIR) as broken:
-        v1, candidate = register(built["adder-v1"], v1_engine), register(built["adder-v2-broken"], broken)
-        gate_run(11, v1, candidate)
+    broken = demo_engines.get("adder-v2-broken")
+    v1, candidate = register(built["adder-v1"], v1_engine), register(built["adder-v2-broken"], broken)
+    gate_run(11, v1, candidate)
     result = eval_gate_result(rollout_id=11)
     assert result is not None and result.status == "failed", result
     assert result.reason.startswith("candidate failed: may be worse than the baseline by more than 0.05")
@@ -110,11 +105,13 @@ def test_the_eval_gate_stops_adder_v2_broken_with_mcnemar_evidence(
     assert {row["tag"] for row in result.evidence["per_tag"]} == {"carry", "no-carry", "three-digit", "two-digit"}
 
 
-def test_the_eval_gate_passes_adder_v2(built: dict[str, BuiltModel], v1_engine: RunningEngine, no_broker: None) -> None:
+def test_the_eval_gate_passes_adder_v2(
+    built: dict[str, BuiltModel], v1_engine: RunningEngine, demo_engines: EnginePool, no_broker: None
+) -> None:
     builtin_suites_ensure()
-    with running_engine(model_dir=built["adder-v2"].path, served_name="adder-v2", log_dir=LOG_DIR) as good:
-        v1, candidate = register(built["adder-v1"], v1_engine), register(built["adder-v2"], good)
-        gate = gate_run(12, v1, candidate)
+    good = demo_engines.get("adder-v2")
+    v1, candidate = register(built["adder-v1"], v1_engine), register(built["adder-v2"], good)
+    gate = gate_run(12, v1, candidate)
     result = eval_gate_result(rollout_id=12)
     assert result is not None and result.status == "passed", result
     assert result.evidence["decision"]["drop_upper_bound"] <= 0.05

@@ -24,7 +24,7 @@ from serving.engines.probe import engine_client, probe_readiness
 
 SLOT_DIR = Path(os.environ.get("ENGINE_SLOT_DIR", "/tmp/ramp-engine-slots"))
 SLOTS = int(os.environ.get("ENGINE_SLOTS", "3"))
-START_TIMEOUT_S = float(os.environ.get("ENGINE_START_TIMEOUT_S", "240"))
+START_TIMEOUT_S = float(os.environ.get("ENGINE_START_TIMEOUT_S", "420"))
 
 __all__ = ["RunningEngine", "engine_env", "engine_slot", "free_port", "running_engine", "vllm_command", "wait_ready"]
 
@@ -101,13 +101,14 @@ def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def running_engine(*, model_dir: Path | str, served_name: str, log_dir: Path) -> Iterator[RunningEngine]:
+def running_engine(*, model_dir: Path | str, served_name: str, log_dir: Path,
+                   engine_args: list[str] | None = None) -> Iterator[RunningEngine]:
     """One vLLM engine on a free port, ready, killed (its whole process group) on exit."""
     with engine_slot():
         port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"engine-{served_name}-{port}.log"
-        proc = _spawn(vllm_command(model_dir=str(model_dir), served_name=served_name, port=port), log)
+        proc = _spawn(vllm_command(model_dir=str(model_dir), served_name=served_name, port=port, extra=engine_args), log)
         engine = RunningEngine(served_name=served_name, base_url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=log)
         try:
             wait_ready(engine.base_url, served_name, proc=proc, log=log)

@@ -6,13 +6,11 @@ traffic. Nobody touches the rollout after it starts: it must decide by itself.
   on its TPOT guardrail, and the gateway stops sending users to it;
 - a canary from adder-v1 to adder-v2 promotes through all its steps.
 
-At most two engines run at once (adder-v1 for the module, one candidate per test), each holding a
-machine-wide slot (tests/support/engines.py)."""
+Engines come from the session's pool (tests/support/demo.py): adder-v1 and one candidate per test, each
+holding a machine-wide slot."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,12 +24,12 @@ from django.conf import settings
 from rollouts.actors import SYSTEM
 from rollouts.models import Rollout
 from rollouts.services import rollout_create
-from serving.engines.services import engine_claim, engine_ready, engine_start_begin
-from serving.models import EngineWorker, ModelVersion, RequestRecord
+from serving.models import ModelVersion, RequestRecord
 from serving.selectors import alias_get
-from serving.services import engine_worker_create, gateway_key_create, model_version_register
-from tests.support.engines import RunningEngine, free_port, running_engine
-from tests.support.processes import REPO_ROOT, VENV_BIN, child_env, child_process
+from serving.services import gateway_key_create
+from tests.support.demo import EnginePool, static_worker_ready, version_register
+from tests.support.engines import free_port
+from tests.support.processes import VENV_BIN, child_env, child_process
 
 # Engines start slowly on a busy machine and may wait for a free slot.
 pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pytest.mark.timeout(2400)]
@@ -40,45 +38,10 @@ LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
 AGENT = "rollout-engine-tests"
 DECIDE_WITHIN_S = 600
 
-_BUILD = """
-import json, sys
-from pathlib import Path
-from serving.demo_models import DEMO_RECIPES, build_demo_models
-wanted = [r for r in DEMO_RECIPES if r.name in sys.argv[2:]]
-built = build_demo_models(Path(sys.argv[1]), recipes=wanted, log=lambda line: print(line, file=sys.stderr))
-print(json.dumps({m.served_name: str(m.path) for m in built}))
-"""
-
-
-@pytest.fixture(scope="module")
-def model_dirs() -> dict[str, Path]:
-    """The demo models, built (or found cached) in a child process: training is torch's business."""
-    labels = ["adder-v1", "adder-v2", "adder-v2-slow"]
-    done = subprocess.run(
-        [sys.executable, "-c", _BUILD, str(settings.DEMO_MODELS_DIR), *labels], cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=1800,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {label: Path(path) for label, path in json.loads(done.stdout.strip().splitlines()[-1]).items()}
-
-
-@pytest.fixture(scope="module")
-def baseline_engine(model_dirs: dict[str, Path]) -> Iterator[RunningEngine]:
-    with running_engine(model_dir=model_dirs["adder-v1"], served_name="adder-v1", log_dir=LOG_DIR) as engine:
-        yield engine
-
-
-def registered(label: str, model_dir: Path, engine: RunningEngine) -> ModelVersion:
+def registered(label: str, pool: EnginePool) -> ModelVersion:
     """The version, and a static engine worker marked READY the way the engine agent does it."""
-    name, version = label.split("-", 1)
-    model_version = model_version_register(
-        name=name, version=version, artifact=str(model_dir), served_model_name=label,
-        price_input_per_million=0.1, price_output_per_million=0.2,
-    )  # fmt: skip
-    worker = engine_worker_create(model_version=model_version, driver=EngineWorker.Driver.STATIC, base_url=engine.base_url)
-    assert engine_claim(worker_id=worker.pk, agent=AGENT, ttl_s=3600) is not None
-    assert engine_start_begin(worker_id=worker.pk, agent=AGENT, port=None, base_url=engine.base_url) is not None
-    assert engine_ready(worker_id=worker.pk, agent=AGENT) is not None
+    model_version = version_register(pool.model(label))
+    static_worker_ready(model_version, pool.get(label).base_url, agent=AGENT)
     return model_version
 
 
@@ -135,72 +98,68 @@ def until_ended(rollout: Rollout, timeout_s: float = DECIDE_WITHIN_S) -> Rollout
 
 
 def test_a_canary_to_the_slow_model_rolls_back_on_its_tpot_guardrail_by_itself(
-    model_dirs: dict[str, Path], baseline_engine: RunningEngine, platform: Platform
+    demo_engines: EnginePool, platform: Platform
 ) -> None:
-    with running_engine(model_dir=model_dirs["adder-v2-slow"], served_name="adder-v2-slow", log_dir=LOG_DIR) as slow:
-        registered("adder-v1", model_dirs["adder-v1"], baseline_engine)
-        registered("adder-v2-slow", model_dirs["adder-v2-slow"], slow)
-        plan = {
-            "alias": "adder-slow", "baseline": "adder-v1", "candidate": "adder-v2-slow", "strategy": "canary",
-            "steps": [
-                # Held long enough that only a breach can end this step.
-                {"weight": "30%", "min_duration_s": 1800, "min_candidate_requests": 150},
-                {"weight": "100%", "min_duration_s": 60, "min_candidate_requests": 100},
-            ],
-            "guardrails": [{"metric": "tpot_mean_ms", "margin": "10%"}, {"metric": "error_rate", "margin": 0.05}],
-        }  # fmt: skip
-        rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
-        platform.load("adder-slow", rate=5)
+    registered("adder-v1", demo_engines)
+    registered("adder-v2-slow", demo_engines)
+    plan = {
+        "alias": "adder-slow", "baseline": "adder-v1", "candidate": "adder-v2-slow", "strategy": "canary",
+        "steps": [
+            # Held long enough that only a breach can end this step.
+            {"weight": "30%", "min_duration_s": 1800, "min_candidate_requests": 150},
+            {"weight": "100%", "min_duration_s": 60, "min_candidate_requests": 100},
+        ],
+        "guardrails": [{"metric": "tpot_mean_ms", "margin": "10%"}, {"metric": "error_rate", "margin": 0.05}],
+    }  # fmt: skip
+    rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
+    platform.load("adder-slow", rate=5)
 
-        ended = until_ended(rollout)
-        assert ended.state == "rolled_back", ended.state_reason
-        event = ended.events.order_by("seq").last()
-        assert event is not None and (event.kind, event.actor) == ("rolled_back", "analysis")
-        assert "tpot_mean_ms" in event.reason
-        tpot = next(c for c in event.evidence["checks"] if c["metric"] == "tpot_mean_ms")
-        assert tpot["decision"] == "breach" and tpot["low"] > 0.10
-        arms = event.evidence["arms"]
-        assert arms["candidate"]["tpot_mean_ms"] > 1.1 * arms["baseline"]["tpot_mean_ms"]
-        alias = alias_get(name="adder-slow")
-        assert alias is not None and alias.candidate is None and alias.baseline.label == "adder-v1"
+    ended = until_ended(rollout)
+    assert ended.state == "rolled_back", ended.state_reason
+    event = ended.events.order_by("seq").last()
+    assert event is not None and (event.kind, event.actor) == ("rolled_back", "analysis")
+    assert "tpot_mean_ms" in event.reason
+    tpot = next(c for c in event.evidence["checks"] if c["metric"] == "tpot_mean_ms")
+    assert tpot["decision"] == "breach" and tpot["low"] > 0.10
+    arms = event.evidence["arms"]
+    assert arms["candidate"]["tpot_mean_ms"] > 1.1 * arms["baseline"]["tpot_mean_ms"]
+    alias = alias_get(name="adder-slow")
+    assert alias is not None and alias.candidate is None and alias.baseline.label == "adder-v1"
 
-        # Within a second every gateway routes everyone to the baseline again.
-        settled = ended.ended_at
-        assert settled is not None
-        time.sleep(6)
-        after = RequestRecord.objects.filter(alias="adder-slow", created_at__gt=settled + timedelta(seconds=1))
-        assert after.exists() and set(after.values_list("arm", flat=True)) == {"baseline"}
+    # Within a second every gateway routes everyone to the baseline again.
+    settled = ended.ended_at
+    assert settled is not None
+    time.sleep(6)
+    after = RequestRecord.objects.filter(alias="adder-slow", created_at__gt=settled + timedelta(seconds=1))
+    assert after.exists() and set(after.values_list("arm", flat=True)) == {"baseline"}
 
 
-def test_a_canary_to_adder_v2_promotes_through_all_its_steps(
-    model_dirs: dict[str, Path], baseline_engine: RunningEngine, platform: Platform
-) -> None:
-    with running_engine(model_dir=model_dirs["adder-v2"], served_name="adder-v2", log_dir=LOG_DIR) as v2:
-        registered("adder-v1", model_dirs["adder-v1"], baseline_engine)
-        registered("adder-v2", model_dirs["adder-v2"], v2)
-        plan = {
-            "alias": "adder-good", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
-            "steps": [
-                {"weight": "20%", "min_duration_s": 20, "min_candidate_requests": 20},
-                {"weight": "50%", "min_duration_s": 20, "min_candidate_requests": 30},
-                {"weight": "100%", "min_duration_s": 15, "min_candidate_requests": 30},
-            ],
-            "slos": ["error_rate <= 0.05"],
-            "guardrails": [{"metric": "error_rate", "margin": 0.02}, {"metric": "tpot_mean_ms", "margin": "50%"}],
-        }  # fmt: skip
-        rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
-        platform.load("adder-good", rate=5)
+def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: EnginePool, platform: Platform) -> None:
+    registered("adder-v1", demo_engines)
+    registered("adder-v2", demo_engines)
+    plan = {
+        "alias": "adder-good", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
+        "steps": [
+            {"weight": "20%", "min_duration_s": 20, "min_candidate_requests": 20},
+            {"weight": "50%", "min_duration_s": 20, "min_candidate_requests": 30},
+            {"weight": "100%", "min_duration_s": 15, "min_candidate_requests": 30},
+        ],
+        "slos": ["error_rate <= 0.05"],
+        "guardrails": [{"metric": "error_rate", "margin": 0.02}, {"metric": "tpot_mean_ms", "margin": "50%"}],
+    }  # fmt: skip
+    rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
+    platform.load("adder-good", rate=5)
 
-        ended = until_ended(rollout)
-        assert ended.state == "promoted", ended.state_reason
-        kinds = list(ended.events.order_by("seq").values_list("kind", "actor"))
-        assert kinds == [
-            ("created", "system"), ("started", "system"), ("step_started", "analysis"), ("step_started", "analysis"),
-            ("promoted", "analysis"),
-        ]  # fmt: skip
-        steps_seen = set(ended.analyses.values_list("step_index", flat=True))
-        assert steps_seen == {0, 1, 2}
-        alias = alias_get(name="adder-good")
-        assert alias is not None and alias.baseline.label == "adder-v2" and alias.candidate is None
-        served = RequestRecord.objects.filter(alias="adder-good", rollout_id=rollout.pk)
-        assert served.filter(arm="candidate", outcome="ok").count() >= 80
+    ended = until_ended(rollout)
+    assert ended.state == "promoted", ended.state_reason
+    kinds = list(ended.events.order_by("seq").values_list("kind", "actor"))
+    assert kinds == [
+        ("created", "system"), ("started", "system"), ("step_started", "analysis"), ("step_started", "analysis"),
+        ("promoted", "analysis"),
+    ]  # fmt: skip
+    steps_seen = set(ended.analyses.values_list("step_index", flat=True))
+    assert steps_seen == {0, 1, 2}
+    alias = alias_get(name="adder-good")
+    assert alias is not None and alias.baseline.label == "adder-v2" and alias.candidate is None
+    served = RequestRecord.objects.filter(alias="adder-good", rollout_id=rollout.pk)
+    assert served.filter(arm="candidate", outcome="ok").count() >= 80

@@ -19,8 +19,8 @@ from serving.gateway.shadow import shadow_pair_mirror
 from serving.models import RequestRecord, ShadowPair
 from serving.services import route_set
 from tests.serving.gateway.conftest import (
+    AdderEngines,
     AdderRoutes,
-    EnginePair,
     GatewayProcess,
     records_wait,
     route_generation,
@@ -181,7 +181,7 @@ def test_users_and_sessions_keep_their_arm(gateway: GatewayProcess, adder_routes
     assert len(by_hash) == 16 and all(len(arms) == 1 for arms in by_hash.values())
 
 
-def test_a_client_that_goes_away_cancels_the_engine_request(gateway: GatewayProcess, engines: EnginePair) -> None:
+def test_a_client_that_goes_away_cancels_the_engine_request(gateway: GatewayProcess, engines: AdderEngines) -> None:
     engine = engines["adder-v1"]
 
     def finished_by_length() -> float:
@@ -276,7 +276,7 @@ def test_stored_prompts_are_redacted(gateway: GatewayProcess, adder_routes: Adde
 
 
 def test_requests_fail_over_to_the_baseline_when_the_candidate_dies(
-    gateway: GatewayProcess, adder_routes: AdderRoutes, engines: EnginePair
+    gateway: GatewayProcess, adder_routes: AdderRoutes, engines: AdderEngines
 ) -> None:
     reroute(gateway, adder_routes, weight=1.0)
     client = gateway.client()
