@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,6 +14,7 @@ from django.utils.dateparse import parse_datetime
 
 from config.errors import DomainError
 from experiments.models import OutcomeEvent
+from serving import hashing
 from serving.selectors import request_records
 
 MAX_EVENTS_PER_BATCH = 1000
@@ -41,10 +41,8 @@ class OutcomeBatchInvalid(DomainError):
 
 
 def session_hash(session_id: str) -> str:
-    """The gateway's session hash of a `user` field or X-Session-Id (serving/gateway/app.py): blake2b-128
-    keyed with sha256(SECRET_KEY), so a stored hash cannot be turned back into a user id by guessing."""
-    key = hashlib.sha256(settings.SECRET_KEY.encode()).digest()
-    return hashlib.blake2b(session_id.encode(), key=key[:64], digest_size=16).hexdigest()
+    """The gateway's hash of a `user` field or X-Session-Id, to join an outcome to the request's arm."""
+    return hashing.session_hash(session_id, key=hashing.session_key(settings.SECRET_KEY))
 
 
 def _value(kind: Any, raw: Any) -> float | str:

@@ -37,12 +37,12 @@ class ModelVersion(models.Model):
                                     name="model_version_idempotency_key_unique"),
         ]
 
+    def __str__(self) -> str:
+        return self.label
+
     @property
     def label(self) -> str:
         return f"{self.name}-{self.version}"
-
-    def __str__(self) -> str:
-        return self.label
 
 
 class EngineWorker(models.Model):
@@ -143,6 +143,9 @@ class RouteGeneration(models.Model):
     generation = models.PositiveBigIntegerField(default=0)
     changed_at = models.DateTimeField(auto_now=True)
 
+    def __str__(self) -> str:
+        return f"route generation {self.generation}"
+
 
 class GatewayKey(models.Model):
     """A key an application presents to the gateway. Only a SHA-256 of it is stored."""
@@ -199,6 +202,9 @@ class RequestRecord(models.Model):
             models.Index(fields=("session_hash",)),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.alias}/{self.arm} {self.outcome}"
+
 
 class ShadowPair(models.Model):
     """A baseline response and the candidate's answer to the same request, replayed off the user's path."""
@@ -226,3 +232,6 @@ class ShadowPair(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=("rollout_id", "created_at"))]
+
+    def __str__(self) -> str:
+        return f"shadow of {self.request_id}"

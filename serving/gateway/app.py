@@ -48,6 +48,7 @@ from serving.gateway.routing import (
     session_of,
 )
 from serving.gateway.upstream import Response, UpstreamError, UpstreamPool, UpstreamRefused
+from serving.hashing import session_hash, session_key
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -95,7 +96,7 @@ class GatewayConfig:
             shadow_max_pending=settings.GATEWAY_SHADOW_MAX_PENDING,
             connect_timeout_s=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S,
             read_timeout_s=settings.GATEWAY_UPSTREAM_READ_TIMEOUT_S,
-            secret=hashlib.sha256(settings.SECRET_KEY.encode()).digest(),
+            secret=session_key(settings.SECRET_KEY),
         )
 
 
@@ -674,8 +675,7 @@ class Gateway:
     def _session_hash(self, session: str | None) -> str:
         if session is None:
             return ""
-        # Keyed, so a stored hash cannot be turned back into a user id by guessing.
-        return hashlib.blake2b(session.encode(), key=self.config.secret[:64], digest_size=16).hexdigest()
+        return session_hash(session, key=self.config.secret)
 
 
 def _settle_stream(ex: _Exchange, meter: StreamMeter) -> None:
