@@ -17,3 +17,11 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
             "scheme": "bearer",
             "description": "A token from `python manage.py create_api_token USERNAME`.",
         }
+
+
+class GatewayKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "serving.authentication.GatewayKeyAuthentication"
+    name = "gatewayKey"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {"type": "http", "scheme": "bearer", "description": "An application's gateway key."}

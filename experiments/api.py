@@ -6,11 +6,13 @@ from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from accounts.permissions import CanManage
 from config.errors import DomainError
 from experiments.services import MAX_EVENTS_PER_BATCH, outcome_events_record
+from serving.authentication import GatewayKeyAuthentication, IsGatewayKey
 
 
 class OutcomeEventInput(serializers.Serializer):
@@ -36,9 +38,12 @@ class OutcomeBatchOutput(serializers.Serializer):
 
 
 class OutcomeEventsApi(APIView):
-    """Report outcomes of served requests (thumbs, task success, a number) in batches."""
+    """Report outcomes of served requests (thumbs, task success, a number) in batches.
 
-    permission_classes = [CanManage]
+    Applications call it with the gateway key they already hold; CI and people with a release manager's token."""
+
+    authentication_classes = [GatewayKeyAuthentication, *api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    permission_classes = [IsGatewayKey | CanManage]
 
     @extend_schema(
         operation_id="outcome_events_create",

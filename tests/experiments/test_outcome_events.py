@@ -121,3 +121,22 @@ def test_the_session_hash_is_the_gateways() -> None:
 
     gateway_like = SimpleNamespace(config=GatewayConfig.from_settings())
     assert session_hash("user-42") == Gateway._session_hash(gateway_like, "user-42")  # type: ignore[arg-type]
+
+
+def test_an_application_reports_outcomes_with_its_gateway_key(rollout: Rollout) -> None:
+    from rest_framework.test import APIClient
+
+    from serving.services import gateway_key_create, gateway_key_revoke
+
+    issued = gateway_key_create(name="shop-frontend")
+    served = records(rollout, arm="candidate", n=1, model_version=rollout.candidate)[0]
+    app = APIClient()
+    app.credentials(HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
+    batch = {"events": [{"request_id": served.request_id, "kind": "thumbs", "value": "up"}]}
+    response = app.post("/api/v1/events", batch, format="json")
+    assert response.status_code == 202, response.json()
+    assert OutcomeEvent.objects.get().arm == "candidate"
+    # The key opens only this endpoint, and a revoked key nothing.
+    assert app.get("/api/v1/rollouts").status_code in (401, 403)
+    gateway_key_revoke(key=issued.key)
+    assert app.post("/api/v1/events", batch, format="json").status_code == 401
