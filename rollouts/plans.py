@@ -47,7 +47,7 @@ DEFAULT_GUARDRAILS: tuple[dict[str, Any], ...] = ({"metric": "error_rate", "marg
 _TOP_LEVEL = {
     "name", "description", "alias", "baseline", "candidate", "strategy", "steps", "shadow", "ab", "blue_green",
     "slos", "guardrails", "primary_metric", "alpha", "tuning_n", "allow_self_approval",
-    "promotion_requires_approval", "engine_grace_s", "eval_gate",
+    "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate",
 }  # fmt: skip
 _STEP_KEYS = {"weight", "shadow_rate", "min_duration_s", "min_candidate_requests", "requires_approval"}
 _SLO_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<|>=|>)\s*([-+0-9.eE]+%?)\s*$")
@@ -142,6 +142,8 @@ class Plan:
     eval_gate: dict[str, Any] | None
     name: str = ""
     description: str = ""
+    # While every baseline engine is down, may the baseline's users be served by the candidate?
+    failover_to_candidate: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +171,7 @@ class Plan:
             "allow_self_approval": self.allow_self_approval,
             "promotion_requires_approval": self.promotion_requires_approval,
             "engine_grace_s": self.engine_grace_s,
+            "failover_to_candidate": self.failover_to_candidate,
             "eval_gate": self.eval_gate,
         }
 
@@ -497,6 +500,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
     grace = _integer(
         errors, "engine_grace_s", data.get("engine_grace_s", DEFAULT_ENGINE_GRACE_S), minimum=0, maximum=3600
     )
+    failover = _boolean(errors, "failover_to_candidate", data.get("failover_to_candidate", False)) or False
 
     # Shadow mirroring (any strategy may add it; the shadow strategy needs it).
     shadow_raw = _mapping(errors, "shadow", data.get("shadow"), {"rate", "quality"})
@@ -670,6 +674,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         eval_gate=eval_gate,
         name=name,
         description=description,
+        failover_to_candidate=failover,
     )
 
 
@@ -776,6 +781,11 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
         "allow_self_approval": {"type": "boolean", "default": False},
         "promotion_requires_approval": {"type": "boolean"},
         "engine_grace_s": {"type": "integer", "default": DEFAULT_ENGINE_GRACE_S},
+        "failover_to_candidate": {
+            "type": "boolean", "default": False,
+            "description": "While every baseline engine is down, serve the baseline's users from the candidate "
+            "(otherwise they get 503).",
+        },
         "eval_gate": {"type": "object", "nullable": True, "description": "Validated and run by the evals app."},
     },
     "example": PLAN_EXAMPLE,

@@ -291,7 +291,7 @@ def _route_for(rollout: Rollout) -> RouteSplit | None:
     shadow = float(step["shadow_rate"]) if step else 0.0
     return RouteSplit(
         baseline=rollout.baseline, candidate=rollout.candidate, candidate_weight=weight, shadow_rate=shadow,
-        rollout_id=rollout.pk,
+        rollout_id=rollout.pk, failover_to_candidate=bool(rollout.plan.get("failover_to_candidate")),
     )  # fmt: skip
 
 
