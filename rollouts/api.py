@@ -212,6 +212,11 @@ class RolloutEventOutput(serializers.Serializer):
 
 class RolloutActionInput(serializers.Serializer):
     reason = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
+    expected_version = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1,
+        help_text="The rollout's `version` as the caller last saw it: if anything (the analysis, another person) "
+        "changed the rollout since, the action is refused with 409 instead of acting on a state nobody looked at.",
+    )  # fmt: skip
 
 
 class RolloutApproveInput(RolloutActionInput):
@@ -390,6 +395,8 @@ def _action_view(action: str, service: Any, input_serializer: type[serializers.S
             body = input_serializer(data=request.data if isinstance(request.data, dict) else {})
             body.is_valid(raise_exception=True)
             kwargs = dict(body.validated_data)
+            if kwargs.get("expected_version") is None:
+                kwargs.pop("expected_version", None)
             if action != "approve":
                 kwargs.pop("step_index", None)
             elif kwargs.get("step_index") is None:

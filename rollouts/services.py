@@ -468,7 +468,9 @@ def rollout_pause(
     )  # fmt: skip
 
 
-def rollout_resume(*, rollout: Rollout | int, actor: ActorLike, reason: str = "") -> Rollout:
+def rollout_resume(
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
+) -> Rollout:
     """paused -> where it was (running, awaiting approval, or gating, whose gate is asked for again)."""
 
     def decide(locked: Rollout, who: Actor) -> _Move:
@@ -482,7 +484,9 @@ def rollout_resume(*, rollout: Rollout | int, actor: ActorLike, reason: str = ""
             )
         return move
 
-    return _transition(rollout, action="resume", actor=actor, reason=reason, decide=decide)
+    return _transition(
+        rollout, action="resume", actor=actor, reason=reason, decide=decide, expected_version=expected_version
+    )
 
 
 def rollout_approval_get(*, rollout: Rollout | int, step_index: int) -> RolloutApproval | None:
@@ -494,7 +498,8 @@ def rollout_approval_get(*, rollout: Rollout | int, step_index: int) -> RolloutA
 
 
 def rollout_approve(
-    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", step_index: int | None = None
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", step_index: int | None = None,
+    expected_version: int | None = None,
 ) -> Rollout:
     """Approve the step the rollout waits for (index len(steps) is the promotion) and enter it.
 
@@ -532,16 +537,22 @@ def rollout_approve(
             return _Move(Kind.PROMOTED, State.PROMOTED, reason=reason or f"promotion approved by {who.name}")
         return _Move(Kind.APPROVED, State.RUNNING, step_index=pending, reason=reason or f"step {pending + 1} approved by {who.name}")
 
-    return _transition(rollout, action="approve", actor=who, reason=reason, decide=decide)
+    return _transition(
+        rollout, action="approve", actor=who, reason=reason, decide=decide, expected_version=expected_version
+    )
 
 
-def rollout_reject(*, rollout: Rollout | int, actor: ActorLike, reason: str = "") -> Rollout:
+def rollout_reject(
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
+) -> Rollout:
     """Refuse the approval the rollout waits for: it rolls back."""
 
     def decide(locked: Rollout, who: Actor) -> _Move:
         return _Move(Kind.ROLLED_BACK, State.ROLLED_BACK, reason=reason or f"approval refused by {who.name}")
 
-    return _transition(rollout, action="reject", actor=actor, reason=reason, decide=decide)
+    return _transition(
+        rollout, action="reject", actor=actor, reason=reason, decide=decide, expected_version=expected_version
+    )
 
 
 def rollout_advance(
@@ -598,10 +609,12 @@ def rollout_rollback(
     )  # fmt: skip
 
 
-def rollout_abort(*, rollout: Rollout | int, actor: ActorLike, reason: str = "") -> Rollout:
+def rollout_abort(
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
+) -> Rollout:
     """Stop without a verdict: the baseline keeps (or gets back) all traffic."""
     return _transition(
-        rollout, action="abort", actor=actor, reason=reason,
+        rollout, action="abort", actor=actor, reason=reason, expected_version=expected_version,
         decide=lambda locked, who: _Move(Kind.ABORTED, State.ABORTED, on_commit=_cancel_gate_if_gating(locked)),
     )  # fmt: skip
 
