@@ -2,7 +2,7 @@
 
 - `adder` serves adder-v1; a canary to adder-v2 (10 % -> 50 % -> 100 %) that should promote by itself.
 - `adder-slow-demo` serves adder-v1; a canary to adder-v2-slow (the same answers from a far bigger model)
-  whose TPOT guardrail should roll it back by itself.
+  whose guardrails (cost per request, TPOT) should roll it back by itself.
 
 Engines become ready only after the engine agent has started them, so the canaries are created in
 draft with `start_when_ready`: the analysis beat starts each once both of its versions have a ready
@@ -57,8 +57,9 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
     },
     "adder-slow-demo": {
         "name": "demo: adder-v1 -> adder-v2-slow canary",
-        "description": "Seeded by `make run`. adder-v2-slow is many times slower per token: its TPOT guardrail "
-        "should roll it back by itself.",
+        "description": "Seeded by `make run`. adder-v2-slow gives adder-v2's answers from a model about 80 times "
+        "the size: six times the price per token and several times the TPOT. Its guardrails roll it back by "
+        "themselves (cost per request usually decides first: prices are exact, latencies noisy).",
         "alias": "adder-slow-demo",
         "baseline": "adder-v1",
         "candidate": "adder-v2-slow",

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.urls import reverse
 
 from rollouts.models import Rollout, RolloutEvent
 
@@ -26,7 +27,7 @@ _MAX_SECTION = 2900  # Slack's limit is 3000 characters per section text
 
 
 def rollout_url(rollout_id: int) -> str:
-    return f"{settings.PUBLIC_URL}/rollouts/{rollout_id}/"
+    return settings.PUBLIC_URL + reverse("rollout-detail", kwargs={"rollout_id": rollout_id})
 
 
 def _plain(text: str, limit: int = 150) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_status_lists_live_rollouts_and_one_alias(client: Client, owner: Any, vi
     rollout = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
     text = run(client, "status", "U0VIEWER")
     assert f"*#{rollout.pk} adder*: adder-v1 → adder-v2 (canary) — *running*, step 1 of 2, candidate at 10%" in text
-    assert f"<https://ramp.example/rollouts/{rollout.pk}/|open rollout #{rollout.pk}>" in text
+    assert f"<https://ramp.example/rollouts/{rollout.pk}|open rollout #{rollout.pk}>" in text
     assert run(client, "status adder", "U0VIEWER").startswith(f"*#{rollout.pk} adder*")
     assert run(client, "status nosuchalias", "U0VIEWER") == "No rollout of the alias `nosuchalias`."
 

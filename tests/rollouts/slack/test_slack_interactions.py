@@ -268,4 +268,4 @@ def test_the_posted_buttons_carry_what_a_click_needs(waiting: tuple[Rollout, Sla
     assert (found["rollout_approve"]["text"]["text"], found["rollout_approve"]["style"]) == ("Approve", "primary")
     assert (found["rollout_reject"]["text"]["text"], found["rollout_reject"]["style"]) == ("Reject", "danger")
     assert found["rollout_reject"]["confirm"]["confirm"]["text"] == "Reject and roll back"
-    assert found["rollout_open"]["url"] == f"https://ramp.example/rollouts/{rollout.pk}/"
+    assert found["rollout_open"]["url"] == f"https://ramp.example/rollouts/{rollout.pk}"

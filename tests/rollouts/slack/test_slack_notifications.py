@@ -75,7 +75,7 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
     assert (approve["text"]["text"], reject["text"]["text"], open_["text"]["text"]) == ("Approve", "Reject", "Open rollout")
     value = {"rollout": rollout.pk, "step": 1, "version": event.seq}
     assert json.loads(approve["value"]) == json.loads(reject["value"]) == value
-    assert open_["url"] == f"https://ramp.example/rollouts/{rollout.pk}/"
+    assert open_["url"] == f"https://ramp.example/rollouts/{rollout.pk}"
     assert call.body["text"] == f"Approval needed: adder rollout #{rollout.pk}: step 2 of 2: candidate weight 50% (now 10%)"
 
     message = SlackMessage.objects.get(key=f"event:{event.pk}")
