@@ -6,7 +6,6 @@ from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from accounts.permissions import CanManage
@@ -42,7 +41,7 @@ class OutcomeEventsApi(APIView):
 
     Applications call it with the gateway key they already hold; CI and people with a release manager's token."""
 
-    authentication_classes = [GatewayKeyAuthentication, *api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    authentication_classes = [GatewayKeyAuthentication, *APIView.authentication_classes]
     permission_classes = [IsGatewayKey | CanManage]
 
     @extend_schema(

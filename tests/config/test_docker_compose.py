@@ -27,7 +27,7 @@ def test_every_compose_service_runs_something_the_project_has() -> None:
         if argv[:2] == ["python", "manage.py"]:
             assert argv[2] in MANAGEMENT_COMMANDS, f"{name}: no management command {argv[2]}"
         elif argv[0] == "uvicorn":
-            module, _, attr = argv[1].partition(":")
+            module = argv[1].partition(":")[0]
             assert _module_exists(module), f"{name}: no module {module}"
         elif argv[0] == "celery":
             assert argv[1:3] == ["-A", "config"] and argv[3] in {"worker", "beat"}, name
