@@ -34,7 +34,10 @@ def _first_message(errors: Any, path: str = "") -> str:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DomainError):
-        return Response(exc.as_dict(), status=exc.status_code)
+        body = exc.as_dict()
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and "errors" not in body:
+            body["errors"] = {"non_field_errors": [exc.message]}
+        return Response(body, status=exc.status_code)
     if isinstance(exc, DjangoValidationError):
         errors = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         exc = exceptions.ValidationError(errors)
@@ -49,4 +52,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response.status_code = status.HTTP_400_BAD_REQUEST
     elif isinstance(exc, exceptions.APIException):
         response.data = {"detail": str(exc.detail), "code": exc.get_codes() if isinstance(exc.get_codes(), str) else "error"}
+        if response.status_code == status.HTTP_400_BAD_REQUEST:
+            # A body that does not parse names no field; it is still a 400, so it has `errors` like every other.
+            response.data["errors"] = {"non_field_errors": [response.data["detail"]]}
     return response

@@ -218,7 +218,7 @@ REST_FRAMEWORK: dict[str, Any] = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "config.pagination.ApiPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "config.api_errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -294,6 +294,13 @@ CELERY_BEAT_SCHEDULE["rollouts-analyse-live"] = {
     "options": {"expires": ROLLOUT_ANALYSIS_INTERVAL_S},
 }
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
+
+# --- HTTP server ----------------------------------------------------------------------------------
+
+# uvicorn with config.http_server's protocol: a request's line and headers must arrive within this long
+# and this many bytes (slow-loris and header floods), else 408 / 431 and the connection closes.
+HTTP_HEAD_TIMEOUT_S = env_float("HTTP_HEAD_TIMEOUT_S", 10.0, minimum=0.1)
+HTTP_MAX_HEAD_BYTES = env_int("HTTP_MAX_HEAD_BYTES", 64 * 1024, minimum=1024)
 
 # --- gateway --------------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import BaseParser, FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -20,6 +19,7 @@ from rest_framework.views import APIView
 
 from accounts.permissions import CanManage, CanView
 from config.errors import DomainError, NotFound
+from config.pagination import ApiPagination
 from evals import jsonl, selectors, services
 from evals.models import EvalRun, EvalSuite
 from serving.selectors import model_version_get
@@ -51,9 +51,19 @@ class ReadWriteApi(APIView):
         return [permission()]
 
 
+def _flag(request: Request, name: str) -> bool:
+    """A boolean query parameter: true/false (1/0); anything else is a 400 naming it, not a silent false."""
+    raw = request.query_params.get(name)
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise DomainError(f"{name} must be true or false", field=name)
+
+
 def _paginate(view: APIView, request: Request, queryset: Any, serializer: type[serializers.Serializer],
               context: dict[str, Any] | None = None) -> Response:
-    paginator = LimitOffsetPagination()
+    paginator = ApiPagination()
     page: Any = paginator.paginate_queryset(queryset, request, view=view)
     return paginator.get_paginated_response(serializer(page, many=True, context=context or {}).data)
 
@@ -98,13 +108,15 @@ SUITE_UPLOAD_ERROR = inline_serializer(
         "detail": serializers.CharField(),
         "code": serializers.CharField(),
         "errors": serializers.DictField(child=serializers.ListField(child=serializers.CharField())),
-        "lines": serializers.ListField(child=inline_serializer("SuiteLineError", {
+        "lines": serializers.ListField(required=False, child=inline_serializer("SuiteLineError", {
             "line": serializers.IntegerField(), "reason": serializers.CharField()})),
     },
 )
 
 
 class SuitesApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
     parser_classes = [MultiPartParser, FormParser, JSONParser, JsonLinesParser, NdjsonParser, PlainTextParser]
 
     @extend_schema(
@@ -115,7 +127,7 @@ class SuitesApi(ReadWriteApi):
     )
     def get(self, request: Request) -> Response:
         suites = selectors.eval_suite_list(name=request.query_params.get("name") or None,
-                                           latest_only=request.query_params.get("latest") in ("1", "true"))
+                                           latest_only=_flag(request, "latest"))
         return _paginate(self, request, suites, SuiteOutput)
 
     @extend_schema(
@@ -168,6 +180,9 @@ class SuiteDetailApi(ReadWriteApi):
 
 
 class SuiteItemsApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
+
     @extend_schema(operation_id="eval_suite_items_list",
                    parameters=[OpenApiParameter("tag", str, description="Only items with this tag.")],
                    responses=ItemOutput(many=True))
@@ -234,6 +249,9 @@ def _field_lookup(lookup: Any, *, field: str) -> Any:
 
 
 class RunsApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
+
     @extend_schema(
         operation_id="eval_runs_list",
         parameters=[OpenApiParameter("suite", str, description="Suite id, name or name@version."),
@@ -246,6 +264,8 @@ class RunsApi(ReadWriteApi):
         suite = _field_lookup(lambda: selectors.eval_suite_get(ref=params["suite"]), field="suite") if params.get("suite") else None
         version = (_field_lookup(lambda: model_version_get(ref=params["model_version"]), field="model_version")
                    if params.get("model_version") else None)
+        if params.get("state") is not None and params["state"] not in EvalRun.State.values:
+            raise DomainError(f"state must be one of {', '.join(EvalRun.State.values)}", field="state")
         runs = selectors.eval_run_list(suite=suite, model_version_id=version.pk if version else None,
                                        state=params.get("state") or None)
         return _paginate(self, request, runs, RunOutput)
@@ -294,12 +314,15 @@ class ResultOutput(serializers.Serializer):
 
 
 class RunResultsApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
+
     @extend_schema(operation_id="eval_run_results_list",
                    parameters=[OpenApiParameter("failed", bool, description="Only items whose request failed.")],
                    responses=ResultOutput(many=True))
     def get(self, request: Request, run_id: int) -> Response:
         run = selectors.eval_run_get(run_id=run_id)
-        results = selectors.eval_run_results(run=run, failed_only=request.query_params.get("failed") in ("1", "true"))
+        results = selectors.eval_run_results(run=run, failed_only=_flag(request, "failed"))
         return _paginate(self, request, results, ResultOutput)
 
 

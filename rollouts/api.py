@@ -17,7 +17,6 @@ from drf_spectacular.utils import (
     extend_schema_field,
 )
 from rest_framework import serializers, status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -28,6 +27,7 @@ from accounts.permissions import CanManage, CanView, role_required
 from config.errors import DomainError
 from config.idempotency import HEADER as IDEMPOTENCY_HEADER
 from config.idempotency import idempotency_key_from
+from config.pagination import ApiPagination
 from rollouts import selectors
 from rollouts.actors import Actor
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
@@ -175,7 +175,7 @@ class RolloutDetailOutput(RolloutOutput):
     def get_steps(self, rollout: Rollout) -> list[dict[str, Any]]:
         return [{"index": i, **step} for i, step in enumerate(rollout.steps)]
 
-    @extend_schema_field(OpenApiTypes.OBJECT)
+    @extend_schema_field({"type": "object", "nullable": True, "description": "None before the first step and after the last."})
     def get_current_step(self, rollout: Rollout) -> dict[str, Any] | None:
         step = rollout.current_step
         if step is None:
@@ -246,6 +246,8 @@ _PLAN_BODY = {
 
 
 class RolloutListCreateApi(APIView):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
     parser_classes = [JSONParser, PlanYamlParser, _TextYamlParser, _XYamlParser]
 
     def get_permissions(self) -> list[BasePermission]:
@@ -257,8 +259,6 @@ class RolloutListCreateApi(APIView):
             OpenApiParameter("state", str, description="A state, or several separated by commas."),
             OpenApiParameter("alias", str),
             OpenApiParameter("live", bool, description="true: only live rollouts; false: only finished ones."),
-            OpenApiParameter("limit", int),
-            OpenApiParameter("offset", int),
         ],
         responses={200: RolloutOutput(many=True)},
     )
@@ -268,7 +268,7 @@ class RolloutListCreateApi(APIView):
         rollouts = selectors.rollout_list(
             state=request.query_params.get("state"), alias=request.query_params.get("alias"), live=live
         )
-        paginator = LimitOffsetPagination()
+        paginator = ApiPagination()
         page = paginator.paginate_queryset(rollouts, request, view=self)
         return paginator.get_paginated_response(RolloutOutput(page, many=True).data)
 

@@ -547,9 +547,10 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         if isinstance(raw, str):
             raw = {"metric": raw}
         raw = _mapping(errors, "primary_metric", raw, {"metric", "difference", "min_effect"})
-        metric = METRICS.get(raw.get("metric", ""))
+        metric_name = raw.get("metric")
+        metric = METRICS.get(metric_name) if isinstance(metric_name, str) else None
         if metric is None:
-            errors.add("primary_metric.metric", f"unknown metric {raw.get('metric')!r} (known: {', '.join(sorted(METRICS))})")
+            errors.add("primary_metric.metric", f"unknown metric {metric_name!r} (known: {', '.join(sorted(METRICS))})")
         elif metric.shape == "percentile":
             errors.add("primary_metric.metric", f"{metric.name} is a percentile; use a mean or a rate")
         else:

@@ -14,7 +14,6 @@ from django.db import IntegrityError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -23,6 +22,7 @@ from rest_framework.views import APIView
 from accounts.permissions import CanManage, CanView
 from config.errors import Conflict, DomainError, NotFound
 from config.idempotency import IDEMPOTENCY_TTL, idempotency_key_from, idempotent_create, request_fingerprint
+from config.pagination import ApiPagination
 from serving import selectors, services
 from serving.models import EngineWorker, ModelVersion
 from serving.serializers import (
@@ -50,7 +50,7 @@ class ReadWriteApi(APIView):
 
 
 def _paginate(view: APIView, request: Request, queryset: Any, serializer: type[serializers.Serializer]) -> Response:
-    paginator = LimitOffsetPagination()
+    paginator = ApiPagination()
     page: list[Any] | None = paginator.paginate_queryset(queryset, request, view=view)
     return paginator.get_paginated_response(serializer(page, many=True).data)
 
@@ -71,6 +71,9 @@ def _created(data: Any, *, replayed: bool) -> Response:
 
 
 class ModelVersionsApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
+
     @extend_schema(operation_id="model_versions_list",
                    parameters=[OpenApiParameter("name", str, description="Only this model family's versions.")],
                    responses=ModelVersionOutput(many=True))
@@ -132,6 +135,9 @@ class ModelVersionDetailApi(ReadWriteApi):
 
 
 class EnginesApi(ReadWriteApi):
+    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
+    pagination_class = ApiPagination
+
     @extend_schema(
         operation_id="engines_list",
         parameters=[
@@ -145,7 +151,7 @@ class EnginesApi(ReadWriteApi):
         params = request.query_params
         version = selectors.model_version_get(ref=params["model_version"]) if params.get("model_version") else None
         workers = selectors.engine_worker_list(model_version=version, host_name=params.get("host_name") or None)
-        if state := params.get("state"):
+        if (state := params.get("state")) is not None:
             if state not in EngineWorker.State.values:
                 raise serializers.ValidationError({"state": [f"must be one of {', '.join(EngineWorker.State.values)}"]})
             workers = workers.filter(state=state)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -729,6 +730,9 @@ async def _send_error(send: Send, error: GatewayError, extra: list[tuple[bytes, 
     await _send_json(send, error.status, error.body(), extra)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     """The request's JSON, checked as far as routing needs; the engine validates the rest."""
     if not raw:
@@ -737,8 +741,19 @@ def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}.", param=None) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", param=None) from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", param=None)
+    # JSON may escape half of a UTF-16 surrogate pair ("\ud800"): valid JSON, but no text, and the body
+    # could not be encoded again for the engine (nor the prompt hashed). Only bodies with such an escape
+    # pay for the check; escaped emoji are whole pairs and pass.
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise bad_request("The request body has an unpaired UTF-16 surrogate escape (\\ud800 to \\udfff) in a "
+                              "string; that is not text.", param=None) from None
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: the public alias to call, as a string.", param="model")
@@ -753,6 +768,11 @@ def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         prompt = body.get("prompt")
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
             raise bad_request("'prompt' is required: a string or a non-empty list.", param="prompt")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            # Whether it fits the model's context is the engine's to say; a count of tokens is ours.
+            raise bad_request(f"'{name}' must be a whole number of tokens, at least 1.", param=name)
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad_request("'stream' must be true or false.", param="stream")
     if "stream_options" in body and body["stream_options"] is not None and not isinstance(body["stream_options"], dict):

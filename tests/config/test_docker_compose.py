@@ -29,6 +29,9 @@ def test_every_compose_service_runs_something_the_project_has() -> None:
         elif argv[0] == "uvicorn":
             module = argv[1].partition(":")[0]
             assert _module_exists(module), f"{name}: no module {module}"
+            if "--http" in argv:
+                protocol = argv[argv.index("--http") + 1].partition(":")[0]
+                assert _module_exists(protocol), f"{name}: no module {protocol}"
         elif argv[0] == "celery":
             assert argv[1:3] == ["-A", "config"] and argv[3] in {"worker", "beat"}, name
         else:
