@@ -73,18 +73,22 @@ def test_the_candidate_dies_mid_canary_streams_end_in_error_users_fail_over_and_
     with Traffic(gateway.url, adder.key, ["adder"], clients=4, stream=True, max_tokens=64, pause_s=0.0) as traffic:
         traffic.wait_for(lambda sent: sum(s.arm == "candidate" and s.completed for s in sent) >= 4, timeout_s=120,
                          what="the candidate to serve")
+        kill_sent = time.monotonic()
         candidate.kill()
-        killed_at = time.monotonic()
+        killed_at = time.monotonic()  # it and its EngineCore are gone
         rolled_back = until_state(rollout, "rolled_back")
         settled = time.monotonic()
         traffic.wait_for(lambda sent: sum(s.started > settled for s in sent) >= 8, timeout_s=60,
                          what="traffic after the rollback")
     sent = traffic.snapshot()
 
-    # Cut mid-stream: a 200 whose stream ends with the gateway's error event, not a silent cut.
-    in_flight = [s for s in sent if s.started < killed_at < s.ended and s.arm == "candidate"]
+    # Cut mid-stream: a 200 whose stream ends with the gateway's error event, not a silent cut. One the
+    # engine had not begun to answer gets a 502 (it was sent, so it is not sent again elsewhere).
+    in_flight = [s for s in sent if s.started < kill_sent < s.ended and s.arm == "candidate"]
     cut = [s for s in in_flight if not s.completed]
-    assert cut and all(s.status == 200 and s.error_event and '"upstream_error"' in s.error for s in cut), cut
+    mid_stream = [s for s in cut if s.status == 200]
+    assert mid_stream and all(s.error_event and '"upstream_error"' in s.error for s in mid_stream), cut
+    assert all(s.status == 502 and '"upstream_error"' in s.error for s in cut if s.status != 200), cut
     # Everything sent after it died was served whole, by the baseline.
     after = [s for s in sent if s.started > killed_at + 0.2]
     assert after and all(s.status == 200 and s.completed and s.arm == "baseline" for s in after), \
