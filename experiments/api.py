@@ -12,6 +12,7 @@ from accounts.permissions import CanManage
 from config.errors import DomainError
 from experiments.services import MAX_EVENTS_PER_BATCH, outcome_events_record
 from serving.authentication import GatewayKeyAuthentication, IsGatewayKey
+from serving.models import GatewayKey
 
 
 class OutcomeEventInput(serializers.Serializer):
@@ -61,11 +62,13 @@ class OutcomeEventsApi(APIView):
                 ]},
             )
         ],
-        description=f"Up to {MAX_EVENTS_PER_BATCH} events per call.",
+        description=f"Up to {MAX_EVENTS_PER_BATCH} events per call. With a gateway key limited to some aliases, an "
+                    "event joins only a request served on one of them.",
     )
     def post(self, request: Request) -> Response:
         data = request.data
         if not isinstance(data, dict) or "events" not in data:
             raise DomainError('the body is {"events": [...]}', field="events")
-        result = outcome_events_record(items=data["events"])
+        key = request.auth if isinstance(request.auth, GatewayKey) else None
+        result = outcome_events_record(items=data["events"], allowed_aliases=list(key.aliases) if key else None)
         return Response(OutcomeBatchOutput(result).data, status=202)

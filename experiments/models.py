@@ -24,6 +24,9 @@ class OutcomeEvent(models.Model):
     session_hash = models.CharField(max_length=32, blank=True)
     occurred_at = models.DateTimeField(help_text="When the outcome happened (the client's clock), else receipt time.")
     created_at = models.DateTimeField(auto_now_add=True)
+    # The aliases the reporting gateway key may call, when it is limited (empty: any): the event joins only
+    # a request served on one of them, so one application cannot score another's rollout.
+    allowed_aliases = models.JSONField(default=list, blank=True)
     # Resolved from the request records (at once when the record is already written, else by a later pass):
     # the rollout and arm that served it, and when that request was sent (the analysis windows on it).
     rollout_id = models.PositiveBigIntegerField(null=True, blank=True)

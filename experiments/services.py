@@ -125,8 +125,11 @@ def _item(index: int, item: Any, now: datetime, errors: dict[str, list[str]]) ->
     )
 
 
-def outcome_events_record(*, items: list[Any]) -> dict[str, int]:
+def outcome_events_record(*, items: list[Any], allowed_aliases: list[str] | None = None) -> dict[str, int]:
     """Validate a batch of outcome events and store them, all or nothing.
+
+    `allowed_aliases`: those of the reporting gateway key when it is limited; the events then join only
+    requests served on them.
 
     Returns {"accepted": stored, "duplicates": items whose `id` was already stored, "resolved": items
     joined to a rollout arm at once}. An event whose request is not recorded yet is joined later
@@ -149,6 +152,8 @@ def outcome_events_record(*, items: list[Any]) -> dict[str, int]:
     if errors:
         raise OutcomeBatchInvalid(errors)
     valid = [e for e in events if e is not None]
+    for event in valid:
+        event.allowed_aliases = sorted(allowed_aliases or [])
     with transaction.atomic():
         known = set(OutcomeEvent.objects.filter(event_id__in=ids).values_list("event_id", flat=True)) if ids else set()
         fresh = [e for e in valid if not (e.event_id and e.event_id in known)]
@@ -169,14 +174,23 @@ def outcome_events_resolve(*, since: datetime | None = None) -> int:
         .filter(session_hash=OuterRef("session_hash"), created_at__lte=OuterRef("occurred_at"))
         .order_by("-created_at")
     )
+    # Events from keys limited to some aliases join only requests on those: one pass per distinct limit
+    # (there are as many as limited keys reporting, a handful).
+    limits: list[list[str]] = [[]]
+    limits += [aliases for aliases in pending.exclude(allowed_aliases=[]).values_list("allowed_aliases", flat=True).distinct() if aliases]
     joined = 0
-    for refs, source in ((pending.exclude(request_id="").filter(Exists(by_request)), by_request),
-                         (pending.filter(request_id="").exclude(session_hash="").filter(Exists(by_session)), by_session)):  # fmt: skip
-        joined += refs.update(
-            rollout_id=Subquery(source.values("rollout_id")[:1]),
-            arm=Subquery(source.values("arm")[:1]),
-            model_version_id=Subquery(source.values("model_version_id")[:1]),
-            request_created_at=Subquery(source.values("created_at")[:1]),
-            resolved_at=now,
-        )
+    for aliases in limits:
+        events = pending.filter(allowed_aliases=aliases)
+        on_request, on_session = by_request, by_session
+        if aliases:
+            on_request, on_session = by_request.filter(alias__in=aliases), by_session.filter(alias__in=aliases)
+        for refs, source in ((events.exclude(request_id="").filter(Exists(on_request)), on_request),
+                             (events.filter(request_id="").exclude(session_hash="").filter(Exists(on_session)), on_session)):  # fmt: skip
+            joined += refs.update(
+                rollout_id=Subquery(source.values("rollout_id")[:1]),
+                arm=Subquery(source.values("arm")[:1]),
+                model_version_id=Subquery(source.values("model_version_id")[:1]),
+                request_created_at=Subquery(source.values("created_at")[:1]),
+                resolved_at=now,
+            )
     return joined
