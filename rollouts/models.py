@@ -120,7 +120,27 @@ class _AppendOnlyQuerySet(models.QuerySet):
         raise TypeError(f"{self.model.__name__} is append-only: it cannot be deleted")
 
 
-class RolloutEvent(models.Model):
+class _AppendOnly(models.Model):
+    """A row of the audit trail: written once, never changed or deleted through the ORM; on PostgreSQL a
+    trigger refuses UPDATE and DELETE below it too (migration rollouts 0003)."""
+
+    objects = _AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+        # Django's own cascades and related lookups go through the base manager: the same refusal there.
+        base_manager_name = "objects"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise TypeError(f"{type(self).__name__} is append-only: it cannot be updated")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} is append-only: it cannot be deleted")
+
+
+class RolloutEvent(_AppendOnly):
     """One transition of a rollout: who, why, and the per-arm evidence at that moment. Append-only."""
 
     class Kind(models.TextChoices):
@@ -161,9 +181,7 @@ class RolloutEvent(models.Model):
     evidence = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
-    objects = _AppendOnlyQuerySet.as_manager()
-
-    class Meta:
+    class Meta(_AppendOnly.Meta):
         ordering = ("rollout_id", "seq")
         constraints = [models.UniqueConstraint(fields=("rollout", "seq"), name="rollout_event_seq_unique")]
         indexes = [models.Index(fields=("kind", "-created_at"))]
@@ -171,17 +189,9 @@ class RolloutEvent(models.Model):
     def __str__(self) -> str:
         return f"rollout {self.rollout_id} #{self.seq} {self.kind} by {self.actor}"
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise TypeError("RolloutEvent is append-only: it cannot be updated")
-        super().save(*args, **kwargs)
 
-    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("RolloutEvent is append-only: it cannot be deleted")
-
-
-class RolloutApproval(models.Model):
-    """An approver's go-ahead for one step (index len(steps) means the promotion)."""
+class RolloutApproval(_AppendOnly):
+    """An approver's go-ahead for one step (index len(steps) means the promotion). Append-only."""
 
     rollout = models.ForeignKey(Rollout, on_delete=models.PROTECT, related_name="approvals")
     step_index = models.IntegerField()
@@ -190,7 +200,7 @@ class RolloutApproval(models.Model):
     reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
-    class Meta:
+    class Meta(_AppendOnly.Meta):
         constraints = [models.UniqueConstraint(fields=("rollout", "step_index"), name="rollout_approval_once_per_step")]
 
     def __str__(self) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, connection, models, transaction
+from django.db import DatabaseError, IntegrityError, connection, models, transaction
 from django.db.models import ProtectedError
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
@@ -368,7 +368,7 @@ def test_a_rollout_with_a_trail_cannot_be_deleted_through_the_orm(audited_rollou
 
 def test_the_database_refuses_to_delete_a_rollout_under_its_events(audited_rollout: Rollout) -> None:
     """Below the ORM: the foreign key itself (SQLite with foreign_keys=ON, PostgreSQL) keeps the events'
-    rollout. There is no trigger: a raw DELETE on the events table itself is not refused by the database."""
+    rollout (a raw DELETE of the events themselves is the trigger's, below)."""
     before = snapshot()
     table, rollout_table = RolloutEvent._meta.db_table, Rollout._meta.db_table
     with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
@@ -377,4 +377,21 @@ def test_the_database_refuses_to_delete_a_rollout_under_its_events(audited_rollo
         cursor.execute(f"DELETE FROM {RolloutAnalysis._meta.db_table} WHERE rollout_id = %s", [audited_rollout.pk])
         cursor.execute(f"DELETE FROM {rollout_table} WHERE id = %s", [audited_rollout.pk])
         connection.check_constraints(table_names=[table, RolloutApproval._meta.db_table])
+    assert snapshot() == before
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the trigger is PostgreSQL's (SQLite: the models refuse)")
+@pytest.mark.parametrize("statement", [
+    "UPDATE {events} SET reason = 'rewritten'",
+    "DELETE FROM {events}",
+    "UPDATE {approvals} SET reason = 'rewritten'",
+    "DELETE FROM {approvals}",
+])  # fmt: skip
+def test_postgresql_refuses_raw_sql_that_rewrites_the_trail(statement: str, audited_rollout: Rollout) -> None:
+    assert RolloutEvent.objects.filter(rollout=audited_rollout).exists()
+    assert RolloutApproval.objects.filter(rollout=audited_rollout).exists()
+    before = snapshot()
+    sql = statement.format(events=RolloutEvent._meta.db_table, approvals=RolloutApproval._meta.db_table)
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql)
     assert snapshot() == before
