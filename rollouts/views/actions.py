@@ -143,6 +143,10 @@ def rollout_action(request: HttpRequest, rollout_id: int, action: str) -> HttpRe
     }
     if action == "approve" and (request.POST.get("step_index") or "").isdigit():
         kwargs["step_index"] = int(request.POST["step_index"])
+    # The version the page showed: if the rollout moved since (the analysis advanced it, a colleague acted),
+    # the click is refused and the page says so, rather than acting on a state the person never saw.
+    if (request.POST.get("expected_version") or "").isdigit():
+        kwargs["expected_version"] = int(request.POST["expected_version"])
     try:
         after = ACTION_SERVICES[action](**kwargs)
     except DomainError as exc:

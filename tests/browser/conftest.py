@@ -26,7 +26,9 @@ LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="session")
+# Per package, not per session: while Playwright's sync API is open its event loop counts as running in the
+# main thread, and every later test that calls asyncio.run() or async_to_sync() would fail.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.fail(

@@ -69,14 +69,18 @@ def slow_transitions(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_two_transitions_at_once_exactly_one_wins(running: Rollout, owner: Any, approver: Any, slow_transitions: None) -> None:
+    """Two people act on what they both saw (version 2, as the UI, the API and Slack send it): whichever
+    commits first wins, the other is refused. (Without a version, an advance then a rollback are two
+    valid moves in a row, as they should be.)"""
+    seen = running.version
     results = race(
-        lambda: rollout_advance(rollout=running.pk, actor=owner.user, reason="advance"),
-        lambda: rollout_rollback(rollout=running.pk, actor=approver.user, reason="rollback"),
+        lambda: rollout_advance(rollout=running.pk, actor=owner.user, reason="advance", expected_version=seen),
+        lambda: rollout_rollback(rollout=running.pk, actor=approver.user, reason="rollback", expected_version=seen),
     )
     winners = [r for r in results if isinstance(r, Rollout)]
     losers = [r for r in results if isinstance(r, Conflict)]
     assert len(winners) == 1 and len(losers) == 1, results
-    assert "expected state" in losers[0].message and f"found {winners[0].state}" in losers[0].message
+    assert f"expected version {seen}, found {seen + 1}" in losers[0].message, losers[0].message
     rollout = Rollout.objects.get(pk=running.pk)
     assert rollout.state == winners[0].state and rollout.version == 3
     assert len(kinds(rollout)) == 3  # created, started, and the winner's event only

@@ -14,6 +14,8 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from rollouts import services
+from rollouts.actors import SYSTEM
 from rollouts.analysis import rollout_analyse
 from rollouts.models import Rollout, RolloutEvent
 from tests.rollouts.helpers import both_arms, step_back
@@ -135,6 +137,22 @@ def test_a_service_refusal_is_shown_as_a_message(approver: Any, owner: Any, cana
     response = logged_in(owner).post(reverse("rollout-action", args=[rollout.pk, "resume"]), follow=True)
     assert "Could not resume: cannot resume rollout" in response.content.decode()
     assert "expected state paused, found running" in response.content.decode()
+
+
+def test_a_click_on_a_page_the_rollout_has_moved_on_from_is_refused(owner: Any, canary: Rollout) -> None:
+    client = logged_in(owner)
+    shown = re.search(r'name="expected_version" value="(\d+)"', status_html(client, canary))
+    assert shown is not None and int(shown.group(1)) == canary.version
+    # Meanwhile a colleague pauses and resumes it (to look at something): the click that was made on what
+    # the page showed before is refused, though the state is running again.
+    services.rollout_pause(rollout=canary.pk, actor=SYSTEM, reason="a look")
+    services.rollout_resume(rollout=canary.pk, actor=SYSTEM, reason="fine")
+    response = client.post(reverse("rollout-action", args=[canary.pk, "advance"]),
+                           {"expected_version": shown.group(1)}, follow=True)  # fmt: skip
+    assert (f"Could not advance now: rollout {canary.pk} changed since it was read: expected version "
+            f"{canary.version}, found {canary.version + 2}") in response.content.decode()
+    fresh = Rollout.objects.get(pk=canary.pk)
+    assert (fresh.state, fresh.step_index, fresh.version) == ("running", canary.step_index, canary.version + 2)
 
 
 def test_the_creator_cannot_approve_their_own_rollout_even_by_posting(owner: Any, canary: Rollout) -> None:
