@@ -392,7 +392,9 @@ def _action_view(action: str, service: Any, input_serializer: type[serializers.S
             responses={200: RolloutDetailOutput, 400: ERROR, 403: ERROR, 404: ERROR, 409: ERROR},
         )
         def post(self, request: Request, rollout_id: int) -> Response:
-            body = input_serializer(data=request.data if isinstance(request.data, dict) else {})
+            if not isinstance(request.data, dict):  # no body parses to {}; a JSON string or list is a mistake
+                raise DomainError("the body must be a JSON object, or empty")
+            body = input_serializer(data=request.data)
             body.is_valid(raise_exception=True)
             kwargs = dict(body.validated_data)
             if kwargs.get("expected_version") is None:

@@ -177,6 +177,15 @@ class Gateway:
                 return float(value)
         return 0.0
 
+    def wait_for_routes(self, timeout_s: float = 10.0) -> None:
+        """Until the gateway has loaded the routes as they are in the database now (a rollout just created
+        its alias: traffic sent before the next poll would be refused as an unknown model)."""
+        from serving.gateway.table import route_version_read
+
+        generation = route_version_read()[0]
+        wait_until(lambda: self.metric("platform_gateway_route_generation") >= generation, timeout_s=timeout_s,
+                   what=f"the gateway to load route generation {generation}")
+
 
 # --- client traffic ------------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ def test_with_the_broker_down_traffic_and_records_go_on_and_the_analysis_resumes
     platform.worker("analysis")
     platform.beat()
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
+    server.wait_for_routes()
 
     with Traffic(server.url, adder.key, ["adder"], clients=2, max_tokens=8, pause_s=0.1, limit_s=400) as traffic:
         wait_until(lambda: RolloutAnalysis.objects.filter(rollout=rollout).count() >= 2, timeout_s=90,

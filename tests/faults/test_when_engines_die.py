@@ -67,6 +67,7 @@ def test_the_candidate_dies_mid_canary_streams_end_in_error_users_fail_over_and_
     platform.worker("analysis")
     platform.beat()
     rollout = rollout_create(plan=canary("adder", weight=0.5), actor=SYSTEM, start=True).rollout
+    gateway.wait_for_routes()
     candidate = demo_engines.get("adder-v2")
 
     # Long streams, back to back, so that some are in flight on the candidate when it dies.
@@ -121,6 +122,7 @@ def test_the_baseline_dies_its_users_go_to_the_candidate_only_where_the_plan_all
     platform.beat()
     allowed = rollout_create(plan=canary("adder-on", weight=0.2, failover=True), actor=SYSTEM, start=True).rollout
     refused = rollout_create(plan=canary("adder-off", weight=0.2), actor=SYSTEM, start=True).rollout
+    gateway.wait_for_routes()
     baseline = demo_engines.get("adder-v1")
 
     with Traffic(gateway.url, adder.key, ["adder-on", "adder-off"], clients=4, max_tokens=8) as traffic:

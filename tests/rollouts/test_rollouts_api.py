@@ -137,6 +137,17 @@ def test_a_wrong_state_action_is_a_409_with_what_was_expected(owner: Any, versio
     assert owner.api().post("/api/v1/rollouts/999999/start", {}, format="json").status_code == 404
 
 
+def test_an_action_body_that_is_not_an_object_is_a_400_and_does_nothing(owner: Any, versions: None) -> None:
+    rollout_id = create(owner).json()["id"]
+    for body in ('"abort"', "[1]", "3"):
+        response = owner.api().post(f"/api/v1/rollouts/{rollout_id}/abort", body, content_type="application/json")
+        assert response.status_code == 400, body
+        assert response.json()["errors"] == {"non_field_errors": ["the body must be a JSON object, or empty"]}
+    assert owner.api().get(f"/api/v1/rollouts/{rollout_id}").json()["state"] == "draft"
+    # No body at all is fine: every field of an action is optional.
+    assert owner.api().post(f"/api/v1/rollouts/{rollout_id}/abort").json()["state"] == "aborted"
+
+
 def test_approval_through_the_api_with_four_eyes(owner: Any, approver: Any, platform_admin: Any, versions: None) -> None:
     plan = canary_plan(steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}])
     rollout_id = create(platform_admin, plan, start="true").json()["id"]
