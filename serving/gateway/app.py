@@ -458,8 +458,16 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, ex))
+
+        async def send_marking_the_end(message: Message) -> None:
+            # Once the last body message is handed over, uvicorn answers every receive() with a disconnect:
+            # the exchange is finished then, not cancelled.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                ex.finished = True
+            await send(message)
+
         try:
-            await self._attempt(route, ex, body, stream, session, request_id, endpoint, send)
+            await self._attempt(route, ex, body, stream, session, request_id, endpoint, send_marking_the_end)
         except asyncio.CancelledError:
             if not ex.disconnected:
                 raise

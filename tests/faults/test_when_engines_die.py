@@ -83,12 +83,13 @@ def test_the_candidate_dies_mid_canary_streams_end_in_error_users_fail_over_and_
                          what="traffic after the rollback")
     sent = traffic.snapshot()
 
-    # Cut mid-stream: a 200 whose stream ends with the gateway's error event, not a silent cut. One the
-    # engine had not begun to answer gets a 502 (it was sent, so it is not sent again elsewhere).
+    # In flight on the candidate when it died: none ends silently. One already streaming is a 200 whose
+    # stream ends with the gateway's error event; one the engine had not begun to answer gets a 502 (it was
+    # sent, so it is not sent again elsewhere). Which of the two the kill meets is down to timing.
     in_flight = [s for s in sent if s.started < kill_sent < s.ended and s.arm == "candidate"]
     cut = [s for s in in_flight if not s.completed]
-    mid_stream = [s for s in cut if s.status == 200]
-    assert mid_stream and all(s.error_event and '"upstream_error"' in s.error for s in mid_stream), cut
+    assert cut, in_flight
+    assert all(s.error_event and '"upstream_error"' in s.error for s in cut if s.status == 200), cut
     assert all(s.status == 502 and '"upstream_error"' in s.error for s in cut if s.status != 200), cut
     # Everything sent after it died was served whole, by the baseline.
     after = [s for s in sent if s.started > killed_at + 0.2]

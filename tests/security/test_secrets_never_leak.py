@@ -141,6 +141,9 @@ def test_a_full_session_at_debug_level_leaves_no_secret_in_logs_or_responses(
             SECRET_KEY=named["SECRET_KEY"], SLACK_BOT_TOKEN=named["SLACK_BOT_TOKEN"],
             SLACK_SIGNING_SECRET=named["SLACK_SIGNING_SECRET"], PLATFORM_ADMIN_PASSWORD=named["PLATFORM_ADMIN_PASSWORD"],
             SLACK_API_BASE_URL=standin.api_url, LOG_LEVEL="DEBUG", GATEWAY_RECORD_FLUSH_S="0.1",
+            # Plain HTTP on loopback: on PostgreSQL the settings count as production and would mark the
+            # cookies Secure, which a client never sends back over http (the login would fail on CSRF).
+            SECURE_COOKIES="false",
         )  # fmt: skip
         setup = subprocess.run([str(VENV_BIN / "python"), "manage.py", "setup_platform", "--no-demo"], cwd=REPO_ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
