@@ -609,6 +609,10 @@ class Gateway:
             async for chunk in response.chunks():
                 out = meter.feed(chunk, perf())
                 if out:
+                    if meter.done_at is not None:
+                        # This hands the client `[DONE]`: it has the whole answer, and a client (the openai
+                        # SDK among them) may hang up now, before the stream's last empty chunk.
+                        ex.finished = True
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = meter.finish(perf())
         except UpstreamError as exc:
