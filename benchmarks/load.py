@@ -4,6 +4,7 @@ beat analysing a canary in progress, for a few minutes.
     .venv/bin/python benchmarks/load.py                      # 3 min through the gateway, 20 s direct first
     .venv/bin/python benchmarks/load.py --duration 60 --direct-s 10 --clients 6
     .venv/bin/python benchmarks/load.py --help
+    .venv/bin/python benchmarks/load.py --external 'aiperf profile ... --url "$LOAD_GATEWAY_URL" ...'
 
 What runs: adder-v1 and adder-v2 each in their own engine (tests/support/engines.running_engine, so the
 machine-wide engine slots are respected), registered as static engine workers; three aliases - `adder`
@@ -22,6 +23,11 @@ difference (what the gateway adds), the request records written against the requ
 answered (they must be equal), and the resident memory of each process (gateway, worker, beat, each
 engine; process groups summed) sampled every few seconds: the first minute's mean against the last
 minute's (it must be flat).
+
+With `--external CMD` the same system is set up, and instead of its own load it runs CMD (a shell command,
+e.g. an LLM load tool) with LOAD_GATEWAY_URL, LOAD_GATEWAY_KEY, LOAD_ALIASES and LOAD_TOKENIZER (the demo
+model's directory, for tools that count tokens) in its environment; it then prints the requests the gateway
+served meanwhile (its /metrics) against the records written, and the memory table.
 """
 
 from __future__ import annotations
@@ -299,6 +305,7 @@ def main() -> int:
     parser.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests (0.5)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (5)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    parser.add_argument("--external", metavar="CMD", help="run this shell command as the load instead (see above)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ramp-load-"))
@@ -371,8 +378,10 @@ def main() -> int:
             through = {alias: ("127.0.0.1", port, alias, {"Authorization": f"Bearer {GATEWAY_KEY}"}) for alias in ALIASES}
             results: list[Result] = []
             common = {"clients": args.clients, "max_tokens": args.max_tokens, "stream_share": args.stream_share}
-            print(f"warm-up, then {args.direct_s:.0f} s direct to the engines ...", flush=True)
             asyncio.run(closed_loop(phase="warm", targets=through, seconds=5, into=[], seed=1, **common))
+            if args.external:
+                return run_external(args, port, models["adder-v1"].path, groups, RequestRecord)
+            print(f"warm-up done; {args.direct_s:.0f} s direct to the engines ...", flush=True)
             asyncio.run(closed_loop(phase="direct", targets=direct, seconds=args.direct_s, into=results, seed=2, **common))
             print(f"{args.duration:.0f} s through the gateway ...", flush=True)
             sampler = MemorySampler(groups, args.sample_s)
@@ -402,6 +411,62 @@ def main() -> int:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _served_by_gateway(port: int) -> int:
+    """The gateway's platform_gateway_requests_total, all labels summed (its own count of what it answered)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("platform_gateway_requests_total{")))
+
+
+def run_external(args: argparse.Namespace, port: int, tokenizer: Path, groups: dict[str, int], records: type) -> int:
+    """Run a load tool against the gateway; compare what the gateway served with the records written."""
+    env = {**os.environ, "LOAD_GATEWAY_URL": f"http://127.0.0.1:{port}", "LOAD_GATEWAY_KEY": GATEWAY_KEY,
+           "LOAD_ALIASES": ",".join(ALIASES), "LOAD_TOKENIZER": str(tokenizer)}
+    # The warm-up's last records may still be in the gateway's buffer: start counting once they are written.
+    deadline = time.monotonic() + 30
+    while records.objects.count() < _served_by_gateway(port) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.5)
+    served_before, written_before = _served_by_gateway(port), records.objects.count()  # type: ignore[attr-defined]
+    sampler = MemorySampler(groups, args.sample_s)
+    sampler.start()
+    print(f"running: {args.external}", flush=True)
+    started = time.monotonic()
+    code = subprocess.call(args.external, shell=True, env=env, cwd=REPO)
+    took = time.monotonic() - started
+    sampler.stop()
+    served = _served_by_gateway(port) - served_before
+    deadline, written = time.monotonic() + 60, 0
+    while time.monotonic() < deadline:
+        written = records.objects.count() - written_before  # type: ignore[attr-defined]
+        if written >= served:
+            break
+        time.sleep(1)
+    print(f"\nthe command exited {code} after {took:.0f} s; the gateway served {served} requests meanwhile, "
+          f"{written} records written, {served - written} missing")
+    print_memory(sampler, args.sample_s)
+    return 0 if code == 0 and written == served else 1
+
+
+def print_memory(sampler: MemorySampler, every_s: float) -> None:
+    samples = sampler.samples
+    if len(samples) < 2:
+        return
+    span = samples[-1][0]
+    window = 60.0 if span >= 150 else span / 3
+    first = [s for t, s in samples if t <= window]
+    last = [s for t, s in samples if t >= span - window]
+    print(f"\nresident memory (process group), mean of the first vs the last {window:.0f} s of {span:.0f} s "
+          f"({len(samples)} samples every {every_s:g} s):\n")
+    print("| process         | first MB | last MB |  growth |")
+    print("|-----------------|----------|---------|---------|")
+    for name in samples[0][1]:
+        a = statistics.mean(s[name] for s in first) / 1024
+        b = statistics.mean(s[name] for s in last) / 1024
+        print(f"| {name:15} | {a:8.1f} | {b:7.1f} | {b - a:+6.1f}  |")
 
 
 def report(args: argparse.Namespace, results: list[Result], load_s: float, sampler: MemorySampler, answered: set[str],
@@ -441,20 +506,7 @@ def report(args: argparse.Namespace, results: list[Result], load_s: float, sampl
     print(f"rollout {rollout.pk}: {rollout.state} at step {rollout.step_index + 1} ({rollout.state_reason or 'running'}); "  # type: ignore[attr-defined]
           f"{shadow_pairs} shadow pairs stored")
 
-    samples = sampler.samples
-    if len(samples) >= 2:
-        span = samples[-1][0]
-        window = 60.0 if span >= 150 else span / 3
-        first = [s for t, s in samples if t <= window]
-        last = [s for t, s in samples if t >= span - window]
-        print(f"\nresident memory (process group), mean of the first vs the last {window:.0f} s of {span:.0f} s "
-              f"({len(samples)} samples every {args.sample_s:g} s):\n")
-        print("| process         | first MB | last MB |  growth |")
-        print("|-----------------|----------|---------|---------|")
-        for name in samples[0][1]:
-            a = statistics.mean(s[name] for s in first) / 1024
-            b = statistics.mean(s[name] for s in last) / 1024
-            print(f"| {name:15} | {a:8.1f} | {b:7.1f} | {b - a:+6.1f}  |")
+    print_memory(sampler, args.sample_s)
     print(f"\nlogs: {tmp} (--keep to keep them)")
 
 
