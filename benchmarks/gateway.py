@@ -27,11 +27,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httptools
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.http1 import Http1Connection  # noqa: E402
 from serving.gateway.meter import StreamMeter  # noqa: E402
 from tests.support.engines import free_port, running_engine  # noqa: E402
 
@@ -40,67 +39,6 @@ BENCH_VENV = REPO / "var" / "bench-venv"
 LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2
 GATEWAY_KEY = "gw_bench_" + "0123456789abcdef" * 2
 ALIAS = "bench"
-
-
-# --- a lean HTTP/1.1 client, so the load generator costs as little CPU as it can ------------------
-
-
-class _Response:
-    def __init__(self) -> None:
-        self.status = 0
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.complete = False
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.put_nowait(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.chunks.put_nowait(None)
-
-
-class Connection:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def _open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-
-    async def post_stream(self, path: str, body: bytes, headers: dict[str, str], meter: StreamMeter) -> int:
-        """POST and read the response through, feeding the meter; returns the status."""
-        if self.writer is None:
-            await self._open()
-        assert self.reader is not None and self.writer is not None
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        self.writer.write(head.encode() + body)
-        response = _Response()
-        parser = httptools.HttpResponseParser(response)
-        perf = time.perf_counter
-        try:
-            while not response.complete:
-                data = await self.reader.read(65536)
-                if not data:
-                    raise ConnectionError("closed")
-                parser.feed_data(data)
-                while not response.chunks.empty():
-                    chunk = response.chunks.get_nowait()
-                    if chunk is not None:
-                        meter.feed(chunk, perf())
-        except Exception:
-            self.close()
-            raise
-        meter.finish(perf())
-        if not parser.should_keep_alive():
-            self.close()
-        return parser.get_status_code()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 # --- the load --------------------------------------------------------------------------------------
@@ -141,14 +79,18 @@ async def closed_loop(target: Target, *, clients: int, seconds: float, max_token
 
     async def client(index: int) -> None:
         nonlocal done
-        connection = Connection("127.0.0.1", target.port)
+        connection = Http1Connection("127.0.0.1", target.port)
         n = index * 100000
         while time.perf_counter() < deadline:
             n += 1
             sent = time.perf_counter()
             meter = StreamMeter(sent_at=sent)
+            def on_body(chunk: bytes, meter: StreamMeter = meter) -> None:
+                meter.feed(chunk, time.perf_counter())
+
             try:
-                status = await connection.post_stream(target.path, request_body(target, max_tokens, n), headers, meter)
+                status, _ = await connection.post(target.path, request_body(target, max_tokens, n), headers, on_body)
+                meter.finish(time.perf_counter())
             except Exception:
                 status = 0
             ok = status == 200 and meter.done_at is not None and meter.first_token_at is not None and meter.error is None

@@ -50,34 +50,22 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import httptools
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.http1 import Http1Connection  # noqa: E402
+
+if TYPE_CHECKING:
+    from rollouts.models import Rollout
+
 VENV_BIN = Path(sys.executable).parent
 GATEWAY_KEY = "gw_load_" + secrets.token_hex(16)
 ALIASES = ("adder", "adder-stable", "adder-next")
-
-
-# --- a small HTTP/1.1 client (httptools), so the load itself takes little CPU from the engines ---------
-
-
-class _Parser:
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.complete = False
-        self.body: list[bytes] = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
 
 
 @dataclass
@@ -92,43 +80,18 @@ class Result:
     ok: bool = False
 
 
-class Client:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+class _Received:
+    """A response body as it arrives, and when the first streamed text came (seconds after `started`)."""
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> tuple[int, dict[bytes, bytes], bytes, float | None]:
-        """(status, headers, body, seconds to the first streamed content) of one POST."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None and self.writer is not None
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        sent = time.perf_counter()
-        self.writer.write(head.encode() + body)
-        state = _Parser()
-        parser = httptools.HttpResponseParser(state)
-        first: float | None = None
-        try:
-            while not state.complete:
-                data = await self.reader.read(65536)
-                if not data:
-                    raise ConnectionError("closed by the server")
-                parser.feed_data(data)
-                if stream and first is None and _has_text(data):
-                    first = time.perf_counter() - sent
-        except Exception:
-            self.close()
-            raise
-        if not parser.should_keep_alive():
-            self.close()
-        return parser.get_status_code(), state.headers, b"".join(state.body), first
+    def __init__(self, stream: bool, started: float) -> None:
+        self.stream, self.started = stream, started
+        self.parts: list[bytes] = []
+        self.first: float | None = None
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+    def feed(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        if self.stream and self.first is None and _has_text(chunk):
+            self.first = time.perf_counter() - self.started
 
 
 def _has_text(data: bytes) -> bool:
@@ -168,19 +131,21 @@ async def closed_loop(*, phase: str, targets: dict[str, tuple[str, int, str, dic
 
     async def one_client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        conns: dict[tuple[str, int], Client] = {}
+        conns: dict[tuple[str, int], Http1Connection] = {}
         n = 0
         while time.perf_counter() < deadline:
             n += 1
             alias = rng.choice(list(targets))
             host, port, model, headers = targets[alias]
             stream = rng.random() < stream_share
-            conn = conns.setdefault((host, port), Client(host, port))
+            conn = conns.setdefault((host, port), Http1Connection(host, port))
             started = time.perf_counter()
+            received = _Received(stream, started)
             try:
-                status, got, content, first = await conn.post(
+                status, got = await conn.post(
                     "/v1/chat/completions", _body(model, stream, max_tokens, f"{phase}-{index}-{n}", rng),
-                    {"Content-Type": "application/json", **headers}, stream=stream)
+                    {"Content-Type": "application/json", **headers}, received.feed)
+                content, first = b"".join(received.parts), received.first
             except (OSError, ConnectionError, httptools.HttpParserError) as exc:
                 into.append(Result(phase, alias, stream, 0, None, (time.perf_counter() - started) * 1000))
                 print(f"  client error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -380,7 +345,7 @@ def main() -> int:
             common = {"clients": args.clients, "max_tokens": args.max_tokens, "stream_share": args.stream_share}
             asyncio.run(closed_loop(phase="warm", targets=through, seconds=5, into=[], seed=1, **common))
             if args.external:
-                return run_external(args, port, models["adder-v1"].path, groups, RequestRecord)
+                return run_external(args, port, models["adder-v1"].path, groups)
             print(f"warm-up done; {args.direct_s:.0f} s direct to the engines ...", flush=True)
             asyncio.run(closed_loop(phase="direct", targets=direct, seconds=args.direct_s, into=results, seed=2, **common))
             print(f"{args.duration:.0f} s through the gateway ...", flush=True)
@@ -422,15 +387,18 @@ def _served_by_gateway(port: int) -> int:
                    if line.startswith("platform_gateway_requests_total{")))
 
 
-def run_external(args: argparse.Namespace, port: int, tokenizer: Path, groups: dict[str, int], records: type) -> int:
+def run_external(args: argparse.Namespace, port: int, tokenizer: Path, groups: dict[str, int]) -> int:
     """Run a load tool against the gateway; compare what the gateway served with the records written."""
+    from serving.models import RequestRecord
+
+    records = RequestRecord.objects
     env = {**os.environ, "LOAD_GATEWAY_URL": f"http://127.0.0.1:{port}", "LOAD_GATEWAY_KEY": GATEWAY_KEY,
            "LOAD_ALIASES": ",".join(ALIASES), "LOAD_TOKENIZER": str(tokenizer)}
     # The warm-up's last records may still be in the gateway's buffer: start counting once they are written.
     deadline = time.monotonic() + 30
-    while records.objects.count() < _served_by_gateway(port) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while records.count() < _served_by_gateway(port) and time.monotonic() < deadline:
         time.sleep(0.5)
-    served_before, written_before = _served_by_gateway(port), records.objects.count()  # type: ignore[attr-defined]
+    served_before, written_before = _served_by_gateway(port), records.count()
     sampler = MemorySampler(groups, args.sample_s)
     sampler.start()
     print(f"running: {args.external}", flush=True)
@@ -441,7 +409,7 @@ def run_external(args: argparse.Namespace, port: int, tokenizer: Path, groups: d
     served = _served_by_gateway(port) - served_before
     deadline, written = time.monotonic() + 60, 0
     while time.monotonic() < deadline:
-        written = records.objects.count() - written_before  # type: ignore[attr-defined]
+        written = records.count() - written_before
         if written >= served:
             break
         time.sleep(1)
@@ -470,7 +438,7 @@ def print_memory(sampler: MemorySampler, every_s: float) -> None:
 
 
 def report(args: argparse.Namespace, results: list[Result], load_s: float, sampler: MemorySampler, answered: set[str],
-           written: int, rollout: object, shadow_pairs: int, tmp: Path) -> None:
+           written: int, rollout: Rollout, shadow_pairs: int, tmp: Path) -> None:
     load = os.getloadavg()
     print(f"\n{args.clients} closed-loop clients, {args.max_tokens} output tokens (ignore_eos), "
           f"{args.stream_share:.0%} streamed, aliases {', '.join(ALIASES)}; {os.cpu_count()} CPUs, "
@@ -500,10 +468,10 @@ def report(args: argparse.Namespace, results: list[Result], load_s: float, sampl
         return "-" if a is None or b is None else f"{a - b:+.1f} ms"
 
     print(f"\nadded by the gateway: TTFT p50 {added('ttft50')}, p99 {added('ttft99')}; E2E p50 {added('e2e50')}, "
-          f"p99 {added('e2e99')}; throughput {g.get('rps', 0) / max(d.get('rps', 0) or 1e-9, 1e-9):.2f}x direct")
+          f"p99 {added('e2e99')}; throughput {(g.get('rps') or 0.0) / max(d.get('rps') or 0.0, 1e-9):.2f}x direct")
     print(f"records: {len(answered)} requests answered by the gateway, {written} records written, "
           f"{len(answered) - written} missing")
-    print(f"rollout {rollout.pk}: {rollout.state} at step {rollout.step_index + 1} ({rollout.state_reason or 'running'}); "  # type: ignore[attr-defined]
+    print(f"rollout {rollout.pk}: {rollout.state} at step {rollout.step_index + 1} ({rollout.state_reason or 'running'}); "
           f"{shadow_pairs} shadow pairs stored")
 
     print_memory(sampler, args.sample_s)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from rest_framework import serializers
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from config.errors import DomainError
 
@@ -47,3 +50,15 @@ class ApiPagination(LimitOffsetPagination):
             low, high = bounds[parameter["name"]]
             parameter["schema"] = {**parameter["schema"], "minimum": low, "maximum": high}
         return parameters
+
+
+class PaginatedListApi(APIView):
+    """A view whose GET is a list: it answers {count, next, previous, results}. drf-spectacular documents that
+    envelope from `pagination_class` (a plain APIView has none)."""
+
+    pagination_class = ApiPagination
+
+    def paginated(self, request: Request, queryset: Any, serializer: type[serializers.Serializer]) -> Response:
+        paginator = ApiPagination()
+        page: Any = paginator.paginate_queryset(queryset, request, view=self)
+        return paginator.get_paginated_response(serializer(page, many=True).data)

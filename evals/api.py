@@ -19,7 +19,8 @@ from rest_framework.views import APIView
 
 from accounts.permissions import CanManage, CanView
 from config.errors import DomainError, NotFound
-from config.pagination import ApiPagination
+from config.pagination import PaginatedListApi
+from config.query import query_flag
 from evals import jsonl, selectors, services
 from evals.models import EvalRun, EvalSuite
 from serving.selectors import model_version_get
@@ -49,23 +50,6 @@ class ReadWriteApi(APIView):
     def get_permissions(self) -> list[BasePermission]:
         permission = CanView if self.request.method in ("GET", "HEAD", "OPTIONS") else CanManage
         return [permission()]
-
-
-def _flag(request: Request, name: str) -> bool:
-    """A boolean query parameter: true/false (1/0); anything else is a 400 naming it, not a silent false."""
-    raw = request.query_params.get(name)
-    if raw is None or raw.lower() in ("false", "0"):
-        return False
-    if raw.lower() in ("true", "1"):
-        return True
-    raise DomainError(f"{name} must be true or false", field=name)
-
-
-def _paginate(view: APIView, request: Request, queryset: Any, serializer: type[serializers.Serializer],
-              context: dict[str, Any] | None = None) -> Response:
-    paginator = ApiPagination()
-    page: Any = paginator.paginate_queryset(queryset, request, view=view)
-    return paginator.get_paginated_response(serializer(page, many=True, context=context or {}).data)
 
 
 # --- suites ---------------------------------------------------------------------------------------
@@ -114,9 +98,7 @@ SUITE_UPLOAD_ERROR = inline_serializer(
 )
 
 
-class SuitesApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
+class SuitesApi(PaginatedListApi, ReadWriteApi):
     parser_classes = [MultiPartParser, FormParser, JSONParser, JsonLinesParser, NdjsonParser, PlainTextParser]
 
     @extend_schema(
@@ -127,8 +109,8 @@ class SuitesApi(ReadWriteApi):
     )
     def get(self, request: Request) -> Response:
         suites = selectors.eval_suite_list(name=request.query_params.get("name") or None,
-                                           latest_only=_flag(request, "latest"))
-        return _paginate(self, request, suites, SuiteOutput)
+                                           latest_only=query_flag(request, "latest"))
+        return self.paginated(request, suites, SuiteOutput)
 
     @extend_schema(
         operation_id="eval_suites_create",
@@ -179,16 +161,13 @@ class SuiteDetailApi(ReadWriteApi):
         return Response(SuiteOutput(_suite(suite_id)).data)
 
 
-class SuiteItemsApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
-
+class SuiteItemsApi(PaginatedListApi, ReadWriteApi):
     @extend_schema(operation_id="eval_suite_items_list",
                    parameters=[OpenApiParameter("tag", str, description="Only items with this tag.")],
                    responses=ItemOutput(many=True))
     def get(self, request: Request, suite_id: int) -> Response:
         items = selectors.eval_suite_items(suite=_suite(suite_id), tag=request.query_params.get("tag") or None)
-        return _paginate(self, request, items, ItemOutput)
+        return self.paginated(request, items, ItemOutput)
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -248,10 +227,7 @@ def _field_lookup(lookup: Any, *, field: str) -> Any:
         raise DomainError(exc.message, field=field) from exc
 
 
-class RunsApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
-
+class RunsApi(PaginatedListApi, ReadWriteApi):
     @extend_schema(
         operation_id="eval_runs_list",
         parameters=[OpenApiParameter("suite", str, description="Suite id, name or name@version."),
@@ -268,7 +244,7 @@ class RunsApi(ReadWriteApi):
             raise DomainError(f"state must be one of {', '.join(EvalRun.State.values)}", field="state")
         runs = selectors.eval_run_list(suite=suite, model_version_id=version.pk if version else None,
                                        state=params.get("state") or None)
-        return _paginate(self, request, runs, RunOutput)
+        return self.paginated(request, runs, RunOutput)
 
     @extend_schema(operation_id="eval_runs_create", request=RunCreateInput, responses={201: RunDetailOutput})
     def post(self, request: Request) -> Response:
@@ -313,17 +289,14 @@ class ResultOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
-class RunResultsApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
-
+class RunResultsApi(PaginatedListApi, ReadWriteApi):
     @extend_schema(operation_id="eval_run_results_list",
                    parameters=[OpenApiParameter("failed", bool, description="Only items whose request failed.")],
                    responses=ResultOutput(many=True))
     def get(self, request: Request, run_id: int) -> Response:
         run = selectors.eval_run_get(run_id=run_id)
-        results = selectors.eval_run_results(run=run, failed_only=_flag(request, "failed"))
-        return _paginate(self, request, results, ResultOutput)
+        results = selectors.eval_run_results(run=run, failed_only=query_flag(request, "failed"))
+        return self.paginated(request, results, ResultOutput)
 
 
 # --- comparisons ----------------------------------------------------------------------------------

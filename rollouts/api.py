@@ -27,7 +27,8 @@ from accounts.permissions import CanManage, CanView, role_required
 from config.errors import DomainError
 from config.idempotency import HEADER as IDEMPOTENCY_HEADER
 from config.idempotency import idempotency_key_from
-from config.pagination import ApiPagination
+from config.pagination import PaginatedListApi
+from config.query import query_flag
 from rollouts import selectors
 from rollouts.actors import Actor
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
@@ -76,15 +77,6 @@ def _via(request: Request) -> str:
 
 def _actor(request: Request) -> Actor:
     return Actor.of(request.user, via=_via(request))  # type: ignore[arg-type]  # permissions admit no anonymous
-
-
-def _flag(request: Request, name: str) -> bool:
-    raw = request.query_params.get(name, "")
-    if raw.lower() in ("", "0", "false", "no"):
-        return False
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    raise DomainError(f"{name} must be true or false", field=name)
 
 
 # --- serializers ----------------------------------------------------------------------------------
@@ -245,9 +237,7 @@ _PLAN_BODY = {
 }
 
 
-class RolloutListCreateApi(APIView):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
+class RolloutListCreateApi(PaginatedListApi):
     parser_classes = [JSONParser, PlanYamlParser, _TextYamlParser, _XYamlParser]
 
     def get_permissions(self) -> list[BasePermission]:
@@ -264,13 +254,11 @@ class RolloutListCreateApi(APIView):
     )
     def get(self, request: Request) -> Response:
         live_raw = request.query_params.get("live")
-        live = None if live_raw is None else _flag(request, "live")
+        live = None if live_raw is None else query_flag(request, "live")
         rollouts = selectors.rollout_list(
             state=request.query_params.get("state"), alias=request.query_params.get("alias"), live=live
         )
-        paginator = ApiPagination()
-        page = paginator.paginate_queryset(rollouts, request, view=self)
-        return paginator.get_paginated_response(RolloutOutput(page, many=True).data)
+        return self.paginated(request, rollouts, RolloutOutput)
 
     @extend_schema(
         operation_id="rollouts_create",
@@ -302,8 +290,8 @@ class RolloutListCreateApi(APIView):
             plan=plan,
             content_type=request.content_type or "",
             actor=_actor(request),
-            start=_flag(request, "start"),
-            start_when_ready=_flag(request, "start_when_ready"),
+            start=query_flag(request, "start"),
+            start_when_ready=query_flag(request, "start_when_ready"),
             idempotency_key=key,
         )
         headers = {"Location": f"/api/v1/rollouts/{created.rollout.pk}"}

@@ -22,7 +22,7 @@ from rest_framework.views import APIView
 from accounts.permissions import CanManage, CanView
 from config.errors import Conflict, DomainError, NotFound
 from config.idempotency import IDEMPOTENCY_TTL, idempotency_key_from, idempotent_create, request_fingerprint
-from config.pagination import ApiPagination
+from config.pagination import PaginatedListApi
 from serving import selectors, services
 from serving.models import EngineWorker, ModelVersion
 from serving.serializers import (
@@ -49,12 +49,6 @@ class ReadWriteApi(APIView):
         return [permission()]
 
 
-def _paginate(view: APIView, request: Request, queryset: Any, serializer: type[serializers.Serializer]) -> Response:
-    paginator = ApiPagination()
-    page: list[Any] | None = paginator.paginate_queryset(queryset, request, view=view)
-    return paginator.get_paginated_response(serializer(page, many=True).data)
-
-
 def _user(request: Request) -> AbstractBaseUser:
     # The permission classes admitted only authenticated users with a role.
     assert isinstance(request.user, AbstractBaseUser)
@@ -70,10 +64,7 @@ def _created(data: Any, *, replayed: bool) -> Response:
 # --- model versions -------------------------------------------------------------------------------
 
 
-class ModelVersionsApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
-
+class ModelVersionsApi(PaginatedListApi, ReadWriteApi):
     @extend_schema(operation_id="model_versions_list",
                    parameters=[OpenApiParameter("name", str, description="Only this model family's versions.")],
                    responses=ModelVersionOutput(many=True))
@@ -81,7 +72,7 @@ class ModelVersionsApi(ReadWriteApi):
         versions = selectors.model_version_list().select_related("created_by")
         if name := request.query_params.get("name"):
             versions = versions.filter(name=name)
-        return _paginate(self, request, versions, ModelVersionOutput)
+        return self.paginated(request, versions, ModelVersionOutput)
 
     @extend_schema(
         operation_id="model_versions_register",
@@ -134,10 +125,7 @@ class ModelVersionDetailApi(ReadWriteApi):
 # --- engine workers -------------------------------------------------------------------------------
 
 
-class EnginesApi(ReadWriteApi):
-    # Lists answer {count, next, previous, results}; drf-spectacular documents that envelope from this.
-    pagination_class = ApiPagination
-
+class EnginesApi(PaginatedListApi, ReadWriteApi):
     @extend_schema(
         operation_id="engines_list",
         parameters=[
@@ -155,7 +143,7 @@ class EnginesApi(ReadWriteApi):
             if state not in EngineWorker.State.values:
                 raise serializers.ValidationError({"state": [f"must be one of {', '.join(EngineWorker.State.values)}"]})
             workers = workers.filter(state=state)
-        return _paginate(self, request, workers, EngineWorkerOutput)
+        return self.paginated(request, workers, EngineWorkerOutput)
 
     @extend_schema(
         operation_id="engines_create",

@@ -33,7 +33,8 @@ from serving.models import ModelVersion
 from serving.services import model_version_register
 from tests.support.demo import EnginePool, static_worker_ready
 from tests.support.engines import RunningEngine
-from tests.support.processes import celery_worker
+from tests.support.eval_runs import assert_resumed_without_redoing, stored_results
+from tests.support.processes import celery_worker, wait_until
 
 # Engines take minutes to start on a busy 2-core machine: more than the suite's default 600 s limit.
 pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pytest.mark.timeout(2400)]
@@ -120,13 +121,6 @@ def test_the_eval_gate_passes_adder_v2(
     assert summary["latency_ms"]["p50"] > 0 and summary["completion_tokens"] > 0
 
 
-def _wait(condition, *, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_a_run_survives_its_worker_being_killed_without_redoing_finished_items(
     built: dict[str, BuiltModel], v1_engine: RunningEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,27 +132,19 @@ def test_a_run_survives_its_worker_being_killed_without_redoing_finished_items(
     version = register(built["adder-v1"], v1_engine)
     with celery_worker(name="evals-first") as first:
         run = eval_run_create(suite=suite, model_version=version, scorers=["exact_match"], concurrency=1)
-        _wait(lambda: EvalRun.objects.get(pk=run.pk).done >= 20, timeout_s=240, what="the first checkpoints")
+        wait_until(lambda: EvalRun.objects.get(pk=run.pk).done >= 20, timeout_s=240, what="the first checkpoints")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     killed_at = timezone.now()
-    stored = {r.item_id: (r.pk, r.created_at, r.output) for r in EvalResult.objects.filter(run=run)}
+    stored = stored_results(run)
     run.refresh_from_db()
     assert 20 <= len(stored) < run.total and run.state == "running"
     with celery_worker(name="evals-second"):
         # The killed worker's heartbeat goes stale; beat's sweeper (called here) hands the run on.
-        _wait(lambda: eval_runs_sweep(stale_after_s=3)["resumed"] >= 1, timeout_s=60, what="the sweeper")
-        _wait(lambda: EvalRun.objects.get(pk=run.pk).state == "succeeded", timeout_s=300, what="the run to finish")
-    run.refresh_from_db()
-    results = list(EvalResult.objects.filter(run=run))
-    assert run.done == run.total == len(results) == len({r.item_id for r in results}) == 200
-    assert run.executions >= 2
-    for result in results:
-        if result.item_id in stored:
-            # Stored before the kill, untouched since: not run again.
-            assert (result.pk, result.created_at, result.output) == stored[result.item_id]
-        else:
-            assert result.created_at >= killed_at
+        wait_until(lambda: eval_runs_sweep(stale_after_s=3)["resumed"] >= 1, timeout_s=60, what="the sweeper")
+        wait_until(lambda: EvalRun.objects.get(pk=run.pk).state == "succeeded", timeout_s=300, what="the run to finish")
+    assert_resumed_without_redoing(run, stored, killed_at)
+    assert run.total == 200
     assert run.summary["scorers"]["exact_match"]["mean"] == pytest.approx(built["adder-v1"].exact_match, abs=0.02)
 
 

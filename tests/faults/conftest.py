@@ -30,7 +30,7 @@ from serving.models import EngineWorker, ModelVersion, RequestRecord
 from serving.services import engine_worker_create, gateway_key_create
 from tests.support.demo import EnginePool, static_worker_ready, version_register
 from tests.support.engines import free_port
-from tests.support.processes import VENV_BIN, child_env, child_process
+from tests.support.processes import VENV_BIN, child_env, child_process, wait_until
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs" / "faults"
 
@@ -48,14 +48,6 @@ REDIS_START = [
     "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
     "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
 ]  # fmt: skip
-
-
-def wait_until(condition: Callable[[], object], *, timeout_s: float, what: str, every_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 # --- processes ---------------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from tests.faults.conftest import (
     redis_start,
     redis_stop,
     redis_up,
-    wait_until,
 )
 from tests.support.demo import EnginePool
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.engines, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(900)]

@@ -21,16 +21,18 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from evals.models import EvalResult, EvalRun
+from evals.models import EvalRun
 from evals.services import builtin_suites_ensure, eval_run_create
 from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.services import rollout_create
 from rollouts.tasks import analyse_rollout
 from serving.models import ShadowPair
 from serving.tasks import shadow_mirror
-from tests.faults.conftest import Adder, Platform, adder_static, broker_is_local_redis, wait_until
+from tests.faults.conftest import Adder, Platform, adder_static, broker_is_local_redis
 from tests.rollouts.helpers import both_arms, canary_plan, kinds, step_back
 from tests.support.demo import EnginePool
+from tests.support.eval_runs import assert_resumed_without_redoing, stored_results
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.engines, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(900)]
@@ -59,7 +61,7 @@ def test_a_worker_killed_mid_analysis_and_mid_eval_run_leaves_both_done_once(
     held = Rollout.objects.get(pk=rollout.pk)
     assert held.version == seen and held.analysis_lease_until is not None
     assert not RolloutAnalysis.objects.filter(rollout=rollout).exists()
-    stored = {r.item_id: (r.pk, r.created_at, r.output) for r in EvalResult.objects.filter(run=run)}
+    stored = stored_results(run)
     assert 10 <= len(stored) < run.total
     assert EvalRun.objects.get(pk=run.pk).state == "running"
 
@@ -80,15 +82,8 @@ def test_a_worker_killed_mid_analysis_and_mid_eval_run_leaves_both_done_once(
     first_look = RolloutAnalysis.objects.filter(rollout=rollout).order_by("created_at").first()
     assert first_look is not None and first_look.created_at >= held.analysis_lease_until
 
-    run.refresh_from_db()
-    results = list(EvalResult.objects.filter(run=run))
-    assert run.done == run.total == len(results) == len({r.item_id for r in results}) == 200
-    assert run.executions >= 2
-    for result in results:
-        if result.item_id in stored:
-            assert (result.pk, result.created_at, result.output) == stored[result.item_id]
-        else:
-            assert result.created_at >= killed_at
+    assert_resumed_without_redoing(run, stored, killed_at)
+    assert run.total == 200
 
 
 def _mirror(adder: Adder, n: int) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import pytest
 from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.services import rollout_create
 from rollouts.tasks import analyse_rollout
-from tests.faults.conftest import Platform, wait_until
+from tests.faults.conftest import Platform
 from tests.rollouts.helpers import both_arms, canary_plan, kinds, step_back, version
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 

@@ -24,9 +24,9 @@ from tests.faults.conftest import (
     postgres_ctl,
     postgres_up,
     records_for,
-    wait_until,
 )
 from tests.support.demo import EnginePool
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.engines, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(600)]

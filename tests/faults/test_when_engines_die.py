@@ -29,10 +29,10 @@ from tests.faults.conftest import (
     adder_agent_workers,
     answered,
     records_for,
-    wait_until,
     workers_ready,
 )
 from tests.support.demo import EnginePool
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.engines, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(900)]

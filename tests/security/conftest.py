@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from django.conf import settings
 
 from serving.services import gateway_key_create, route_set
 from tests.security.fake_engine import FakeEngine
-from tests.serving.gateway.conftest import split, static_worker_ready, version_register
-from tests.support.engines import free_port
-from tests.support.processes import VENV_BIN, child_env, child_process
-
-LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
-# What production runs (Procfile, docker-compose.yml) besides the app and the address.
-SERVER_FLAGS = ["--http", "config.http_server:HeadBoundedProtocol", "--timeout-keep-alive", "5", "--no-access-log"]
+from tests.serving.gateway.conftest import (  # noqa: F401 (gateway_process: the gateway tests' fixture, imported to be used here)
+    GatewayProcess,
+    gateway_process,
+    split,
+    static_worker_ready,
+    version_register,
+)
 
 
 def rss_bytes(pid: int) -> int:
@@ -64,24 +63,18 @@ def fake_engine() -> Iterator[FakeEngine]:
 
 
 @pytest.fixture
-def gateway(transactional_db: None, fake_engine: FakeEngine, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+def gateway(fake_engine: FakeEngine, gateway_process: Callable[..., GatewayProcess],  # noqa: F811
+            tmp_path: Path) -> Callable[..., Gateway]:
     """Alias `adder` on the fake engine and a gateway key; call with settings to start the gateway."""
     version = version_register("adder-v1", tmp_path)
     static_worker_ready(version, fake_engine.base_url)
     route_set(alias_name="adder", split=split(version))
     key = gateway_key_create(name="hostile").raw
-    with ExitStack() as stack:
 
-        def start(**env: str) -> Gateway:
-            port = free_port()
-            log = LOG_DIR / f"hostile-gateway-{port}.log"
-            args = [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--host", "127.0.0.1",
-                    "--port", str(port), *SERVER_FLAGS, "--timeout-graceful-shutdown", "5"]
-            defaults = {"GATEWAY_RECORD_FLUSH_S": "0.1"}
-            proc = stack.enter_context(child_process(
-                args, log_path=log, env=child_env(**{**defaults, **env}), ready="Application startup complete",
-                timeout_s=90,
-            ))
-            return Gateway(host="127.0.0.1", port=port, pid=proc.pid, key=key, log=log)
+    def start(**env: str) -> Gateway:
+        process = gateway_process(**{"GATEWAY_RECORD_FLUSH_S": "0.1", **env})
+        port = urlsplit(process.url).port
+        assert port is not None
+        return Gateway(host="127.0.0.1", port=port, pid=process.proc.pid, key=key, log=process.log)
 
-        yield start
+    return start

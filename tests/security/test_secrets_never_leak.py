@@ -30,16 +30,13 @@ from serving.services import GATEWAY_KEY_PREFIX, gateway_key_create
 from tests.rollouts.helpers import canary_plan, version
 from tests.rollouts.slack.helpers import command_body
 from tests.support.engines import free_port
-from tests.support.processes import REPO_ROOT, VENV_BIN, child_env, child_process
+from tests.support.processes import REPO_ROOT, SERVER_FLAGS, VENV_BIN, child_env, child_process
 from tests.support.slack_standin import SlackStandin, slack_standin
 
 # A secret shows up in a log or a page whole, cut short, or as the tail of a longer line: any run of this
 # many of its characters counts. Longer than the prefixes that are shown on purpose (an API token's 12,
 # a gateway key's 10), so those are not leaks.
 WINDOW = 16
-# What production runs (Procfile), plus the port and uvicorn's own debug logging.
-SERVER_FLAGS = ["--http", "config.http_server:HeadBoundedProtocol", "--no-access-log", "--timeout-graceful-shutdown", "5",
-                "--log-level", "debug"]  # fmt: skip
 SLACK_TEAM = "T0LEAKPRB"
 SLACK_ADMIN_USER = "U0LEAKADM"
 
@@ -156,7 +153,7 @@ def test_a_full_session_at_debug_level_leaves_no_secret_in_logs_or_responses(
         servers = {}
         for name, app in (("web", "config.asgi:application"), ("gateway", "serving.gateway.asgi:application")):
             port = free_port()
-            args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS]
+            args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS, "--log-level", "debug"]
             stack.enter_context(child_process(args, log_path=log_dir / f"{name}.log", env=env,
                                               ready="Application startup complete", timeout_s=90))  # fmt: skip
             servers[name] = f"http://127.0.0.1:{port}"

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -30,6 +30,11 @@ def test_database_url() -> str:
     host = db["HOST"] or "127.0.0.1"
     port = f":{db['PORT']}" if db.get("PORT") else ""
     return f"postgres://{auth}@{host}{port}/{db['NAME']}"
+
+
+# How the Procfile and docker-compose.yml run uvicorn, besides the app and the address: tests that start a
+# server start it the same way (the head-bounded protocol included).
+SERVER_FLAGS = ["--http", "config.http_server:HeadBoundedProtocol", "--no-access-log", "--timeout-graceful-shutdown", "5"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -93,3 +98,12 @@ def celery_worker(*, name: str = "test", concurrency: int = 1, queues: str | Non
     log_path = Path(settings.VAR_DIR) / "test-logs" / f"celery-{name}.log"
     with child_process(args, log_path=log_path, ready="ready.") as proc:
         yield proc
+
+
+def wait_until(condition: Callable[[], object], *, timeout_s: float, what: str, every_s: float = 0.2) -> None:
+    """Poll until `condition()` is truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)

@@ -25,7 +25,7 @@ from serving.services import (
 from tests.support.demo import DemoModel, EnginePool, static_worker_ready
 from tests.support.demo import version_register as demo_version_register
 from tests.support.engines import RunningEngine, free_port
-from tests.support.processes import VENV_BIN, child_env, child_process
+from tests.support.processes import SERVER_FLAGS, VENV_BIN, child_env, child_process
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
 TEST_AGENT = "gateway-tests"
@@ -91,7 +91,7 @@ def gateway_process(transactional_db: None) -> Iterator[Callable[..., GatewayPro
             port = free_port()
             log = LOG_DIR / f"gateway-{port}.log"
             args = [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--host", "127.0.0.1",
-                    "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5"]
+                    "--port", str(port), *SERVER_FLAGS]
             proc = stack.enter_context(child_process(
                 args, log_path=log, env=child_env(**env), ready="Application startup complete", timeout_s=90,
             ))
