@@ -277,22 +277,30 @@ class Gateway:
         if not batch:
             return True
         loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._records_executor, self._records_writer, batch)
         try:
-            written = await loop.run_in_executor(self._records_executor, self._records_writer, batch)
-        except DatabaseDown:
-            metrics.record_write_failures_total.inc()
-            self.records.put_back(batch)
+            await asyncio.wait([future])  # a cancel (shutdown) ends the wait, never the write
+        except asyncio.CancelledError:
+            # Stopped mid-write (shutdown): the batch's fate is settled before this task ends. Cancelling
+            # the write itself could drop a batch whose thread had not started yet, with nobody to know.
+            await asyncio.wait([future])
+            self._batch_settle(batch, future)
+            raise
+        return self._batch_settle(batch, future)
+
+    def _batch_settle(self, batch: list[RecordDraft], future: asyncio.Future[int]) -> bool:
+        """Count a written batch, or put a failed one back for the next try; True when it was written."""
+        error = future.exception()
+        if error is None:
+            metrics.records_written_total.inc(future.result())
             metrics.records_buffered.set(len(self.records))
-            return False
-        except Exception:
-            metrics.record_write_failures_total.inc()
-            log.exception("writing request records failed")
-            self.records.put_back(batch)
-            metrics.records_buffered.set(len(self.records))
-            return False
-        metrics.records_written_total.inc(written)
+            return True
+        metrics.record_write_failures_total.inc()
+        if not isinstance(error, DatabaseDown):
+            log.error("writing request records failed", exc_info=error)
+        self.records.put_back(batch)
         metrics.records_buffered.set(len(self.records))
-        return True
+        return False
 
     def _record(self, draft: RecordDraft) -> None:
         self.records.add(draft)

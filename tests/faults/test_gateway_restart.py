@@ -31,7 +31,7 @@ def test_a_restarted_gateway_serves_the_current_routes_from_its_first_request(
     gateway = platform.gateway(combined=combined)
 
     # Stopped with requests in flight: they finish, and the records of everything it answered are written.
-    with Traffic(gateway.url, adder.key, ["adder"], clients=3, stream=True, max_tokens=32, pause_s=0.0) as before:
+    with Traffic(gateway.url, adder.key, ["adder"], clients=3, stream=True, max_tokens=200, pause_s=0.0) as before:
         before.wait_for(lambda sent: len(sent) >= 6, timeout_s=60, what="traffic")
         gateway.child.stop()
     assert {s.arm for s in before.sent if s.status} == {"baseline"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -84,6 +85,33 @@ def test_records_wait_while_the_database_is_down_and_are_written_when_it_is_back
 
     asyncio.run(scenario())
     assert written == ["req-2", "req-3", "req-4"]
+
+
+def test_a_batch_being_written_at_shutdown_is_neither_lost_nor_forgotten() -> None:
+    attempts: list[list[str]] = []
+    thread_free = threading.Event()
+
+    def writer(batch: list[RecordDraft]) -> int:
+        attempts.append([d.request_id for d in batch])
+        if len(attempts) == 1:
+            raise DatabaseDown("connection reset")
+        return len(batch)
+
+    async def scenario() -> None:
+        gateway = gateway_with(writer, capacity=10)
+        await gateway.startup()
+        assert gateway._records_executor is not None
+        gateway._records_executor.submit(thread_free.wait)  # the writer thread is busy: the write queues
+        gateway._record(draft(1))
+        gateway._record(draft(2))  # a full batch wakes the flusher, which takes it
+        await asyncio.sleep(0.1)
+        assert len(gateway.records) == 0
+        threading.Timer(0.2, thread_free.set).start()
+        await gateway.shutdown()  # stops the flusher while its batch waits for the thread
+
+    asyncio.run(scenario())
+    # The queued write ran (it failed), the batch went back, and the shutdown flush wrote it.
+    assert attempts == [["req-1", "req-2"], ["req-1", "req-2"]]
 
 
 @pytest.mark.django_db
