@@ -16,7 +16,9 @@ weight. Every rule watches both metrics with the same tolerances: TPOT at most
 
 (a) this engine: ``guardrail_check`` on the cumulative sums of both arms, one
     guardrail per metric at alpha / 2 (Bonferroni, so the pair is valid at
-    alpha); roll back on the first breach, promote early once both are safe.
+    alpha), N* as a rollout step sets it (``step_tuning_n`` for the canary
+    weight and the default 50 candidate requests per step); roll back on the
+    first breach, promote early once both are safe.
 (b) Flagger: each interval, the canary's mean TPOT and error rate over that
     interval against fixed thresholds (baseline's true mean TPOT x 1.05; true
     baseline error rate + 0.5 points); a failing interval adds one failed
@@ -34,6 +36,13 @@ weight. Every rule watches both metrics with the same tolerances: TPOT at most
 (c') the same test with the per-look level divided by 2 x looks (Bonferroni
     over every look and both metrics): what Kayenta would need to match (a)'s
     guarantee without a confidence sequence.
+(o) the floor: the fewest canary requests at which any rule whose false
+    rollbacks stay under alpha / 2 per metric can catch the regression in half
+    of the rollouts. It is the first look at which the most powerful test of
+    that one look (Neyman-Pearson, told the look, the effect and the spread in
+    advance: a z-test on log TPOT, on the error rate) reaches 50 % power; a
+    rule that caught it earlier in half the rollouts would be a more powerful
+    test at that look. Computed, not simulated.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from experiments.stats import (
     Monitor,
     guardrail_check,
     srm_check,
+    step_tuning_n,
     tail_slo_check,
 )
 
@@ -89,6 +99,8 @@ SCENARIOS = (
 )
 WEIGHTS = (0.05, 0.50)
 METHODS = ("(a) this engine", "(b) Flagger", "(c) Kayenta", "(c') Kayenta, Bonferroni")
+FLOOR = "(o) floor for any rule valid at alpha"
+DEFAULT_STEP_REQUESTS = 50  # rollouts/plans.py: a step's default minimum of candidate requests
 
 
 @dataclass
@@ -147,7 +159,7 @@ def _simulate(
         ours = outcomes[METHODS[0]]
         for s in np.flatnonzero(ours_active):
             cb, cc = cum["b"][s], cum["c"][s]
-            tpot = guardrail_check(
+            tpot_check = guardrail_check(
                 ArmStats(n_base, cb[0], cb[1]),
                 ArmStats(n_cand, cc[0], cc[1]),
                 margin=TPOT_MARGIN,
@@ -155,7 +167,7 @@ def _simulate(
                 alpha=alpha / 2,
                 tuning_n=tuning_n,
             )
-            errors = guardrail_check(
+            error_check = guardrail_check(
                 ArmStats.from_counts(int(cb[2]), n_base),
                 ArmStats.from_counts(int(cc[2]), n_cand),
                 kind="proportion",
@@ -163,10 +175,10 @@ def _simulate(
                 alpha=alpha / 2,
                 tuning_n=tuning_n,
             )
-            if Decision.BREACH in (tpot.decision, errors.decision):
+            if Decision.BREACH in (tpot_check.decision, error_check.decision):
                 ours.rollback_look[s] = look
                 ours_active[s] = False
-            elif tpot.decision is Decision.SAFE and errors.decision is Decision.SAFE:
+            elif tpot_check.decision is Decision.SAFE and error_check.decision is Decision.SAFE:
                 ours.promoted_look[s] = look
                 ours_active[s] = False
 
@@ -191,6 +203,27 @@ def _simulate(
             kayenta = outcomes[method]
             kayenta.rollback_look[(kayenta.rollback_look == 0) & flag] = look
     return outcomes
+
+
+def _floor_look(scenario: Scenario, weight: float, *, looks: int, rate: int, alpha: float) -> int:
+    """The first look at which the most powerful single-look test at alpha / 2 (one metric's share) has
+    50 % power against this scenario's regression; 0 when none within the horizon or no regression."""
+    n_c = round(rate * weight)
+    n_b = rate - n_c
+    z = stats.norm.ppf(1 - alpha / 2)
+    for look in range(1, looks + 1):
+        nb, nc = n_b * look, n_c * look
+        if scenario.tpot_factor != 1.0:
+            # log TPOT is normal with a known spread: the test on the difference of log means is the
+            # Neyman-Pearson test of "slower by the margin" against "slower by the factor".
+            excess = np.log(scenario.tpot_factor) - np.log(1 + TPOT_MARGIN)
+            se = TPOT_SIGMA * np.sqrt(1 / nc + 1 / nb)
+        else:
+            excess = scenario.error_rate - ERROR_RATE - ERROR_MARGIN
+            se = np.sqrt(scenario.error_rate * (1 - scenario.error_rate) / nc + ERROR_RATE * (1 - ERROR_RATE) / nb)
+        if excess / se >= z:
+            return look
+    return 0
 
 
 def _median_requests(rollback_look: np.ndarray, n_c: int, looks: int) -> str:
@@ -260,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--looks", type=int, default=90, help="analysis intervals per rollout (10 s each)")
     parser.add_argument("--rate", type=int, default=300, help="requests per interval, both arms together")
     parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--tuning-n", type=float, default=5000, help="N* of the confidence sequence")
+    parser.add_argument("--tuning-n", type=float, default=None,
+                        help="N* of the confidence sequence (default: as a rollout step with this canary weight "
+                             f"and {DEFAULT_STEP_REQUESTS} candidate requests sets it)")
     parser.add_argument("--timing-repeats", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=20240)
     args = parser.parse_args(argv)
@@ -269,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# decision quality: {args.sims} rollouts per cell, {args.looks} looks of {args.rate} requests, "
-        f"alpha={args.alpha}, N*={args.tuning_n:g}"
+        f"alpha={args.alpha}, N*={'per step' if args.tuning_n is None else f'{args.tuning_n:g}'}"
     )
     print(f"# python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     started = time.perf_counter()
@@ -277,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, scenario in enumerate(SCENARIOS):
         for j, weight in enumerate(WEIGHTS):
             n_c = round(args.rate * weight)
+            tuning_n = args.tuning_n or step_tuning_n(candidate_share=weight,
+                                                      min_candidate_requests=DEFAULT_STEP_REQUESTS)
             outcomes = _simulate(
                 scenario,
                 weight,
@@ -284,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 looks=args.looks,
                 rate=args.rate,
                 alpha=args.alpha,
-                tuning_n=args.tuning_n,
+                tuning_n=tuning_n,
                 seed=args.seed + 100 * i + j,
             )
             for method in METHODS:
@@ -302,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"{promoted:.1%}" if method == METHODS[0] else "-",
                     ]
                 )
+            if scenario.regression:
+                floor = _floor_look(scenario, weight, looks=args.looks, rate=args.rate, alpha=args.alpha)
+                rows.append([scenario.name, f"{weight:.0%}", FLOOR, "-",
+                             str(floor * n_c) if floor else f"> {args.looks * n_c}", "-"])
     header = [
         "scenario",
         "canary",

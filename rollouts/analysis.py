@@ -46,6 +46,7 @@ from experiments.stats import (
     guardrail_check,
     mean_slo_check,
     srm_check,
+    step_tuning_n,
     tail_slo_check,
 )
 from rollouts import gates
@@ -106,12 +107,11 @@ def _num(value: float | None) -> float | None:
 
 def _tuning_n(plan: Plan, step: dict[str, Any]) -> float:
     """N*, where the confidence sequence is narrowest: the plan's, else the step's expected sample at its
-    decision (its candidate minimum over the candidate's share of the compared requests)."""
+    decision."""
     if plan.tuning_n:
         return float(plan.tuning_n)
     share = float(step["weight"]) or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
-    share = min(max(share, 0.01), 1.0)
-    return float(max(200, round(max(int(step["min_candidate_requests"]), 50) / share)))
+    return step_tuning_n(candidate_share=min(share, 1.0), min_candidate_requests=int(step["min_candidate_requests"]))
 
 
 def _check_alpha(plan: Plan) -> float:

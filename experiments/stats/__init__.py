@@ -21,8 +21,15 @@ from .distributions import (
 )
 from .monitor import Monitor
 from .multiple import MultipleTestResult, adjust_p_values, benjamini_hochberg, holm
-from .planning import SampleSizePlan, sample_size_per_arm
-from .sequential import always_valid_p_value, half_width, half_width_multiplier, mixture_rho_squared
+from .planning import SampleSizePlan, sample_size_per_arm, step_tuning_n
+from .sequential import (
+    always_valid_p_value,
+    half_width,
+    half_width_multiplier,
+    mixture_rho_squared,
+    one_sided_multiplier,
+    one_sided_p_value,
+)
 from .srm import SRM_P_THRESHOLD, SrmResult, srm_check, srm_test
 
 __all__ = [
@@ -54,8 +61,11 @@ __all__ = [
     "mean_slo_check",
     "mixture_rho_squared",
     "nearest_rank_percentile",
+    "one_sided_multiplier",
+    "one_sided_p_value",
     "sample_size_per_arm",
     "srm_check",
     "srm_test",
+    "step_tuning_n",
     "tail_slo_check",
 ]

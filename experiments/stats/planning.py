@@ -89,3 +89,23 @@ def sample_size_per_arm(
     baseline_n = math.ceil(nobs1)
     candidate_n = math.ceil(nobs1 * ratio)
     return SampleSizePlan(baseline_n, candidate_n, baseline_n + candidate_n, abs(effect_size), alpha, power)
+
+
+MIN_TUNING_N = 200
+
+
+def step_tuning_n(*, candidate_share: float, min_candidate_requests: int) -> float:
+    """N* for one rollout step: the total sample (both arms) expected at its decision.
+
+    A step decides once the candidate has ``min_candidate_requests`` (at least 50 are assumed) at its
+    ``candidate_share`` of the compared requests (taken as at least 1 %), so the confidence sequence is
+    made narrowest there; at least MIN_TUNING_N.
+    """
+    share = check_finite("candidate_share", candidate_share)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"candidate_share must be in [0, 1], got {candidate_share!r}")
+    if isinstance(min_candidate_requests, bool) or not isinstance(min_candidate_requests, int) \
+            or min_candidate_requests < 0:
+        raise ValueError(f"min_candidate_requests must be a non-negative integer, got {min_candidate_requests!r}")
+    share = max(share, 0.01)
+    return float(max(MIN_TUNING_N, round(max(min_candidate_requests, 50) / share)))

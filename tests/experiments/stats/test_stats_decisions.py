@@ -7,17 +7,30 @@ import time
 
 import numpy as np
 import pytest
+from scipy import optimize, stats
 
 from experiments.stats import (
     ArmStats,
     Decision,
     compare,
     guardrail_check,
-    half_width,
+    half_width_multiplier,
     holm,
     mean_slo_check,
     tail_slo_check,
 )
+
+
+def _one_sided_k_by_hand(n: float, alpha: float, tuning_n: float) -> float:
+    """The z where the half-normal mixture 2 / sqrt(x + 1) e^(z^2 x / (2 (x + 1))) Phi(z sqrt(x / (x + 1)))
+    reaches 1 / alpha, x = n rho^2, solved with scipy."""
+    x = n * (-2 * math.log(alpha) + math.log(1 - 2 * math.log(alpha))) / tuning_n
+
+    def mixture_minus_target(z: float) -> float:
+        return (2 / math.sqrt(x + 1) * math.exp(z * z * x / (2 * (x + 1)))
+                * stats.norm.cdf(z * math.sqrt(x / (x + 1))) - 1 / alpha)
+
+    return float(optimize.brentq(mixture_minus_target, 0.0, 15.0, xtol=1e-14, rtol=1e-14))
 
 
 def _lognormal_arm(rng: np.random.Generator, n: int, scale: float = 1.0) -> ArmStats:
@@ -62,14 +75,18 @@ def test_fewer_than_min_n_is_undecided_even_with_zero_variance() -> None:
     assert "min_n" in result.reason
 
 
-def test_bounds_are_the_sequential_interval_on_the_harm_scale() -> None:
+def test_bounds_are_the_one_sided_sequence_on_the_harm_scale() -> None:
     rng = np.random.default_rng(34)
     base, cand = _lognormal_arm(rng, 3000), _lognormal_arm(rng, 1000, 1.1)
     result = guardrail_check(base, cand, margin=0.05, relative=True, tuning_n=4000)
     reference = compare(base, cand, difference="relative", method="sequential", tuning_n=4000)
+    se = (reference.ci_high - reference.effect) / half_width_multiplier(n_total=4000, alpha=0.05, tuning_n=4000)
+    k = _one_sided_k_by_hand(4000, 0.05, 4000)
     assert result.effect == pytest.approx(reference.effect, rel=1e-12)
-    assert result.lower_bound == pytest.approx(reference.ci_low, rel=1e-12)
-    assert result.bound == pytest.approx(reference.ci_high, rel=1e-12)
+    assert result.lower_bound == pytest.approx(reference.effect - k * se, rel=1e-9)
+    assert result.bound == pytest.approx(reference.effect + k * se, rel=1e-9)
+    # Narrower than one side of the two-sided sequence, which an earlier version read.
+    assert result.bound < reference.ci_high
 
 
 def test_higher_is_better_flips_the_harm() -> None:
@@ -111,15 +128,27 @@ def test_a_lucky_run_without_errors_is_not_called_safe() -> None:
     assert result.bound > 0.01
 
 
-def test_one_sided_bound_is_the_two_sided_sequence_at_alpha() -> None:
-    # Documented choice: read one side of the two-sided (1 - alpha) sequence.
+@pytest.mark.parametrize(("n", "alpha", "tuning_n"), [(4000, 0.05, 5000), (200, 0.025, 1000), (10**6, 0.01, 5000)])
+def test_the_bound_is_k_standard_errors_with_k_from_the_half_normal_mixture(
+    n: int, alpha: float, tuning_n: float
+) -> None:
     rng = np.random.default_rng(35)
-    base, cand = _lognormal_arm(rng, 2000), _lognormal_arm(rng, 2000)
-    result = guardrail_check(base, cand, margin=0.0, alpha=0.05)
-    v = base.variance / base.n + cand.variance / cand.n
-    assert result.bound - result.effect == pytest.approx(
-        half_width(variance=v, n_total=4000, alpha=0.05, tuning_n=5000), rel=1e-12
-    )
+    base, cand = ArmStats.from_values(rng.normal(1.0, 0.3, n // 2)), ArmStats.from_values(rng.normal(1.0, 0.3, n // 2))
+    result = guardrail_check(base, cand, margin=0.0, alpha=alpha, tuning_n=tuning_n)
+    se = math.sqrt(base.variance / base.n + cand.variance / cand.n)
+    k = _one_sided_k_by_hand(n, alpha, tuning_n)
+    assert result.bound - result.effect == pytest.approx(k * se, rel=1e-9)
+    assert result.effect - result.lower_bound == pytest.approx(k * se, rel=1e-9)
+    # Between the fixed-n one-sided quantile and the two-sided sequence's multiplier.
+    assert stats.norm.ppf(1 - alpha) < k < half_width_multiplier(n_total=n, alpha=alpha, tuning_n=tuning_n)
+
+
+def test_the_p_value_is_below_alpha_exactly_when_the_lower_bound_clears_the_margin() -> None:
+    base = ArmStats.from_values(np.random.default_rng(36).normal(1.0, 0.3, 2000))
+    for shift in np.linspace(0.0, 0.12, 25):
+        cand = ArmStats(base.n, base.sum * (1 + shift), base.sum_squares * (1 + shift) ** 2)
+        result = guardrail_check(base, cand, margin=0.02, relative=True, alpha=0.05)
+        assert (result.p_value <= 0.05) == (result.lower_bound > 0.02), shift
 
 
 def test_guardrail_p_values_combine_with_holm() -> None:
@@ -168,8 +197,7 @@ def test_guardrail_look_is_cheap() -> None:
 
 
 def _wilson_by_hand(share: float, n: int, alpha: float, tuning_n: float) -> tuple[float, float]:
-    rho2 = (-2 * math.log(alpha) + math.log(1 - 2 * math.log(alpha))) / tuning_n
-    c = 2 * (n * rho2 + 1) / (n * rho2) * math.log(math.sqrt(n * rho2 + 1) / alpha)
+    c = _one_sided_k_by_hand(n, alpha, tuning_n) ** 2
     # (share - p)^2 = c p (1 - p) / n, solved for p.
     a2 = 1 + c / n
     b1 = -(2 * share + c / n)

@@ -112,6 +112,9 @@ A = ArmStats(100, 1000.0, 11_000.0)
             "variance",
         ),
         (lambda: experiments.stats.bayesian_summary(A, A, prior_sd=0.0), "prior_sd"),
+        (lambda: experiments.stats.step_tuning_n(candidate_share=1.5, min_candidate_requests=50), "candidate_share"),
+        (lambda: experiments.stats.step_tuning_n(candidate_share=0.1, min_candidate_requests=-1),
+         "min_candidate_requests"),
     ],
 )
 def test_nonsense_input_raises_value_error_naming_the_parameter(call, name: str) -> None:  # type: ignore[no-untyped-def]

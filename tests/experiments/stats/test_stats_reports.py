@@ -19,6 +19,7 @@ from experiments.stats import (
     mann_whitney,
     nearest_rank_percentile,
     sample_size_per_arm,
+    step_tuning_n,
 )
 
 
@@ -154,3 +155,13 @@ def test_sample_size_for_proportions_with_a_small_canary() -> None:
 def test_sample_size_rejects_nonsense(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         sample_size_per_arm(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_step_tunes_n_star_to_its_expected_sample_at_the_decision() -> None:
+    # 50 candidate requests at a 5 % share: 1,000 requests in all; at 50 %, 100, raised to the floor of 200.
+    assert step_tuning_n(candidate_share=0.05, min_candidate_requests=50) == 1000
+    assert step_tuning_n(candidate_share=0.5, min_candidate_requests=50) == 200
+    assert step_tuning_n(candidate_share=0.5, min_candidate_requests=400) == 800
+    # Fewer than 50 requests are taken as 50, a share under 1 % as 1 %.
+    assert step_tuning_n(candidate_share=0.1, min_candidate_requests=0) == 500
+    assert step_tuning_n(candidate_share=0.0, min_candidate_requests=50) == 5000

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import integrate, stats
 
 from experiments.stats import (
     ArmStats,
@@ -15,6 +16,8 @@ from experiments.stats import (
     compare,
     half_width,
     mixture_rho_squared,
+    one_sided_multiplier,
+    one_sided_p_value,
 )
 
 # Values computed with 40-digit decimal arithmetic straight from the formulas in
@@ -48,6 +51,29 @@ def test_formulas_match_hand_computed_values(
         effect=effect, variance=v, n_total=n, alpha=alpha, tuning_n=tuning_n
     ) == pytest.approx(p, rel=1e-9)
     assert _by_hand(alpha, tuning_n, n, v, effect) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("alpha", "tuning_n", "n"), [(0.05, 5000, 2000), (0.025, 1000, 60), (0.01, 200, 10**6)])
+def test_the_one_sided_bound_is_where_the_half_normal_mixture_reaches_one_over_alpha(
+    alpha: float, tuning_n: float, n: float
+) -> None:
+    # Standardised (V = 1): the mixture over lambda > 0 of exp(lambda z - lambda^2 / 2), lambda ~ N(0, x),
+    # doubled; integrated numerically here, not from the closed form the package uses.
+    x = n * mixture_rho_squared(alpha=alpha, tuning_n=tuning_n)
+
+    def mixture(z: float) -> float:
+        value, _ = integrate.quad(
+            lambda lam: math.exp(lam * z - lam * lam / 2) * stats.norm.pdf(lam, scale=math.sqrt(x)), 0, math.inf
+        )
+        return 2 * value
+
+    k = one_sided_multiplier(n_total=n, alpha=alpha, tuning_n=tuning_n)
+    assert mixture(k) == pytest.approx(1 / alpha, rel=1e-7)
+    # The p-value is 1 / M: alpha exactly at the bound, below it beyond.
+    p_at_bound = one_sided_p_value(effect=k * 0.1, variance=0.01, n_total=n, alpha=alpha, tuning_n=tuning_n)
+    assert p_at_bound == pytest.approx(alpha, rel=1e-7)
+    assert one_sided_p_value(effect=1.1 * k, variance=1.0, n_total=n, alpha=alpha, tuning_n=tuning_n) < alpha
+    assert one_sided_p_value(effect=-5.0, variance=1.0, n_total=n, alpha=alpha, tuning_n=tuning_n) == 1.0
 
 
 def test_compare_sequential_uses_welch_variance_and_total_n() -> None:
