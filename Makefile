@@ -44,8 +44,19 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy config accounts serving experiments rollouts evals rolloutctl
 
+# The tests that start no engine run on PYTEST_WORKERS processes (pytest-xdist; each worker has its own test
+# database and Celery queue, see tests/settings.py); then the engine, fault and browser tests run one at a
+# time, sharing the session's engines. With PYTEST_ARGS, pytest runs just what they name, in one process.
+PYTEST_WORKERS ?= 2
+SERIAL_MARKERS := engines or faults or browser
+
 pytest: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@if [ -n "$(PYTEST_ARGS)" ]; then \
+	  set -x; $(VENV)/bin/pytest $(PYTEST_ARGS); \
+	else \
+	  set -x; $(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not ($(SERIAL_MARKERS))" \
+	    && $(VENV)/bin/pytest -m "$(SERIAL_MARKERS)"; \
+	fi
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download does not work here).
 browser:
@@ -54,10 +65,7 @@ browser:
 	  else echo "/usr/bin/chromium is missing and we are not root: apt-get install -y chromium" >&2; fi; \
 	fi
 
-test: install browser
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy config accounts serving experiments rollouts evals rolloutctl
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: install browser lint typecheck pytest
 
 clean-var:
 	rm -rf var/

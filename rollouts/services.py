@@ -340,17 +340,19 @@ def _lock(rollout_id: int) -> Rollout:
 
 
 def _check(locked: Rollout, action: str, expected_version: int | None) -> None:
+    # A caller who says which version it saw is told first that the rollout moved on since: that is why
+    # its action no longer fits, whatever state the move left behind.
+    if expected_version is not None and locked.version != expected_version:
+        raise Conflict(
+            f"rollout {locked.pk} changed since it was read: expected version {expected_version}, found {locked.version}",
+            field="version",
+        )
     allowed = ACTION_STATES[action]
     if locked.state not in allowed:
         raise Conflict(
             f"cannot {action.replace('_', ' ')} rollout {locked.pk}: expected state "
             f"{' or '.join(allowed)}, found {locked.state}",
             field="state",
-        )
-    if expected_version is not None and locked.version != expected_version:
-        raise Conflict(
-            f"rollout {locked.pk} changed since it was read: expected version {expected_version}, found {locked.version}",
-            field="version",
         )
 
 

@@ -2,8 +2,17 @@
 
 PBKDF2's million rounds take half a second per password on CI's two cores, and the suite creates and logs
 in thousands of users. Child processes the tests start inherit DJANGO_SETTINGS_MODULE, so they verify the
-same hashes."""
+same hashes.
+
+Under pytest-xdist (`make test` runs the tests that start no engine on two workers) each worker has its own
+test database (pytest-django's suffix) and its own Celery queue, which the Celery workers its tests start
+consume (they inherit PYTEST_XDIST_WORKER), so one worker's tasks never reach the other's database."""
+
+import os
 
 from config.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    CELERY_TASK_DEFAULT_QUEUE = f"celery-{os.environ['PYTEST_XDIST_WORKER']}"

@@ -6,10 +6,10 @@ is started here; the serving integration tests run the models in vLLM.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 from serving.demo_models import (
     DEMO_RECIPES,
@@ -25,12 +25,10 @@ from serving.demo_models import (
 from serving.demo_models.data import training_pairs
 from serving.demo_models.tokenizer import BOS_ID, EOS_ID, UNK_ID, tokenizer_load
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def out_dir() -> Path:
-    return Path(os.environ.get("DEMO_MODELS_DIR") or REPO_ROOT / "var" / "demo-models")
+    return Path(settings.DEMO_MODELS_DIR)  # the cache the rest of the suite uses: built once per machine
 
 
 @pytest.fixture(scope="module")
