@@ -258,8 +258,15 @@ if CELERY_BROKER_URL.startswith("filesystem"):
 
 if CELERY_BROKER_URL.startswith(("redis", "rediss")):
     CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or CELERY_BROKER_URL
-    # A task whose worker died is redelivered after this long (acks_late); keep it above the hard limit.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900, minimum=60)}
+    # A task whose worker died is redelivered after this long (acks_late). Keep it above CELERY_TASK_TIME_LIMIT:
+    # a task still running past it is handed to a second worker (the tasks are idempotent, so that wastes
+    # work without repeating it). The fault tests set 10 s.
+    # kombu looks for such tasks every unacked_restore_interval x unacked_restore_throttle seconds (10 x 10 by
+    # default); one cheap Redis query every 10 s puts a dead worker's task back within 10 s of its timeout.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900, minimum=10),
+        "unacked_restore_throttle": 1,
+    }
 elif CELERY_BROKER_URL.startswith(("amqp", "pyamqp")):
     CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or "rpc://"
 else:

@@ -109,7 +109,7 @@ def test_a_worker_killed_mid_shadow_mirror_stores_its_pair_once_after_redelivery
         )
     adder = adder_static(demo_engines)
     mirrors = [_mirror(adder, n) for n in range(3)]
-    redeliver = {"CELERY_VISIBILITY_TIMEOUT": "60"}  # the least the settings allow
+    redeliver = {"CELERY_VISIBILITY_TIMEOUT": "10"}  # the least the settings allow
 
     first = platform.worker("doomed-mirror", pause=["shadow"], **redeliver)
     for payload in mirrors:
