@@ -60,6 +60,14 @@ def anonymous() -> APIClient:
     return APIClient()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `pool_last` run after the others (a stable move, after pytest-django's ordering): each
+    needs a demo model nobody else does, and its engine would push out of the pool one that later tests
+    share (a restart costs about 40 s)."""
+    items.sort(key=lambda item: item.get_closest_marker("pool_last") is not None)
+
+
 @pytest.fixture(scope="session")
 def demo_engines() -> Iterator[EnginePool]:
     """Real vLLM engines on the demo models, shared by the whole session (see tests/support/demo.py)."""

@@ -86,6 +86,7 @@ def gate_run(rollout_id: int, baseline: ModelVersion, candidate: ModelVersion) -
     return gate
 
 
+@pytest.mark.pool_last
 def test_the_eval_gate_stops_adder_v2_broken_with_mcnemar_evidence(
     built: dict[str, BuiltModel], v1_engine: RunningEngine, demo_engines: EnginePool, no_broker: None
 ) -> None:

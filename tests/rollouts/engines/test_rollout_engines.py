@@ -4,8 +4,8 @@ traffic. Nobody touches the rollout after it starts: it must decide by itself.
 
 - a canary from adder-v1 to adder-v2 promotes through all its steps;
 - a canary from adder-v1 to adder-v2-slow (the same answers from a model many times the size) rolls back
-  on its TPOT guardrail, and the gateway stops sending users to it. (Second: adder-v2 is usually still
-  running from the tests before, and adder-v2-slow then takes its place.)
+  on its TPOT guardrail, and the gateway stops sending users to it (marked `pool_last`: it runs after
+  every other engine test, so adder-v2-slow does not push out an engine they share).
 
 Engines come from the session's pool (tests/support/demo.py): adder-v1 and one candidate per test, each
 holding a machine-wide slot."""
@@ -129,6 +129,7 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
     assert served.filter(arm="candidate", outcome="ok").count() >= 80
 
 
+@pytest.mark.pool_last
 def test_a_canary_to_the_slow_model_rolls_back_on_its_tpot_guardrail_by_itself(
     demo_engines: EnginePool, platform: Platform
 ) -> None:
