@@ -146,7 +146,8 @@ def bench_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "PLATFORM_VAR_DIR": str(tmp / "var"),
-        "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+        # BENCH_DATABASE_URL measures on another database (e.g. an empty PostgreSQL one); SQLite by default.
+        "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tmp / 'bench.sqlite3'}",
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "WARNING",
