@@ -90,11 +90,14 @@ def always_valid_p_value(
     return math.exp(-log_lambda)
 
 
+def _normal_cdf(t: float) -> float:
+    # From erfc: accurate in the far left tail too, where 1 - Phi(-t) would round to 0.
+    return 0.5 * math.erfc(-t / math.sqrt(2.0))
+
+
 def _one_sided_log_mixture(z: float, x: float) -> float:
     """ln M of the half-normal mixture at z standard errors above the null (see the module docstring)."""
-    r = math.sqrt(x / (x + 1.0))
-    # ln Phi(t) from erfc, accurate in the far left tail too.
-    log_phi = math.log(0.5 * math.erfc(-z * r / math.sqrt(2.0)))
+    log_phi = math.log(_normal_cdf(z * math.sqrt(x / (x + 1.0))))
     return math.log(2.0) - 0.5 * math.log(x + 1.0) + z * z * x / (2.0 * (x + 1.0)) + log_phi
 
 
@@ -107,7 +110,7 @@ def one_sided_multiplier(*, n_total: float, alpha: float, tuning_n: float) -> fl
     r = math.sqrt(x / (x + 1.0))
     # ln M rises with z from -ln sqrt(x + 1) < target at 0; at the two-sided multiplier it is at least target
     # (there Phi >= 1/2). Newton's steps from the top of that bracket, kept inside it.
-    low, high = 0.0, math.sqrt(2.0 * (x + 1.0) / x * math.log(math.sqrt(x + 1.0) / alpha))
+    low, high = 0.0, half_width_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     z = high
     for _ in range(100):
         gap = _one_sided_log_mixture(z, x) - target
@@ -119,7 +122,7 @@ def one_sided_multiplier(*, n_total: float, alpha: float, tuning_n: float) -> fl
             low = z
         t = z * r
         density = math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-        slope = z * x / (x + 1.0) + r * density / (0.5 * math.erfc(-t / math.sqrt(2.0)))
+        slope = z * x / (x + 1.0) + r * density / _normal_cdf(t)
         step = z - gap / slope if slope > 0 else (low + high) / 2.0
         z = step if low < step < high else (low + high) / 2.0
         if high - low < 1e-14 * max(1.0, high):
