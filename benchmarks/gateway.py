@@ -1,10 +1,16 @@
 """Gateway overhead: closed-loop streaming load against one vLLM engine directly, through this gateway
 (standalone uvicorn process, and mounted in the combined `config.asgi` server), and through LiteLLM's
-proxy in front of the same engine, in interleaved rounds.
+proxy in front of the same engine, in many short interleaved rounds.
 
-    .venv/bin/python benchmarks/gateway.py                      # 16 clients, 16 tokens, 2 rounds of 20 s
-    .venv/bin/python benchmarks/gateway.py --duration 10 --rounds 1 --targets direct,gateway
+    .venv/bin/python benchmarks/gateway.py                      # 16 clients, 16 tokens, 8 rounds of 8 s
+    .venv/bin/python benchmarks/gateway.py --targets direct,gateway --rounds 12
+    .venv/bin/python benchmarks/gateway.py --targets direct,gateway --variant held:GATEWAY_RECORD_FLUSH_S=600
     .venv/bin/python benchmarks/gateway.py --help
+
+On a machine as small as this one the engine's own throughput moves by a factor of two or more from one
+8-second stretch to the next, so a target is only ever compared with the direct run of the same round:
+the order of the targets is reversed every other round (so a slow drift favours none), and the ratios
+printed are medians of the per-round ratios, with their range.
 
 LiteLLM is installed into its own virtual environment (var/bench-venv, created on first use), never into
 .venv. The engine takes one engine slot (tests/support/engines.py). Everything else (the database, the
@@ -18,6 +24,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +69,9 @@ class Samples:
     seconds: float = 0.0
     cpu_s: float = 0.0
     rounds_rps: list[float] = field(default_factory=list)
+    rounds_ttft_p50: list[float] = field(default_factory=list)
+    client_lag_max_ms: float = 0.0
+    client_stalls: int = 0
 
 
 def request_body(target: Target, max_tokens: int, n: int) -> bytes:
@@ -105,7 +115,18 @@ async def closed_loop(target: Target, *, clients: int, seconds: float, max_token
                 done += 1
         connection.close()
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    async def lag_probe() -> None:
+        # The load generator itself must keep up: a stalled client loop delays every stream it reads.
+        while time.perf_counter() < deadline:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lag = time.perf_counter() - before - 0.005
+            if into is not None:
+                into.client_lag_max_ms = max(into.client_lag_max_ms, lag * 1000)
+                if lag > 0.1:
+                    into.client_stalls += 1
+
+    await asyncio.gather(lag_probe(), *(client(i) for i in range(clients)))
     return done
 
 
@@ -128,6 +149,47 @@ def cpu_seconds(pid: int | None) -> float:
             continue
         total += sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
     return total
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of these processes onto `cpus` (vLLM binds its worker's threads itself; this overrides it)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (OSError, ValueError):
+                pass
+
+
+def cpu_list(text: str) -> set[int]:
+    """"0" or "0,2" or "0-3" -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -237,17 +299,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per target per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each run")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per target per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each run")
     parser.add_argument("--targets", default="direct,gateway,combined,litellm")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="one more standalone gateway with these settings in its environment, measured in the "
+                             "same rounds (e.g. held:GATEWAY_RECORD_FLUSH_S=600,GATEWAY_RECORD_BATCH=100000)")
     parser.add_argument("--model", default="adder-v1", help="demo model to serve")
     parser.add_argument("--model-dir", default=None, help="serve this directory instead of a demo model")
+    parser.add_argument("--engine-cpus", default=None, metavar="LIST",
+                        help="pin the engine (all its processes) to these CPUs, e.g. 0, and the load generator and "
+                             "the proxies to the others, as on a host where the engine has cores of its own")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--engine-url", default=None,
                         help="use an engine that is already running (serving --model) instead of starting one")
     args = parser.parse_args()
     targets_wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    engine_cpus = cpu_list(args.engine_cpus) if args.engine_cpus else None
+    if engine_cpus is not None:
+        if args.engine_url:
+            parser.error("--engine-cpus pins an engine the benchmark starts; it cannot pin one at --engine-url")
+        other_cpus = os.sched_getaffinity(0) - engine_cpus
+        if not engine_cpus <= os.sched_getaffinity(0) or not other_cpus:
+            parser.error(f"--engine-cpus {args.engine_cpus}: name some of the CPUs {sorted(os.sched_getaffinity(0))}, "
+                         "not all of them")
 
     model_dir = args.model_dir or (args.engine_url and "-") or demo_model(args.model)
     served = args.model
@@ -269,18 +345,25 @@ def main() -> None:
         else:
             engine = stack.enter_context(running_engine(model_dir=model_dir, served_name=served, log_dir=logs))
             engine_url, engine_port = engine.base_url, engine.port
+            if engine_cpus is not None:
+                pin(process_tree(engine.proc.pid), engine_cpus)
+                os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
+                print(f"engine pinned to CPUs {sorted(engine_cpus)}; load generator and proxies to "
+                      f"{sorted(other_cpus)}", flush=True)
         print(f"engine {served} ready at {engine_url}", flush=True)
         database_prepare(env, engine_url, model_dir, served)
         targets: dict[str, Target] = {}
         if "direct" in targets_wanted:
             targets["direct"] = Target("direct", engine_port, "/v1/chat/completions", served, {}, pid=None)
-        if "gateway" in targets_wanted:
+        gateways: list[tuple[str, dict[str, str]]] = [("gateway", {})] if "gateway" in targets_wanted else []
+        gateways += [variant_parse(text) for text in args.variant]
+        for name, extra_env in gateways:
             port = free_port()
             pid = stack.enter_context(process(
                 [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(port), "--no-access-log"],
-                env=env, log=logs / "gateway.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
-            targets["gateway"] = Target("gateway", port, "/v1/chat/completions", ALIAS,
-                                        {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+                env={**env, **extra_env}, log=logs / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
+            targets[name] = Target(name, port, "/v1/chat/completions", ALIAS,
+                                   {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
         if "combined" in targets_wanted:
             port = free_port()
             pid = stack.enter_context(process(
@@ -311,18 +394,26 @@ def main() -> None:
                                         {"Authorization": f"Bearer {LITELLM_KEY}"}, pid=pid)
 
         samples = {name: Samples() for name in targets}
+        names = list(targets)
         for round_index in range(args.rounds):
-            for name, target in targets.items():
+            # ABBA order: a drift in the engine's speed over the run weighs on no target more than another.
+            order = names if round_index % 2 == 0 else names[::-1]
+            line = []
+            for name in order:
+                target, into = targets[name], samples[name]
                 asyncio.run(closed_loop(target, clients=args.clients, seconds=args.warmup, max_tokens=args.max_tokens, into=None))
                 cpu_before = cpu_seconds(target.pid)
+                ttft_before = len(into.ttft_ms)
                 started = time.perf_counter()
                 done = asyncio.run(closed_loop(target, clients=args.clients, seconds=args.duration,
-                                               max_tokens=args.max_tokens, into=samples[name]))
+                                               max_tokens=args.max_tokens, into=into))
                 elapsed = time.perf_counter() - started
-                samples[name].seconds += elapsed
-                samples[name].cpu_s += cpu_seconds(target.pid) - cpu_before
-                samples[name].rounds_rps.append(done / elapsed)
-                print(f"round {round_index + 1} {name:9s} {done / elapsed:7.1f} req/s", flush=True)
+                into.seconds += elapsed
+                into.cpu_s += cpu_seconds(target.pid) - cpu_before
+                into.rounds_rps.append(done / elapsed)
+                into.rounds_ttft_p50.append(percentile(into.ttft_ms[ttft_before:], 50))
+                line.append(f"{name} {done / elapsed:.1f}")
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(line) + " req/s", flush=True)
 
         report(samples, args)
     if args.keep:
@@ -331,31 +422,54 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def variant_parse(text: str) -> tuple[str, dict[str, str]]:
+    """`NAME:VAR=VALUE,VAR=VALUE` -> (NAME, {VAR: VALUE})."""
+    name, _, assignments = text.partition(":")
+    extra: dict[str, str] = {}
+    for item in filter(None, assignments.split(",")):
+        var, sep, value = item.partition("=")
+        if not sep or not var:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not VAR=VALUE")
+        extra[var] = value
+    if not name or name in ("direct", "gateway", "combined", "litellm") or not extra:
+        raise SystemExit(f"--variant {text!r}: give it a name of its own and at least one VAR=VALUE")
+    return name, extra
+
+
 def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
     print()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{args.clients} concurrent streaming clients, {args.max_tokens} output tokens (ignore_eos), "
           f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; {os.cpu_count()} CPUs, "
-          f"load average at the end {load}")
+          f"load average at the end {load}"
+          + (f"; engine pinned to CPUs {args.engine_cpus}, the rest elsewhere" if args.engine_cpus else "; nothing pinned"))
+    print("x direct and +TTFT p50: the median over rounds of each round's figure against that round's direct run "
+          "[lowest, highest]")
     print()
-    header = (f"| {'target':9s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>8s} | {'TTFT p50':>8s} | "
-              f"{'TTFT p99':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>9s} | {'proxy CPU/req':>13s} |")
+    header = (f"| {'target':9s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>20s} | "
+              f"{'TTFT p50':>8s} | {'TTFT p99':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>28s} | "
+              f"{'proxy CPU/req':>13s} |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     direct = samples.get("direct")
-    direct_rps = len(direct.e2e_ms) / direct.seconds if direct and direct.seconds else None
-    direct_ttft = percentile(direct.ttft_ms, 50) if direct else None
     for name, s in samples.items():
         rps = len(s.e2e_ms) / s.seconds if s.seconds else 0.0
-        ratio = f"{rps / direct_rps:.2f}x" if direct_rps else "-"
-        ttft50 = percentile(s.ttft_ms, 50)
-        added = f"{ttft50 - direct_ttft:+.1f} ms" if direct_ttft is not None and name != "direct" else "-"
+        ratio = added = "-"
+        if direct is not None and name != "direct":
+            ratios = [r / d for r, d in zip(s.rounds_rps, direct.rounds_rps, strict=True) if d]
+            deltas = [t - d for t, d in zip(s.rounds_ttft_p50, direct.rounds_ttft_p50, strict=True)]
+            ratio = f"{median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
+            added = f"{median(deltas):+.1f} ms [{min(deltas):+.1f}, {max(deltas):+.1f}]"
+        elif name == "direct":
+            ratio = "1.00x"
         cpu = f"{1000 * s.cpu_s / len(s.e2e_ms):.2f} ms" if s.cpu_s and s.e2e_ms else "-"
-        print(f"| {name:9s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:7.1f} | {ratio:>8s} | {ttft50:6.1f}ms | "
-              f"{percentile(s.ttft_ms, 99):6.1f}ms | {percentile(s.e2e_ms, 50):6.1f}ms | {percentile(s.e2e_ms, 99):6.1f}ms | "
-              f"{added:>9s} | {cpu:>13s} |")
+        print(f"| {name:9s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:7.1f} | {ratio:>20s} | "
+              f"{percentile(s.ttft_ms, 50):6.1f}ms | {percentile(s.ttft_ms, 99):6.1f}ms | "
+              f"{percentile(s.e2e_ms, 50):6.1f}ms | {percentile(s.e2e_ms, 99):6.1f}ms | {added:>28s} | {cpu:>13s} |")
     print()
     print("per round req/s: " + "; ".join(f"{n} " + ", ".join(f"{r:.1f}" for r in s.rounds_rps) for n, s in samples.items()))
+    print("load generator's event loop, longest lag and lags over 100 ms: " + "; ".join(
+        f"{n} {s.client_lag_max_ms:.0f} ms, {s.client_stalls}" for n, s in samples.items()))
 
 
 if __name__ == "__main__":
