@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.http1 import Http1Connection  # noqa: E402
+from config.env import cpu_set_parse  # noqa: E402
 from serving.gateway.meter import StreamMeter  # noqa: E402
 from tests.support.engines import free_port, running_engine  # noqa: E402
 
@@ -153,43 +154,6 @@ def cpu_seconds(pid: int | None) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def pin(pids: list[int], cpus: set[int]) -> None:
-    """Every thread of these processes onto `cpus` (vLLM binds its worker's threads itself; this overrides it)."""
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                os.sched_setaffinity(int(task.name), cpus)
-            except (OSError, ValueError):
-                pass
-
-
-def cpu_list(text: str) -> set[int]:
-    """"0" or "0,2" or "0-3" -> a set of CPU numbers."""
-    cpus: set[int] = set()
-    for part in filter(None, text.split(",")):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -309,17 +273,21 @@ def main() -> None:
     parser.add_argument("--model", default="adder-v1", help="demo model to serve")
     parser.add_argument("--model-dir", default=None, help="serve this directory instead of a demo model")
     parser.add_argument("--engine-cpus", default=None, metavar="LIST",
-                        help="pin the engine (all its processes) to these CPUs, e.g. 0, and the load generator and "
-                             "the proxies to the others, as on a host where the engine has cores of its own")
+                        help="run the engine (all its processes) on these CPUs, e.g. 0, as ENGINE_CPUS does, and the "
+                             "load generator and the proxies on the others")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--engine-url", default=None,
                         help="use an engine that is already running (serving --model) instead of starting one")
     args = parser.parse_args()
     targets_wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
-    engine_cpus = cpu_list(args.engine_cpus) if args.engine_cpus else None
-    if engine_cpus is not None:
+    engine_cpus: frozenset[int] | None = None
+    if args.engine_cpus:
         if args.engine_url:
             parser.error("--engine-cpus pins an engine the benchmark starts; it cannot pin one at --engine-url")
+        try:
+            engine_cpus = cpu_set_parse(args.engine_cpus)
+        except ValueError as exc:
+            parser.error(f"--engine-cpus: {exc}")
         other_cpus = os.sched_getaffinity(0) - engine_cpus
         if not engine_cpus <= os.sched_getaffinity(0) or not other_cpus:
             parser.error(f"--engine-cpus {args.engine_cpus}: name some of the CPUs {sorted(os.sched_getaffinity(0))}, "
@@ -343,10 +311,10 @@ def main() -> None:
             engine_url = args.engine_url.rstrip("/")
             engine_port = int(engine_url.rsplit(":", 1)[1])
         else:
-            engine = stack.enter_context(running_engine(model_dir=model_dir, served_name=served, log_dir=logs))
+            engine = stack.enter_context(running_engine(model_dir=model_dir, served_name=served, log_dir=logs,
+                                                        cpus=engine_cpus))
             engine_url, engine_port = engine.base_url, engine.port
             if engine_cpus is not None:
-                pin(process_tree(engine.proc.pid), engine_cpus)
                 os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
                 print(f"engine pinned to CPUs {sorted(engine_cpus)}; load generator and proxies to "
                       f"{sorted(other_cpus)}", flush=True)

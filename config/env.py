@@ -105,6 +105,33 @@ def env_map(name: str, default: dict[str, str], *, value_pattern: str | None = N
     return out
 
 
+def cpu_set_parse(text: str) -> frozenset[int]:
+    """A Linux CPU list as taskset and cpusets write it ("0", "0,2", "0-3,6") -> the CPU numbers.
+    Raises ValueError saying what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"{part!r} is not a CPU number or a range like 0-3")
+        first, last = int(low), int(high) if sep else int(low)
+        if last < first:
+            raise ValueError(f"{part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def env_cpus(name: str) -> frozenset[int] | None:
+    """A CPU list (see cpu_set_parse), or None when unset."""
+    raw = env_str(name)
+    if raw is None:
+        return None
+    try:
+        return cpu_set_parse(raw)
+    except ValueError as exc:
+        raise EnvError(f"{name}: expected a CPU list such as 0 or 0-3,6: {exc}") from None
+
+
 def generated_secret(path: Path, *, nbytes: int = 32) -> str:
     """A secret generated once and kept in `path`, for the embedded default only."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from config.env import (
     EnvError,
     check_broker_url,
     env_bool,
+    env_cpus,
     env_float,
     env_int,
     env_list,
@@ -332,6 +333,10 @@ ENGINE_LOG_DIR = Path(env_str("ENGINE_LOG_DIR") or VAR_DIR / "engines")
 # Local engines listen on ENGINE_BIND_HOST; gateways reach them at ENGINE_PUBLIC_HOST.
 ENGINE_BIND_HOST = env_str("ENGINE_BIND_HOST") or "127.0.0.1"
 ENGINE_PUBLIC_HOST = env_str("ENGINE_PUBLIC_HOST") or ENGINE_BIND_HOST
+# The CPUs local engines run on (a CPU list, e.g. 0-5); unset: wherever the kernel puts them. On a host that
+# also runs the gateway, give the engines cores of their own: vLLM's CPU processes spin while they wait, and
+# a gateway that shares their cores waits for the CPU (benchmarks/README.md, "Gateway").
+ENGINE_CPUS = env_cpus("ENGINE_CPUS")
 ENGINE_HEALTH_INTERVAL_S = env_float("ENGINE_HEALTH_INTERVAL_S", 5.0, minimum=0.1)
 ENGINE_UNHEALTHY_AFTER = env_int("ENGINE_UNHEALTHY_AFTER", 2, minimum=1)
 # vLLM on 2 busy CPU cores has been seen to take over 300 s to become ready.

@@ -76,6 +76,7 @@ class AgentConfig:
     log_dir: Path = Path("var/engines")
     bind_host: str = "127.0.0.1"
     public_host: str = "127.0.0.1"
+    cpus: frozenset[int] | None = None
 
     @classmethod
     def from_settings(cls, *, host_name: str | None = None, interval_s: float | None = None) -> AgentConfig:
@@ -94,6 +95,7 @@ class AgentConfig:
             log_dir=Path(settings.ENGINE_LOG_DIR),
             bind_host=settings.ENGINE_BIND_HOST,
             public_host=settings.ENGINE_PUBLIC_HOST,
+            cpus=settings.ENGINE_CPUS,
         )
 
 
@@ -346,7 +348,7 @@ class EngineAgent:
         try:
             engine = local_start(worker_id=worker.pk, model=version.artifact, served_model_name=version.served_model_name,
                                  engine_args=list(version.engine_args or []), host=self.config.bind_host, port=port,
-                                 log_dir=self.config.log_dir)
+                                 log_dir=self.config.log_dir, cpus=self.config.cpus)
         except (OSError, ValueError) as exc:
             self._failed(started, f"could not launch the engine: {exc}")
             return

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,13 +99,34 @@ def _rotate(log_path: Path) -> None:
             log_path.replace(log_path.with_suffix(log_path.suffix + ".1"))
 
 
-def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", die_with_parent: bool = True
-                 ) -> subprocess.Popen[bytes]:
+def cpus_check(cpus: Collection[int]) -> None:
+    """Raise ValueError unless this process may run on every CPU in `cpus` (so may an engine it starts)."""
+    allowed = os.sched_getaffinity(0)
+    missing = sorted(set(cpus) - allowed)
+    if not cpus or missing:
+        raise ValueError(f"ENGINE_CPUS names CPUs this host does not offer: {missing or 'none given'}; "
+                         f"available: {sorted(allowed)}")
+
+
+def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", die_with_parent: bool = True,
+                 cpus: Collection[int] | None = None) -> subprocess.Popen[bytes]:
     """Launch an engine as the leader of its own process group, output appended to `log_path`.
 
     `die_with_parent` arms PR_SET_PDEATHSIG, which fires when the *thread* that forked the child exits:
-    launch from a thread that lives as long as the engine should (the agent's main thread)."""
+    launch from a thread that lives as long as the engine should (the agent's main thread). `cpus` pins
+    the engine, and every process it starts, to those CPUs (vLLM's CPU worker binds its threads within
+    them)."""
     parent = os.getpid()
+    cpu_set = None if cpus is None else set(cpus)
+    if cpu_set is not None:
+        cpus_check(cpu_set)
+
+    def before_exec() -> None:
+        if cpu_set is not None:
+            os.sched_setaffinity(0, cpu_set)
+        if die_with_parent:
+            _die_with_parent(parent)
+
     with log_path.open("ab") as log:
         if header:
             log.write(header.encode() + b"\n")
@@ -113,7 +134,7 @@ def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", di
         return subprocess.Popen(
             list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
             start_new_session=True, close_fds=True,
-            preexec_fn=(lambda: _die_with_parent(parent)) if die_with_parent else None,
+            preexec_fn=before_exec if (die_with_parent or cpu_set is not None) else None,
         )
 
 
@@ -126,6 +147,7 @@ def local_start(
     host: str,
     port: int,
     log_dir: Path,
+    cpus: Collection[int] | None = None,
 ) -> LocalEngine:
     """Launch vLLM for one worker, output appended to `log_dir/engine-<id>.log`. From the main thread."""
     command = vllm_command(model=model, served_model_name=served_model_name, port=port, host=host,
@@ -134,8 +156,9 @@ def local_start(
     log_path = log_dir / f"engine-{worker_id}.log"
     _rotate(log_path)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    proc = spawn_engine(command, log_path=log_path,
-                        header=f"--- {stamp} agent {os.getpid()} starts: {' '.join(command)}")
+    pinned = f" (CPUs {','.join(map(str, sorted(cpus)))})" if cpus is not None else ""
+    proc = spawn_engine(command, log_path=log_path, cpus=cpus,
+                        header=f"--- {stamp} agent {os.getpid()} starts{pinned}: {' '.join(command)}")
     return LocalEngine(worker_id=worker_id, proc=proc, port=port, log_path=log_path)
 
 

@@ -24,6 +24,7 @@ def _manage_check(**env: str) -> subprocess.CompletedProcess[str]:
         ({"PORT": "eighty"}, "PORT: expected an integer, got 'eighty'"),
         ({"PORT": "70000"}, "PORT: expected an integer <= 65535, got 70000"),
         ({"DEBUG": "maybe"}, "DEBUG: expected one of 1/0, true/false, yes/no, on/off, got 'maybe'"),
+        ({"ENGINE_CPUS": "0-x"}, "ENGINE_CPUS: expected a CPU list such as 0 or 0-3,6: '0-x' is not a CPU number"),
         ({"CELERY_BROKER_URL": "kafka://x"}, "CELERY_BROKER_URL: expected a redis://, amqp:// or filesystem:// URL"),
         (
             {"DATABASE_URL": "postgres://u@127.0.0.1/db"},

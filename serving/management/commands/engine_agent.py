@@ -10,7 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from serving.engines.agent import AgentConfig, EngineAgent, agent_stats
-from serving.engines.drivers import process_group_signal
+from serving.engines.drivers import cpus_check, process_group_signal
 
 logger = logging.getLogger("serving.engines.agent")
 
@@ -32,7 +32,14 @@ class Command(BaseCommand):
     def handle(self, *args: Any, host_name: str | None, interval: float, once: bool, **options: Any) -> None:
         if interval <= 0:
             raise SystemExit("--interval: must be a positive number of seconds")
-        agent = EngineAgent(AgentConfig.from_settings(host_name=host_name, interval_s=interval))
+        config = AgentConfig.from_settings(host_name=host_name, interval_s=interval)
+        if config.cpus is not None:
+            try:
+                cpus_check(config.cpus)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
+            logger.info("engine agent: local engines run on CPUs %s", ",".join(map(str, sorted(config.cpus))))
+        agent = EngineAgent(config)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if agent.stopping:

@@ -46,3 +46,11 @@ def test_a_non_positive_interval_is_refused() -> None:
                           env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "--interval: must be a positive number of seconds" in done.stderr
+
+
+def test_engine_cpus_the_host_does_not_offer_are_refused_at_start() -> None:
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "manage.py"), "engine_agent", "--once"],
+                          env=child_env(ENGINE_CPUS="4000-4001"), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "ENGINE_CPUS names CPUs this host does not offer: [4000, 4001]" in done.stderr
