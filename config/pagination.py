@@ -59,6 +59,6 @@ class PaginatedListApi(APIView):
     pagination_class = ApiPagination
 
     def paginated(self, request: Request, queryset: Any, serializer: type[serializers.Serializer]) -> Response:
-        paginator = ApiPagination()
+        paginator = self.pagination_class()
         page: Any = paginator.paginate_queryset(queryset, request, view=self)
         return paginator.get_paginated_response(serializer(page, many=True).data)
