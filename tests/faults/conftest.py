@@ -30,7 +30,7 @@ from serving.models import EngineWorker, ModelVersion, RequestRecord
 from serving.services import engine_worker_create, gateway_key_create
 from tests.support.demo import EnginePool, static_worker_ready, version_register
 from tests.support.engines import free_port
-from tests.support.processes import VENV_BIN, child_env, child_process, wait_until
+from tests.support.processes import VENV_BIN, child_env, child_process, server_flags, wait_until
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs" / "faults"
 
@@ -115,8 +115,9 @@ class Platform:
         /readyz and the gateway in one process)."""
         port = port or free_port()
         app = "config.asgi:application" if combined else "serving.gateway.asgi:application"
-        args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-                "--timeout-graceful-shutdown", "10"]
+        # A longer graceful stop than the default: the restart tests keep streams in flight across it.
+        args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
+                *server_flags(graceful_shutdown_s=10)]
         child = self._child(f"gateway-{port}", args, ready="Application startup complete", env=env)
         return Gateway(url=f"http://127.0.0.1:{port}", port=port, child=child)
 

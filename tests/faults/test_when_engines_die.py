@@ -108,8 +108,10 @@ def test_the_candidate_dies_mid_canary_streams_end_in_error_users_fail_over_and_
     # No record lost: one per request the client was answered, and the cut streams are engine errors.
     ids = answered(sent)
     assert len(ids) == len(sent) and records_for(ids) == ids
-    cut_records = RequestRecord.objects.filter(request_id__in=[s.request_id for s in cut])
-    assert set(cut_records.values_list("outcome", "arm")) == {("engine_error", "candidate")}
+    # (Every cut stream has its record, and each is an engine error on the candidate; there may be none.)
+    cut_records = list(RequestRecord.objects.filter(request_id__in=[s.request_id for s in cut])
+                       .values_list("outcome", "arm"))
+    assert len(cut_records) == len(cut) and set(cut_records) <= {("engine_error", "candidate")}, cut_records
 
 
 def test_the_baseline_dies_its_users_go_to_the_candidate_only_where_the_plan_allows_and_rollouts_pause(

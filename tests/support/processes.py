@@ -34,7 +34,12 @@ def test_database_url() -> str:
 
 # How the Procfile and docker-compose.yml run uvicorn, besides the app and the address: tests that start a
 # server start it the same way (the head-bounded protocol included).
-SERVER_FLAGS = ["--http", "config.http_server:HeadBoundedProtocol", "--no-access-log", "--timeout-graceful-shutdown", "5"]
+def server_flags(*, graceful_shutdown_s: int = 5) -> list[str]:
+    return ["--http", "config.http_server:HeadBoundedProtocol", "--no-access-log",
+            "--timeout-graceful-shutdown", str(graceful_shutdown_s)]
+
+
+SERVER_FLAGS = server_flags()
 
 
 def child_env(**extra: str) -> dict[str, str]:

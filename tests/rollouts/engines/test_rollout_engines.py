@@ -30,7 +30,7 @@ from serving.selectors import alias_get
 from serving.services import gateway_key_create
 from tests.support.demo import EnginePool, static_worker_ready, version_register
 from tests.support.engines import free_port
-from tests.support.processes import VENV_BIN, child_env, child_process
+from tests.support.processes import SERVER_FLAGS, VENV_BIN, child_env, child_process
 
 # Engines start slowly on a busy machine and may wait for a free slot.
 pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pytest.mark.timeout(2400)]
@@ -57,7 +57,7 @@ class Platform:
         env = {"ROLLOUT_ANALYSIS_INTERVAL_S": "2"}
         stack.enter_context(child_process(
             [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-             "--no-access-log"],
+             *SERVER_FLAGS],
             log_path=LOG_DIR / f"rollout-engines-gateway-{port}.log", env=child_env(**env),
             ready="Application startup complete", timeout_s=90,
         ))  # fmt: skip
