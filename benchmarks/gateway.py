@@ -5,6 +5,7 @@ proxy in front of the same engine, in many short interleaved rounds.
     .venv/bin/python benchmarks/gateway.py                      # 16 clients, 16 tokens, 8 rounds of 8 s
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --rounds 12
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --variant held:GATEWAY_RECORD_FLUSH_S=600
+    .venv/bin/python benchmarks/gateway.py --targets direct,gateway --engine-variant mp:VLLM_ENABLE_V1_MULTIPROCESSING=1
     .venv/bin/python benchmarks/gateway.py --help
 
 On a machine as small as this one the engine's own throughput moves by a factor of two or more from one
@@ -39,9 +40,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.http1 import Http1Connection  # noqa: E402
 from config.env import cpu_set_parse  # noqa: E402
+from serving.demo_models.build import ENGINE_ARGS as DEMO_ENGINE_ARGS  # noqa: E402
 from serving.engines.drivers import cpus_check  # noqa: E402
 from serving.gateway.meter import StreamMeter  # noqa: E402
-from tests.support.engines import free_port, running_engine  # noqa: E402
+from tests.support.engines import RunningEngine, free_port, running_engine  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 BENCH_VENV = REPO / "var" / "bench-venv"
@@ -182,26 +184,42 @@ def bench_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def database_prepare(env: dict[str, str], engine_url: str, model_dir: str, served: str) -> None:
-    """Migrate a fresh SQLite database and route alias `bench` to the engine (in a child, whose settings
-    come from the benchmark's environment rather than the caller's)."""
+def database_prepare(env: dict[str, str], model_dir: str, served: str, routes: dict[str, tuple[str, str]]) -> None:
+    """Migrate a fresh SQLite database and route each alias to its engine (in a child, whose settings come
+    from the benchmark's environment rather than the caller's). `routes`: alias -> (version, engine URL)."""
     script = f"""
 import django; django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from serving.engines.services import engine_claim, engine_ready, engine_start_begin
 from serving.services import RouteSplit, engine_worker_create, gateway_key_create, model_version_register, route_set
-name, version = {served!r}.rsplit("-", 1)
-mv = model_version_register(name=name, version=version, artifact={model_dir!r}, served_model_name={served!r})
-w = engine_worker_create(model_version=mv, driver="static", base_url={engine_url!r})
-engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
-engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url={engine_url!r})
-assert engine_ready(worker_id=w.id, agent="bench") is not None
-route_set(alias_name={ALIAS!r}, split=RouteSplit(baseline=mv, candidate=None, candidate_weight=0.0, shadow_rate=0.0,
-          rollout_id=None))
+name = {served!r}.rsplit("-", 1)[0]
+for alias, (version, url) in {routes!r}.items():
+    mv = model_version_register(name=name, version=version, artifact={model_dir!r}, served_model_name={served!r})
+    w = engine_worker_create(model_version=mv, driver="static", base_url=url)
+    engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
+    engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url=url)
+    assert engine_ready(worker_id=w.id, agent="bench") is not None
+    route_set(alias_name=alias, split=RouteSplit(baseline=mv, candidate=None, candidate_weight=0.0, shadow_rate=0.0,
+              rollout_id=None))
 gateway_key_create(name="bench", raw={GATEWAY_KEY!r})
 """
     subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)
+
+
+@contextmanager
+def environ_extra(extra: dict[str, str]) -> Iterator[None]:
+    """`extra` in os.environ for the duration (an engine started inside takes its environment from it)."""
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -271,6 +289,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="one more standalone gateway with these settings in its environment, measured in the "
                              "same rounds (e.g. held:GATEWAY_RECORD_FLUSH_S=600,GATEWAY_RECORD_BATCH=100000)")
+    parser.add_argument("--engine-variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="one more engine with these settings in its environment, measured in the same rounds "
+                             "directly (direct@NAME, against direct) and through the gateway (gateway@NAME, against "
+                             "direct@NAME), e.g. mp:VLLM_ENABLE_V1_MULTIPROCESSING=1")
     parser.add_argument("--model", default="adder-v1", help="demo model to serve")
     parser.add_argument("--model-dir", default=None, help="serve this directory instead of a demo model")
     parser.add_argument("--engine-cpus", default=None, metavar="LIST",
@@ -294,7 +316,12 @@ def main() -> None:
         if not other_cpus:
             parser.error(f"--engine-cpus {args.engine_cpus}: leave the load generator and the proxies a CPU")
 
+    engine_variants = [variant_parse(text, option="--engine-variant") for text in args.engine_variant]
+    if engine_variants and args.engine_url:
+        parser.error("--engine-variant starts engines; it cannot be used with --engine-url")
     model_dir = args.model_dir or (args.engine_url and "-") or demo_model(args.model)
+    # Serve a demo model with the flags its model version is registered with (what `make run` serves).
+    engine_args = None if args.model_dir else list(DEMO_ENGINE_ARGS)
     served = args.model
     tmp = Path(tempfile.mkdtemp(prefix="ramp-bench-gateway-"))
     env = bench_env(tmp)
@@ -313,15 +340,27 @@ def main() -> None:
             engine_port = int(engine_url.rsplit(":", 1)[1])
         else:
             engine = stack.enter_context(running_engine(model_dir=model_dir, served_name=served, log_dir=logs,
-                                                        cpus=engine_cpus))
+                                                        engine_args=engine_args, cpus=engine_cpus))
             engine_url, engine_port = engine.base_url, engine.port
+        variant_engines: dict[str, RunningEngine] = {}
+        for name, extra_env in engine_variants:
+            with environ_extra(extra_env):
+                variant_engines[name] = stack.enter_context(running_engine(
+                    model_dir=model_dir, served_name=served, log_dir=logs / name, engine_args=engine_args,
+                    cpus=engine_cpus))
+            print(f"engine {served} ({name}: {extra_env}) ready at {variant_engines[name].base_url}", flush=True)
+        if not args.engine_url:
             if engine_cpus is not None:
                 os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
         print(f"engine {served} ready at {engine_url}", flush=True)
-        database_prepare(env, engine_url, model_dir, served)
+        version = served.rsplit("-", 1)[-1]
+        database_prepare(env, model_dir, served, {ALIAS: (version, engine_url)} | {
+            f"{ALIAS}-{name}": (f"{version}-{name}", e.base_url) for name, e in variant_engines.items()})
         targets: dict[str, Target] = {}
-        if "direct" in targets_wanted:
+        if "direct" in targets_wanted or variant_engines:
             targets["direct"] = Target("direct", engine_port, "/v1/chat/completions", served, {}, pid=None)
+        for name, e in variant_engines.items():
+            targets[f"direct@{name}"] = Target(f"direct@{name}", e.port, "/v1/chat/completions", served, {}, pid=None)
         gateways: list[tuple[str, dict[str, str]]] = [("gateway", {})] if "gateway" in targets_wanted else []
         gateways += [variant_parse(text) for text in args.variant]
         for name, extra_env in gateways:
@@ -331,6 +370,10 @@ def main() -> None:
                 env={**env, **extra_env}, log=logs / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
             targets[name] = Target(name, port, "/v1/chat/completions", ALIAS,
                                    {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+            if name == "gateway":
+                for variant in variant_engines:
+                    targets[f"gateway@{variant}"] = Target(f"gateway@{variant}", port, "/v1/chat/completions",
+                                                           f"{ALIAS}-{variant}", targets[name].headers, pid=pid)
         if "combined" in targets_wanted:
             port = free_port()
             pid = stack.enter_context(process(
@@ -389,18 +432,25 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def variant_parse(text: str) -> tuple[str, dict[str, str]]:
+def variant_parse(text: str, option: str = "--variant") -> tuple[str, dict[str, str]]:
     """`NAME:VAR=VALUE,VAR=VALUE` -> (NAME, {VAR: VALUE})."""
     name, _, assignments = text.partition(":")
     extra: dict[str, str] = {}
     for item in filter(None, assignments.split(",")):
         var, sep, value = item.partition("=")
         if not sep or not var:
-            raise SystemExit(f"--variant {text!r}: {item!r} is not VAR=VALUE")
+            raise SystemExit(f"{option} {text!r}: {item!r} is not VAR=VALUE")
         extra[var] = value
-    if not name or name in ("direct", "gateway", "combined", "litellm") or not extra:
-        raise SystemExit(f"--variant {text!r}: give it a name of its own and at least one VAR=VALUE")
+    if not name or "@" in name or name in ("direct", "gateway", "combined", "litellm") or not extra:
+        raise SystemExit(f"{option} {text!r}: give it a name of its own (no @) and at least one VAR=VALUE")
     return name, extra
+
+
+def baseline_of(name: str) -> str:
+    """What a target is compared with: its own engine's direct run; an engine variant's direct run, with the
+    first engine's."""
+    target, _, variant = name.partition("@")
+    return f"direct@{variant}" if variant and target != "direct" else "direct"
 
 
 def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
@@ -411,17 +461,18 @@ def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
           f"load average at the end {load}"
           + (f"; engine pinned to CPUs {args.engine_cpus}, the rest elsewhere" if args.engine_cpus else "; nothing pinned"))
     print("x direct and +TTFT p50: the median over rounds of each round's figure against that round's direct run "
-          "[lowest, highest]")
+          "[lowest, highest]" + ("; NAME@V against direct@V, direct@V against direct" if args.engine_variant else ""))
     print()
-    header = (f"| {'target':9s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>20s} | "
+    width = max(9, *(len(name) for name in samples))
+    header = (f"| {'target':{width}s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>7s} | {'x direct':>20s} | "
               f"{'TTFT p50':>8s} | {'TTFT p99':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>28s} | "
               f"{'proxy CPU/req':>13s} |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-    direct = samples.get("direct")
     for name, s in samples.items():
         rps = len(s.e2e_ms) / s.seconds if s.seconds else 0.0
         ratio = added = "-"
+        direct = samples.get(baseline_of(name))
         if direct is not None and name != "direct":
             ratios = [r / d for r, d in zip(s.rounds_rps, direct.rounds_rps, strict=True) if d]
             deltas = [t - d for t, d in zip(s.rounds_ttft_p50, direct.rounds_ttft_p50, strict=True)]
@@ -430,7 +481,7 @@ def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
         elif name == "direct":
             ratio = "1.00x"
         cpu = f"{1000 * s.cpu_s / len(s.e2e_ms):.2f} ms" if s.cpu_s and s.e2e_ms else "-"
-        print(f"| {name:9s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:7.1f} | {ratio:>20s} | "
+        print(f"| {name:{width}s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:7.1f} | {ratio:>20s} | "
               f"{percentile(s.ttft_ms, 50):6.1f}ms | {percentile(s.ttft_ms, 99):6.1f}ms | "
               f"{percentile(s.e2e_ms, 50):6.1f}ms | {percentile(s.e2e_ms, 99):6.1f}ms | {added:>28s} | {cpu:>13s} |")
     print()

@@ -20,6 +20,13 @@ ENGINE_ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     # GiB of KV cache on the CPU build; vLLM's own default is a share of RAM, too much beside other engines.
     "VLLM_CPU_KVCACHE_SPACE": "1",
+    # vLLM's CPU build otherwise runs the model in a worker process of its own that, like the engine core,
+    # waits on their shared-memory queue by spinning with sched_yield: under load a whole core goes to the
+    # wait, and the gateway beside the engine is kept off the CPU for hundreds of milliseconds at a time.
+    # At 0 the model runs in the engine-core process (vLLM's single-process executor; on GPU hosts already
+    # the default for one GPU, and tensor parallelism still starts its workers). Measured side by side in
+    # benchmarks/gateway.py: see benchmarks/README.md, "Gateway". Set it to 1 for the agent to go back.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 
 
@@ -72,7 +79,8 @@ WITHHELD_ENV = ("SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESUL
 
 def engine_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The engine's environment: the caller's without the platform's secrets, with the engine defaults where
-    the caller set nothing (so `VLLM_CPU_KVCACHE_SPACE` given to the agent reaches its engines)."""
+    the caller set nothing (so `VLLM_CPU_KVCACHE_SPACE` or `VLLM_ENABLE_V1_MULTIPROCESSING` given to the agent
+    reaches its engines)."""
     env = {name: value for name, value in (os.environ if base is None else base).items()
            if name not in WITHHELD_ENV and name.removesuffix("_FILE") not in WITHHELD_ENV}
     for name, value in ENGINE_ENV_DEFAULTS.items():

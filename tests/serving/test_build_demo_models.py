@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from decimal import Decimal
 from io import StringIO
@@ -16,6 +19,7 @@ from django.core.management import call_command
 import serving.demo_models
 from serving.demo_models import BuiltModel
 from serving.models import ModelVersion
+from tests.support.processes import REPO_ROOT
 
 LABELS = ["adder-v1", "adder-v2", "adder-v2-broken", "adder-v2-slow"]
 
@@ -81,3 +85,15 @@ def test_a_rebuilt_model_moves_its_version_to_the_new_build_with_a_new_lineage(
     assert after.lineage["tokenizer"] == before.lineage["tokenizer"]
     assert "adder-v1: rebuilt into" in output and "lineage changed" in output
     assert ModelVersion.objects.count() == 4
+
+
+def test_an_unmigrated_database_is_refused_before_anything_is_trained(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}", "PLATFORM_VAR_DIR": str(tmp_path),
+           "DJANGO_SETTINGS_MODULE": "config.settings"}
+    out_dir = tmp_path / "models"
+    done = subprocess.run([sys.executable, "manage.py", "build_demo_models", "--out-dir", str(out_dir)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "migration(s) not applied" in done.stderr and "python manage.py migrate" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out_dir.exists()

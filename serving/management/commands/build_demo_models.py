@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
+from django.db.migrations.executor import MigrationExecutor
 
 from serving.models import ModelVersion
 from serving.services import model_version_artifact_update, model_version_register
@@ -50,6 +52,12 @@ class Command(BaseCommand):
         # torch and transformers load only when something must be trained, inside the builder.
         from serving.demo_models import build_demo_models
 
+        # Registering needs the tables: say so before minutes of training, not in a traceback after them.
+        executor = MigrationExecutor(connections["default"])
+        pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        if pending:
+            raise CommandError(f"the database has {len(pending)} migration(s) not applied (the first: "
+                               f"{pending[0][0]}); run `python manage.py migrate` first")
         target = Path(out_dir) if out_dir else Path(settings.DEMO_MODELS_DIR)
         self.stdout.write(f"building demo models in {target}")
         built = build_demo_models(target, log=lambda line: self.stdout.write(f"  {line}"))

@@ -41,6 +41,9 @@ def test_the_environment_keeps_the_callers_settings_and_fills_in_the_cpu_default
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert engine_env({})["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # The model runs in the engine-core process unless the caller asks for vLLM's worker process.
+    assert engine_env({})["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert engine_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 def test_the_platforms_secrets_do_not_reach_the_engine() -> None:
