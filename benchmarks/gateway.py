@@ -44,6 +44,7 @@ from serving.demo_models.build import ENGINE_ARGS as DEMO_ENGINE_ARGS  # noqa: E
 from serving.engines.drivers import cpus_check  # noqa: E402
 from serving.gateway.meter import StreamMeter  # noqa: E402
 from tests.support.engines import RunningEngine, free_port, running_engine  # noqa: E402
+from tests.support.processes import server_flags  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 BENCH_VENV = REPO / "var" / "bench-venv"
@@ -366,7 +367,7 @@ def main() -> None:
         for name, extra_env in gateways:
             port = free_port()
             pid = stack.enter_context(process(
-                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(port), "--no-access-log"],
+                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(port), *server_flags()],
                 env={**env, **extra_env}, log=logs / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
             targets[name] = Target(name, port, "/v1/chat/completions", ALIAS,
                                    {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
@@ -377,7 +378,7 @@ def main() -> None:
         if "combined" in targets_wanted:
             port = free_port()
             pid = stack.enter_context(process(
-                [str(VENV_BIN / "uvicorn"), "config.asgi:application", "--port", str(port), "--no-access-log"],
+                [str(VENV_BIN / "uvicorn"), "config.asgi:application", "--port", str(port), *server_flags()],
                 env=env, log=logs / "combined.log", ready_url=f"http://127.0.0.1:{port}/healthz"))
             targets["combined"] = Target("combined", port, "/v1/chat/completions", ALIAS,
                                          {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
