@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from serving.demo_models import BuiltModel, build_demo_models, heldout_sums  # noqa: E402
+from serving.engines.command import engine_env, vllm_command  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -44,14 +45,10 @@ class Engine:
         self.model, self.port = model, port
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{model.name}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model.path), "--served-model-name", model.served_name,
-            "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
-            *model.engine_args,
-            *os.environ.get("EXTRA_VLLM_ARGS", "").split(),
-        ]
+        # The command line and environment the engine agent gives its engines.
+        env = engine_env()
+        cmd = vllm_command(model=str(model.path), served_model_name=model.served_name, port=port,
+                           engine_args=[*model.engine_args, *os.environ.get("EXTRA_VLLM_ARGS", "").split()])
         self.started = time.monotonic()
         # Own session, so stopping it takes its engine-core children too.
         self.proc = subprocess.Popen(
