@@ -185,18 +185,19 @@ def bench_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def database_prepare(env: dict[str, str], model_dir: str, served: str, routes: dict[str, tuple[str, str]]) -> None:
-    """Migrate a fresh SQLite database and route each alias to its engine (in a child, whose settings come
-    from the benchmark's environment rather than the caller's). `routes`: alias -> (version, engine URL)."""
+def database_prepare(env: dict[str, str], model_dir: str, served: str, family: str,
+                     routes: dict[str, tuple[str, str]]) -> None:
+    """Migrate a fresh SQLite database and route each alias to its engine, as versions of model `family` (in a child,
+    whose settings come from the benchmark's environment rather than the caller's). `routes`: alias ->
+    (version, engine URL)."""
     script = f"""
 import django; django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from serving.engines.services import engine_claim, engine_ready, engine_start_begin
 from serving.services import RouteSplit, engine_worker_create, gateway_key_create, model_version_register, route_set
-name = {served!r}.rsplit("-", 1)[0]
 for alias, (version, url) in {routes!r}.items():
-    mv = model_version_register(name=name, version=version, artifact={model_dir!r}, served_model_name={served!r})
+    mv = model_version_register(name={family!r}, version=version, artifact={model_dir!r}, served_model_name={served!r})
     w = engine_worker_create(model_version=mv, driver="static", base_url=url)
     engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
     engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url=url)
@@ -206,21 +207,6 @@ for alias, (version, url) in {routes!r}.items():
 gateway_key_create(name="bench", raw={GATEWAY_KEY!r})
 """
     subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)
-
-
-@contextmanager
-def environ_extra(extra: dict[str, str]) -> Iterator[None]:
-    """`extra` in os.environ for the duration (an engine started inside takes its environment from it)."""
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextmanager
@@ -345,17 +331,15 @@ def main() -> None:
             engine_url, engine_port = engine.base_url, engine.port
         variant_engines: dict[str, RunningEngine] = {}
         for name, extra_env in engine_variants:
-            with environ_extra(extra_env):
-                variant_engines[name] = stack.enter_context(running_engine(
-                    model_dir=model_dir, served_name=served, log_dir=logs / name, engine_args=engine_args,
-                    cpus=engine_cpus))
+            variant_engines[name] = stack.enter_context(running_engine(
+                model_dir=model_dir, served_name=served, log_dir=logs / name, engine_args=engine_args,
+                cpus=engine_cpus, env_overrides=extra_env))
             print(f"engine {served} ({name}: {extra_env}) ready at {variant_engines[name].base_url}", flush=True)
-        if not args.engine_url:
-            if engine_cpus is not None:
-                os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
+        if engine_cpus is not None:
+            os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
         print(f"engine {served} ready at {engine_url}", flush=True)
-        version = served.rsplit("-", 1)[-1]
-        database_prepare(env, model_dir, served, {ALIAS: (version, engine_url)} | {
+        family, version = served.rsplit("-", 1)
+        database_prepare(env, model_dir, served, family, {ALIAS: (version, engine_url)} | {
             f"{ALIAS}-{name}": (f"{version}-{name}", e.base_url) for name, e in variant_engines.items()})
         targets: dict[str, Target] = {}
         if "direct" in targets_wanted or variant_engines:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,13 +109,14 @@ def cpus_check(cpus: Collection[int]) -> None:
 
 
 def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", die_with_parent: bool = True,
-                 cpus: Collection[int] | None = None) -> subprocess.Popen[bytes]:
+                 cpus: Collection[int] | None = None, env_overrides: Mapping[str, str] | None = None,
+                 ) -> subprocess.Popen[bytes]:
     """Launch an engine as the leader of its own process group, output appended to `log_path`.
 
     `die_with_parent` arms PR_SET_PDEATHSIG, which fires when the *thread* that forked the child exits:
     launch from a thread that lives as long as the engine should (the agent's main thread). `cpus` pins
     the engine, and every process it starts, to those CPUs (vLLM's CPU worker binds its threads within
-    them)."""
+    them). `env_overrides` are set in the engine's environment over this process's and the engine defaults."""
     parent = os.getpid()
     cpu_set = None if cpus is None else set(cpus)
     if cpu_set is not None:
@@ -132,7 +133,8 @@ def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", di
             log.write(header.encode() + b"\n")
             log.flush()
         return subprocess.Popen(
-            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
+            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=engine_env({**os.environ, **(env_overrides or {})}),
             start_new_session=True, close_fds=True,
             preexec_fn=before_exec if (die_with_parent or cpu_set is not None) else None,
         )

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,23 +94,26 @@ class RunningEngine:
             self.proc.wait(timeout=60)
 
 
-def _spawn(command: list[str], log: Path, cpus: Collection[int] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(command: list[str], log: Path, cpus: Collection[int] | None = None,
+           env_overrides: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     log.unlink(missing_ok=True)
     # PDEATHSIG is tied to the forking thread: only from the main thread does it mean "dies with pytest".
     return spawn_engine(command, log_path=log, die_with_parent=threading.current_thread() is threading.main_thread(),
-                        cpus=cpus)
+                        cpus=cpus, env_overrides=env_overrides)
 
 
 @contextmanager
 def running_engine(*, model_dir: Path | str, served_name: str, log_dir: Path,
-                   engine_args: list[str] | None = None, cpus: Collection[int] | None = None
-                   ) -> Iterator[RunningEngine]:
-    """One vLLM engine on a free port, ready, killed (its whole process group) on exit; on `cpus` when given."""
+                   engine_args: list[str] | None = None, cpus: Collection[int] | None = None,
+                   env_overrides: Mapping[str, str] | None = None) -> Iterator[RunningEngine]:
+    """One vLLM engine on a free port, ready, killed (its whole process group) on exit; on `cpus` when given,
+    with `env_overrides` in its environment."""
     with engine_slot():
         port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"engine-{served_name}-{port}.log"
-        proc = _spawn(vllm_command(model_dir=str(model_dir), served_name=served_name, port=port, extra=engine_args), log, cpus)
+        proc = _spawn(vllm_command(model_dir=str(model_dir), served_name=served_name, port=port, extra=engine_args), log, cpus,
+                      env_overrides)
         engine = RunningEngine(served_name=served_name, base_url=f"http://127.0.0.1:{port}", port=port, proc=proc, log=log)
         try:
             wait_ready(engine.base_url, served_name, proc=proc, log=log)

@@ -42,6 +42,22 @@ def test_without_cpus_an_engine_may_run_anywhere_the_agent_may(tmp_path: Path) -
     assert f"engine {everywhere} child {everywhere}" in _spawned_report(tmp_path, None)
 
 
+def test_env_overrides_reach_the_engine_over_the_defaults_and_the_agents_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    log = tmp_path / "engine.log"
+    script = ("import os; print('env', os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'], "
+              "os.environ['VLLM_CPU_KVCACHE_SPACE'], os.environ['HF_HUB_OFFLINE'], flush=True)")
+    proc = spawn_engine([sys.executable, "-c", script], log_path=log, die_with_parent=False,
+                        env_overrides={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert proc.wait(timeout=60) == 0
+    assert "env 1 3 1" in log.read_text()
+    # Without overrides, the defaults and the agent's own environment.
+    proc = spawn_engine([sys.executable, "-c", script], log_path=log, die_with_parent=False)
+    assert proc.wait(timeout=60) == 0
+    assert "env 0 3 1" in log.read_text()
+
+
 def test_cpus_the_host_does_not_offer_are_refused_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"does not offer: \[4000\]"):
         spawn_engine([sys.executable, "-c", "pass"], log_path=tmp_path / "engine.log", die_with_parent=False,
