@@ -22,7 +22,7 @@ from rollouts import selectors as rollout_selectors
 
 # The window and the N* of the analysis, so the intervals here are the ones the rollout decides on.
 from rollouts.analysis import ROUTE_SETTLE
-from rollouts.analysis import _tuning_n as rollout_tuning_n
+from rollouts.analysis import tuning_n_for_step as rollout_tuning_n
 from rollouts.models import Rollout
 from rollouts.plans import plan_from_stored
 from rollouts.views.display import MISSING, fmt, rollout_summary

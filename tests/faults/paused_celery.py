@@ -60,10 +60,10 @@ def _install(**_: Any) -> None:
     # In each pool process, after Django is set up: the functions are looked up by module attribute at
     # call time, so replacing the attribute is enough.
     if "analysis" in PAUSE_AT:
-        from rollouts import analysis
+        from rollouts.analysis import apply as analysis_apply
 
         # After the look, before its transaction: on SQLite a transaction holds the database's write lock.
-        analysis.rollout_look = _after("analysis", analysis.rollout_look)
+        analysis_apply.rollout_look = _after("analysis", analysis_apply.rollout_look)
     if "shadow" in PAUSE_AT:
         from serving import tasks
 

@@ -226,7 +226,7 @@ def test_a_baseline_with_every_engine_down_pauses_the_rollout(owner: Any, versio
 
 def test_a_stale_decision_is_never_applied_twice(owner: Any, versions: None) -> None:
     """Two workers that read the same version both decide to advance; only the first applies."""
-    from rollouts.analysis import _apply
+    from rollouts.analysis.apply import _apply
 
     rollout = started(owner)
     step_back(rollout, 30)

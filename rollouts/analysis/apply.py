@@ -1,0 +1,121 @@
+"""One look, applied: claim the rollout's lease, look (`policy.rollout_look`), apply the decision through the
+rollout's services with the version the look read, and store the look as a `RolloutAnalysis` row."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from config.errors import Conflict, DomainError
+from experiments.analysis import arm_summary, arm_sums
+from rollouts.actors import ANALYSIS
+from rollouts.analysis.checks import arm_prices
+from rollouts.analysis.look import LEASE_S, D, Look
+from rollouts.analysis.policy import rollout_look
+from rollouts.models import Rollout, RolloutAnalysis
+from rollouts.services import (
+    rollout_advance,
+    rollout_analysis_claim,
+    rollout_analysis_release,
+    rollout_eval_gate_decided,
+    rollout_pause,
+    rollout_promote,
+    rollout_rollback,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _apply(rollout: Rollout, look: Look) -> bool:
+    """Apply the look's decision if the rollout is still at the version it read. True when applied."""
+    version = rollout.version
+    evidence = look.evidence()
+    common: dict[str, Any] = {"rollout": rollout.pk, "actor": ANALYSIS, "reason": look.reason, "expected_version": version}
+    if look.decision == D.HOLD:
+        return False
+    if look.decision == D.ROLLBACK:
+        rollout_rollback(**common, evidence=evidence)
+    elif look.decision in (D.ADVANCE, D.AWAIT_APPROVAL) or (look.decision == D.PROMOTE and rollout.strategy != "ab"):
+        rollout_advance(**common, evidence=evidence)
+    elif look.decision == D.PROMOTE:
+        rollout_promote(**common, evidence=evidence)
+    elif look.decision == D.PAUSE:
+        rollout_pause(**common, evidence=evidence)
+    elif look.decision in (D.GATE_PASSED, D.GATE_FAILED):
+        rollout_eval_gate_decided(
+            rollout=rollout.pk, passed=look.decision == D.GATE_PASSED, reason=look.reason, evidence=evidence,
+            expected_version=version,
+        )  # fmt: skip
+    return True
+
+
+def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutAnalysis | None:
+    """One look at one rollout: measure, decide, apply (at most once), record. None when skipped
+    (another worker holds the lease, the rollout is gone or not live)."""
+    if not rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S):
+        return None
+    readiness: dict[str, datetime | None] | None = None
+    try:
+        rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
+        if rollout is None or rollout.state not in Rollout.ANALYSED_STATES:
+            return None
+        look, readiness = rollout_look(rollout=rollout, now=now)
+        with transaction.atomic():
+            try:
+                applied = _apply(rollout, look)
+            except Conflict as exc:
+                # Another look or a person got there first: this decision was made on stale data.
+                applied = False
+                look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
+            except DomainError as exc:
+                applied = False
+                look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
+            return RolloutAnalysis.objects.create(
+                rollout_id=rollout.pk,
+                rollout_version=rollout.version,
+                state=rollout.state,
+                step_index=rollout.step_index,
+                window_start=look.window_start,
+                decision=look.decision,
+                reason=look.reason[:500],
+                applied=applied,
+                arms=look.arms,
+                checks=look.checks,
+                srm=look.srm,
+            )
+    finally:
+        rollout_analysis_release(rollout_id=rollout_id, readiness=readiness)
+
+
+def rollout_evidence(*, rollout_id: int) -> dict[str, Any]:
+    """Per-arm statistics of the current step's window now, and the latest look's checks: what a person's
+    transition records as its evidence."""
+    rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
+    if rollout is None or rollout.started_at is None:
+        return {}
+    now = timezone.now()
+    since = rollout.step_started_at or rollout.started_at
+    sums = arm_sums(rollout_id=rollout.pk, since=since, percentiles=False)
+    prices = arm_prices(rollout)
+    window_s = max((now - since).total_seconds(), 1e-3)
+    evidence: dict[str, Any] = {
+        "window_start": since.isoformat(),
+        "arms": {arm: arm_summary(s, window_s=window_s, prices=prices[arm]) for arm, s in sums.items()},
+    }
+    latest = RolloutAnalysis.objects.filter(rollout_id=rollout.pk).order_by("-created_at", "-id").first()
+    if latest is not None:
+        evidence["latest_analysis"] = {
+            "at": latest.created_at.isoformat(), "decision": latest.decision, "reason": latest.reason,
+            "checks": latest.checks, "srm": latest.srm,
+        }  # fmt: skip
+    return evidence
+
+
+def analysis_interval_s() -> float:
+    return float(settings.ROLLOUT_ANALYSIS_INTERVAL_S)
+
