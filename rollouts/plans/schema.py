@@ -1,0 +1,95 @@
+"""What a plan looks like, for the OpenAPI schema and the UI. The validator (`normalise`) is the authority."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.metrics import METRICS
+from rollouts.plans.model import (
+    DEFAULT_ALPHA,
+    DEFAULT_ENGINE_GRACE_S,
+    DEFAULT_STEP_DURATION_S,
+    DEFAULT_STEP_REQUESTS,
+    STRATEGIES,
+)
+
+PLAN_EXAMPLE: dict[str, Any] = {
+    "name": "adder v2 canary",
+    "alias": "adder",
+    "baseline": "adder-v1",
+    "candidate": "adder-v2",
+    "strategy": "canary",
+    "steps": [
+        {"weight": 0.1, "min_duration_s": 60, "min_candidate_requests": 50},
+        {"weight": 0.5, "min_duration_s": 120, "min_candidate_requests": 200, "requires_approval": True},
+        {"weight": 1.0, "min_duration_s": 60, "min_candidate_requests": 100},
+    ],
+    "slos": ["ttft_p99_ms <= 800", "error_rate <= 0.01"],
+    "guardrails": [
+        {"metric": "tpot_mean_ms", "margin": "10%"},
+        {"metric": "cost_per_request", "margin": "5%"},
+        {"metric": "error_rate", "margin": 0.005},
+    ],
+    "alpha": 0.05,
+    "allow_self_approval": False,
+}
+
+PLAN_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["alias", "candidate", "strategy"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 100},
+        "description": {"type": "string"},
+        "alias": {"type": "string", "description": "The public model name whose traffic moves."},
+        "baseline": {"type": "string", "description": "Version label or id; defaults to the alias's current baseline."},
+        "candidate": {"type": "string", "description": "Version label (adder-v2) or id."},
+        "strategy": {"type": "string", "enum": list(STRATEGIES)},
+        "steps": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "weight": {"description": "0..1 or '10%'", "oneOf": [{"type": "number"}, {"type": "string"}]},
+                    "shadow_rate": {"type": "number"},
+                    "min_duration_s": {"type": "integer", "default": DEFAULT_STEP_DURATION_S},
+                    "min_candidate_requests": {"type": "integer", "default": DEFAULT_STEP_REQUESTS},
+                    "requires_approval": {"type": "boolean", "default": False},
+                },
+            },
+        },
+        "shadow": {"type": "object", "properties": {"rate": {"type": "number"}, "quality": {"type": "object"}}},
+        "ab": {"type": "object", "description": "weight, horizon_s, min_duration_s, min_candidate_requests"},
+        "blue_green": {
+            "type": "object",
+            "description": "shadow_rate, warmup_s, min_shadow_requests, rollback_window_s, requires_approval",
+        },
+        "slos": {
+            "type": "array",
+            "items": {"description": "'ttft_p99_ms <= 800' or {metric, max|min}"},
+        },
+        "guardrails": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "metric": {"type": "string", "enum": sorted(m for m, d in METRICS.items() if d.shape != "percentile")},
+                    "margin": {"description": "0.005 (absolute) or '10%' (relative to the baseline)"},
+                    "relative": {"type": "boolean"},
+                },
+            },
+        },
+        "primary_metric": {"type": "object", "properties": {"metric": {"type": "string"}, "difference": {"type": "string"}}},
+        "alpha": {"type": "number", "default": DEFAULT_ALPHA},
+        "tuning_n": {"type": "integer", "nullable": True},
+        "allow_self_approval": {"type": "boolean", "default": False},
+        "promotion_requires_approval": {"type": "boolean"},
+        "engine_grace_s": {"type": "integer", "default": DEFAULT_ENGINE_GRACE_S},
+        "failover_to_candidate": {
+            "type": "boolean", "default": False,
+            "description": "While every baseline engine is down, serve the baseline's users from the candidate "
+            "(otherwise they get 503).",
+        },
+        "eval_gate": {"type": "object", "nullable": True, "description": "Validated and run by the evals app."},
+    },
+    "example": PLAN_EXAMPLE,
+}
