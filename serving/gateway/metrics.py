@@ -21,6 +21,11 @@ records_written_total = Counter("platform_gateway_records_written_total", "Reque
 records_dropped_total = Counter(
     "platform_gateway_records_dropped_total", "Request records dropped because the buffer was full."
 )
+records_refused_total = Counter(
+    "platform_gateway_records_refused_total",
+    "Request records the database refused on their own (after their batch was retried row by row), by reason.",
+    ["reason"],
+)
 record_write_failures_total = Counter(
     "platform_gateway_record_write_failures_total", "Batches of request records that could not be written yet."
 )

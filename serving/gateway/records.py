@@ -1,20 +1,35 @@
 """Request records: a bounded buffer on the event loop, written to the database in batches off it.
 
 The response never waits for the database. While the database is down, records wait here (and are
-retried); a full buffer drops the oldest ones, and the drops are counted.
+retried); a full buffer drops the oldest ones, and the drops are counted. Batches go to PostgreSQL by
+COPY (benchmarks/README.md, "Records at volume", has its rate and the buffer's outage cover).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import operator
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+import psycopg
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import Field
+
+from serving.gateway import metrics
 
 log = logging.getLogger(__name__)
+
+# Django wraps the driver's errors on its own cursors; COPY runs on the driver's cursor, whose errors are
+# psycopg's. Both kinds are sorted the same way: the database is unreachable, or it refused the data.
+_CONNECTION_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+_REFUSAL_ERRORS = (DatabaseError, psycopg.Error)
 
 
 @dataclass(slots=True)
@@ -90,59 +105,122 @@ class DatabaseDown(Exception):
 
 
 def records_write(drafts: list[RecordDraft]) -> int:
-    """Write a batch (in the writer thread). Raises DatabaseDown when it should be retried; a row the
-    database refuses for another reason is logged and skipped, so one bad row never blocks the rest."""
-    from serving.models import RequestRecord
+    """Write a batch (in the writer thread) and return how many records are now stored.
 
-    rows = [RequestRecord(**_fields(draft)) for draft in drafts]
+    PostgreSQL gets one COPY per batch, SQLite one multi-row insert. A batch the database refuses is
+    written again row by row: a row that was already stored (a batch retried after a commit whose answer
+    was lost) is skipped, a row refused on its own is counted in `platform_gateway_records_refused_total`
+    with the reason and logged, so one bad row never blocks the rest. Raises DatabaseDown when the
+    database cannot be reached: the caller keeps the batch and tries again later."""
+    if not drafts:
+        return 0
+    rows = [_row(draft) for draft in drafts]
     try:
-        # ignore_conflicts: a batch retried after a commit whose answer was lost must not fail forever.
-        RequestRecord.objects.bulk_create(rows, ignore_conflicts=True)
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                _copy(rows)
+            else:
+                _insert(rows)
         return len(rows)
-    except (OperationalError, InterfaceError) as exc:
+    except _CONNECTION_ERRORS as exc:
         _reset_connection()
         raise DatabaseDown(str(exc)) from exc
-    except DatabaseError:
-        log.exception("a batch of %d request records was refused; writing them one by one", len(rows))
+    except _REFUSAL_ERRORS as exc:
+        log.warning("a batch of %d request records was refused (%s); writing them one by one", len(rows), exc)
     written = 0
     for row in rows:
         try:
-            RequestRecord.objects.bulk_create([row], ignore_conflicts=True)
+            with transaction.atomic():
+                _insert([row])
             written += 1
-        except (OperationalError, InterfaceError) as exc:
+        except _CONNECTION_ERRORS as exc:
             _reset_connection()
             raise DatabaseDown(str(exc)) from exc
-        except DatabaseError:
-            log.exception("request record %s refused; skipped", row.request_id)
+        except _REFUSAL_ERRORS as exc:
+            reason = refusal_reason(exc)
+            metrics.records_refused_total.labels(reason=reason).inc()
+            log.error("request record %s refused (%s): %s", row[_REQUEST_ID], reason, exc)
     return written
 
 
-def _fields(draft: RecordDraft) -> dict[str, object]:
-    return {
-        "request_id": draft.request_id,
-        "created_at": draft.created_at,
-        "alias": draft.alias[:64],
-        "rollout_id": draft.rollout_id,
-        "arm": draft.arm,
-        "model_version_id": draft.model_version_id,
-        "engine_worker_id": draft.engine_worker_id,
-        "endpoint": draft.endpoint,
-        "stream": draft.stream,
-        "session_hash": draft.session_hash,
-        "prompt_hash": draft.prompt_hash,
-        "prompt_chars": draft.prompt_chars,
-        "status_code": draft.status_code,
-        "outcome": draft.outcome,
-        "error_kind": draft.error_kind[:64],
-        "failover": draft.failover,
-        "ttft_ms": draft.ttft_ms,
-        "tpot_ms": draft.tpot_ms,
-        "e2e_ms": draft.e2e_ms,
-        "prompt_tokens": draft.prompt_tokens,
-        "completion_tokens": draft.completion_tokens,
-        "prompt_text": draft.prompt_text,
-        "output_text": draft.output_text,
-    }
+def refusal_reason(exc: BaseException) -> str:
+    """A short, bounded label for why the database refused a row: the SQLSTATE condition where the driver
+    gives one (`numeric_value_out_of_range`), else the error's class."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ is not None else exc
+    name = type(cause).__name__
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+# A draft's fields are RequestRecord's columns by name (`model_version_id` is the foreign key's column).
+_COLUMN_NAMES = tuple(field.name for field in dataclasses.fields(RecordDraft))
+_REQUEST_ID = _COLUMN_NAMES.index("request_id")
+
+
+@functools.cache
+def _target() -> tuple[str, tuple[str, ...], tuple[Field[Any, Any], ...]]:
+    """The quoted table, the quoted columns in the draft's order, and their model fields."""
+    from serving.models import RequestRecord
+
+    stored = {field.attname: field for field in RequestRecord._meta.concrete_fields}
+    missing = [name for name in _COLUMN_NAMES if name not in stored]
+    if missing:
+        raise RuntimeError(f"RecordDraft fields without a RequestRecord column: {missing}")
+    fields = tuple(stored[name] for name in _COLUMN_NAMES)
+    quote = connection.ops.quote_name
+    columns = tuple(quote(field.column) for field in fields if field.column)
+    return quote(RequestRecord._meta.db_table), columns, fields
+
+
+# Free text from clients and engines, cut to the column's width instead of refusing the whole record.
+_CUT = {_COLUMN_NAMES.index("alias"): 64, _COLUMN_NAMES.index("error_kind"): 64}
+_TEXTS = (_COLUMN_NAMES.index("prompt_text"), _COLUMN_NAMES.index("output_text"))
+_values = operator.attrgetter(*_COLUMN_NAMES)
+
+
+def _row(draft: RecordDraft) -> tuple[Any, ...]:
+    row = _values(draft)
+    if any(len(row[i]) > width for i, width in _CUT.items()) or any("\x00" in row[i] for i in _TEXTS):
+        fixed = list(row)
+        for i, width in _CUT.items():
+            fixed[i] = fixed[i][:width]
+        for i in _TEXTS:
+            # PostgreSQL text cannot hold NUL; a prompt that carries one still deserves its record.
+            fixed[i] = fixed[i].replace("\x00", "\ufffd")
+        row = tuple(fixed)
+    return row
+
+
+@functools.cache
+def _copy_types() -> tuple[str, ...]:
+    # Binary COPY needs each column's type; "varchar(64)" is known to the driver as "varchar".
+    return tuple(re.sub(r"\(.*\)", "", field.db_type(connection) or "") for field in _target()[2])
+
+
+def _copy(rows: list[tuple[Any, ...]]) -> None:
+    table, columns, _ = _target()
+    with connection.cursor() as cursor:
+        # The driver's own cursor: Django's wrapper has no COPY. Its errors are psycopg's, not Django's.
+        # Binary: numbers and times go as they are, with no text to format and parse.
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+        with cursor.cursor.copy(sql) as copy:
+            copy.set_types(_copy_types())
+            for row in rows:
+                copy.write_row(row)
+
+
+def _insert(rows: list[tuple[Any, ...]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: a row already stored is skipped, any other refusal raises. (The
+    ORM's ignore_conflicts is SQLite's INSERT OR IGNORE, which also skips CHECK and NOT NULL failures
+    without a word: a refused row would vanish uncounted.)"""
+    table, columns, fields = _target()
+    placeholders = ", ".join(["%s"] * len(columns))
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"
+    params = [
+        [field.get_db_prep_value(value, connection, prepared=False) for field, value in zip(fields, row, strict=True)]
+        for row in rows
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 def _reset_connection() -> None:

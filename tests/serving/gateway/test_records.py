@@ -7,6 +7,7 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
+from django.db import connection
 from prometheus_client import REGISTRY
 
 from serving.gateway.app import Gateway, GatewayConfig
@@ -122,3 +123,27 @@ def test_records_write_is_safe_to_repeat() -> None:
     assert RequestRecord.objects.filter(request_id__in=["req-1", "req-2"]).count() == 2
     record = RequestRecord.objects.get(request_id="req-1")
     assert (record.ttft_ms, record.e2e_ms, record.outcome) == (3.0, 9.0, "ok")
+
+
+def refused_total(reason: str) -> float:
+    return REGISTRY.get_sample_value("platform_gateway_records_refused_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.django_db
+def test_a_refused_batch_is_written_row_by_row_and_the_bad_row_is_counted_with_its_reason() -> None:
+    bad = draft(2)
+    bad.prompt_chars = -1  # against the column's CHECK on both databases: refused on its own
+    # PostgreSQL names the SQLSTATE condition; SQLite only the error's class.
+    reason = "check_violation" if connection.vendor == "postgresql" else "integrity_error"
+    before = refused_total(reason)
+    assert records_write([draft(1), bad, draft(3)]) == 2
+    assert set(RequestRecord.objects.values_list("request_id", flat=True)) == {"req-1", "req-3"}
+    assert refused_total(reason) - before == 1
+
+
+@pytest.mark.django_db
+def test_a_prompt_with_a_nul_byte_keeps_its_record() -> None:
+    record = draft(1)
+    record.prompt_text = "before\x00after"
+    assert records_write([record]) == 1
+    assert RequestRecord.objects.get(request_id="req-1").prompt_text == "before\ufffdafter"
