@@ -302,6 +302,10 @@ CELERY_BEAT_SCHEDULE["rollouts-analyse-live"] = {
     "options": {"expires": ROLLOUT_ANALYSIS_INTERVAL_S},
 }
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
+# Request records and shadow pairs are kept this many days (on PostgreSQL records go by whole daily
+# partitions), except what a live rollout still needs; looks of ended rollouts are compacted.
+RECORD_RETENTION_DAYS = env_int("RECORD_RETENTION_DAYS", 30, minimum=1)
+CELERY_BEAT_SCHEDULE["rollouts-retention"] = {"task": "rollouts.tasks.retention_apply", "schedule": 3600.0}
 
 # --- HTTP server ----------------------------------------------------------------------------------
 

@@ -63,3 +63,17 @@ def notify_event(self, event_id: int) -> str:  # type: ignore[no-untyped-def]
     if status == "missing":
         logger.info("no notification for rollout event %s; ignored", event_id)
     return status
+
+
+@shared_task(name="rollouts.tasks.retention_apply", ignore_result=True)
+def retention_apply() -> str:
+    """Beat, hourly: records and shadow pairs past RECORD_RETENTION_DAYS that no live rollout holds go, and
+    looks of ended rollouts are compacted (rollouts.retention). Safe to run twice."""
+    from rollouts.retention import retention_apply as apply
+
+    report = apply()
+    return (
+        f"{report.records_deleted} records and {len(report.partitions_dropped)} partitions dropped, "
+        f"{report.shadow_pairs_deleted} shadow pairs, {report.analyses_deleted} looks compacted"
+    )
+

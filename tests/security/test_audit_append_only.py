@@ -334,13 +334,24 @@ counts.update(other)
     assert audit_rewrites(fine, "fine.py") == []
 
 
+# The one deletion of looks the app makes: the compaction of an ended rollout's holds to one a minute, which
+# keeps every decision (tests/rollouts/test_retention.py). Events and approvals have no exception.
+LOOK_COMPACTION = ("rollouts/retention.py",)
+
+
 def test_no_app_code_updates_or_deletes_audit_rows() -> None:
     sources = list(_app_sources())
     assert any(path.name == "services.py" and path.parent.name == "rollouts" for path in sources)
     found, creates = [], []
     for path in sources:
         name = str(path.relative_to(REPO_ROOT))
-        found += audit_rewrites(path.read_text(), name)
+        source = path.read_text()
+        if name == LOOK_COMPACTION[0]:
+            # Looks may be deleted there, nothing else rewritten, and events and approvals not touched at all.
+            assert "RolloutEvent" not in source and "RolloutApproval" not in source, name
+            assert {method for _, method, _ in audit_calls(source, name) if method in REWRITES} == {"delete"}, name
+            continue
+        found += audit_rewrites(source, name)
         creates += [f"{name}:{line}" for line, method, _ in audit_calls(path.read_text(), name) if method == "create"]
     assert found == []
     # The scanner does see the trail being written where it is written (events, approvals, looks).
