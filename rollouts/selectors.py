@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from config.errors import NotFound
@@ -63,6 +63,22 @@ def rollout_series(
 def rollout_latest_analysis(*, rollout: Rollout | int) -> RolloutAnalysis | None:
     rollout_id = rollout if isinstance(rollout, int) else rollout.pk
     return RolloutAnalysis.objects.filter(rollout_id=rollout_id).order_by("-created_at", "-id").first()
+
+
+def rollout_latest_analyses(*, rollout_ids: list[int]) -> dict[int, RolloutAnalysis]:
+    """The latest stored look of each rollout, in two queries however many rollouts (pages read these and
+    never recompute a look)."""
+    latest = (
+        Rollout.objects.filter(pk__in=rollout_ids)
+        .annotate(
+            latest_id=Subquery(
+                RolloutAnalysis.objects.filter(rollout_id=OuterRef("pk")).order_by("-created_at", "-id").values("pk")[:1]
+            )
+        )
+        .values_list("latest_id", flat=True)
+    )
+    looks = RolloutAnalysis.objects.filter(pk__in=[pk for pk in latest if pk is not None])
+    return {look.rollout_id: look for look in looks}
 
 
 def rollout_approvals(*, rollout: Rollout | int) -> QuerySet[RolloutApproval]:

@@ -22,7 +22,9 @@ def _dashboard_context() -> dict[str, Any]:
         (r for r in everything if r.state == State.AWAITING_APPROVAL), key=lambda r: r.updated_at
     )
     live = pending + [r for r in everything if r.state != State.AWAITING_APPROVAL]
-    rows = [rollout_summary(r, selectors.rollout_latest_analysis(rollout=r)) for r in live]
+    # The latest stored look of each: the page never recomputes one.
+    looks = selectors.rollout_latest_analyses(rollout_ids=[r.pk for r in live])
+    rows = [rollout_summary(r, looks.get(r.pk)) for r in live]
     recent = [
         rollout_summary(r) for r in selectors.rollout_list(state=f"{State.PROMOTED},{State.ROLLED_BACK}")[:10]
     ]

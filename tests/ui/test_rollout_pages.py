@@ -10,7 +10,9 @@ import zoneinfo
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -55,6 +57,18 @@ def test_the_dashboard_lists_the_live_canary_with_its_step_split_and_slo_status(
     )
     assert '<span class="health-driver">error_rate at most 0.01 worse</span>' in html
     assert "New rollout" not in html  # a viewer cannot create one
+
+
+def test_the_dashboard_reads_the_latest_stored_look_and_never_the_request_records(
+    viewer: Any, canary: Rollout
+) -> None:
+    client = logged_in(viewer)
+    with CaptureQueriesContext(connection) as queries:
+        html = client.get(reverse("dashboard")).content.decode()
+    assert "undecided" in html  # the stored look's health
+    read = " ".join(q["sql"].lower() for q in queries.captured_queries)
+    assert "rollouts_rolloutanalysis" in read
+    assert "serving_requestrecord" not in read and "serving_shadowpair" not in read
 
 
 def test_pending_approvals_come_first_on_the_dashboard(viewer: Any, canary: Rollout, owner: Any) -> None:
