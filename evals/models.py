@@ -149,6 +149,8 @@ class EvalGate(models.Model):
         PENDING = "pending"
         PASSED = "passed"
         FAILED = "failed"
+        # The suite cannot show non-inferiority at the margin (too few items): not a pass.
+        UNDECIDED = "undecided"
         ERROR = "error"
         CANCELLED = "cancelled"
 

@@ -1,11 +1,12 @@
 """Paired comparison of two eval runs on the same items (pure: numpy and scipy, no Django).
 
 Pass/fail scores: exact McNemar (a two-sided binomial test on the discordant items) for "different at
-all", and an exact interval for the difference in accuracy, conditional on the number of discordant items
-d: with c items right only for the candidate, c ~ Binomial(d, pi) and the difference is d (2 pi - 1) / n,
-so the Clopper-Pearson interval of pi maps onto an interval of the difference. Graded scores: a seeded
-paired bootstrap (resampling items, keeping each item's two scores together) for the mean difference, and
-Wilcoxon's signed-rank test for "different at all". Everything is reported overall and per tag.
+all", and Tango's score interval for the difference in accuracy (`evals.noninferiority`: its width comes
+from the fit under each hypothesised difference, so it does not collapse to [0, 0] when the two sides
+agree on every item). Graded scores: the paired bootstrap-t interval of the mean difference (items
+resampled with their two scores together), and Wilcoxon's signed-rank test for "different at all".
+Everything is reported overall and per tag. Given a margin, the overall row also carries the
+non-inferiority decision the eval gate uses (one-sided at alpha; see `evals.noninferiority`).
 
 Every difference is candidate - baseline: positive means the candidate scores higher.
 """
@@ -20,8 +21,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-FORMAT = "ramp.eval-comparison/1"
-BOOTSTRAP_CHUNK = 256
+from evals.noninferiority import (
+    DiscordantCounts,
+    NonInferiority,
+    Verdict,
+    binary_noninferiority,
+    bootstrap_t_bounds,
+    graded_noninferiority,
+    tango_bounds,
+)
+
+FORMAT = "ramp.eval-comparison/2"
 
 
 @dataclass(frozen=True)
@@ -85,39 +95,40 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def accuracy_difference_interval(counts: McNemar, *, alpha: float) -> tuple[float, float, float]:
-    """(difference, low, high) of candidate - baseline accuracy at confidence 1 - alpha, exact given d."""
-    alpha = _check_alpha(alpha)
-    n = counts.both_pass + counts.both_fail + counts.discordant
-    if n == 0:
-        raise ValueError("no paired items")
-    d = counts.discordant
-    difference = (counts.candidate_only - counts.baseline_only) / n
-    if d == 0:
-        return difference, 0.0, 0.0
-    pi = stats.binomtest(counts.candidate_only, d, 0.5).proportion_ci(confidence_level=1.0 - alpha, method="exact")
-    return difference, d * (2.0 * pi.low - 1.0) / n, d * (2.0 * pi.high - 1.0) / n
+def _verdicts(scored: Sequence[PairedItem]) -> tuple[list[bool], list[bool]]:
+    """Each side's pass/fail verdicts: the scorer's, else a score of exactly 1."""
+    b_pass = [bool(i.baseline_passed) if i.baseline_passed is not None else i.baseline == 1.0 for i in scored]
+    c_pass = [bool(i.candidate_passed) if i.candidate_passed is not None else i.candidate == 1.0 for i in scored]
+    return b_pass, c_pass
 
 
-def paired_bootstrap_interval(
-    baseline: Sequence[float], candidate: Sequence[float], *, alpha: float, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """(mean difference, low, high): percentile interval of candidate - baseline over item resamples."""
-    alpha = _check_alpha(alpha)
-    if resamples < 100:
-        raise ValueError("resamples must be at least 100")
-    diffs = np.asarray(candidate, dtype=float) - np.asarray(baseline, dtype=float)
-    if diffs.ndim != 1 or diffs.size == 0:
-        raise ValueError("baseline and candidate must be equally long, non-empty sequences")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    # In chunks: resamples x n indices at once is too much memory for a 10 000-item suite.
-    for start in range(0, resamples, BOOTSTRAP_CHUNK):
-        stop = min(resamples, start + BOOTSTRAP_CHUNK)
-        idx = rng.integers(0, diffs.size, size=(stop - start, diffs.size))
-        means[start:stop] = diffs[idx].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(diffs.mean()), float(low), float(high)
+def _scored(items: Iterable[PairedItem]) -> list[PairedItem]:
+    return [i for i in items if i.baseline is not None and i.candidate is not None]
+
+
+def _all_zero_or_one(scored: Sequence[PairedItem]) -> bool:
+    return all(i.baseline in (0.0, 1.0) and i.candidate in (0.0, 1.0) for i in scored)
+
+
+def noninferiority(
+    items: Iterable[PairedItem], *, binary: bool, margin: float, alpha: float, resamples: int = 2000, seed: int = 0
+) -> NonInferiority:
+    """Is the candidate at most `margin` worse than the baseline on these items (one-sided at alpha)?
+
+    Pass/fail items, and graded scores that only ever took the values 0 and 1 (a pass/fail table in all
+    but name, where the bootstrap is least accurate), go to Tango's score test with the exact
+    unconditional check; other graded scores to the bootstrap-t bound."""
+    scored = _scored(items)
+    if not scored:
+        raise ValueError("no item was scored on both sides")
+    if binary or _all_zero_or_one(scored):
+        b_pass, c_pass = _verdicts(scored) if binary else (
+            [i.baseline == 1.0 for i in scored], [i.candidate == 1.0 for i in scored])
+        counts = mcnemar_counts(b_pass, c_pass)
+        table = DiscordantCounts(n=len(scored), candidate_only=counts.candidate_only, baseline_only=counts.baseline_only)
+        return binary_noninferiority(table, margin=margin, alpha=alpha)
+    diffs = np.array([float(i.candidate) - float(i.baseline) for i in scored])  # type: ignore[arg-type]
+    return graded_noninferiority(diffs, margin=margin, alpha=alpha, resamples=resamples, seed=seed)
 
 
 def wilcoxon_p_value(baseline: Sequence[float], candidate: Sequence[float]) -> float:
@@ -129,7 +140,7 @@ def wilcoxon_p_value(baseline: Sequence[float], candidate: Sequence[float]) -> f
 
 
 def _row(items: Sequence[PairedItem], *, binary: bool, alpha: float, resamples: int, seed: int) -> dict[str, Any]:
-    scored = [i for i in items if i.baseline is not None and i.candidate is not None]
+    scored = _scored(items)
     row: dict[str, Any] = {"n": len(scored), "missing": len(items) - len(scored)}
     if not scored:
         row.update(baseline_mean=None, candidate_mean=None, difference=None, ci_low=None, ci_high=None)
@@ -141,31 +152,36 @@ def _row(items: Sequence[PairedItem], *, binary: bool, alpha: float, resamples: 
     has_verdicts = all(i.baseline_passed is not None and i.candidate_passed is not None for i in scored)
     counts = None
     if binary or has_verdicts:
-        b_pass = [bool(i.baseline_passed) if i.baseline_passed is not None else i.baseline == 1.0 for i in scored]
-        c_pass = [bool(i.candidate_passed) if i.candidate_passed is not None else i.candidate == 1.0 for i in scored]
-        counts = mcnemar_counts(b_pass, c_pass)
+        counts = mcnemar_counts(*_verdicts(scored))
         row["mcnemar"] = counts.as_dict()
+    # Two-sided (1 - alpha): each end is a one-sided bound at alpha / 2.
     if binary and counts is not None:
-        difference, low, high = accuracy_difference_interval(counts, alpha=alpha)
-        row["interval_method"] = "exact-conditional"
+        table = DiscordantCounts(n=len(scored), candidate_only=counts.candidate_only, baseline_only=counts.baseline_only)
+        difference = table.difference
+        low, high = tango_bounds(table, alpha=alpha / 2.0)
+        row["interval_method"] = "tango-score"
     else:
-        difference, low, high = paired_bootstrap_interval(b, c, alpha=alpha, resamples=resamples, seed=seed)
-        row["interval_method"] = "paired-bootstrap"
+        diffs = np.subtract(c, b)
+        difference = float(diffs.mean())
+        low, high = bootstrap_t_bounds(diffs, alpha=alpha / 2.0, resamples=resamples, seed=seed)
+        row["interval_method"] = "bootstrap-t"
         row["bootstrap"] = {"resamples": resamples, "seed": seed}
         row["wilcoxon_p_value"] = wilcoxon_p_value(b, c)
-    row.update(difference=difference, ci_low=low, ci_high=high)
+    row.update(difference=difference, ci_low=min(low, difference), ci_high=max(high, difference))
     return row
 
 
 def compare_paired(
-    items: Iterable[PairedItem], *, binary: bool, alpha: float = 0.05, resamples: int = 2000, seed: int = 0
+    items: Iterable[PairedItem], *, binary: bool, alpha: float = 0.05, resamples: int = 2000, seed: int = 0,
+    margin: float | None = None,
 ) -> dict[str, Any]:
     """The comparison as a JSON-serialisable dict: {"format", "kind", "alpha", "confidence", "overall", "per_tag"}.
 
-    A row is {"n", "missing", "baseline_mean", "candidate_mean", "difference", "ci_low", "ci_high",
-    "interval_method", "mcnemar"?: {both_pass, baseline_only, candidate_only, both_fail, discordant,
-    p_value, method}, "bootstrap"?: {resamples, seed}, "wilcoxon_p_value"?}; per_tag is a list of rows
-    with a "tag", sorted by tag."""
+    A row is {"n", "missing", "baseline_mean", "candidate_mean", "difference", "ci_low", "ci_high" (the
+    two-sided 1 - alpha interval), "interval_method" ("tango-score" or "bootstrap-t"), "mcnemar"?:
+    {both_pass, baseline_only, candidate_only, both_fail, discordant, p_value, method}, "bootstrap"?:
+    {resamples, seed}, "wilcoxon_p_value"?}; per_tag is a list of rows with a "tag", sorted by tag. With a
+    `margin`, the overall row also has "noninferiority" (`NonInferiority.as_dict()`, one-sided at alpha)."""
     alpha = _check_alpha(alpha)
     items = list(items)
     options = {"binary": binary, "alpha": alpha, "resamples": resamples, "seed": seed}
@@ -174,61 +190,77 @@ def compare_paired(
     for tag in tags:
         row = _row([i for i in items if tag in i.tags], **options)  # type: ignore[arg-type]
         per_tag.append({"tag": tag, **row})
+    overall = _row(items, **options)  # type: ignore[arg-type]
+    if margin is not None and overall["n"]:
+        overall["noninferiority"] = noninferiority(
+            items, binary=binary, margin=margin, alpha=alpha, resamples=resamples, seed=seed
+        ).as_dict()
     return {
         "format": FORMAT,
         "kind": "pass_fail" if binary else "graded",
         "alpha": alpha,
         "confidence": 1.0 - alpha,
-        "overall": _row(items, **options),  # type: ignore[arg-type]
+        "overall": overall,
         "per_tag": per_tag,
     }
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    passed: bool | None  # None: nothing to decide on (no paired item)
+    """verdict: "pass", "fail", "undecided" (the suite cannot tell at this margin), or None (nothing to
+    decide on: no paired item)."""
+
+    verdict: str | None
     reason: str
     detail: dict[str, Any]
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.verdict is None else self.verdict == Verdict.PASS.value
 
 
 def gate_decide(overall: dict[str, Any], *, max_drop: float | None, min_score: float | None,
                 alpha: float) -> GateDecision:
     """Non-inferiority with a margin, and/or an absolute minimum, from a comparison's overall row.
 
-    Pass the margin only when non-inferiority is shown: the upper end of the (1 - alpha) interval of
-    baseline - candidate is at most max_drop (the lower end of candidate - baseline at least -max_drop).
-    A fixed suite gives no more data to wait for, so "not shown" is a failure, not a wait. The minimum is
-    on the candidate's mean score."""
-    confidence = f"{100 * (1 - alpha):g}%"
+    The margin: the row's "noninferiority" (compare_paired with margin=max_drop at this alpha) decides:
+    pass when the one-sided (1 - alpha) lower bound of candidate - baseline is above -max_drop (for
+    pass/fail items the exact unconditional test must agree), fail when the upper bound is below it,
+    otherwise undecided, with the number of items a suite would need. A fixed suite brings no more data,
+    so an undecided gate does not pass. The minimum is on the candidate's mean score (a point check)."""
     detail: dict[str, Any] = {
-        "max_drop": max_drop, "min_score": min_score,
-        "rule": "pass when the upper end of the two-sided (1 - alpha) interval of baseline - candidate is "
-                "at most max_drop, and the candidate's mean is at least min_score",
-    }
+        "max_drop": max_drop, "min_score": min_score, "alpha": alpha,
+        "rule": "pass when the one-sided (1 - alpha) lower bound of candidate - baseline is above -max_drop "
+                "(and the candidate's mean is at least min_score); fail when the upper bound is below -max_drop; "
+                "otherwise undecided",
+    }  # fmt: skip
     if not overall.get("n"):
-        return GateDecision(None, "no item was scored on both runs", detail)
-    drop = -float(overall["difference"])
-    drop_upper = -float(overall["ci_low"])
-    drop_lower = -float(overall["ci_high"])
+        return GateDecision(None, "no item was scored on both runs", {**detail, "decision": None})
     candidate_score = float(overall["candidate_mean"])
-    detail.update(drop=drop, drop_low=drop_lower, drop_upper_bound=drop_upper, candidate_score=candidate_score,
-                  baseline_score=float(overall["baseline_mean"]))
+    detail.update(n=overall["n"], candidate_score=candidate_score, baseline_score=float(overall["baseline_mean"]),
+                  difference=float(overall["difference"]))
     reasons = []
-    passed = True
-    mcnemar = overall.get("mcnemar")
+    verdict = Verdict.PASS
     if max_drop is not None:
-        interval = f"{confidence} interval of baseline - candidate: {drop_lower:.3f} to {drop_upper:.3f}"
-        if drop_upper <= max_drop:
-            reasons.append(f"not worse than the baseline by more than {max_drop:g} ({interval})")
-        else:
-            passed = False
-            reasons.append(f"may be worse than the baseline by more than {max_drop:g} ({interval})")
+        test = overall.get("noninferiority")
+        if test is None or test["margin"] != max_drop or test["alpha"] != alpha:
+            raise ValueError("the overall row has no non-inferiority test at this margin and alpha")
+        verdict = Verdict(test["decision"])
+        # drop = baseline - candidate: the names the pages and CI scripts have read since the first gates.
+        detail.update(
+            decision=test["decision"], method=test["method"], low=test["low"], high=test["high"],
+            items_needed=test["items_needed"], drop=-test["estimate"], drop_low=-test["high"],
+            drop_upper_bound=-test["low"], noninferiority=test,
+        )  # fmt: skip
+        reasons.append(test["reason"])
     if min_score is not None:
         if candidate_score >= min_score:
             reasons.append(f"mean score {candidate_score:.3f} reaches the minimum {min_score:g}")
         else:
-            passed = False
+            verdict = Verdict.FAIL
             reasons.append(f"mean score {candidate_score:.3f} is below the minimum {min_score:g}")
+    detail["decision"] = verdict.value
+    mcnemar = overall.get("mcnemar")
     if mcnemar is not None:
         reasons.append(
             f"McNemar exact p = {mcnemar['p_value']:.3g} (right only for the baseline on {mcnemar['baseline_only']} "
@@ -236,5 +268,5 @@ def gate_decide(overall: dict[str, Any], *, max_drop: float | None, min_score: f
         )
     elif overall.get("wilcoxon_p_value") is not None:
         reasons.append(f"Wilcoxon signed-rank p = {overall['wilcoxon_p_value']:.3g} on {overall['n']} items")
-    verdict = "candidate passed" if passed else "candidate failed"
-    return GateDecision(passed, f"{verdict}: " + "; ".join(reasons), detail)
+    lead = {Verdict.PASS: "candidate passed", Verdict.FAIL: "candidate failed", Verdict.UNDECIDED: "undecided"}[verdict]
+    return GateDecision(verdict.value, f"{lead}: " + "; ".join(reasons), detail)

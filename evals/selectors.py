@@ -13,8 +13,8 @@ from django.db.models import Count, Q, QuerySet
 from config.errors import DomainError, NotFound
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
 from evals.paired import PairedItem, compare_paired
-from evals.scorers import SCORERS
-from experiments.stats import half_width
+from evals.scorers import FLIP_SUFFIX, SCORERS
+from experiments.stats.bounded import bounded_mean_bounds
 from serving.selectors import shadow_pairs
 
 # --- suites ---------------------------------------------------------------------------------------
@@ -112,7 +112,8 @@ def _nearest_rank(sorted_values: list[float], q: float) -> float | None:
 
 
 def eval_run_summary(*, run: EvalRun) -> dict[str, Any]:
-    """Per scorer: {n, mean, pass_rate, errors}; and items, failed items, latency p50/p95 (ms), tokens."""
+    """Per scorer: {n, mean, pass_rate, errors, judge_flip_rate (pairwise judges only)}; and items, failed
+    items, latency p50/p95 (ms), tokens."""
     rows = list(EvalResult.objects.filter(run=run).values_list("scores", "error", "latency_ms", "completion_tokens",
                                                                 "prompt_tokens"))
     scorers: dict[str, Any] = {}
@@ -121,6 +122,7 @@ def eval_run_summary(*, run: EvalRun) -> dict[str, Any]:
         cells = [scores.get(label) or {} for scores, *_ in rows]
         values = [c["value"] for c in cells if c.get("value") is not None]
         verdicts = [c["passed"] for c in cells if c.get("passed") is not None]
+        flips = [c["flipped"] for c in cells if isinstance(c.get("flipped"), bool)]
         scorers[label] = {
             "name": spec["name"],
             "n": len(values),
@@ -128,6 +130,9 @@ def eval_run_summary(*, run: EvalRun) -> dict[str, Any]:
             "pass_rate": sum(verdicts) / len(verdicts) if verdicts else None,
             "errors": sum(1 for c in cells if c.get("value") is None),
         }
+        if flips:
+            # A pairwise judge: how often its verdict changed with the answers swapped.
+            scorers[label]["judge_flip_rate"] = sum(flips) / len(flips)
     latencies = sorted(r[2] for r in rows if r[2] is not None)
     return {
         "items": len(rows),
@@ -165,12 +170,13 @@ def _run_ref(run: EvalRun) -> dict[str, Any]:
 def eval_runs_compare(
     *, baseline_run: EvalRun, candidate_run: EvalRun, scorer: str | None = None,
     baseline_scorer: str | None = None, candidate_scorer: str | None = None, alpha: float = 0.05, seed: int = 0,
-    resamples: int = 2000,
+    resamples: int = 2000, margin: float | None = None,
 ) -> dict[str, Any]:
     """The paired comparison of two runs of the same suite version on one scorer (its label), as JSON.
 
-    The scorer defaults to the first one both runs share. The structure is evals.paired.compare_paired's,
-    plus "suite", "scorer", "baseline" and "candidate" (run ids, model versions, lineage hashes)."""
+    The scorer defaults to the first one both runs share. The structure is evals.paired.compare_paired's
+    (with a non-inferiority test at `margin`, one-sided at alpha, when one is given), plus "suite",
+    "scorer", "baseline" and "candidate" (run ids, model versions, lineage hashes)."""
     if baseline_run.suite_id != candidate_run.suite_id:
         raise DomainError("the two runs are not on the same suite version", field="candidate")
     if not 0 < alpha < 1:
@@ -199,7 +205,7 @@ def eval_runs_compare(
                                 baseline_passed=b.get("passed"), candidate_passed=c.get("passed"),
                                 tags=tuple(tags or ())))
     comparison = compare_paired(items, binary=bool(SCORERS[spec["name"]].binary), alpha=alpha, seed=seed,
-                                resamples=resamples)
+                                resamples=resamples, margin=margin)
     suite = baseline_run.suite
     return {
         **comparison,
@@ -215,9 +221,13 @@ def eval_runs_compare(
 
 @dataclass(frozen=True)
 class EvalGateResult:
-    """status: "pending" | "passed" | "failed" | "error"; evidence: the comparison (see eval_runs_compare)
-    plus "decision" {max_drop, min_score, rule, drop, drop_low, drop_upper_bound, baseline_score,
-    candidate_score}, "status" and "reason"; {} while pending."""
+    """status: "pending" | "passed" | "failed" | "undecided" | "error"; evidence: the comparison (see
+    eval_runs_compare) plus "decision" {decision (pass/fail/undecided), max_drop, min_score, alpha, rule, n,
+    low, high (one-sided (1 - alpha) bounds of candidate - baseline), items_needed (undecided: how many
+    items would show non-inferiority of an equally good candidate), method, noninferiority, drop,
+    drop_low, drop_upper_bound (the same on the baseline - candidate scale), baseline_score,
+    candidate_score}, "status" and "reason"; {} while pending. "undecided": the suite is too small to show
+    non-inferiority at its margin; it is not a pass."""
 
     status: str
     reason: str
@@ -251,42 +261,68 @@ def eval_gate_get(*, rollout_id: int) -> EvalGate | None:
 
 @dataclass(frozen=True)
 class ShadowQuality:
-    """Mean score of the candidate's shadow answers against the baseline's (1 = the same), with an always-valid
-    (1 - alpha) interval: the analysis looks at it every interval, so a fixed-n interval would not do."""
+    """The mean score of the candidate's shadow answers, scored against the baseline's answers to the same
+    requests, with always-valid one-sided bounds at `alpha` (the analysis looks at it every interval, so a
+    fixed-n interval would not do; see experiments.stats.bounded). `reference` is what the baseline scores
+    against itself on this scorer: 1 for a reference-based scorer (1 = the same answer), 0.5 for a pairwise
+    judge (a tie), so a margin reads "at most max_drop below the baseline". `sd` is the scores' spread (for
+    how many more pairs a decision needs). `judge_flip_rate`: for a pairwise judge, the share of pairs whose
+    verdict changed when the two answers swapped places (None otherwise, or before any judged pair)."""
 
     n: int
     mean: float | None
     ci_low: float | None
     ci_high: float | None
     scorer: str
+    alpha: float = 0.05
+    reference: float = 1.0
+    sd: float | None = None
+    method: str = "empirical-bernstein-cs"
+    judge_flip_rate: float | None = None
 
 
 def shadow_scoring_get(*, rollout_id: int) -> ShadowScoring | None:
     return ShadowScoring.objects.filter(rollout_id=rollout_id).first()
 
 
-def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float = 0.05,
-                   tuning_n: float = 1000.0) -> ShadowQuality | None:
+def _scorer_reference(spec: dict[str, Any]) -> float:
+    pairwise = spec["name"] == "judge" and (spec.get("params") or {}).get("mode") == "pairwise"
+    return 0.5 if pairwise else 1.0
+
+
+def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float = 0.05) -> ShadowQuality | None:
     """None when the rollout has no shadow scoring; n = 0 (and no mean) until a pair is scored.
 
-    `scorer` is a label of the configured scorers (default: the first). The interval is the normal-mixture
-    confidence sequence of experiments.stats (tuned for `tuning_n` pairs), clipped to [0, 1]."""
+    `scorer` is a label of the configured scorers (default: the first). Scores are read in the order the
+    pairs were served, as the confidence sequence needs."""
     config = shadow_scoring_get(rollout_id=rollout_id)
     if config is None or not config.scorers:
         return None
+    specs = {spec["label"]: spec for spec in config.scorers}
     label = scorer or config.scorers[0]["label"]
+    if label not in specs:
+        raise DomainError(f"the rollout's shadow pairs are not scored with {label!r}", field="scorer")
+    reference = _scorer_reference(specs[label])
     values = []
-    for scores in shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).values_list("scores", flat=True):
+    flips = judged = 0
+    pairs = shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).order_by("created_at", "id")
+    for scores in pairs.values_list("scores", flat=True):
         value = (scores or {}).get(label)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            values.append(float(value))
+            values.append(min(1.0, max(0.0, float(value))))
+            flipped = (scores or {}).get(f"{label}{FLIP_SUFFIX}")
+            if isinstance(flipped, bool):
+                judged += 1
+                flips += flipped
+    flip_rate = flips / judged if judged else None
     if not values:
-        return ShadowQuality(n=0, mean=None, ci_low=None, ci_high=None, scorer=label)
-    n = len(values)
-    mean = float(np.mean(values))
-    variance = float(np.var(values, ddof=1)) / n if n > 1 else 0.0
-    width = half_width(variance=variance, n_total=n, alpha=alpha, tuning_n=tuning_n) if n > 1 else 1.0
-    return ShadowQuality(n=n, mean=mean, ci_low=max(0.0, mean - width), ci_high=min(1.0, mean + width), scorer=label)
+        return ShadowQuality(n=0, mean=None, ci_low=None, ci_high=None, scorer=label, alpha=alpha, reference=reference)
+    bounds = bounded_mean_bounds(values, alpha=alpha)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return ShadowQuality(
+        n=bounds.n, mean=bounds.mean, ci_low=bounds.lower, ci_high=bounds.upper, scorer=label, alpha=alpha,
+        reference=reference, sd=sd, judge_flip_rate=flip_rate,
+    )  # fmt: skip
 
 
 def shadow_pairs_unscored(*, rollout_id: int, labels: list[str]) -> QuerySet[Any]:

@@ -23,7 +23,7 @@ from config.errors import Conflict, DomainError, NotFound
 from evals import jsonl
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
 from evals.paired import gate_decide
-from evals.scorers import SCORERS, ScorerSpecError, scorer_spec_normalise, scorer_specs_normalise
+from evals.scorers import FLIP_SUFFIX, SCORERS, ScorerSpecError, scorer_spec_normalise, scorer_specs_normalise
 from serving.models import ModelVersion
 from serving.selectors import model_version_get
 
@@ -357,8 +357,10 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
 
     Keys: suite (a suite name; the latest version is used unless suite_version pins one), scorer (a name
     or {name, params, label}), max_drop (how much lower the candidate's score may be than the baseline's,
-    0..1, decided on the paired interval at alpha), min_score (the candidate's minimum mean score, 0..1),
-    alpha (default 0.05), concurrency (default 4), max_tokens (default 64). max_drop or min_score or both."""
+    0..1, a non-inferiority margin tested one-sided at alpha), min_score (the candidate's minimum mean
+    score, 0..1), alpha (the chance of passing a candidate worse by max_drop, 0.001..0.25, default 0.05;
+    a rollout passes its own share of the plan's alpha instead), concurrency (default 4), max_tokens
+    (default 64). max_drop or min_score or both."""
     if not isinstance(spec, dict):
         raise DomainError("the eval gate must be an object", field="eval_gate")
     unknown = sorted(set(spec) - GATE_KEYS)
@@ -391,7 +393,7 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
     min_score = _gate_fraction(spec, "min_score", low=0.0, high=1.0, default=None)
     if max_drop is None and min_score is None:
         raise DomainError("give max_drop, min_score or both", field="eval_gate.max_drop")
-    alpha = _gate_fraction(spec, "alpha", low=0.001, high=0.5, default=0.05)
+    alpha = _gate_fraction(spec, "alpha", low=0.001, high=0.25, default=0.05)
     return {
         "suite": suite_name,
         "suite_version": suite_version,
@@ -487,14 +489,16 @@ def eval_gate_decide(*, gate_id: int) -> str:
         labels = (_score_label(baseline_run, spec["scorer"]), _score_label(candidate_run, spec["scorer"]))
         comparison = eval_runs_compare(
             baseline_run=baseline_run, candidate_run=candidate_run, baseline_scorer=labels[0],
-            candidate_scorer=labels[1], alpha=spec["alpha"],
+            candidate_scorer=labels[1], alpha=spec["alpha"], margin=spec["max_drop"],
         )
         decision = gate_decide(comparison["overall"], max_drop=spec["max_drop"], min_score=spec["min_score"],
                                alpha=spec["alpha"])
         evidence = {**comparison, "decision": decision.detail}
-        if decision.passed is None:
+        if decision.verdict is None:
             return _gate_close(gate, EvalGate.Status.ERROR, decision.reason, evidence)
-        status = EvalGate.Status.PASSED if decision.passed else EvalGate.Status.FAILED
+        status = {"pass": EvalGate.Status.PASSED, "fail": EvalGate.Status.FAILED}.get(
+            decision.verdict, EvalGate.Status.UNDECIDED
+        )
         return _gate_close(gate, status, decision.reason, evidence)
 
 
@@ -584,7 +588,7 @@ def shadow_pairs_score(*, rollout_id: int, limit: int = 200) -> int:
             log.warning("shadow scoring of rollout %s waits: %s", rollout_id, exc)
             return 0
         for pair in pairs:
-            scores: dict[str, float | None] = {}
+            scores: dict[str, float | bool | None] = {}
             if pair.candidate_outcome != RequestRecord.Outcome.OK:
                 scores = {label: None for label in labels}
             else:
@@ -592,6 +596,9 @@ def shadow_pairs_score(*, rollout_id: int, limit: int = 200) -> int:
                 for label, scorer in scorers.items():
                     if label in (pair.scores or {}):
                         continue
-                    scores[label] = scorer(case).value
+                    score = scorer(case)
+                    scores[label] = score.value
+                    if score.flipped is not None:
+                        scores[f"{label}{FLIP_SUFFIX}"] = score.flipped
             shadow_pair_scores_set(pair=pair, scores=scores)
     return len(pairs)

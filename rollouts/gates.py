@@ -6,6 +6,7 @@ without this module changing: `evals.services.eval_gate_validate / eval_gate_sta
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from typing import Any
@@ -31,8 +32,15 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
     return dict(normalised) if normalised is not None else dict(spec)
 
 
-def eval_gate_start_safely(*, rollout_id: int, baseline: ModelVersion, candidate: ModelVersion, spec: dict[str, Any]) -> None:
-    """On commit of the transition into gating. A failure is logged: the analysis asks again."""
+def eval_gate_start_safely(
+    *, rollout_id: int, baseline: ModelVersion, candidate: ModelVersion, spec: dict[str, Any], alpha: float | None = None
+) -> None:
+    """On commit of the transition into gating. A failure is logged: the analysis asks again.
+
+    `alpha`: the gate's share of the rollout's alpha (the chance of passing a candidate worse than the
+    gate's max_drop); it replaces the spec's own alpha. The first start of a rollout's gate fixes it."""
+    if alpha is not None:
+        spec = {**spec, "alpha": alpha}
     start = _evals("services", "eval_gate_start")
     if start is None:
         logger.error("rollout %s: the evals app has no eval_gate_start", rollout_id)
@@ -54,19 +62,27 @@ def eval_gate_cancel_safely(*, rollout_id: int) -> None:
 
 
 def eval_gate_result(*, rollout_id: int) -> Any | None:
-    """The gate's EvalGateResult (status pending/passed/failed/error, reason, evidence) or None."""
+    """The gate's EvalGateResult (status pending/passed/failed/error, reason, evidence) or None.
+
+    An undecided gate (a suite too small to show non-inferiority at its margin: its reason says how many
+    items it would need) is not a pass, and no more data will come: the rollout reads it as failed. The
+    evidence keeps evidence["decision"]["decision"] == "undecided" for the pages."""
     result = _evals("selectors", "eval_gate_result")
-    return result(rollout_id=rollout_id) if result is not None else None
+    found = result(rollout_id=rollout_id) if result is not None else None
+    if found is not None and found.status == "undecided":
+        return dataclasses.replace(found, status="failed")
+    return found
 
 
 def shadow_quality_available() -> bool:
     return _evals("selectors", "shadow_quality") is not None
 
 
-def shadow_quality(*, rollout_id: int) -> Any | None:
-    """ShadowQuality (n, mean, ci_low, ci_high, scorer) of the rollout's scored shadow pairs, or None."""
+def shadow_quality(*, rollout_id: int, alpha: float) -> Any | None:
+    """ShadowQuality of the rollout's scored shadow pairs (see evals.selectors.shadow_quality), with
+    always-valid one-sided bounds at `alpha` (the quality check's share of the rollout's alpha), or None."""
     quality = _evals("selectors", "shadow_quality")
-    return quality(rollout_id=rollout_id) if quality is not None else None
+    return quality(rollout_id=rollout_id, alpha=alpha) if quality is not None else None
 
 
 def shadow_scorer_normalise(*, spec: Any) -> dict[str, Any]:

@@ -225,8 +225,9 @@ def gateway_key_revoke(*, key: GatewayKey) -> None:
     route_generation_bump()
 
 
-def shadow_pair_scores_set(*, pair: ShadowPair, scores: dict[str, float | None]) -> None:
-    """Scores of a shadow pair, by scorer name (written by the evals app's shadow scoring)."""
+def shadow_pair_scores_set(*, pair: ShadowPair, scores: dict[str, float | bool | None]) -> None:
+    """Scores of a shadow pair, by scorer label (written by the evals app's shadow scoring; a pairwise
+    judge also writes "<label>#flipped")."""
     with transaction.atomic():
         locked = ShadowPair.objects.select_for_update().get(pk=pair.pk)
         locked.scores = {**locked.scores, **scores}

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Score, ScoreInput, Scorer, ScorerSpecError
-from .judge import Judge, JudgeCall, UnparseableVerdict, parse_pairwise_verdict, parse_rubric_verdict
+from .judge import (
+    FLIP_SUFFIX,
+    Judge,
+    JudgeCall,
+    UnparseableVerdict,
+    parse_pairwise_verdict,
+    parse_rubric_verdict,
+)
 from .similarity import Similarity, encoder_for
 from .structured import JsonSchema, JsonValid
 from .text import Contains, ExactMatch, Numeric, Regex
@@ -73,6 +80,7 @@ def scorer_build(spec: Mapping[str, Any]) -> Scorer:
 
 
 __all__ = [
+    "FLIP_SUFFIX",
     "SCORERS",
     "Contains",
     "ExactMatch",

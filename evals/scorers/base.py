@@ -31,6 +31,8 @@ class Score:
     passed: bool | None
     error: str = ""
     detail: str = ""
+    # A pairwise judge asked twice, the answers swapped: whether its two verdicts disagreed (position bias).
+    flipped: bool | None = None
 
     def __post_init__(self) -> None:
         if self.value is not None and not math.isfinite(self.value):
@@ -52,6 +54,8 @@ class Score:
             body["error"] = self.error
         if self.detail:
             body["detail"] = self.detail[:ERROR_MAX_CHARS]
+        if self.flipped is not None:
+            body["flipped"] = self.flipped
         return body
 
 

@@ -96,12 +96,20 @@ def _snippet(text: str) -> str:
     return flat[:SNIPPET_CHARS] + ("…" if len(flat) > SNIPPET_CHARS else "")
 
 
+# Where a judge's flip is stored beside its score on a shadow pair: "<label>#flipped" ('#' is never in a label).
+FLIP_SUFFIX = "#flipped"
+
+
 class Judge(Scorer):
     """A judge model grades the output on a rubric (1..scale, scaled to [0, 1]), or compares it with the
     reference answer (pairwise: the output wins 1, ties 0.5, loses 0).
 
-    In pairwise mode the reference is shown as answer A and the output as answer B; on shadow pairs the
-    reference is the baseline's answer, so the score reads "how often the candidate is preferred"."""
+    Pairwise, the judge is asked twice, once with the reference as answer A and the output as B and once
+    swapped, and the score is the mean of the two readings: a judge that prefers whichever answer comes
+    first (LLM judges often do; Zheng et al., "Judging LLM-as-a-judge with MT-Bench", 2023) then scores
+    0.5, not a win. `Score.flipped` says whether the two readings disagreed; the run's summary and the
+    shadow-quality check report how often. On shadow pairs the reference is the baseline's answer, so the
+    score reads "how often the candidate is preferred" and 0.5 means "as good as the baseline"."""
 
     name = "judge"
     binary = False
@@ -149,7 +157,8 @@ class Judge(Scorer):
         return Judge(judge_model=self.judge_model, mode=self.mode, rubric=self.rubric, scale=self.scale,
                      pass_threshold=self.pass_threshold, max_tokens=self.max_tokens, call=call)
 
-    def messages(self, case: ScoreInput) -> list[dict[str, str]]:
+    def messages(self, case: ScoreInput, *, swapped: bool = False) -> list[dict[str, str]]:
+        """The judge's prompt; pairwise, `swapped` shows the output as answer A and the reference as B."""
         if self.mode == "rubric":
             reference = f"\nReference answer:\n{case.reference}\n" if case.reference else ""
             body = (
@@ -157,8 +166,9 @@ class Judge(Scorer):
                 f'Reply with JSON only: {{"score": <integer from 1 to {self.scale}>, "reason": "<one sentence>"}}'
             )
         else:
+            first, second = (case.output, case.reference) if swapped else (case.reference, case.output)
             body = (
-                f"{self.rubric}\n\nQuestion:\n{case.prompt}\n\nAnswer A:\n{case.reference}\n\nAnswer B:\n{case.output}\n\n"
+                f"{self.rubric}\n\nQuestion:\n{case.prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
                 'Which answer is better? Reply with JSON only: {"winner": "A" | "B" | "tie", "reason": "<one sentence>"}'
             )
         return [
@@ -166,23 +176,37 @@ class Judge(Scorer):
             {"role": "user", "content": body},
         ]
 
-    def read_verdict(self, text: str) -> Score:
-        """The score a judge's reply gives; an unreadable reply is this item's scorer error."""
+    def read_verdict(self, text: str, *, swapped: bool = False) -> Score:
+        """The score a judge's reply gives the output; an unreadable reply is this item's scorer error."""
         try:
             if self.mode == "rubric":
                 raw = parse_rubric_verdict(text, scale=self.scale)
                 value = (raw - 1.0) / (self.scale - 1.0)
             else:
-                value = {"B": 1.0, "tie": 0.5, "A": 0.0}[parse_pairwise_verdict(text)]
+                output_is = "A" if swapped else "B"
+                winner = parse_pairwise_verdict(text)
+                value = 0.5 if winner == "tie" else (1.0 if winner == output_is else 0.0)
         except UnparseableVerdict as exc:
             return Score.failure(f"unparseable judge verdict ({exc}): {_snippet(text)!r}")
         return Score(value=value, passed=value >= self.pass_threshold, detail=_snippet(text))
 
+    def _ask(self, case: ScoreInput, *, swapped: bool = False) -> Score:
+        assert self.call is not None
+        try:
+            reply = self.call(self.messages(case, swapped=swapped), self.max_tokens)
+        except Exception as exc:
+            return Score.failure(f"judge request failed: {type(exc).__name__}: {exc}")
+        return self.read_verdict(reply, swapped=swapped)
+
     def score(self, case: ScoreInput) -> Score:
         if self.call is None:
             return Score.failure("no judge engine is bound to this scorer")
-        try:
-            reply = self.call(self.messages(case), self.max_tokens)
-        except Exception as exc:
-            return Score.failure(f"judge request failed: {type(exc).__name__}: {exc}")
-        return self.read_verdict(reply)
+        first = self._ask(case)
+        if self.mode == "rubric" or first.value is None:
+            return first
+        second = self._ask(case, swapped=True)
+        if second.value is None:
+            return Score.failure(f"with the answers swapped: {second.error}")
+        value = (first.value + second.value) / 2.0
+        detail = f"reference first: {first.detail} | output first: {second.detail}"
+        return Score(value=value, passed=value >= self.pass_threshold, detail=detail, flipped=first.value != second.value)

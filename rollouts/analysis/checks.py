@@ -20,6 +20,7 @@ from experiments.stats import (
     step_tuning_n,
     tail_slo_check,
 )
+from experiments.stats.bounded import bounded_mean_n_needed
 from rollouts import gates
 from rollouts.analysis.look import MIN_SRM_N, MIN_TAIL_N, D, Look, num
 from rollouts.models import Rollout
@@ -162,26 +163,46 @@ def _primary_check(plan: Plan, base: ArmSums, cand: ArmSums, prices: dict[str, t
     }  # fmt: skip
 
 
-def _quality_check(plan: Plan, rollout_id: int) -> dict[str, Any]:
-    assert plan.shadow_quality is not None
-    floor = plan.shadow_quality.min_mean
-    out: dict[str, Any] = {"type": "quality", "name": f"shadow quality >= {floor:g}", "limit": floor}
+def _quality_check(plan: Plan, rollout_id: int, alpha: float) -> dict[str, Any]:
+    """Shadow quality at this check's share `alpha` of the rollout's alpha: the candidate's mean score
+    against the baseline's answers, with always-valid one-sided bounds (each at alpha), against a floor:
+    `min_mean`, or the baseline's own score on the scorer (1, or 0.5 for a pairwise judge) less `max_drop`.
+    Breach when the upper bound is under the floor, safe when the lower bound is at or over it. The bounds
+    never have zero width, so there is no minimum count: a handful of pairs is simply undecided, with an
+    estimate of how many more a decision needs."""
+    config = plan.shadow_quality
+    assert config is not None
+    out: dict[str, Any] = {"type": "quality", "name": config.label, "alpha": alpha, "margin": config.max_drop}
     try:
-        quality = gates.shadow_quality(rollout_id=rollout_id)
+        quality = gates.shadow_quality(rollout_id=rollout_id, alpha=alpha)
     except Exception:
         logger.exception("rollout %s: shadow quality unavailable", rollout_id)
         quality = None
-    if quality is None or getattr(quality, "n", 0) < MIN_TAIL_N:
-        return {**out, "decision": Decision.UNDECIDED.value, "reason": "not enough scored shadow pairs yet"}
+    if quality is None:
+        return {**out, "decision": Decision.UNDECIDED.value, "n": 0, "reason": "shadow quality is not available"}
+    floor = config.min_mean if config.max_drop is None else quality.reference - config.max_drop
+    out.update(limit=num(floor), reference=num(quality.reference), scorer=quality.scorer, n=quality.n,
+               method=quality.method, judge_flip_rate=num(quality.judge_flip_rate))
+    if not quality.n:
+        return {**out, "decision": Decision.UNDECIDED.value, "reason": "no scored shadow pair yet"}
     decision = Decision.UNDECIDED
     if quality.ci_high < floor:
         decision = Decision.BREACH
     elif quality.ci_low >= floor:
         decision = Decision.SAFE
-    return {
-        **out, "decision": decision.value, "estimate": num(quality.mean), "low": num(quality.ci_low),
-        "high": num(quality.ci_high), "n": quality.n, "scorer": getattr(quality, "scorer", ""),
-    }  # fmt: skip
+    out.update(decision=decision.value, estimate=num(quality.mean), low=num(quality.ci_low), high=num(quality.ci_high))
+    if decision is Decision.UNDECIDED:
+        # The side to clear is the one nearer the floor; the sequence must narrow to the gap between the
+        # mean and the floor.
+        total = bounded_mean_n_needed(mean=quality.mean, sd=quality.sd or 0.0, gap=abs(quality.mean - floor),
+                                      alpha=alpha)  # fmt: skip
+        out["pairs_needed"] = None if total is None else max(0, total - quality.n)
+        out["reason"] = (
+            f"{quality.n} scored pairs cannot tell yet"
+            + (f"; about {out['pairs_needed']} more would, if the scores keep their mean and spread"
+               if total is not None else "; the mean sits on the floor")
+        )  # fmt: skip
+    return out
 
 
 def arm_prices(rollout: Rollout) -> dict[str, tuple[float, float]]:
@@ -232,7 +253,7 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     look.checks = [_slo_check(plan, slo, cand, prices["candidate"], alpha, tuning_n) for slo in plan.slos]
     look.checks += [_guardrail_check(g, base, cand, prices, alpha, tuning_n, shadow_step) for g in plan.guardrails]
     if plan.shadow_quality is not None:
-        look.checks.append(_quality_check(plan, rollout.pk))
+        look.checks.append(_quality_check(plan, rollout.pk, alpha))
     if plan.strategy == "ab" and plan.primary_metric is not None:
         look.checks.append(_primary_check(plan, base, cand, prices, tuning_n))
     weight = float(step["weight"])

@@ -91,11 +91,29 @@ class PrimaryMetric:
 
 @dataclass(frozen=True)
 class ShadowQuality:
-    """Shadow-pair quality (scored by the evals app): the candidate's mean score must reach `min_mean`."""
+    """Shadow-pair quality (scored by the evals app against the baseline's answers to the same requests):
+    either an absolute floor `min_mean` for the candidate's mean score, or a non-inferiority margin
+    `max_drop` below what the baseline scores against itself (1 for a reference-based scorer, 0.5 for a
+    pairwise judge: a tie). Exactly one of the two."""
 
-    min_mean: float
+    min_mean: float | None = None
     # A scorer name or {name, params, label} (the evals app's scorer spec); normalised by plan_validate.
     scorer: Any = "exact_match"
+    max_drop: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.max_drop is not None:
+            return f"shadow quality within {self.max_drop:g} of the baseline"
+        return f"shadow quality >= {self.min_mean:g}"
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"scorer": self.scorer}
+        if self.max_drop is not None:
+            body["max_drop"] = self.max_drop
+        else:
+            body["min_mean"] = self.min_mean
+        return body
 
 
 @dataclass(frozen=True)
@@ -129,7 +147,7 @@ class Plan:
         if self.shadow_rate or self.shadow_quality:
             shadow = {"rate": self.shadow_rate}
             if self.shadow_quality is not None:
-                shadow["quality"] = asdict(self.shadow_quality)
+                shadow["quality"] = self.shadow_quality.as_dict()
         return {
             "name": self.name,
             "description": self.description,

@@ -145,15 +145,24 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         shadow_rate = _fraction(errors, "shadow.rate", shadow_raw["rate"], allow_zero=True) or 0.0
     shadow_quality = None
     if shadow_raw.get("quality") is not None:
-        quality_raw = _mapping(errors, "shadow.quality", shadow_raw["quality"], {"min_mean", "scorer"})
-        min_mean = _number(quality_raw.get("min_mean"))
+        quality_raw = _mapping(errors, "shadow.quality", shadow_raw["quality"], {"min_mean", "max_drop", "scorer"})
+        given = {key: quality_raw[key] for key in ("min_mean", "max_drop") if quality_raw.get(key) is not None}
         scorer = quality_raw.get("scorer", "exact_match")
-        if min_mean is None or not 0 <= min_mean <= 1:
-            errors.add("shadow.quality.min_mean", "required: the lowest acceptable mean score, 0 to 1")
+        if len(given) != 1:
+            errors.add(
+                "shadow.quality.min_mean" if not given else "shadow.quality.max_drop",
+                "give one of min_mean (the lowest acceptable mean score) or max_drop (how far below the "
+                "baseline's own score the candidate's may be), 0 to 1",
+            )
         elif not isinstance(scorer, str | dict) or not scorer:
             errors.add("shadow.quality.scorer", "must be a scorer name or {name, params, label}")
         else:
-            shadow_quality = ShadowQuality(min_mean=min_mean, scorer=scorer)
+            key, raw = next(iter(given.items()))
+            value = _number(raw)
+            if value is None or not 0 <= value <= 1:
+                errors.add(f"shadow.quality.{key}", "must be a number from 0 to 1")
+            else:
+                shadow_quality = ShadowQuality(scorer=scorer, **{key: value})
 
     slos: list[Slo] = []
     raw_slos = data.get("slos") or []

@@ -85,7 +85,7 @@ def _gate_view(rollout: Rollout) -> dict[str, Any] | None:
     status = result.status if result is not None else "not started"
     return {
         "spec": spec, "status": status,
-        "badge": {"passed": "green", "failed": "red", "error": "red", "pending": "amber"}.get(status, "grey"),
+        "badge": {"passed": "green", "failed": "red", "undecided": "red", "error": "red", "pending": "amber"}.get(status, "grey"),
         "reason": result.reason if result is not None else "The gate runs when the rollout starts.",
         "overall": evidence.get("overall"), "per_tag": evidence.get("per_tag") or [], "runs": runs,
         "decision": evidence.get("decision") or {},
@@ -224,9 +224,7 @@ def _chart_specs(rollout: Rollout) -> dict[str, Any]:
     checks = [{"name": slo.label, "type": "slo", "metric": slo.metric} for slo in plan.slos]
     checks += [{"name": g.label, "type": "guardrail", "metric": g.metric} for g in plan.guardrails]
     if plan.shadow_quality is not None:
-        checks.append(
-            {"name": f"shadow quality >= {plan.shadow_quality.min_mean:g}", "type": "quality", "metric": ""}
-        )
+        checks.append({"name": plan.shadow_quality.label, "type": "quality", "metric": ""})
     if plan.strategy == "ab" and plan.primary_metric is not None:
         checks.append(
             {

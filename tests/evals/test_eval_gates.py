@@ -73,7 +73,7 @@ def test_a_worse_candidate_fails_with_mcnemar_evidence(adder_suite, versions, fi
     assert eval_runs_sweep()["gates"] == 1
     result = eval_gate_result(rollout_id=1)
     assert result is not None and result.status == "failed"
-    assert result.reason.startswith("candidate failed: may be worse than the baseline by more than 0.05")
+    assert result.reason.startswith("candidate failed: worse than the baseline by more than 0.05")
     evidence = result.evidence
     assert json.loads(json.dumps(evidence)) == evidence
     carries = adder_suite.tags["carry"]
@@ -82,8 +82,10 @@ def test_a_worse_candidate_fails_with_mcnemar_evidence(adder_suite, versions, fi
     assert evidence["overall"]["mcnemar"]["p_value"] < 1e-20
     by_tag = {row["tag"]: row for row in evidence["per_tag"]}
     assert by_tag["carry"]["candidate_mean"] == 0.0 and by_tag["no-carry"]["difference"] == 0.0
-    assert evidence["decision"]["max_drop"] == 0.05
-    assert evidence["decision"]["drop_upper_bound"] > 0.4
+    decision = evidence["decision"]
+    assert decision["max_drop"] == 0.05 and decision["decision"] == "fail" and decision["alpha"] == 0.05
+    assert decision["high"] < -0.4 and decision["drop_upper_bound"] > 0.4 and decision["n"] == 200
+    assert decision["method"] == "tango-score+exact-unconditional" and decision["items_needed"] is None
     assert evidence["baseline"]["run_id"] == baseline.pk and evidence["suite"]["name"] == "adder-heldout"
 
 
@@ -100,6 +102,28 @@ def test_an_equal_candidate_passes_and_start_is_idempotent(adder_suite, versions
     result = eval_gate_result(rollout_id=2)
     assert result is not None and result.status == "passed"
     assert "McNemar exact p = 1" in result.reason
+    assert result.evidence["decision"]["low"] > -0.05
+
+
+def test_a_suite_too_small_for_its_margin_is_undecided_not_passed(versions, finished_run) -> None:  # type: ignore[no-untyped-def]
+    from evals.services import eval_gate_decide, eval_suite_create
+
+    lines = "".join(f'{{"id": "s{i}", "prompt": "{i}+1=", "reference": "{i + 1}"}}\n' for i in range(5))
+    small = eval_suite_create(name="five-sums", jsonl_data=lines)
+    finished_run(suite=small, version=versions["adder-v1"], answer=_right)
+    finished_run(suite=small, version=versions["adder-v2"], answer=_right)
+    spec = {"suite": "five-sums", "scorer": "exact_match", "max_drop": 0.02}
+    eval_gate_start(rollout_id=7, baseline=versions["adder-v1"], candidate=versions["adder-v2"], spec=spec)
+    eval_gate_decide(gate_id=EvalGate.objects.get(rollout_id=7).pk)
+    result = eval_gate_result(rollout_id=7)
+    assert result is not None and result.status == "undecided"
+    assert result.reason.startswith("undecided: 5 items cannot show the candidate is within 0.02 of the baseline")
+    assert "about 133 items would show it" in result.reason
+    assert result.evidence["decision"]["items_needed"] == 133 and result.evidence["decision"]["low"] < -0.3
+    # The rollout reads an undecided gate as not passed.
+    from rollouts import gates
+
+    assert gates.eval_gate_result(rollout_id=7).status == "failed"
 
 
 def test_min_score_alone(adder_suite, versions, finished_run) -> None:  # type: ignore[no-untyped-def]

@@ -80,20 +80,38 @@ def test_rubric_scores_are_scaled_to_zero_one_and_pass_at_the_threshold() -> Non
     assert judge.read_verdict('{"score": 3}').passed is False
 
 
-def test_pairwise_prefers_the_output_when_the_judge_picks_b() -> None:
+def test_pairwise_asks_both_orders_and_prefers_the_output_when_the_judge_picks_it_both_times() -> None:
     seen: list[list[dict[str, str]]] = []
 
     def call(messages: list[dict[str, str]], max_tokens: int) -> str:
         seen.append(messages)
-        return '{"winner": "B"}'
+        # A judge that recognises the right sum wherever it is shown.
+        prompt = messages[-1]["content"]
+        return '{"winner": "B"}' if "Answer B:\n85" in prompt else '{"winner": "A"}'
 
     judge = Judge(judge_model="j", mode="pairwise").bind(call)
     score = judge(ScoreInput(output="85", reference="84", prompt="37+48="))
-    assert score.value == 1.0
-    prompt = seen[0][-1]["content"]
-    assert "Answer A:\n84" in prompt and "Answer B:\n85" in prompt
+    assert score.value == 1.0 and score.flipped is False and score.as_dict()["flipped"] is False
+    assert len(seen) == 2
+    assert "Answer A:\n84" in seen[0][-1]["content"] and "Answer B:\n85" in seen[0][-1]["content"]
+    assert "Answer A:\n85" in seen[1][-1]["content"] and "Answer B:\n84" in seen[1][-1]["content"]
     assert judge.read_verdict("tie").value == 0.5
     assert judge.read_verdict("A").value == 0.0
+    assert judge.read_verdict("A", swapped=True).value == 1.0
+
+
+def test_a_judge_that_always_picks_the_first_answer_scores_a_tie_and_flips() -> None:
+    judge = Judge(judge_model="j", mode="pairwise").bind(lambda messages, max_tokens: "Verdict: [[A]]")
+    score = judge(ScoreInput(output="85", reference="84", prompt="37+48="))
+    assert score.value == 0.5 and score.flipped is True
+    assert "reference first" in score.detail and "output first" in score.detail
+
+
+def test_an_unreadable_second_verdict_is_the_items_error() -> None:
+    replies = iter(['{"winner": "B"}', "no idea"])
+    judge = Judge(judge_model="j", mode="pairwise").bind(lambda messages, max_tokens: next(replies))
+    score = judge(ScoreInput(output="85", reference="84", prompt="37+48="))
+    assert score.value is None and score.error.startswith("with the answers swapped: unparseable judge verdict")
 
 
 def test_a_judge_that_cannot_be_reached_is_the_items_error() -> None:

@@ -10,15 +10,8 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 
-from evals.paired import (
-    PairedItem,
-    accuracy_difference_interval,
-    compare_paired,
-    gate_decide,
-    mcnemar_counts,
-    paired_bootstrap_interval,
-    wilcoxon_p_value,
-)
+from evals.noninferiority import DiscordantCounts, bootstrap_t_bounds, tango_bounds
+from evals.paired import PairedItem, compare_paired, gate_decide, mcnemar_counts, wilcoxon_p_value
 
 # 40 items: 20 right on both, 12 right only for the baseline, 3 only for the candidate, 5 on neither.
 BASELINE = [True] * 20 + [True] * 12 + [False] * 3 + [False] * 5
@@ -34,35 +27,37 @@ def test_mcnemar_counts_and_exact_p_value_equal_statsmodels() -> None:
     assert counts.p_value == pytest.approx(stats.binomtest(3, 15, 0.5).pvalue, rel=1e-12)
 
 
-def test_no_discordant_items_means_no_evidence_of_a_difference() -> None:
+def test_no_discordant_items_is_no_difference_but_not_a_zero_width_interval() -> None:
     counts = mcnemar_counts([True, False, True], [True, False, True])
     assert counts.p_value == 1.0
-    assert accuracy_difference_interval(counts, alpha=0.05) == (0.0, 0.0, 0.0)
+    row = compare_paired([PairedItem(key=str(i), baseline=v, candidate=v) for i, v in enumerate([1.0, 0.0, 1.0])],
+                         binary=True)["overall"]
+    assert row["difference"] == 0.0 and row["ci_low"] < -0.5 and row["ci_high"] > 0.5
 
 
-def test_accuracy_interval_is_clopper_pearson_on_the_discordant_items() -> None:
-    counts = mcnemar_counts(BASELINE, CANDIDATE)
-    difference, low, high = accuracy_difference_interval(counts, alpha=0.05)
-    assert difference == pytest.approx((3 - 12) / 40)
-    pi = stats.binomtest(3, 15).proportion_ci(confidence_level=0.95, method="exact")
-    assert low == pytest.approx(15 * (2 * pi.low - 1) / 40)
-    assert high == pytest.approx(15 * (2 * pi.high - 1) / 40)
-    assert low < difference < high < 0
+def test_accuracy_interval_is_tangos_score_interval() -> None:
+    row = compare_paired(_items(), binary=True, alpha=0.05)["overall"]
+    assert row["interval_method"] == "tango-score"
+    low, high = tango_bounds(DiscordantCounts(n=40, candidate_only=3, baseline_only=12), alpha=0.025)
+    assert row["difference"] == pytest.approx((3 - 12) / 40)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert low < row["difference"] < high < 0
 
 
-def test_paired_bootstrap_is_seeded_and_matches_scipy_bootstrap_closely() -> None:
+def test_paired_bootstrap_t_is_seeded_and_close_to_scipy_on_smooth_data() -> None:
     rng = np.random.default_rng(7)
     baseline = rng.uniform(0.4, 1.0, size=120)
     candidate = np.clip(baseline - rng.normal(0.05, 0.1, size=120), 0, 1)
-    first = paired_bootstrap_interval(baseline, candidate, alpha=0.05, resamples=4000, seed=3)
-    assert first == paired_bootstrap_interval(baseline, candidate, alpha=0.05, resamples=4000, seed=3)
-    assert first[0] == pytest.approx(float(np.mean(candidate - baseline)))
-    reference = stats.bootstrap((candidate - baseline,), np.mean, n_resamples=4000, method="percentile",
-                                confidence_level=0.95, random_state=3)
-    # Different random streams: equal to within the bootstrap's own noise (a small fraction of the width).
+    diffs = candidate - baseline
+    first = bootstrap_t_bounds(diffs, alpha=0.025, resamples=4000, seed=3)
+    assert first == bootstrap_t_bounds(diffs, alpha=0.025, resamples=4000, seed=3)
+    # scipy has no studentised bootstrap; on smooth, nearly symmetric data BCa lands on the same interval
+    # to within the bootstrap's own noise.
+    reference = stats.bootstrap((diffs,), np.mean, n_resamples=4000, method="BCa", confidence_level=0.95,
+                                random_state=3)
     width = reference.confidence_interval.high - reference.confidence_interval.low
-    assert first[1] == pytest.approx(reference.confidence_interval.low, abs=0.1 * width)
-    assert first[2] == pytest.approx(reference.confidence_interval.high, abs=0.1 * width)
+    assert first[0] == pytest.approx(reference.confidence_interval.low, abs=0.1 * width)
+    assert first[1] == pytest.approx(reference.confidence_interval.high, abs=0.1 * width)
 
 
 def test_wilcoxon_p_value_equals_scipy() -> None:
@@ -105,25 +100,36 @@ def test_graded_comparison_uses_the_bootstrap() -> None:
     items = [PairedItem(key=str(i), baseline=r.random(), candidate=r.random()) for i in range(50)]
     result = compare_paired(items, binary=False, seed=5)
     assert result["kind"] == "graded"
-    assert result["overall"]["interval_method"] == "paired-bootstrap"
+    assert result["overall"]["interval_method"] == "bootstrap-t"
     assert result["overall"]["bootstrap"] == {"resamples": 2000, "seed": 5}
     assert result["overall"]["ci_low"] <= result["overall"]["difference"] <= result["overall"]["ci_high"]
 
 
 def test_gate_passes_only_when_non_inferiority_is_shown() -> None:
-    worse = compare_paired(_items(), binary=True)["overall"]
+    worse = compare_paired(_items(), binary=True, margin=0.05)["overall"]
     failed = gate_decide(worse, max_drop=0.05, min_score=None, alpha=0.05)
-    assert failed.passed is False
+    assert failed.passed is False and failed.verdict == "fail"
     assert "McNemar exact p" in failed.reason
-    assert failed.detail["drop_upper_bound"] == pytest.approx(-worse["ci_low"])
-    # Same answers on both sides: shown not worse by more than any margin, even zero.
-    same = compare_paired([PairedItem(key=str(i), baseline=1.0, candidate=1.0) for i in range(30)], binary=True)
-    assert gate_decide(same["overall"], max_drop=0.0, min_score=None, alpha=0.05).passed is True
-    # A drop that is probably small but not shown to be under the margin fails: no data will come to wait for.
-    close = [PairedItem(key=str(i), baseline=1.0, candidate=0.0 if i < 2 else 1.0) for i in range(30)]
-    decided = gate_decide(compare_paired(close, binary=True)["overall"], max_drop=0.05, min_score=None, alpha=0.05)
-    assert decided.passed is False
-    assert gate_decide(same["overall"], max_drop=None, min_score=0.9, alpha=0.05).passed is True
+    assert failed.detail["drop_upper_bound"] == pytest.approx(-worse["noninferiority"]["low"])
+    assert failed.detail["high"] < -0.05
+    # Thirty identical answers show nothing at a margin of 0.05: undecided, with the suite size it would take.
+    same = [PairedItem(key=str(i), baseline=1.0, candidate=1.0) for i in range(30)]
+    undecided = gate_decide(compare_paired(same, binary=True, margin=0.05)["overall"], max_drop=0.05, min_score=None,
+                            alpha=0.05)
+    assert undecided.verdict == "undecided" and undecided.passed is False
+    assert undecided.detail["items_needed"] == 52  # z^2 (1 - m) / m = 51.4 with no disagreement at all
+    assert "about 52 items would show it" in undecided.reason
+    # ... and two hundred of them do.
+    many = [PairedItem(key=str(i), baseline=1.0, candidate=1.0) for i in range(200)]
+    assert gate_decide(compare_paired(many, binary=True, margin=0.05)["overall"], max_drop=0.05, min_score=None,
+                       alpha=0.05).passed is True
+    # A margin of 0 can never be shown.
+    zero = gate_decide(compare_paired(many, binary=True, margin=0.0)["overall"], max_drop=0.0, min_score=None,
+                       alpha=0.05)
+    assert zero.verdict == "undecided"
+    assert gate_decide(compare_paired(same, binary=True)["overall"], max_drop=None, min_score=0.9, alpha=0.05).passed
     below = gate_decide(worse, max_drop=None, min_score=0.9, alpha=0.05)
     assert below.passed is False and "below the minimum" in below.reason
     assert gate_decide({"n": 0}, max_drop=0.1, min_score=None, alpha=0.05).passed is None
+    with pytest.raises(ValueError, match="no non-inferiority test"):
+        gate_decide(compare_paired(same, binary=True)["overall"], max_drop=0.05, min_score=None, alpha=0.05)

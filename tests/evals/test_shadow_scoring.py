@@ -56,3 +56,20 @@ def test_stopped_scoring_scores_nothing_more(db: None) -> None:
     pair(1, "85", "85")
     assert score_shadow_pairs() == 0
     assert ShadowPair.objects.get(request_id="r7-1").scores == {}
+
+
+def test_quality_bounds_never_collapse_and_judge_flips_are_counted(versions) -> None:  # type: ignore[no-untyped-def]
+    judge = {"name": "judge", "params": {"judge_model": "adder-v1", "mode": "pairwise"}}
+    shadow_scoring_configure(rollout_id=9, scorers=[judge])
+    for n in range(10):
+        made = pair(n, "85", "84", rollout_id=9)
+        # As shadow scoring writes a pairwise judge's verdict: the score and whether it flipped.
+        made.scores = {"judge": 0.0 if n < 8 else 0.5, "judge#flipped": n >= 8}
+        made.save(update_fields=["scores"])
+    quality = shadow_quality(rollout_id=9, alpha=0.01)
+    assert quality is not None and quality.n == 10 and quality.reference == 0.5 and quality.alpha == 0.01
+    assert quality.mean == pytest.approx(0.1)
+    assert quality.ci_high is not None and quality.ci_high > 0.5  # ten pairs prove little, whatever they say
+    assert quality.judge_flip_rate == pytest.approx(0.2)
+    with pytest.raises(DomainError):
+        shadow_quality(rollout_id=9, scorer="nope")
