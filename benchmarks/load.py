@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.http1 import Http1Connection  # noqa: E402
+from config.queues import all_queues  # noqa: E402
 
 if TYPE_CHECKING:
     from rollouts.models import Rollout
@@ -327,7 +328,8 @@ def main() -> int:
                 "Application startup complete"))
             worker = stack.enter_context(child(
                 [str(VENV_BIN / "celery"), "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "1",
-                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"load-{port}@%h"],
+                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"load-{port}@%h",
+                 "-Q", ",".join(all_queues())],
                 tmp / "worker.log", env, "ready."))
             beat = stack.enter_context(child(
                 [str(VENV_BIN / "celery"), "-A", "config", "beat", "--loglevel", "INFO", "-s", str(tmp / "beat-schedule")],

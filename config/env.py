@@ -7,11 +7,13 @@ given as `NAME_FILE`, a path whose contents are the value (Docker and Kubernetes
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
@@ -203,3 +205,9 @@ def check_broker_url(name: str, raw: str) -> str:
     if scheme not in _BROKER_SCHEMES:
         raise EnvError(f"{name}: expected a redis://, amqp:// or filesystem:// URL, got {raw!r}")
     return raw
+
+
+def database_fingerprint(database: dict[str, Any]) -> str:
+    """A short name for a database (engine, host, port, name): files kept per database are named by it."""
+    parts = [str(database.get(k) or "") for k in ("ENGINE", "HOST", "PORT", "NAME")]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]

@@ -9,7 +9,6 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from kombu import Connection
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 BROKER_TIMEOUT_S = 2.0
 
@@ -62,4 +61,7 @@ def readyz(request: HttpRequest) -> HttpResponse:
 @require_GET
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    from config.metrics import metrics_exposition
+
+    body, content_type = metrics_exposition()
+    return HttpResponse(body, content_type=content_type)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from config import queues
 from config.env import (
     DatabaseUrl,
     EnvError,
     check_broker_url,
+    database_fingerprint,
     env_bool,
     env_cpus,
     env_float,
@@ -291,6 +293,9 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Periodic work; the analysis interval is read from ROLLOUT_ANALYSIS_INTERVAL_S below.
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+# Each kind of background work on its own queue, with workers of its own (config/queues.py).
+CELERY_TASK_DEFAULT_QUEUE = queues.DEFAULT
+CELERY_TASK_ROUTES = queues.task_routes()
 
 # --- platform -------------------------------------------------------------------------------------
 
@@ -326,8 +331,34 @@ GATEWAY_RECORD_BATCH = env_int("GATEWAY_RECORD_BATCH", 500, minimum=1)
 GATEWAY_RECORD_FLUSH_S = env_float("GATEWAY_RECORD_FLUSH_S", 0.5, minimum=0.01)
 # Shadow mirrors handed to Celery but not yet accepted by the broker; past this they are shed (and counted).
 GATEWAY_SHADOW_MAX_PENDING = env_int("GATEWAY_SHADOW_MAX_PENDING", 64, minimum=1)
+# A shadow mirror not started by then is dropped by the worker (a backlog is never worked off stale).
+GATEWAY_SHADOW_EXPIRES_S = env_float("GATEWAY_SHADOW_EXPIRES_S", 300.0, minimum=1.0)
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", 2.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", 600.0, minimum=0.1)
+# Time to an engine's response head before the request is tried elsewhere (an alias may set its own).
+GATEWAY_TTFB_TIMEOUT_S = env_float("GATEWAY_TTFB_TIMEOUT_S", 30.0, minimum=0.05)
+# Tries of one request in all: other replicas of its arm, then the other arm where the plan allows.
+GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1, maximum=16)
+# Outlier ejection: failures in a row that take a replica out, for a time that doubles (up to the max).
+GATEWAY_EJECT_AFTER = env_int("GATEWAY_EJECT_AFTER", 3, minimum=1)
+GATEWAY_EJECT_BASE_S = env_float("GATEWAY_EJECT_BASE_S", 5.0, minimum=0.1)
+GATEWAY_EJECT_MAX_S = env_float("GATEWAY_EJECT_MAX_S", 300.0, minimum=0.1)
+# A replica whose engine has this many requests waiting gets no more; when every replica of the arm is
+# that full the request gets 429 (0: no bound). The queue is scraped from the engine every GATEWAY_QUEUE_POLL_S.
+GATEWAY_MAX_QUEUED_PER_REPLICA = env_int("GATEWAY_MAX_QUEUED_PER_REPLICA", 0, minimum=0)
+GATEWAY_QUEUE_POLL_S = env_float("GATEWAY_QUEUE_POLL_S", 1.0, minimum=0.05)
+# Per-key rate limits are shared through this Redis (default: the broker's, when it is Redis); without one
+# each gateway process keeps its own.
+GATEWAY_LIMITS_REDIS_URL = env_str("GATEWAY_LIMITS_REDIS_URL", secret=True) or (
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+)
+# The last route table read from the database, so a gateway starts and keeps serving while it is down.
+# One file per database, so gateways of different databases never share one; "off" keeps none.
+_routes_cache = env_str("GATEWAY_ROUTES_CACHE") or ""
+GATEWAY_ROUTES_CACHE: Path | None = (
+    None if _routes_cache == "off" else Path(_routes_cache) if _routes_cache
+    else VAR_DIR / "gateway" / f"routes-{database_fingerprint(DATABASES['default'])}.json"
+)
 
 # --- engine agent ---------------------------------------------------------------------------------
 
@@ -375,8 +406,10 @@ LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # A line logged while serving a gateway request carries its request id (X-Request-Id): " [id]".
+    "filters": {"request_id": {"()": "config.log_context.RequestIdFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},

@@ -326,11 +326,12 @@ def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float =
 
 
 def shadow_pairs_unscored(*, rollout_id: int, labels: list[str]) -> QuerySet[Any]:
-    """The rollout's shadow pairs lacking a score of any of `labels`, oldest first."""
+    """The rollout's shadow pairs lacking a score of any of `labels`, oldest first. Pairs of an alias that
+    does not store prompts hold no texts to score and are left out."""
     missing = Q()
     for label in labels:
         missing |= ~Q(scores__has_key=label)
-    return shadow_pairs(rollout_id=rollout_id).filter(missing).order_by("created_at", "id")
+    return shadow_pairs(rollout_id=rollout_id).filter(missing, texts_stored=True).order_by("created_at", "id")
 
 
 def eval_suite_run_counts() -> dict[int, int]:

@@ -168,10 +168,11 @@ def outcome_events_resolve(*, since: datetime | None = None) -> int:
     request before the outcome), by two UPDATE statements; returns how many were joined."""
     now = timezone.now()
     pending = OutcomeEvent.objects.filter(resolved_at__isnull=True, created_at__gte=since or now - RESOLVE_WINDOW)
-    by_request = request_records().filter(request_id=OuterRef("request_id"))
+    # A retried request has a record per attempt: the outcome belongs to the one that answered (final).
+    by_request = request_records().filter(request_id=OuterRef("request_id"), final=True)
     by_session = (
         request_records()
-        .filter(session_hash=OuterRef("session_hash"), created_at__lte=OuterRef("occurred_at"))
+        .filter(session_hash=OuterRef("session_hash"), created_at__lte=OuterRef("occurred_at"), final=True)
         .order_by("-created_at")
     )
     # Events from keys limited to some aliases join only requests on those: one pass per distinct limit

@@ -10,7 +10,15 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from serving.models import Alias, EngineWorker, GatewayKey, ModelVersion, RequestRecord, ShadowPair
-from serving.services import RouteSplit, engine_worker_set_desired, gateway_key_revoke, route_set
+from serving.services import (
+    KeyLimits,
+    RouteSplit,
+    alias_options_set,
+    engine_worker_set_desired,
+    gateway_key_limits_set,
+    gateway_key_revoke,
+    route_set,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -71,17 +79,32 @@ class AliasAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Alias, form: Any, change: bool) -> None:
         # Through the service: it validates the split and bumps the route generation gateways watch.
-        route_set(alias_name=obj.name, split=RouteSplit(
+        alias = route_set(alias_name=obj.name, split=RouteSplit(
             baseline=obj.baseline, candidate=obj.candidate, candidate_weight=obj.candidate_weight,
             shadow_rate=obj.shadow_rate, rollout_id=obj.rollout_id, failover_to_candidate=obj.failover_to_candidate))
-        Alias.objects.filter(name=obj.name).update(store_prompts=obj.store_prompts)
+        alias_options_set(alias=alias, store_prompts=obj.store_prompts, ttfb_timeout_s=obj.ttfb_timeout_s)
 
 
 @admin.register(GatewayKey)
-class GatewayKeyAdmin(ReadOnlyAdmin):
-    list_display = ("name", "prefix", "aliases", "created_at", "revoked_at")
-    # Only the hash is stored; a key is created (and shown once) by `manage.py create_gateway_key`.
+class GatewayKeyAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "aliases", "rpm_limit", "tpm_limit", "max_concurrency", "created_at",
+                    "revoked_at")
+    # Only the hash is stored; a key is created (and shown once) by `manage.py create_gateway_key`. Its
+    # limits may be changed here.
+    fields = ("name", "prefix", "key_hash", "aliases", "rpm_limit", "tpm_limit", "max_concurrency", "created_at",
+              "revoked_at")
     readonly_fields = ("name", "prefix", "key_hash", "aliases", "created_at", "revoked_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: GatewayKey, form: Any, change: bool) -> None:
+        # Through the service: it checks the limits and bumps the route generation gateways watch.
+        gateway_key_limits_set(key=obj, limits=KeyLimits(
+            rpm_limit=obj.rpm_limit, tpm_limit=obj.tpm_limit, max_concurrency=obj.max_concurrency))
     actions = ("revoke",)
 
     @admin.action(description="Revoke the selected keys")

@@ -125,6 +125,11 @@ class Alias(models.Model):
     # May a request fail over to the candidate when every baseline engine is down?
     failover_to_candidate = models.BooleanField(default=False)
     store_prompts = models.BooleanField(default=False, help_text="Keep redacted prompts and outputs.")
+    ttfb_timeout_s = models.FloatField(
+        null=True, blank=True,
+        help_text="Seconds to wait for an engine's response head before trying another replica (blank: "
+                  "GATEWAY_TTFB_TIMEOUT_S). A non-streamed answer's head comes only when it is complete.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -154,6 +159,10 @@ class GatewayKey(models.Model):
     key_hash = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=12)
     aliases = models.JSONField(default=list, blank=True, help_text="Aliases it may call; empty means all.")
+    # Admission limits (blank: none). Shared by every gateway process through Redis when there is one.
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute.")
+    tpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens (prompt + completion) per minute.")
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True, help_text="Requests in flight at once.")
     created_at = models.DateTimeField(auto_now_add=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
@@ -171,11 +180,21 @@ class RequestRecord(models.Model):
         CANCELLED = "cancelled"  # the client went away first
         NO_ENGINE = "no_engine"  # 503: nothing healthy to send it to
 
-    request_id = models.CharField(max_length=64, unique=True)
-    created_at = models.DateTimeField(db_index=True, help_text="When the request was sent upstream.")
+    # One record per attempt: a request the gateway retried on another replica or arm has a record for each
+    # try, numbered from 1, so a candidate's failures count against the candidate even when the baseline
+    # answered the user in the end. (request_id, attempt) is unique; the day-partitioned table adds
+    # created_at to it. Its index serves lookups by request_id.
+    request_id = models.CharField(max_length=64)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    # The attempt whose answer (a success or the last error) went to the client; exactly one per request.
+    final = models.BooleanField(default=True)
+    created_at = models.DateTimeField(db_index=True, help_text="When this attempt was sent upstream.")
     alias = models.CharField(max_length=64)
     rollout_id = models.PositiveBigIntegerField(null=True, blank=True)
-    arm = models.CharField(max_length=16)  # baseline | candidate
+    arm = models.CharField(max_length=16)  # baseline | candidate: the arm this attempt went to
+    # The arm the request's session was assigned to (the sticky draw): the unit counts of sample-ratio
+    # checks. It differs from `arm` only on a failover attempt.
+    assigned_arm = models.CharField(max_length=16, blank=True)
     model_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
     engine_worker_id = models.PositiveBigIntegerField(null=True, blank=True)
     endpoint = models.CharField(max_length=32)  # chat.completions | completions
@@ -186,7 +205,9 @@ class RequestRecord(models.Model):
     status_code = models.PositiveSmallIntegerField()
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     error_kind = models.CharField(max_length=64, blank=True)
-    failover = models.BooleanField(default=False, help_text="Sent to the other arm after the first choice failed.")
+    failover = models.BooleanField(default=False, help_text="Sent to the other arm after the assigned one failed.")
+    # A failed attempt: e2e_ms is the time it cost (sent to failure). The final attempt of a retried request
+    # is timed from the first attempt's send, so the time lost on the failed ones is in its TTFT and E2E.
     ttft_ms = models.FloatField(null=True)
     tpot_ms = models.FloatField(null=True)
     e2e_ms = models.FloatField(null=True)
@@ -201,9 +222,12 @@ class RequestRecord(models.Model):
             models.Index(fields=("alias", "created_at")),
             models.Index(fields=("session_hash",)),
         ]
+        constraints = [
+            models.UniqueConstraint(fields=("request_id", "attempt"), name="request_record_attempt_unique"),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.request_id} {self.alias}/{self.arm} {self.outcome}"
+        return f"{self.request_id}#{self.attempt} {self.alias}/{self.arm} {self.outcome}"
 
 
 class ShadowPair(models.Model):
@@ -227,6 +251,8 @@ class ShadowPair(models.Model):
     candidate_completion_tokens = models.PositiveIntegerField(null=True)
     candidate_outcome = models.CharField(max_length=16, choices=RequestRecord.Outcome.choices)
     candidate_error = models.CharField(max_length=300, blank=True)
+    # False when the alias does not store prompts: the texts above are empty and there is nothing to score.
+    texts_stored = models.BooleanField(default=True)
     # Filled by the evals app's shadow scoring, keyed by scorer name.
     scores = models.JSONField(default=dict, blank=True)
 

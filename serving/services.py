@@ -206,17 +206,63 @@ def gateway_key_digest(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """A gateway key's admission limits; None is no limit."""
+
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_concurrency: int | None = None
+
+    def check(self) -> None:
+        for name in ("rpm_limit", "tpm_limit", "max_concurrency"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise DomainError(f"{name} must be a whole number, at least 1 (or none for no limit)", field=name)
+
+
 @transaction.atomic
-def gateway_key_create(*, name: str, aliases: list[str] | None = None, raw: str | None = None) -> IssuedGatewayKey:
+def gateway_key_create(
+    *, name: str, aliases: list[str] | None = None, raw: str | None = None, limits: KeyLimits | None = None
+) -> IssuedGatewayKey:
     """A new gateway key; `raw` lets the operator choose it (PLATFORM_DEMO_GATEWAY_KEY), else it is generated."""
+    limits = limits or KeyLimits()
+    limits.check()
     raw = raw or GATEWAY_KEY_PREFIX + secrets.token_urlsafe(24)
     digest = gateway_key_digest(raw)
     existing = GatewayKey.objects.filter(key_hash=digest).first()
     if existing is not None:
         return IssuedGatewayKey(key=existing, raw=raw)
-    key = GatewayKey.objects.create(name=name, key_hash=digest, prefix=raw[:10], aliases=list(aliases or []))
+    key = GatewayKey.objects.create(
+        name=name, key_hash=digest, prefix=raw[:10], aliases=list(aliases or []), rpm_limit=limits.rpm_limit,
+        tpm_limit=limits.tpm_limit, max_concurrency=limits.max_concurrency,
+    )
     route_generation_bump()
     return IssuedGatewayKey(key=key, raw=raw)
+
+
+@transaction.atomic
+def gateway_key_limits_set(*, key: GatewayKey, limits: KeyLimits) -> GatewayKey:
+    """Change a key's admission limits; every gateway applies them within a second."""
+    limits.check()
+    locked = GatewayKey.objects.select_for_update().get(pk=key.pk)
+    locked.rpm_limit, locked.tpm_limit, locked.max_concurrency = limits.rpm_limit, limits.tpm_limit, limits.max_concurrency
+    locked.save(update_fields=["rpm_limit", "tpm_limit", "max_concurrency"])
+    route_generation_bump()
+    return locked
+
+
+@transaction.atomic
+def alias_options_set(*, alias: Alias, store_prompts: bool, ttfb_timeout_s: float | None) -> Alias:
+    """An alias's own gateway options (what the rollouts' splits leave alone); gateways see them within a second."""
+    if ttfb_timeout_s is not None and not (0.05 <= ttfb_timeout_s <= 3600):
+        raise DomainError("ttfb_timeout_s must be between 0.05 and 3600 seconds (or none for the default)",
+                          field="ttfb_timeout_s")
+    locked = Alias.objects.select_for_update().get(pk=alias.pk)
+    locked.store_prompts, locked.ttfb_timeout_s = store_prompts, ttfb_timeout_s
+    locked.save(update_fields=["store_prompts", "ttfb_timeout_s", "updated_at"])
+    route_generation_bump()
+    return locked
 
 
 @transaction.atomic

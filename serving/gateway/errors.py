@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -54,3 +55,23 @@ def upstream_failed(message: str) -> GatewayError:
 
 def no_engine(message: str) -> GatewayError:
     return GatewayError(503, message, code="no_healthy_engine")
+
+
+class RateLimited(GatewayError):
+    """429 in OpenAI's shape, with how long to wait (sent as Retry-After and retry-after-ms)."""
+
+    def __init__(self, message: str, *, retry_after_s: float, type_: str = "requests",
+                 code: str = "rate_limit_exceeded") -> None:
+        super().__init__(429, message, code=code, type_=type_)
+        self.retry_after_s = max(0.0, retry_after_s)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        # Retry-After is whole seconds (RFC 9110), rounded up so a client waiting that long is let in;
+        # the OpenAI SDKs prefer the exact retry-after-ms.
+        seconds = max(1, math.ceil(self.retry_after_s))
+        return [(b"retry-after", str(seconds).encode()),
+                (b"retry-after-ms", str(max(1, math.ceil(self.retry_after_s * 1000))).encode())]
+
+
+def upstream_timeout(message: str) -> GatewayError:
+    return GatewayError(504, message, code="upstream_timeout")

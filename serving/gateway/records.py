@@ -59,6 +59,9 @@ class RecordDraft:
     completion_tokens: int | None = None
     prompt_text: str = ""
     output_text: str = ""
+    attempt: int = 1
+    final: bool = True
+    assigned_arm: str = ""
 
 
 class RecordBuffer:

@@ -2,8 +2,13 @@
 
 On the gateway side (`ShadowQueue`) the hand-off runs in a thread after the user's response is complete,
 and at most `max_pending` hand-offs wait at once: beyond that a mirror is shed and counted, so a slow
-broker never holds memory or adds latency. On the worker side (`shadow_pair_mirror`) the pair is stored
-once per request id, redacted.
+broker never holds memory or adds latency. The mirror travels on the `shadow` queue (its own workers, so
+a backlog never delays an analysis) and expires unstarted after GATEWAY_SHADOW_EXPIRES_S. Unless the alias
+stores prompts, what the broker carries (and Redis may write to disk) is redacted first, in that thread:
+the candidate is asked the redacted prompt, and the baseline's answer does not travel at all.
+
+On the worker side (`shadow_pair_mirror`) the pair is stored once per request id: timings, outcomes and
+tokens always; the prompt and both answers (redacted) only when the alias stores prompts.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from django.utils import timezone
 
 from serving.gateway import metrics
 from serving.gateway.meter import StreamMeter, tpot_ms
-from serving.redaction import redact
+from serving.redaction import redact, redact_in_slices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,43 @@ class ShadowQueue:
             metrics.shadow_enqueued_total.inc()
 
 
+def shadow_payload_redact(payload: dict[str, Any]) -> dict[str, Any]:
+    """The mirror as the broker may carry it for an alias that does not store prompts: message contents
+    and prompts redacted, no session id, no stored texts."""
+    body = dict(payload["body"])
+    body.pop("user", None)
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [_message_redact(m) for m in body["messages"]]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = redact_in_slices(prompt)
+    elif isinstance(prompt, list):
+        body["prompt"] = [redact_in_slices(p) if isinstance(p, str) else p for p in prompt]
+    return {**payload, "body": body, "prompt_text": "", "baseline_output": "", "redacted": True}
+
+
+def _message_redact(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": redact_in_slices(content)}
+    if isinstance(content, list):
+        parts = [{**part, "text": redact_in_slices(part["text"])} if isinstance(part, dict) and isinstance(part.get("text"), str)
+                 else part for part in content]
+        return {**message, "content": parts}
+    return message
+
+
+def shadow_enqueue(payload: dict[str, Any], *, expires_s: float) -> None:
+    """Hand a mirror to Celery (in the gateway's shadow thread: redaction and the broker call both block)."""
+    from serving.tasks import shadow_mirror
+
+    if not payload.get("store_prompts"):
+        payload = shadow_payload_redact(payload)
+    shadow_mirror.apply_async(args=[payload], expires=expires_s)
+
+
 class ShadowRetry(Exception):
     """The candidate could not be reached; try the mirror again later."""
 
@@ -68,6 +110,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
     from serving.selectors import engine_base_url
 
     request_id = str(payload["request_id"])
+    store = bool(payload.get("store_prompts"))
     if ShadowPair.objects.filter(request_id=request_id).exists():
         return False
     candidate = ModelVersion.objects.filter(pk=int(payload.get("candidate_version_id") or 0)).first()
@@ -93,7 +136,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         try:
             with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False) as client:
                 sent = time.perf_counter()
-                meter = StreamMeter(sent_at=sent, collect_text=True)
+                meter = StreamMeter(sent_at=sent, collect_text=store)
                 with client.stream("POST", url, json=body, headers=headers) as response:
                     if response.status_code != 200:
                         outcome = "client_error" if response.status_code < 500 else "engine_error"
@@ -119,8 +162,9 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         "rollout_id": payload.get("rollout_id"),
         "baseline_version_id": payload.get("baseline_version_id"),
         "candidate_version": candidate,
-        "prompt_text": redact(str(payload.get("prompt_text", ""))),
-        "baseline_output": redact(str(payload.get("baseline_output", ""))),
+        "texts_stored": store,
+        "prompt_text": redact(str(payload.get("prompt_text", ""))) if store else "",
+        "baseline_output": redact(str(payload.get("baseline_output", ""))) if store else "",
         "baseline_ttft_ms": payload.get("baseline_ttft_ms"),
         "baseline_e2e_ms": payload.get("baseline_e2e_ms"),
         "baseline_completion_tokens": payload.get("baseline_completion_tokens"),
@@ -132,7 +176,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         e2e = _ms(meter.done_at, meter.sent_at)
         tokens = meter.completion_tokens
         fields.update(
-            candidate_output=redact(meter.text),
+            candidate_output=redact(meter.text) if store else "",
             candidate_ttft_ms=ttft,
             candidate_e2e_ms=e2e,
             candidate_tpot_ms=tpot_ms(ttft, e2e, tokens),

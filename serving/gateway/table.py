@@ -60,6 +60,7 @@ def _load() -> RouteRows:
             rollout_id=alias.rollout_id,
             failover_to_candidate=alias.failover_to_candidate,
             store_prompts=alias.store_prompts,
+            ttfb_timeout_s=alias.ttfb_timeout_s,
         )
         for alias in Alias.objects.all()
         if alias.baseline_id in versions
@@ -73,7 +74,10 @@ def _load() -> RouteRows:
         .values("id", "model_version_id", "base_url", "api_key")
     )
     keys = tuple(
-        KeyRow(key_hash=k["key_hash"], aliases=tuple(k["aliases"] or ()))
-        for k in GatewayKey.objects.filter(revoked_at__isnull=True).values("key_hash", "aliases")
+        KeyRow(key_hash=k["key_hash"], aliases=tuple(k["aliases"] or ()), name=k["name"], rpm_limit=k["rpm_limit"],
+               tpm_limit=k["tpm_limit"], max_concurrency=k["max_concurrency"])
+        for k in GatewayKey.objects.filter(revoked_at__isnull=True).values(
+            "key_hash", "aliases", "name", "rpm_limit", "tpm_limit", "max_concurrency"
+        )
     )
     return RouteRows(version=version, aliases=aliases, workers=workers, keys=keys)

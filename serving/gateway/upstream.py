@@ -37,6 +37,10 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class UpstreamHeadTimeout(UpstreamTimeout):
+    """No response head within the time-to-first-byte timeout: the engine may be hung."""
+
+
 class Endpoint:
     """Where an engine listens, parsed once when the route table is built."""
 
@@ -249,14 +253,17 @@ class UpstreamPool:
 
     async def request(
         self, endpoint: Endpoint, method: str, path: str, *, body: bytes = b"", headers: tuple[str, ...] = (),
+        head_timeout_s: float | None = None,
     ) -> Response:
         """Send a request; returns once the status line and headers are in. Raises UpstreamRefused when no
-        connection could be made, UpstreamError when the engine failed before answering."""
+        connection could be made, UpstreamHeadTimeout when no head came within `head_timeout_s` (from the
+        first try), UpstreamError when the engine failed before answering."""
         head = (
             f"{method} {endpoint.path}{path} HTTP/1.1\r\nHost: {endpoint.authority}\r\n"
             f"Content-Length: {len(body)}\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n"
         )
         request = head.encode("latin-1") + body
+        deadline = self.loop.time() + head_timeout_s if head_timeout_s is not None else None
         # A pooled connection the engine closed just now fails before any byte comes back: the engine
         # never saw the request, so it is sent once more on a new connection.
         for attempt in range(2):
@@ -267,9 +274,13 @@ class UpstreamPool:
             response = Response(conn)
             conn.start(request, response)
             self._arm_timer(response)
+            head_timer = self._arm_head_timer(response, deadline, head_timeout_s) if deadline is not None else None
             try:
                 await self._headers(response)
                 return response
+            except UpstreamHeadTimeout:
+                response.close()
+                raise
             except UpstreamError:
                 response.close()
                 if reused and not conn.received_any and attempt == 0:
@@ -278,7 +289,21 @@ class UpstreamPool:
             except BaseException:
                 response.close()
                 raise
+            finally:
+                if head_timer is not None:
+                    head_timer.cancel()
         raise AssertionError("unreachable")
+
+    def _arm_head_timer(self, response: Response, deadline: float, timeout_s: float | None) -> asyncio.TimerHandle:
+        def expire() -> None:
+            if response.status == 0:
+                response._fail(UpstreamHeadTimeout(f"no response head from the engine within {timeout_s:g} s"))
+                conn = response._conn
+                response._conn = None
+                if conn is not None:
+                    conn.abort()
+
+        return self.loop.call_at(deadline, expire)
 
     async def _headers(self, response: Response) -> None:
         while response.status == 0:

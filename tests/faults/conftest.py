@@ -30,7 +30,14 @@ from serving.models import EngineWorker, ModelVersion, RequestRecord
 from serving.services import engine_worker_create, gateway_key_create
 from tests.support.demo import EnginePool, static_worker_ready, version_register
 from tests.support.engines import free_port
-from tests.support.processes import VENV_BIN, child_env, child_process, server_flags, wait_until
+from tests.support.processes import (
+    VENV_BIN,
+    celery_queues,
+    child_env,
+    child_process,
+    server_flags,
+    wait_until,
+)
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs" / "faults"
 
@@ -121,11 +128,13 @@ class Platform:
         child = self._child(f"gateway-{port}", args, ready="Application startup complete", env=env)
         return Gateway(url=f"http://127.0.0.1:{port}", port=port, child=child)
 
-    def worker(self, name: str, *, concurrency: int = 1, pause: Sequence[str] = (), **env: str) -> Child:
+    def worker(self, name: str, *, concurrency: int = 1, pause: Sequence[str] = (), queues: str | None = None,
+               **env: str) -> Child:
+        """A Celery worker consuming `queues` (a -Q argument; by default every queue)."""
         args = [
             str(VENV_BIN / "celery"), "-A", "tests.faults.paused_celery", "worker", "--loglevel", "INFO",
             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"{self.tag}-{name}-{os.getpid()}@%h",
+            "-n", f"{self.tag}-{name}-{os.getpid()}@%h", "-Q", queues or celery_queues(),
         ]  # fmt: skip
         extra = {"FAULTS_PAUSE_AT": ",".join(pause), "FAULTS_PAUSE_DIR": str(self.pause_dir), **env}
         return self._child(f"worker-{name}", args, ready="ready.", env=extra)
@@ -284,13 +293,13 @@ def answered(sent: Sequence[Sent]) -> set[str]:
 
 
 def records_for(request_ids: set[str], *, timeout_s: float = 30.0) -> set[str]:
-    """Which of these requests have a record, waiting for the gateways' record flushers."""
+    """Which of these requests have their final record (the answer's), waiting for the gateways' flushers."""
     found: set[str] = set()
 
     def all_there() -> bool:
         missing = list(request_ids - found)
         for start in range(0, len(missing), 500):
-            found.update(RequestRecord.objects.filter(request_id__in=missing[start:start + 500])
+            found.update(RequestRecord.objects.filter(request_id__in=missing[start:start + 500], final=True)
                          .values_list("request_id", flat=True))
         return found >= request_ids
 

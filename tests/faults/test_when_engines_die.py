@@ -2,8 +2,9 @@
 them, the gateway, a Celery worker and beat (a look every 2 s) running as in production.
 
 - The candidate dies: the streams it was serving end with an error event, every request after that is
-  served by the baseline (those of the candidate's users fail over), the agent takes it out of routing
-  and the rollout rolls back, saying why. Every request the client sent has its record.
+  served by the baseline (those of the candidate's users fail over, each leaving a record of its failed
+  try against the candidate), the agent takes it out of routing and the rollout rolls back, saying why.
+  Every request the client sent has its records.
 - The baseline dies: on an alias whose plan allows it (failover_to_candidate) its users are served by
   the candidate; on one whose plan does not, they get 503 with an error that says so. Both rollouts pause
   and say why.
@@ -97,19 +98,26 @@ def test_the_candidate_dies_mid_canary_streams_end_in_error_users_fail_over_and_
     assert after and all(s.status == 200 and s.completed and s.arm == "baseline" for s in after), \
         [s for s in after if not s.completed][:3]
     failed_over = RequestRecord.objects.filter(request_id__in=[s.request_id for s in after], failover=True)
-    assert failed_over.exists() and set(failed_over.values_list("outcome", flat=True)) == {"ok"}
+    assert failed_over.exists() and set(failed_over.values_list("outcome", "final", "arm")) == {("ok", True, "baseline")}
+    # Each of those left a record of its failed try against the candidate first: the candidate's errors.
+    tries = RequestRecord.objects.filter(request_id__in=failed_over.values("request_id"), final=False)
+    assert set(tries.values_list("arm", "outcome")) <= {("candidate", "engine_error"), ("candidate", "no_engine")}
+    assert tries.count() == failed_over.count()
 
-    assert rolled_back.state_reason.startswith("the candidate adder-v2 has had no ready engine for ")
+    # Whichever sees it first rolls back: the candidate's errors, or its engine gone past the grace time.
+    reason = rolled_back.state_reason
+    assert (reason.startswith("the candidate adder-v2 has had no ready engine for ")
+            or reason.startswith("guardrail breached: error_rate is worse than the baseline")), reason
     event = rolled_back.events.order_by("seq").last()
     assert event is not None and (event.kind, event.actor) == ("rolled_back", "analysis")
     worker = EngineWorker.objects.get(host_name=host, model_version=adder.v2)
     assert worker.state == EngineWorker.State.UNHEALTHY and worker.last_health_detail
 
-    # No record lost: one per request the client was answered, and the cut streams are engine errors.
+    # No record lost: records for every request the client was answered, and the cut streams are engine errors.
     ids = answered(sent)
     assert len(ids) == len(sent) and records_for(ids) == ids
     # (Every cut stream has its record, and each is an engine error on the candidate; there may be none.)
-    cut_records = list(RequestRecord.objects.filter(request_id__in=[s.request_id for s in cut])
+    cut_records = list(RequestRecord.objects.filter(request_id__in=[s.request_id for s in cut], final=True)
                        .values_list("outcome", "arm"))
     assert len(cut_records) == len(cut) and set(cut_records) <= {("engine_error", "candidate")}, cut_records
 
@@ -159,5 +167,9 @@ def test_the_baseline_dies_its_users_go_to_the_candidate_only_where_the_plan_all
         assert event is not None and (event.kind, event.actor) == ("paused", "analysis")
     ids = answered(sent)
     assert len(ids) == len(sent) and records_for(ids) == ids
-    no_engine = RequestRecord.objects.filter(request_id__in=[s.request_id for s in refused_503])
-    assert set(no_engine.values_list("outcome", "status_code")) == {("no_engine", 503)}
+    # The 503s: the baseline's failure as the client's answer (refused while the agent had not yet taken it
+    # out of routing, no ready engine after).
+    no_engine = RequestRecord.objects.filter(request_id__in=[s.request_id for s in refused_503], final=True)
+    assert set(no_engine.values_list("outcome", "status_code", "arm")) <= {
+        ("no_engine", 503, "baseline"), ("engine_error", 503, "baseline")}
+    assert no_engine.filter(outcome="no_engine").exists()

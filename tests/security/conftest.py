@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from serving.services import gateway_key_create, route_set
-from tests.security.fake_engine import FakeEngine
 from tests.serving.gateway.conftest import (  # noqa: F401 (gateway_process: the gateway tests' fixture, imported to be used here)
     GatewayProcess,
     gateway_process,
@@ -20,6 +19,7 @@ from tests.serving.gateway.conftest import (  # noqa: F401 (gateway_process: the
     static_worker_ready,
     version_register,
 )
+from tests.support.fake_engine import FakeEngine
 
 
 def rss_bytes(pid: int) -> int:

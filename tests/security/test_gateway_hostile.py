@@ -15,8 +15,8 @@ import pytest
 
 from serving.models import RequestRecord
 from tests.security.conftest import Gateway, rss_bytes
-from tests.security.fake_engine import FakeEngine
 from tests.serving.gateway.conftest import records_wait
+from tests.support.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -30,7 +30,7 @@ from serving.services import GATEWAY_KEY_PREFIX, gateway_key_create
 from tests.rollouts.helpers import canary_plan, version
 from tests.rollouts.slack.helpers import command_body
 from tests.support.engines import free_port
-from tests.support.processes import REPO_ROOT, SERVER_FLAGS, VENV_BIN, child_env, child_process
+from tests.support.processes import REPO_ROOT, SERVER_FLAGS, VENV_BIN, celery_queues, child_env, child_process
 from tests.support.slack_standin import SlackStandin, slack_standin
 
 # A secret shows up in a log or a page whole, cut short, or as the tail of a longer line: any run of this
@@ -148,7 +148,8 @@ def test_a_full_session_at_debug_level_leaves_no_secret_in_logs_or_responses(
         assert setup.returncode == 0, setup.stdout[-2000:]
 
         worker_args = [str(VENV_BIN / "celery"), "-A", "config", "worker", "--loglevel", "DEBUG", "--concurrency", "1",
-                       "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"leak-{time.time_ns()}@%h"]  # fmt: skip
+                       "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"leak-{time.time_ns()}@%h",
+                       "-Q", celery_queues()]  # fmt: skip
         stack.enter_context(child_process(worker_args, log_path=log_dir / "worker.log", env=env, ready="ready.", timeout_s=90))
         servers = {}
         for name, app in (("web", "config.asgi:application"), ("gateway", "serving.gateway.asgi:application")):

@@ -92,14 +92,26 @@ def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) 
         pass
 
 
+def celery_queues(*names: str) -> str:
+    """The -Q argument for these queues (config/queues.py) as this test process names them; none: all."""
+    from config import queues
+
+    suffix = getattr(settings, "CELERY_QUEUE_SUFFIX", "")
+    return ",".join(queue + suffix for queue in names) if names else ",".join(queues.all_queues(suffix))
+
+
 @contextmanager
-def celery_worker(*, name: str = "test", concurrency: int = 1, queues: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def celery_worker(
+    *, name: str = "test", concurrency: int = 1, queues: str | None = None, pool: str | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker consuming `queues` (a -Q argument; by default every queue of this test process)."""
     args = [
         str(VENV_BIN / "celery"), "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{name}-{os.getpid()}@%h",
+        "-Q", queues or celery_queues(),
     ]
-    if queues:
-        args += ["-Q", queues]
+    if pool:
+        args += ["--pool", pool]
     log_path = Path(settings.VAR_DIR) / "test-logs" / f"celery-{name}.log"
     with child_process(args, log_path=log_path, ready="ready.") as proc:
         yield proc

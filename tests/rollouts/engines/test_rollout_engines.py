@@ -30,7 +30,7 @@ from serving.selectors import alias_get
 from serving.services import gateway_key_create
 from tests.support.demo import EnginePool, static_worker_ready, version_register
 from tests.support.engines import free_port
-from tests.support.processes import SERVER_FLAGS, VENV_BIN, child_env, child_process
+from tests.support.processes import SERVER_FLAGS, VENV_BIN, celery_queues, child_env, child_process
 
 # Engines start slowly on a busy machine and may wait for a free slot.
 pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pytest.mark.timeout(2400)]
@@ -63,7 +63,8 @@ class Platform:
         ))  # fmt: skip
         stack.enter_context(child_process(
             [str(VENV_BIN / "celery"), "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "1",
-             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"rollout-engines-{port}@%h"],
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"rollout-engines-{port}@%h",
+             "-Q", celery_queues()],
             log_path=LOG_DIR / "rollout-engines-worker.log", env=child_env(**env), ready="ready.", timeout_s=90,
         ))  # fmt: skip
         stack.enter_context(child_process(

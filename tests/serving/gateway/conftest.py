@@ -25,6 +25,7 @@ from serving.services import (
 from tests.support.demo import DemoModel, EnginePool, static_worker_ready
 from tests.support.demo import version_register as demo_version_register
 from tests.support.engines import RunningEngine, free_port
+from tests.support.fake_engine import FakeEngine
 from tests.support.processes import SERVER_FLAGS, VENV_BIN, child_env, child_process
 
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
@@ -106,7 +107,7 @@ def records_wait(count: int, timeout_s: float = 15.0, **filters: object) -> list
     """The gateway writes records in the background: wait until `count` of them are there."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = list(RequestRecord.objects.filter(**filters).order_by("created_at"))
+        records = list(RequestRecord.objects.filter(**filters).order_by("created_at", "attempt"))
         if len(records) >= count or time.monotonic() > deadline:
             return records
         time.sleep(0.1)
@@ -168,3 +169,18 @@ def route_generation() -> int:
 
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+@pytest.fixture
+def standin_engine() -> Iterator[Callable[..., FakeEngine]]:
+    """Start loopback stand-ins for engines (tests/support/fake_engine.py) in a given mode; stopped at the end."""
+    started: list[FakeEngine] = []
+
+    def start(mode: str = "ok") -> FakeEngine:
+        fake = FakeEngine(mode).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()

@@ -157,14 +157,21 @@ def test_no_healthy_engine_gets_503(gateway: GatewayProcess) -> None:
     message = str(error_of(response)["message"])
     assert "refused" in message and "failover to the candidate is off" in message
     (record,) = records_wait(1, request_id=response.headers["x-request-id"])
-    assert (record.outcome, record.failover) == (RequestRecord.Outcome.NO_ENGINE, False)
+    # A refused connection is the engine's failure: an engine error, and the client's answer (final).
+    assert (record.outcome, record.error_kind, record.status_code, record.failover, record.final) == (
+        RequestRecord.Outcome.ENGINE_ERROR, "connect_refused", 503, False, True)
 
-    # Allowed to fail over: the candidate takes it (and here answers 500, so the client sees 502).
+    # Allowed to fail over: the candidate takes it (and here answers 500, so the client sees 502). Each try
+    # is its own record: the refusal against the baseline, the 500 against the candidate.
     response = gateway.client().post("/v1/chat/completions", json={**CHAT, "model": "refused-fo"})
     assert response.status_code == 502
     assert response.headers["x-rollout-arm"] == "candidate"
-    (record,) = records_wait(1, request_id=response.headers["x-request-id"])
-    assert (record.arm, record.failover) == ("candidate", True)
+    refused, failed = records_wait(2, request_id=response.headers["x-request-id"])
+    assert (refused.attempt, refused.arm, refused.error_kind, refused.failover, refused.final) == (
+        1, "baseline", "connect_refused", False, False)
+    assert (failed.attempt, failed.arm, failed.error_kind, failed.failover, failed.final, failed.status_code) == (
+        2, "candidate", "http_500", True, True, 502)
+    assert {refused.assigned_arm, failed.assigned_arm} == {"baseline"}
 
 
 def test_metrics_count_what_the_gateway_did(gateway: GatewayProcess) -> None:

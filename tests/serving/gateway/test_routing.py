@@ -1,19 +1,26 @@
-"""Arm and replica choice, without engines or a database."""
+"""Arm and replica choice, without engines or a database; the bounded-load rule as a property over 1-16
+replicas (hypothesis)."""
 
 from __future__ import annotations
 
 import math
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from serving.gateway.routing import (
     BASELINE,
     CANDIDATE,
     AliasRow,
     KeyRow,
+    Replica,
     RouteRows,
     VersionRow,
     WorkerRow,
+    _unit_hash,
     arm_choose,
+    load_bound,
     replica_choose,
     route_table_build,
     session_of,
@@ -140,3 +147,65 @@ def test_keys_limit_the_aliases_listed() -> None:
     assert table.aliases_for_key("all") == ["adder"]
     assert table.aliases_for_key("other") == []
     assert table.aliases_for_key("unknown") == []
+
+
+# --- bounded loads, for any number of replicas -------------------------------------------------------
+
+
+def replicas_with(loads: list[int]) -> tuple[Replica, ...]:
+    made = tuple(Replica(i + 1, f"http://127.0.0.1:{9000 + i}", "") for i in range(len(loads)))
+    for replica, load in zip(made, loads, strict=True):
+        replica.outstanding = load
+    return made
+
+
+@settings(max_examples=300, deadline=None)
+@given(loads=st.lists(st.integers(min_value=0, max_value=64), min_size=1, max_size=16), session=st.text(min_size=1))
+def test_a_session_goes_where_it_hashes_unless_that_replica_is_over_the_bound(loads: list[int], session: str) -> None:
+    replicas = replicas_with(loads)
+    chosen = replica_choose(replicas, session, now=0.0)
+    assert chosen is not None
+    bound = load_bound(sum(loads), len(loads))
+    # Whatever the loads, the choice stays under the bound (one is always there)...
+    assert len(loads) == 1 or chosen.outstanding < bound
+    # ...and it is the first replica in the session's own order that is.
+    if len(loads) > 1:
+        ranked = sorted(replicas, key=lambda r: _rank(session, r), reverse=True)
+        assert chosen is next(r for r in ranked if r.outstanding < bound)
+
+
+def _rank(session: str, replica: Replica) -> float:
+    return _unit_hash(session.encode(), replica.id.to_bytes(8, "big"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(count=st.integers(min_value=1, max_value=16), arrivals=st.integers(min_value=1, max_value=400),
+       sessions=st.integers(min_value=1, max_value=5))
+def test_no_replica_ever_holds_more_than_the_bound_however_few_the_sessions(count: int, arrivals: int, sessions: int) -> None:
+    """The rule of the old code (bound = max(4, 2 * average)) never moved a session off its replica with two
+    replicas; with a handful of heavy sessions every replica count must still spread the load."""
+    replicas = replicas_with([0] * count)
+    for n in range(arrivals):
+        total = sum(r.outstanding for r in replicas)
+        chosen = replica_choose(replicas, f"session-{n % sessions}", now=0.0)
+        assert chosen is not None
+        chosen.outstanding += 1
+        assert max(r.outstanding for r in replicas) <= load_bound(total, count)
+
+
+def test_with_two_replicas_a_single_busy_session_spills_over() -> None:
+    first, second = replicas_with([0, 0])
+    for _ in range(20):
+        chosen = replica_choose((first, second), "one-heavy-user", now=0.0)
+        assert chosen is not None
+        chosen.outstanding += 1
+    # Twenty in flight, ten each on average: the session's replica holds at most 1.25 times that.
+    assert sorted([first.outstanding, second.outstanding]) == [7, 13]
+
+
+def test_ejected_replicas_are_left_out_and_an_arm_of_only_ejected_ones_has_none() -> None:
+    first, second = replicas_with([0, 0])
+    first.ejected_until = 5.0
+    assert {replica_choose((first, second), f"u{i}", now=0.0) for i in range(20)} == {second}
+    second.ejected_until = 5.0
+    assert replica_choose((first, second), "u1", now=10.0) is None  # out until a probe brings them back

@@ -1,12 +1,19 @@
 """A stand-in for a vLLM engine on loopback: a small asyncio HTTP/1.1 server in a thread of the test process.
 
-It speaks just enough of the OpenAI API for the gateway (keep-alive, Content-Length bodies in, chunked SSE or
-a JSON body out) and answers by what the last message says:
+The suite's one stand-in for an engine, for what a real one cannot be made to do on demand: stream without
+end at wire speed, trickle for 20 s, answer 500, hang before its response head, reset the connection, or
+cut a stream after its first events. It speaks just enough of the OpenAI API for the gateway (keep-alive,
+Content-Length bodies in, chunked SSE or a JSON body out) and answers by what the last message says:
 
 - "flood": an endless SSE stream, written as fast as the gateway takes it (each write waits for the socket
   to drain, so `flood_bytes` counts what the gateway actually accepted);
 - "slow": one token every 50 ms, 400 of them;
 - anything else: a short answer, streamed or not as asked.
+
+unless `mode` says otherwise for every request: "error" (500, vLLM's error shape), "hang" (reads the request,
+never answers), "reset" (closes the connection on reading it), "cut" (a stream that ends after two events,
+without [DONE]). `GET /health` answers `health_status`; `GET /metrics` gives `waiting` as
+vllm:num_requests_waiting. Each request's headers are kept in `seen.headers`.
 
 Like vLLM it refuses max_tokens above its context window (2048) with a 400 in its own error shape. It counts
 the requests it saw and the streams whose reader went away (`cancelled`), so a test can tell that the gateway
@@ -28,14 +35,19 @@ CONTEXT_WINDOW = 2048
 @dataclass
 class Seen:
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     cancelled: int = 0
     flood_bytes: int = 0
     streams_open: int = 0
+    probes: int = 0
 
 
 class FakeEngine:
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "ok") -> None:
         self.seen = Seen()
+        self.mode = mode
+        self.health_status = 200
+        self.waiting = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -56,7 +68,7 @@ class FakeEngine:
     def stop(self) -> None:
         loop = self._loop
         if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
+            loop.call_soon_threadsafe(self._halt, loop)
         if self._thread is not None:
             self._thread.join(10)
 
@@ -70,6 +82,13 @@ class FakeEngine:
 
     # --- the server -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _halt(loop: asyncio.AbstractEventLoop) -> None:
+        # Connections still open (a hanging answer) end now, not when their loop is already gone.
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.call_soon(loop.stop)
+
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
@@ -79,6 +98,7 @@ class FakeEngine:
         self._started.set()
         try:
             loop.run_forever()
+            loop.run_until_complete(asyncio.sleep(0))  # let the cancelled connections finish
         finally:
             self._server.close()
             loop.close()
@@ -91,17 +111,45 @@ class FakeEngine:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value.strip())
+                headers: dict[str, str] = {}
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    if name:
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", 0))
                 body = json.loads(await reader.readexactly(length)) if length else {}
+                if request_line.startswith("GET "):
+                    await self._get(request_line.split(" ")[1], writer)
+                    continue
                 self.seen.requests.append(body)
+                self.seen.headers.append(headers)
+                if self.mode == "hang":
+                    await asyncio.Event().wait()
+                if self.mode == "reset":
+                    writer.transport.abort()
+                    return
+                if self.mode == "error":
+                    await _json(writer, 500, {"object": "error", "type": "InternalServerError", "param": None,
+                                              "code": 500, "message": "EngineCore encountered an issue"})
+                    continue
                 await self._answer(body, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
             writer.close()
+
+    async def _get(self, path: str, writer: asyncio.StreamWriter) -> None:
+        if path == "/health":
+            self.seen.probes += 1
+            writer.write(f"HTTP/1.1 {self.health_status} X\r\ncontent-length: 0\r\n\r\n".encode())
+        elif path == "/metrics":
+            text = f'vllm:num_requests_waiting{{model_name="fake",engine="0"}} {float(self.waiting)}\n'.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: "
+                         + str(len(text)).encode() + b"\r\n\r\n" + text)
+        else:
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
 
     async def _answer(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > CONTEXT_WINDOW:
@@ -123,10 +171,13 @@ class FakeEngine:
                     await _send_chunk(writer, event * 64)
                     self.seen.flood_bytes += len(event) * 64
             count, pause = (400, 0.05) if what == "slow" else (3, 0.0)
-            for _ in range(count):
+            for index in range(count):
                 await _send_chunk(writer, _event(_chunk(body, "4")))
                 if pause:
                     await asyncio.sleep(pause)
+                if self.mode == "cut" and index == 1:
+                    writer.transport.abort()
+                    raise ConnectionResetError("cut")
             usage = {**_chunk(body, ""), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": count,
                                                                      "total_tokens": 5 + count}}
             await _send_chunk(writer, _event(usage) + b"data: [DONE]\n\n")
@@ -161,7 +212,7 @@ async def _send_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
 
 async def _json(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
-    reason = {200: "OK", 400: "Bad Request"}[status]
+    reason = {200: "OK", 400: "Bad Request", 500: "Internal Server Error"}[status]
     writer.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode()
                  + data)
     await writer.drain()
