@@ -125,7 +125,8 @@ class Platform:
         # A longer graceful stop than the default: the restart tests keep streams in flight across it.
         args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
                 *server_flags(graceful_shutdown_s=10)]
-        child = self._child(f"gateway-{port}", args, ready="Application startup complete", env=env)
+        # "Uvicorn running on" comes once the socket listens ("startup complete" a moment before it).
+        child = self._child(f"gateway-{port}", args, ready="Uvicorn running on", env=env)
         return Gateway(url=f"http://127.0.0.1:{port}", port=port, child=child)
 
     def worker(self, name: str, *, concurrency: int = 1, pause: Sequence[str] = (), queues: str | None = None,

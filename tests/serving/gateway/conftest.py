@@ -94,7 +94,7 @@ def gateway_process(transactional_db: None) -> Iterator[Callable[..., GatewayPro
             args = [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--host", "127.0.0.1",
                     "--port", str(port), *SERVER_FLAGS]
             proc = stack.enter_context(child_process(
-                args, log_path=log, env=child_env(**env), ready="Application startup complete", timeout_s=90,
+                args, log_path=log, env=child_env(**env), ready="Uvicorn running on", timeout_s=90,
             ))
             process = GatewayProcess(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
             stack.callback(lambda: [c.close() for c in process.clients])
