@@ -217,6 +217,10 @@ def test_a_client_that_goes_away_cancels_the_engine_request(gateway: GatewayProc
 def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
     gateway: GatewayProcess, adder_routes: AdderRoutes
 ) -> None:
+    from serving.models import Alias
+    from serving.services import alias_options_set
+
+    alias_options_set(alias=Alias.objects.get(name="adder"), store_prompts=True, ttfb_timeout_s=None)
     reroute(gateway, adder_routes, weight=0.0, shadow=1.0)
     client = sdk(gateway)
     served: dict[str, str] = {}
@@ -248,9 +252,24 @@ def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
         assert pair.prompt_text.startswith("user: ")
     assert gateway.metric("platform_gateway_shadow_enqueued_total") == len(served)
 
+    # An alias that does not store prompts: the pair keeps timings and outcomes, and no text.
+    alias_options_set(alias=Alias.objects.get(name="adder"), store_prompts=False, ttfb_timeout_s=None)
+    reroute(gateway, adder_routes, weight=0.0, shadow=1.0)
+    with celery_worker(name="gateway-shadow-unstored"):
+        raw = client.chat.completions.with_raw_response.create(model="adder", messages=[{"role": "user", "content": "11+11"}], max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        request_id = raw.headers["x-request-id"]
+        deadline = time.monotonic() + 90
+        while not ShadowPair.objects.filter(request_id=request_id).exists():
+            assert time.monotonic() < deadline, "the shadow pair never arrived"
+            time.sleep(0.3)
+    unstored = ShadowPair.objects.get(request_id=request_id)
+    assert (unstored.prompt_text, unstored.baseline_output, unstored.candidate_output) == ("", "", "")
+    assert unstored.texts_stored is False and unstored.candidate_outcome == "ok"
+    assert unstored.candidate_ttft_ms is not None and unstored.candidate_completion_tokens
+
     # Mirroring is safe to repeat: a second run of the same request id stores nothing new.
     payload = {"request_id": next(iter(served)), "candidate_version_id": adder_routes.v2.id, "endpoint": "completions",
-               "body": {"model": "adder", "prompt": "1+1=", "max_tokens": 2}}
+               "store_prompts": True, "body": {"model": "adder", "prompt": "1+1=", "max_tokens": 2}}
     assert shadow_pair_mirror(payload=payload, final_attempt=True) is False
     fresh = {**payload, "request_id": "replayed-twice", "alias": "adder", "prompt_text": "1+1= mail me at a@b.example"}
     assert shadow_pair_mirror(payload=fresh, final_attempt=True) is True
@@ -261,9 +280,10 @@ def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
 
 def test_stored_prompts_are_redacted(gateway: GatewayProcess, adder_routes: AdderRoutes) -> None:
     from serving.models import Alias
+    from serving.services import alias_options_set
 
-    Alias.objects.filter(name="adder").update(store_prompts=True)
-    reroute(gateway, adder_routes, weight=0.0)  # the bump makes gateways reload the alias
+    alias_options_set(alias=Alias.objects.get(name="adder"), store_prompts=True, ttfb_timeout_s=None)
+    reroute(gateway, adder_routes, weight=0.0)
     response = gateway.client().post("/v1/chat/completions", json={
         "model": "adder", "max_tokens": 3, "messages": [{"role": "user", "content": "12+30 from jane@corp.example"}]})
     assert response.status_code == 200
