@@ -35,7 +35,6 @@ urlpatterns = [
     path("", include("rollouts.urls_slack")),
     path("", include("evals.urls")),
     path("", include("serving.urls")),
-    path("", include("experiments.urls")),
     path("", include("rollouts.urls")),
 ]
 

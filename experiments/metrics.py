@@ -3,10 +3,15 @@
 A plan names metrics by these names in its SLOs, guardrails and primary metric. Each has a shape that
 says how the analysis gets sufficient statistics for it from SQL aggregates:
 
-- ``mean``: a per-request number averaged over successful requests (n, sum, sum of squares);
+- ``gmean``: a latency compared on the log scale, as the ratio of geometric means over successful
+  requests: the default for latency guardrails (a heavy right tail weighs far less than on the mean);
+- ``mean``: a per-request number averaged over successful requests (the arithmetic mean, by name);
 - ``percentile``: a tail objective, judged as the share of successful requests over a threshold, so it
   can be an SLO ("ttft_p99_ms <= 800") but not a guardrail against the baseline;
 - ``proportion``: a 0/1 per request (an error) or per outcome event (thumbs up).
+
+Sessions, not requests, are the units of every comparison (`experiments.analysis`): each of these is a
+ratio over sessions of the session's sum and its count of requests measured.
 """
 
 from __future__ import annotations
@@ -43,8 +48,12 @@ def _catalogue() -> dict[str, Metric]:
     metrics: dict[str, Metric] = {}
     for short, field in LATENCY_FIELDS.items():
         words = _LATENCY_WORDS[short]
+        metrics[f"{short}_gmean_ms"] = Metric(
+            f"{short}_gmean_ms", "gmean", LOWER, "ms",
+            f"geometric mean {words} of successful requests (compared as a ratio, on the log scale)", source=field,
+        )  # fmt: skip
         metrics[f"{short}_mean_ms"] = Metric(
-            f"{short}_mean_ms", "mean", LOWER, "ms", f"mean {words} of successful requests", source=field
+            f"{short}_mean_ms", "mean", LOWER, "ms", f"arithmetic mean {words} of successful requests", source=field
         )
         for label, quantile in QUANTILES.items():
             metrics[f"{short}_{label}_ms"] = Metric(

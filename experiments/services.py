@@ -165,7 +165,8 @@ def outcome_events_record(*, items: list[Any], allowed_aliases: list[str] | None
 
 def outcome_events_resolve(*, since: datetime | None = None) -> int:
     """Join unresolved outcome events to the arm that served their request (or the session's latest
-    request before the outcome), by two UPDATE statements; returns how many were joined."""
+    request before the outcome), and to that request's session, by two UPDATE statements; returns how many
+    were joined."""
     now = timezone.now()
     pending = OutcomeEvent.objects.filter(resolved_at__isnull=True, created_at__gte=since or now - RESOLVE_WINDOW)
     # A retried request has a record per attempt: the outcome belongs to the one that answered (final).
@@ -192,6 +193,8 @@ def outcome_events_resolve(*, since: datetime | None = None) -> int:
                 arm=Subquery(source.values("arm")[:1]),
                 model_version_id=Subquery(source.values("model_version_id")[:1]),
                 request_created_at=Subquery(source.values("created_at")[:1]),
+                # An outcome about a request belongs to that request's session: the unit of the analysis.
+                session_hash=Subquery(source.values("session_hash")[:1]),
                 resolved_at=now,
             )
     return joined

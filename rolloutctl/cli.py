@@ -113,6 +113,9 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     print(status_line(rollout), file=out)
     if rollout.get("state_reason"):
         print(f"  reason: {rollout['state_reason']}", file=out)
+    split = rollout.get("alpha_split")
+    if split:
+        print(f"  error control: {split['text']}", file=out)
     latest = rollout.get("latest_analysis")
     if latest:
         print(f"  latest look {latest['at']}: {latest['decision']} — {latest['reason']}", file=out)
@@ -120,7 +123,9 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
             interval = ""
             if check.get("low") is not None and check.get("high") is not None:
                 interval = f" [{check['low']:.4g}, {check['high']:.4g}]"
-            print(f"    {check.get('name', check.get('metric'))}: {check['decision']}{interval}", file=out)
+            more = f", about {check['more_n']} more {check.get('more_unit', 'requests')}" if check.get("more_n") else ""
+            alpha = f" (alpha {check['alpha']:.3g}{more})" if check.get("alpha") is not None else ""
+            print(f"    {check.get('name', check.get('metric'))}: {check['decision']}{interval}{alpha}", file=out)
     if rollout.get("actions"):
         print(f"  you may: {', '.join(rollout['actions'])}", file=out)
 

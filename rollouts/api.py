@@ -31,9 +31,10 @@ from config.pagination import PaginatedListApi
 from config.query import query_flag
 from rollouts import selectors
 from rollouts.actors import Actor
+from rollouts.analysis.checks import alpha_split
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
 from rollouts.planning import plan_sample_sizes
-from rollouts.plans import PLAN_EXAMPLE, PLAN_JSON_SCHEMA
+from rollouts.plans import PLAN_EXAMPLE, PLAN_JSON_SCHEMA, plan_from_stored
 from rollouts.services import (
     ACTION_ROLES,
     plan_validate,
@@ -155,6 +156,9 @@ class RolloutDetailOutput(RolloutOutput):
     latest_analysis = serializers.SerializerMethodField()
     health = serializers.SerializerMethodField()
     actions = serializers.SerializerMethodField(help_text="What the caller may do now.")
+    alpha_split = serializers.SerializerMethodField(
+        help_text="The plan's alpha, the rule that splits it (Bonferroni) and the checks that share it."
+    )
 
     def _latest(self, rollout: Rollout) -> RolloutAnalysis | None:
         # Several method fields read the latest look: one query per rollout.
@@ -182,6 +186,13 @@ class RolloutDetailOutput(RolloutOutput):
     @extend_schema_field(RolloutHealthOutput)
     def get_health(self, rollout: Rollout) -> dict[str, Any]:
         return selectors.rollout_health(analysis=self._latest(rollout))
+
+    @extend_schema_field({"type": "object", "properties": {
+        "alpha": {"type": "number"}, "rule": {"type": "string"}, "checks": {"type": "array", "items": {"type": "string"}},
+        "share": {"type": "number"}, "text": {"type": "string"},
+    }})  # fmt: skip
+    def get_alpha_split(self, rollout: Rollout) -> dict[str, Any]:
+        return alpha_split(plan_from_stored(rollout.plan)).as_dict()
 
     def get_actions(self, rollout: Rollout) -> list[str]:
         request = self.context.get("request")

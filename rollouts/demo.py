@@ -52,7 +52,7 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         "slos": ["error_rate <= 0.05"],
         "guardrails": [
             {"metric": "error_rate", "margin": 0.02},
-            {"metric": "tpot_mean_ms", "margin": "50%"},
+            {"metric": "tpot_gmean_ms", "margin": "50%"},
         ],
     },
     "adder-slow-demo": {
@@ -72,7 +72,7 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
             {"weight": "100%", "min_duration_s": 120, "min_candidate_requests": 60},
         ],
         "guardrails": [
-            {"metric": "tpot_mean_ms", "margin": "10%"},
+            {"metric": "tpot_gmean_ms", "margin": "10%"},
             {"metric": "error_rate", "margin": 0.02},
             {"metric": "cost_per_request", "margin": "5%"},
         ],

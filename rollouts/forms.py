@@ -24,7 +24,7 @@ STRATEGY_CHOICES = [
 ]
 assert [value for value, _ in STRATEGY_CHOICES] == list(STRATEGIES)
 TRI_STATE = [("", "plan default"), ("yes", "yes"), ("no", "no")]
-DEFAULT_GUARDRAILS_TEXT = "tpot_mean_ms 10%\nerror_rate 0.01"
+DEFAULT_GUARDRAILS_TEXT = "tpot_gmean_ms 10%\nerror_rate 0.01"
 DEFAULT_STEPS: list[tuple[str, str, str, bool]] = [
     ("5%", "60", "50", False),
     ("25%", "120", "200", False),
@@ -278,7 +278,7 @@ def _filled_rows(form: RolloutForm) -> list[int]:
 
 
 def _guardrail(line: str) -> Any:
-    """ "tpot_mean_ms 10%" -> {metric, margin}; a line that is not two words goes to the validator as written."""
+    """ "tpot_gmean_ms 10%" -> {metric, margin}; a line that is not two words goes to the validator as written."""
     parts = line.replace(":", " ").split()
     if len(parts) != 2:
         return line

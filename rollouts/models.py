@@ -235,6 +235,8 @@ class RolloutAnalysis(models.Model):
     arms = models.JSONField(default=dict, help_text="Per arm: n, error rate, latency means and tails, ...")
     checks = models.JSONField(default=list, help_text="Each SLO/guardrail/primary check with its bounds.")
     srm = models.JSONField(null=True, blank=True)
+    # Metrics no check decides on, compared both ways for the experiments page (a report: never a decision).
+    comparisons = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ("rollout_id", "created_at", "id")

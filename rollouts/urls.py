@@ -14,5 +14,8 @@ urlpatterns = [
     path("rollouts/<int:rollout_id>/series.json", views.rollout_series_json, name="rollout-series"),
     path("rollouts/<int:rollout_id>/<slug:action>", views.rollout_action, name="rollout-action"),
     path("audit", views.audit_log, name="audit-log"),
+    path("experiments", views.experiment_list, name="experiment-list"),
+    path("experiments/<int:rollout_id>", views.experiment_detail, name="experiment-detail"),
+    path("experiments/<int:rollout_id>/live", views.experiment_detail_live, name="experiment-detail-live"),
     path("audit.csv", views.audit_log_csv, name="audit-log-csv"),
 ]

@@ -64,6 +64,10 @@ class GuardrailResult:
     baseline_n: int
     candidate_n: int
     reason: str
+    # While undecided: by how much the sample (both arms in proportion) must grow before the bound can clear
+    # the margin, if the estimate and the spread stay as they are; None when decided, or when the estimate
+    # sits on the margin (then no amount of data decides).
+    growth: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ class SloResult:
     alpha: float
     n: int
     reason: str
+    growth: float | None = None  # as GuardrailResult.growth
 
 
 def _decide_harm(lower: float, upper: float, margin: float) -> tuple[Decision, str]:
@@ -150,7 +155,7 @@ def guardrail_check(
 
     if min(baseline.n, candidate.n) < min_n:
         return undecided(f"fewer than min_n={min_n} observations in an arm")
-    n_total = baseline.n + candidate.n
+    n_total: float = baseline.n + candidate.n
     if kind == "proportion":
         pseudo = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n) ** 2
         base_est = _smoothed_proportion(baseline, "baseline", pseudo)
@@ -161,17 +166,95 @@ def guardrail_check(
     if relative and base_est.mean <= 0:
         return undecided("baseline mean is not positive, so a relative margin is undefined")
 
-    diff = arm_difference(base_est, cand_est, relative=relative, t_reference=False)
-    width = math.sqrt(diff.variance) * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
-    harm = diff.effect if direction == "lower_is_better" else -diff.effect
+    return difference_check(
+        base_est, cand_est, margin=margin, relative=relative, direction=direction, alpha=alpha, tuning_n=tuning_n,
+        n_total=n_total, kind=kind,
+    )  # fmt: skip
+
+
+def growth_to_decide(*, gap: float, variance: float, n_total: float, alpha: float, tuning_n: float) -> float | None:
+    """The factor f >= 1 by which the sample must grow (every arm in proportion) for a bound k(N f) se / sqrt(f)
+    to come within ``gap`` of the estimate, the estimate and the spread staying as they are. None when the gap
+    is 0 (the estimate on the margin: no sample decides) or more than a million times the sample is needed."""
+    if not (gap > 0 and math.isfinite(gap)):
+        return None
+    se = math.sqrt(max(variance, 0.0))
+
+    def short(f: float) -> bool:
+        return one_sided_multiplier(n_total=n_total * f, alpha=alpha, tuning_n=tuning_n) * se / math.sqrt(f) > gap
+
+    if not short(1.0):
+        return 1.0
+    low, high = 0.0, math.log(1e6)
+    if short(math.exp(high)):
+        return None
+    # k(N f) / sqrt(f) falls as f grows (k grows like sqrt(log f)): bisect on log f.
+    for _ in range(60):
+        mid = (low + high) / 2.0
+        if short(math.exp(mid)):
+            low = mid
+        else:
+            high = mid
+    return math.exp(high)
+
+
+def difference_check(
+    baseline: ArmEstimate,
+    candidate: ArmEstimate,
+    *,
+    margin: float,
+    relative: bool = False,
+    direction: str = "lower_is_better",
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+    n_total: float | None = None,
+    kind: str = "mean",
+) -> GuardrailResult:
+    """The guardrail decision from two arms' estimates (any kind: means, proportions, ratios over sessions).
+
+    ``n_total`` is the "time" of the confidence sequence (both arms' observations; requests for ratios over
+    sessions, whose variance is the sessions' own); the arms' n by default."""
+    n_total = n_total if n_total is not None else baseline.n + candidate.n
+    diff = arm_difference(baseline, candidate, relative=relative, t_reference=False)
+    return effect_check(
+        diff.effect, diff.variance, margin=margin, relative=relative, direction=direction, alpha=alpha,
+        tuning_n=tuning_n, n_total=n_total, kind=kind, baseline_n=baseline.n, candidate_n=candidate.n,
+    )  # fmt: skip
+
+
+def effect_check(
+    effect: float,
+    variance: float,
+    *,
+    margin: float,
+    relative: bool = False,
+    direction: str = "lower_is_better",
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+    n_total: float,
+    kind: str = "mean",
+    baseline_n: int = 0,
+    candidate_n: int = 0,
+    project: bool = False,
+) -> GuardrailResult:
+    """The guardrail decision on an effect (candidate - baseline, or a combination of per-step ones) with
+    the given squared standard error; ``project`` fills ``growth`` while undecided (a search: costly)."""
+    check_choice("direction", direction, DIRECTIONS)
+    margin = check_non_negative("margin", margin)
+    alpha = check_alpha(alpha)
+    tuning_n = check_positive("tuning_n", tuning_n)
+    n_total = check_positive("n_total", n_total)
+    width = math.sqrt(variance) * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    harm = effect if direction == "lower_is_better" else -effect
     lower, upper = harm - width, harm + width
-    p_value = one_sided_p_value(
-        effect=harm, variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n, null=margin
-    )
+    p_value = one_sided_p_value(effect=harm, variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n, null=margin)
     decision, reason = _decide_harm(lower, upper, margin)
+    growth = None
+    if decision is Decision.UNDECIDED and project:
+        growth = growth_to_decide(gap=abs(harm - margin), variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     return GuardrailResult(
         decision, harm, upper, lower, margin, p_value, kind, relative, direction, alpha,
-        baseline.n, candidate.n, reason,
+        baseline_n, candidate_n, reason, growth,
     )  # fmt: skip
 
 
@@ -259,11 +342,36 @@ def mean_slo_check(
             Decision.UNDECIDED, arm.mean, -math.inf, math.inf, threshold, 1.0, direction, alpha, arm.n,
             f"fewer than min_n={min_n} observations",
         )  # fmt: skip
-    variance = arm.variance / arm.n
-    width = math.sqrt(variance) * one_sided_multiplier(n_total=arm.n, alpha=alpha, tuning_n=tuning_n)
-    lower, upper = arm.mean - width, arm.mean + width
-    beyond, null = (arm.mean, threshold) if direction == "lower_is_better" else (-arm.mean, -threshold)
-    p_value = one_sided_p_value(effect=beyond, variance=variance, n_total=arm.n, alpha=alpha, tuning_n=tuning_n,
-                                null=null)
+    return estimate_limit_check(
+        arm.mean, arm.variance / arm.n, threshold=threshold, direction=direction, alpha=alpha, tuning_n=tuning_n,
+        n_total=arm.n, n=arm.n,
+    )  # fmt: skip
+
+
+def estimate_limit_check(
+    estimate: float,
+    variance: float,
+    *,
+    threshold: float,
+    direction: str = "lower_is_better",
+    alpha: float = 0.05,
+    tuning_n: float = 5000,
+    n_total: float,
+    n: int = 0,
+    project: bool = False,
+) -> SloResult:
+    """One arm's estimate (squared standard error ``variance``) against an absolute threshold, on the
+    one-sample confidence sequence with "time" ``n_total``."""
+    check_choice("direction", direction, DIRECTIONS)
+    alpha = check_alpha(alpha)
+    width = math.sqrt(max(variance, 0.0)) * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    lower, upper = estimate - width, estimate + width
+    beyond, null = (estimate, threshold) if direction == "lower_is_better" else (-estimate, -threshold)
+    p_value = one_sided_p_value(effect=beyond, variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n,
+                                null=null)  # fmt: skip
     decision, reason = _decide_limit(lower, upper, threshold, direction)
-    return SloResult(decision, arm.mean, lower, upper, threshold, p_value, direction, alpha, arm.n, reason)
+    growth = None
+    if decision is Decision.UNDECIDED and project:
+        growth = growth_to_decide(gap=abs(estimate - threshold), variance=variance, n_total=n_total, alpha=alpha,
+                                  tuning_n=tuning_n)  # fmt: skip
+    return SloResult(decision, estimate, lower, upper, threshold, p_value, direction, alpha, n, reason, growth)

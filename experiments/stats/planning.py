@@ -1,10 +1,13 @@
-"""How many samples a plan needs: statsmodels' power solvers, shown when a plan is made."""
+"""How many samples a plan needs, shown when a plan is made: statsmodels' power solvers for a fixed-horizon
+test, and the sample the rollout's own always-valid bounds need (``sequential_sample_size``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from scipy.stats import norm as _norm
 from statsmodels.stats.power import NormalIndPower, TTestIndPower
 from statsmodels.stats.proportion import proportion_effectsize
 
@@ -109,3 +112,70 @@ def step_tuning_n(*, candidate_share: float, min_candidate_requests: int) -> flo
         raise ValueError(f"min_candidate_requests must be a non-negative integer, got {min_candidate_requests!r}")
     share = max(share, 0.01)
     return float(max(MIN_TUNING_N, round(max(min_candidate_requests, 50) / share)))
+
+
+def _search_n(enough: Callable[[int], bool], start: int = 2) -> int:
+    high = max(start, 2)
+    while not enough(high):
+        high *= 2
+        if high > 10**10:
+            raise ValueError("no sample up to 10^10 is enough: the gap is too small for the spread")
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if enough(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def sequential_sample_size(
+    *,
+    variance_baseline: float,
+    variance_candidate: float,
+    gap: float,
+    candidate_share: float,
+    alpha: float,
+    tuning_n: float,
+    power: float = 0.8,
+) -> int:
+    """Candidate observations at which the always-valid one-sided bound of a guardrail (the rollout's test,
+    ``decisions.effect_check``) comes within ``gap`` of the true harm with probability ``power``: with the
+    candidate as good as the baseline, ``gap`` is the margin, and this is the sample at which a step can
+    expect to show the guardrail safe (advance on evidence). Variances are per observation (per request,
+    with the sessions' clustering in them); the baseline gets the rest of the split."""
+    from .sequential import one_sided_multiplier
+
+    gap = check_positive("gap", gap)
+    share = check_finite("candidate_share", candidate_share)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"candidate_share must be in (0, 1), got {candidate_share!r}")
+    alpha, power = check_alpha(alpha), check_alpha(power, "power")
+    z = float(_norm.ppf(power))
+    vb, vc = max(variance_baseline, 0.0), max(variance_candidate, 0.0)
+
+    def enough(n_c: int) -> bool:
+        n_b = max(n_c * (1.0 - share) / share, 1.0)
+        se = math.sqrt(vb / n_b + vc / n_c)
+        k = one_sided_multiplier(n_total=n_c + n_b, alpha=alpha, tuning_n=tuning_n)
+        return gap >= (k + z) * se
+
+    return _search_n(enough)
+
+
+def sequential_one_arm_size(
+    *, variance: float, gap: float, alpha: float, tuning_n: float, power: float = 0.8
+) -> int:
+    """Observations at which a one-arm always-valid bound (an SLO on a mean) comes within ``gap`` of the
+    truth with probability ``power``: the sample to show an SLO met when the truth is ``gap`` inside it."""
+    from .sequential import one_sided_multiplier
+
+    gap = check_positive("gap", gap)
+    alpha, power = check_alpha(alpha), check_alpha(power, "power")
+    z = float(_norm.ppf(power))
+
+    def enough(n: int) -> bool:
+        return gap >= (one_sided_multiplier(n_total=n, alpha=alpha, tuning_n=tuning_n) + z) * math.sqrt(max(variance, 0.0) / n)
+
+    return _search_n(enough)

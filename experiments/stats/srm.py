@@ -78,3 +78,35 @@ def srm_check(
 def srm_test(counts: Sequence[float], weights: Sequence[float]) -> float:
     """The p-value of the sample-ratio-mismatch test; flag the split when it is < 0.001."""
     return srm_check(counts, weights).p_value
+
+
+def srm_sequential(
+    counts: Sequence[float], weights: Sequence[float], *, threshold: float = SRM_P_THRESHOLD, tuning_n: float = 5000
+) -> SrmResult:
+    """The sample-ratio check made valid however often it is looked at: the Dirichlet-multinomial mixture
+    (Lindon and Malek, "Anytime-valid inference for multinomial count data", NeurIPS 2022).
+
+    Under the configured weights w, each new unit (a session at its first exposure) falls in arm k with
+    probability w_k independently of the others, and the Bayes factor of a Dirichlet(A w) mixture of
+    alternatives against w,
+
+        BF = Gamma(A) / Gamma(A + n) * prod_k Gamma(A w_k + n_k) / Gamma(A w_k) / prod_k w_k^n_k,
+
+    is a nonnegative martingale with mean 1: it ever reaches 1 / threshold with probability at most
+    ``threshold``, so p = min(1, 1 / BF) may be recomputed at every look. A is set from N* like the beta-
+    binomial's weight (``proportions.mixture_weight``). ``statistic`` holds ln BF."""
+    from .proportions import mixture_weight  # proportions imports decisions, which must not import srm
+
+    threshold = check_alpha(threshold, "threshold")
+    observed, shares = _check(counts, weights)
+    total = math.fsum(observed)
+    expected = tuple(total * w for w in shares)
+    if total == 0:
+        return SrmResult(1.0, 0.0, expected, False)
+    concentration = mixture_weight(alpha=threshold, tuning_n=tuning_n) + 1.0
+    log_bf = math.lgamma(concentration) - math.lgamma(concentration + total)
+    for n_k, w_k in zip(observed, shares, strict=True):
+        prior = concentration * w_k
+        log_bf += math.lgamma(prior + n_k) - math.lgamma(prior) - n_k * math.log(w_k)
+    p_value = 1.0 if log_bf <= 0 else math.exp(-log_bf)
+    return SrmResult(p_value, log_bf, expected, p_value < threshold)

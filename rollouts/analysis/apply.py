@@ -87,6 +87,7 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
                 arms=look.arms,
                 checks=look.checks,
                 srm=look.srm,
+                comparisons=look.comparisons,
             )
     finally:
         rollout_analysis_release(rollout_id=rollout_id, readiness=readiness)

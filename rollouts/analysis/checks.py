@@ -1,165 +1,363 @@
-"""The checks of one look: per-arm sufficient statistics of the step's window, tested against the plan's
-SLOs, guardrails, shadow quality and primary metric (`experiments.stats`), each turned into the JSON the
-rollout stores and the pages show. Nothing here decides what the rollout does next (that is `policy`)."""
+"""The checks of one look: per-arm statistics over sessions of the rollout's windows, tested against the
+plan's SLOs, guardrails, shadow quality and primary metric (`experiments.stats`), each turned into the
+JSON the rollout stores and the pages show. Nothing here decides what the rollout does next (`policy`).
+
+Error control, one rule for the whole rollout (`alpha_split`): the plan's alpha is split once, equally
+(Bonferroni), over every check that can stop or pass it: each SLO, each guardrail, the shadow quality
+check, the eval gate and an A/B's primary metric. Each check decides on an always-valid bound at its share,
+so the chance that any check of the rollout is ever wrong, at any look of any step, is at most alpha.
+
+Evidence carried across steps (one confidence sequence per check for the whole rollout, so no split over
+steps): every step with both arms live (0 < weight < 1) is a stratum; a guardrail compares the arms within
+each stratum and averages the strata's differences with weights n_b n_c / (n_b + n_c) of their requests,
+so the changing split between steps cannot bias it (Simpson's paradox: pooling arms across steps whose
+weights differ would compare a candidate seen mostly late with a baseline seen mostly early). The two
+versions are the same in every step of a rollout, which is what makes the steps comparable at all. A step
+whose sessions did not split as configured (sample ratio mismatch) is left out of the pooling. SLOs judge
+the candidate alone and sum its requests over its live steps. A shadow step (weight 0) compares replayed
+requests, timed on another path, so it is judged on its own window only.
+
+The check dicts every look stores (what the policy, the pages and `rolloutctl` read): `type`, `name`,
+`metric`, `decision` ("safe", "breach", "undecided"; "win"/"loss" for an A/B's primary metric), `alpha`
+(the check's share), `min_n` (the fewest candidate requests at which it could be shown safe), `more_n` with
+`more_unit` (while undecided: about how many more candidate requests it needs at the present estimate;
+None when the estimate sits on the margin), `steps` (the step indexes its evidence pools), the estimate
+with its bounds, and `n` / `sessions`.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from experiments.analysis import ArmSums, arm_summary, arm_sums, shadow_candidate_sums
-from experiments.metrics import HIGHER, LOWER, METRICS
+from experiments.metrics import HIGHER, LOWER, METRICS, Metric
 from experiments.stats import (
-    ArmStats,
+    DEFAULT_MIN_UNITS,
     Decision,
-    compare,
-    guardrail_check,
-    mean_slo_check,
-    srm_check,
+    RatioStats,
+    always_valid_p_value,
+    benjamini_hochberg,
+    design_effect,
+    guardrail_more_factor,
+    half_width,
+    min_trials,
+    proportion_limit_check,
+    ratio_comparison,
+    ratio_estimate,
+    ratio_guardrail_check,
+    ratio_limit_check,
+    srm_sequential,
     step_tuning_n,
-    tail_slo_check,
 )
 from experiments.stats.bounded import bounded_mean_n_needed
+from experiments.stats.estimators import arm_difference
 from rollouts import gates
-from rollouts.analysis.look import MIN_SRM_N, MIN_TAIL_N, D, Look, num
+from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
 from rollouts.models import Rollout
 from rollouts.plans import Plan
+from rollouts.selectors import rollout_step_starts
 
 logger = logging.getLogger(__name__)
 
+ALPHA_RULE = "bonferroni"
+MORE_UNIT = "candidate requests"
 
-def tuning_n_for_step(plan: Plan, step: dict[str, Any]) -> float:
-    """N*, where the confidence sequence is narrowest: the plan's, else the step's expected sample at its
-    decision."""
-    if plan.tuning_n:
-        return float(plan.tuning_n)
-    share = float(step["weight"]) or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
-    return step_tuning_n(candidate_share=min(share, 1.0), min_candidate_requests=int(step["min_candidate_requests"]))
+
+# -- error control -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlphaSplit:
+    """The plan's alpha and the checks it is split over, equally (Bonferroni)."""
+
+    alpha: float
+    checks: tuple[str, ...]
+    rule: str = ALPHA_RULE
+
+    @property
+    def share(self) -> float:
+        return self.alpha / max(1, len(self.checks))
+
+    @property
+    def text(self) -> str:
+        k = len(self.checks)
+        if k <= 1:
+            return f"alpha {self.alpha:g} for the rollout's one check"
+        return f"alpha {self.alpha:g} split equally over {k} checks (Bonferroni): {self.share:.3g} each"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "rule": self.rule, "checks": list(self.checks), "share": num(self.share), "text": self.text}
+
+
+def alpha_split(plan: Plan) -> AlphaSplit:
+    """Every check that can stop or pass the rollout, and the alpha each gets (module docstring)."""
+    names = [slo.label for slo in plan.slos] + [g.label for g in plan.guardrails]
+    if plan.shadow_quality is not None:
+        names.append("shadow quality")
+    if plan.eval_gate:
+        names.append("eval gate")
+    if plan.strategy == "ab" and plan.primary_metric is not None:
+        names.append(f"primary: {plan.primary_metric.metric}")
+    return AlphaSplit(plan.alpha, tuple(names))
 
 
 def check_alpha_share(plan: Plan) -> float:
-    checks = len(plan.slos) + len(plan.guardrails) + (1 if plan.shadow_quality else 0)
-    return plan.alpha / max(1, checks * max(1, len(plan.steps)))
+    """The alpha of each of the rollout's checks (the eval gate and shadow quality take theirs from here)."""
+    return alpha_split(plan).share
 
 
-def _slo_check(plan: Plan, slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: float, tuning_n: float) -> dict[str, Any]:
+def plan_tuning_n(plan: Plan) -> float:
+    """N*, where every check's confidence sequence is narrowest: the plan's, else the sample expected at the
+    first comparing step's decision. One value for the whole rollout: the evidence is one sequence across
+    steps, and its mixing must not change with the step (the steps end on the data)."""
+    if plan.tuning_n:
+        return float(plan.tuning_n)
+    for step in plan.steps:
+        share = step.weight or step.shadow_rate / (1.0 + step.shadow_rate)
+        if 0.0 < share < 1.0:
+            return step_tuning_n(candidate_share=share, min_candidate_requests=step.min_candidate_requests)
+    return step_tuning_n(candidate_share=0.5, min_candidate_requests=0)
+
+
+def tuning_n_for_step(plan: Plan, step: dict[str, Any]) -> float:
+    """Kept for callers that ask per step: the rollout's one N* (`plan_tuning_n`)."""
+    return plan_tuning_n(plan)
+
+
+# -- the smallest samples that can decide (the policy's step floors) -------------------------------------
+
+
+def _scale(metric: Metric) -> str:
+    if metric.shape == "gmean":
+        return "log"
+    return "proportion" if metric.shape == "proportion" else "mean"
+
+
+@lru_cache(maxsize=256)
+def _proportion_guardrail_min_n(margin: float, relative: bool, share: float, alpha: float, tuning_n: float) -> int:
+    """The fewest candidate requests at which a share guardrail can be shown safe: both arms without a single
+    event, one request per session, at the step's split."""
+    if relative:
+        return DEFAULT_MIN_UNITS  # needs events in the baseline first; no floor follows from alpha alone
+
+    def safe(n_c: int) -> bool:
+        n_b = max(DEFAULT_MIN_UNITS, round(n_c * (1.0 - share) / share))
+        zero_b = RatioStats(n_b, 0.0, float(n_b), 0.0, float(n_b), 0.0)
+        zero_c = RatioStats(n_c, 0.0, float(n_c), 0.0, float(n_c), 0.0)
+        result = ratio_guardrail_check(zero_b, zero_c, scale="proportion", margin=margin, relative=False,
+                                       alpha=alpha, tuning_n=tuning_n)  # fmt: skip
+        return result.decision is Decision.SAFE
+
+    high = DEFAULT_MIN_UNITS
+    while not safe(high):
+        high *= 2
+        if high > 10**8:
+            return high
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if safe(mid):
+            high = mid
+        else:
+            low = mid
+    return max(high, DEFAULT_MIN_UNITS)
+
+
+def _units_floor(share: float) -> int:
+    # Both arms need DEFAULT_MIN_UNITS sessions; past a 50 % split the baseline is the smaller arm.
+    if share <= 0.5:
+        return DEFAULT_MIN_UNITS
+    return math.ceil(DEFAULT_MIN_UNITS * share / max(1.0 - share, 1e-9))
+
+
+def _slo_min_n(slo: Any, alpha: float, tuning_n: float) -> int:
     metric = METRICS[slo.metric]
-    out: dict[str, Any] = {"type": "slo", "name": slo.label, "metric": slo.metric, "limit": slo.threshold}
-    stats = cand.stats_for(metric, threshold=slo.threshold, prices=prices)
+    if metric.shape == "percentile":
+        return min_trials(limit=1.0 - float(metric.quantile or 0.99), alpha=alpha, tuning_n=tuning_n, all_successes=False)
+    if metric.shape == "proportion":
+        bad_limit = slo.threshold if slo.op == "<=" else 1.0 - slo.threshold
+        return min_trials(limit=bad_limit, alpha=alpha, tuning_n=tuning_n, all_successes=False)
+    return DEFAULT_MIN_UNITS
+
+
+def _guardrail_min_n(guardrail: Any, share: float, alpha: float, tuning_n: float) -> int:
+    metric = METRICS[guardrail.metric]
+    if metric.shape == "proportion" and not metric.outcome:
+        return max(_units_floor(share), _proportion_guardrail_min_n(guardrail.margin, guardrail.relative, share, alpha, tuning_n))
+    return _units_floor(share)
+
+
+def step_min_sample(plan: Plan, step_index: int) -> int:
+    """The fewest candidate requests at which every check of the step can be shown safe at the plan's alpha,
+    however good the data: the floor under a step's `min_candidate_requests` (the policy's). It follows from
+    alpha, the number of checks, the limits and margins and the step's split; with evidence carried across
+    steps it is reached once, so a later comparing step needs no more of its own."""
+    step = plan.steps[step_index]
+    share = step.weight or step.shadow_rate / (1.0 + step.shadow_rate)
+    alpha, tuning_n = check_alpha_share(plan), plan_tuning_n(plan)
+    needs = [_slo_min_n(slo, alpha, tuning_n) for slo in plan.slos]
+    if 0.0 < share < 1.0:
+        needs += [_guardrail_min_n(g, share, alpha, tuning_n) for g in plan.guardrails]
+    return max(needs, default=0)
+
+
+# -- windows ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    step_index: int
+    weight: float
+    since: datetime
+    until: datetime
+    current: bool
+
+
+def evidence_windows(rollout: Rollout, window_start: datetime, now: datetime) -> list[Window]:
+    """Every step the rollout has been in, as [start + settle, next start), the current one [window_start, now)."""
+    steps = rollout.steps
+    starts = [(i, at) for i, at in rollout_step_starts(rollout=rollout) if 0 <= i < len(steps)]
+    windows = []
+    for position, (index, at) in enumerate(starts):
+        if index == rollout.step_index:
+            continue
+        until = starts[position + 1][1] if position + 1 < len(starts) else now
+        since = at + ROUTE_SETTLE
+        if since < until:
+            windows.append(Window(index, float(steps[index]["weight"]), since, until, False))
+    current = float(steps[rollout.step_index]["weight"])
+    windows.append(Window(rollout.step_index, current, window_start, now, True))
+    return windows
+
+
+# -- the checks -------------------------------------------------------------------------------------------
+
+
+def _more(growth: float | None, requests: float) -> int | None:
+    if growth is None:
+        return None
+    return max(1, math.ceil(max(requests, 1.0) * (growth - 1.0))) if growth > 1.0 else 1
+
+
+def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: float, tuning_n: float,
+               steps: list[int]) -> dict[str, Any]:  # fmt: skip
+    metric = METRICS[slo.metric]
+    out: dict[str, Any] = {
+        "type": "slo", "name": slo.label, "metric": slo.metric, "limit": slo.threshold, "alpha": num(alpha),
+        "steps": steps, "more_unit": MORE_UNIT, "min_n": _slo_min_n(slo, alpha, tuning_n),
+    }  # fmt: skip
+    stats = cand.ratio_for(metric, threshold=slo.threshold, prices=prices)
+    if stats is None or stats.den <= 0:
+        return {**out, "decision": Decision.UNDECIDED.value, "n": 0, "more_n": out["min_n"], "reason": "no requests yet"}
     if metric.shape in ("percentile", "proportion"):
         if metric.shape == "percentile":
-            share_limit = 1.0 - float(metric.quantile or 0.99)
-            bad = stats
-        elif slo.op == "<=":
-            share_limit, bad = slo.threshold, stats
-        else:  # "goodput >= 0.95": the share of requests that are not good stays under 5 %
-            share_limit = 1.0 - slo.threshold
-            bad = None if stats is None else type(stats).from_counts(stats.n - round(stats.sum), stats.n)
-        if bad is None or bad.n < MIN_TAIL_N:
-            return {**out, "decision": Decision.UNDECIDED.value, "n": bad.n if bad else 0, "reason": "not enough requests yet"}
-        result = tail_slo_check(bad, max_share=share_limit, alpha=alpha, tuning_n=tuning_n)
-        estimate, low, high = result.estimate, result.lower_bound, result.upper_bound
-        if metric.shape == "proportion" and slo.op == ">=":
-            estimate, low, high = 1 - estimate, 1 - high, 1 - low
+            limit, direction, share_limit = 1.0 - float(metric.quantile or 0.99), LOWER, 1.0 - float(metric.quantile or 0.99)
+        else:
+            limit, direction, share_limit = slo.threshold, LOWER if slo.op == "<=" else HIGHER, None
+        deff = design_effect(stats)
+        result = proportion_limit_check(
+            stats.num, stats.den, limit=limit, direction=direction, alpha=alpha, tuning_n=tuning_n, design_effect=deff
+        )
         return {
-            **out, "decision": result.decision.value, "estimate": num(estimate), "low": num(low), "high": num(high),
-            "share_limit": num(share_limit), "p": num(result.p_value), "n": result.n,
+            **out, "decision": result.decision.value, "estimate": num(result.estimate), "low": num(result.lower_bound),
+            "high": num(result.upper_bound), "n": result.n, "sessions": stats.units, "design_effect": num(deff),
+            "min_n_breach": result.min_n_breach, "more_n": result.more_n if result.decision is Decision.UNDECIDED else None,
+            "test": "beta-binomial confidence sequence", "reason": result.reason,
+            **({"share_limit": num(share_limit)} if share_limit is not None else {}),
         }  # fmt: skip
-    if stats is None or stats.n < 2:
-        return {**out, "decision": Decision.UNDECIDED.value, "n": stats.n if stats else 0, "reason": "not enough requests yet"}
     direction = LOWER if slo.op == "<=" else HIGHER
-    mean_result = mean_slo_check(stats, threshold=slo.threshold, direction=direction, alpha=alpha, tuning_n=tuning_n)
+    mean = ratio_limit_check(
+        stats, threshold=slo.threshold, log=metric.shape == "gmean", direction=direction, alpha=alpha, tuning_n=tuning_n
+    )
     return {
-        **out, "decision": mean_result.decision.value, "estimate": num(mean_result.estimate),
-        "low": num(mean_result.lower_bound), "high": num(mean_result.upper_bound), "p": num(mean_result.p_value),
-        "n": mean_result.n,
+        **out, "decision": mean.decision.value, "estimate": num(mean.estimate), "low": num(mean.lower_bound),
+        "high": num(mean.upper_bound), "n": mean.n, "sessions": stats.units,
+        "more_n": _more(mean.growth, stats.den) if mean.decision is Decision.UNDECIDED else None, "reason": mean.reason,
     }  # fmt: skip
 
 
 def _guardrail_check(
-    guardrail: Any, base: ArmSums, cand: ArmSums, prices: dict[str, tuple[float, float]], alpha: float, tuning_n: float,
-    shadow_step: bool,
+    guardrail: Any, strata: list[tuple[ArmSums, ArmSums]], prices: dict[str, tuple[float, float]], alpha: float,
+    tuning_n: float, share: float, shadow_step: bool, steps: list[int],
 ) -> dict[str, Any]:  # fmt: skip
     metric = METRICS[guardrail.metric]
+    scale = _scale(metric)
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
-        "relative": guardrail.relative,
+        "relative": guardrail.relative, "scale": scale, "alpha": num(alpha), "steps": steps, "more_unit": MORE_UNIT,
+        "min_n": _guardrail_min_n(guardrail, share, alpha, tuning_n) if 0 < share < 1 else None,
     }  # fmt: skip
     if shadow_step and metric.outcome:
-        return {**out, "decision": Decision.UNDECIDED.value, "reason": "no user sees shadow replies, so no outcomes"}
-    b = base.stats_for(metric, prices=prices["baseline"])
-    c = cand.stats_for(metric, prices=prices["candidate"])
-    if b is None or c is None or b.n < 2 or c.n < 2:
-        return {
-            **out, "decision": Decision.UNDECIDED.value, "n": [b.n if b else 0, c.n if c else 0],
-            "reason": "not enough data in an arm",
-        }  # fmt: skip
-    if guardrail.relative and metric.shape == "mean" and b.mean > 0:
-        return {**out, **_relative_mean_guardrail(b, c, guardrail.margin, metric.direction, alpha, tuning_n)}
-    result = guardrail_check(
-        b, c, kind="proportion" if metric.shape == "proportion" else "mean", margin=guardrail.margin,
-        relative=guardrail.relative, direction=metric.direction, alpha=alpha, tuning_n=tuning_n,
-    )  # fmt: skip
+        return {**out, "decision": Decision.UNDECIDED.value, "more_n": None,
+                "reason": "no user sees shadow replies, so no outcomes"}  # fmt: skip
+    bases, cands = [], []
+    for base, cand in strata:
+        b = base.ratio_for(metric, prices=prices["baseline"])
+        c = cand.ratio_for(metric, prices=prices["candidate"])
+        if b is not None and c is not None:
+            bases.append(b)
+            cands.append(c)
+    if not bases:
+        return {**out, "decision": Decision.UNDECIDED.value, "n": [0, 0], "more_n": out["min_n"],
+                "reason": "no comparable data in an arm"}  # fmt: skip
+    options: dict[str, Any] = {
+        "scale": scale, "margin": guardrail.margin, "relative": guardrail.relative, "direction": metric.direction,
+        "alpha": alpha, "tuning_n": tuning_n,
+    }  # fmt: skip
+    result = ratio_guardrail_check(bases, cands, **options)
+    undecided = result.decision is Decision.UNDECIDED
+    more = None
+    if undecided:
+        factor = guardrail_more_factor(bases, cands, **options)
+        more = _more(factor, result.candidate_requests)
     return {
-        **out, "decision": result.decision.value, "effect": num(result.effect), "low": num(result.lower_bound),
-        "high": num(result.bound), "p": num(result.p_value), "n": [result.baseline_n, result.candidate_n],
-        "baseline": num(b.mean), "candidate": num(c.mean),
+        **out, "decision": result.decision.value, "effect": num(result.harm), "low": num(result.harm_low),
+        "high": num(result.harm_high), "p": num(result.p_value),
+        "n": [round(result.baseline_requests), round(result.candidate_requests)],
+        "sessions": [result.baseline_units, result.candidate_units], "baseline": num(result.baseline),
+        "candidate": num(result.candidate), "theta": num(result.theta),
+        "variance_reduction": num(result.variance_reduction),
+        "more_n": more, "reason": result.reason,
+        **({"test": "ratio of geometric means"} if scale == "log" else {}),
     }  # fmt: skip
 
 
-def _relative_mean_guardrail(
-    b: ArmStats, c: ArmStats, margin: float, direction: str, alpha: float, tuning_n: float
-) -> dict[str, Any]:
-    """"Candidate at most `margin` worse than the baseline" on a mean, tested as a difference (Fieller's way).
-
-    mean_c <= (1 + m) mean_b is the same hypothesis as mean_c - (1 + m) mean_b <= 0, whose always-valid
-    interval is the absolute difference against the baseline's values scaled by (1 + m) ((1 - m) when
-    higher is better). The delta method on the ratio instead multiplies the baseline's variance by the
-    squared ratio: with a candidate ten times slower and latencies as heavy-tailed as a shared CPU makes
-    them, its interval stays wide for a thousand requests, while this one decides in about a hundred.
-    The bounds are reported back on the relative scale (the baseline mean taken as known)."""
-    scale = 1.0 + margin if direction == LOWER else 1.0 - margin
-    scaled = ArmStats(b.n, scale * b.sum, scale * scale * b.sum_squares)
-    result = guardrail_check(
-        scaled, c, kind="mean", margin=0.0, relative=False, direction=direction, alpha=alpha, tuning_n=tuning_n
-    )
-    to_relative = 1.0 / b.mean
-    ratio = c.mean / b.mean - 1.0
-    return {
-        "decision": result.decision.value, "effect": num(ratio if direction == LOWER else -ratio),
-        "low": num(result.lower_bound * to_relative + margin), "high": num(result.bound * to_relative + margin),
-        "p": num(result.p_value), "n": [result.baseline_n, result.candidate_n], "baseline": num(b.mean),
-        "candidate": num(c.mean), "test": "difference against the scaled baseline",
-    }  # fmt: skip
-
-
-def _primary_check(plan: Plan, base: ArmSums, cand: ArmSums, prices: dict[str, tuple[float, float]], tuning_n: float) -> dict[str, Any]:
+def _primary_check(plan: Plan, base: ArmSums, cand: ArmSums, prices: dict[str, tuple[float, float]], alpha: float,
+                   tuning_n: float) -> dict[str, Any]:  # fmt: skip
     assert plan.primary_metric is not None
     metric = METRICS[plan.primary_metric.metric]
+    difference = "relative" if metric.shape == "gmean" else plan.primary_metric.difference
     out: dict[str, Any] = {
-        "type": "primary", "name": f"primary: {metric.name}", "metric": metric.name,
-        "difference": plan.primary_metric.difference,
+        "type": "primary", "name": f"primary: {metric.name}", "metric": metric.name, "difference": difference,
+        "alpha": num(alpha), "more_unit": MORE_UNIT,
     }  # fmt: skip
-    b = base.stats_for(metric, prices=prices["baseline"])
-    c = cand.stats_for(metric, prices=prices["candidate"])
-    if b is None or c is None or b.n < 2 or c.n < 2:
-        return {**out, "decision": "undecided", "reason": "not enough data in an arm"}
+    b = base.ratio_for(metric, prices=prices["baseline"])
+    c = cand.ratio_for(metric, prices=prices["candidate"])
+    if b is None or c is None or min(b.units, c.units) < DEFAULT_MIN_UNITS or min(b.den, c.den) <= 0:
+        return {**out, "decision": "undecided", "reason": "not enough sessions in an arm"}
     try:
-        result = compare(
-            b, c, kind="proportion" if metric.shape == "proportion" else "mean",
-            difference=plan.primary_metric.difference, method="sequential", alpha=plan.alpha, tuning_n=tuning_n,
-        )  # fmt: skip
+        b_est, c_est = ratio_estimate(b, role="baseline"), ratio_estimate(c, role="candidate")
+        log = metric.shape == "gmean"
+        diff = arm_difference(b_est, c_est, relative=difference == "relative" and not log, t_reference=False)
     except ValueError as exc:
         return {**out, "decision": "undecided", "reason": str(exc)[:200]}
-    better = result.effect > 0 if metric.direction == HIGHER else result.effect < 0
-    decision = "undecided"
-    if result.p_value <= plan.alpha:
-        decision = "win" if better else "loss"
+    n_total = b.den + c.den
+    width = half_width(variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    p_value = always_valid_p_value(effect=diff.effect, variance=diff.variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    effect, low, high = diff.effect, diff.effect - width, diff.effect + width
+    if log:
+        effect, low, high = math.expm1(effect), math.expm1(low), math.expm1(high)
+    better = effect > 0 if metric.direction == HIGHER else effect < 0
+    decision = ("win" if better else "loss") if p_value <= alpha else "undecided"
     return {
-        **out, "decision": decision, "effect": num(result.effect), "low": num(result.ci_low), "high": num(result.ci_high),
-        "p": num(result.p_value), "n": [result.baseline_n, result.candidate_n], "baseline": num(result.baseline_estimate),
-        "candidate": num(result.candidate_estimate),
+        **out, "decision": decision, "effect": num(effect), "low": num(low), "high": num(high), "p": num(p_value),
+        "n": [round(b.den), round(c.den)], "sessions": [b.units, c.units],
+        "baseline": num(math.exp(b_est.mean) if log else b_est.mean), "candidate": num(math.exp(c_est.mean) if log else c_est.mean),
     }  # fmt: skip
 
 
@@ -220,8 +418,9 @@ def breach_reason(check: dict[str, Any]) -> str:
     if check["type"] == "guardrail":
         unit = "%" if check["relative"] else ""
         scale = 100 if check["relative"] else 1
+        what = "geometric mean " if check.get("scale") == "log" else ""
         return (
-            f"guardrail breached: {check['metric']} is worse than the baseline by {check['effect'] * scale:.3g}{unit} "
+            f"guardrail breached: {check['metric']} {what}is worse than the baseline by {check['effect'] * scale:.3g}{unit} "
             f"(at least {check['low'] * scale:.3g}{unit} with confidence; margin {check['margin'] * scale:.3g}{unit}); "
             f"baseline {check.get('baseline')}, candidate {check.get('candidate')}"
         )
@@ -233,35 +432,128 @@ def breach_reason(check: dict[str, Any]) -> str:
     return f"{check['name']} breached (estimate {check.get('estimate')}, interval [{check.get('low')}, {check.get('high')}])"
 
 
+def _srm(base: ArmSums, cand: ArmSums, weight: float, tuning_n: float) -> dict[str, Any]:
+    counts = [base.exposed, cand.exposed]
+    srm = srm_sequential(counts, [1.0 - weight, weight], tuning_n=tuning_n)
+    return {
+        "p": num(srm.p_value), "mismatch": srm.mismatch, "counts": counts, "expected": [num(e) for e in srm.expected],
+        "unit": "sessions at first exposure", "test": "sequential (Dirichlet-multinomial)",
+    }  # fmt: skip
+
+
 def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: datetime, now: datetime) -> Look:
     thresholds = plan.latency_thresholds
-    shadow_step = float(step["weight"]) == 0.0
-    sums = arm_sums(rollout_id=rollout.pk, since=window_start, thresholds=thresholds)
-    base = sums["baseline"]
-    cand = (
-        shadow_candidate_sums(rollout_id=rollout.pk, since=window_start, thresholds=thresholds) if shadow_step else sums["candidate"]
-    )
+    weight = float(step["weight"])
+    shadow_step = weight == 0.0
     prices = arm_prices(rollout)
-    window_s = max((now - window_start).total_seconds(), 1e-3)
+    split = alpha_split(plan)
+    alpha, tuning_n = split.share, plan_tuning_n(plan)
     look = Look(decision=D.HOLD, reason="", window_start=window_start)
+
+    windows = evidence_windows(rollout, window_start, now)
+    current = windows[-1]
+    sums = {w.step_index: arm_sums(rollout_id=rollout.pk, since=w.since, until=w.until, thresholds=thresholds,
+                                   percentiles=w.current) for w in windows}  # fmt: skip
+    base = sums[current.step_index]["baseline"]
+    cand = (
+        shadow_candidate_sums(rollout_id=rollout.pk, since=window_start, thresholds=thresholds) if shadow_step
+        else sums[current.step_index]["candidate"]
+    )  # fmt: skip
+    window_s = max((now - window_start).total_seconds(), 1e-3)
     look.arms = {
         "baseline": arm_summary(base, window_s=window_s, prices=prices["baseline"]),
         "candidate": {**arm_summary(cand, window_s=window_s, prices=prices["candidate"]), **({"source": "shadow"} if shadow_step else {})},
     }
-    alpha = check_alpha_share(plan)
-    tuning_n = tuning_n_for_step(plan, step)
-    look.checks = [_slo_check(plan, slo, cand, prices["candidate"], alpha, tuning_n) for slo in plan.slos]
-    look.checks += [_guardrail_check(g, base, cand, prices, alpha, tuning_n, shadow_step) for g in plan.guardrails]
+    if 0.0 < weight < 1.0:
+        look.srm = _srm(base, cand, weight, tuning_n)
+
+    # Strata of the comparisons: every live split step whose sessions split as configured, or the shadow step.
+    if shadow_step:
+        strata, compared = [(base, cand)], [current.step_index]
+    else:
+        strata, compared = [], []
+        for w in windows:
+            if not 0.0 < w.weight < 1.0:
+                continue
+            b, c = sums[w.step_index]["baseline"], sums[w.step_index]["candidate"]
+            if not w.current and _srm(b, c, w.weight, tuning_n)["mismatch"]:
+                continue
+            strata.append((b, c))
+            compared.append(w.step_index)
+    # SLOs: the candidate's own requests, summed over its live steps (the current one alone when shadowing).
+    if shadow_step:
+        slo_cand, slo_steps = cand, [current.step_index]
+    else:
+        slo_cand, slo_steps = ArmSums(), []
+        for w in windows:
+            if w.weight > 0.0:
+                slo_cand = slo_cand.merge(sums[w.step_index]["candidate"])
+                slo_steps.append(w.step_index)
+
+    look.checks = [_slo_check(slo, slo_cand, prices["candidate"], alpha, tuning_n, slo_steps) for slo in plan.slos]
+    share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
+    look.checks += [
+        _guardrail_check(g, strata, prices, alpha, tuning_n, share, shadow_step, compared) for g in plan.guardrails
+    ]
     if plan.shadow_quality is not None:
         look.checks.append(_quality_check(plan, rollout.pk, alpha))
     if plan.strategy == "ab" and plan.primary_metric is not None:
-        look.checks.append(_primary_check(plan, base, cand, prices, tuning_n))
-    weight = float(step["weight"])
-    if 0.0 < weight < 1.0 and base.requests + cand.requests >= MIN_SRM_N:
-        srm = srm_check([base.requests, cand.requests], [1.0 - weight, weight])
-        look.srm = {
-            "p": num(srm.p_value), "mismatch": srm.mismatch, "counts": [base.requests, cand.requests],
-            "expected": [num(e) for e in srm.expected],
-        }  # fmt: skip
+        look.checks.append(_primary_check(plan, base, cand, prices, alpha, tuning_n))
+    look.alpha = split.as_dict()
+    if not shadow_step:
+        look.comparisons = exploratory_comparisons(plan, strata, prices, rollout)
     return look
 
+
+# Reported beside the decisions on the experiments page: the gateway's own metrics and any outcome kinds.
+EXPLORATORY = (
+    "error_rate", "goodput", "ttft_gmean_ms", "tpot_gmean_ms", "e2e_gmean_ms", "completion_tokens_mean",
+    "cost_per_request", "thumbs_up_rate", "success_rate", "outcome_value_mean",
+)  # fmt: skip
+
+
+def exploratory_comparisons(
+    plan: Plan, strata: list[tuple[ArmSums, ArmSums]], prices: dict[str, tuple[float, float]], rollout: Rollout
+) -> list[dict[str, Any]]:
+    """Both-ways comparisons of the metrics no check decides on, over the same strata, at the plan's alpha
+    with Benjamini-Hochberg across them: a report of what else moved, which controls the share of false
+    discoveries among the rows it flags rather than the chance of any (that is the checks' job)."""
+    decided = plan.metrics_used
+    priced = any(prices["baseline"]) or any(prices["candidate"])
+    rows: list[dict[str, Any]] = []
+    for name in EXPLORATORY:
+        metric = METRICS[name]
+        if name in decided or (name == "cost_per_request" and not priced):
+            continue
+        bases, cands = [], []
+        for base, cand in strata:
+            b = base.ratio_for(metric, prices=prices["baseline"])
+            c = cand.ratio_for(metric, prices=prices["candidate"])
+            if b is not None and c is not None and b.units and c.units:
+                bases.append(b)
+                cands.append(c)
+        if not bases:
+            continue
+        scale = _scale(metric)
+        found = ratio_comparison(
+            bases, cands, scale=scale, relative=scale != "proportion", direction=metric.direction, alpha=plan.alpha,
+            tuning_n=plan_tuning_n(plan),
+        )  # fmt: skip
+        row: dict[str, Any] = {
+            "metric": name, "scale": scale, "difference": "absolute" if scale == "proportion" else "relative",
+            "direction": metric.direction, "n": [round(sum(b.den for b in bases)), round(sum(c.den for c in cands))],
+        }  # fmt: skip
+        if found is None:
+            rows.append({**row, "reason": f"fewer than {DEFAULT_MIN_UNITS} sessions in an arm"})
+            continue
+        rows.append({
+            **row, "effect": num(found.effect), "low": num(found.low), "high": num(found.high), "p": num(found.p_value),
+            "chance_better": num(found.chance_better), "baseline": num(found.baseline), "candidate": num(found.candidate),
+            "sessions": [found.baseline_units, found.candidate_units], "variance_reduction": num(found.variance_reduction),
+        })  # fmt: skip
+    tested = [r for r in rows if r.get("p") is not None]
+    if tested:
+        adjusted = benjamini_hochberg([float(r["p"]) for r in tested], alpha=plan.alpha)
+        for r, q, flagged in zip(tested, adjusted.adjusted_p_values, adjusted.reject, strict=True):
+            r["q"], r["discovery"] = num(q), bool(flagged)
+    return rows

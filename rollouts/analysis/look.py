@@ -17,8 +17,6 @@ D = RolloutAnalysis.Decision
 ROUTE_SETTLE = timedelta(seconds=2)
 # Longer than a look can take; a worker that dies holding it delays the next look by at most this.
 LEASE_S = 60.0
-MIN_TAIL_N = 10
-MIN_SRM_N = 100
 
 
 @dataclass
@@ -30,6 +28,8 @@ class Look:
     checks: list[dict[str, Any]] = field(default_factory=list)
     srm: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None
+    alpha: dict[str, Any] | None = None  # the rollout's alpha split (`checks.alpha_split`)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # exploratory: reported, never decided on
 
     def evidence(self) -> dict[str, Any]:
         out: dict[str, Any] = {"arms": self.arms, "checks": self.checks}
@@ -39,6 +39,8 @@ class Look:
             out["window_start"] = self.window_start.isoformat()
         if self.gate is not None:
             out["eval_gate"] = self.gate
+        if self.alpha is not None:
+            out["alpha"] = self.alpha
         return out
 
 

@@ -159,7 +159,7 @@ def _parse_guardrail(errors: _Errors, path: str, raw: Any) -> Guardrail | None:
     if metric.shape == "percentile":
         errors.add(
             f"{path}.metric",
-            f"{name} is a percentile, which can only be an SLO; guard the mean ({metric.source.removesuffix('_ms')}_mean_ms) instead",
+            f"{name} is a percentile, which can only be an SLO; guard the geometric mean ({metric.source.removesuffix('_ms')}_gmean_ms) instead",
         )
         return None
     margin_raw = raw.get("margin")
@@ -183,6 +183,12 @@ def _parse_guardrail(errors: _Errors, path: str, raw: Any) -> Guardrail | None:
         relative = False
     if not isinstance(relative, bool):
         errors.add(f"{path}.relative", "must be true or false")
+        return None
+    if metric.shape == "gmean" and not relative:
+        errors.add(f"{path}.margin", f"{name} is compared as a ratio of geometric means: give the margin as a percentage ('10%')")
+        return None
+    if relative and metric.direction == "higher_is_better" and margin >= 1:
+        errors.add(f"{path}.margin", f"{name} is better higher: a relative margin must be below 100 %")
         return None
     if metric.shape == "proportion" and not relative and margin >= 1:
         errors.add(f"{path}.margin", f"{name} is a share: an absolute margin must be below 1")

@@ -26,7 +26,7 @@ PLAN_EXAMPLE: dict[str, Any] = {
     ],
     "slos": ["ttft_p99_ms <= 800", "error_rate <= 0.01"],
     "guardrails": [
-        {"metric": "tpot_mean_ms", "margin": "10%"},
+        {"metric": "tpot_gmean_ms", "margin": "10%"},
         {"metric": "cost_per_request", "margin": "5%"},
         {"metric": "error_rate", "margin": 0.005},
     ],

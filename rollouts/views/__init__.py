@@ -12,12 +12,16 @@ from rollouts.views.audit import audit_log, audit_log_csv
 from rollouts.views.create import rollout_new
 from rollouts.views.dashboard import dashboard, dashboard_live
 from rollouts.views.detail import rollout_detail, rollout_history, rollout_series_json, rollout_status
+from rollouts.views.experiments import experiment_detail, experiment_detail_live, experiment_list
 
 __all__ = [
     "audit_log",
     "audit_log_csv",
     "dashboard",
     "dashboard_live",
+    "experiment_detail",
+    "experiment_detail_live",
+    "experiment_list",
     "rollout_action",
     "rollout_detail",
     "rollout_history",

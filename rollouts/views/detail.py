@@ -15,6 +15,7 @@ from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from evals.selectors import eval_gate_get, eval_gate_result
 from rollouts import selectors
+from rollouts.analysis.checks import alpha_split
 from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.planning import plan_sample_sizes
 from rollouts.plans import plan_from_stored
@@ -123,6 +124,7 @@ def _status_context(request: HttpRequest, rollout: Rollout) -> dict[str, Any]:
         "latest_look_id": analysis.pk if analysis is not None else 0,
         "look_step": analysis.step_index + 1 if analysis is not None else None,
         "look_is_older_step": analysis is not None and analysis.step_index != rollout.step_index,
+        "alpha_split": alpha_split(plan_from_stored(rollout.plan)),
     }  # fmt: skip
 
 
@@ -187,7 +189,7 @@ def rollout_history(request: HttpRequest, rollout_id: int) -> HttpResponse:
     return live_response(request, _history_region(request, rollout_or_404(rollout_id)))
 
 
-CHART_ARM_FIELDS = ("rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "error_rate", "goodput", "n")
+CHART_ARM_FIELDS = ("rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_gmean_ms", "error_rate", "goodput", "n")
 
 
 def _look_payload(look: RolloutAnalysis) -> dict[str, Any]:
@@ -236,7 +238,7 @@ def _chart_specs(rollout: Rollout) -> dict[str, Any]:
     arms = [
         {"key": "rps", "title": "Request rate", "unit": "requests / s"},
         {"key": "ttft_p50_ms,ttft_p99_ms", "title": "Time to first token (p50, p99)", "unit": "ms"},
-        {"key": "tpot_mean_ms", "title": "Time per output token (mean)", "unit": "ms"},
+        {"key": "tpot_gmean_ms", "title": "Time per output token (geometric mean)", "unit": "ms"},
         {"key": "error_rate", "title": "Error rate", "unit": "%"},
         {"key": "goodput", "title": "Goodput (requests within every SLO)", "unit": "%"},
     ]

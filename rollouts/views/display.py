@@ -24,6 +24,7 @@ TIMELINE_EVIDENCE_ARMS = (
     "goodput",
     "ttft_p50_ms",
     "ttft_p99_ms",
+    "tpot_gmean_ms",
     "tpot_mean_ms",
     "e2e_p99_ms",
 )
@@ -36,6 +37,10 @@ ARM_FIELDS: dict[str, tuple[str, str]] = {
     "ttft_p99_ms": ("TTFT p99", "ms"),
     "ttft_mean_ms": ("TTFT mean", "ms"),
     "tpot_mean_ms": ("TPOT mean", "ms"),
+    "tpot_gmean_ms": ("TPOT geometric mean", "ms"),
+    "ttft_gmean_ms": ("TTFT geometric mean", "ms"),
+    "e2e_gmean_ms": ("end-to-end geometric mean", "ms"),
+    "sessions": ("sessions", "count"),
     "tpot_p99_ms": ("TPOT p99", "ms"),
     "e2e_p50_ms": ("end-to-end p50", "ms"),
     "e2e_p99_ms": ("end-to-end p99", "ms"),
@@ -165,7 +170,11 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
     low, high, centre, threshold = numbers["low"], numbers["high"], numbers["centre"], numbers["threshold"]
     if kind == "guardrail":
         threshold_text = f"margin {_fmt_scaled(threshold, vk)}"
-        meaning = "how much worse the candidate is (positive = worse)"
+        meaning = (
+            "how much worse the candidate's geometric mean is (positive = worse)"
+            if check.get("scale") == "log"
+            else "how much worse the candidate is (positive = worse)"
+        )
     elif kind == "primary":
         threshold_text = "no difference at 0"
         meaning = "candidate minus baseline"
@@ -181,6 +190,7 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         meaning = "mean score of the candidate's shadow answers"
     explain = _explain_check(kind, decision, low, high, threshold, vk, check)
     n = check.get("n")
+    sessions = check.get("sessions")
     if isinstance(n, list):
         n_text = " / ".join(fmt(x, "count") for x in n)
     else:
@@ -201,6 +211,13 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         "bar": _interval_bar(low, high, centre, threshold),
         "baseline": check.get("baseline"),
         "candidate": check.get("candidate"),
+        "alpha": check.get("alpha"),
+        "sessions": " / ".join(fmt(x, "count") for x in sessions) if isinstance(sessions, list) else fmt(sessions, "count") if sessions is not None else "",
+        "more_n": check.get("more_n") if decision == "undecided" else None,
+        "more_unit": check.get("more_unit") or "candidate requests",
+        "min_n": check.get("min_n"),
+        "variance_reduction": round(100.0 * float(check["variance_reduction"]), 1) if finite(check.get("variance_reduction")) else None,
+        "steps": ", ".join(str(i + 1) for i in check.get("steps") or []),
     }  # fmt: skip
 
 

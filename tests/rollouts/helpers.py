@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,9 +76,16 @@ def records(
     completion_tokens: int = 4,
     seed: int | None = None,
     spread_s: float = 0.0,
+    sessions: int | Sequence[str] | None = None,
+    prompt_chars: int | Callable[[random.Random], int] = 5,
 ) -> list[RequestRecord]:
-    """`n` request records as the gateway writes them: normal latencies (mean, sd), errors at `error_rate`."""
+    """`n` request records as the gateway writes them: normal latencies (mean, sd), errors at `error_rate`.
+
+    `sessions`: each request's session drawn from a pool of that many (or from those hashes; "" is no
+    session); by default every request has a session of its own."""
     rng = random.Random(seed)
+    # Sessions are sticky to an arm: a pool is the arm's own (both arms drawn with one seed must not share).
+    pool = [f"{arm}-{seed}-{i:06d}" for i in range(sessions)] if isinstance(sessions, int) else sessions
     start = at or timezone.now()
     rollout_id = rollout if isinstance(rollout, int) or rollout is None else rollout.pk
     rows = []
@@ -96,7 +103,8 @@ def records(
                 model_version=model_version,
                 endpoint="chat.completions",
                 stream=True,
-                session_hash=f"{rng.getrandbits(64):016x}",
+                session_hash=rng.choice(pool) if pool else f"{arm[0]}{rng.getrandbits(60):015x}",
+                prompt_chars=prompt_chars(rng) if callable(prompt_chars) else prompt_chars,
                 status_code=502 if failed else 200,
                 outcome="engine_error" if failed else "ok",
                 ttft_ms=None if failed else ttft_ms,

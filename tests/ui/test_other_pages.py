@@ -213,7 +213,7 @@ def test_the_model_version_page_shows_lineage_engines_and_loads_eval_history(
 # --- experiments ----------------------------------------------------------------------------------------
 
 
-def test_an_ab_test_shows_effect_interval_and_chance_to_win(owner: Any, viewer: Any, versions: None) -> None:
+def test_an_ab_test_shows_the_intervals_the_decision_used(owner: Any, viewer: Any, versions: None) -> None:
     plan = {
         "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "ab",
         "ab": {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100},
@@ -222,19 +222,23 @@ def test_an_ab_test_shows_effect_interval_and_chance_to_win(owner: Any, viewer: 
     rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
     step_back(rollout, 30)
     both_arms(rollout, total=400, weight=0.5, seed=21, tpot=(20.0, 2.0), candidate_tpot=(18.0, 2.0))
-    rollout_analyse(rollout_id=rollout.pk)
+    look = rollout_analyse(rollout_id=rollout.pk)
+    assert look is not None
+    primary = next(c for c in look.checks if c["type"] == "primary")
     client = logged_in(viewer)
     listing = client.get(reverse("experiment-list")).content.decode()
-    assert (
-        f'href="{reverse("experiment-detail", args=[rollout.pk])}"' in listing and "tpot_mean_ms" in listing
-    )
+    assert f'href="{reverse("experiment-detail", args=[rollout.pk])}"' in listing and "tpot_mean_ms" in listing
     html = client.get(reverse("experiment-detail", args=[rollout.pk])).content.decode()
-    row = html[html.index('class="row-primary"') :]
+    # The primary check's row, read from the stored look: the estimate and the interval the decision used.
+    row = html[html.index("primary: tpot_mean_ms") :]
     row = row[: row.index("</tr>")]
-    assert "tpot_mean_ms" in row and "lower is better" in row
-    effect = re.search(r'data-label="Effect">([-+\d.]+)\xa0%', row)
+    effect = re.search(r'data-label="Estimate"><strong class="num">([-+\d.]+)\xa0%', row)
     assert effect is not None and -12.0 < float(effect.group(1)) < -8.0  # about 10 % faster
-    assert "better" in row
-    chance = re.search(r'data-label="Chance to win">.*?</div> ([\d.]+) %</td>', row)
-    assert chance is not None and float(chance.group(1)) > 99
+    assert round(float(effect.group(1)), 1) == round(primary["effect"] * 100, 1) and "win" in row
+    assert f"\u03b1 {primary['alpha']}" in row and "split equally over 2 checks (Bonferroni)" in html
+    # Metrics no check decides on are reported beside, with their chance to be better.
+    other = html[html.index("<strong>tpot_gmean_ms</strong>") :]
+    other = other[: other.index("</tr>")]
+    chance = re.search(r'data-label="Chance better">.*?</div> ([\d.]+) %</td>', other)
+    assert chance is not None and float(chance.group(1)) > 99 and "better" in other
     assert Rollout.objects.get(pk=rollout.pk).state in ("running", "promoted")

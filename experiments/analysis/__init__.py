@@ -1,0 +1,195 @@
+"""The analysis facade: request records (and outcome events, and shadow pairs) to per-arm statistics over
+sessions, by SQL aggregates. No request row is loaded into Python.
+
+`arm_sums` gives an `ArmSums` per arm of a window: per-session rows (`sessions.session_rows`) merged per
+arm in the database (`sessions.merge_rows`), outcome events once per request, and nearest-rank percentiles
+for display (one single-value query each). `ArmSums.ratio_for(metric)` is the `RatioStats` that
+`experiments.stats` tests; `arm_summary` the compact JSON a look stores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from django.db.models import CharField, Count, F, FloatField, Max, QuerySet, Sum, Value
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from experiments.analysis.arms import ArmSums, arm_summary
+from experiments.analysis.sessions import (
+    ERROR_OUTCOMES,
+    RECORDS,
+    SHADOW,
+    UNCOUNTED_OUTCOMES,
+    RatioSpec,
+    SessionSource,
+    UnitMoments,
+    merge_rows,
+    numeric_columns,
+    product_pairs,
+    ratio_specs,
+    session_rows,
+    unit_expression,
+)
+from experiments.models import OutcomeEvent
+from experiments.stats import RatioStats
+from serving.selectors import request_records, shadow_pairs
+
+BASELINE = "baseline"
+CANDIDATE = "candidate"
+ARMS = (BASELINE, CANDIDATE)
+SUMMARY_PERCENTILES = {"p50": 0.50, "p99": 0.99}
+
+__all__ = [
+    "ARMS",
+    "BASELINE",
+    "CANDIDATE",
+    "ERROR_OUTCOMES",
+    "UNCOUNTED_OUTCOMES",
+    "ArmSums",
+    "RatioSpec",
+    "SessionSource",
+    "UnitMoments",
+    "alias_history",
+    "arm_summary",
+    "arm_sums",
+    "outcome_unit_stats",
+    "shadow_candidate_sums",
+    "window_moments",
+]
+
+
+def _window(qs: QuerySet[Any], since: datetime | None, until: datetime | None) -> QuerySet[Any]:
+    if since is not None:
+        qs = qs.filter(created_at__gte=since)
+    if until is not None:
+        qs = qs.filter(created_at__lt=until)
+    return qs
+
+
+def _percentile(qs: QuerySet[Any], column: str, n: int, quantile: float) -> float | None:
+    """Nearest rank, with enough samples that the rank is not the maximum by default."""
+    if n < max(10, math.ceil(1.0 / (1.0 - quantile))):
+        return None
+    rank = max(1, math.ceil(quantile * n))
+    value = qs.filter(**{f"{column}__isnull": False}).order_by(column).values_list(column, flat=True)[rank - 1 : rank]
+    found = list(value)
+    return float(found[0]) if found else None
+
+
+def _percentiles(rows: QuerySet[Any], source: SessionSource, moments: UnitMoments) -> dict[str, float | None]:
+    ok_rows = rows.filter(**{source.outcome: "ok"})
+    tails: dict[str, float | None] = {}
+    for name, column in source.latency.items():
+        n = int(moments.total(f"{name}_n"))
+        for label, quantile in SUMMARY_PERCENTILES.items():
+            tails[f"{name.removesuffix('_ms')}_{label}_ms"] = _percentile(ok_rows, column, n, quantile)
+    return tails
+
+
+def window_moments(
+    rows: QuerySet[Any], *, source: SessionSource, thresholds: Mapping[str, Sequence[float]]
+) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec]]:
+    """Per arm, the merged per-session moments of ``rows`` (one query), and the metric specs they serve."""
+    specs = ratio_specs(source, thresholds)
+    per_unit = session_rows(rows, source=source, thresholds=thresholds)
+    moments = merge_rows(per_unit, columns=numeric_columns(source, thresholds), pairs=product_pairs(specs.values()))
+    return moments, specs
+
+
+def _thresholds(thresholds: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
+    return {name: tuple(limits) for name, limits in (thresholds or {}).items()}
+
+
+def arm_sums(
+    *,
+    rollout_id: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    thresholds: Mapping[str, Sequence[float]] | None = None,
+    percentiles: bool = True,
+    outcomes: bool = True,
+) -> dict[str, ArmSums]:
+    """Per-arm statistics over sessions of a rollout's served requests in [since, until).
+
+    `thresholds` maps a latency field (ttft_ms, tpot_ms, e2e_ms) to the limits of tail SLOs: each gets a
+    count of requests over it, and together they define goodput."""
+    limits = _thresholds(thresholds)
+    records = _window(request_records(rollout_id=rollout_id), since, until)
+    moments, specs = window_moments(records, source=RECORDS, thresholds=limits)
+    outcome_stats = outcome_unit_stats(rollout_id=rollout_id, since=since, until=until) if outcomes else {}
+    result: dict[str, ArmSums] = {}
+    for arm in ARMS:
+        arm_moments = moments.get(arm, UnitMoments())
+        tails = _percentiles(records.filter(arm=arm), RECORDS, arm_moments) if percentiles else {}
+        result[arm] = ArmSums(arm_moments, specs, limits, outcome_stats.get(arm, {}), tails)
+    return result
+
+
+def shadow_candidate_sums(
+    *,
+    rollout_id: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    thresholds: Mapping[str, Sequence[float]] | None = None,
+    percentiles: bool = True,
+) -> ArmSums:
+    """The candidate's statistics from its shadow replies (weight-0 steps): no user saw these answers, and
+    each reply is its own unit (mirrors are sampled request by request)."""
+    limits = _thresholds(thresholds)
+    pairs = _window(shadow_pairs(rollout_id=rollout_id), since, until)
+    moments, specs = window_moments(pairs, source=SHADOW, thresholds=limits)
+    candidate = moments.get(CANDIDATE, UnitMoments())
+    tails = _percentiles(pairs, SHADOW, candidate) if percentiles else {}
+    return ArmSums(candidate, specs, limits, {}, tails)
+
+
+def outcome_unit_stats(
+    *, rollout_id: int, since: datetime | None = None, until: datetime | None = None
+) -> dict[str, dict[str, RatioStats]]:
+    """Per arm, per outcome kind: the events as a ratio over sessions (sum of values / events).
+
+    An application that reports the same outcome twice (a retry without an id, a double click) is counted
+    once: per request (or, for an outcome about a session, per request it was joined to) and kind, the
+    latest event stands."""
+    events = OutcomeEvent.objects.filter(rollout_id=rollout_id)
+    if since is not None:
+        events = events.filter(request_created_at__gte=since)
+    if until is not None:
+        events = events.filter(request_created_at__lt=until)
+    latest = events.order_by().values("kind", "request_id", "session_hash", "request_created_at").annotate(last=Max("pk"))
+    unique = events.filter(pk__in=latest.values("last"))
+    source = SessionSource(outcome="kind", latency={}, completion_tokens="value", session="session_hash")
+    per_unit = (
+        unique.order_by()
+        .annotate(unit=unit_expression(source), group=Concat(F("arm"), Value("|"), F("kind"), output_field=CharField()))
+        .values("group", "unit")
+        .annotate(events=Count("pk"), total=Sum("value", output_field=FloatField()))
+    )
+    spec = RatioSpec(("total",), "events")
+    moments = merge_rows(per_unit, columns=["events", "total"], pairs=product_pairs([spec]), group="group", exposure=False)
+    out: dict[str, dict[str, RatioStats]] = {}
+    for group, found in moments.items():
+        arm, _, kind = group.partition("|")
+        out.setdefault(arm, {})[kind] = found.ratio(spec)
+    return out
+
+
+def alias_history(
+    *, alias: str, model_version_id: int | None, since: datetime, thresholds: Mapping[str, Sequence[float]] | None = None
+) -> tuple[ArmSums, float]:
+    """What a version has served on an alias since `since` (all rollouts and none), as one arm over its
+    sessions, and the alias's request rate per second: the planning estimates' baseline."""
+    records = _window(request_records(alias=alias), since, None).order_by()
+    rate_n = records.count()
+    if model_version_id is not None:
+        records = records.filter(model_version_id=model_version_id)
+    source = replace(RECORDS, arm=None)
+    limits = _thresholds(thresholds)
+    moments, specs = window_moments(records, source=source, thresholds=limits)
+    span = max((timezone.now() - since).total_seconds(), 1.0)
+    return ArmSums(moments.get(CANDIDATE, UnitMoments()), specs, limits), rate_n / span

@@ -1,0 +1,281 @@
+"""Per-session sufficient statistics in SQL, and their merge into per-arm sums: the seam of every look.
+
+The gateway assigns an arm per session, so the session is the unit of every comparison (DESIGN.md, "Real
+traffic and production"). A look computes, in two SQL steps and without loading a request into Python:
+
+1. ``session_rows``: one row per (arm, unit) of a window, where a unit is the session the gateway hashed
+   (`user` or X-Session-Id) or, for a request that had none, the request itself. A row holds
+   ``session_columns``: counts and sums only, plus the unit's first non-failover request time. Rows of
+   one (arm, unit) from two windows merge by adding them (``first_at`` by its minimum), so a store of
+   per-(rollout, step, arm, unit) rollups can keep exactly these columns (issue 20).
+2. ``merge_rows``: per arm, from such rows, the number of units, the units first exposed in that arm, the
+   sum of every column and the sums of the products the metrics pair (sum a_i^2, sum a_i b_i, ...):
+   ``UnitMoments``, from which ``UnitMoments.ratio`` gives the ``experiments.stats.RatioStats`` of any metric.
+   It is SQL over the rows of step 1, so it runs unchanged over a rollup table instead of a subquery.
+
+Exposure: a session counts once, in the arm of its first request in the window that was not a failover
+(a failover attempt goes to the other arm after the assigned one failed: the session was not assigned
+there, and its `assigned_arm` says so). Every attempt is a record of the arm it went to: a candidate's
+failed attempt counts against the candidate even when the baseline answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connections
+from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, QuerySet, Sum, Value, When
+from django.db.models.functions import Concat, Greatest, Ln
+
+from experiments.stats import RatioStats
+
+# DESIGN.md: an error is the engine's fault (5xx, connection failure, in-stream error, cut stream), and a
+# request that found no engine failed its user too. Client 4xx and cancellations are nobody's verdict.
+ERROR_OUTCOMES = ("engine_error", "no_engine")
+UNCOUNTED_OUTCOMES = ("client_error", "cancelled")
+# Latencies are logged at no less than a microsecond: a 0 (a clock's resolution) must not become -inf.
+LOG_FLOOR_MS = 1e-3
+
+
+@dataclass(frozen=True)
+class SessionSource:
+    """Where a table keeps what the per-session rows need (request records, or shadow pairs)."""
+
+    outcome: str
+    latency: Mapping[str, str]  # logical field (ttft_ms, tpot_ms, e2e_ms) -> column
+    completion_tokens: str
+    prompt_tokens: str | None = None
+    prompt_chars: str | None = None  # the prompt's length as the gateway received it: the covariate
+    session: str | None = None
+    request_id: str = "request_id"
+    failover: str | None = None
+    arm: str | None = "arm"  # None: every row is the candidate's (shadow replies)
+
+
+RECORDS = SessionSource(
+    outcome="outcome", latency={"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "e2e_ms": "e2e_ms"},
+    completion_tokens="completion_tokens", prompt_tokens="prompt_tokens", prompt_chars="prompt_chars",
+    session="session_hash", failover="failover",
+)  # fmt: skip
+SHADOW = SessionSource(
+    outcome="candidate_outcome",
+    latency={"ttft_ms": "candidate_ttft_ms", "tpot_ms": "candidate_tpot_ms", "e2e_ms": "candidate_e2e_ms"},
+    completion_tokens="candidate_completion_tokens", arm=None,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RatioSpec:
+    """A metric as a ratio over units: sum of ``num`` columns (times coefficients given later) over sum of
+    ``den``; ``covariate`` the (numerator, denominator) columns of the regression covariate, if any."""
+
+    num: tuple[str, ...]
+    den: str
+    covariate: tuple[str, str] | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.num, self.den, *(self.covariate or ()))
+
+
+def over_column(field_name: str, index: int) -> str:
+    return f"{field_name}_o{index}"
+
+
+def ratio_specs(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> dict[str, RatioSpec]:
+    """Every metric a look may test, by key: error_rate, goodput, <field>:mean, <field>:log,
+    <field>:over<i> (the i-th threshold of that field), tokens (prompt and completion over ok requests)."""
+    rates = ("chars", "counted") if source.prompt_chars else None
+    served = ("ok_chars", "ok") if source.prompt_chars else None
+    specs = {
+        "error_rate": RatioSpec(("errors",), "counted", rates),
+        "goodput": RatioSpec(("good",), "counted", rates),
+        "tokens": RatioSpec(("tok_p", "tok_c") if source.prompt_tokens else ("tok_c",), "tok_n", served),
+    }
+    for name in source.latency:
+        specs[f"{name}:mean"] = RatioSpec((f"{name}_s",), f"{name}_n", served)
+        specs[f"{name}:log"] = RatioSpec((f"{name}_l",), f"{name}_n", served)
+        for i, _ in enumerate(thresholds.get(name, ())):
+            specs[f"{name}:over{i}"] = RatioSpec((over_column(name, i),), f"{name}_n")
+    return specs
+
+
+def _good_filter(source: SessionSource, ok: Q, thresholds: Mapping[str, Sequence[float]]) -> Q:
+    good = ok
+    for name, limits in thresholds.items():
+        column = source.latency.get(name)
+        if column and limits:
+            # A request without the measurement (a non-streamed body has no TTFT) is not held against it.
+            good &= Q(**{f"{column}__isnull": True}) | Q(**{f"{column}__lte": min(limits)})
+    return good
+
+
+def session_columns(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """The per-unit aggregates (column name -> ORM aggregate) of ``session_rows``."""
+    ok = Q(**{source.outcome: "ok"})
+    counted = ~Q(**{f"{source.outcome}__in": UNCOUNTED_OUTCOMES})
+    columns: dict[str, Any] = {
+        "requests": Count("pk"),
+        "counted": Count("pk", filter=counted),
+        "errors": Count("pk", filter=Q(**{f"{source.outcome}__in": ERROR_OUTCOMES})),
+        "ok": Count("pk", filter=ok),
+        "good": Count("pk", filter=_good_filter(source, ok, thresholds)),
+    }
+    if source.prompt_chars:
+        chars = F(source.prompt_chars)
+        columns["chars"] = Sum(chars, filter=counted, output_field=FloatField())
+        columns["ok_chars"] = Sum(chars, filter=ok, output_field=FloatField())
+    # A failover attempt's latency is timed from the first attempt's send on the other arm: it mixes both
+    # arms, so latencies are each arm's own attempts. Its error or success still counts for its arm.
+    own = Q(**{source.failover: False}) if source.failover else Q()
+    for name, column in source.latency.items():
+        present = ok & own & Q(**{f"{column}__isnull": False})
+        columns[f"{name}_n"] = Count("pk", filter=present)
+        columns[f"{name}_s"] = Sum(column, filter=present, output_field=FloatField())
+        columns[f"{name}_l"] = Sum(
+            Ln(Greatest(F(column), Value(LOG_FLOOR_MS), output_field=FloatField())), filter=present,
+            output_field=FloatField(),
+        )  # fmt: skip
+        for i, limit in enumerate(thresholds.get(name, ())):
+            columns[over_column(name, i)] = Count("pk", filter=present & Q(**{f"{column}__gt": limit}))
+    tokens = ok & Q(**{f"{source.completion_tokens}__isnull": False})
+    if source.prompt_tokens:
+        tokens &= Q(**{f"{source.prompt_tokens}__isnull": False})
+        columns["tok_p"] = Sum(source.prompt_tokens, filter=tokens, output_field=FloatField())
+    columns["tok_n"] = Count("pk", filter=tokens)
+    columns["tok_c"] = Sum(source.completion_tokens, filter=tokens, output_field=FloatField())
+    if source.failover:
+        columns["first_at"] = Min("created_at", filter=Q(**{source.failover: False}))
+    else:
+        columns["first_at"] = Min("created_at")
+    return columns
+
+
+def unit_expression(source: SessionSource) -> Any:
+    """The unit of a row: its session hash, or "r:<request id>" for a request without a session."""
+    own = Concat(Value("r:"), F(source.request_id), output_field=CharField())
+    if source.session is None:
+        return own
+    return Case(When(**{source.session: ""}, then=own), default=F(source.session), output_field=CharField())
+
+
+def session_rows(
+    rows: QuerySet[Any], *, source: SessionSource, thresholds: Mapping[str, Sequence[float]]
+) -> QuerySet[Any]:
+    """One row per (arm, unit) of ``rows`` with ``session_columns`` (a lazy queryset: it is the subquery
+    ``merge_rows`` aggregates)."""
+    annotated = rows.order_by().annotate(unit=unit_expression(source))
+    if source.arm is None:
+        annotated = annotated.annotate(arm_label=Value("candidate", output_field=CharField()))
+        keys = ("arm_label", "unit")
+    else:
+        annotated = annotated.annotate(arm_label=F(source.arm))
+        keys = ("arm_label", "unit")
+    return annotated.values(*keys).annotate(**session_columns(source, thresholds))
+
+
+@dataclass(frozen=True)
+class UnitMoments:
+    """One arm's merged per-unit statistics: units, units first exposed here, column sums, product sums."""
+
+    units: int = 0
+    exposed: int = 0
+    sums: Mapping[str, float] = field(default_factory=dict)
+    products: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+    def total(self, column: str) -> float:
+        return float(self.sums.get(column, 0.0))
+
+    def product(self, a: str, b: str) -> float:
+        return float(self.products.get(_pair(a, b), 0.0))
+
+    def ratio(self, spec: RatioSpec, coefficients: Sequence[float] | None = None) -> RatioStats:
+        """The ``RatioStats`` of a metric: its numerator the weighted sum of ``spec.num`` (weights 1 unless
+        given, e.g. prices per token for cost), its denominator ``spec.den``."""
+        if self.units == 0:
+            return RatioStats.empty()
+        weights = list(coefficients) if coefficients is not None else [1.0] * len(spec.num)
+        if len(weights) != len(spec.num):
+            raise ValueError(f"need {len(spec.num)} coefficients for {spec.num}, got {len(weights)}")
+        terms = list(zip(spec.num, weights, strict=True))
+
+        def num_with(other: str) -> float:
+            return sum(w * self.product(col, other) for col, w in terms)
+
+        values: dict[str, float] = {
+            "num": sum(w * self.total(col) for col, w in terms),
+            "den": self.total(spec.den),
+            "num_sq": sum(wa * wb * self.product(a, b) for (a, wa), (b, wb) in itertools.product(terms, terms)),
+            "den_sq": self.product(spec.den, spec.den),
+            "num_den": num_with(spec.den),
+        }
+        if spec.covariate is not None:
+            c, d = spec.covariate
+            values.update(
+                cov_num=self.total(c), cov_den=self.total(d), cov_num_sq=self.product(c, c),
+                cov_den_sq=self.product(d, d), cov_num_den=self.product(c, d), num_cov_num=num_with(c),
+                num_cov_den=num_with(d), den_cov_num=self.product(spec.den, c), den_cov_den=self.product(spec.den, d),
+            )  # fmt: skip
+        return RatioStats(self.units, **values)
+
+    def merge(self, other: UnitMoments) -> UnitMoments:
+        """Two disjoint sets of units (two steps' windows)."""
+        sums = {k: self.total(k) + other.total(k) for k in {*self.sums, *other.sums}}
+        products = {k: self.products.get(k, 0.0) + other.products.get(k, 0.0) for k in {*self.products, *other.products}}
+        return UnitMoments(self.units + other.units, self.exposed + other.exposed, sums, products)
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def product_pairs(specs: Iterable[RatioSpec]) -> list[tuple[str, str]]:
+    """Every product of two columns that some metric's variance needs (squares included)."""
+    pairs: set[tuple[str, str]] = set()
+    for spec in specs:
+        columns = spec.columns
+        for a, b in itertools.combinations_with_replacement(columns, 2):
+            pairs.add(_pair(a, b))
+    return sorted(pairs)
+
+
+def merge_rows(
+    rows: QuerySet[Any], *, columns: Sequence[str], pairs: Sequence[tuple[str, str]], group: str = "arm_label",
+    exposure: bool = True,
+) -> dict[str, UnitMoments]:  # fmt: skip
+    """Per value of ``group`` (the arm), the ``UnitMoments`` of per-unit rows (``session_rows``) in one query."""
+    connection = connections[rows.db]
+    quote = connection.ops.quote_name
+    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    inner, params = rows.query.sql_with_params()
+
+    def col(name: str) -> str:
+        return f"CAST(COALESCE(t.{quote(name)}, 0) AS {real})"
+
+    selects = [f"t.{quote(group)}", "COUNT(*)"]
+    if exposure:
+        selects.append(f"SUM(CASE WHEN t.{quote('first_at')} = t.unit_first THEN 1 ELSE 0 END)")
+    else:
+        selects.append("0")
+    selects += [f"SUM({col(c)})" for c in columns]
+    selects += [f"SUM({col(a)} * {col(b)})" for a, b in pairs]
+    window = f", MIN(s.{quote('first_at')}) OVER (PARTITION BY s.{quote('unit')}) AS unit_first" if exposure else ""
+    sql = (
+        f"SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM ({inner}) s) t GROUP BY t.{quote(group)}"
+    )
+    out: dict[str, UnitMoments] = {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for row in cursor.fetchall():
+            values = [float(v) if v is not None else 0.0 for v in row[3:]]
+            sums = dict(zip(columns, values[: len(columns)], strict=True))
+            products = dict(zip(pairs, values[len(columns) :], strict=True))
+            out[str(row[0])] = UnitMoments(int(row[1]), int(row[2] or 0), sums, products)
+    return out
+
+
+def numeric_columns(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> list[str]:
+    return [name for name in session_columns(source, thresholds) if name != "first_at"]
