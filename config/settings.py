@@ -311,6 +311,7 @@ DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
 # partitions), except what a live rollout still needs; looks of ended rollouts are compacted.
 RECORD_RETENTION_DAYS = env_int("RECORD_RETENTION_DAYS", 30, minimum=1)
 CELERY_BEAT_SCHEDULE["rollouts-retention"] = {"task": "rollouts.tasks.retention_apply", "schedule": 3600.0}
+CELERY_BEAT_SCHEDULE["serving-record-partitions"] = {"task": "serving.record_partitions_ensure", "schedule": 3600.0}
 
 # --- HTTP server ----------------------------------------------------------------------------------
 

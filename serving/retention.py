@@ -2,8 +2,9 @@
 
 Both are kept `RECORD_RETENTION_DAYS` (30 by default) and then removed, except what a hold still covers: a
 live rollout's records and pairs from its start on (the caller, who knows the rollouts, names the holds;
-serving depends on no other app). Shadow pairs and request records on SQLite are deleted in chunks, so no
-single statement holds the write lock for long.
+serving depends on no other app). On PostgreSQL request records go by daily partition (serving.partitions);
+shadow pairs, and request records on SQLite, are deleted in chunks, so no single statement holds the write
+lock for long.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 
 from serving.models import RequestRecord, ShadowPair
+from serving.partitions import partitioned, record_partitions_expire
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,18 @@ def _delete_in_chunks(rows: QuerySet[Any]) -> int:
 
 
 def records_expire(*, now: datetime, retention_days: int, holds: Iterable[RecordHold]) -> RetentionResult:
-    """Remove request records older than the retention that no hold covers. Safe to run twice."""
+    """Remove request records older than the retention that no hold covers. Safe to run twice.
+
+    Partitioned (PostgreSQL): whole days go, a day that a hold still needs stays whole until the hold ends
+    (rows of the default partition go one by one). Otherwise rows are deleted in chunks."""
     cutoff = retention_cutoff(now=now, retention_days=retention_days)
     holds = list(holds)
+    if partitioned():
+        expiry = record_partitions_expire(cutoff=cutoff, holds=[(h.rollout_id, h.since) for h in holds])
+        return RetentionResult(
+            records_deleted=expiry.default_rows_deleted, partitions_dropped=expiry.dropped,
+            partitions_held=expiry.held,
+        )  # fmt: skip
     expired = RequestRecord.objects.filter(created_at__lt=cutoff).exclude(_held(holds))
     return RetentionResult(records_deleted=_delete_in_chunks(expired))
 

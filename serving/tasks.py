@@ -26,3 +26,21 @@ def shadow_mirror(self: Any, payload: dict[str, Any]) -> bool:
     except ShadowRetry as exc:
         # The candidate engine is restarting or unreachable: back off, then store the failure on the last try.
         raise self.retry(exc=exc, countdown=2 ** self.request.retries) from exc
+
+
+@shared_task(name="serving.record_partitions_ensure", ignore_result=True)
+def record_partitions_ensure() -> list[str]:
+    """Beat, hourly: today's request-record partition and the next days' exist before a record needs them
+    (PostgreSQL; nothing to do on SQLite). Safe to run twice."""
+    from django.utils import timezone
+
+    from serving.partitions import partitioned
+    from serving.partitions import record_partitions_ensure as ensure
+
+    if not partitioned():
+        return []
+    created = ensure(today=timezone.now().date())
+    if created:
+        log.info("created request-record partitions %s", ", ".join(created))
+    return created
+
