@@ -28,10 +28,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -289,14 +291,262 @@ def ingest_phase(args: argparse.Namespace) -> None:
         ingest_cleanup()
 
 
+# --- fill ----------------------------------------------------------------------------------------------------
+
+LIVE_ALIAS = "bench-ab-00"
+ROLLOUTS = 50  # A/B rollouts on the experiments page: the first live, the others ended
+PLAIN_ALIAS = "bench-plain"  # same width as the rollouts' aliases (the binary rows have a fixed layout)
+FILL_CHUNK = 500_000
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: binary COPY's timestamp origin
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def hex_ids(high: Any, low: Any) -> Any:
+    """32 hex characters per row from two uint64 arrays."""
+    raw = np.empty((len(high), 16), dtype=np.uint8)
+    raw[:, :8] = high.astype(">u8").view(np.uint8).reshape(-1, 8)
+    raw[:, 8:] = low.astype(">u8").view(np.uint8).reshape(-1, 8)
+    out = np.empty((len(high), 32), dtype=np.uint8)
+    out[:, 0::2] = _HEX[raw >> 4]
+    out[:, 1::2] = _HEX[raw & 15]
+    return out.view("S32").ravel()
+
+
+def binary_rows(n: int, columns: list[tuple[str, str, Any]]) -> bytes:
+    """`n` rows of PostgreSQL's binary COPY format (no header), one fixed layout: per column (name, type,
+    value), value an array of n, a scalar for every row, or None for NULL."""
+    import numpy as np
+
+    formats = {"smallint": ">i2", "integer": ">i4", "bigint": ">i8", "double precision": ">f8", "boolean": "u1",
+               "timestamp with time zone": ">i8"}  # fmt: skip
+    fields: list[tuple[str, Any]] = [("count", ">i2")]
+    plan: list[tuple[int, Any, int]] = []
+    for i, (_, kind, value) in enumerate(columns):
+        fields.append((f"l{i}", ">i4"))
+        if value is None:
+            plan.append((i, None, -1))
+            continue
+        if kind in formats:
+            dtype: Any = formats[kind]
+            size = np.dtype(dtype).itemsize
+        else:  # varchar / text: fixed width in this layout
+            width = value.dtype.itemsize if isinstance(value, np.ndarray) else len(value)
+            dtype, size = f"S{width}", width
+        if size:
+            fields.append((f"v{i}", dtype))
+        plan.append((i, value, size))
+    rows = np.zeros(n, dtype=fields)
+    rows["count"] = len(columns)
+    for i, value, size in plan:
+        rows[f"l{i}"] = size
+        if value is not None and size:
+            rows[f"v{i}"] = value
+    return rows.tobytes()
+
+
+def fill_rollouts(stamp: datetime) -> list[int]:
+    """ROLLOUTS A/B rollouts on their own aliases, all started a day ago; ids in alias order."""
+    from rollouts.actors import SYSTEM
+    from rollouts.models import Rollout
+    from rollouts.services import rollout_create
+    from tests.rollouts.helpers import version
+
+    version("bench-v1")
+    version("bench-v2")
+    ids = []
+    for k in range(ROLLOUTS):
+        plan = {
+            "alias": f"bench-ab-{k:02d}", "baseline": "bench-v1", "candidate": "bench-v2", "strategy": "ab",
+            "ab": {"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 2000, "horizon_s": 604800},
+            "primary_metric": {"metric": "tpot_mean_ms", "min_effect": 1.0},
+            "guardrails": [{"metric": "error_rate", "margin": 0.005}, {"metric": "ttft_mean_ms", "margin": "15%"}],
+        }  # fmt: skip
+        rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
+        ids.append(rollout.pk)
+    day_ago = stamp - timedelta(days=1)
+    Rollout.objects.filter(pk__in=ids).update(
+        created_at=day_ago - timedelta(minutes=5), started_at=day_ago, step_started_at=day_ago - timedelta(minutes=1)
+    )
+    return ids
+
+
+def fill_chunk(*, rng: Any, n: int, chunk: int, stamp_us: int, rollout_ids: list[int], versions: tuple[int, int],
+               columns: list[tuple[str, str]]) -> list[bytes]:  # fmt: skip
+    """One chunk of `n` records over the 24 h before the stamp: 10 % in the live rollout, 40 % spread over
+    the ended ones, the rest on an alias with no rollout. Users are sticky to an arm, their request counts
+    heavy-tailed (lognormal, median 10), their latencies shifted by a per-user factor; the candidate's TTFT
+    is 5 % longer; 0.5 % engine errors. Returned as binary COPY rows, one blob per fixed layout."""
+    import numpy as np
+
+    share = rng.random(n)
+    group = np.where(share < 0.10, 0, np.where(share < 0.50, 1 + rng.integers(0, ROLLOUTS - 1, n), -1))
+    # Sessions: counts per user until the chunk is covered, each user one arm (50/50).
+    counts = np.maximum(1, np.round(rng.lognormal(np.log(10), 1.2, n // 4 + 16))).astype(np.int64)
+    counts = counts[: int(np.searchsorted(np.cumsum(counts), n)) + 1]
+    user = np.repeat(np.arange(len(counts)), counts)[:n]
+    rng.shuffle(user)
+    user_arm = rng.random(len(counts)) < 0.5
+    user_factor = rng.lognormal(0.0, 0.3, len(counts))
+    candidate = user_arm[user]
+    error = rng.random(n) < 0.005
+    created_us = stamp_us - rng.integers(0, 86_400_000_000, n) - PG_EPOCH_US
+    tokens_c = np.maximum(2, rng.integers(2, 200, n))
+    tokens_p = rng.integers(5, 800, n)
+    ttft = user_factor[user] * rng.lognormal(np.log(120.0), 0.5, n) * np.where(candidate, 1.05, 1.0)
+    tpot = user_factor[user] * rng.lognormal(np.log(25.0), 0.3, n)
+    e2e = ttft + tpot * (tokens_c - 1)
+    request_ids = hex_ids(np.full(n, chunk, dtype=np.uint64), np.arange(n, dtype=np.uint64))
+    sessions = hex_ids(np.full(len(counts), 0xB0000000 + chunk, dtype=np.uint64), np.arange(len(counts), dtype=np.uint64))
+    rollout_of = np.array(rollout_ids, dtype=np.int64)
+    blobs = []
+    for in_rollout in (True, False):
+        for is_candidate in (False, True):
+            for failed in (False, True):
+                pick = (group >= 0) == in_rollout
+                pick &= candidate == is_candidate
+                pick &= error == failed
+                idx = np.nonzero(pick)[0]
+                if not len(idx):
+                    continue
+                arm = b"candidate" if is_candidate else b"baseline"
+                alias = np.char.add(b"bench-ab-", np.char.zfill(group[idx].astype("S2"), 2)) if in_rollout else PLAIN_ALIAS.encode()
+                values = {
+                    "request_id": request_ids[idx], "created_at": created_us[idx], "alias": alias,
+                    "rollout_id": rollout_of[group[idx]] if in_rollout else None, "arm": arm, "assigned_arm": arm,
+                    "attempt": 1, "final": True,
+                    "model_version_id": versions[1] if is_candidate else versions[0], "engine_worker_id": None,
+                    "endpoint": b"chat.completions", "stream": True, "session_hash": sessions[user[idx]],
+                    "prompt_hash": b"", "prompt_chars": tokens_p[idx] * 4, "status_code": 502 if failed else 200,
+                    "outcome": b"engine_error" if failed else b"ok", "error_kind": b"http_502" if failed else b"",
+                    "failover": False, "ttft_ms": None if failed else ttft[idx], "tpot_ms": None if failed else tpot[idx],
+                    "e2e_ms": e2e[idx], "prompt_tokens": None if failed else tokens_p[idx],
+                    "completion_tokens": None if failed else tokens_c[idx], "prompt_text": b"", "output_text": b"",
+                }  # fmt: skip
+                missing = [name for name, _ in columns if name not in values]
+                if missing:
+                    raise RuntimeError(f"the fill does not know the columns {missing}: teach fill_chunk about them")
+                blobs.append(binary_rows(len(idx), [(name, kind, values[name]) for name, kind in columns]))
+    return blobs
+
+
+def fill_columns() -> list[tuple[str, str]]:
+    """The request-record table's columns the fill writes (all but the id and the commit order), with types."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'serving_requestrecord'::regclass "
+            "AND attnum > 0 AND NOT attisdropped AND attname NOT IN ('id', 'commit_xid') ORDER BY attnum"
+        )
+        return [(name, "varchar" if kind == "character varying" else kind) for name, kind in cursor.fetchall()]
+
+
+def fill_without_indexes() -> tuple[list[str], list[str]]:
+    """Drop the table's indexes, keys and foreign keys for the fill, and return the statements that make
+    them again (built once over the filled table: far faster than maintaining each with every row)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = 'serving_requestrecord'::regclass AND contype IN ('p', 'u', 'f')"
+        )
+        constraints = cursor.fetchall()
+        cursor.execute(
+            "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "WHERE x.indrelid = 'serving_requestrecord'::regclass AND NOT EXISTS "
+            "(SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid AND c.contype IN ('p', 'u'))"
+        )
+        indexes = cursor.fetchall()
+        drops = [f'DROP INDEX "{name}"' for name, _ in indexes]
+        drops += [f'ALTER TABLE serving_requestrecord DROP CONSTRAINT "{name}"' for name, _ in constraints]
+        for statement in drops:
+            cursor.execute(statement)
+    remake = [f'ALTER TABLE serving_requestrecord ADD CONSTRAINT "{name}" {definition}' for name, definition in constraints]
+    # A partitioned table's definition says "ON ONLY" (the parent alone): the index is wanted on every day.
+    return remake, [definition.replace(" ON ONLY ", " ON ", 1) for _, definition in indexes]
+
+
+def fill_state() -> dict[str, Any] | None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS bench_volume_fill (records bigint, live_rollout bigint, "
+                       "rollouts bigint[], stamp timestamptz)")  # fmt: skip
+        cursor.execute("SELECT records, live_rollout, rollouts, stamp FROM bench_volume_fill")
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return {"records": row[0], "live_rollout": row[1], "rollouts": list(row[2]), "stamp": row[3]}
+
+
+def fill_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill the table with `--records` records (kept between runs: a second run with the same count
+    reuses them)."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from serving.partitions import partition_create
+
+    state = fill_state()
+    if state is not None and state["records"] == args.records:
+        print(f"\n== fill: reusing {state['records']:,} records written at {state['stamp']:%Y-%m-%d %H:%M} UTC")
+        return state
+    if state is not None:
+        raise SystemExit(f"the database holds a fill of {state['records']:,} records; --drop it first")
+    stamp = timezone.now().replace(microsecond=0)
+    print(f"\n== fill: {args.records:,} records over the 24 h before {stamp:%Y-%m-%d %H:%M} UTC, by binary COPY")
+    for day in (stamp - timedelta(days=1)).date(), stamp.date():
+        partition_create(day=day)
+    rollout_ids = fill_rollouts(stamp)
+    from serving.models import ModelVersion
+
+    versions = (
+        ModelVersion.objects.get(name="bench", version="v1").pk, ModelVersion.objects.get(name="bench", version="v2").pk
+    )
+    columns = fill_columns()
+    rng = np.random.default_rng(args.seed)
+    stamp_us = int(stamp.timestamp() * 1_000_000)
+    started = time.perf_counter()
+    written = 0
+    column_list = ", ".join(name for name, _ in columns)
+    remake_constraints, remake_indexes = fill_without_indexes()
+    for chunk, offset in enumerate(range(0, args.records, FILL_CHUNK)):
+        n = min(FILL_CHUNK, args.records - offset)
+        blobs = fill_chunk(rng=rng, n=n, chunk=chunk, stamp_us=stamp_us, rollout_ids=rollout_ids, versions=versions,
+                           columns=columns)  # fmt: skip
+        with connection.cursor() as cursor, cursor.cursor.copy(
+            f"COPY serving_requestrecord ({column_list}) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.write(b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2)
+            for blob in blobs:
+                copy.write(blob)
+            copy.write(b"\xff\xff")
+        written += n
+        elapsed = time.perf_counter() - started
+        print(f"  {written:>12,} records, {elapsed:7.1f} s, {written / elapsed:9,.0f}/s", flush=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SET maintenance_work_mem = '1GB'")
+        for statement in remake_constraints + remake_indexes:
+            built = time.perf_counter()
+            cursor.execute(statement)
+            print(f"  {time.perf_counter() - built:6.1f} s  {statement[:110]}", flush=True)
+        cursor.execute("VACUUM ANALYZE serving_requestrecord")
+        cursor.execute("INSERT INTO bench_volume_fill VALUES (%s, %s, %s, %s)",
+                       [args.records, rollout_ids[0], rollout_ids, stamp])  # fmt: skip
+    return {"records": args.records, "live_rollout": rollout_ids[0], "rollouts": rollout_ids, "stamp": stamp}
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
-PHASES = ("ingest",)
+PHASES = ("fill", "ingest")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--records", type=int, default=100_000_000, help="records to fill (100 million)")
+    parser.add_argument("--seed", type=int, default=20, help="the fill's random seed (20)")
     parser.add_argument("--ingest-rounds", type=int, default=5, help="interleaved rounds of COPY and ORM (5)")
     parser.add_argument("--ingest-batches", type=int, default=40, help="batches per round and writer (40)")
     parser.add_argument("--ingest-gateway", type=int, default=200_000, help="drafts through a gateway (200,000)")
@@ -313,6 +563,8 @@ def main() -> int:
         parser.error(f"--phases: unknown {unknown}; choose from {', '.join(PHASES)}")
     database_open(url)
     try:
+        if "fill" in phases:
+            fill_phase(args)
         if "ingest" in phases:
             ingest_phase(args)
     finally:
