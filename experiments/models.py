@@ -43,3 +43,55 @@ class OutcomeEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g} ({self.request_id or self.session_hash})"
+
+
+class RollupWindow(models.Model):
+    """What the looks of one analysis window have folded so far (experiments.rollups): per arm, the merged
+    per-session moments and the latency sketches of every request record up to `watermark` in the
+    records' commit order. The next look reads only the records past it."""
+
+    rollout_id = models.PositiveBigIntegerField()
+    since = models.DateTimeField()
+    until = models.DateTimeField(null=True, blank=True)
+    # The columns, products and sketches the window keeps (they follow the plan's thresholds): another
+    # spec is another window.
+    spec_hash = models.CharField(max_length=64)
+    spec = models.JSONField(default=dict)
+    # Exclusive: every record whose commit order is below it has been folded, none at or above it.
+    watermark = models.BigIntegerField(default=0)
+    max_created_at = models.DateTimeField(null=True, blank=True)
+    records = models.BigIntegerField(default=0)
+    # Per arm: {"units", "exposed", "sums": {column: x}, "products": {"a|b": x}, "sketches": {field: {key: n}}}
+    arms = models.JSONField(default=dict)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=("rollout_id", "since", "spec_hash"), name="rollup_window_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"rollup of rollout {self.rollout_id} since {self.since:%Y-%m-%d %H:%M:%S} to {self.watermark}"
+
+
+ROLLUP_SLOTS = 48
+
+
+class RollupUnit(models.Model):
+    """One session (or sessionless request) of one arm of a window: its per-session sums, in the slots the
+    window's spec names (`v0`... in the order of its columns), and its first non-failover request time."""
+
+    window = models.ForeignKey(RollupWindow, on_delete=models.CASCADE, related_name="units")
+    arm = models.CharField(max_length=16)
+    unit = models.CharField(max_length=100)
+    first_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=("window", "arm", "unit"), name="rollup_unit_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.arm} {self.unit} of {self.window_id}"
+
+
+for _slot in range(ROLLUP_SLOTS):
+    RollupUnit.add_to_class(f"v{_slot}", models.FloatField(null=True, blank=True))

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
-from django.db.models import QuerySet
+from django.db import connection
+from django.db.models import BooleanField, QuerySet
+from django.db.models.expressions import RawSQL
 
 from config.errors import NotFound
 from serving.models import Alias, EngineWorker, ModelVersion, RequestRecord, ShadowPair
@@ -84,6 +87,35 @@ def request_records(*, rollout_id: int | None = None, alias: str | None = None) 
     if alias is not None:
         records = records.filter(alias=alias)
     return records
+
+
+def record_commit_horizon() -> int:
+    """The commit order below which every request record that will ever exist is already visible.
+
+    PostgreSQL: the oldest transaction still running (`pg_snapshot_xmin`); every record of a transaction
+    below it has committed (or never will), so a batch that commits late has an order at or above the
+    horizon it was missed by, and the next look past that horizon reads it. SQLite has one writer at a
+    time and ids that only grow, so every id below the largest committed one's successor is settled."""
+    with connection.cursor() as cursor:
+        if _commit_column() == "commit_xid":
+            cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        else:
+            cursor.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {RequestRecord._meta.db_table}")
+        return int(cursor.fetchone()[0])
+
+
+def request_records_committed(records: QuerySet[RequestRecord], *, start: int, end: int) -> QuerySet[RequestRecord]:
+    """The records of `records` whose commit order is in [start, end) (see `record_commit_horizon`)."""
+    column = f"{connection.ops.quote_name(RequestRecord._meta.db_table)}.{connection.ops.quote_name(_commit_column())}"
+    return records.filter(RawSQL(f"{column} >= %s AND {column} < %s", (start, end), output_field=BooleanField()))
+
+
+@functools.cache
+def _commit_column() -> str:
+    # The partitioned PostgreSQL table carries the writing transaction's id (serving.partitions).
+    from serving.partitions import partitioned
+
+    return "commit_xid" if partitioned() else "id"
 
 
 def shadow_pairs(*, rollout_id: int) -> QuerySet[ShadowPair]:
