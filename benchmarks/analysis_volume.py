@@ -537,9 +537,153 @@ def fill_phase(args: argparse.Namespace) -> dict[str, Any]:
     return {"records": args.records, "live_rollout": rollout_ids[0], "rollouts": rollout_ids, "stamp": stamp}
 
 
+# --- looks and pages --------------------------------------------------------------------------------------------
+
+STEADY_RECORDS = 10_000
+
+
+def bench_spec() -> tuple[Any, Any]:
+    """The rollup spec and per-session rows of the analysis: what a look of the live rollout keeps."""
+    import itertools
+
+    from experiments.rollups import RollupSpec
+
+    try:  # the analysis's own per-session rows, where it has them
+        from experiments.analysis.sessions import RECORDS, numeric_columns, session_rows
+
+        columns = tuple(numeric_columns(RECORDS, {}))
+
+        def rows(records: Any) -> Any:
+            return session_rows(records, source=RECORDS, thresholds={})
+
+    except ImportError:
+        from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Sum, Value, When
+        from django.db.models.functions import Concat
+
+        columns = ("requests", "counted", "errors", "ok", "ttft_ms_n", "ttft_ms_s", "tpot_ms_n", "tpot_ms_s",
+                   "e2e_ms_n", "e2e_ms_s")  # fmt: skip
+
+        def rows(records: Any) -> Any:
+            ok = Q(outcome="ok")
+            unit = Case(When(session_hash="", then=Concat(Value("r:"), F("request_id"))), default=F("session_hash"),
+                        output_field=CharField())  # fmt: skip
+            sums: dict[str, Any] = {}
+            for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+                present = ok & Q(**{f"{name}__isnull": False})
+                sums[f"{name}_n"] = Count("pk", filter=present)
+                sums[f"{name}_s"] = Sum(name, filter=present, output_field=FloatField())
+            return (
+                records.order_by().annotate(unit=unit, arm_label=F("arm")).values("arm_label", "unit")
+                .annotate(requests=Count("pk"), counted=Count("pk", filter=~Q(outcome__in=("client_error", "cancelled"))),
+                          errors=Count("pk", filter=Q(outcome__in=("engine_error", "no_engine"))),
+                          ok=Count("pk", filter=ok), **sums, first_at=Min("created_at", filter=Q(failover=False)))
+            )  # fmt: skip
+
+    ratios = [("errors", "counted"), ("ttft_ms_s", "ttft_ms_n"), ("tpot_ms_s", "tpot_ms_n"), ("e2e_ms_s", "e2e_ms_n")]
+    pairs = sorted({tuple(sorted(p)) for num, den in ratios if num in columns and den in columns
+                    for p in itertools.combinations_with_replacement((num, den), 2)})  # fmt: skip
+    spec = RollupSpec(columns=columns, pairs=tuple(pairs),  # type: ignore[arg-type]
+                      sketch=(("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("e2e_ms", "e2e_ms")))  # fmt: skip
+    return spec, rows
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - started) * 1000, value
+
+
+def steady_drafts(live_rollout: int, count: int) -> list[Any]:
+    from django.utils import timezone
+
+    from serving.models import ModelVersion
+
+    drafts = drafts_make(count, rng_seed=int(time.time()))
+    v1, v2 = (ModelVersion.objects.get(name="bench", version=v).pk for v in ("v1", "v2"))
+    now = timezone.now()
+    for d in drafts:
+        d.alias, d.rollout_id, d.created_at = LIVE_ALIAS, live_rollout, now
+        d.assigned_arm = d.arm
+        d.model_version_id = v2 if d.arm == "candidate" else v1
+    return drafts
+
+
+def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """The live rollout's look: from scratch (what every look did), the first incremental one (cold: it
+    builds the rollup), and steady-state ones after 10,000 new records each; the decisions compared."""
+    from experiments.rollups import arms_from_scratch_equal, window_drop, window_fold, window_scratch
+    from rollouts.models import Rollout
+    from serving.gateway.records import records_write
+    from serving.selectors import record_commit_horizon
+
+    live = Rollout.objects.get(pk=state["live_rollout"])
+    since = live.step_started_at
+    assert since is not None
+    spec, rows = bench_spec()
+    live_records = state["records"] // 10
+    print(f"\n== looks: the live rollout ({live_records:,} of the {state['records']:,} records, {len(spec.columns)} "
+          f"per-session columns, {len(spec.pairs)} products, 3 sketches); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    scratch_ms, scratch = timed(lambda: window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec,
+                                                       session_rows=rows))  # fmt: skip
+    print(f"  from scratch (every record of the window, as each look did):     {scratch_ms:10,.0f} ms")
+    window_drop(rollout_ids=[live.pk])  # a cold look: no rollup yet
+    cold_ms, cold = timed(lambda: window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows))
+    print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {cold_ms:10,.0f} ms "
+          f"(target <= 60,000)")  # fmt: skip
+    steady: list[float] = []
+    reads: list[int] = []
+    settled: list[int] = []
+    for _ in range(args.steady_looks):
+        drafts = steady_drafts(live.pk, STEADY_RECORDS)
+        for i in range(0, len(drafts), 500):
+            records_write(drafts[i : i + 500])
+        ms, folded = timed(lambda: window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows))
+        steady.append(ms)
+        reads.append(folded.records_read)
+        settled.append(folded.settled)
+    print(f"  steady-state look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks: median "
+          f"{median(steady):,.0f} ms, max {max(steady):,.0f} ms (target <= 100); records read per look "
+          f"{min(reads):,}-{max(reads):,}, settled {min(settled):,}-{max(settled):,} (the rest was above the horizon: "
+          f"other transactions open on the server)")  # fmt: skip
+    horizon = record_commit_horizon()
+    final = window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows)
+    check = window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows)
+    problems = arms_from_scratch_equal(final.arms, check)
+    print(f"  incremental == from scratch on the same records (horizon {horizon}): "
+          f"{'yes' if not problems else 'NO: ' + '; '.join(problems[:5])}")  # fmt: skip
+    for arm in ("baseline", "candidate"):
+        a = final.arms.get(arm)
+        if a is None:
+            continue
+        tails = ", ".join(f"{name} p50 {a.quantile(name, 0.5):.1f} / p99 {a.quantile(name, 0.99):.1f}"
+                          for name, _ in spec.sketch)  # fmt: skip
+        print(f"    {arm:<9} units {a.units:,}, exposed {a.exposed:,}, requests {a.sums.get('requests', 0):,.0f}; "
+              f"{tails} ms (each within 1 %)")  # fmt: skip
+    del scratch, cold
+
+
+def page_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """The experiments list (50 A/B rollouts) and the dashboard, as a viewer's browser asks for them."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    user, _ = get_user_model().objects.get_or_create(username="bench-viewer", defaults={"is_superuser": True,
+                                                                                         "is_staff": True})  # fmt: skip
+    client = Client(HTTP_HOST="127.0.0.1")
+    client.force_login(user)
+    print(f"\n== pages ({ROLLOUTS} A/B rollouts); load average {os.getloadavg()[0]:.1f}")
+    for path in ("/experiments", "/"):
+        times = []
+        for _ in range(args.page_repeats):
+            ms, response = timed(lambda p=path: client.get(p))  # type: ignore[misc]
+            assert response.status_code == 200, (path, response.status_code)
+            times.append(ms)
+        print(f"  GET {path:<13} median {median(times):9,.0f} ms over {args.page_repeats} (target <= 300)")
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
-PHASES = ("fill", "ingest")
+PHASES = ("fill", "ingest", "looks", "pages")
 
 
 def main() -> int:
@@ -552,6 +696,8 @@ def main() -> int:
     parser.add_argument("--ingest-gateway", type=int, default=200_000, help="drafts through a gateway (200,000)")
     parser.add_argument("--outage-rate", type=float, default=1000.0, help="records/s during the outage (1,000)")
     parser.add_argument("--outage-s", type=float, default=30.0, help="seconds the database is down (30)")
+    parser.add_argument("--steady-looks", type=int, default=5, help="steady-state looks (5)")
+    parser.add_argument("--page-repeats", type=int, default=5, help="page loads each (5)")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database at the end")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL", "")
@@ -563,10 +709,13 @@ def main() -> int:
         parser.error(f"--phases: unknown {unknown}; choose from {', '.join(PHASES)}")
     database_open(url)
     try:
-        if "fill" in phases:
-            fill_phase(args)
+        state = fill_phase(args) if {"fill", "looks", "pages"} & set(phases) else None
         if "ingest" in phases:
             ingest_phase(args)
+        if state is not None and "looks" in phases:
+            looks_phase(args, state)
+        if state is not None and "pages" in phases:
+            page_phase(args, state)
     finally:
         if args.drop:
             from django.db import connections

@@ -17,7 +17,7 @@ def partition(apps: Any, schema_editor: Any) -> None:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("serving", "0002_idempotency_keys")]
+    dependencies = [("serving", "0003_gateway_data_plane")]
 
     # Reversing leaves the partitioned table: it has the columns, indexes and constraints the earlier state
     # names (with created_at in the unique ones), so the code before this migration runs on it as it is.
