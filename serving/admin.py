@@ -75,13 +75,14 @@ class EngineWorkerAdmin(ReadOnlyAdmin):
 @admin.register(Alias)
 class AliasAdmin(admin.ModelAdmin):
     list_display = ("name", "baseline", "candidate", "candidate_weight", "shadow_rate", "rollout_id", "updated_at")
-    readonly_fields = ("rollout_id", "updated_at")
+    readonly_fields = ("rollout_id", "gpu_budget", "target_weight", "capacity_targets", "weight_changed_at", "updated_at")
 
     def save_model(self, request: HttpRequest, obj: Alias, form: Any, change: bool) -> None:
         # Through the service: it validates the split and bumps the route generation gateways watch.
         alias = route_set(alias_name=obj.name, split=RouteSplit(
             baseline=obj.baseline, candidate=obj.candidate, candidate_weight=obj.candidate_weight,
-            shadow_rate=obj.shadow_rate, rollout_id=obj.rollout_id, failover_to_candidate=obj.failover_to_candidate))
+            shadow_rate=obj.shadow_rate, rollout_id=obj.rollout_id, failover_to_candidate=obj.failover_to_candidate,
+            gpu_budget=obj.gpu_budget))
         alias_options_set(alias=alias, store_prompts=obj.store_prompts, ttfb_timeout_s=obj.ttfb_timeout_s)
 
 

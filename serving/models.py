@@ -17,6 +17,9 @@ class ModelVersion(models.Model):
     artifact = models.CharField(max_length=500, help_text="A local directory, or a hub id on GPU hosts.")
     served_model_name = models.CharField(max_length=128, help_text="The name the engine serves it under.")
     engine_args = models.JSONField(default=list, blank=True, help_text="Extra vLLM command-line arguments.")
+    # How the `kubernetes` driver deploys it (serving.engines.kubernetes.spec.DeploymentSpec): image, GPUs,
+    # where the weights come from, node selector, tolerations, runtime class, shared memory.
+    deployment = models.JSONField(default=dict, blank=True, help_text="Kubernetes deployment settings.")
     sampling_defaults = models.JSONField(default=dict, blank=True)
     # sha256 over the weights, tokenizer, chat template and sampling defaults, and each part's own hash.
     lineage_hash = models.CharField(max_length=64, blank=True)
@@ -51,6 +54,19 @@ class EngineWorker(models.Model):
     class Driver(models.TextChoices):
         LOCAL = "local", "local vLLM process"
         STATIC = "static", "static endpoint"
+        KUBERNETES = "kubernetes", "Kubernetes Deployment"
+
+    class Flavor(models.TextChoices):
+        """The server behind a worker: decides its probes, headers, paths and drain signal
+        (serving.engines.flavors). Local and Kubernetes workers are always vLLM."""
+
+        VLLM = "vllm", "vLLM"
+        SGLANG = "sglang", "SGLang"
+        TGI = "tgi", "Text Generation Inference"
+        LLAMACPP = "llamacpp", "llama.cpp server"
+        OLLAMA = "ollama", "Ollama"
+        OPENAI = "openai", "OpenAI API"
+        AZURE_OPENAI = "azure-openai", "Azure OpenAI"
 
     class Desired(models.TextChoices):
         RUNNING = "running"
@@ -73,7 +89,16 @@ class EngineWorker(models.Model):
     host_name = models.CharField(max_length=128, default="localhost", help_text="The agent host that runs it.")
     base_url = models.URLField(max_length=300, blank=True, help_text="Static: the endpoint; local: set by the agent.")
     port = models.PositiveIntegerField(null=True, blank=True)
-    api_key = models.CharField(max_length=300, blank=True, help_text="Static endpoints that need a bearer key.")
+    api_key = models.CharField(max_length=300, blank=True,
+                               help_text="The key the engine wants: a static endpoint's, or the one the agent gave its engine.")
+    flavor = models.CharField(max_length=16, choices=Flavor.choices, default=Flavor.VLLM)
+    # Kubernetes: the Deployment's replicas (the GPU-budget capacity service changes it), the pods' count
+    # that pass readiness, and every pod the reconciler saw ({name, url, node, ready, draining, reason}).
+    replicas = models.PositiveIntegerField(default=1)
+    ready_replicas = models.PositiveIntegerField(default=0)
+    pods = models.JSONField(default=list, blank=True)
+    # Local on a GPU host: the GPUs its engine was given (CUDA_VISIBLE_DEVICES), e.g. "2,3".
+    gpu_ids = models.CharField(max_length=200, blank=True)
     desired_state = models.CharField(max_length=16, choices=Desired.choices, default=Desired.RUNNING)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     state_reason = models.CharField(max_length=500, blank=True)
@@ -130,6 +155,15 @@ class Alias(models.Model):
         help_text="Seconds to wait for an engine's response head before trying another replica (blank: "
                   "GATEWAY_TTFB_TIMEOUT_S). A non-streamed answer's head comes only when it is complete.",
     )
+    # A GPU budget (replicas of the two versions together): the candidate gets the replicas its weight
+    # needs and the baseline gives them up first; `candidate_weight` follows `target_weight` only once the
+    # candidate's replicas for it are ready (serving.engines.capacity).
+    gpu_budget = models.PositiveIntegerField(null=True, blank=True)
+    target_weight = models.FloatField(default=0.0, help_text="The weight the rollout asked for.")
+    # Model version id -> the replicas it should have under the budget; a version that left the alias
+    # stays here at 0 until its last replica is gone (its GPUs are what the others grow into).
+    capacity_targets = models.JSONField(default=dict, blank=True)
+    weight_changed_at = models.DateTimeField(null=True, blank=True, help_text="When candidate_weight last changed.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

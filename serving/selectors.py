@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
@@ -8,6 +10,7 @@ from django.db.models import BooleanField, QuerySet
 from django.db.models.expressions import RawSQL
 
 from config.errors import NotFound
+from serving.engines.flavors import flavor_get
 from serving.models import Alias, EngineWorker, ModelVersion, RequestRecord, ShadowPair
 
 
@@ -38,6 +41,45 @@ def engine_workers_ready(*, model_version: ModelVersion) -> QuerySet[EngineWorke
         desired_state=EngineWorker.Desired.RUNNING,
         state__in=EngineWorker.ROUTABLE_STATES,
     )
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """One place the gateway may send a request: a worker, or one pod of a Kubernetes worker."""
+
+    replica_id: int  # unique among replicas: the worker's id, or a stable one for a pod
+    worker_id: int
+    model_version_id: int
+    base_url: str
+    api_key: str
+    headers: tuple[str, ...]  # the key as the flavor wants it sent
+
+
+def pod_replica_id(worker_id: int, pod: str) -> int:
+    """A stable id for a pod: the same across route-table rebuilds (the gateway keeps its in-flight count
+    and sessions stay on it), above every worker id (bit 62 set)."""
+    digest = hashlib.blake2b(f"{worker_id}/{pod}".encode(), digest_size=8).digest()
+    return (1 << 62) | (int.from_bytes(digest, "big") & ((1 << 62) - 1))
+
+
+def engine_replicas_routable() -> list[ReplicaRow]:
+    """What the gateway's route table is built from: every ready worker that should run, and for a
+    Kubernetes worker each of its pods that serves and is not being drained."""
+    rows: list[ReplicaRow] = []
+    workers = EngineWorker.objects.filter(
+        desired_state=EngineWorker.Desired.RUNNING, state__in=EngineWorker.ROUTABLE_STATES
+    ).order_by("id").values("id", "model_version_id", "driver", "flavor", "base_url", "api_key", "pods")
+    for worker in workers:
+        headers = flavor_get(worker["flavor"]).header_lines(worker["api_key"])
+        if worker["driver"] == EngineWorker.Driver.KUBERNETES:
+            for pod in worker["pods"] or []:
+                if pod.get("routable") and pod.get("url"):
+                    rows.append(ReplicaRow(pod_replica_id(worker["id"], str(pod.get("name"))), worker["id"],
+                                           worker["model_version_id"], str(pod["url"]), worker["api_key"], headers))
+        elif worker["base_url"]:
+            rows.append(ReplicaRow(worker["id"], worker["id"], worker["model_version_id"], worker["base_url"],
+                                   worker["api_key"], headers))
+    return rows
 
 
 def engine_workers_failed_since(*, since: datetime) -> QuerySet[EngineWorker]:

@@ -6,10 +6,11 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.core.validators import URLValidator
 from rest_framework import serializers
 
-from serving.engines.command import reserved_flag_in
+from serving.engines.command import gpu_count, reserved_flag_in
+from serving.engines.flavors import base_url_normalise
+from serving.engines.kubernetes.spec import DeploymentSpec, SpecError
 from serving.models import EngineWorker, ModelVersion
 
 
@@ -24,6 +25,11 @@ class ModelVersionRegisterInput(serializers.Serializer):
     engine_args = serializers.ListField(child=serializers.CharField(max_length=500), required=False, default=list,
                                         max_length=100, help_text="Extra vLLM command-line arguments.")
     sampling_defaults = serializers.DictField(required=False, default=dict)
+    deployment = serializers.DictField(
+        required=False, default=dict,
+        help_text="How the kubernetes driver deploys it: image, gpus, model_source (hub, pvc, node_path), pvc, "
+                  "hf_token_secret, node_selector, tolerations, runtime_class, shm_size, cpu, memory, env, "
+                  "startup_timeout_s.")
     price_input_per_million = serializers.DecimalField(max_digits=12, decimal_places=4, min_value=Decimal(0),
                                                        required=False, default=Decimal(0))
     price_output_per_million = serializers.DecimalField(max_digits=12, decimal_places=4, min_value=Decimal(0),
@@ -33,6 +39,17 @@ class ModelVersionRegisterInput(serializers.Serializer):
         reserved = reserved_flag_in(value)
         if reserved is not None:
             raise serializers.ValidationError(f"{reserved} is set by the engine agent; leave it out")
+        try:
+            gpu_count(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
+
+    def validate_deployment(self, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            DeploymentSpec.from_dict(value)
+        except SpecError as exc:
+            raise serializers.ValidationError(f"{exc.field.removeprefix('deployment.')}: {exc.message}") from None
         return value
 
     def validate_artifact(self, value: str) -> str:
@@ -49,7 +66,7 @@ class ModelVersionOutput(serializers.ModelSerializer):
         model = ModelVersion
         fields: tuple[str, ...] = (
             "id", "name", "version", "label", "description", "artifact", "served_model_name", "engine_args",
-            "sampling_defaults", "lineage_hash", "lineage", "price_input_per_million", "price_output_per_million",
+            "sampling_defaults", "deployment", "lineage_hash", "lineage", "price_input_per_million", "price_output_per_million",
             "created_by", "created_at",
         )
 
@@ -74,22 +91,34 @@ class EngineWorkerCreateInput(serializers.Serializer):
                                       help_text="The engine agent host that runs (or probes) it "
                                                 "(default: this server's ENGINE_AGENT_HOST).")
     base_url = serializers.CharField(max_length=300, required=False, allow_blank=True, default="",
-                                     help_text="Static only: the OpenAI-compatible endpoint (http or https).")
+                                     help_text="Static only: the OpenAI-compatible endpoint (http or https), with or "
+                                               "without its /v1.")
     api_key = serializers.CharField(max_length=300, required=False, allow_blank=True, default="", write_only=True,
-                                    help_text="Static only: a bearer key the endpoint needs. Never shown again.")
+                                    help_text="Static only: the key the endpoint needs. Never shown again.")
+    flavor = serializers.ChoiceField(choices=EngineWorker.Flavor.choices, default=EngineWorker.Flavor.VLLM,
+                                     help_text="Static only: the server behind base_url (its probes, key header, "
+                                               "drain signal). Local and kubernetes engines are vLLM.")
+    replicas = serializers.IntegerField(min_value=1, max_value=1000, default=1,
+                                        help_text="Kubernetes only: the Deployment's pods.")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        static = attrs["driver"] == EngineWorker.Driver.STATIC
+        driver = attrs["driver"]
+        static = driver == EngineWorker.Driver.STATIC
         if static and not attrs["base_url"]:
             raise serializers.ValidationError({"base_url": ["a static engine needs its endpoint's URL"]})
         if not static and (attrs["base_url"] or attrs["api_key"]):
             field = "base_url" if attrs["base_url"] else "api_key"
-            raise serializers.ValidationError({field: ["only a static engine takes this; the agent sets a local one's"]})
+            raise serializers.ValidationError({field: [f"only a static engine takes this; the platform sets a {driver} one's"]})
+        if not static and attrs["flavor"] != EngineWorker.Flavor.VLLM:
+            raise serializers.ValidationError({"flavor": [f"a {driver} engine is vLLM; flavor is for static endpoints"]})
+        if attrs["replicas"] != 1 and driver != EngineWorker.Driver.KUBERNETES:
+            raise serializers.ValidationError({"replicas": ["only a kubernetes engine has more than one replica"]})
         if static:
+            # Not Django's URLValidator: it refuses a bare host name such as http://sglang:30000 (compose).
             try:
-                URLValidator(schemes=["http", "https"])(attrs["base_url"])
-            except Exception:
-                raise serializers.ValidationError({"base_url": ["must be an http:// or https:// URL"]}) from None
+                base_url_normalise(attrs["base_url"], flavor=attrs["flavor"])
+            except ValueError as exc:
+                raise serializers.ValidationError({"base_url": [str(exc)]}) from None
         return attrs
 
 
@@ -112,8 +141,8 @@ class EngineWorkerOutput(serializers.ModelSerializer):
     class Meta:
         model = EngineWorker
         fields: tuple[str, ...] = (
-            "id", "model_version", "model_version_label", "driver", "host_name", "base_url", "port", "has_api_key",
-            "desired_state", "state", "state_reason", "state_changed_at", "pid", "restarts", "consecutive_failures",
+            "id", "model_version", "model_version_label", "driver", "flavor", "host_name", "base_url", "port",
+            "has_api_key", "replicas", "ready_replicas", "gpu_ids", "desired_state", "state", "state_reason", "state_changed_at", "pid", "restarts", "consecutive_failures",
             "next_start_at", "started_at", "ready_at", "health", "claimed_by", "metrics_at", "created_at",
         )
 
@@ -123,4 +152,4 @@ class EngineWorkerOutput(serializers.ModelSerializer):
 
 class EngineWorkerDetailOutput(EngineWorkerOutput):
     class Meta(EngineWorkerOutput.Meta):
-        fields = (*EngineWorkerOutput.Meta.fields, "metrics", "log_tail")
+        fields = (*EngineWorkerOutput.Meta.fields, "pods", "metrics", "log_tail")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import F
@@ -37,6 +38,7 @@ def model_version_register(
     served_model_name: str = "",
     engine_args: list[str] | None = None,
     sampling_defaults: dict[str, Any] | None = None,
+    deployment: dict[str, Any] | None = None,
     description: str = "",
     price_input_per_million: Decimal | float = 0,
     price_output_per_million: Decimal | float = 0,
@@ -46,9 +48,23 @@ def model_version_register(
 ) -> ModelVersion:
     if ModelVersion.objects.filter(name=name, version=version).exists():
         raise Conflict(f"model version {name}-{version} is already registered", field="version")
+    from serving.engines.command import gpu_count, reserved_flag_in
+    from serving.engines.kubernetes.spec import DeploymentSpec, SpecError
+
     engine_args = list(engine_args or [])
     if not all(isinstance(arg, str) for arg in engine_args):
         raise DomainError("engine_args must be a list of strings", field="engine_args")
+    reserved = reserved_flag_in(engine_args)
+    if reserved is not None:
+        raise DomainError(f"{reserved} is set by the engine agent; leave it out", field="engine_args")
+    try:
+        gpu_count(engine_args)
+    except ValueError as exc:
+        raise DomainError(str(exc), field="engine_args") from None
+    try:
+        DeploymentSpec.from_dict(deployment or {})
+    except SpecError as exc:
+        raise DomainError(exc.message, field=exc.field) from None
     sampling_defaults = dict(sampling_defaults or {})
     lineage = lineage_of(artifact, sampling_defaults=sampling_defaults)
     return ModelVersion.objects.create(
@@ -58,6 +74,7 @@ def model_version_register(
         served_model_name=served_model_name or f"{name}-{version}",
         engine_args=engine_args,
         sampling_defaults=sampling_defaults,
+        deployment=dict(deployment or {}),
         description=description,
         lineage=lineage,
         lineage_hash=lineage["lineage_hash"],
@@ -98,23 +115,53 @@ def engine_worker_create(
     *,
     model_version: ModelVersion,
     driver: str = EngineWorker.Driver.LOCAL,
-    host_name: str = "localhost",
+    host_name: str | None = None,
     base_url: str = "",
     api_key: str = "",
+    flavor: str = EngineWorker.Flavor.VLLM,
+    replicas: int = 1,
     created_by: AbstractBaseUser | None = None,
     idempotency_key: str = "",
     idempotency_fingerprint: str = "",
 ) -> EngineWorker:
-    if driver not in EngineWorker.Driver.values:
-        raise DomainError(f"driver must be one of {', '.join(EngineWorker.Driver.values)}", field="driver")
-    if driver == EngineWorker.Driver.STATIC and not base_url:
-        raise DomainError("a static engine needs the base_url of its OpenAI-compatible endpoint", field="base_url")
+    """A worker desired to run, for the agent of `host_name` (default: this server's ENGINE_AGENT_HOST; for a
+    Kubernetes worker, the reconciler started with that host name)."""
+    from serving.engines.flavors import base_url_normalise
+    from serving.engines.kubernetes.spec import DeploymentSpec, SpecError
+
+    Driver = EngineWorker.Driver
+    if driver not in Driver.values:
+        raise DomainError(f"driver must be one of {', '.join(Driver.values)}", field="driver")
+    if flavor not in EngineWorker.Flavor.values:
+        raise DomainError(f"flavor must be one of {', '.join(EngineWorker.Flavor.values)}", field="flavor")
+    if driver != Driver.STATIC and flavor != EngineWorker.Flavor.VLLM:
+        raise DomainError(f"a {driver} engine is vLLM; flavor is for static endpoints", field="flavor")
+    if driver == Driver.STATIC:
+        if not base_url:
+            raise DomainError("a static engine needs the base_url of its OpenAI-compatible endpoint", field="base_url")
+        try:
+            base_url = base_url_normalise(base_url, flavor=flavor)
+        except ValueError as exc:
+            raise DomainError(str(exc), field="base_url") from None
+    elif base_url or api_key:
+        raise DomainError(f"only a static engine takes {'base_url' if base_url else 'api_key'}; "
+                          f"the platform sets a {driver} engine's", field="base_url" if base_url else "api_key")
+    if replicas < 1 or (replicas > 1 and driver != Driver.KUBERNETES):
+        raise DomainError("replicas must be at least 1, and more than 1 only for a kubernetes engine",
+                          field="replicas")
+    if driver == Driver.KUBERNETES:
+        try:
+            DeploymentSpec.from_dict(model_version.deployment)
+        except SpecError as exc:
+            raise DomainError(f"model version {model_version.label}: {exc}", field="model_version") from None
     return EngineWorker.objects.create(
         model_version=model_version,
         driver=driver,
-        host_name=host_name,
-        base_url=base_url.rstrip("/"),
+        host_name=host_name or settings.ENGINE_AGENT_HOST,
+        base_url=base_url,
         api_key=api_key,
+        flavor=flavor,
+        replicas=replicas,
         desired_state=EngineWorker.Desired.RUNNING,
         state=EngineWorker.State.PENDING,
         state_changed_at=timezone.now(),
@@ -171,27 +218,52 @@ class RouteSplit:
     shadow_rate: float
     rollout_id: int | None
     failover_to_candidate: bool = False
+    # Replicas of the alias's versions together (serving.engines.capacity); None: no budget.
+    gpu_budget: int | None = None
 
 
 @transaction.atomic
 def route_set(*, alias_name: str, split: RouteSplit) -> Alias:
-    """Set how an alias splits its traffic. Gateways see it within a second (RouteGeneration)."""
+    """Set how an alias splits its traffic. Gateways see it within a second (RouteGeneration).
+
+    With a `gpu_budget` the split's weight is a target: the arms are scaled to fit the budget (the baseline
+    gives up replicas first) and a higher candidate weight reaches the gateways only once the candidate's
+    replicas for it are ready (`alias_capacity` says how far it is); a lower one at once."""
     if not 0.0 <= split.candidate_weight <= 1.0:
         raise DomainError("candidate_weight must be between 0 and 1", field="candidate_weight")
     if not 0.0 <= split.shadow_rate <= 1.0:
         raise DomainError("shadow_rate must be between 0 and 1", field="shadow_rate")
     if split.candidate is None and (split.candidate_weight > 0 or split.shadow_rate > 0):
         raise DomainError("a weight or shadow rate needs a candidate", field="candidate")
+    from serving.engines.capacity import CapacityError, capacity_check, capacity_sync_locked
+
+    if split.gpu_budget is not None:
+        try:
+            capacity_check(budget=split.gpu_budget, weight=split.candidate_weight, has_candidate=split.candidate is not None)
+        except CapacityError as exc:
+            raise DomainError(str(exc), field="gpu_budget") from None
     alias = Alias.objects.select_for_update().filter(name=alias_name).first()
     if alias is None:
         alias = Alias(name=alias_name)
+    same_candidate = alias.pk is not None and alias.candidate_id == (split.candidate.pk if split.candidate else None)
+    previous_weight = alias.candidate_weight if same_candidate else 0.0
     alias.baseline = split.baseline
     alias.candidate = split.candidate
-    alias.candidate_weight = split.candidate_weight
     alias.shadow_rate = split.shadow_rate
     alias.rollout_id = split.rollout_id
     alias.failover_to_candidate = split.failover_to_candidate
+    alias.target_weight = split.candidate_weight
+    alias.gpu_budget = split.gpu_budget
+    if split.gpu_budget is None:
+        alias.capacity_targets = {}
+        alias.candidate_weight = split.candidate_weight
+    else:
+        # Held where it was (0 for a new candidate) until capacity_sync finds the candidate's replicas ready.
+        alias.candidate_weight = min(previous_weight, split.candidate_weight)
+    if alias.candidate_weight != previous_weight or not same_candidate:
+        alias.weight_changed_at = timezone.now()
     alias.save()
+    capacity_sync_locked(alias)
     route_generation_bump()
     return alias
 

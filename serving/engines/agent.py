@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,8 +32,10 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from serving.engines import services as engine_services
+from serving.engines.command import engine_build, gpu_count
 from serving.engines.drivers import LocalEngine, free_port, local_start, log_tail, stale_engine_kill
-from serving.engines.metrics import requests_in_flight
+from serving.engines.flavors import flavor_get
+from serving.engines.gpus import GpuFitError, gpus_assign, gpus_parse, host_gpus
 from serving.engines.probe import (
     ProbeResult,
     Scrape,
@@ -77,6 +80,10 @@ class AgentConfig:
     bind_host: str = "127.0.0.1"
     public_host: str = "127.0.0.1"
     cpus: frozenset[int] | None = None
+    build: str = "cpu"
+    # The GPUs this host's engines share out (empty on the CPU build).
+    gpus: tuple[str, ...] = ()
+    drain_no_signal_s: float = 10.0
 
     @classmethod
     def from_settings(cls, *, host_name: str | None = None, interval_s: float | None = None) -> AgentConfig:
@@ -96,6 +103,9 @@ class AgentConfig:
             bind_host=settings.ENGINE_BIND_HOST,
             public_host=settings.ENGINE_PUBLIC_HOST,
             cpus=settings.ENGINE_CPUS,
+            build=(build := engine_build(settings.ENGINE_BUILD)),
+            gpus=host_gpus(gpus_parse(settings.ENGINE_GPUS), os.environ) if build == "cuda" else (),
+            drain_no_signal_s=settings.ENGINE_DRAIN_NO_SIGNAL_S,
         )
 
 
@@ -340,15 +350,23 @@ class EngineAgent:
                 self._submit(started, "ready")
             return
         version = worker.model_version
+        gpus = self._gpus_for(worker)
+        if gpus is None:
+            return
         port = free_port(self.config.bind_host)
+        # A key of its own per start: the engine answers only the gateway, the probes and the scraper, which
+        # read it from the worker row, so an engine bound off loopback cannot be called around the gateway.
+        api_key = secrets.token_urlsafe(24)
         started = engine_services.engine_start_begin(
-            worker_id=worker.pk, agent=self.claim, port=port, base_url=f"http://{self.config.public_host}:{port}")
+            worker_id=worker.pk, agent=self.claim, port=port, base_url=f"http://{self.config.public_host}:{port}",
+            api_key=api_key, gpu_ids=",".join(gpus))
         if started is None:
             return
         try:
             engine = local_start(worker_id=worker.pk, model=version.artifact, served_model_name=version.served_model_name,
                                  engine_args=list(version.engine_args or []), host=self.config.bind_host, port=port,
-                                 log_dir=self.config.log_dir, cpus=self.config.cpus)
+                                 log_dir=self.config.log_dir, cpus=self.config.cpus, build=self.config.build,
+                                 gpus=gpus, api_key=api_key)
         except (OSError, ValueError) as exc:
             self._failed(started, f"could not launch the engine: {exc}")
             return
@@ -358,6 +376,24 @@ class EngineAgent:
             self.engines.pop(worker.pk).kill()
             return
         logger.info("engine %s: started %s as pid %s on port %s", worker.pk, version.label, engine.pid, port)
+
+    def _gpus_for(self, worker: EngineWorker) -> tuple[str, ...] | None:
+        """The GPUs a local engine starts on (none on the CPU build), or None when it cannot start now:
+        waiting for GPUs to come free (it stays PENDING, saying why), or never (FAILED at once)."""
+        if self.config.build == "cpu":
+            return ()
+        try:
+            need = gpu_count(list(worker.model_version.engine_args or []))
+            held = {wid: engine.gpus for wid, engine in self.engines.items()}
+            return gpus_assign(need=need, host=self.config.gpus, held=held).gpu_ids
+        except ValueError as exc:
+            engine_services.engine_refused(worker_id=worker.pk, agent=self.claim, reason=f"cannot start: {exc}")
+        except GpuFitError as exc:
+            if exc.permanent:
+                engine_services.engine_refused(worker_id=worker.pk, agent=self.claim, reason=f"cannot start: {exc.reason}")
+            else:
+                engine_services.engine_pending_note(worker_id=worker.pk, agent=self.claim, reason=exc.reason)
+        return None
 
     def _check_starting(self, worker: EngineWorker, engine: LocalEngine | None) -> None:
         started_at = worker.started_at or worker.state_changed_at or timezone.now()
@@ -429,18 +465,22 @@ class EngineAgent:
 
     def _submit(self, worker: EngineWorker, kind: str) -> None:
         base_url, api_key, name = worker.base_url, worker.api_key, worker.model_version.served_model_name
+        flavor = flavor_get(worker.flavor)
         now = time.monotonic()
         if not base_url or now < self._next_probe.get(worker.pk, 0.0):
             return
         self._next_probe[worker.pk] = now + (self.config.health_interval_s if kind == "health" else self.config.interval_s)
         def job() -> tuple[ProbeResult | None, Scrape | None]:
             timeout = READINESS_TIMEOUT_S if kind == "ready" else HEALTH_TIMEOUT_S
-            with engine_client(base_url, api_key=api_key, timeout_s=timeout) as client:
+            with engine_client(base_url, api_key=api_key, timeout_s=timeout, flavor=flavor) as client:
                 if kind == "ready":
-                    return probe_readiness(client, served_model_name=name), None
+                    return probe_readiness(client, served_model_name=name, flavor=flavor), None
                 if kind == "health":
-                    return probe_health(client, served_model_name=name), scrape_metrics(client)
-                return None, scrape_metrics(client)
+                    return (probe_health(client, served_model_name=name, flavor=flavor),
+                            scrape_metrics(client, flavor=flavor))
+                if not flavor.drained or flavor.in_flight_gauges is None:
+                    return None, None
+                return None, scrape_metrics(client, flavor=flavor)
 
         future = self._pool.submit(job)
         future.add_done_callback(lambda _: self._wake.set())
@@ -504,17 +544,27 @@ class EngineAgent:
         worker = EngineWorker.objects.filter(pk=worker_id, claimed_by=agent, state=State.DRAINING).first()
         if worker is None:
             return
-        in_flight = requests_in_flight(scrape.metrics) if scrape is not None and scrape.metrics is not None else None
+        flavor = flavor_get(worker.flavor)
         since = worker.state_changed_at or timezone.now()
-        overdue = (timezone.now() - since).total_seconds() > self.config.drain_timeout_s
-        if in_flight and not overdue:
-            return
-        if in_flight:
-            reason = f"drain timed out after {self.config.drain_timeout_s:.0f} s with {in_flight:.0f} requests in flight"
-        elif in_flight is None:
-            reason = "drained (metrics unavailable: " + (scrape.detail if scrape else "no scrape") + ")"
+        waited = (timezone.now() - since).total_seconds()
+        if not flavor.drained:
+            reason = f"out of routing ({flavor.name} is a hosted API: never drained)"
+        elif flavor.in_flight_gauges is None:
+            # Nothing says what is in flight: give the requests routed before the drain a fixed grace.
+            if waited < self.config.drain_no_signal_s:
+                return
+            reason = f"drained ({flavor.name} exports no queue metrics: waited {self.config.drain_no_signal_s:.0f} s)"
         else:
-            reason = "drained"
+            in_flight = scrape.in_flight if scrape is not None else None
+            overdue = waited > self.config.drain_timeout_s
+            if in_flight and not overdue:
+                return
+            if in_flight:
+                reason = f"drain timed out after {self.config.drain_timeout_s:.0f} s with {in_flight:.0f} requests in flight"
+            elif in_flight is None:
+                reason = "drained (metrics unavailable: " + (scrape.detail if scrape else "no scrape") + ")"
+            else:
+                reason = "drained"
         engine = self.engines.get(worker_id)
         if worker.driver == Driver.LOCAL and engine is not None:
             logger.info("engine %s: %s; SIGTERM", worker_id, reason)
@@ -566,7 +616,7 @@ class EngineAgent:
         for worker_id, engine in self.engines.items():
             with engine_client(f"http://{self.config.public_host}:{engine.port}", timeout_s=0.5) as client:
                 scrape = scrape_metrics(client)
-            if scrape.metrics is not None and requests_in_flight(scrape.metrics):
+            if scrape.in_flight:
                 logger.info("engine %s: waiting for in-flight requests before stopping", worker_id)
                 return True
         return False

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.engines.command import SERVER_MODULE, engine_env, vllm_command
+from serving.engines.command import SERVER_MODULE, artifact_is_local, engine_env, vllm_command
 
 LOG_TAIL_LINES = 50
 LOG_TAIL_BYTES = 64 * 1024
@@ -58,6 +58,7 @@ class LocalEngine:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    gpus: tuple[str, ...] = ()
     started: float = field(default_factory=time.monotonic)
     term_sent: float | None = None
     killed: bool = False
@@ -110,13 +111,14 @@ def cpus_check(cpus: Collection[int]) -> None:
 
 def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", die_with_parent: bool = True,
                  cpus: Collection[int] | None = None, env_overrides: Mapping[str, str] | None = None,
-                 ) -> subprocess.Popen[bytes]:
+                 offline: bool = True) -> subprocess.Popen[bytes]:
     """Launch an engine as the leader of its own process group, output appended to `log_path`.
 
     `die_with_parent` arms PR_SET_PDEATHSIG, which fires when the *thread* that forked the child exits:
     launch from a thread that lives as long as the engine should (the agent's main thread). `cpus` pins
     the engine, and every process it starts, to those CPUs (vLLM's CPU worker binds its threads within
-    them). `env_overrides` are set in the engine's environment over this process's and the engine defaults."""
+    them). `env_overrides` are set in the engine's environment over this process's and the engine defaults;
+    `offline` keeps the hub out of reach (local weights)."""
     parent = os.getpid()
     cpu_set = None if cpus is None else set(cpus)
     if cpu_set is not None:
@@ -134,7 +136,7 @@ def spawn_engine(command: Sequence[str], *, log_path: Path, header: str = "", di
             log.flush()
         return subprocess.Popen(
             list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=engine_env({**os.environ, **(env_overrides or {})}),
+            env=engine_env({**os.environ, **(env_overrides or {})}, offline=offline),
             start_new_session=True, close_fds=True,
             preexec_fn=before_exec if (die_with_parent or cpu_set is not None) else None,
         )
@@ -150,18 +152,30 @@ def local_start(
     port: int,
     log_dir: Path,
     cpus: Collection[int] | None = None,
+    build: str = "cpu",
+    gpus: Sequence[str] = (),
+    api_key: str = "",
 ) -> LocalEngine:
-    """Launch vLLM for one worker, output appended to `log_dir/engine-<id>.log`. From the main thread."""
+    """Launch vLLM for one worker, output appended to `log_dir/engine-<id>.log`. From the main thread.
+
+    On the CPU build with --enforce-eager; on a GPU build on `gpus` alone (CUDA_VISIBLE_DEVICES). The engine
+    wants `api_key` on its /v1 routes: given in its environment (VLLM_API_KEY, what --api-key would set), not
+    on its command line, which `ps` and the log's first line show. The hub is out of reach when the weights
+    are a local directory, and within reach for a hub id."""
     command = vllm_command(model=model, served_model_name=served_model_name, port=port, host=host,
-                           engine_args=engine_args)
+                           engine_args=engine_args, enforce_eager=build == "cpu")
+    overrides = {"VLLM_API_KEY": api_key} if api_key else {}
+    if gpus:
+        overrides["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"engine-{worker_id}.log"
     _rotate(log_path)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     pinned = f" (CPUs {','.join(map(str, sorted(cpus)))})" if cpus is not None else ""
-    proc = spawn_engine(command, log_path=log_path, cpus=cpus,
-                        header=f"--- {stamp} agent {os.getpid()} starts{pinned}: {' '.join(command)}")
-    return LocalEngine(worker_id=worker_id, proc=proc, port=port, log_path=log_path)
+    on_gpus = f" (GPUs {','.join(gpus)})" if gpus else ""
+    proc = spawn_engine(command, log_path=log_path, cpus=cpus, env_overrides=overrides, offline=artifact_is_local(model),
+                        header=f"--- {stamp} agent {os.getpid()} starts{pinned}{on_gpus}: {' '.join(command)}")
+    return LocalEngine(worker_id=worker_id, proc=proc, port=port, log_path=log_path, gpus=tuple(gpus))
 
 
 def log_tail(log_path: Path, *, lines: int = LOG_TAIL_LINES) -> str:

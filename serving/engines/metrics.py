@@ -66,6 +66,22 @@ def parse_vllm_metrics(text: str) -> dict[str, Any]:
     return result
 
 
+def in_flight_from(text: str, gauges: tuple[str, ...]) -> float | None:
+    """The sum of `gauges` over their labels (running + waiting, in whatever names the server uses);
+    None when any of them is missing."""
+    totals: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in gauges and math.isfinite(sample.value):
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    except ValueError as exc:
+        raise MetricsParseError(f"not Prometheus text: {exc}") from exc
+    if any(name not in totals for name in gauges):
+        return None
+    return sum(totals.values())
+
+
 def requests_in_flight(metrics: dict[str, Any]) -> float | None:
     """running + waiting, the figure a drain waits on; None when the engine does not say."""
     running = metrics.get("vllm:num_requests_running")

@@ -1,4 +1,5 @@
-"""HTTP checks of an engine: readiness, health and the `/metrics` scrape.
+"""HTTP checks of an engine: readiness, health and the `/metrics` scrape, as its flavor wants them
+(serving.engines.flavors: which paths, which header carries the key, which gauges say what is in flight).
 
 Each returns what it found instead of raising, with a one-line reason people can act on; the agent
 stores the reason on the worker."""
@@ -10,7 +11,10 @@ from typing import Any
 
 import httpx
 
-from serving.engines.metrics import MetricsParseError, parse_vllm_metrics
+from serving.engines.flavors import FLAVORS, Flavor
+from serving.engines.metrics import MetricsParseError, in_flight_from, parse_vllm_metrics
+
+VLLM = FLAVORS["vllm"]
 
 # Readiness sends one real request: on CPU a model vLLM cannot run (a head size of 16) passes /health and
 # lists itself, then the engine dies on its first request.
@@ -23,9 +27,8 @@ class ProbeResult:
     detail: str
 
 
-def engine_client(base_url: str, *, api_key: str = "", timeout_s: float = 10.0) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+def engine_client(base_url: str, *, api_key: str = "", timeout_s: float = 10.0, flavor: Flavor = VLLM) -> httpx.Client:
+    return httpx.Client(base_url=base_url, headers=flavor.headers(api_key), timeout=timeout_s)
 
 
 def _failure(what: str, exc: httpx.HTTPError) -> ProbeResult:
@@ -54,27 +57,31 @@ def _served_names(client: httpx.Client) -> tuple[list[str] | None, ProbeResult |
         return None, ProbeResult(False, "GET /v1/models: not an OpenAI model list")
 
 
-def probe_health(client: httpx.Client, *, served_model_name: str) -> ProbeResult:
-    """`/health` is 200 and `/v1/models` lists the name: cheap enough to run every few seconds."""
-    try:
-        response = client.get("/health")
-    except httpx.HTTPError as exc:
-        return _failure("GET /health", exc)
-    if response.status_code != 200:
-        return ProbeResult(False, f"GET /health: {_short(response)}")
+def probe_health(client: httpx.Client, *, served_model_name: str, flavor: Flavor = VLLM) -> ProbeResult:
+    """The flavor's health path is 200 and `/v1/models` answers (listing the name, where the flavor lists
+    it): cheap enough to run every few seconds, and free on a hosted API."""
+    if flavor.health_path is not None:
+        path = flavor.health_path
+        try:
+            response = client.get(path)
+        except httpx.HTTPError as exc:
+            return _failure(f"GET {path}", exc)
+        if response.status_code != 200:
+            return ProbeResult(False, f"GET {path}: {_short(response)}")
     names, failure = _served_names(client)
     if failure is not None:
         return failure
     assert names is not None
-    if served_model_name not in names:
+    if flavor.lists_served_name and served_model_name not in names:
         return ProbeResult(False, f"GET /v1/models does not list {served_model_name!r} (it lists {', '.join(names) or 'nothing'})")
     return ProbeResult(True, "ok")
 
 
-def probe_readiness(client: httpx.Client, *, served_model_name: str) -> ProbeResult:
-    """DESIGN.md's readiness: healthy as above, and a 1-token completion succeeds."""
-    health = probe_health(client, served_model_name=served_model_name)
-    if not health.ok:
+def probe_readiness(client: httpx.Client, *, served_model_name: str, flavor: Flavor = VLLM) -> ProbeResult:
+    """DESIGN.md's readiness: healthy as above, and a 1-token completion succeeds (a hosted API is not
+    sent one: the model list already proved the key and the endpoint, and a completion would be billed)."""
+    health = probe_health(client, served_model_name=served_model_name, flavor=flavor)
+    if not health.ok or not flavor.completion_probe:
         return health
     body = {"model": served_model_name, "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0}
     try:
@@ -96,10 +103,15 @@ def probe_readiness(client: httpx.Client, *, served_model_name: str) -> ProbeRes
 class Scrape:
     metrics: dict[str, Any] | None
     detail: str
+    # Requests running + waiting by the flavor's gauges; None when the server does not say.
+    in_flight: float | None = None
 
 
-def scrape_metrics(client: httpx.Client) -> Scrape:
-    """The engine's kept vllm:* metrics, or None with the reason."""
+def scrape_metrics(client: httpx.Client, *, flavor: Flavor = VLLM) -> Scrape:
+    """The engine's kept vllm:* metrics (none for other flavors) and its requests in flight, or None
+    with the reason."""
+    if flavor.in_flight_gauges is None:
+        return Scrape(None, f"{flavor.name} exports no queue metrics")
     try:
         response = client.get("/metrics")
     except httpx.HTTPError as exc:
@@ -107,6 +119,8 @@ def scrape_metrics(client: httpx.Client) -> Scrape:
     if response.status_code != 200:
         return Scrape(None, f"GET /metrics: {_short(response)}")
     try:
-        return Scrape(parse_vllm_metrics(response.text), "ok")
+        in_flight = in_flight_from(response.text, flavor.in_flight_gauges)
+        metrics = parse_vllm_metrics(response.text) if flavor.name == "vllm" else {}
     except MetricsParseError as exc:
         return Scrape(None, f"GET /metrics: {exc}")
+    return Scrape(metrics, "ok", in_flight)

@@ -126,9 +126,12 @@ def engine_claim_release(*, worker_id: int, agent: str) -> bool:
 # --- lifecycle ------------------------------------------------------------------------------------
 
 
-def engine_start_begin(*, worker_id: int, agent: str, port: int | None, base_url: str) -> EngineWorker | None:
+def engine_start_begin(
+    *, worker_id: int, agent: str, port: int | None, base_url: str, api_key: str = "", gpu_ids: str = ""
+) -> EngineWorker | None:
     """PENDING -> STARTING, before the process is launched: the state is the reservation, so a second
-    pass (or agent) finds STARTING and launches nothing."""
+    pass (or agent) finds STARTING and launches nothing. A local engine's URL, key and GPUs are written
+    with it (a static endpoint keeps the ones it was created with)."""
     with transaction.atomic():
         worker = _locked(worker_id, agent, (State.PENDING,))
         if worker is None or worker.desired_state != Desired.RUNNING:
@@ -147,11 +150,29 @@ def engine_start_begin(*, worker_id: int, agent: str, port: int | None, base_url
             "last_health_detail": "",
             "restarts": worker.restarts + (1 if restart else 0),
         }
-        if worker.driver == EngineWorker.Driver.LOCAL:
+        if worker.driver in (EngineWorker.Driver.LOCAL, EngineWorker.Driver.KUBERNETES):
             fields["base_url"] = base_url
+            fields["api_key"] = api_key
+            fields["gpu_ids"] = gpu_ids
             fields["metrics"] = {}
             fields["metrics_at"] = None
         return _save(worker, was=worker.state, fields=fields, now=now)
+
+
+def engine_pending_note(*, worker_id: int, agent: str, reason: str) -> EngineWorker | None:
+    """A PENDING worker cannot start yet (its GPUs are held by other engines): say why, keep the state."""
+    with transaction.atomic():
+        worker = _locked(worker_id, agent, (State.PENDING,))
+        if worker is None or worker.state_reason == _cut(reason):
+            return worker
+        return _save(worker, was=worker.state, fields={"state_reason": _cut(reason)})
+
+
+def engine_refused(*, worker_id: int, agent: str, reason: str) -> EngineWorker | None:
+    """PENDING -> FAILED without a try: it can never start here (more GPUs than the host has, a bad
+    engine flag). It waits for a person, who fixes the version or the host and asks it to run again."""
+    return _transition(worker_id=worker_id, agent=agent, from_states=(State.PENDING,), to_state=State.FAILED,
+                       reason=reason, next_start_at=None, claimed_by="", claim_expires_at=None)
 
 
 def engine_pid_set(*, worker_id: int, agent: str, pid: int) -> EngineWorker | None:
@@ -280,6 +301,41 @@ def engine_agent_left(*, worker_id: int, agent: str, reason: str) -> EngineWorke
             fields.update(state=State.PENDING if running else State.STOPPED, state_reason=_cut(reason), pid=None,
                           ready_at=None)
         return _save(worker, was=worker.state, fields=fields)
+
+
+def engine_failed(*, worker_id: int, agent: str, reason: str) -> EngineWorker | None:
+    """Give up on a worker whose restarts are someone else's (Kubernetes' kubelet restarts a crashing pod
+    with its own backoff): FAILED, claim released, waiting for a person."""
+    return _transition(worker_id=worker_id, agent=agent, from_states=(State.PENDING, *PROCESS_STATES),
+                       to_state=State.FAILED, reason=reason, next_start_at=None, claimed_by="", claim_expires_at=None)
+
+
+def _routable_urls(pods: list[dict[str, Any]]) -> set[str]:
+    return {str(pod.get("url")) for pod in pods if pod.get("routable")}
+
+
+def engine_pods_record(*, worker_id: int, agent: str, pods: list[dict[str, Any]], ready_replicas: int,
+                       reason: str | None = None) -> EngineWorker | None:
+    """What the reconciler saw of a Kubernetes worker's pods. When the set of pods the gateway may route to
+    changes (one became ready, one is drained, a node went), the route generation is bumped with it."""
+    with transaction.atomic():
+        worker = _locked(worker_id, agent, None)
+        if worker is None:
+            return None
+        routable_before = _routable_urls(worker.pods or [])
+        fields: dict[str, Any] = {}
+        if worker.pods != pods:
+            fields["pods"] = pods
+        if worker.ready_replicas != ready_replicas:
+            fields["ready_replicas"] = ready_replicas
+        if reason is not None and worker.state_reason != _cut(reason):
+            fields["state_reason"] = _cut(reason)
+        if not fields:
+            return worker
+        saved = _save(worker, was=worker.state, fields=fields)
+        if worker.state in EngineWorker.ROUTABLE_STATES and _routable_urls(pods) != routable_before:
+            route_generation_bump()
+        return saved
 
 
 def engine_metrics_record(*, worker_id: int, agent: str, metrics: dict[str, Any]) -> bool:

@@ -603,7 +603,7 @@ class Gateway:
                 arm=attempt.arm,
                 assigned_arm=ex.assigned_arm,
                 model_version_id=attempt.version_id,
-                engine_worker_id=attempt.replica.id if attempt.replica is not None else None,
+                engine_worker_id=attempt.replica.worker_id if attempt.replica is not None else None,
                 endpoint=ex.endpoint,
                 stream=ex.stream,
                 session_hash=session,

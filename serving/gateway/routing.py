@@ -45,10 +45,12 @@ class AliasRow:
 
 @dataclass(frozen=True)
 class WorkerRow:
-    id: int
+    id: int  # the replica's id: the worker's, or a pod's (serving.selectors.pod_replica_id)
     model_version_id: int
     base_url: str
     api_key: str
+    worker_id: int | None = None  # the engine worker it belongs to (None: `id`)
+    headers: tuple[str, ...] | None = None  # how the key is sent (None: as a bearer token)
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,13 @@ class Replica:
 
     __slots__ = (
         "api_key", "base_url", "consecutive_failures", "ejected_until", "ejections", "endpoint", "headers", "id",
-        "last_ejected_at", "outstanding", "probing", "refused_until", "waiting", "waiting_outstanding",
+        "last_ejected_at", "outstanding", "probing", "refused_until", "waiting", "waiting_outstanding", "worker_id",
     )
 
-    def __init__(self, worker_id: int, base_url: str, api_key: str) -> None:
+    def __init__(self, worker_id: int, base_url: str, api_key: str, *, engine_worker_id: int | None = None,
+                 key_headers: tuple[str, ...] | None = None) -> None:
         self.id = worker_id
+        self.worker_id = worker_id if engine_worker_id is None else engine_worker_id
         self.outstanding = 0
         self.refused_until = 0.0
         # Outlier ejection: out of routing while `ejected_until` is set (a float, even once passed, until a
@@ -94,15 +98,17 @@ class Replica:
         # The engine's own queue (vllm:num_requests_waiting) at the last scrape, and our in-flight count then.
         self.waiting: int | None = None
         self.waiting_outstanding = 0
-        self.update(base_url, api_key)
+        self.update(base_url, api_key, key_headers)
 
-    def update(self, base_url: str, api_key: str) -> None:
+    def update(self, base_url: str, api_key: str, key_headers: tuple[str, ...] | None = None) -> None:
         """Raises ValueError for a URL that is not http(s)."""
         self.endpoint = Endpoint(base_url.rstrip("/"))
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.headers: tuple[str, ...] = ("Content-Type: application/json",)
-        if api_key:
+        if key_headers is not None:
+            self.headers += key_headers
+        elif api_key:
             self.headers += (f"Authorization: Bearer {api_key}",)
 
     def refused(self, now: float) -> None:
@@ -195,9 +201,10 @@ def route_table_build(rows: RouteRows, previous: RouteTable | None = None) -> Ro
         replica = old.get(worker.id)
         try:
             if replica is None:
-                replica = Replica(worker.id, worker.base_url, worker.api_key)
+                replica = Replica(worker.id, worker.base_url, worker.api_key, engine_worker_id=worker.worker_id,
+                                  key_headers=worker.headers)
             else:
-                replica.update(worker.base_url, worker.api_key)
+                replica.update(worker.base_url, worker.api_key, worker.headers)
         except ValueError:
             continue  # not a URL the gateway can call; the engine's own checks will say why
         replicas[worker.id] = replica

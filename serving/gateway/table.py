@@ -5,7 +5,8 @@ from __future__ import annotations
 from django.db import InterfaceError, OperationalError, connection
 
 from serving.gateway.routing import AliasRow, KeyRow, RouteRows, VersionRow, WorkerRow
-from serving.models import Alias, EngineWorker, GatewayKey, ModelVersion, RouteGeneration
+from serving.models import Alias, GatewayKey, ModelVersion, RouteGeneration
+from serving.selectors import engine_replicas_routable
 
 _VERSION_SQL = ""
 
@@ -65,13 +66,11 @@ def _load() -> RouteRows:
         for alias in Alias.objects.all()
         if alias.baseline_id in versions
     )
+    # One row per replica: a worker, or each serving pod of a Kubernetes worker.
     workers = tuple(
-        WorkerRow(id=w["id"], model_version_id=w["model_version_id"], base_url=w["base_url"], api_key=w["api_key"])
-        for w in EngineWorker.objects.filter(
-            desired_state=EngineWorker.Desired.RUNNING, state__in=EngineWorker.ROUTABLE_STATES
-        )
-        .order_by("id")
-        .values("id", "model_version_id", "base_url", "api_key")
+        WorkerRow(id=r.replica_id, model_version_id=r.model_version_id, base_url=r.base_url, api_key=r.api_key,
+                  worker_id=r.worker_id, headers=r.headers)
+        for r in engine_replicas_routable()
     )
     keys = tuple(
         KeyRow(key_hash=k["key_hash"], aliases=tuple(k["aliases"] or ()), name=k["name"], rpm_limit=k["rpm_limit"],

@@ -117,7 +117,7 @@ class Tracing:
                 {
                     "server.address": endpoint.host,
                     "server.port": endpoint.port,
-                    "ramp.engine_worker_id": attempt.replica.id,
+                    "ramp.engine_worker_id": attempt.replica.worker_id,
                 }
             )
         span = self._tracer.start_span(
