@@ -32,6 +32,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from serving.engines import services as engine_services
+from serving.engines.capacity import capacity_sync_all
 from serving.engines.command import engine_build, gpu_count
 from serving.engines.drivers import LocalEngine, free_port, local_start, log_tail, stale_engine_kill
 from serving.engines.flavors import flavor_get
@@ -239,7 +240,9 @@ class EngineAgent:
         if time.monotonic() - self._renewed >= min(self.config.claim_ttl_s / 3, 5.0):
             engine_services.engine_claims_renew(agent=self.claim, ttl_s=self.config.claim_ttl_s)
             self._renewed = time.monotonic()
-        workers = list(EngineWorker.objects.select_related("model_version").filter(host_name=self.config.host_name))
+        # Kubernetes workers of the same host name are the kubernetes reconciler's (--driver kubernetes).
+        workers = list(EngineWorker.objects.select_related("model_version").filter(host_name=self.config.host_name)
+                       .exclude(driver=Driver.KUBERNETES))
         present = set()
         for worker in workers:
             present.add(worker.pk)
@@ -251,6 +254,8 @@ class EngineAgent:
         for worker_id in [wid for wid in self.engines if wid not in present]:
             logger.warning("engine %s: its worker row is gone; stopping its process", worker_id)
             self.engines.pop(worker_id).kill()
+        # GPU budgets move on when replicas become ready or go (serving.engines.capacity).
+        capacity_sync_all()
 
     # --- one worker -------------------------------------------------------------------------------
 

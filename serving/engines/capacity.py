@@ -87,9 +87,17 @@ def _occupied(pool: list[EngineWorker]) -> int:
     """Replicas holding GPUs now (asked for, starting, serving or still draining)."""
     if pool and pool[0].driver == Driver.KUBERNETES:
         # Pods still listed (a terminating one too) hold their GPUs; pods asked for but not created yet will.
-        return sum(max(len(w.pods or []), w.replicas if w.desired_state == RUNNING and w.state != State.FAILED else 0)
-                   for w in pool)
-    return sum(1 for w in pool if w.state in HOLDING_STATES or (w.desired_state == RUNNING and w.state == State.PENDING))
+        return sum(
+            max(
+                len(w.pods or []), w.replicas if w.desired_state == RUNNING and w.state != State.FAILED else 0
+            )
+            for w in pool
+        )
+    return sum(
+        1
+        for w in pool
+        if w.state in HOLDING_STATES or (w.desired_state == RUNNING and w.state == State.PENDING)
+    )
 
 
 def _ready(pool: list[EngineWorker]) -> int:
@@ -120,13 +128,16 @@ def _scale(version_id: int, pool: list[EngineWorker], replicas: int) -> None:
     for surplus in reversed(running[replicas:]):
         engine_worker_set_desired(worker=surplus, desired=Desired.STOPPED)
     missing = replicas - len(running)
-    for idle in [w for w in pool if w.desired_state != RUNNING][:max(0, missing)]:
+    for idle in [w for w in pool if w.desired_state != RUNNING][: max(0, missing)]:
         engine_worker_set_desired(worker=idle, desired=Desired.RUNNING)
         missing -= 1
     template = pool[0]
     for _ in range(max(0, missing)):
-        engine_worker_create(model_version=ModelVersion.objects.get(pk=version_id), driver=Driver.LOCAL,
-                             host_name=template.host_name)
+        engine_worker_create(
+            model_version=ModelVersion.objects.get(pk=version_id),
+            driver=Driver.LOCAL,
+            host_name=template.host_name,
+        )
 
 
 # --- the alias ------------------------------------------------------------------------------------
@@ -143,8 +154,9 @@ class ArmCapacity:
 
 def _targets(alias: Alias) -> dict[int, int]:
     assert alias.gpu_budget is not None
-    split = replicas_for_weight(budget=alias.gpu_budget, weight=alias.target_weight,
-                                has_candidate=alias.candidate_id is not None)
+    split = replicas_for_weight(
+        budget=alias.gpu_budget, weight=alias.target_weight, has_candidate=alias.candidate_id is not None
+    )
     targets = {int(k): 0 for k in (alias.capacity_targets or {})}
     targets[alias.baseline_id] = split.baseline
     if alias.candidate_id is not None:
@@ -188,7 +200,10 @@ def capacity_sync_locked(alias: Alias) -> bool:
     moved = False
     if alias.candidate_weight != alias.target_weight:
         increase = alias.target_weight > alias.candidate_weight
-        ready = alias.candidate_id is not None and _ready(pools[alias.candidate_id]) >= targets[alias.candidate_id]
+        ready = (
+            alias.candidate_id is not None
+            and _ready(pools[alias.candidate_id]) >= targets[alias.candidate_id]
+        )
         if not increase or ready:
             alias.candidate_weight = alias.target_weight
             alias.weight_changed_at = timezone.now()

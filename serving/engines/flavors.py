@@ -56,19 +56,48 @@ VLLM_IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 FLAVORS: dict[str, Flavor] = {
     flavor.name: flavor
     for flavor in (
-        Flavor("vllm", hosted=False, health_path="/health", lists_served_name=True, in_flight_gauges=VLLM_IN_FLIGHT),
+        Flavor(
+            "vllm",
+            hosted=False,
+            health_path="/health",
+            lists_served_name=True,
+            in_flight_gauges=VLLM_IN_FLIGHT,
+        ),
         # SGLang and llama.cpp export their queue only when started with --enable-metrics / --metrics.
-        Flavor("sglang", hosted=False, health_path="/health", lists_served_name=True,
-               in_flight_gauges=("sglang:num_running_reqs", "sglang:num_queue_reqs")),
-        Flavor("tgi", hosted=False, health_path="/health", lists_served_name=False,
-               in_flight_gauges=("tgi_batch_current_size", "tgi_queue_size")),
-        Flavor("llamacpp", hosted=False, health_path="/health", lists_served_name=True,
-               in_flight_gauges=("llamacpp:requests_processing", "llamacpp:requests_deferred")),
+        Flavor(
+            "sglang",
+            hosted=False,
+            health_path="/health",
+            lists_served_name=True,
+            in_flight_gauges=("sglang:num_running_reqs", "sglang:num_queue_reqs"),
+        ),
+        Flavor(
+            "tgi",
+            hosted=False,
+            health_path="/health",
+            lists_served_name=False,
+            in_flight_gauges=("tgi_batch_current_size", "tgi_queue_size"),
+        ),
+        Flavor(
+            "llamacpp",
+            hosted=False,
+            health_path="/health",
+            lists_served_name=True,
+            in_flight_gauges=("llamacpp:requests_processing", "llamacpp:requests_deferred"),
+        ),
         # Ollama has no metrics page: its drain waits a fixed grace instead.
-        Flavor("ollama", hosted=False, health_path="/api/version", lists_served_name=True, in_flight_gauges=None),
+        Flavor(
+            "ollama", hosted=False, health_path="/api/version", lists_served_name=True, in_flight_gauges=None
+        ),
         Flavor("openai", hosted=True, health_path=None, lists_served_name=True, in_flight_gauges=None),
-        Flavor("azure-openai", hosted=True, health_path=None, lists_served_name=False, in_flight_gauges=None,
-               key_header="api-key"),
+        Flavor(
+            "azure-openai",
+            hosted=True,
+            health_path=None,
+            lists_served_name=False,
+            in_flight_gauges=None,
+            key_header="api-key",
+        ),
     )
 }
 
@@ -97,8 +126,10 @@ def base_url_normalise(url: str, *, flavor: str = "vllm") -> str:
         path = path[: -len("/v1")]
     if flavor == "azure-openai":
         if "/deployments/" in path + "/":
-            raise ValueError("give the resource's endpoint (https://NAME.openai.azure.com); the deployment "
-                             "is the model version's served_model_name")
+            raise ValueError(
+                "give the resource's endpoint (https://NAME.openai.azure.com); the deployment "
+                "is the model version's served_model_name"
+            )
         if not path.endswith("/openai"):
             path += "/openai"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -47,8 +47,13 @@ def host_gpus(configured: tuple[str, ...] | None, env: Mapping[str, str]) -> tup
     if smi is None:
         return ()
     try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
     return tuple(line.strip() for line in out.splitlines() if line.strip())
@@ -68,8 +73,10 @@ def gpus_assign(*, need: int, host: Sequence[str], held: Mapping[int, Sequence[s
     if need < 1:
         raise ValueError("need must be at least 1")
     if not host:
-        raise GpuFitError("this host has no GPU (ENGINE_GPUS, CUDA_VISIBLE_DEVICES and nvidia-smi list none)",
-                          permanent=True)
+        raise GpuFitError(
+            "this host has no GPU (ENGINE_GPUS, CUDA_VISIBLE_DEVICES and nvidia-smi list none)",
+            permanent=True,
+        )
     if need > len(host):
         raise GpuFitError(f"needs {need} GPUs, this host has {len(host)} ({','.join(host)})", permanent=True)
     taken = {gpu: worker for worker, gpus in held.items() for gpu in gpus}

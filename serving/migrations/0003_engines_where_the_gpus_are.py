@@ -10,71 +10,96 @@ def target_is_the_current_weight(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('serving', '0002_idempotency_keys'),
+        ("serving", "0002_idempotency_keys"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='alias',
-            name='capacity_targets',
+            model_name="alias",
+            name="capacity_targets",
             field=models.JSONField(blank=True, default=dict),
         ),
         migrations.AddField(
-            model_name='alias',
-            name='gpu_budget',
+            model_name="alias",
+            name="gpu_budget",
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='alias',
-            name='target_weight',
-            field=models.FloatField(default=0.0, help_text='The weight the rollout asked for.'),
+            model_name="alias",
+            name="target_weight",
+            field=models.FloatField(default=0.0, help_text="The weight the rollout asked for."),
         ),
         migrations.AddField(
-            model_name='alias',
-            name='weight_changed_at',
-            field=models.DateTimeField(blank=True, help_text='When candidate_weight last changed.', null=True),
+            model_name="alias",
+            name="weight_changed_at",
+            field=models.DateTimeField(
+                blank=True, help_text="When candidate_weight last changed.", null=True
+            ),
         ),
         migrations.AddField(
-            model_name='engineworker',
-            name='flavor',
-            field=models.CharField(choices=[('vllm', 'vLLM'), ('sglang', 'SGLang'), ('tgi', 'Text Generation Inference'), ('llamacpp', 'llama.cpp server'), ('ollama', 'Ollama'), ('openai', 'OpenAI API'), ('azure-openai', 'Azure OpenAI')], default='vllm', max_length=16),
+            model_name="engineworker",
+            name="flavor",
+            field=models.CharField(
+                choices=[
+                    ("vllm", "vLLM"),
+                    ("sglang", "SGLang"),
+                    ("tgi", "Text Generation Inference"),
+                    ("llamacpp", "llama.cpp server"),
+                    ("ollama", "Ollama"),
+                    ("openai", "OpenAI API"),
+                    ("azure-openai", "Azure OpenAI"),
+                ],
+                default="vllm",
+                max_length=16,
+            ),
         ),
         migrations.AddField(
-            model_name='engineworker',
-            name='gpu_ids',
+            model_name="engineworker",
+            name="gpu_ids",
             field=models.CharField(blank=True, max_length=200),
         ),
         migrations.AddField(
-            model_name='engineworker',
-            name='pods',
+            model_name="engineworker",
+            name="pods",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='engineworker',
-            name='ready_replicas',
+            model_name="engineworker",
+            name="ready_replicas",
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='engineworker',
-            name='replicas',
+            model_name="engineworker",
+            name="replicas",
             field=models.PositiveIntegerField(default=1),
         ),
         migrations.AddField(
-            model_name='modelversion',
-            name='deployment',
-            field=models.JSONField(blank=True, default=dict, help_text='Kubernetes deployment settings.'),
+            model_name="modelversion",
+            name="deployment",
+            field=models.JSONField(blank=True, default=dict, help_text="Kubernetes deployment settings."),
         ),
         migrations.AlterField(
-            model_name='engineworker',
-            name='api_key',
-            field=models.CharField(blank=True, help_text="The key the engine wants: a static endpoint's, or the one the agent gave its engine.", max_length=300),
+            model_name="engineworker",
+            name="api_key",
+            field=models.CharField(
+                blank=True,
+                help_text="The key the engine wants: a static endpoint's, or the one the agent gave its engine.",
+                max_length=300,
+            ),
         ),
         migrations.AlterField(
-            model_name='engineworker',
-            name='driver',
-            field=models.CharField(choices=[('local', 'local vLLM process'), ('static', 'static endpoint'), ('kubernetes', 'Kubernetes Deployment')], default='local', max_length=16),
+            model_name="engineworker",
+            name="driver",
+            field=models.CharField(
+                choices=[
+                    ("local", "local vLLM process"),
+                    ("static", "static endpoint"),
+                    ("kubernetes", "Kubernetes Deployment"),
+                ],
+                default="local",
+                max_length=16,
+            ),
         ),
         migrations.RunPython(target_is_the_current_weight, migrations.RunPython.noop),
     ]

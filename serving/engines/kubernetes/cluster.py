@@ -11,12 +11,14 @@ this edge. Every call raises `ClusterError` with the API server's own message.""
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ConfigError
@@ -29,8 +31,13 @@ from serving.engines.kubernetes.manifests import MANAGED_BY, MANAGER
 
 logger = logging.getLogger("serving.engines.kubernetes")
 
-KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Secret": Secret, "Pod": Pod,
-                         "EndpointSlice": EndpointSlice}
+KINDS: dict[str, Any] = {
+    "Deployment": Deployment,
+    "Service": Service,
+    "Secret": Secret,
+    "Pod": Pod,
+    "EndpointSlice": EndpointSlice,
+}
 
 
 class ClusterError(Exception):
@@ -59,7 +66,9 @@ class Cluster:
 
     def __init__(self, *, namespace: str, config: KubeConfig, timeout_s: float = 15.0) -> None:
         self.namespace = namespace
-        self.client = Client(config=config, namespace=namespace, timeout=timeout_s, field_manager=MANAGER)
+        self.client = Client(
+            config=config, namespace=namespace, timeout=httpx2.Timeout(timeout_s), field_manager=MANAGER
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -76,7 +85,9 @@ class Cluster:
                 raise _error(exc) from exc
         kind = KINDS[manifest["kind"]]
         try:
-            return self.client.patch(kind, manifest["metadata"]["name"], manifest, patch_type=PatchType.MERGE).to_dict()
+            return self.client.patch(
+                kind, manifest["metadata"]["name"], manifest, patch_type=PatchType.MERGE
+            ).to_dict()
         except ApiError as exc:
             raise _error(exc) from exc
 
@@ -88,9 +99,9 @@ class Cluster:
                 return None
             raise _error(exc) from exc
 
-    def list(self, kind: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list(self, kind: str, labels: dict[str, str]) -> builtins.list[dict[str, Any]]:
         try:
-            return [obj.to_dict() for obj in self.client.list(KINDS[kind], labels=labels)]
+            return [obj.to_dict() for obj in self.client.list(KINDS[kind], labels=dict(labels.items()))]  # type: ignore[arg-type]
         except ApiError as exc:
             raise _error(exc) from exc
 
@@ -115,8 +126,17 @@ class Cluster:
         current container is waiting and has none). lightkube's `log()` has no `previous`, so the request is
         built with its generic client."""
         generic = self.client._client
-        request = generic.prepare_request("get", PodLog, name=name, namespace=self.namespace, params={
-            "container": container, "previous": "true" if previous else None, "tailLines": tail_lines})
+        request = generic.prepare_request(
+            "get",
+            PodLog,
+            name=name,
+            namespace=self.namespace,
+            params={
+                "container": container,
+                "previous": "true" if previous else None,
+                "tailLines": tail_lines,
+            },
+        )
         response = generic.send(generic.build_adapter_request(request))
         if response.status_code != 200:
             raise ClusterError(f"{response.status_code}: {response.text[:300]}", status=response.status_code)
@@ -124,13 +144,16 @@ class Cluster:
 
     # --- watching -------------------------------------------------------------------------------------
 
-    def watch_changes(self, kinds: tuple[str, ...], on_change: Callable[[], None], stop: threading.Event) -> list[threading.Thread]:
+    def watch_changes(
+        self, kinds: tuple[str, ...], on_change: Callable[[], None], stop: threading.Event
+    ) -> builtins.list[threading.Thread]:
         """One daemon thread per kind watching the platform's objects; each event calls `on_change` (the
         reconciler's wake-up). A broken watch is opened again after a pause."""
         threads = []
         for kind in kinds:
-            thread = threading.Thread(target=self._watch_loop, args=(kind, on_change, stop), daemon=True,
-                                      name=f"watch-{kind}")
+            thread = threading.Thread(
+                target=self._watch_loop, args=(kind, on_change, stop), daemon=True, name=f"watch-{kind}"
+            )
             thread.start()
             threads.append(thread)
         return threads
@@ -138,7 +161,9 @@ class Cluster:
     def _watch_loop(self, kind: str, on_change: Callable[[], None], stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                for _event, _obj in self.client.watch(KINDS[kind], labels={MANAGED_BY: MANAGER}, server_timeout=60):
+                for _event, _obj in self.client.watch(
+                    KINDS[kind], labels={MANAGED_BY: MANAGER}, server_timeout=60
+                ):
                     on_change()
                     if stop.is_set():
                         return

@@ -37,8 +37,12 @@ def key_secret_name(worker_id: int) -> str:
 
 
 def worker_labels(worker_id: int) -> dict[str, str]:
-    return {MANAGED_BY: MANAGER, "app.kubernetes.io/name": "vllm", "app.kubernetes.io/component": "engine",
-            WORKER_LABEL: str(worker_id)}
+    return {
+        MANAGED_BY: MANAGER,
+        "app.kubernetes.io/name": "vllm",
+        "app.kubernetes.io/component": "engine",
+        WORKER_LABEL: str(worker_id),
+    }
 
 
 def _label_value(text: str) -> str:
@@ -73,8 +77,13 @@ class EngineObject:
         return {"name": name, "namespace": self.namespace, "labels": labels}
 
     def secret(self, api_key: str) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": self._meta(key_secret_name(self.worker_id)),
-                "type": "Opaque", "stringData": {"api-key": api_key}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": self._meta(key_secret_name(self.worker_id)),
+            "type": "Opaque",
+            "stringData": {"api-key": api_key},
+        }
 
     def service(self) -> dict[str, Any]:
         return {
@@ -83,33 +92,64 @@ class EngineObject:
                      "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]},
         }  # fmt: skip
 
-    def _model_and_volumes(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    def _model_and_volumes(
+        self,
+    ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """--model's value, the volumes and mounts for the weights, and the env that goes with them."""
         source = self.spec.source_for(self.artifact)
         if source == "hub":
             # Downloaded into the pod; a cache volume keeps a container restart from downloading again.
             env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
             if self.spec.hf_token_secret:
-                env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": self.spec.hf_token_secret,
-                                                                                  "key": "token"}}})
-            return (self.artifact, [{"name": "hf-cache", "emptyDir": {}}],
-                    [{"name": "hf-cache", "mountPath": "/cache"}], env)
+                env.append(
+                    {
+                        "name": "HF_TOKEN",
+                        "valueFrom": {"secretKeyRef": {"name": self.spec.hf_token_secret, "key": "token"}},
+                    }
+                )
+            return (
+                self.artifact,
+                [{"name": "hf-cache", "emptyDir": {}}],
+                [{"name": "hf-cache", "mountPath": "/cache"}],
+                env,
+            )
         offline = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"}]
         if source == "pvc":
             path = posixpath.join(MODELS_MOUNT, self.artifact.lstrip("/"))
-            return (path, [{"name": "models", "persistentVolumeClaim": {"claimName": self.spec.pvc, "readOnly": True}}],
-                    [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], offline)
+            return (
+                path,
+                [{"name": "models", "persistentVolumeClaim": {"claimName": self.spec.pvc, "readOnly": True}}],
+                [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}],
+                offline,
+            )
         path = posixpath.join(MODELS_MOUNT, "model")
-        return (path, [{"name": "models", "hostPath": {"path": self.artifact, "type": "Directory"}}],
-                [{"name": "models", "mountPath": path, "readOnly": True}], offline)
+        return (
+            path,
+            [{"name": "models", "hostPath": {"path": self.artifact, "type": "Directory"}}],
+            [{"name": "models", "mountPath": path, "readOnly": True}],
+            offline,
+        )
 
     def deployment(self) -> dict[str, Any]:
         spec = self.spec
         model, volumes, mounts, env = self._model_and_volumes()
-        args = ["--model", model, "--served-model-name", self.served_model_name, "--host", "0.0.0.0",
-                "--port", str(PORT), "--disable-uvicorn-access-log", *self.engine_args]
+        args = [
+            "--model",
+            model,
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            "--disable-uvicorn-access-log",
+            *self.engine_args,
+        ]
         env = [
-            {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": key_secret_name(self.worker_id), "key": "api-key"}}},
+            {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": key_secret_name(self.worker_id), "key": "api-key"}},
+            },
             *env,
             *({"name": name, "value": value} for name, value in sorted(spec.env.items())),
         ]

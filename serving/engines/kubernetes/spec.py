@@ -1,16 +1,16 @@
 """A model version's Kubernetes deployment settings (`ModelVersion.deployment`), checked (pure).
 
-    {"image": "vllm/vllm-openai:v0.11.0",     # default: ENGINE_KUBERNETES_IMAGE
-     "gpus": 1,                               # per pod; default: the engine args' parallel sizes
-     "model_source": "hub" | "pvc" | "node_path",
-     "pvc": "models",                         # model_source pvc: the claim; the artifact is a path in it
-     "hf_token_secret": "hf-token",           # a Secret with key "token", for gated hub models
-     "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-     "runtime_class": "nvidia",
-     "shm_size": "8Gi", "cpu": "8", "memory": "64Gi",
-     "env": {"VLLM_LOGGING_LEVEL": "INFO"},
-     "startup_timeout_s": 1200}
+{"image": "vllm/vllm-openai:v0.11.0",     # default: ENGINE_KUBERNETES_IMAGE
+ "gpus": 1,                               # per pod; default: the engine args' parallel sizes
+ "model_source": "hub" | "pvc" | "node_path",
+ "pvc": "models",                         # model_source pvc: the claim; the artifact is a path in it
+ "hf_token_secret": "hf-token",           # a Secret with key "token", for gated hub models
+ "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+ "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+ "runtime_class": "nvidia",
+ "shm_size": "8Gi", "cpu": "8", "memory": "64Gi",
+ "env": {"VLLM_LOGGING_LEVEL": "INFO"},
+ "startup_timeout_s": 1200}
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ class DeploymentSpec:
             raise SpecError(prefix, "must be an object")
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
-            raise SpecError(f"{prefix}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(cls.__dataclass_fields__))})")
+            raise SpecError(
+                f"{prefix}.{unknown[0]}",
+                f"unknown setting (known: {', '.join(sorted(cls.__dataclass_fields__))})",
+            )
 
         def text(name: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
             value = raw.get(name, "")
@@ -100,7 +103,11 @@ class DeploymentSpec:
         secret = text("hf_token_secret", DNS_NAME, "a Secret name (lower-case DNS name)")
         node_selector = raw.get("node_selector") or {}
         if not isinstance(node_selector, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and _label_key(k) and LABEL_VALUE.match(v) and len(v) <= 63
+            isinstance(k, str)
+            and isinstance(v, str)
+            and _label_key(k)
+            and LABEL_VALUE.match(v)
+            and len(v) <= 63
             for k, v in node_selector.items()
         ):
             raise SpecError(f"{prefix}.node_selector", "must map label keys to label values")
@@ -122,22 +129,38 @@ class DeploymentSpec:
                 if key in toleration and not isinstance(toleration[key], str):
                     raise SpecError(f"{where}.{key}", "must be a string")
         runtime_class = text("runtime_class", DNS_NAME, "a RuntimeClass name (lower-case DNS name)")
-        quantities = {name: text(name, QUANTITY, "a Kubernetes quantity such as 8Gi or 500m")
-                      for name in ("shm_size", "cpu", "memory")}
+        quantities = {
+            name: text(name, QUANTITY, "a Kubernetes quantity such as 8Gi or 500m")
+            for name in ("shm_size", "cpu", "memory")
+        }
         env = raw.get("env") or {}
-        if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str)
-                                                for k, v in env.items()):
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+        ):
             raise SpecError(f"{prefix}.env", "must map variable names to string values")
         reserved = sorted(set(env) & set(RESERVED_ENV))
         if reserved:
             raise SpecError(f"{prefix}.env", f"{reserved[0]} is set by the platform")
         timeout = raw.get("startup_timeout_s", 1200)
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 10 <= timeout <= 86400:
-            raise SpecError(f"{prefix}.startup_timeout_s", "must be a whole number of seconds from 10 to 86400")
-        return cls(image=image, gpus=gpus, model_source=source, pvc=pvc, hf_token_secret=secret,
-                   node_selector=dict(node_selector), tolerations=[dict(t) for t in tolerations],
-                   runtime_class=runtime_class, shm_size=quantities["shm_size"] or "2Gi", cpu=quantities["cpu"],
-                   memory=quantities["memory"], env=dict(env), startup_timeout_s=timeout)
+            raise SpecError(
+                f"{prefix}.startup_timeout_s", "must be a whole number of seconds from 10 to 86400"
+            )
+        return cls(
+            image=image,
+            gpus=gpus,
+            model_source=source,
+            pvc=pvc,
+            hf_token_secret=secret,
+            node_selector=dict(node_selector),
+            tolerations=[dict(t) for t in tolerations],
+            runtime_class=runtime_class,
+            shm_size=quantities["shm_size"] or "2Gi",
+            cpu=quantities["cpu"],
+            memory=quantities["memory"],
+            env=dict(env),
+            startup_timeout_s=timeout,
+        )
 
     def source_for(self, artifact: str) -> str:
         """Where the weights come from: as set, else a node path for a local-looking artifact, else the hub."""

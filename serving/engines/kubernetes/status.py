@@ -6,7 +6,6 @@ cannot be pulled, a crash loop (the reconciler adds the last log lines), OOMKill
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,8 @@ def pod_view(pod: Mapping[str, Any], *, ready_addresses: Iterable[str] = (), gpu
     status = pod.get("status") or {}
     conditions = _conditions(status)
     containers = [c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER] or list(
-        status.get("containerStatuses") or [])
+        status.get("containerStatuses") or []
+    )
     container = containers[0] if containers else {}
     state = container.get("state") or {}
     last = (container.get("lastState") or {}).get("terminated") or {}
@@ -75,21 +75,30 @@ def pod_view(pod: Mapping[str, Any], *, ready_addresses: Iterable[str] = (), gpu
     scheduled = conditions.get("PodScheduled") or {}
 
     if terminating:
-        reason = "terminating" + (f": {disruption.get('message')}" if disruption.get("status") == "True" else "")
+        reason = "terminating" + (
+            f": {disruption.get('message')}" if disruption.get("status") == "True" else ""
+        )
     elif disruption.get("status") == "True":
         reason = f"being removed: {disruption.get('message') or disruption.get('reason')}"
     elif scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         reason = _unschedulable(scheduled.get("message", ""), gpus)
     elif waiting.get("reason") in IMAGE_PULL:
         detail = (waiting.get("message") or "").strip()
-        reason = f"image {image} cannot be pulled ({waiting['reason']}" + (f": {detail}" if detail else "") + ")"
+        reason = (
+            f"image {image} cannot be pulled ({waiting['reason']}" + (f": {detail}" if detail else "") + ")"
+        )
     elif crash_looping or (terminated and not ready):
         source = last or terminated
         how = source.get("reason") or "Error"
-        reason = (f"crash-looping: {restarts} restarts, last exit {how} (code {source.get('exitCode', '?')})"
-                  if crash_looping else f"container exited: {how} (code {source.get('exitCode', '?')})")
+        reason = (
+            f"crash-looping: {restarts} restarts, last exit {how} (code {source.get('exitCode', '?')})"
+            if crash_looping
+            else f"container exited: {how} (code {source.get('exitCode', '?')})"
+        )
         if how == "OOMKilled":
-            reason += ": out of memory; give the version a larger deployment.memory or a smaller --max-model-len"
+            reason += (
+                ": out of memory; give the version a larger deployment.memory or a smaller --max-model-len"
+            )
     elif status.get("phase") == "Pending":
         reason = f"starting: {waiting.get('reason') or 'waiting for the node'}"
         if not meta.get("name") or not spec.get("nodeName"):
@@ -97,7 +106,8 @@ def pod_view(pod: Mapping[str, Any], *, ready_addresses: Iterable[str] = (), gpu
     elif ready:
         reason = "ready" + (" (was OOMKilled before)" if oom else "")
     elif (conditions.get("Ready") or {}).get("reason") in ("NodeLost", "NodeNotReady") or (
-            (conditions.get("Ready") or {}).get("message") or "").startswith("node"):
+        (conditions.get("Ready") or {}).get("message") or ""
+    ).startswith("node"):
         reason = f"node {spec.get('nodeName', '?')} is not ready ({(conditions.get('Ready') or {}).get('message', '')})"
     elif container.get("started") is False:
         reason = "loading the model (startup probe not passed yet)"
@@ -122,8 +132,6 @@ def ready_addresses(slices: Iterable[Mapping[str, Any]]) -> set[str]:
     return found
 
 
-
-
 def pods_summary(pods: Iterable[PodView], *, serving: int, wanted: int) -> str:
     """One line for the worker: how many pods serve, and the most telling reason of the others."""
     others = [pod for pod in pods if not pod.serving]
@@ -131,8 +139,19 @@ def pods_summary(pods: Iterable[PodView], *, serving: int, wanted: int) -> str:
     if not others:
         return head
     # Problems a person must fix first; a pod merely loading its weights last.
-    order = ("unschedulable", "image", "crash-looping", "container exited", "node", "being removed", "not ready",
-             "loading", "starting", "waiting", "terminating")
+    order = (
+        "unschedulable",
+        "image",
+        "crash-looping",
+        "container exited",
+        "node",
+        "being removed",
+        "not ready",
+        "loading",
+        "starting",
+        "waiting",
+        "terminating",
+    )
 
     def rank(pod: PodView) -> int:
         return next((index for index, word in enumerate(order) if pod.reason.startswith(word)), len(order))

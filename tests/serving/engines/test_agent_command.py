@@ -11,8 +11,8 @@ import pytest
 from serving.models import EngineWorker, ModelVersion
 from serving.services import engine_worker_create
 from tests.serving.engines.conftest import agent_process
-from tests.serving.engines.stub_engine import stub_engine
 from tests.support.processes import REPO_ROOT, child_env
+from tests.support.stub_engine import stub_engine
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -13,7 +13,7 @@ from serving.engines.agent import AgentConfig, EngineAgent
 from serving.engines.drivers import free_port
 from serving.models import EngineWorker, ModelVersion, RouteGeneration
 from serving.services import engine_worker_create, engine_worker_set_desired
-from tests.serving.engines.stub_engine import StubBehaviour, stub_engine
+from tests.support.stub_engine import StubBehaviour, stub_engine
 
 State = EngineWorker.State
 HOST = "static-tests"
