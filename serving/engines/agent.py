@@ -558,7 +558,7 @@ class EngineAgent:
             # Nothing says what is in flight: give the requests routed before the drain a fixed grace.
             if waited < self.config.drain_no_signal_s:
                 return
-            reason = f"drained ({flavor.name} exports no queue metrics: waited {self.config.drain_no_signal_s:.0f} s)"
+            reason = f"drained ({flavor.name} exports no queue metrics: waited {self.config.drain_no_signal_s:g} s)"
         else:
             in_flight = scrape.in_flight if scrape is not None else None
             overdue = waited > self.config.drain_timeout_s

@@ -31,6 +31,10 @@ class StubBehaviour:
     # While cleared, completions wait for it (they count as running meanwhile).
     hold: threading.Event = field(default_factory=_released)
     keys_seen: list[str] = field(default_factory=list)
+    # Azure OpenAI's shape: the key in an `api-key` header, the API under /openai/v1.
+    key_header: str = "Authorization"
+    prefix: str = ""
+    paths_seen: list[str] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -50,11 +54,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _refused(self) -> bool:
         """vLLM's --api-key guards /v1 only; /health and /metrics stay open."""
         stub = self.server.behaviour
+        stub.paths_seen.append(self.path)
+        if stub.prefix:
+            if not self.path.startswith(stub.prefix):
+                self._send(404, '{"error": "not found"}')
+                return True
+            self.path = self.path[len(stub.prefix):]
         if not self.path.startswith("/v1") or not stub.api_key:
             return False
-        given = self.headers.get("Authorization", "")
+        given = self.headers.get(stub.key_header, "")
         stub.keys_seen.append(given)
-        if given == f"Bearer {stub.api_key}":
+        expected = f"Bearer {stub.api_key}" if stub.key_header == "Authorization" else stub.api_key
+        if given == expected:
             return False
         self._send(401, '{"error": "Unauthorized"}')
         return True
@@ -63,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server.behaviour
         if self._refused():
             return
-        if self.path == "/health":
+        if self.path in ("/health", "/api/version"):
             self._send(stub.health_status, "")
         elif self.path == "/v1/models":
             self._send(

@@ -60,6 +60,12 @@ def test_a_static_worker_keeps_its_endpoint_and_never_shows_its_key(owner: Membe
         ({"model_version": "adder-v1", "driver": "static", "base_url": "ftp://x"}, "base_url"),
         ({"model_version": "adder-v1", "base_url": "http://x:1"}, "base_url"),
         ({"model_version": "adder-v1", "api_key": "k"}, "api_key"),
+        ({"model_version": "adder-v1", "driver": "static", "base_url": "http://x", "flavor": "bedrock"}, "flavor"),
+        ({"model_version": "adder-v1", "flavor": "sglang"}, "flavor"),
+        ({"model_version": "adder-v1", "replicas": 2}, "replicas"),
+        ({"model_version": "adder-v1", "driver": "kubernetes", "replicas": 0}, "replicas"),
+        ({"model_version": "adder-v1", "driver": "static", "flavor": "azure-openai",
+          "base_url": "https://acme.openai.azure.com/openai/deployments/gpt-4o"}, "base_url"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(owner: Member, version: ModelVersion, payload: dict[str, object],
@@ -68,6 +74,19 @@ def test_bad_input_is_refused_naming_the_field(owner: Member, version: ModelVers
     assert response.status_code == 400, response.json()
     assert field in response.json()["errors"]
     assert not EngineWorker.objects.exists()
+
+
+def test_static_workers_name_their_server_and_kubernetes_workers_their_replicas(owner: Member,
+                                                                              version: ModelVersion) -> None:
+    client = owner.api()
+    sglang = client.post(URL, {"model_version": "adder-v1", "driver": "static", "flavor": "sglang",
+                               "base_url": "http://sglang:30000/v1"}, format="json")
+    assert sglang.status_code == 201, sglang.json()
+    assert (sglang.json()["flavor"], sglang.json()["base_url"]) == ("sglang", "http://sglang:30000")
+    kube = client.post(URL, {"model_version": "adder-v1", "driver": "kubernetes", "replicas": 3}, format="json")
+    assert kube.status_code == 201, kube.json()
+    assert (kube.json()["driver"], kube.json()["replicas"], kube.json()["ready_replicas"]) == ("kubernetes", 3, 0)
+    assert client.get(f"{URL}/{kube.json()['id']}").json()["pods"] == []
 
 
 def test_a_retried_create_with_the_same_key_makes_one_worker(owner: Member, version: ModelVersion) -> None:

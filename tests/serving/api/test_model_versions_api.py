@@ -53,6 +53,14 @@ def test_a_release_manager_registers_a_version_with_its_lineage(owner: Member, a
         ({"sampling_defaults": [1, 2]}, "sampling_defaults"),
         ({"price_input_per_million": "-1"}, "price_input_per_million"),
         ({"price_output_per_million": "cheap"}, "price_output_per_million"),
+        ({"engine_args": ["--tensor-parallel-size", "0"]}, "engine_args"),
+        ({"engine_args": ["--api-key", "mine"]}, "engine_args"),
+        ({"deployment": {"gpus": -1}}, "deployment"),
+        ({"deployment": {"model_source": "pvc"}}, "deployment"),
+        ({"deployment": {"tolerations": [{"operator": "Maybe"}]}}, "deployment"),
+        ({"deployment": {"shm_size": "lots"}}, "deployment"),
+        ({"deployment": {"env": {"VLLM_API_KEY": "x"}}}, "deployment"),
+        ({"deployment": {"replicas": 3}}, "deployment"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(owner: Member, artifact: Path, change: dict[str, object],
@@ -61,6 +69,18 @@ def test_bad_input_is_refused_naming_the_field(owner: Member, artifact: Path, ch
     assert response.status_code == 400
     assert field in response.json()["errors"]
     assert not ModelVersion.objects.exists()
+
+
+def test_a_version_carries_how_the_kubernetes_driver_deploys_it(owner: Member, artifact: Path) -> None:
+    deployment = {"image": "vllm/vllm-openai:v0.11.0", "gpus": 2, "model_source": "pvc", "pvc": "models",
+                  "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                  "runtime_class": "nvidia", "shm_size": "8Gi"}
+    response = owner.api().post(URL, body(artifact, deployment=deployment), format="json")
+    assert response.status_code == 201, response.json()
+    assert response.json()["deployment"] == deployment
+    refused = owner.api().post(URL, body(artifact, version="v9", deployment={"pvc": "Not_A_Name"}), format="json")
+    assert refused.json()["errors"]["deployment"] == ["pvc: must be a PersistentVolumeClaim name (lower-case DNS name)"]
 
 
 def test_a_taken_name_and_version_is_a_conflict(owner: Member, artifact: Path) -> None:

@@ -13,7 +13,7 @@ from serving.engines.agent import AgentConfig, EngineAgent
 from serving.engines.drivers import free_port
 from serving.models import EngineWorker, ModelVersion, RouteGeneration
 from serving.services import engine_worker_create, engine_worker_set_desired
-from tests.support.stub_engine import StubBehaviour, stub_engine
+from tests.support.stub_engine import StubBehaviour, StubServer, stub_engine
 
 State = EngineWorker.State
 HOST = "static-tests"
@@ -136,3 +136,54 @@ def test_a_worker_of_another_host_is_left_alone(
         agent.wait_for_jobs()
     other.refresh_from_db()
     assert (other.state, other.claimed_by) == (State.PENDING, "")
+
+
+def test_a_base_url_given_with_its_v1_is_probed_at_the_right_paths(
+        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+    url, behaviour = stub
+    worker = passes(agent, lambda w: w.state == State.READY, static(version, url + "/v1/"))
+    assert worker.base_url == url
+    assert behaviour.paths_seen and not any(path.startswith("/v1/v1") for path in behaviour.paths_seen)
+
+
+def test_azure_openai_is_probed_with_its_key_header_and_no_completion_and_never_drained(
+        agent: EngineAgent, version: ModelVersion) -> None:
+    server = StubServer(StubBehaviour(served_name="some-base-model", api_key="az-key", key_header="api-key",
+                                      prefix="/openai"))
+    try:
+        worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=HOST,
+                                      base_url=server.url, api_key="az-key", flavor="azure-openai")
+        assert worker.base_url == server.url + "/openai"
+        worker = passes(agent, lambda w: w.state == State.READY, worker)
+        behaviour = server.behaviour
+        assert behaviour.completions == 0  # a hosted API is not billed for a probe
+        assert set(behaviour.paths_seen) == {"/openai/v1/models"} and set(behaviour.keys_seen) == {"az-key"}
+        # The gateway sends the key the same way.
+        from serving.selectors import engine_replicas_routable
+
+        assert [row.headers for row in engine_replicas_routable()] == [("api-key: az-key",)]
+        worker = engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
+        worker = passes(agent, lambda w: w.state == State.STOPPED, worker)
+        assert worker.state_reason == "out of routing (azure-openai is a hosted API: never drained)"
+    finally:
+        server.stop()
+
+
+def test_a_server_without_queue_metrics_is_drained_after_a_fixed_grace(db: None, version: ModelVersion) -> None:
+    agent = EngineAgent(AgentConfig(host_name=HOST, interval_s=0.0, health_interval_s=0.0, drain_no_signal_s=0.5))
+    server = StubServer(StubBehaviour(served_name="adder-v1"))
+    try:
+        worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=HOST,
+                                      base_url=server.url, flavor="ollama")
+        worker = passes(agent, lambda w: w.state == State.READY, worker)
+        assert "/api/version" in server.behaviour.paths_seen and "/metrics" not in server.behaviour.paths_seen
+        worker = engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
+        agent.reconcile()
+        agent.wait_for_jobs()
+        agent.reconcile()
+        assert EngineWorker.objects.get(pk=worker.pk).state == State.DRAINING  # the grace has not passed
+        worker = passes(agent, lambda w: w.state == State.STOPPED, worker, limit=200)
+        assert worker.state_reason == "drained (ollama exports no queue metrics: waited 0.5 s)"
+    finally:
+        agent.shutdown()
+        server.stop()
