@@ -13,7 +13,7 @@ INSTALL_STAMP := $(VENV)/.installed-$(ENGINE)
 comma := ,
 EXTRAS := dev$(if $(filter none,$(ENGINE)),,$(comma)$(ENGINE))
 
-.PHONY: run test install lint typecheck pytest clean-var browser
+.PHONY: run test install lint typecheck pytest clean-var browser kubectl
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +65,14 @@ browser:
 	  else echo "/usr/bin/chromium is missing and we are not root: apt-get install -y chromium" >&2; fi; \
 	fi
 
-test: install browser lint typecheck pytest
+# The deploy/ tests render deploy/kubernetes with `kubectl kustomize` (Debian's kubernetes-client has it).
+kubectl:
+	@if ! command -v kubectl >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y kubernetes-client || { apt-get update && apt-get install -y kubernetes-client; }; \
+	  else echo "kubectl is missing and we are not root: apt-get install -y kubernetes-client" >&2; fi; \
+	fi
+
+test: install browser kubectl lint typecheck pytest
 
 clean-var:
 	rm -rf var/

@@ -27,7 +27,7 @@ from accounts.roles import Role
 from accounts.selectors import user_roles
 from config.errors import Conflict, DomainError, Forbidden, NotFound
 from config.idempotency import IDEMPOTENCY_TTL, idempotent_create, request_fingerprint
-from rollouts import gates
+from rollouts import capacity, gates
 from rollouts.actors import SYSTEM, Actor, ActorLike, as_actor
 from rollouts.models import Rollout, RolloutApproval, RolloutEvent
 from rollouts.notifications import notification_enqueue
@@ -126,6 +126,9 @@ def plan_validate(
                 )
     if require_ready:
         for path, version in (("baseline", baseline), ("candidate", candidate)):
+            if path == "candidate" and version is not None and capacity.candidate_startable(
+                    gpu_budget=plan.gpu_budget, candidate=version):
+                continue  # its GPU budget brings it up
             if version is not None and not model_version_is_ready(model_version=version):
                 errors.setdefault(path, []).append(f"no ready engine for {version.label}")
     if plan.eval_gate is not None:
@@ -315,7 +318,8 @@ def _apply(locked: Rollout, move: _Move, *, actor: Actor, reason: str, evidence:
     locked.save()
     split = _route_for(locked)
     if split is not None:
-        route_set(alias_name=locked.alias_name, split=split)
+        # Under a plan's gpu_budget serving scales the arms to fit, and moves traffic once they are ready.
+        route_set(alias_name=locked.alias_name, split=capacity.rollout_split(rollout=locked, split=split))
     quality = (locked.plan.get("shadow") or {}).get("quality")
     if quality and from_state == State.DRAFT and move.to_state not in Rollout.TERMINAL_STATES:
         gates.shadow_scoring_configure(rollout_id=locked.pk, scorer=quality["scorer"])
@@ -434,6 +438,8 @@ def _start_locked(locked: Rollout, *, actor: Actor, reason: str, evidence: dict[
 
 def _start_preconditions(locked: Rollout) -> None:
     for path, version in (("baseline", locked.baseline), ("candidate", locked.candidate)):
+        if path == "candidate" and capacity.rollout_candidate_startable(rollout=locked):
+            continue  # its GPU budget brings its replicas up once the baseline has given theirs
         if not model_version_is_ready(model_version=version):
             raise DomainError(f"no ready engine for {version.label}", field=path)
     alias = alias_get(name=locked.alias_name)
@@ -646,9 +652,9 @@ def rollout_start_when_ready(*, rollout: Rollout) -> Rollout | None:
     """Start a draft marked start_when_ready once both versions have a ready engine; None while waiting."""
     if not rollout.start_when_ready or rollout.state != State.DRAFT:
         return None
-    if not (
-        model_version_is_ready(model_version=rollout.baseline) and model_version_is_ready(model_version=rollout.candidate)
-    ):
+    candidate_ok = model_version_is_ready(model_version=rollout.candidate) or capacity.rollout_candidate_startable(
+        rollout=rollout)
+    if not (model_version_is_ready(model_version=rollout.baseline) and candidate_ok):
         return None
     try:
         return rollout_start(rollout=rollout, actor=SYSTEM, reason="both versions have a ready engine", expected_version=rollout.version)

@@ -10,6 +10,7 @@ from django.db.models import BooleanField, QuerySet
 from django.db.models.expressions import RawSQL
 
 from config.errors import NotFound
+from serving.engines.capacity import ArmCapacity, arm_capacity
 from serving.engines.flavors import flavor_get
 from serving.models import Alias, EngineWorker, ModelVersion, RequestRecord, ShadowPair
 
@@ -115,6 +116,52 @@ def engine_base_url(*, model_version: ModelVersion) -> tuple[str, str]:
     if worker is None:
         raise NotFound(f"model version {model_version.label} has no ready engine")
     return worker.base_url, worker.api_key
+
+
+@dataclass(frozen=True)
+class AliasCapacity:
+    """Where an alias with a GPU budget stands: the replicas of each arm, and whether the traffic the
+    rollout asked for has moved yet (it waits for the candidate's replicas)."""
+
+    budget: int
+    target_weight: float
+    weight: float
+    weight_changed_at: datetime | None
+    baseline: ArmCapacity
+    candidate: ArmCapacity | None
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the traffic has not reached the target weight yet; None once it has."""
+        if self.weight == self.target_weight:
+            return None
+        candidate = self.candidate
+        if candidate is None:
+            return None
+        why = (f"waiting for the candidate's replicas before moving to {self.target_weight:.0%}: "
+               f"{candidate.ready} of {candidate.target} ready, the baseline at {self.baseline.occupied} "
+               f"going to {self.baseline.target} (GPU budget {self.budget})")
+        return why + (f"; its engine failed: {candidate.failed}" if candidate.failed else "")
+
+
+def alias_capacity(*, name: str) -> AliasCapacity | None:
+    """The alias's GPU budget and replicas per arm; None when it has no budget."""
+    alias = Alias.objects.filter(name=name).first()
+    if alias is None or alias.gpu_budget is None:
+        return None
+    arms = arm_capacity(alias=alias)
+    return AliasCapacity(
+        budget=alias.gpu_budget, target_weight=alias.target_weight, weight=alias.candidate_weight,
+        weight_changed_at=alias.weight_changed_at, baseline=arms[alias.baseline_id],
+        candidate=arms.get(alias.candidate_id) if alias.candidate_id is not None else None,
+    )  # fmt: skip
+
+
+def model_version_scalable(*, model_version: ModelVersion) -> bool:
+    """Has a Kubernetes or local worker a GPU budget can scale (from zero replicas too)."""
+    return EngineWorker.objects.filter(
+        model_version=model_version, driver__in=(EngineWorker.Driver.KUBERNETES, EngineWorker.Driver.LOCAL)
+    ).exists()
 
 
 def alias_get(*, name: str) -> Alias | None:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from experiments.stats import Decision
-from rollouts import gates
+from rollouts import capacity, gates
 from rollouts.analysis.checks import breach_reason, measure, step_label
 from rollouts.analysis.look import ROUTE_SETTLE, D, Look, State
 from rollouts.models import Rollout
@@ -20,7 +20,11 @@ def _decide_traffic(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     step = rollout.current_step
     if step is None:
         return Look(D.HOLD, "waiting for the approval of the first step")
-    window_start = (rollout.step_started_at or now) + ROUTE_SETTLE
+    # Under a GPU budget the step's traffic moves once its replicas are ready: judged from then on.
+    traffic_since, waiting = capacity.rollout_step_clock(rollout=rollout, now=now)
+    if waiting is not None:
+        return Look(D.HOLD, waiting)
+    window_start = traffic_since + ROUTE_SETTLE
     if window_start > now:
         return Look(D.HOLD, "the step has just started", window_start=window_start)
     look = measure(rollout, plan, step, window_start, now)
@@ -28,7 +32,7 @@ def _decide_traffic(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     if breaches:
         look.decision, look.reason = D.ROLLBACK, breach_reason(breaches[0])
         return look
-    elapsed = (now - (rollout.step_started_at or now)).total_seconds()
+    elapsed = (now - traffic_since).total_seconds()
     cand_n = int(look.arms["candidate"]["n"])
     need_s, need_n = int(step["min_duration_s"]), int(step["min_candidate_requests"])
     minimums_met = elapsed >= need_s and cand_n >= need_n
@@ -104,7 +108,8 @@ def _decide_engines(rollout: Rollout, plan: Plan, now: datetime) -> tuple[Look |
     """Engine readiness, with the plan's grace period: a candidate without engines rolls back, a baseline
     without engines pauses (its users have nowhere to go but the candidate, which is not a verdict)."""
     grace = timedelta(seconds=plan.engine_grace_s)
-    candidate_ready = model_version_is_ready(model_version=rollout.candidate)
+    candidate_ready = model_version_is_ready(model_version=rollout.candidate) or capacity.rollout_candidate_coming(
+        rollout=rollout)
     baseline_ready = model_version_is_ready(model_version=rollout.baseline)
     since = {
         "candidate_unready_since": None if candidate_ready else (rollout.candidate_unready_since or now),

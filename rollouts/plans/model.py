@@ -24,7 +24,7 @@ DEFAULT_GUARDRAILS: tuple[dict[str, Any], ...] = ({"metric": "error_rate", "marg
 _TOP_LEVEL = {
     "name", "description", "alias", "baseline", "candidate", "strategy", "steps", "shadow", "ab", "blue_green",
     "slos", "guardrails", "primary_metric", "alpha", "tuning_n", "allow_self_approval",
-    "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate",
+    "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate", "gpu_budget",
 }  # fmt: skip
 _STEP_KEYS = {"weight", "shadow_rate", "min_duration_s", "min_candidate_requests", "requires_approval"}
 _SLO_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<|>=|>)\s*([-+0-9.eE]+%?)\s*$")
@@ -139,6 +139,8 @@ class Plan:
     description: str = ""
     # While every baseline engine is down, may the baseline's users be served by the candidate?
     failover_to_candidate: bool = False
+    # Replicas of the baseline and the candidate together (serving.engines.capacity); None: no budget.
+    gpu_budget: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class Plan:
             "promotion_requires_approval": self.promotion_requires_approval,
             "engine_grace_s": self.engine_grace_s,
             "failover_to_candidate": self.failover_to_candidate,
+            "gpu_budget": self.gpu_budget,
             "eval_gate": self.eval_gate,
         }
 

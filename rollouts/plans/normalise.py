@@ -137,6 +137,9 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         errors, "engine_grace_s", data.get("engine_grace_s", DEFAULT_ENGINE_GRACE_S), minimum=0, maximum=3600
     )
     failover = _boolean(errors, "failover_to_candidate", data.get("failover_to_candidate", False)) or False
+    gpu_budget = None
+    if data.get("gpu_budget") is not None:
+        gpu_budget = _integer(errors, "gpu_budget", data["gpu_budget"], minimum=2, maximum=10_000)
 
     # Shadow mirroring (any strategy may add it; the shadow strategy needs it).
     shadow_raw = _mapping(errors, "shadow", data.get("shadow"), {"rate", "quality"})
@@ -292,6 +295,16 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         errors, "promotion_requires_approval", data.get("promotion_requires_approval", promotion_approval_default)
     )
 
+    if gpu_budget is not None:
+        # The baseline gives up replicas before the candidate grows into them, so it keeps at least one
+        # until promotion takes the rest; a blue-green switch would need both fleets at once.
+        if strategy == "blue_green":
+            errors.add("gpu_budget", "a blue-green needs twice the GPUs; under a budget use a canary")
+        for i, step in enumerate(steps):
+            if step.weight >= 1:
+                errors.add(f"steps[{i}].weight", "under a gpu_budget the baseline keeps a replica until promotion: "
+                                                 "below 1")
+
     eval_gate = data.get("eval_gate")
     if eval_gate is not None and not isinstance(eval_gate, dict):
         errors.add("eval_gate", "must be a mapping (see the evals app's eval gate fields)")
@@ -321,6 +334,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         name=name,
         description=description,
         failover_to_candidate=failover,
+        gpu_budget=gpu_budget,
     )
 
 

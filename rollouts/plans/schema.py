@@ -89,6 +89,12 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
             "description": "While every baseline engine is down, serve the baseline's users from the candidate "
             "(otherwise they get 503).",
         },
+        "gpu_budget": {
+            "type": "integer", "nullable": True, "minimum": 2,
+            "description": "Replicas of the baseline and the candidate together: each step gives the candidate "
+            "the replicas its weight needs (at least one), taken from the baseline first, and moves traffic once "
+            "they are ready; a rollback gives them back.",
+        },
         "eval_gate": {"type": "object", "nullable": True, "description": "Validated and run by the evals app."},
     },
     "example": PLAN_EXAMPLE,

@@ -13,6 +13,7 @@ from config.errors import NotFound
 from experiments.metrics import METRICS
 from rollouts import selectors
 from rollouts.actors import Actor
+from rollouts.capacity import rollout_replicas
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
 
 State = Rollout.State
@@ -323,6 +324,7 @@ def rollout_summary(rollout: Rollout, analysis: RolloutAnalysis | None = None) -
         "time_in_step": duration(selectors.rollout_time_in_step_s(rollout=rollout)),
         "analysis": analysis,
         "pending_step": selectors.rollout_pending_step(rollout=rollout),
+        "replicas": rollout_replicas(rollout=rollout),
     }  # fmt: skip
 
 

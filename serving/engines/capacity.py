@@ -146,10 +146,15 @@ def _scale(version_id: int, pool: list[EngineWorker], replicas: int) -> None:
 @dataclass(frozen=True)
 class ArmCapacity:
     version_id: int
-    target: int
-    applied: int
-    occupied: int
-    ready: int
+    target: int  # replicas it should end with under the budget
+    applied: int  # replicas it is asked for now
+    occupied: int  # replicas holding GPUs now
+    ready: int  # replicas serving
+    failed: str = ""  # why its worker failed, when one did (nothing will make it ready without a person)
+
+    def describe(self) -> str:
+        held = f", {self.occupied} holding GPUs" if self.occupied != self.ready else ""
+        return f"{self.ready} ready, {self.target} wanted{held}"
 
 
 def _targets(alias: Alias) -> dict[int, int]:
@@ -239,5 +244,6 @@ def arm_capacity(*, alias: Alias) -> dict[int, ArmCapacity]:
     result = {}
     for vid, target in _targets(alias).items():
         pool = _pool(vid)
-        result[vid] = ArmCapacity(vid, target, _applied(pool), _occupied(pool), _ready(pool))
+        failed = next((w.state_reason for w in pool if w.state == State.FAILED and w.desired_state == RUNNING), "")
+        result[vid] = ArmCapacity(vid, target, _applied(pool), _occupied(pool), _ready(pool), failed)
     return result

@@ -78,6 +78,7 @@ class ReconcilerConfig:
     max_restarts: int = 5
     probe_timeout_s: float = 30.0
     log_lines: int = 20
+    route_propagation_s: float = ROUTE_PROPAGATION_S
 
     @classmethod
     def from_settings(
@@ -372,7 +373,7 @@ class KubernetesReconciler:
             started = self._drains.setdefault((worker_id, view.name), now)
             if not view.serving:
                 continue  # no address to be sent requests at: nothing in flight
-            if now - started < ROUTE_PROPAGATION_S:
+            if now - started < self.config.route_propagation_s:
                 pending.append(view)
                 continue
             if now - started > self.config.drain_timeout_s:

@@ -220,7 +220,8 @@ class Store:
         self.events: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=20000)
         # What clients sent that the schema refused, and every request (method, path), for the tests.
         self.rejected: list[str] = []
-        self.requests: list[tuple[str, str]] = []
+        # (method, path, a watch?) of every request.
+        self.requests: list[tuple[str, str, bool]] = []
         self.received: list[dict[str, Any]] = []
         self._valid_cache: set[str] = set()
         # The bearer token a client must send (a service account's); anything else is 401.
@@ -403,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         store = self.server.store
-        store.requests.append((method, url.path))
+        store.requests.append((method, url.path, query.get("watch") in ("true", "1")))
         try:
             if self.headers.get("Authorization") != f"Bearer {store.token}":
                 raise ApiFailure(401, "Unauthorized", "Unauthorized")

@@ -11,7 +11,7 @@ One thread ticks every few tens of milliseconds through what a cluster's control
 - the scheduler binds a pod to a node that has the `nvidia.com/gpu` it requests free, matches its
   nodeSelector and whose taints it tolerates, or sets PodScheduled=False/Unschedulable with the
   scheduler's message ("0/2 nodes are available: 2 Insufficient nvidia.com/gpu. ...");
-- the kubelet gives a bound pod an address (127.77.x.y: every pod its own loopback address, port 8000
+- the kubelet gives a bound pod an address (127.N.x.y: every pod its own loopback address, port 8000
   for all, as pod IPs are), pulls its image (an unknown one is ErrImagePull, then ImagePullBackOff),
   runs its container, probes its startup and readiness probes over HTTP, restarts a crashing container
   with a growing back-off (CrashLoopBackOff, lastState.terminated, restartCount), keeps each run's log,
@@ -28,8 +28,10 @@ like the kubelet does), `CrashingImage` prints its lines and exits."""
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import http.client
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -141,6 +143,9 @@ class Cluster:
         self.store = store
         self.images: dict[str, Image] = {}
         self.runtimes: dict[str, Runtime] = {}  # pod uid ->
+        # Pod addresses come from a loopback /16 of this cluster's own (several test processes may run
+        # stand-ins at once); an address found taken is skipped, as an IPAM skips a leased one.
+        self._subnet = random.randrange(20, 250)
         self._next_ip = 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kube-controllers")
@@ -470,7 +475,7 @@ class Cluster:
     def _address(self) -> str:
         n = self._next_ip
         self._next_ip += 1
-        return f"127.77.{n // 250}.{n % 250 + 1}"
+        return f"127.{self._subnet}.{n // 250}.{n % 250 + 1}"
 
     def _secret_value(self, namespace: str, ref: dict[str, Any]) -> str:
         import base64
@@ -562,7 +567,16 @@ class Cluster:
                 api_key=env.get("VLLM_API_KEY") or "",
                 health_status=503 if image.load_s else 200,
             )
-            runtime.server = StubServer(behaviour, host=runtime.ip, port=int(_arg(args, "--port") or 8000))
+            for _ in range(20):
+                try:
+                    runtime.server = StubServer(behaviour, host=runtime.ip, port=int(_arg(args, "--port") or 8000))
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    runtime.ip = self._address()
+                    status["podIP"], status["podIPs"] = runtime.ip, [{"ip": runtime.ip}]
+            assert runtime.server is not None, "no free pod address"
             runtime.started_at = now
             runtime.runs.append(
                 [

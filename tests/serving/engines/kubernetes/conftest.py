@@ -16,6 +16,9 @@ from tests.support.kube import EngineImage, KubeStandin, kube_standin
 NAMESPACE = "engines"
 HOST = "cluster-1"
 IMAGE = "vllm/vllm-openai:v0.11.0"
+# How long a drained pod is kept after leaving routing before its in-flight count is trusted (the
+# gateways here are the route table the tests build; production waits 2 s).
+PROPAGATION_S = 0.5
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import time
 import httpx
 
 from serving.engines.kubernetes.manifests import DELETION_COST, WORKER_LABEL
-from serving.engines.kubernetes.reconciler import ROUTE_PROPAGATION_S, KubernetesReconciler
+from serving.engines.kubernetes.reconciler import KubernetesReconciler
 from serving.gateway.routing import route_table_build
 from serving.gateway.table import route_rows_load
 from serving.models import EngineWorker
 from serving.services import RouteSplit, engine_worker_set_desired, route_set
-from tests.serving.engines.kubernetes.conftest import NAMESPACE, kube_worker, until, version
+from tests.serving.engines.kubernetes.conftest import NAMESPACE, PROPAGATION_S, kube_worker, until, version
 from tests.support.kube import KubeStandin
 from tests.support.stub_engine import StubBehaviour
 
@@ -79,7 +79,7 @@ def test_a_scale_down_takes_a_pod_out_of_routing_waits_for_its_requests_then_rem
     assert _routed() == [kept["url"]]  # out of routing at once
 
     # Past the time a route change takes to reach the gateways, its requests still hold it.
-    time.sleep(ROUTE_PROPAGATION_S + 0.3)
+    time.sleep(PROPAGATION_S + 0.3)
     reconciler.reconcile()
     deployment = kube.store.get("Deployment", NAMESPACE, f"ramp-engine-{worker.pk}")
     assert deployment is not None and deployment["spec"]["replicas"] == 2
@@ -119,7 +119,7 @@ def test_stopping_a_worker_drains_every_pod_then_deletes_its_objects(
 
     engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
     assert EngineWorker.objects.get(pk=worker.pk).state == State.DRAINING
-    time.sleep(ROUTE_PROPAGATION_S + 0.3)
+    time.sleep(PROPAGATION_S + 0.3)
     reconciler.reconcile()
     assert kube.store.get("Deployment", NAMESPACE, f"ramp-engine-{worker.pk}") is not None
 
