@@ -46,9 +46,10 @@ def test_every_rendered_object_fits_the_kubernetes_schema(rendered: list[dict[st
 
 
 def test_the_platforms_processes_and_the_gateways_autoscaler(rendered: list[dict[str, Any]]) -> None:
+    names = ("ramp-web", "ramp-gateway", "ramp-worker", "ramp-worker-shadow", "ramp-worker-evals", "ramp-beat",
+             "ramp-engine-reconciler")
     commands = {
-        name: find(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["command"]
-        for name in ("ramp-web", "ramp-gateway", "ramp-worker", "ramp-beat", "ramp-engine-reconciler")
+        name: find(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["command"] for name in names
     }
     assert commands["ramp-web"][:2] == ["uvicorn", "config.asgi:application"]
     assert commands["ramp-gateway"][:2] == ["uvicorn", "serving.gateway.asgi:application"]

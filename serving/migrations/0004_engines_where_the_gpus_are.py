@@ -11,7 +11,7 @@ def target_is_the_current_weight(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("serving", "0002_idempotency_keys"),
+        ("serving", "0003_gateway_data_plane"),
     ]
 
     operations = [
