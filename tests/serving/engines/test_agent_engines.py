@@ -31,9 +31,12 @@ State = EngineWorker.State
 pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True)]
 
 
-def completes(base_url: str, served_name: str) -> str:
-    response = httpx.post(f"{base_url}/v1/completions", timeout=60,
-                          json={"model": served_name, "prompt": "12+30=", "max_tokens": 4, "temperature": 0})
+def completes(worker: EngineWorker, served_name: str) -> str:
+    """A completion straight from the engine, with the key the agent gave it (without it: 401)."""
+    body = {"model": served_name, "prompt": "12+30=", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{worker.base_url}/v1/completions", timeout=60, json=body).status_code == 401
+    response = httpx.post(f"{worker.base_url}/v1/completions", timeout=60, json=body,
+                          headers={"Authorization": f"Bearer {worker.api_key}"})
     assert response.status_code == 200, response.text
     return str(response.json()["choices"][0]["text"])
 
@@ -57,7 +60,7 @@ def test_two_agents_start_one_engine_that_is_restarted_after_a_crash_and_drained
             owner = parent_of(ready.pid)
             assert owner in (agent_a.pid, agent_b.pid)
             assert f"/{owner}/" in ready.claimed_by
-            completes(ready.base_url, served)
+            completes(ready, served)
             # The agent scrapes the engine's metrics.
             scraped = wait_for(worker, lambda w: w.metrics_at is not None, "was scraped", timeout_s=60, logs=logs)
             assert scraped.metrics["vllm:num_requests_running"] == 0.0
@@ -79,7 +82,7 @@ def test_two_agents_start_one_engine_that_is_restarted_after_a_crash_and_drained
             assert back.restarts == 1
             assert process_group(crashed_pid) == []
             assert api_server_pids(served) == [back.pid]
-            assert completes(back.base_url, served)
+            assert completes(back, served)
 
             # Stop: out of routing first, then the process goes.
             routed = generation()
