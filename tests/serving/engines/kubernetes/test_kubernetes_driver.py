@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.test import Client
+
 from serving.engines.kubernetes.manifests import GPU_RESOURCE, MANAGED_BY, WORKER_LABEL
 from serving.engines.kubernetes.reconciler import KubernetesReconciler
 from serving.gateway.routing import route_table_build
@@ -104,7 +108,7 @@ def test_an_image_that_cannot_be_pulled_is_named(kube: KubeStandin, reconciler: 
 
 
 def test_a_pod_without_a_free_gpu_is_unschedulable_and_says_so(
-    kube: KubeStandin, reconciler: KubernetesReconciler
+    kube: KubeStandin, reconciler: KubernetesReconciler, viewer: Any
 ) -> None:
     worker = kube_worker(version(), replicas=3)  # two nodes of one GPU each
     found = until(
@@ -120,6 +124,11 @@ def test_a_pod_without_a_free_gpu_is_unschedulable_and_says_so(
         "unschedulable: no node has 1 free nvidia.com/gpu (0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
         in found.state_reason
     )
+
+    client = Client()
+    client.force_login(viewer.user)
+    page = client.get(f"/engines/{worker.pk}").content.decode()
+    assert "2 of 3 ready" in page and "Pods" in page and "no node has 1 free nvidia.com/gpu" in page
 
     big = kube_worker(version("big", gpus=2))
     waiting = until(
