@@ -11,7 +11,7 @@ def target_is_the_current_weight(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("serving", "0003_gateway_data_plane"),
+        ("serving", "0004_request_records_partitioned"),
     ]
 
     operations = [
