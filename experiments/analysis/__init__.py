@@ -120,14 +120,54 @@ def arm_sums(
     count of requests over it, and together they define goodput."""
     limits = _thresholds(thresholds)
     records = _window(request_records(rollout_id=rollout_id), since, until)
-    moments, specs = window_moments(records, source=RECORDS, thresholds=limits)
+    incremental = _incremental(rollout_id, since, until, limits) if since is not None else None
+    if incremental is not None:
+        moments, specs, sketched = incremental
+    else:
+        moments, specs = window_moments(records, source=RECORDS, thresholds=limits)
     outcome_stats = outcome_unit_stats(rollout_id=rollout_id, since=since, until=until) if outcomes else {}
     result: dict[str, ArmSums] = {}
     for arm in ARMS:
         arm_moments = moments.get(arm, UnitMoments())
-        tails = _percentiles(records.filter(arm=arm), RECORDS, arm_moments) if percentiles else {}
+        if not percentiles:
+            tails: dict[str, float | None] = {}
+        elif incremental is not None:
+            tails = sketched.get(arm, {})
+        else:
+            tails = _percentiles(records.filter(arm=arm), RECORDS, arm_moments)
         result[arm] = ArmSums(arm_moments, specs, limits, outcome_stats.get(arm, {}), tails)
     return result
+
+
+def _incremental(
+    rollout_id: int, since: datetime, until: datetime | None, limits: dict[str, tuple[float, ...]]
+) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec], dict[str, dict[str, float | None]]] | None:
+    """A window's moments from its rollup (experiments.rollups): the look reads only the records committed
+    since the previous one. Percentiles come from the window's DDSketches, each within
+    rollups.RELATIVE_ACCURACY of the nearest-rank value. None when the spec does not fit a rollup."""
+    from experiments.rollups import RollupSpec, window_fold
+
+    specs = ratio_specs(RECORDS, limits)
+    try:
+        spec = RollupSpec(
+            columns=tuple(numeric_columns(RECORDS, limits)), pairs=tuple(product_pairs(specs.values())),
+            sketch=tuple(RECORDS.latency.items()),
+        )  # fmt: skip
+    except ValueError:
+        return None
+    folded = window_fold(
+        rollout_id=rollout_id, since=since, until=until, spec=spec,
+        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits),
+    )  # fmt: skip
+    moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
+    tails = {
+        arm: {
+            f"{name.removesuffix('_ms')}_{label}_ms": a.quantile(name, q)
+            for name in RECORDS.latency for label, q in SUMMARY_PERCENTILES.items()
+        }
+        for arm, a in folded.arms.items()
+    }  # fmt: skip
+    return moments, specs, tails
 
 
 def shadow_candidate_sums(

@@ -197,3 +197,34 @@ def test_a_batch_committed_late_is_counted_exactly_once() -> None:
 
 def _has_attempts() -> bool:
     return any(f.name == "attempt" for f in RequestRecord._meta.get_fields())
+
+
+@pytest.mark.django_db
+def test_the_analysis_from_rollups_equals_the_analysis_from_scratch() -> None:
+    """arm_sums (what a look decides on) through the rollup, look after look, against the moments computed
+    from every record of the window: the same units, exposure, sums and products, so the same decisions."""
+    from experiments.analysis import arm_sums, window_moments
+    from experiments.analysis.sessions import RECORDS
+    from rollouts.actors import SYSTEM
+    from rollouts.services import rollout_create, rollout_start
+    from serving.selectors import request_records
+    from tests.rollouts.helpers import both_arms, canary_plan, version
+
+    version("adder-v1")
+    version("adder-v2")
+    rollout = rollout_start(rollout=rollout_create(plan=canary_plan(), actor=SYSTEM).rollout, actor=SYSTEM)
+    since = timezone.now() - timedelta(minutes=10)
+    thresholds = {"ttft_ms": (150.0,), "tpot_ms": (30.0, 40.0)}
+    for look in range(3):
+        both_arms(rollout, total=120, weight=0.1, seed=look, at=since + timedelta(minutes=look), error_rate=0.02)
+        incremental = arm_sums(rollout_id=rollout.pk, since=since, thresholds=thresholds, outcomes=False)
+        records = request_records(rollout_id=rollout.pk).filter(created_at__gte=since)
+        scratch, _ = window_moments(records, source=RECORDS, thresholds=thresholds)
+        for arm, moments in scratch.items():
+            got = incremental[arm].moments
+            assert (got.units, got.exposed) == (moments.units, moments.exposed), (look, arm)
+            for key, value in moments.sums.items():
+                assert math.isclose(got.sums[key], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, key)
+            for key, value in moments.products.items():
+                assert math.isclose(got.products[key], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, key)
+        assert incremental["candidate"].percentiles["ttft_p50_ms"] is not None
