@@ -237,7 +237,7 @@ def _chart_specs(rollout: Rollout) -> dict[str, Any]:
         )
     arms = [
         {"key": "rps", "title": "Request rate", "unit": "requests / s"},
-        {"key": "ttft_p50_ms,ttft_p99_ms", "title": "Time to first token (p50, p99)", "unit": "ms"},
+        {"key": "ttft_p50_ms,ttft_p99_ms", "title": "Time to first token (p50, p99; each within 1 %)", "unit": "ms"},
         {"key": "tpot_gmean_ms", "title": "Time per output token (geometric mean)", "unit": "ms"},
         {"key": "error_rate", "title": "Error rate", "unit": "%"},
         {"key": "goodput", "title": "Goodput (requests within every SLO)", "unit": "%"},
