@@ -543,47 +543,25 @@ STEADY_RECORDS = 10_000
 
 
 def bench_spec() -> tuple[Any, Any]:
-    """The rollup spec and per-session rows of the analysis: what a look of the live rollout keeps."""
-    import itertools
-
+    """The rollup spec and per-session rows a look of the live rollout keeps (experiments.analysis's own,
+    with no tail thresholds: the A/B plan has none)."""
+    from experiments.analysis.sessions import (
+        RECORDS,
+        numeric_columns,
+        product_pairs,
+        ratio_specs,
+        session_rows,
+    )
     from experiments.rollups import RollupSpec
 
-    try:  # the analysis's own per-session rows, where it has them
-        from experiments.analysis.sessions import RECORDS, numeric_columns, session_rows
+    spec = RollupSpec(
+        columns=tuple(numeric_columns(RECORDS, {})), pairs=tuple(product_pairs(ratio_specs(RECORDS, {}).values())),
+        sketch=tuple(RECORDS.latency.items()),
+    )  # fmt: skip
 
-        columns = tuple(numeric_columns(RECORDS, {}))
+    def rows(records: Any) -> Any:
+        return session_rows(records, source=RECORDS, thresholds={})
 
-        def rows(records: Any) -> Any:
-            return session_rows(records, source=RECORDS, thresholds={})
-
-    except ImportError:
-        from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Sum, Value, When
-        from django.db.models.functions import Concat
-
-        columns = ("requests", "counted", "errors", "ok", "ttft_ms_n", "ttft_ms_s", "tpot_ms_n", "tpot_ms_s",
-                   "e2e_ms_n", "e2e_ms_s")  # fmt: skip
-
-        def rows(records: Any) -> Any:
-            ok = Q(outcome="ok")
-            unit = Case(When(session_hash="", then=Concat(Value("r:"), F("request_id"))), default=F("session_hash"),
-                        output_field=CharField())  # fmt: skip
-            sums: dict[str, Any] = {}
-            for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
-                present = ok & Q(**{f"{name}__isnull": False})
-                sums[f"{name}_n"] = Count("pk", filter=present)
-                sums[f"{name}_s"] = Sum(name, filter=present, output_field=FloatField())
-            return (
-                records.order_by().annotate(unit=unit, arm_label=F("arm")).values("arm_label", "unit")
-                .annotate(requests=Count("pk"), counted=Count("pk", filter=~Q(outcome__in=("client_error", "cancelled"))),
-                          errors=Count("pk", filter=Q(outcome__in=("engine_error", "no_engine"))),
-                          ok=Count("pk", filter=ok), **sums, first_at=Min("created_at", filter=Q(failover=False)))
-            )  # fmt: skip
-
-    ratios = [("errors", "counted"), ("ttft_ms_s", "ttft_ms_n"), ("tpot_ms_s", "tpot_ms_n"), ("e2e_ms_s", "e2e_ms_n")]
-    pairs = sorted({tuple(sorted(p)) for num, den in ratios if num in columns and den in columns
-                    for p in itertools.combinations_with_replacement((num, den), 2)})  # fmt: skip
-    spec = RollupSpec(columns=columns, pairs=tuple(pairs),  # type: ignore[arg-type]
-                      sketch=(("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("e2e_ms", "e2e_ms")))  # fmt: skip
     return spec, rows
 
 
