@@ -287,6 +287,14 @@ class ShadowPair(models.Model):
     candidate_error = models.CharField(max_length=300, blank=True)
     # False when the alias does not store prompts: the texts above are empty and there is nothing to score.
     texts_stored = models.BooleanField(default=True)
+    # The baseline asked the same request by the mirror task, at the same moment and through the same code
+    # as the candidate: the timings the two sides are compared on, pair by pair (the gateway's own timing
+    # of the user's request above was taken elsewhere, earlier, under other load). Blank outcome: a pair
+    # from before the baseline was replayed.
+    baseline_replay_outcome = models.CharField(max_length=16, choices=RequestRecord.Outcome.choices, blank=True)
+    baseline_replay_ttft_ms = models.FloatField(null=True, blank=True)
+    baseline_replay_tpot_ms = models.FloatField(null=True, blank=True)
+    baseline_replay_e2e_ms = models.FloatField(null=True, blank=True)
     # Filled by the evals app's shadow scoring, keyed by scorer name.
     scores = models.JSONField(default=dict, blank=True)
 

@@ -20,6 +20,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from experiments.analysis.arms import ArmSums, arm_summary
+from experiments.analysis.paired import PairedLatency, PairedSums, shadow_paired_latency
 from experiments.analysis.sessions import (
     ERROR_OUTCOMES,
     RECORDS,
@@ -51,6 +52,8 @@ __all__ = [
     "ERROR_OUTCOMES",
     "UNCOUNTED_OUTCOMES",
     "ArmSums",
+    "PairedLatency",
+    "PairedSums",
     "RatioSpec",
     "SessionSource",
     "UnitMoments",
@@ -59,6 +62,7 @@ __all__ = [
     "arm_sums",
     "outcome_unit_stats",
     "shadow_candidate_sums",
+    "shadow_paired_latency",
     "window_moments",
 ]
 

@@ -14,8 +14,9 @@ so the changing split between steps cannot bias it (Simpson's paradox: pooling a
 weights differ would compare a candidate seen mostly late with a baseline seen mostly early). The two
 versions are the same in every step of a rollout, which is what makes the steps comparable at all. A step
 whose sessions did not split as configured (sample ratio mismatch) is left out of the pooling. SLOs judge
-the candidate alone and sum its requests over its live steps. A shadow step (weight 0) compares replayed
-requests, timed on another path, so it is judged on its own window only.
+the candidate alone and sum its requests over its live steps. A shadow step (weight 0) is judged on its own
+window only; its latency guardrails compare each shadow pair's two sides, both asked and timed by the mirror
+task side by side (`rollouts.analysis.shadow`).
 
 The check dicts every look stores (what the policy, the pages and `rolloutctl` read): `type`, `name`,
 `metric`, `decision` ("safe", "breach", "undecided"; "win"/"loss" for an A/B's primary metric), `alpha`
@@ -34,7 +35,14 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from experiments.analysis import ArmSums, arm_summary, arm_sums, shadow_candidate_sums
+from experiments.analysis import (
+    ArmSums,
+    PairedLatency,
+    arm_summary,
+    arm_sums,
+    shadow_candidate_sums,
+    shadow_paired_latency,
+)
 from experiments.metrics import HIGHER, LOWER, METRICS, Metric
 from experiments.stats import (
     DEFAULT_MIN_UNITS,
@@ -58,6 +66,7 @@ from experiments.stats.bounded import bounded_mean_n_needed
 from experiments.stats.estimators import arm_difference
 from rollouts import gates
 from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
+from rollouts.analysis.shadow import shadow_latency_guardrail
 from rollouts.models import Rollout
 from rollouts.plans import Plan
 from rollouts.selectors import rollout_step_starts
@@ -283,7 +292,7 @@ def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: floa
 
 def _guardrail_check(
     guardrail: Any, strata: list[tuple[ArmSums, ArmSums]], prices: dict[str, tuple[float, float]], alpha: float,
-    tuning_n: float, share: float, shadow_step: bool, steps: list[int],
+    tuning_n: float, share: float, shadow_step: bool, steps: list[int], paired: PairedLatency | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     metric = METRICS[guardrail.metric]
     scale = _scale(metric)
@@ -295,6 +304,9 @@ def _guardrail_check(
     if shadow_step and metric.outcome:
         return {**out, "decision": Decision.UNDECIDED.value, "more_n": None,
                 "reason": "no user sees shadow replies, so no outcomes"}  # fmt: skip
+    if shadow_step and paired is not None and metric.is_latency and metric.shape in ("gmean", "mean"):
+        # Both sides of each shadow pair timed together by the mirror task: compared pair by pair.
+        return {**out, **shadow_latency_guardrail(guardrail, metric, paired, alpha=alpha, tuning_n=tuning_n)}
     bases, cands = [], []
     for base, cand in strata:
         b = base.ratio_for(metric, prices=prices["baseline"])
@@ -492,8 +504,10 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
     look.checks = [_slo_check(slo, slo_cand, prices["candidate"], alpha, tuning_n, slo_steps) for slo in plan.slos]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
+    paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
     look.checks += [
-        _guardrail_check(g, strata, prices, alpha, tuning_n, share, shadow_step, compared) for g in plan.guardrails
+        _guardrail_check(g, strata, prices, alpha, tuning_n, share, shadow_step, compared, paired)
+        for g in plan.guardrails
     ]
     if plan.shadow_quality is not None:
         look.checks.append(_quality_check(plan, rollout.pk, alpha))

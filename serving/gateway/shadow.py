@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -100,9 +100,83 @@ class ShadowRetry(Exception):
     """The candidate could not be reached; try the mirror again later."""
 
 
+class _Replay:
+    """One side's answer to the mirrored request, timed by the worker: outcome, error and the stream's meter."""
+
+    def __init__(self, outcome: str = "ok", error: str = "", meter: StreamMeter | None = None) -> None:
+        self.outcome, self.error, self.meter = outcome, error, meter
+
+    def timings(self) -> tuple[float | None, float | None, float | None]:
+        """(TTFT, TPOT, E2E) in ms, as the gateway defines them (serving.gateway.meter)."""
+        if self.meter is None or self.outcome != "ok":
+            return None, None, None
+        ttft = _ms(self.meter.first_token_at, self.meter.sent_at)
+        e2e = _ms(self.meter.done_at, self.meter.sent_at)
+        return ttft, tpot_ms(ttft, e2e, self.meter.completion_tokens), e2e
+
+
+def _replay(version: Any, payload: dict[str, Any], *, timeout_s: float, collect_text: bool = False) -> _Replay:
+    """Ask `version`'s engine the mirrored request, streamed and timed. NotFound (no ready engine) and
+    connection failures propagate: the caller decides whether they are worth a retry."""
+    import httpx
+
+    from serving.selectors import engine_base_url
+
+    base_url, api_key = engine_base_url(model_version=version)
+    body = dict(payload["body"])
+    body["model"] = version.served_model_name
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + ENDPOINT_PATHS[payload["endpoint"]]
+    replay = _Replay()
+    try:
+        with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False) as client:
+            replay.meter = StreamMeter(sent_at=time.perf_counter(), collect_text=collect_text)
+            with client.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    replay.outcome = "client_error" if response.status_code < 500 else "engine_error"
+                    replay.error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
+                else:
+                    for chunk in response.iter_raw():
+                        replay.meter.feed(chunk, time.perf_counter())
+                    replay.meter.finish(time.perf_counter())
+                    if replay.meter.error is not None:
+                        replay.outcome, replay.error = "engine_error", replay.meter.error
+                    elif replay.meter.done_at is None:
+                        replay.outcome, replay.error = "engine_error", "stream cut before [DONE]"
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        raise
+    except httpx.HTTPError as exc:
+        replay.outcome, replay.error = "engine_error", f"{type(exc).__name__}: {exc}"
+    return replay
+
+
+def _baseline_replay(version: Any, payload: dict[str, Any], *, timeout_s: float) -> _Replay:
+    """The baseline's side, never retried: without it the pair still counts for quality and errors, only
+    not for the paired latency comparison."""
+    import httpx
+
+    from config.errors import NotFound
+
+    if version is None:
+        return _Replay("no_engine", "the baseline version is gone")
+    try:
+        return _replay(version, payload, timeout_s=timeout_s)
+    except NotFound as exc:
+        return _Replay("no_engine", str(exc))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        return _Replay("engine_error", f"connect: {exc}")
+
+
 def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_s: float = 120.0) -> bool:
     """Replay a served request against a ready candidate engine and store the pair. Safe to run twice:
-    a pair that exists already is left alone. Returns whether a pair was stored by this call."""
+    a pair that exists already is left alone. Returns whether a pair was stored by this call.
+
+    The baseline is asked the same request at the same moment, from this worker, through the same code:
+    the gateway's timing of the user's request (kept as baseline_ttft_ms / baseline_e2e_ms) comes from
+    another process, another moment and another load, so only the two replays' timings are compared
+    request by request (baseline_replay_*)."""
     import httpx
 
     from config.errors import NotFound
@@ -117,44 +191,28 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
     if candidate is None:
         log.warning("shadow mirror %s: candidate version %s is gone; skipped", request_id, payload.get("candidate_version_id"))
         return False
-
-    outcome, error = "ok", ""
-    meter: StreamMeter | None = None
+    baseline = ModelVersion.objects.filter(pk=int(payload.get("baseline_version_id") or 0)).first()
     try:
-        base_url, api_key = engine_base_url(model_version=candidate)
+        engine_base_url(model_version=candidate)
     except NotFound as exc:
+        # Nothing is asked of either side until the candidate has an engine to answer.
         if not final_attempt:
             raise ShadowRetry(str(exc)) from exc
-        outcome, error = "no_engine", str(exc)
-    else:
-        body = dict(payload["body"])
-        body["model"] = candidate.served_model_name
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        url = base_url.rstrip("/") + ENDPOINT_PATHS[payload["endpoint"]]
+
+    # Both sides in flight together, each in its own thread, so both meet the same load on the machine.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-baseline") as pool:
+        baseline_side = pool.submit(_baseline_replay, baseline, payload, timeout_s=timeout_s)
         try:
-            with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False) as client:
-                sent = time.perf_counter()
-                meter = StreamMeter(sent_at=sent, collect_text=store)
-                with client.stream("POST", url, json=body, headers=headers) as response:
-                    if response.status_code != 200:
-                        outcome = "client_error" if response.status_code < 500 else "engine_error"
-                        error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
-                    else:
-                        for chunk in response.iter_raw():
-                            meter.feed(chunk, time.perf_counter())
-                        meter.finish(time.perf_counter())
-                        if meter.error is not None:
-                            outcome, error = "engine_error", meter.error
-                        elif meter.done_at is None:
-                            outcome, error = "engine_error", "stream cut before [DONE]"
+            cand = _replay(candidate, payload, timeout_s=timeout_s, collect_text=store)
+        except NotFound as exc:
+            if not final_attempt:
+                raise ShadowRetry(str(exc)) from exc
+            cand = _Replay("no_engine", str(exc))
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             if not final_attempt:
                 raise ShadowRetry(str(exc)) from exc
-            outcome, error, meter = "engine_error", f"connect: {exc}", None
-        except httpx.HTTPError as exc:
-            outcome, error = "engine_error", f"{type(exc).__name__}: {exc}"
+            cand = _Replay("engine_error", f"connect: {exc}")
+        base = baseline_side.result()
 
     fields: dict[str, Any] = {
         "created_at": _when(payload.get("created_at")),
@@ -168,15 +226,19 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         "baseline_ttft_ms": payload.get("baseline_ttft_ms"),
         "baseline_e2e_ms": payload.get("baseline_e2e_ms"),
         "baseline_completion_tokens": payload.get("baseline_completion_tokens"),
-        "candidate_outcome": outcome,
-        "candidate_error": error[:300],
+        "candidate_outcome": cand.outcome,
+        "candidate_error": cand.error[:300],
+        "baseline_replay_outcome": base.outcome,
     }
-    if meter is not None:
-        ttft = _ms(meter.first_token_at, meter.sent_at)
-        e2e = _ms(meter.done_at, meter.sent_at)
-        tokens = meter.completion_tokens
+    replay_ttft, replay_tpot, replay_e2e = base.timings()
+    fields.update(baseline_replay_ttft_ms=replay_ttft, baseline_replay_tpot_ms=replay_tpot,
+                  baseline_replay_e2e_ms=replay_e2e)
+    if cand.meter is not None and cand.outcome != "no_engine":
+        ttft = _ms(cand.meter.first_token_at, cand.meter.sent_at)
+        e2e = _ms(cand.meter.done_at, cand.meter.sent_at)
+        tokens = cand.meter.completion_tokens
         fields.update(
-            candidate_output=redact(meter.text) if store else "",
+            candidate_output=redact(cand.meter.text) if store else "",
             candidate_ttft_ms=ttft,
             candidate_e2e_ms=e2e,
             candidate_tpot_ms=tpot_ms(ttft, e2e, tokens),

@@ -148,8 +148,11 @@ def shadow_pairs(
     tpot: tuple[float, float] = (20.0, 2.0),
     error_rate: float = 0.0,
     seed: int | None = None,
+    baseline_ttft: tuple[float, float] = (100.0, 10.0),
+    baseline_tpot: tuple[float, float] = (20.0, 2.0),
 ) -> None:
-    """`n` shadow pairs as serving's shadow mirroring stores them (the candidate's side is what counts)."""
+    """`n` shadow pairs as serving's shadow mirroring stores them: the candidate's answer, and the baseline
+    asked the same request beside it (its replay timings, `baseline_ttft` / `baseline_tpot`)."""
     from serving.models import ShadowPair
 
     rng = random.Random(seed)
@@ -158,6 +161,7 @@ def shadow_pairs(
     for _ in range(n):
         failed = rng.random() < error_rate
         ttft_ms, tpot_ms = max(1.0, rng.gauss(*ttft)), max(0.1, rng.gauss(*tpot))
+        base_ttft, base_tpot = max(1.0, rng.gauss(*baseline_ttft)), max(0.1, rng.gauss(*baseline_tpot))
         pair = ShadowPair(
             request_id=os.urandom(12).hex(), created_at=start, alias=rollout.alias_name, rollout_id=rollout.pk,
             baseline_version=rollout.baseline, candidate_version=rollout.candidate,
@@ -166,6 +170,8 @@ def shadow_pairs(
             candidate_e2e_ms=None if failed else ttft_ms + 3 * tpot_ms,
             candidate_completion_tokens=None if failed else 4,
             candidate_outcome="engine_error" if failed else "ok",
+            baseline_replay_outcome="ok", baseline_replay_ttft_ms=base_ttft, baseline_replay_tpot_ms=base_tpot,
+            baseline_replay_e2e_ms=base_ttft + 3 * base_tpot,
         )  # fmt: skip
         rows.append(pair)
     ShadowPair.objects.bulk_create(rows)

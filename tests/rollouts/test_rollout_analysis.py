@@ -279,6 +279,24 @@ def test_a_shadow_rollout_compares_the_candidates_shadow_replies(owner: Any, ver
     analysis = look(rollout)
     assert analysis.arms["candidate"]["source"] == "shadow" and analysis.arms["candidate"]["n"] == 150
     assert analysis.decision == "rollback" and "tpot_mean_ms" in analysis.reason
+    (check,) = [c for c in analysis.checks if c["type"] == "guardrail" and c["metric"] == "tpot_mean_ms"]
+    assert check["test"].startswith("paired shadow requests: ratio of means")
+    assert check["n"] == [150, 150] and 0.6 < check["effect"] < 0.9 and check["low"] > 0.1
+
+
+def test_shadow_latency_is_compared_with_the_baseline_asked_beside_it(owner: Any, versions: None) -> None:
+    # The gateway's baseline records say 20 ms TPOT, but on the mirror worker, at the same moments, the
+    # baseline took 34 ms too: the candidate's 35 ms is no regression, and no breach is called.
+    plan = canary_plan(strategy="shadow", steps=None, shadow={"rate": 0.5}, guardrails=[{"metric": "tpot_gmean_ms", "margin": "10%"}])
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=300, model_version=rollout.baseline, seed=12)
+    shadow_pairs(rollout, n=150, tpot=(35.0, 3.0), baseline_tpot=(34.0, 3.0), seed=13)
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["type"] == "guardrail" and c["metric"] == "tpot_gmean_ms"]
+    assert check["test"].startswith("paired shadow requests: ratio of geometric means")
+    assert check["decision"] != "breach" and analysis.decision != "rollback"
+    assert check["low"] < 0.1 < check["high"] or check["decision"] == "safe"
 
 
 def test_a_blue_green_warms_up_on_shadow_traffic_then_switches_all_at_once(owner: Any, versions: None) -> None:

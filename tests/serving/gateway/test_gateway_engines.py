@@ -250,6 +250,10 @@ def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
         assert pair.candidate_outcome == "ok" and pair.candidate_output.isdigit()
         assert pair.candidate_ttft_ms is not None and pair.candidate_e2e_ms is not None
         assert pair.prompt_text.startswith("user: ")
+        # The baseline was asked the same request beside the candidate, timed by the same code.
+        assert pair.baseline_replay_outcome == "ok"
+        assert pair.baseline_replay_ttft_ms is not None and pair.baseline_replay_e2e_ms is not None
+        assert pair.baseline_replay_e2e_ms >= pair.baseline_replay_ttft_ms > 0
     assert gateway.metric("platform_gateway_shadow_enqueued_total") == len(served)
 
     # An alias that does not store prompts: the pair keeps timings and outcomes, and no text.
