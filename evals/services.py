@@ -357,7 +357,7 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
 
     Keys: suite (a suite name; the latest version is used unless suite_version pins one), scorer (a name
     or {name, params, label}), max_drop (how much lower the candidate's score may be than the baseline's,
-    0..1, a non-inferiority margin tested one-sided at alpha), min_score (the candidate's minimum mean
+    0..0.5, a non-inferiority margin tested one-sided at alpha), min_score (the candidate's minimum mean
     score, 0..1), alpha (the chance of passing a candidate worse by max_drop, 0.001..0.25, default 0.05;
     a rollout passes its own share of the plan's alpha instead), concurrency (default 4), max_tokens
     (default 64). max_drop or min_score or both."""
@@ -389,7 +389,7 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
             model_version_get(ref=scorer["params"]["judge_model"])
         except NotFound as exc:
             raise DomainError(exc.message, field="eval_gate.scorer.params.judge_model") from exc
-    max_drop = _gate_fraction(spec, "max_drop", low=0.0, high=1.0, default=None)
+    max_drop = _gate_fraction(spec, "max_drop", low=0.0, high=0.5, default=None)
     min_score = _gate_fraction(spec, "min_score", low=0.0, high=1.0, default=None)
     if max_drop is None and min_score is None:
         raise DomainError("give max_drop, min_score or both", field="eval_gate.max_drop")

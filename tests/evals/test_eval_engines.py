@@ -96,7 +96,8 @@ def test_the_eval_gate_stops_adder_v2_broken_with_mcnemar_evidence(
     gate_run(11, v1, candidate)
     result = eval_gate_result(rollout_id=11)
     assert result is not None and result.status == "failed", result
-    assert result.reason.startswith("candidate failed: may be worse than the baseline by more than 0.05")
+    assert result.reason.startswith("candidate failed: worse than the baseline by more than 0.05")
+    assert result.evidence["decision"]["decision"] == "fail" and result.evidence["decision"]["high"] < -0.05
     overall = result.evidence["overall"]
     mcnemar = overall["mcnemar"]
     assert mcnemar["baseline_only"] > mcnemar["candidate_only"] and mcnemar["p_value"] < 0.001
@@ -117,6 +118,7 @@ def test_the_eval_gate_passes_adder_v2(
     result = eval_gate_result(rollout_id=12)
     assert result is not None and result.status == "passed", result
     assert result.evidence["decision"]["drop_upper_bound"] <= 0.05
+    assert result.evidence["decision"]["decision"] == "pass" and result.evidence["decision"]["low"] > -0.05
     summary = EvalRun.objects.get(pk=gate.candidate_run_id).summary
     assert summary["items"] == 200 and summary["failed_items"] == 0
     assert summary["latency_ms"]["p50"] > 0 and summary["completion_tokens"] > 0
