@@ -1,59 +1,49 @@
-"""Decision quality of canary analysis: this engine against Flagger's and Kayenta's rules.
+"""Decision quality of canary analysis on traffic that looks real: this engine against Flagger's and
+Kayenta's rules.
 
-Simulates request streams with known effects, analyses them every interval
-with three rules, and prints, per scenario and canary weight, how often each
-rule rolled the canary back and how many canary requests it took. Then times
-one look of the analysis from the sufficient statistics of 10 million requests.
+Simulates rollouts with known effects (`experiments.stats.simulation`: users sticky to an arm, lognormal
+requests per user with median 10, a per-user latency factor, a Pareto tail on 2 % of requests, rare errors
+that differ by user, a thumbs-up outcome whose rate differs by user), analyses each every interval with
+the rules below, and prints, per scenario and canary weight, how often each rolled the canary back and how
+many canary requests it took, beside the floor no valid rule can beat. Then the issue's targets, each with
+its verdict, and the time of one look from sufficient statistics.
 
-    python benchmarks/decision_quality.py            # defaults: about 2 minutes on 2 cores
-    python benchmarks/decision_quality.py --sims 200 # quicker, noisier
+    python benchmarks/decision_quality.py             # the defaults: a few minutes on 2 cores
+    python benchmarks/decision_quality.py --sims 100  # quicker, noisier
 
-Model of a request: TPOT = 30 ms x lognormal(0, 0.4); an engine error with
-probability 1 %. The candidate multiplies TPOT or adds to the error rate.
-Each interval (10 s) carries a fixed number of requests, split by the canary
-weight. Every rule watches both metrics with the same tolerances: TPOT at most
-5 % worse than the baseline, error rate at most 0.5 points worse.
+Every rule watches the same three guardrails with the same tolerances: TPOT at most 5 % worse than the
+baseline, errors at most 0.5 points worse, thumbs-up at most 3 points worse.
 
-(a) this engine: ``guardrail_check`` on the cumulative sums of both arms, one
-    guardrail per metric at alpha / 2 (Bonferroni, so the pair is valid at
-    alpha), N* as a rollout step sets it (``step_tuning_n`` for the canary
-    weight and the default 50 candidate requests per step); roll back on the
-    first breach, promote early once both are safe.
-(b) Flagger: each interval, the canary's mean TPOT and error rate over that
-    interval against fixed thresholds (baseline's true mean TPOT x 1.05; true
-    baseline error rate + 0.5 points); a failing interval adds one failed
-    check, the count never resets, and the fifth failed check rolls back.
-(c) Kayenta: each interval, Mann-Whitney U of the canary's samples against the
-    baseline's from that interval only, at 98 % confidence, per metric; the
-    first interval where either metric is significantly higher rolls back.
-    TPOT samples are the requests' TPOTs. Kayenta judges metric time series,
-    so the error samples are the error rates of 5 equal steps of the interval
-    per arm: on per-request 0/1 values the normal approximation of U is far
-    too liberal (one error among 15 canary requests against none among 285
-    baseline ones gives p = 1e-5), which would make Kayenta look worse than it
-    is. (Kayenta classifies on the Hodges-Lehmann interval; the p-value form
-    used here is the same test without its effect-size tolerance.)
-(c') the same test with the per-look level divided by 2 x looks (Bonferroni
-    over every look and both metrics): what Kayenta would need to match (a)'s
-    guarantee without a confidence sequence.
-(o) the floor: the fewest canary requests at which any rule whose false
-    rollbacks stay under alpha / 2 per metric can catch the regression in half
-    of the rollouts. It is the first look at which the most powerful test of
-    that one look (Neyman-Pearson, told the look, the effect and the spread in
-    advance: a z-test on log TPOT, on the error rate) reaches 50 % power; a
-    rule that caught it earlier in half the rollouts would be a more powerful
-    test at that look. Computed, not simulated.
+(a) this engine: the rollout's checks on the sums over sessions the database computes
+    (`ratio_guardrail_check`): TPOT as the ratio of geometric means with the prompt-length adjustment,
+    errors and thumbs-up by the score test of two shares with the sessions' design effects; alpha split
+    over the three (Bonferroni); each guardrail's N* as a rollout sets it (`margin_tuning_n`: where a test
+    of its margin decides); roll back at the first breach, promote early once all three are safe. Beside
+    it, the sequential sample-ratio check on sessions at first exposure.
+(b) Flagger: each interval, the canary's own mean TPOT, error rate and thumbs-up rate over that interval
+    against fixed thresholds (the baseline's true values with the tolerances); a failing interval adds a
+    failed check, the count never resets, the fifth rolls back.
+(c) Kayenta: each interval, Mann-Whitney U of the canary against the baseline on that interval's requests
+    only, at 98 % confidence, per metric; TPOT per request, errors and thumbs-up as rates of 5 equal parts
+    of the interval (Kayenta judges time series; on 0/1 values U's normal approximation is far too liberal).
+(c') the same with the per-look level divided by 3 x looks (Bonferroni over looks and metrics).
+(o) the floor: the fewest canary requests at which a rule whose false rollbacks stay under alpha / 3 per
+    metric can catch the regression in half of the rollouts: the first look at which the one-sided z-test
+    of that look, told the look and the effect in advance and knowing the estimator's true spread (measured
+    across the simulated rollouts), has 50 % power. Sessions are the units here too: with sticky users no
+    rule can know more than the sessions tell.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,178 +52,193 @@ from scipy import stats
 # Runnable as a script from a checkout without installing the project.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.stats import (
-    ArmStats,
-    Decision,
-    Monitor,
-    guardrail_check,
-    srm_check,
-    step_tuning_n,
-    tail_slo_check,
-)
+from experiments.stats import Decision, margin_tuning_n, ratio_guardrail_check, srm_sequential, step_tuning_n
+from experiments.stats.simulation import Effect, SimLook, Traffic, simulate
 
-TPOT_MEDIAN_S = 0.030
-TPOT_SIGMA = 0.4
-TPOT_MEAN_S = TPOT_MEDIAN_S * float(np.exp(TPOT_SIGMA**2 / 2))
-ERROR_RATE = 0.01
 TPOT_MARGIN = 0.05  # relative
 ERROR_MARGIN = 0.005  # absolute (0.5 points)
+THUMBS_MARGIN = 0.03  # absolute (3 points)
+CHECKS = 3
 FLAGGER_FAILED_CHECKS = 5
 KAYENTA_CONFIDENCE = 0.98
-KAYENTA_STEPS = 5
+KAYENTA_PARTS = 5
+DEFAULT_STEP_REQUESTS = 50  # rollouts/plans: a step's default minimum of candidate requests
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    tpot_factor: float
-    error_rate: float
+    effect: Effect
     regression: bool
+    floor_metric: str | None = None  # tpot | errors
 
 
 SCENARIOS = (
-    Scenario("A/A", 1.0, ERROR_RATE, False),
-    Scenario("TPOT +10%", 1.10, ERROR_RATE, True),
-    Scenario("TPOT +25%", 1.25, ERROR_RATE, True),
-    Scenario("errors +1 pt", 1.0, ERROR_RATE + 0.01, True),
+    Scenario("A/A", Effect(), False),
+    Scenario("TPOT +10%", Effect(tpot_factor=1.10), True, "tpot"),
+    Scenario("TPOT +25%", Effect(tpot_factor=1.25), True, "tpot"),
+    Scenario("errors +1 pt", Effect(error_add=0.01), True, "errors"),
 )
 WEIGHTS = (0.05, 0.50)
+DEFAULT_USERS = {0.05: 8000, 0.50: 2000}
 METHODS = ("(a) this engine", "(b) Flagger", "(c) Kayenta", "(c') Kayenta, Bonferroni")
 FLOOR = "(o) floor for any rule valid at alpha"
-DEFAULT_STEP_REQUESTS = 50  # rollouts/plans.py: a step's default minimum of candidate requests
 
 
 @dataclass
 class Outcome:
-    """Per simulated rollout: the look (1-based) it rolled back at, or 0."""
-
-    rollback_look: np.ndarray
-    promoted_look: np.ndarray
-
-
-def _step_rates(flags: np.ndarray) -> np.ndarray:
-    """Per-row rates over KAYENTA_STEPS consecutive, near-equal chunks of the columns."""
-    steps = min(KAYENTA_STEPS, flags.shape[1])
-    starts = np.linspace(0, flags.shape[1], steps + 1).astype(int)
-    sums = np.add.reduceat(flags, starts[:-1], axis=1)
-    return sums / np.diff(starts)
+    rollback_at: np.ndarray  # candidate requests at the rollback, inf when none
+    promoted: np.ndarray
+    srm_alarm: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
-def _simulate(
-    scenario: Scenario,
-    weight: float,
-    *,
-    sims: int,
-    looks: int,
-    rate: int,
-    alpha: float,
-    tuning_n: float,
-    seed: int,
-) -> dict[str, Outcome]:
-    rng = np.random.default_rng(seed)
-    n_c = round(rate * weight)
-    n_b = rate - n_c
-    kayenta_alpha = 1 - KAYENTA_CONFIDENCE
-    bonferroni_alpha = alpha / (2 * looks)
+def _truth(traffic: Traffic, seed: int) -> dict[str, float]:
+    """The baseline's true mean TPOT, error rate and thumbs-up rate (Flagger's fixed thresholds), from a
+    large simulated sample."""
+    means = {"tpot": [], "errors": [], "thumbs": []}
+    for look in simulate(traffic.with_(users=20000), Effect(), sims=1, looks=1, weight=0.5, seed=seed, requests=True):
+        batch = look.requests
+        assert batch is not None
+        ok = batch.error == 0
+        means["tpot"].append(float(np.exp(batch.log_tpot[ok]).mean()))
+        means["errors"].append(float(batch.error.mean()))
+        means["thumbs"].append(float(batch.thumbs[ok].mean()))
+    return {k: float(np.mean(v)) for k, v in means.items()}
 
-    # Cumulative sums per simulated rollout: [sum, sum of squares] for TPOT, error count.
-    cum = {arm: np.zeros((sims, 3)) for arm in ("b", "c")}
-    outcomes = {m: Outcome(np.zeros(sims, dtype=int), np.zeros(sims, dtype=int)) for m in METHODS}
-    flagger_failed = np.zeros(sims, dtype=int)
-    ours_active = np.ones(sims, dtype=bool)
-    tpot_threshold = TPOT_MEAN_S * (1 + TPOT_MARGIN)
-    error_threshold = ERROR_RATE + ERROR_MARGIN
 
-    for look in range(1, looks + 1):
-        tpot_b = TPOT_MEDIAN_S * rng.lognormal(0.0, TPOT_SIGMA, size=(sims, n_b))
-        tpot_c = scenario.tpot_factor * TPOT_MEDIAN_S * rng.lognormal(0.0, TPOT_SIGMA, size=(sims, n_c))
-        err_b = (rng.random((sims, n_b)) < ERROR_RATE).astype(float)
-        err_c = (rng.random((sims, n_c)) < scenario.error_rate).astype(float)
-        for arm, tpot, err in (("b", tpot_b, err_b), ("c", tpot_c, err_c)):
-            cum[arm][:, 0] += tpot.sum(axis=1)
-            cum[arm][:, 1] += (tpot * tpot).sum(axis=1)
-            cum[arm][:, 2] += err.sum(axis=1)
+def _parts(values: np.ndarray) -> np.ndarray:
+    """Rates of KAYENTA_PARTS near-equal consecutive parts (a time series of the interval)."""
+    if values.size < KAYENTA_PARTS:
+        return values
+    return np.array([part.mean() for part in np.array_split(values, KAYENTA_PARTS)])
 
-        # (a) this engine, on cumulative sufficient statistics.
-        n_base, n_cand = n_b * look, n_c * look
+
+def _kayenta_worse(cand: np.ndarray, base: np.ndarray, level: float, lower_is_better: bool) -> bool:
+    if cand.size < 2 or base.size < 2:
+        return False
+    with np.errstate(all="ignore"):
+        test = stats.mannwhitneyu(cand, base, method="asymptotic")
+    if not math.isfinite(test.pvalue):
+        return False
+    higher = test.statistic > cand.size * base.size / 2.0
+    return bool((higher if lower_is_better else not higher) and test.pvalue < level)
+
+
+def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[str, float], *, sims: int, looks: int,
+              alpha: float, seed: int) -> tuple[dict[str, Outcome], list[np.ndarray], list[float]]:  # fmt: skip
+    share = alpha / CHECKS
+    # N* as a rollout sets it: per guardrail, where a test of its margin decides (rollouts.analysis.checks).
+    n_star = {
+        name: margin_tuning_n(scale=scale, margin=margin, relative=name == "tpot", lower_is_better=name != "thumbs",
+                              candidate_share=weight, alpha=share) or 1000.0
+        for name, scale, margin in (("tpot", "log", TPOT_MARGIN), ("errors", "proportion", ERROR_MARGIN),
+                                    ("thumbs", "proportion", THUMBS_MARGIN))
+    }  # fmt: skip
+    tuning_n = step_tuning_n(candidate_share=weight, min_candidate_requests=DEFAULT_STEP_REQUESTS)
+    outcomes = {m: Outcome(np.full(sims, np.inf), np.zeros(sims, dtype=bool)) for m in METHODS}
+    outcomes[METHODS[0]].srm_alarm = np.zeros(sims, dtype=bool)
+    failed = np.zeros(sims, dtype=int)
+    kayenta_levels = {METHODS[2]: 1 - KAYENTA_CONFIDENCE, METHODS[3]: alpha / (CHECKS * looks)}
+    estimates: list[np.ndarray] = []  # per look, per rollout: the floor's metric difference
+    cand_requests: list[float] = []  # per look: the mean candidate requests so far
+    active = np.ones(sims, dtype=bool)
+    for look in simulate(traffic, scenario.effect, sims=sims, looks=looks, weight=weight, seed=seed, requests=True):
+        base, cand = look.arms["baseline"], look.arms["candidate"]
         ours = outcomes[METHODS[0]]
-        for s in np.flatnonzero(ours_active):
-            cb, cc = cum["b"][s], cum["c"][s]
-            tpot_check = guardrail_check(
-                ArmStats(n_base, cb[0], cb[1]),
-                ArmStats(n_cand, cc[0], cc[1]),
-                margin=TPOT_MARGIN,
-                relative=True,
-                alpha=alpha / 2,
-                tuning_n=tuning_n,
-            )
-            error_check = guardrail_check(
-                ArmStats.from_counts(int(cb[2]), n_base),
-                ArmStats.from_counts(int(cc[2]), n_cand),
-                kind="proportion",
-                margin=ERROR_MARGIN,
-                alpha=alpha / 2,
-                tuning_n=tuning_n,
-            )
-            if Decision.BREACH in (tpot_check.decision, error_check.decision):
-                ours.rollback_look[s] = look
-                ours_active[s] = False
-            elif tpot_check.decision is Decision.SAFE and error_check.decision is Decision.SAFE:
-                ours.promoted_look[s] = look
-                ours_active[s] = False
+        for s in range(sims):
+            srm = srm_sequential([int(base.units[s]), int(cand.units[s])], [1.0 - weight, weight], tuning_n=tuning_n)
+            ours.srm_alarm[s] |= srm.mismatch
+            if not active[s]:
+                continue
+            results = [
+                ratio_guardrail_check(base.ratio("tpot_log", s), cand.ratio("tpot_log", s), scale="log",
+                                      margin=TPOT_MARGIN, relative=True, alpha=share, tuning_n=n_star["tpot"]),
+                ratio_guardrail_check(base.ratio("errors", s), cand.ratio("errors", s), scale="proportion",
+                                      margin=ERROR_MARGIN, relative=False, alpha=share, tuning_n=n_star["errors"]),
+                ratio_guardrail_check(base.ratio("thumbs", s), cand.ratio("thumbs", s), scale="proportion",
+                                      margin=THUMBS_MARGIN, relative=False, direction="higher_is_better",
+                                      alpha=share, tuning_n=n_star["thumbs"]),
+            ]  # fmt: skip
+            decisions = {r.decision for r in results}
+            if Decision.BREACH in decisions:
+                ours.rollback_at[s], active[s] = cand.requests[s], False
+            elif decisions == {Decision.SAFE}:
+                ours.promoted[s], active[s] = True, False
+        _estimate(scenario, look, estimates, sims)
+        cand_requests.append(float(cand.requests.mean()))
+        _flagger_and_kayenta(look, outcomes, failed, truth, kayenta_levels, sims)
+    return outcomes, estimates, cand_requests
 
-        # (b) Flagger: thresholds on this interval's canary means, cumulative failed checks.
+
+def _estimate(scenario: Scenario, look: SimLook, estimates: list[np.ndarray], sims: int) -> None:
+    if scenario.floor_metric is None:
+        return
+    metric = "tpot_log" if scenario.floor_metric == "tpot" else "errors"
+    b, c = look.arms["baseline"].metric[metric], look.arms["candidate"].metric[metric]
+    with np.errstate(all="ignore"):
+        estimates.append(c["num"] / c["den"] - b["num"] / b["den"])
+
+
+def _flagger_and_kayenta(look: SimLook, outcomes: dict[str, Outcome], failed: np.ndarray, truth: dict[str, float],
+                         levels: dict[str, float], sims: int) -> None:  # fmt: skip
+    batch = look.requests
+    assert batch is not None
+    order = np.argsort(batch.sim, kind="stable")
+    bounds = np.searchsorted(batch.sim[order], np.arange(sims + 1))
+    for s in range(sims):
+        rows = order[bounds[s] : bounds[s + 1]]
+        in_cand = batch.candidate[rows]
+        series = {}
+        for arm, mask in (("c", in_cand), ("b", ~in_cand)):
+            picked = rows[mask]
+            err = batch.error[picked]
+            ok = err == 0
+            series[arm] = (np.exp(batch.log_tpot[picked][ok]), err, batch.thumbs[picked][ok])
+        tpot_c, err_c, thumbs_c = series["c"]
+        # (b) Flagger: this interval's canary means against fixed thresholds; failed checks accumulate.
         flagger = outcomes[METHODS[1]]
-        failing = (tpot_c.mean(axis=1) > tpot_threshold) | (err_c.mean(axis=1) > error_threshold)
-        active = flagger.rollback_look == 0
-        flagger_failed += failing & active
-        flagger.rollback_look[active & (flagger_failed >= FLAGGER_FAILED_CHECKS)] = look
-
-        # (c), (c') Kayenta: Mann-Whitney on this interval's samples only.
-        worse = np.zeros(sims, dtype=bool)
-        worse_strict = np.zeros(sims, dtype=bool)
-        for canary, base in ((tpot_c, tpot_b), (_step_rates(err_c), _step_rates(err_b))):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                test = stats.mannwhitneyu(canary, base, axis=1, method="asymptotic")
-            p = np.nan_to_num(test.pvalue, nan=1.0)
-            higher = test.statistic > canary.shape[1] * base.shape[1] / 2.0
-            worse |= higher & (p < kayenta_alpha)
-            worse_strict |= higher & (p < bonferroni_alpha)
-        for method, flag in ((METHODS[2], worse), (METHODS[3], worse_strict)):
+        if not math.isfinite(flagger.rollback_at[s]):
+            failing = (
+                (tpot_c.size and tpot_c.mean() > truth["tpot"] * (1 + TPOT_MARGIN))
+                or (err_c.size and err_c.mean() > truth["errors"] + ERROR_MARGIN)
+                or (thumbs_c.size and thumbs_c.mean() < truth["thumbs"] - THUMBS_MARGIN)
+            )
+            failed[s] += bool(failing)
+            if failed[s] >= FLAGGER_FAILED_CHECKS:
+                flagger.rollback_at[s] = look.arms["candidate"].requests[s]
+        # (c), (c') Kayenta: Mann-Whitney on this interval's requests only.
+        tpot_b, err_b, thumbs_b = series["b"]
+        for method, level in levels.items():
             kayenta = outcomes[method]
-            kayenta.rollback_look[(kayenta.rollback_look == 0) & flag] = look
-    return outcomes
+            if math.isfinite(kayenta.rollback_at[s]):
+                continue
+            worse = (
+                _kayenta_worse(tpot_c, tpot_b, level, True)
+                or _kayenta_worse(_parts(err_c), _parts(err_b), level, True)
+                or _kayenta_worse(_parts(thumbs_c), _parts(thumbs_b), level, False)
+            )
+            if worse:
+                kayenta.rollback_at[s] = look.arms["candidate"].requests[s]
 
 
-def _floor_look(scenario: Scenario, weight: float, *, looks: int, rate: int, alpha: float) -> int:
-    """The first look at which the most powerful single-look test at alpha / 2 (one metric's share) has
-    50 % power against this scenario's regression; 0 when none within the horizon or no regression."""
-    n_c = round(rate * weight)
-    n_b = rate - n_c
-    z = stats.norm.ppf(1 - alpha / 2)
-    for look in range(1, looks + 1):
-        nb, nc = n_b * look, n_c * look
-        if scenario.tpot_factor != 1.0:
-            # log TPOT is normal with a known spread: the test on the difference of log means is the
-            # Neyman-Pearson test of "slower by the margin" against "slower by the factor".
-            excess = np.log(scenario.tpot_factor) - np.log(1 + TPOT_MARGIN)
-            se = TPOT_SIGMA * np.sqrt(1 / nc + 1 / nb)
-        else:
-            excess = scenario.error_rate - ERROR_RATE - ERROR_MARGIN
-            se = np.sqrt(scenario.error_rate * (1 - scenario.error_rate) / nc + ERROR_RATE * (1 - ERROR_RATE) / nb)
-        if excess / se >= z:
-            return look
-    return 0
+def _floor(scenario: Scenario, estimates: list[np.ndarray], cand_requests: list[float], alpha: float) -> float | None:
+    """Canary requests at the first look where the oracle z-test at alpha / 3 has 50 % power."""
+    if scenario.floor_metric is None:
+        return None
+    margin = math.log1p(TPOT_MARGIN) if scenario.floor_metric == "tpot" else ERROR_MARGIN
+    z = stats.norm.ppf(1 - alpha / CHECKS)
+    for values, requests in zip(estimates, cand_requests, strict=True):
+        finite = values[np.isfinite(values)]
+        if finite.size < 10:
+            continue
+        spread = finite.std(ddof=1)
+        if spread > 0 and (finite.mean() - margin) / spread >= z:
+            return requests
+    return None
 
 
-def _median_requests(rollback_look: np.ndarray, n_c: int, looks: int) -> str:
-    # Rollouts that never rolled back count as "later than the horizon".
-    never = looks + 1
-    values = np.where(rollback_look > 0, rollback_look, never)
-    median = float(np.median(values))
-    if median >= never:
-        return f"> {looks * n_c}"
-    return f"{median * n_c:.0f}"
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values))  # inf when more than half never rolled back
 
 
 def _format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -244,128 +249,100 @@ def _format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line, rule, *body])
 
 
-def _time_one_look(repeats: int, seed: int) -> tuple[float, float, float, float]:
-    """Seconds: summing 10M raw requests with numpy; median and p99 of one full look;
-    median of one guardrail decision alone."""
-    rng = np.random.default_rng(seed)
-    n_total = 10_000_000
-    n_c = n_total // 20
-    tpot = TPOT_MEDIAN_S * rng.lognormal(0.0, TPOT_SIGMA, size=n_total)
-    errors = rng.random(n_total) < ERROR_RATE
-    start = time.perf_counter()
-    arms = {}
-    for name, sl in (("baseline", slice(n_c, None)), ("candidate", slice(0, n_c))):
-        x = tpot[sl]
-        arms[name] = (
-            ArmStats(x.size, float(x.sum()), float(np.dot(x, x))),
-            ArmStats.from_counts(int(errors[sl].sum()), x.size),
-            ArmStats.from_counts(int((x > 0.08).sum()), x.size),
-        )
-    summing = time.perf_counter() - start
-    monitor = Monitor(kind="mean", difference="relative")
+def _time_one_look(repeats: int, seed: int) -> tuple[float, float]:
+    """Seconds: median and p99 of the three guardrails and the SRM check from one look's sums."""
+    look = list(simulate(Traffic(users=20000), Effect(), sims=1, looks=1, weight=0.05, seed=seed))[-1]
+    base, cand = look.arms["baseline"], look.arms["candidate"]
     durations = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        (b_tpot, b_err, _), (c_tpot, c_err, c_tail) = arms["baseline"], arms["candidate"]
-        srm_check([b_tpot.n, c_tpot.n], [0.95, 0.05])
-        guardrail_check(b_tpot, c_tpot, margin=TPOT_MARGIN, relative=True, alpha=0.025)
-        guardrail_check(b_err, c_err, kind="proportion", margin=ERROR_MARGIN, alpha=0.025)
-        tail_slo_check(c_tail, max_share=0.01)
-        monitor.observe(b_tpot, c_tpot)
+        srm_sequential([int(base.units[0]), int(cand.units[0])], [0.95, 0.05], tuning_n=1000)
+        ratio_guardrail_check(base.ratio("tpot_log", 0), cand.ratio("tpot_log", 0), scale="log", margin=TPOT_MARGIN,
+                              relative=True, alpha=0.0167, tuning_n=1000)  # fmt: skip
+        ratio_guardrail_check(base.ratio("errors", 0), cand.ratio("errors", 0), scale="proportion", margin=ERROR_MARGIN,
+                              relative=False, alpha=0.0167, tuning_n=1000)  # fmt: skip
+        ratio_guardrail_check(base.ratio("thumbs", 0), cand.ratio("thumbs", 0), scale="proportion",
+                              margin=THUMBS_MARGIN, relative=False, direction="higher_is_better", alpha=0.0167,
+                              tuning_n=1000)  # fmt: skip
         durations.append(time.perf_counter() - t0)
     durations.sort()
-    single = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        guardrail_check(b_tpot, c_tpot, margin=TPOT_MARGIN, relative=True, alpha=0.025)
-        single.append(time.perf_counter() - t0)
-    return (
-        summing,
-        statistics.median(durations),
-        durations[int(0.99 * (len(durations) - 1))],
-        statistics.median(single),
-    )
+    return statistics.median(durations), durations[int(0.99 * (len(durations) - 1))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sims", type=int, default=800, help="simulated rollouts per scenario and weight")
-    parser.add_argument("--looks", type=int, default=90, help="analysis intervals per rollout (10 s each)")
-    parser.add_argument("--rate", type=int, default=300, help="requests per interval, both arms together")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sims", type=int, default=200, help="simulated rollouts per scenario and weight")
+    parser.add_argument("--looks", type=int, default=60, help="analysis intervals per rollout")
+    parser.add_argument("--users", type=int, default=None,
+                        help="users per rollout (about 12 requests each within the horizon); default 8000 at a 5 %% "
+                             "canary and 2000 at 50 %%, so each weight's regressions fall within the horizon")
     parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--tuning-n", type=float, default=None,
-                        help="N* of the confidence sequence (default: as a rollout step with this canary weight "
-                             f"and {DEFAULT_STEP_REQUESTS} candidate requests sets it)")
-    parser.add_argument("--timing-repeats", type=int, default=2000)
+    parser.add_argument("--timing-repeats", type=int, default=500)
     parser.add_argument("--seed", type=int, default=20240)
     args = parser.parse_args(argv)
-    if args.sims < 1 or args.looks < 1 or args.rate < 2:
-        parser.error("--sims and --looks must be at least 1, --rate at least 2")
+    if args.sims < 10 or args.looks < 1 or (args.users is not None and args.users < 10):
+        parser.error("--sims must be at least 10, --looks at least 1, --users at least 10")
 
-    print(
-        f"# decision quality: {args.sims} rollouts per cell, {args.looks} looks of {args.rate} requests, "
-        f"alpha={args.alpha}, N*={'per step' if args.tuning_n is None else f'{args.tuning_n:g}'}"
-    )
+    users = {w: args.users or DEFAULT_USERS[w] for w in WEIGHTS}
+    print(f"# decision quality: {args.sims} rollouts per cell, {args.looks} looks, users per rollout "
+          f"{', '.join(f'{n} at {w:.0%}' for w, n in users.items())} (sticky; lognormal requests, median 10), "
+          f"alpha={args.alpha} split over {CHECKS} guardrails")  # fmt: skip
     print(f"# python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     started = time.perf_counter()
-    rows = []
+    truth = _truth(Traffic(), args.seed)
+    rows: list[list[str]] = []
+    verdicts: list[str] = []
     for i, scenario in enumerate(SCENARIOS):
         for j, weight in enumerate(WEIGHTS):
-            n_c = round(args.rate * weight)
-            tuning_n = args.tuning_n or step_tuning_n(candidate_share=weight,
-                                                      min_candidate_requests=DEFAULT_STEP_REQUESTS)
-            outcomes = _simulate(
-                scenario,
-                weight,
-                sims=args.sims,
-                looks=args.looks,
-                rate=args.rate,
-                alpha=args.alpha,
-                tuning_n=tuning_n,
-                seed=args.seed + 100 * i + j,
-            )
+            seed = args.seed + 100 * i + j
+            traffic = Traffic(users=users[weight])
+            outcomes, estimates, cand_requests = _simulate(scenario, weight, traffic, truth, sims=args.sims,
+                                                           looks=args.looks, alpha=args.alpha, seed=seed)  # fmt: skip
+            floor = _floor(scenario, estimates, cand_requests, args.alpha)
+            label = "caught" if scenario.regression else "false rollbacks"
             for method in METHODS:
                 outcome = outcomes[method]
-                rolled_back = float(np.mean(outcome.rollback_look > 0))
-                promoted = float(np.mean(outcome.promoted_look > 0))
-                label = "false rollbacks" if not scenario.regression else "caught"
-                rows.append(
-                    [
-                        scenario.name,
-                        f"{weight:.0%}",
-                        method,
-                        f"{rolled_back:.1%} {label}",
-                        _median_requests(outcome.rollback_look, n_c, args.looks),
-                        f"{promoted:.1%}" if method == METHODS[0] else "-",
-                    ]
-                )
+                rolled = float(np.mean(np.isfinite(outcome.rollback_at)))
+                median = _median(outcome.rollback_at)
+                ours = method == METHODS[0]
+                rows.append([
+                    scenario.name, f"{weight:.0%}", method, f"{rolled:.1%} {label}",
+                    f"{median:.0f}" if math.isfinite(median) else f"> {cand_requests[-1]:.0f}",
+                    f"{outcome.promoted.mean():.1%}" if ours else "-",
+                    f"{outcome.srm_alarm.mean():.1%}" if ours else "-",
+                ])  # fmt: skip
+                if ours:
+                    verdicts += _targets(scenario, weight, rolled, median, outcome.srm_alarm.mean(), floor, args.alpha)
             if scenario.regression:
-                floor = _floor_look(scenario, weight, looks=args.looks, rate=args.rate, alpha=args.alpha)
                 rows.append([scenario.name, f"{weight:.0%}", FLOOR, "-",
-                             str(floor * n_c) if floor else f"> {args.looks * n_c}", "-"])
-    header = [
-        "scenario",
-        "canary",
-        "method",
-        "rolled back",
-        "median canary requests to rollback",
-        "promoted early",
-    ]
+                             f"{floor:.0f}" if floor is not None else f"> {cand_requests[-1]:.0f}", "-", "-"])  # fmt: skip
+    header = ["scenario", "canary", "method", "rolled back", "median canary requests to rollback", "promoted early",
+              "SRM false alarms"]  # fmt: skip
     print(_format_table(rows, header))
     print(f"# simulation took {time.perf_counter() - started:.0f} s")
-
-    summing, median, p99, single = _time_one_look(args.timing_repeats, args.seed)
     print()
-    print("# one look from the sufficient statistics of 10,000,000 requests (95 % / 5 %):")
-    print("#   SRM + TPOT guardrail + error guardrail + tail SLO + monitor update")
-    print(
-        f"#   median {median * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms over {args.timing_repeats} repeats (target < 10 ms)"
-    )
-    print(f"#   one guardrail_check alone: median {single * 1e6:.0f} us")
-    print(
-        f"#   (summing the 10,000,000 raw values with numpy, the database's job, took {summing * 1e3:.0f} ms)"
-    )
+    print("# targets (issue 16)")
+    for line in verdicts:
+        print(f"#   {line}")
+    median, p99 = _time_one_look(args.timing_repeats, args.seed)
+    print()
+    print("# one look from the sums over sessions (3 guardrails + the sample-ratio check), 20,000 users:")
+    print(f"#   median {median * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms over {args.timing_repeats} repeats")
     return 0
+
+
+def _targets(scenario: Scenario, weight: float, rolled: float, median: float, srm: float, floor: float | None,
+             alpha: float) -> list[str]:  # fmt: skip
+    where = f"{scenario.name} at {weight:.0%}"
+    out = [f"{'met' if srm <= 0.01 else 'MISSED'}: {where}: false sample-ratio alarms {srm:.1%} <= 1 %"]
+    if not scenario.regression:
+        out.append(f"{'met' if rolled <= alpha else 'MISSED'}: {where}: false rollbacks {rolled:.1%} <= alpha {alpha:g}")
+    limit = {"TPOT +25%": 1.5, "errors +1 pt": 2.0}.get(scenario.name)
+    if limit is not None and floor is not None:
+        ratio = median / floor
+        out.append(f"{'met' if ratio <= limit else 'MISSED'}: {where}: caught in {median:.0f} canary requests, "
+                   f"{ratio:.2f}x the floor's {floor:.0f} (target <= {limit}x)")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from experiments.stats import (
     sequential_one_arm_size,
     sequential_sample_size,
 )
-from rollouts.analysis.checks import check_alpha_share, plan_tuning_n, step_min_sample
+from rollouts.analysis.checks import check_alpha_share, guardrail_tuning_n, slo_tuning_n, step_min_sample
 from rollouts.plans import Plan
 from serving.models import ModelVersion
 
@@ -146,14 +146,15 @@ def _history(plan: Plan, baseline: ModelVersion | None) -> tuple[ArmSums | None,
 
 def _step_entry(plan: Plan, index: int, history: ArmSums | None, rate: float) -> dict[str, Any]:
     step = plan.steps[index]
-    alpha, tuning_n = check_alpha_share(plan), plan_tuning_n(plan)
+    alpha = check_alpha_share(plan)
     share = step.weight if step.weight > 0 else step.shadow_rate / (1.0 + step.shadow_rate)
     entry: dict[str, Any] = {"step": index, "weight": step.weight, "shadow_rate": step.shadow_rate, "checks": []}
     for slo in plan.slos:
-        entry["checks"].append({"check": slo.label, **_slo_need(slo, alpha, tuning_n, history)})
+        entry["checks"].append({"check": slo.label, **_slo_need(slo, alpha, slo_tuning_n(plan, slo), history)})
     if 0 < share < 1:
         for guardrail in plan.guardrails:
-            entry["checks"].append({"check": guardrail.label, **_guardrail_need(guardrail, share, alpha, tuning_n, history)})
+            need = _guardrail_need(guardrail, share, alpha, guardrail_tuning_n(plan, guardrail), history)
+            entry["checks"].append({"check": guardrail.label, **need})
     else:
         entry["note"] = "no comparison with the baseline at this split: only the candidate's SLOs are judged here"
     floor = step_min_sample(plan, index)

@@ -35,6 +35,9 @@ from .monitor import Monitor
 from .multiple import MultipleTestResult, adjust_p_values, benjamini_hochberg, holm
 from .planning import (
     SampleSizePlan,
+    limit_tuning_n,
+    margin_tuning_n,
+    planned_total_n,
     sample_size_per_arm,
     sequential_one_arm_size,
     sequential_sample_size,
@@ -106,7 +109,9 @@ __all__ = [
     "half_width_multiplier",
     "hodges_lehmann_shift",
     "holm",
+    "limit_tuning_n",
     "mann_whitney",
+    "margin_tuning_n",
     "mean_slo_check",
     "min_trials",
     "mixture_rho_squared",
@@ -114,6 +119,7 @@ __all__ = [
     "nearest_rank_percentile",
     "one_sided_multiplier",
     "one_sided_p_value",
+    "planned_total_n",
     "proportion_bounds",
     "proportion_limit_check",
     "quantile_cs_ranks",

@@ -179,3 +179,64 @@ def sequential_one_arm_size(
         return gap >= (one_sided_multiplier(n_total=n, alpha=alpha, tuning_n=tuning_n) + z) * math.sqrt(max(variance, 0.0) / n)
 
     return _search_n(enough)
+
+
+def planned_total_n(
+    *, variance_baseline: float, variance_candidate: float, gap: float, candidate_share: float, alpha: float,
+    power: float = 0.8,
+) -> float:
+    """Both arms' observations at which a fixed-sample one-sided test at ``alpha`` has ``power`` to show a
+    difference ``gap`` from its margin, the candidate getting ``candidate_share``: the normal approximation
+    (z_(1 - alpha) + z_power)^2 (v_c + v_b s / (1 - s)) / gap^2 candidate observations, over s.
+
+    What a check's confidence sequence takes as N* (the sample where it is made narrowest) when the plan
+    names none: it depends on the check's margin and alpha, not on the data, so it is fixed in advance."""
+    gap = check_positive("gap", gap)
+    share = check_finite("candidate_share", candidate_share)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"candidate_share must be in (0, 1), got {candidate_share!r}")
+    alpha, power = check_alpha(alpha), check_alpha(power, "power")
+    z = float(_norm.ppf(1.0 - alpha) + _norm.ppf(power))
+    n_c = z * z * (max(variance_candidate, 0.0) + max(variance_baseline, 0.0) * share / (1.0 - share)) / (gap * gap)
+    return max(float(MIN_TUNING_N), n_c / share)
+
+
+# What a check's N* assumes when the plan names none: spreads typical of LLM traffic, never the data (N*
+# must be fixed before the first look for the sequence to be valid).
+ASSUMED_LOG_VARIANCE = 0.5  # a log latency's variance per request, with its sessions' clustering in it
+ASSUMED_CV = 0.5  # an arithmetic mean's coefficient of variation
+ASSUMED_BAD_SHARE = 0.01  # errors, over-limit requests
+ASSUMED_GOOD_SHARE = 0.5  # outcomes better higher (thumbs up)
+
+
+def margin_tuning_n(
+    *, scale: str, margin: float, relative: bool, lower_is_better: bool, candidate_share: float, alpha: float
+) -> float | None:
+    """N* of a guardrail's sequence: the sample a fixed test of its margin needs (``planned_total_n`` at 80 %
+    power, the assumed spreads above), so the bound is narrowest where the guardrail decides. None for an
+    absolute margin on a mean, whose scale is not known in advance."""
+    if margin <= 0:
+        return None
+    if scale == "log":
+        gap = math.log1p(margin) if lower_is_better else -math.log1p(-margin)
+        vb = vc = ASSUMED_LOG_VARIANCE
+    elif scale == "proportion":
+        p = ASSUMED_BAD_SHARE if lower_is_better else ASSUMED_GOOD_SHARE
+        gap = margin * p if relative else margin
+        q = min(max(p + (gap if lower_is_better else -gap), 1e-6), 1 - 1e-6)
+        vb, vc = p * (1.0 - p), q * (1.0 - q)
+    elif relative:
+        factor = 1.0 + margin if lower_is_better else 1.0 - margin
+        gap, vb, vc = margin, factor * factor * ASSUMED_CV**2, ASSUMED_CV**2
+    else:
+        return None
+    return planned_total_n(variance_baseline=vb, variance_candidate=vc, gap=gap, candidate_share=candidate_share,
+                           alpha=alpha)  # fmt: skip
+
+
+def limit_tuning_n(*, limit: float, alpha: float) -> float:
+    """N* of a share's limit (an SLO "error_rate <= 0.01"): the sample at which a candidate halfway inside
+    the limit shows it met, at 80 % power with a fixed test."""
+    share = limit / 2.0
+    z = float(_norm.ppf(1.0 - check_alpha(alpha)) + _norm.ppf(0.8))
+    return max(float(MIN_TUNING_N), z * z * share * (1.0 - share) / (limit - share) ** 2)

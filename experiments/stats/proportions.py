@@ -280,3 +280,107 @@ def quantile_cs_ranks(n: int, quantile: float, *, alpha: float, tuning_n: float)
     s_lo = 0 if accepted(0) else first_accepted(0, middle, rising=True)
     s_hi = n if accepted(n) else first_accepted(middle, n, rising=False)
     return s_lo, s_hi + 1
+
+
+# -- the difference of two shares (a guardrail "errors at most 1 point worse") ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShareStratum:
+    """One stratum (a step) of a two-share comparison: events and trials per arm, each arm's design effect
+    (the sessions' clustering), and the stratum's weight in the pooled difference."""
+
+    events_b: float
+    trials_b: float
+    events_c: float
+    trials_c: float
+    deff_b: float = 1.0
+    deff_c: float = 1.0
+    weight: float = 1.0
+
+
+def restricted_rates(stratum: ShareStratum, delta: float) -> tuple[float, float]:
+    """The maximum-likelihood shares (p_b, p_c) under p_c - p_b = delta: the restricted estimate of the score
+    test, in Farrington and Manning's closed form (Statistics in Medicine 1990, the cubic's trigonometric
+    root), with a bisection on the concave log-likelihood where that form is numerically degenerate."""
+    xb, nb, xc, nc = stratum.events_b, stratum.trials_b, stratum.events_c, stratum.trials_c
+    p1, p2, theta = xc / nc, xb / nb, nb / nc
+    a = 1.0 + theta
+    b = -(1.0 + theta + p1 + theta * p2 + delta * (theta + 2.0))
+    c = delta * delta + delta * (2.0 * p1 + theta + 1.0) + p1 + theta * p2
+    d = -p1 * delta * (1.0 + delta)
+    v = b**3 / (27.0 * a**3) - b * c / (6.0 * a * a) + d / (2.0 * a)
+    root = b * b / (9.0 * a * a) - c / (3.0 * a)
+    if root > 1e-14:
+        u = math.copysign(math.sqrt(root), v) if v else math.sqrt(root)
+        ratio = v / u**3
+        if -1.0 <= ratio <= 1.0:
+            w = (math.pi + math.acos(ratio)) / 3.0
+            pc = 2.0 * u * math.cos(w) - b / (3.0 * a)
+            pb = pc - delta
+            if -1e-9 <= pb <= 1 + 1e-9 and -1e-9 <= pc <= 1 + 1e-9:
+                return min(max(pb, 0.0), 1.0), min(max(pc, 0.0), 1.0)
+    return _restricted_by_bisection(xb, nb, xc, nc, delta)
+
+
+def _restricted_by_bisection(xb: float, nb: float, xc: float, nc: float, delta: float) -> tuple[float, float]:
+    lo, hi = max(0.0, -delta), min(1.0, 1.0 - delta)
+    eps = 1e-12
+
+    def slope(p: float) -> float:
+        q = p + delta
+        return xb / p - (nb - xb) / (1.0 - p) + xc / q - (nc - xc) / (1.0 - q)
+
+    if hi - lo <= 2 * eps:
+        return lo, min(max(lo + delta, 0.0), 1.0)
+    if slope(lo + eps) <= 0:
+        p = lo
+    elif slope(hi - eps) >= 0:
+        p = hi
+    else:
+        a, b = lo + eps, hi - eps
+        for _ in range(80):
+            mid = (a + b) / 2.0
+            if slope(mid) > 0:
+                a = mid
+            else:
+                b = mid
+        p = (a + b) / 2.0
+    return p, min(max(p + delta, 0.0), 1.0)
+
+
+def difference_score(strata: list[ShareStratum], delta: float) -> float:
+    """The score statistic of H0: p_c - p_b = delta, the strata's differences weighted, each arm's variance
+    taken at the restricted estimate and inflated by its design effect."""
+    total = sum(s.weight for s in strata)
+    numerator = variance = 0.0
+    for s in strata:
+        pb, pc = restricted_rates(s, delta)
+        w = s.weight / total
+        numerator += w * (s.events_c / s.trials_c - s.events_b / s.trials_b - delta)
+        variance += w * w * (pc * (1 - pc) * s.deff_c / s.trials_c + pb * (1 - pb) * s.deff_b / s.trials_b)
+    if variance <= 0:
+        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+    return numerator / math.sqrt(variance)
+
+
+def difference_bounds(strata: list[ShareStratum], *, multiplier: float) -> tuple[float, float, float]:
+    """(estimate, lower, upper) of p_c - p_b: the differences delta the score test does not reject at
+    |z| < ``multiplier`` (Miettinen and Nurminen's inversion, here of the always-valid multiplier). Made for
+    shares: with no events yet the variance is taken where the hypothesis puts the shares, not at 0."""
+    total = sum(s.weight for s in strata)
+    estimate = sum(s.weight * (s.events_c / s.trials_c - s.events_b / s.trials_b) for s in strata) / total
+
+    def edge(target: float, inside: float, outside: float) -> float:
+        # z falls as delta rises; find where it crosses `target` between inside and outside.
+        for _ in range(60):
+            mid = (inside + outside) / 2.0
+            if (difference_score(strata, mid) > target) == (target > 0):
+                outside = mid
+            else:
+                inside = mid
+        return (inside + outside) / 2.0
+
+    lower = edge(multiplier, estimate, -1.0 + 1e-9) if difference_score(strata, -1.0 + 1e-9) > multiplier else -1.0
+    upper = edge(-multiplier, estimate, 1.0 - 1e-9) if difference_score(strata, 1.0 - 1e-9) < -multiplier else 1.0
+    return estimate, lower, upper

@@ -11,9 +11,12 @@ the decision is the one-sided always-valid bound of ``decisions.difference_check
 - ``mean``: the arithmetic mean (a metric named ``*_arith_ms`` / cost): a relative margin is tested as
   a difference against the baseline scaled by (1 + margin), Fieller's way, which stays decisive where the
   delta method's ratio variance (the baseline's variance times the squared ratio) would not.
-- ``proportion``: errors, goodput, outcome shares. The per-request variance is never taken below the
-  binomial variance at the Wilson centre (x + c/2) / (n + c), c the squared multiplier, so no errors yet in
-  a handful of requests is not certainty, and a few errors are not either.
+- ``proportion``: errors, goodput, outcome shares. An absolute margin is decided by the score test of the
+  difference of two shares (Farrington and Manning), inverted into bounds (Miettinen and Nurminen): the
+  variance is taken at the shares the margin implies, not at the observed ones, so no errors yet in a
+  handful of requests is not certainty and a few errors are not a breach; the sessions' clustering enters
+  as each arm's design effect. A relative margin uses the delta method with the per-request variance
+  never below the binomial one at the Wilson centre (x + c/2) / (n + c), c the squared multiplier.
 
 Regression adjustment (CUPED) on a pre-treatment covariate (the prompt's length as the gateway received
 it) applies to the ``log`` and ``mean`` scales when both arms carry it; the result says how much variance
@@ -26,12 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._checks import check_alpha, check_choice, check_non_negative, check_positive
 from .clustered import CupedRatio, RatioStats, cuped_ratio_estimates, ratio_estimate
 from .decisions import DIRECTIONS, Decision, SloResult, effect_check, estimate_limit_check
 from .estimators import ArmEstimate, arm_difference
-from .sequential import always_valid_p_value, half_width, one_sided_multiplier
+from .proportions import ShareStratum, difference_bounds, difference_score
+from .sequential import always_valid_p_value, half_width, one_sided_multiplier, one_sided_p_value
 
 SCALES = ("log", "mean", "proportion")
 # Below this many sessions in an arm the normal approximation behind the asymptotic confidence sequence is
@@ -264,8 +269,10 @@ def ratio_guardrail_check(
     if scale == "proportion" and relative and pooled_b.num <= 0:
         return result(Decision.UNDECIDED, "no events in the baseline yet, so a relative margin is undefined")
 
-    pseudo = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n) ** 2
-    combined = _combine(eligible, scale=scale, relative=relative, factor=factor, cuped=cuped, pseudo=pseudo)
+    multiplier = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    if scale == "proportion" and not relative:
+        return _share_difference(eligible, pooled_b, pooled_c, margin, direction, multiplier, n_total, alpha, tuning_n, result)
+    combined = _combine(eligible, scale=scale, relative=relative, factor=factor, cuped=cuped, pseudo=multiplier**2)
     if combined is None:
         return result(Decision.UNDECIDED, "no step with events in the baseline yet, so a relative margin is undefined")
     effect, variance, reduction, theta = combined
@@ -344,6 +351,35 @@ def guardrail_more_factor(
         else:
             low = mid
     return high
+
+
+def _share_difference(
+    eligible: Sequence[tuple[RatioStats, RatioStats]], pooled_b: RatioStats, pooled_c: RatioStats, margin: float,
+    direction: str, multiplier: float, n_total: float, alpha: float, tuning_n: float, result: Any,
+) -> RatioGuardrailResult:  # fmt: skip
+    """A share guardrail with an absolute margin ("errors at most 1 point worse"): the score test's
+    inversion (``proportions.difference_bounds``), each arm's variance at the shares the hypothesis implies
+    and inflated by its sessions' design effect, so rare events are neither certainty at zero nor a
+    breach on a handful."""
+    strata = [
+        ShareStratum(b.num, b.den, c.num, c.den, design_effect(b), design_effect(c), b.den * c.den / (b.den + c.den))
+        for b, c in eligible
+    ]
+    estimate, low, high = difference_bounds(strata, multiplier=multiplier)
+    sign = 1.0 if direction == "lower_is_better" else -1.0
+    harm, harm_low, harm_high = sign * estimate, *sorted((sign * low, sign * high))
+    z = sign * difference_score(strata, sign * margin)
+    p_value = one_sided_p_value(effect=z, variance=1.0, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    if harm_low > margin:
+        decision = Decision.BREACH
+    elif harm_high <= margin:
+        decision = Decision.SAFE
+    else:
+        decision = Decision.UNDECIDED
+    return result(  # type: ignore[no-any-return]
+        decision, _readable(decision, harm_low, harm_high, margin), harm=harm, harm_low=harm_low,
+        harm_high=harm_high, p_value=p_value, baseline=pooled_b.ratio, candidate=pooled_c.ratio,
+    )  # fmt: skip
 
 
 def _readable(decision: Decision, low: float, high: float, margin: float) -> str:

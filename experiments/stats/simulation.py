@@ -28,9 +28,12 @@ class Traffic:
     """How the users of one simulated rollout behave (defaults: a busy chat alias on shared CPUs)."""
 
     users: int = 2000
-    # Requests per user over the whole rollout: lognormal with this median and log-spread (heavy-tailed).
+    # Requests per user: lognormal with this median and log-spread (heavy-tailed), sent evenly while the user
+    # is active: a span of this share of the rollout, starting anywhere from half a span before the first
+    # look to the last (so users keep arriving and leaving, as they do).
     requests_median: float = 10.0
     requests_sigma: float = 1.0
+    active_share: float = 0.5
     # TPOT in ms: a median, a per-request log-spread, a per-user log-spread, and a heavy tail.
     tpot_median_ms: float = 30.0
     tpot_sigma: float = 0.4
@@ -44,6 +47,9 @@ class Traffic:
     # Errors: a rate per request, spread over users with a Beta of this concentration (smaller: more uneven).
     error_rate: float = 0.005
     error_concentration: float = 50.0
+    # An outcome per successful request (a thumbs-up), with a rate that differs by user like errors do.
+    thumbs_rate: float = 0.7
+    thumbs_concentration: float = 5.0
 
     def with_(self, **changes: float | int) -> Traffic:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -51,10 +57,11 @@ class Traffic:
 
 @dataclass(frozen=True)
 class Effect:
-    """What the candidate changes: TPOT multiplied, error rate shifted (in points of share)."""
+    """What the candidate changes: TPOT multiplied, error and thumbs-up rates shifted (in points of share)."""
 
     tpot_factor: float = 1.0
     error_add: float = 0.0
+    thumbs_add: float = 0.0
 
 
 @dataclass
@@ -74,9 +81,22 @@ class ArmLook:
 
 
 @dataclass
+class Requests:
+    """The interval's requests, for rules that look at them one by one: which rollout, which arm, the
+    log TPOT (NaN on an error), the error and the thumbs-up (NaN on an error)."""
+
+    sim: np.ndarray
+    candidate: np.ndarray
+    log_tpot: np.ndarray
+    error: np.ndarray
+    thumbs: np.ndarray
+
+
+@dataclass
 class SimLook:
     look: int
     arms: dict[str, ArmLook]
+    requests: Requests | None = None
 
 
 def _sums(num: np.ndarray, den: np.ndarray, cov_num: np.ndarray | None, cov_den: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -95,32 +115,41 @@ def _sums(num: np.ndarray, den: np.ndarray, cov_num: np.ndarray | None, cov_den:
     return out
 
 
+def _user_rates(rng: np.random.Generator, mean: float, concentration: float, shift: float, candidate: np.ndarray) -> np.ndarray:
+    """Per user, a rate around ``mean`` (a Beta of that concentration); the candidate's users' rates moved by
+    ``shift`` points on average, keeping each user's rank (one who errs more on the baseline errs more here)."""
+    base = rng.beta(mean * concentration, (1.0 - mean) * concentration, size=candidate.shape)
+    target = min(max(mean + shift, 1e-9), 1.0 - 1e-9)
+    moved = np.clip(base * (target / mean), 0.0, 1.0) if mean > 0 else np.full(candidate.shape, target)
+    return np.where(candidate, moved, base)
+
+
 def simulate(
-    traffic: Traffic, effect: Effect, *, sims: int, looks: int, weight: float, seed: int
+    traffic: Traffic, effect: Effect, *, sims: int, looks: int, weight: float, seed: int, requests: bool = False
 ) -> Iterator[SimLook]:
-    """Yield the cumulative per-arm sums after each of ``looks`` intervals, for ``sims`` rollouts at once."""
+    """Yield the cumulative per-arm sums after each of ``looks`` intervals, for ``sims`` rollouts at once
+    (and, with ``requests``, the interval's requests themselves)."""
     if not 0.0 < weight < 1.0:
         raise ValueError(f"weight must be in (0, 1), got {weight!r}")
     rng = np.random.default_rng(seed)
     shape = (sims, traffic.users)
     candidate = rng.random(shape) < weight
-    # Expected requests per user per look (lognormal activity), the user's slowness and error rate.
-    activity = traffic.requests_median * np.exp(traffic.requests_sigma * rng.standard_normal(shape)) / looks
+    # Requests per user (lognormal), spread over the user's active looks; the user's slowness and rates.
+    total = traffic.requests_median * np.exp(traffic.requests_sigma * rng.standard_normal(shape))
+    span = max(traffic.active_share * looks, 1.0)
+    start = rng.uniform(-span / 2.0, looks, size=shape)
     user_log = traffic.user_sigma * rng.standard_normal(shape)
-    c = traffic.error_concentration
-    base_rate = rng.beta(traffic.error_rate * c, (1.0 - traffic.error_rate) * c, size=shape)
-    cand_mean = min(max(traffic.error_rate + effect.error_add, 1e-9), 1.0 - 1e-9)
-    # The candidate's rate per user keeps the user's rank (a user who errs more on the baseline errs more here).
-    shifted = np.clip(base_rate * (cand_mean / traffic.error_rate), 0.0, 1.0) if traffic.error_rate > 0 else \
-        np.full(shape, cand_mean)  # fmt: skip
-    rate = np.where(candidate, shifted, base_rate)
+    rate = _user_rates(rng, traffic.error_rate, traffic.error_concentration, effect.error_add, candidate)
+    thumbs_rate = _user_rates(rng, traffic.thumbs_rate, traffic.thumbs_concentration, effect.thumbs_add, candidate)
     log_factor = np.where(candidate, math.log(effect.tpot_factor), 0.0)
-    totals = {name: np.zeros(shape) for name in ("n", "log", "x", "err", "chars")}
+    totals = {name: np.zeros(shape) for name in ("n", "log", "x", "err", "chars", "thumbs", "requests")}
     flat_users = sims * traffic.users
     log_median = math.log(traffic.tpot_median_ms)
     chars_log_median = math.log(traffic.chars_median)
     for look in range(1, looks + 1):
-        n = rng.poisson(activity)
+        # The part of [look - 1, look) the user is active in, times the user's rate.
+        overlap = np.clip(np.minimum(look, start + span) - np.maximum(look - 1, start), 0.0, 1.0)
+        n = rng.poisson(total / span * overlap)
         count = int(n.sum())
         owner = np.repeat(np.arange(flat_users), n.ravel())
         chars_log = chars_log_median + traffic.chars_sigma * rng.standard_normal(count)
@@ -133,14 +162,12 @@ def simulate(
         log_tpot = log_tpot + np.where(tail, np.log1p(rng.pareto(traffic.tail_alpha, count)), 0.0)
         errors = (rng.random(count) < rate.ravel()[owner]).astype(float)
         ok = 1.0 - errors
+        thumbs = (rng.random(count) < thumbs_rate.ravel()[owner]).astype(float) * ok
         for name, values in (
             ("n", ok), ("log", log_tpot * ok), ("x", np.exp(log_tpot) * ok), ("err", errors),
-            ("chars", np.exp(chars_log) * ok),
+            ("chars", np.exp(chars_log) * ok), ("thumbs", thumbs), ("requests", np.ones(count)),
         ):  # fmt: skip
             totals[name] += np.bincount(owner, weights=values, minlength=flat_users).reshape(shape)
-        requests = n.astype(float)
-        totals.setdefault("requests", np.zeros(shape))
-        totals["requests"] += requests
         arms = {}
         for arm, mask in (("baseline", ~candidate), ("candidate", candidate)):
             seen = mask & (totals["requests"] > 0)
@@ -151,6 +178,14 @@ def simulate(
                     "tpot_log": _sums(pick["log"], pick["n"], pick["chars"], pick["n"]),
                     "tpot": _sums(pick["x"], pick["n"], pick["chars"], pick["n"]),
                     "errors": _sums(pick["err"], pick["requests"], None, None),
+                    "thumbs": _sums(pick["thumbs"], pick["n"], None, None),
                 },
             )  # fmt: skip
-        yield SimLook(look, arms)
+        batch = None
+        if requests:
+            failed = errors > 0
+            batch = Requests(
+                sim=owner // traffic.users, candidate=candidate.ravel()[owner],
+                log_tpot=np.where(failed, np.nan, log_tpot), error=errors, thumbs=np.where(failed, np.nan, thumbs),
+            )  # fmt: skip
+        yield SimLook(look, arms, batch)

@@ -53,6 +53,8 @@ from experiments.stats import (
     design_effect,
     guardrail_more_factor,
     half_width,
+    limit_tuning_n,
+    margin_tuning_n,
     min_trials,
     proportion_limit_check,
     ratio_comparison,
@@ -138,6 +140,40 @@ def tuning_n_for_step(plan: Plan, step: dict[str, Any]) -> float:
     return plan_tuning_n(plan)
 
 
+def _comparing_share(plan: Plan) -> float:
+    for step in plan.steps:
+        share = step.weight or step.shadow_rate / (1.0 + step.shadow_rate)
+        if 0.0 < share < 1.0:
+            return share
+    return 0.5
+
+
+def guardrail_tuning_n(plan: Plan, guardrail: Any) -> float:
+    """N* of one guardrail's sequence: the plan's, else the sample a fixed test of the guardrail's margin
+    needs at its alpha share (`experiments.stats.margin_tuning_n`), so the bound is narrowest where it decides."""
+    if plan.tuning_n:
+        return float(plan.tuning_n)
+    metric = METRICS[guardrail.metric]
+    found = margin_tuning_n(
+        scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
+        candidate_share=_comparing_share(plan), alpha=check_alpha_share(plan),
+    )  # fmt: skip
+    return found if found is not None else plan_tuning_n(plan)
+
+
+def slo_tuning_n(plan: Plan, slo: Any) -> float:
+    """N* of one SLO's sequence: the plan's, else for a share the sample at which a candidate halfway inside
+    the limit shows it met (`experiments.stats.limit_tuning_n`); for a mean, the rollout's."""
+    if plan.tuning_n:
+        return float(plan.tuning_n)
+    metric = METRICS[slo.metric]
+    if metric.shape == "percentile":
+        return limit_tuning_n(limit=1.0 - float(metric.quantile or 0.99), alpha=check_alpha_share(plan))
+    if metric.shape == "proportion":
+        return limit_tuning_n(limit=slo.threshold if slo.op == "<=" else 1.0 - slo.threshold, alpha=check_alpha_share(plan))
+    return plan_tuning_n(plan)
+
+
 # -- the smallest samples that can decide (the policy's step floors) -------------------------------------
 
 
@@ -208,10 +244,10 @@ def step_min_sample(plan: Plan, step_index: int) -> int:
     steps it is reached once, so a later comparing step needs no more of its own."""
     step = plan.steps[step_index]
     share = step.weight or step.shadow_rate / (1.0 + step.shadow_rate)
-    alpha, tuning_n = check_alpha_share(plan), plan_tuning_n(plan)
-    needs = [_slo_min_n(slo, alpha, tuning_n) for slo in plan.slos]
+    alpha = check_alpha_share(plan)
+    needs = [_slo_min_n(slo, alpha, slo_tuning_n(plan, slo)) for slo in plan.slos]
     if 0.0 < share < 1.0:
-        needs += [_guardrail_min_n(g, share, alpha, tuning_n) for g in plan.guardrails]
+        needs += [_guardrail_min_n(g, share, alpha, guardrail_tuning_n(plan, g)) for g in plan.guardrails]
     return max(needs, default=0)
 
 
@@ -502,11 +538,13 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
                 slo_cand = slo_cand.merge(sums[w.step_index]["candidate"])
                 slo_steps.append(w.step_index)
 
-    look.checks = [_slo_check(slo, slo_cand, prices["candidate"], alpha, tuning_n, slo_steps) for slo in plan.slos]
+    look.checks = [
+        _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps) for slo in plan.slos
+    ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
     look.checks += [
-        _guardrail_check(g, strata, prices, alpha, tuning_n, share, shadow_step, compared, paired)
+        _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared, paired)
         for g in plan.guardrails
     ]
     if plan.shadow_quality is not None:
