@@ -8,7 +8,7 @@ the rules below, and prints, per scenario and canary weight, how often each roll
 many canary requests it took, beside the floor no valid rule can beat. Then the issue's targets, each with
 its verdict, and the time of one look from sufficient statistics.
 
-    python benchmarks/decision_quality.py             # the defaults: a few minutes on 2 cores
+    python benchmarks/decision_quality.py             # the defaults: about 20 minutes on 2 cores
     python benchmarks/decision_quality.py --sims 100  # quicker, noisier
 
 Every rule watches the same three guardrails with the same tolerances: TPOT at most 5 % worse than the
@@ -18,8 +18,9 @@ baseline, errors at most 0.5 points worse, thumbs-up at most 3 points worse.
     (`ratio_guardrail_check`): TPOT as the ratio of geometric means with the prompt-length adjustment,
     errors and thumbs-up by the score test of two shares with the sessions' design effects; alpha split
     over the three (Bonferroni); each guardrail's N* as a rollout sets it (`margin_tuning_n`: where a test
-    of its margin decides); roll back at the first breach, promote early once all three are safe. Beside
-    it, the sequential sample-ratio check on sessions at first exposure.
+    of its margin decides, and a quarter of that for the breach side, `breach_tuning_n`); roll back at the
+    first breach, promote early once all three are safe. Beside it, the sequential sample-ratio check on
+    sessions at first exposure.
 (b) Flagger: each interval, the canary's own mean TPOT, error rate and thumbs-up rate over that interval
     against fixed thresholds (the baseline's true values with the tolerances); a failing interval adds a
     failed check, the count never resets, the fifth rolls back.
@@ -52,7 +53,14 @@ from scipy import stats
 # Runnable as a script from a checkout without installing the project.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.stats import Decision, margin_tuning_n, ratio_guardrail_check, srm_sequential, step_tuning_n
+from experiments.stats import (
+    Decision,
+    breach_tuning_n,
+    margin_tuning_n,
+    ratio_guardrail_check,
+    srm_sequential,
+    step_tuning_n,
+)
 from experiments.stats.simulation import Effect, SimLook, Traffic, simulate
 
 TPOT_MARGIN = 0.05  # relative
@@ -80,7 +88,7 @@ SCENARIOS = (
     Scenario("errors +1 pt", Effect(error_add=0.01), True, "errors"),
 )
 WEIGHTS = (0.05, 0.50)
-DEFAULT_USERS = {0.05: 8000, 0.50: 2000}
+DEFAULT_USERS = {0.05: 8000, 0.50: 4000}
 METHODS = ("(a) this engine", "(b) Flagger", "(c) Kayenta", "(c') Kayenta, Bonferroni")
 FLOOR = "(o) floor for any rule valid at alpha"
 
@@ -113,15 +121,28 @@ def _parts(values: np.ndarray) -> np.ndarray:
     return np.array([part.mean() for part in np.array_split(values, KAYENTA_PARTS)])
 
 
+def _mann_whitney(cand: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """(U of the candidate, two-sided p) by the normal approximation with the tie correction and continuity
+    correction, as scipy.stats.mannwhitneyu(method="asymptotic") computes it (checked against it on start)."""
+    m, n = cand.size, base.size
+    ordered = np.sort(base)
+    u = float((np.searchsorted(ordered, cand, side="left") + np.searchsorted(ordered, cand, side="right")).sum()) / 2.0
+    _, counts = np.unique(np.concatenate([cand, base]), return_counts=True)
+    total = m + n
+    ties = float((counts**3 - counts).sum())
+    variance = m * n / 12.0 * ((total + 1) - ties / (total * (total - 1)))
+    if variance <= 0:
+        return u, 1.0
+    z = (abs(u - m * n / 2.0) - 0.5) / math.sqrt(variance)
+    return u, float(min(1.0, 2.0 * stats.norm.sf(max(z, 0.0))))
+
+
 def _kayenta_worse(cand: np.ndarray, base: np.ndarray, level: float, lower_is_better: bool) -> bool:
     if cand.size < 2 or base.size < 2:
         return False
-    with np.errstate(all="ignore"):
-        test = stats.mannwhitneyu(cand, base, method="asymptotic")
-    if not math.isfinite(test.pvalue):
-        return False
-    higher = test.statistic > cand.size * base.size / 2.0
-    return bool((higher if lower_is_better else not higher) and test.pvalue < level)
+    u, p = _mann_whitney(cand, base)
+    higher = u > cand.size * base.size / 2.0
+    return bool((higher if lower_is_better else not higher) and p < level)
 
 
 def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[str, float], *, sims: int, looks: int,
@@ -152,12 +173,14 @@ def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[s
                 continue
             results = [
                 ratio_guardrail_check(base.ratio("tpot_log", s), cand.ratio("tpot_log", s), scale="log",
-                                      margin=TPOT_MARGIN, relative=True, alpha=share, tuning_n=n_star["tpot"]),
+                                      margin=TPOT_MARGIN, relative=True, alpha=share, tuning_n=n_star["tpot"],
+                                      breach_tuning_n=breach_tuning_n(n_star["tpot"])),
                 ratio_guardrail_check(base.ratio("errors", s), cand.ratio("errors", s), scale="proportion",
-                                      margin=ERROR_MARGIN, relative=False, alpha=share, tuning_n=n_star["errors"]),
+                                      margin=ERROR_MARGIN, relative=False, alpha=share, tuning_n=n_star["errors"],
+                                      breach_tuning_n=breach_tuning_n(n_star["errors"])),
                 ratio_guardrail_check(base.ratio("thumbs", s), cand.ratio("thumbs", s), scale="proportion",
                                       margin=THUMBS_MARGIN, relative=False, direction="higher_is_better",
-                                      alpha=share, tuning_n=n_star["thumbs"]),
+                                      alpha=share, tuning_n=n_star["thumbs"], breach_tuning_n=breach_tuning_n(n_star["thumbs"])),
             ]  # fmt: skip
             decisions = {r.decision for r in results}
             if Decision.BREACH in decisions:
@@ -237,6 +260,15 @@ def _floor(scenario: Scenario, estimates: list[np.ndarray], cand_requests: list[
     return None
 
 
+def _check_mann_whitney(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for a, b in ((rng.lognormal(size=40), rng.lognormal(size=300)), (rng.integers(0, 3, 5) / 4, rng.integers(0, 3, 5) / 4)):
+        ours = _mann_whitney(a, b)
+        theirs = stats.mannwhitneyu(a, b, method="asymptotic")
+        if not (math.isclose(ours[0], theirs.statistic) and math.isclose(ours[1], theirs.pvalue, rel_tol=1e-6)):
+            raise SystemExit(f"the Mann-Whitney shortcut disagrees with scipy: {ours} against {theirs}")
+
+
 def _median(values: np.ndarray) -> float:
     return float(np.median(values))  # inf when more than half never rolled back
 
@@ -272,10 +304,10 @@ def _time_one_look(repeats: int, seed: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sims", type=int, default=200, help="simulated rollouts per scenario and weight")
-    parser.add_argument("--looks", type=int, default=60, help="analysis intervals per rollout")
+    parser.add_argument("--looks", type=int, default=40, help="analysis intervals per rollout")
     parser.add_argument("--users", type=int, default=None,
                         help="users per rollout (about 12 requests each within the horizon); default 8000 at a 5 %% "
-                             "canary and 2000 at 50 %%, so each weight's regressions fall within the horizon")
+                             "canary and 4000 at 50 %%, so each weight's regressions fall within the horizon")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--timing-repeats", type=int, default=500)
     parser.add_argument("--seed", type=int, default=20240)
@@ -288,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{n} at {w:.0%}' for w, n in users.items())} (sticky; lognormal requests, median 10), "
           f"alpha={args.alpha} split over {CHECKS} guardrails")  # fmt: skip
     print(f"# python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs")
+    _check_mann_whitney(args.seed)
     started = time.perf_counter()
     truth = _truth(Traffic(), args.seed)
     rows: list[list[str]] = []

@@ -144,14 +144,12 @@ def rollout_time_in_step_s(*, rollout: Rollout) -> float | None:
 
 
 def rollout_step_starts(*, rollout: Rollout) -> list[tuple[int, datetime]]:
-    """(step index, when it started) of every step the rollout has entered, in order: the event that moved
-    the rollout into each step. The current step's start is the rollout's own `step_started_at`."""
+    """(step index, when it started) of every step the rollout has entered, in order: the time of the event
+    that moved the rollout into each step (the same transaction that set `step_started_at`)."""
     starts: list[tuple[int, datetime]] = []
     previous = -1
     for index, at in RolloutEvent.objects.filter(rollout_id=rollout.pk).order_by("seq").values_list("step_index", "created_at"):
         if index >= 0 and index != previous:
             starts.append((index, at))
         previous = index
-    if starts and rollout.step_started_at is not None and starts[-1][0] == rollout.step_index:
-        starts[-1] = (rollout.step_index, rollout.step_started_at)
     return starts

@@ -35,6 +35,7 @@ from .monitor import Monitor
 from .multiple import MultipleTestResult, adjust_p_values, benjamini_hochberg, holm
 from .planning import (
     SampleSizePlan,
+    breach_tuning_n,
     limit_tuning_n,
     margin_tuning_n,
     planned_total_n,
@@ -96,6 +97,7 @@ __all__ = [
     "bayesian_summary",
     "benjamini_hochberg",
     "bootstrap_percentile_differences",
+    "breach_tuning_n",
     "compare",
     "cuped_ratio_estimates",
     "design_effect",

@@ -236,18 +236,26 @@ def effect_check(
     baseline_n: int = 0,
     candidate_n: int = 0,
     project: bool = False,
+    breach_tuning_n: float | None = None,
 ) -> GuardrailResult:
     """The guardrail decision on an effect (candidate - baseline, or a combination of per-step ones) with
-    the given squared standard error; ``project`` fills ``growth`` while undecided (a search: costly)."""
+    the given squared standard error; ``project`` fills ``growth`` while undecided (a search: costly).
+
+    The lower bound (which calls a breach) and the upper bound (which calls the candidate safe) are two
+    one-sided sequences, each valid at alpha on its own, so each may have its own N*: ``breach_tuning_n``
+    for the lower one (by default ``tuning_n``), smaller, so a regression well past the margin is caught
+    early, while the upper one is narrowest where a candidate as good as the baseline can be shown safe."""
     check_choice("direction", direction, DIRECTIONS)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
     tuning_n = check_positive("tuning_n", tuning_n)
+    breach_n = check_positive("breach_tuning_n", breach_tuning_n) if breach_tuning_n is not None else tuning_n
     n_total = check_positive("n_total", n_total)
-    width = math.sqrt(variance) * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    se = math.sqrt(variance)
     harm = effect if direction == "lower_is_better" else -effect
-    lower, upper = harm - width, harm + width
-    p_value = one_sided_p_value(effect=harm, variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n, null=margin)
+    lower = harm - se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=breach_n)
+    upper = harm + se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    p_value = one_sided_p_value(effect=harm, variance=variance, n_total=n_total, alpha=alpha, tuning_n=breach_n, null=margin)
     decision, reason = _decide_harm(lower, upper, margin)
     growth = None
     if decision is Decision.UNDECIDED and project:

@@ -240,3 +240,10 @@ def limit_tuning_n(*, limit: float, alpha: float) -> float:
     share = limit / 2.0
     z = float(_norm.ppf(1.0 - check_alpha(alpha)) + _norm.ppf(0.8))
     return max(float(MIN_TUNING_N), z * z * share * (1.0 - share) / (limit - share) ** 2)
+
+
+def breach_tuning_n(tuning_n: float) -> float:
+    """N* of a guardrail's breach side (``decisions.effect_check``): where a harm of three margins would be
+    caught with the power ``margin_tuning_n`` gives the safe side. A fixed test's sample scales with the
+    inverse square of the gap to the margin, and that gap is twice the safe side's (2m against m): a quarter."""
+    return max(float(MIN_TUNING_N), check_positive("tuning_n", tuning_n) / 4.0)

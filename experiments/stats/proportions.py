@@ -364,16 +364,20 @@ def difference_score(strata: list[ShareStratum], delta: float) -> float:
     return numerator / math.sqrt(variance)
 
 
-def difference_bounds(strata: list[ShareStratum], *, multiplier: float) -> tuple[float, float, float]:
-    """(estimate, lower, upper) of p_c - p_b: the differences delta the score test does not reject at
-    |z| < ``multiplier`` (Miettinen and Nurminen's inversion, here of the always-valid multiplier). Made for
-    shares: with no events yet the variance is taken where the hypothesis puts the shares, not at 0."""
+def difference_bounds(
+    strata: list[ShareStratum], *, multiplier: float, upper_multiplier: float | None = None
+) -> tuple[float, float, float]:
+    """(estimate, lower, upper) of p_c - p_b: the differences delta the score test does not reject, with
+    z < ``multiplier`` below and z > -``upper_multiplier`` above (by default the same): Miettinen and
+    Nurminen's inversion, here of always-valid multipliers. Made for shares: with no events yet the
+    variance is taken where the hypothesis puts the shares, not at 0."""
+    upper_k = multiplier if upper_multiplier is None else upper_multiplier
     total = sum(s.weight for s in strata)
     estimate = sum(s.weight * (s.events_c / s.trials_c - s.events_b / s.trials_b) for s in strata) / total
 
     def edge(target: float, inside: float, outside: float) -> float:
-        # z falls as delta rises; find where it crosses `target` between inside and outside.
-        for _ in range(60):
+        # z falls as delta rises; find where it crosses `target` between inside and outside (to 1e-12).
+        for _ in range(40):
             mid = (inside + outside) / 2.0
             if (difference_score(strata, mid) > target) == (target > 0):
                 outside = mid
@@ -382,5 +386,5 @@ def difference_bounds(strata: list[ShareStratum], *, multiplier: float) -> tuple
         return (inside + outside) / 2.0
 
     lower = edge(multiplier, estimate, -1.0 + 1e-9) if difference_score(strata, -1.0 + 1e-9) > multiplier else -1.0
-    upper = edge(-multiplier, estimate, 1.0 - 1e-9) if difference_score(strata, 1.0 - 1e-9) < -multiplier else 1.0
+    upper = edge(-upper_k, estimate, 1.0 - 1e-9) if difference_score(strata, 1.0 - 1e-9) < -upper_k else 1.0
     return estimate, lower, upper

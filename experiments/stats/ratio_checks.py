@@ -229,8 +229,11 @@ def ratio_guardrail_check(
     tuning_n: float = 5000,
     cuped: bool = True,
     min_units: int = DEFAULT_MIN_UNITS,
+    breach_tuning_n: float | None = None,
 ) -> RatioGuardrailResult:
     """Decide "candidate at most ``margin`` worse than baseline" on a metric over sessions (module docstring).
+
+    ``breach_tuning_n``: the N* of the lower bound, which calls a breach (``decisions.effect_check``).
 
     ``baseline`` and ``candidate`` may be sequences, one entry per stratum (a rollout's steps, whose weights
     and traffic differ): the arms are compared within each stratum that has ``min_units`` sessions in both,
@@ -270,8 +273,11 @@ def ratio_guardrail_check(
         return result(Decision.UNDECIDED, "no events in the baseline yet, so a relative margin is undefined")
 
     multiplier = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    breach_n = breach_tuning_n if breach_tuning_n is not None else tuning_n
     if scale == "proportion" and not relative:
-        return _share_difference(eligible, pooled_b, pooled_c, margin, direction, multiplier, n_total, alpha, tuning_n, result)
+        breach_k = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=breach_n)
+        return _share_difference(eligible, pooled_b, pooled_c, margin, direction, (breach_k, multiplier), n_total,
+                                 alpha, breach_n, result)  # fmt: skip
     combined = _combine(eligible, scale=scale, relative=relative, factor=factor, cuped=cuped, pseudo=multiplier**2)
     if combined is None:
         return result(Decision.UNDECIDED, "no step with events in the baseline yet, so a relative margin is undefined")
@@ -282,6 +288,7 @@ def ratio_guardrail_check(
         check = effect_check(
             effect, variance, margin=log_margin, direction=direction, alpha=alpha, tuning_n=tuning_n,
             n_total=n_total, kind="mean", baseline_n=pooled_b.units, candidate_n=pooled_c.units,
+            breach_tuning_n=breach_n,
         )  # fmt: skip
 
         def shown(h: float) -> float:
@@ -300,7 +307,7 @@ def ratio_guardrail_check(
         # mean_c <= (1 + m) mean_b  <=>  mean_c - (1 + m) mean_b <= 0: the difference against the scaled baseline.
         check = effect_check(
             effect, variance, margin=0.0, direction=direction, alpha=alpha, tuning_n=tuning_n, n_total=n_total,
-            kind="mean", baseline_n=pooled_b.units, candidate_n=pooled_c.units,
+            kind="mean", baseline_n=pooled_b.units, candidate_n=pooled_c.units, breach_tuning_n=breach_n,
         )  # fmt: skip
         # Back on the relative scale, the baseline's mean taken as known (its error is in the bound already).
         base_mean = pooled_b.ratio
@@ -314,7 +321,7 @@ def ratio_guardrail_check(
     check = effect_check(
         effect, variance, margin=margin, relative=relative, direction=direction, alpha=alpha, tuning_n=tuning_n,
         n_total=n_total, kind="proportion" if scale == "proportion" else "mean", baseline_n=pooled_b.units,
-        candidate_n=pooled_c.units,
+        candidate_n=pooled_c.units, breach_tuning_n=breach_n,
     )  # fmt: skip
     return result(
         check.decision, check.reason, harm=check.effect, harm_low=check.lower_bound, harm_high=check.bound,
@@ -355,7 +362,8 @@ def guardrail_more_factor(
 
 def _share_difference(
     eligible: Sequence[tuple[RatioStats, RatioStats]], pooled_b: RatioStats, pooled_c: RatioStats, margin: float,
-    direction: str, multiplier: float, n_total: float, alpha: float, tuning_n: float, result: Any,
+    direction: str, multipliers: tuple[float, float], n_total: float, alpha: float, breach_tuning_n: float,
+    result: Any,
 ) -> RatioGuardrailResult:  # fmt: skip
     """A share guardrail with an absolute margin ("errors at most 1 point worse"): the score test's
     inversion (``proportions.difference_bounds``), each arm's variance at the shares the hypothesis implies
@@ -365,11 +373,14 @@ def _share_difference(
         ShareStratum(b.num, b.den, c.num, c.den, design_effect(b), design_effect(c), b.den * c.den / (b.den + c.den))
         for b, c in eligible
     ]
-    estimate, low, high = difference_bounds(strata, multiplier=multiplier)
+    breach_k, safe_k = multipliers
     sign = 1.0 if direction == "lower_is_better" else -1.0
+    # On the harm scale the breach side is the lower bound; for a share better higher that is p_c - p_b's upper.
+    below, above = (breach_k, safe_k) if sign > 0 else (safe_k, breach_k)
+    estimate, low, high = difference_bounds(strata, multiplier=below, upper_multiplier=above)
     harm, harm_low, harm_high = sign * estimate, *sorted((sign * low, sign * high))
     z = sign * difference_score(strata, sign * margin)
-    p_value = one_sided_p_value(effect=z, variance=1.0, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    p_value = one_sided_p_value(effect=z, variance=1.0, n_total=n_total, alpha=alpha, tuning_n=breach_tuning_n)
     if harm_low > margin:
         decision = Decision.BREACH
     elif harm_high <= margin:

@@ -50,6 +50,7 @@ from experiments.stats import (
     RatioStats,
     always_valid_p_value,
     benjamini_hochberg,
+    breach_tuning_n,
     design_effect,
     guardrail_more_factor,
     half_width,
@@ -148,11 +149,14 @@ def _comparing_share(plan: Plan) -> float:
     return 0.5
 
 
-def guardrail_tuning_n(plan: Plan, guardrail: Any) -> float:
+def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False) -> float:
     """N* of one guardrail's sequence: the plan's, else the sample a fixed test of the guardrail's margin
-    needs at its alpha share (`experiments.stats.margin_tuning_n`), so the bound is narrowest where it decides."""
+    needs at its alpha share (`experiments.stats.margin_tuning_n`), so the bound is narrowest where it
+    decides; with `breach`, its breach side's (a quarter of that: where a harm of three margins is caught)."""
     if plan.tuning_n:
         return float(plan.tuning_n)
+    if breach:
+        return breach_tuning_n(guardrail_tuning_n(plan, guardrail))
     metric = METRICS[guardrail.metric]
     found = margin_tuning_n(
         scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
@@ -264,19 +268,22 @@ class Window:
 
 
 def evidence_windows(rollout: Rollout, window_start: datetime, now: datetime) -> list[Window]:
-    """Every step the rollout has been in, as [start + settle, next start), the current one [window_start, now)."""
+    """Every step the rollout has been in, as [start + settle, the next step's start), and the current one
+    from `window_start` (never before the previous step's end) to now."""
     steps = rollout.steps
     starts = [(i, at) for i, at in rollout_step_starts(rollout=rollout) if 0 <= i < len(steps)]
     windows = []
+    previous_end: datetime | None = None
     for position, (index, at) in enumerate(starts):
         if index == rollout.step_index:
             continue
         until = starts[position + 1][1] if position + 1 < len(starts) else now
         since = at + ROUTE_SETTLE
+        previous_end = until
         if since < until:
             windows.append(Window(index, float(steps[index]["weight"]), since, until, False))
-    current = float(steps[rollout.step_index]["weight"])
-    windows.append(Window(rollout.step_index, current, window_start, now, True))
+    since = max(window_start, previous_end) if previous_end is not None else window_start
+    windows.append(Window(rollout.step_index, float(steps[rollout.step_index]["weight"]), since, now, True))
     return windows
 
 
@@ -329,6 +336,7 @@ def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: floa
 def _guardrail_check(
     guardrail: Any, strata: list[tuple[ArmSums, ArmSums]], prices: dict[str, tuple[float, float]], alpha: float,
     tuning_n: float, share: float, shadow_step: bool, steps: list[int], paired: PairedLatency | None = None,
+    breach_n: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     metric = METRICS[guardrail.metric]
     scale = _scale(metric)
@@ -355,7 +363,7 @@ def _guardrail_check(
                 "reason": "no comparable data in an arm"}  # fmt: skip
     options: dict[str, Any] = {
         "scale": scale, "margin": guardrail.margin, "relative": guardrail.relative, "direction": metric.direction,
-        "alpha": alpha, "tuning_n": tuning_n,
+        "alpha": alpha, "tuning_n": tuning_n, "breach_tuning_n": breach_n,
     }  # fmt: skip
     result = ratio_guardrail_check(bases, cands, **options)
     undecided = result.decision is Decision.UNDECIDED
@@ -500,11 +508,12 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
     windows = evidence_windows(rollout, window_start, now)
     current = windows[-1]
-    sums = {w.step_index: arm_sums(rollout_id=rollout.pk, since=w.since, until=w.until, thresholds=thresholds,
-                                   percentiles=w.current) for w in windows}  # fmt: skip
+    # The current window is open (its rollup folds what arrives); an earlier step's has its end.
+    sums = {w.step_index: arm_sums(rollout_id=rollout.pk, since=w.since, until=None if w.current else w.until,
+                                   thresholds=thresholds, percentiles=w.current) for w in windows}  # fmt: skip
     base = sums[current.step_index]["baseline"]
     cand = (
-        shadow_candidate_sums(rollout_id=rollout.pk, since=window_start, thresholds=thresholds) if shadow_step
+        shadow_candidate_sums(rollout_id=rollout.pk, since=current.since, thresholds=thresholds) if shadow_step
         else sums[current.step_index]["candidate"]
     )  # fmt: skip
     window_s = max((now - window_start).total_seconds(), 1e-3)
@@ -544,7 +553,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
     look.checks += [
-        _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared, paired)
+        _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared, paired,
+                         guardrail_tuning_n(plan, g, breach=True))
         for g in plan.guardrails
     ]
     if plan.shadow_quality is not None:

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from rollouts.analysis import rollout_analyse, rollout_look
 from rollouts.models import Notification, Rollout, RolloutAnalysis
-from rollouts.services import rollout_approve, rollout_create
+from rollouts.services import rollout_advance, rollout_approve, rollout_create
 from serving.selectors import alias_get
 from tests.rollouts.helpers import (
     both_arms,
@@ -313,3 +313,31 @@ def test_a_blue_green_warms_up_on_shadow_traffic_then_switches_all_at_once(owner
     step_back(rollout, 30)
     assert look(rollout).decision == "promote"
     assert fresh(rollout).state == "promoted"
+
+
+def test_evidence_is_carried_across_steps_and_counts_sessions(
+    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guardrail at 50 % starts from what the 10 % step measured: both steps are strata of one comparison
+    (`steps` says which), sessions are its units, and the SRM counts sessions, not requests."""
+    # Records written between the step changes of this test are in their steps: no settling time to wait.
+    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
+    rollout = started(owner, guardrails=[{"metric": "tpot_gmean_ms", "margin": "10%"}], steps=[
+        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 20},
+        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20},
+    ])  # fmt: skip
+    # Sticky users: 40 sessions of 15 requests each on the baseline, 4 of 15 on the candidate.
+    records(rollout, arm="baseline", n=600, model_version=rollout.baseline, seed=70, sessions=40)
+    records(rollout, arm="candidate", n=60, model_version=rollout.candidate, seed=71, sessions=4)
+    rollout_advance(rollout=rollout, actor=owner.user, reason="test")
+    both_arms(rollout, total=400, weight=0.5, seed=72)
+    step_back(rollout, 30)
+
+    analysis = look(rollout)
+    tpot = next(c for c in analysis.checks if c["metric"] == "tpot_gmean_ms")
+    assert tpot["steps"] == [0, 1] and tpot["n"] == [600 + 200, 60 + 200]
+    assert tpot["sessions"][1] <= 4 + 200 and tpot["scale"] == "log" and tpot["alpha"] == 0.05
+    assert analysis.arms["candidate"]["n"] == 200  # the arms shown are the current step's
+    assert analysis.srm is not None and analysis.srm["unit"] == "sessions at first exposure"
+    assert sum(analysis.srm["counts"]) == analysis.arms["baseline"]["exposed"] + analysis.arms["candidate"]["exposed"]
+    assert {"min_n", "more_unit"} <= set(tpot) and (tpot["decision"] != "undecided" or tpot["more_n"] is not None)
