@@ -6,7 +6,19 @@ proxy in front of the same engine, in many short interleaved rounds.
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --rounds 12
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --variant held:GATEWAY_RECORD_FLUSH_S=600
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --engine-variant mp:VLLM_ENABLE_V1_MULTIPROCESSING=1
+    .venv/bin/python benchmarks/gateway.py --targets direct,gateway,gateway+features --features-redis redis://127.0.0.1:6379/15
+    .venv/bin/python benchmarks/gateway.py --mode overhead      # vs LiteLLM on a stand-in engine, 1 and 64 clients
     .venv/bin/python benchmarks/gateway.py --help
+
+`gateway+features` is the standalone gateway on an alias with every request mirrored to a shadow candidate
+(handed to Celery through Redis, not consumed while measuring: the engine's own work stays the same),
+stored prompts (redacted in the gateway's thread) and a key whose rate limits are checked in Redis on every
+request (set high enough never to refuse).
+
+`--mode overhead` puts a stand-in engine that streams 16 tokens with no compute (benchmarks/standin_engine.py)
+behind one gateway process and one LiteLLM proxy process, each on a CPU of its own, and measures what each
+adds: requests/s per process, the proxy's CPU per request, and the added p50/p99 end-to-end latency against
+the stand-in called directly, at 1 and at 64 concurrent clients, in interleaved rounds.
 
 On a machine as small as this one the engine's own throughput moves by a factor of two or more from one
 8-second stretch to the next, so a target is only ever compared with the direct run of the same round:
@@ -50,7 +62,9 @@ VENV_BIN = Path(sys.executable).parent
 BENCH_VENV = REPO / "var" / "bench-venv"
 LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2
 GATEWAY_KEY = "gw_bench_" + "0123456789abcdef" * 2
+LIMITED_KEY = "gw_bench_limited_" + "0123456789abcdef" * 2
 ALIAS = "bench"
+FEATURES_ALIAS = "bench-features"
 
 
 # --- the load --------------------------------------------------------------------------------------
@@ -75,8 +89,14 @@ class Samples:
     cpu_s: float = 0.0
     rounds_rps: list[float] = field(default_factory=list)
     rounds_ttft_p50: list[float] = field(default_factory=list)
+    rounds_e2e_p50: list[float] = field(default_factory=list)
+    rounds_e2e_p99: list[float] = field(default_factory=list)
+    rounds_cpu_ms: list[float] = field(default_factory=list)
     client_lag_max_ms: float = 0.0
     client_stalls: int = 0
+
+    def pid_measured(self) -> bool:
+        return self.cpu_s > 0.0
 
 
 def request_body(target: Target, max_tokens: int, n: int) -> bytes:
@@ -186,35 +206,58 @@ def bench_env(tmp: Path) -> dict[str, str]:
 
 
 def database_prepare(env: dict[str, str], model_dir: str, served: str, family: str,
-                     routes: dict[str, tuple[str, str]]) -> None:
+                     routes: dict[str, tuple[str, str | list[str]]], *, features_url: str | None = None) -> None:
     """Migrate a fresh SQLite database and route each alias to its engine, as versions of model `family` (in a child,
     whose settings come from the benchmark's environment rather than the caller's). `routes`: alias ->
-    (version, engine URL)."""
+    (version, engine URL or URLs: one replica each). With `features_url`, also FEATURES_ALIAS on that engine: every request mirrored to a
+    candidate (the same engine), prompts stored, and LIMITED_KEY with limits it never reaches."""
     script = f"""
 import django; django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from serving.engines.services import engine_claim, engine_ready, engine_start_begin
 from serving.services import RouteSplit, engine_worker_create, gateway_key_create, model_version_register, route_set
-for alias, (version, url) in {routes!r}.items():
+for alias, (version, urls) in {routes!r}.items():
     mv = model_version_register(name={family!r}, version=version, artifact={model_dir!r}, served_model_name={served!r})
-    w = engine_worker_create(model_version=mv, driver="static", base_url=url)
-    engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
-    engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url=url)
-    assert engine_ready(worker_id=w.id, agent="bench") is not None
+    for url in ([urls] if isinstance(urls, str) else urls):
+        w = engine_worker_create(model_version=mv, driver="static", base_url=url)
+        engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
+        engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url=url)
+        assert engine_ready(worker_id=w.id, agent="bench") is not None
     route_set(alias_name=alias, split=RouteSplit(baseline=mv, candidate=None, candidate_weight=0.0, shadow_rate=0.0,
               rollout_id=None))
 gateway_key_create(name="bench", raw={GATEWAY_KEY!r})
+features_url = {features_url!r}
+if features_url:
+    from serving.models import Alias
+    from serving.services import KeyLimits, alias_options_set
+    versions = []
+    for version in ("features-base", "features-cand"):
+        mv = model_version_register(name={family!r}, version=version, artifact={model_dir!r}, served_model_name={served!r})
+        w = engine_worker_create(model_version=mv, driver="static", base_url=features_url)
+        engine_claim(worker_id=w.id, agent="bench", ttl_s=86400)
+        engine_start_begin(worker_id=w.id, agent="bench", port=None, base_url=features_url)
+        assert engine_ready(worker_id=w.id, agent="bench") is not None
+        versions.append(mv)
+    route_set(alias_name={FEATURES_ALIAS!r}, split=RouteSplit(baseline=versions[0], candidate=versions[1],
+              candidate_weight=0.0, shadow_rate=1.0, rollout_id=None))
+    alias_options_set(alias=Alias.objects.get(name={FEATURES_ALIAS!r}), store_prompts=True, ttfb_timeout_s=None)
+    gateway_key_create(name="bench-limited", raw={LIMITED_KEY!r},
+                       limits=KeyLimits(rpm_limit=10_000_000, tpm_limit=1_000_000_000, max_concurrency=100_000))
 """
     subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)
 
 
 @contextmanager
-def process(args: list[str], *, env: dict[str, str], log: Path, ready_url: str, timeout_s: float = 180) -> Iterator[int]:
+def process(args: list[str], *, env: dict[str, str], log: Path, ready_url: str, timeout_s: float = 180,
+            cpus: frozenset[int] | None = None) -> Iterator[int]:
+    """A child process (its own session) until it answers `ready_url`; on `cpus` (it and its threads) when given."""
     import httpx
 
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=pin)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -288,7 +331,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--engine-url", default=None,
                         help="use an engine that is already running (serving --model) instead of starting one")
+    parser.add_argument("--features-redis", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"),
+                        help="Redis for the gateway+features target (shadow hand-offs and shared limits); "
+                             "BENCH_REDIS_URL, or db 15 on this machine's Redis")
+    parser.add_argument("--mode", choices=("engine", "overhead"), default="engine",
+                        help="engine: a real vLLM engine (default); overhead: a stand-in engine with no compute, "
+                             "the gateway against LiteLLM per process")
+    parser.add_argument("--client-counts", default="1,64", help="overhead mode: concurrent clients to measure at")
     args = parser.parse_args()
+    if args.mode == "overhead":
+        overhead_main(args)
+        return
     targets_wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     engine_cpus: frozenset[int] | None = None
     if args.engine_cpus:
@@ -339,8 +392,10 @@ def main() -> None:
             os.sched_setaffinity(0, other_cpus)  # inherited by the proxies started below
         print(f"engine {served} ready at {engine_url}", flush=True)
         family, version = served.rsplit("-", 1)
+        features = "gateway+features" in targets_wanted
         database_prepare(env, model_dir, served, family, {ALIAS: (version, engine_url)} | {
-            f"{ALIAS}-{name}": (f"{version}-{name}", e.base_url) for name, e in variant_engines.items()})
+            f"{ALIAS}-{name}": (f"{version}-{name}", e.base_url) for name, e in variant_engines.items()},
+            features_url=engine_url if features else None)
         targets: dict[str, Target] = {}
         if "direct" in targets_wanted or variant_engines:
             targets["direct"] = Target("direct", engine_port, "/v1/chat/completions", served, {}, pid=None)
@@ -359,6 +414,16 @@ def main() -> None:
                 for variant in variant_engines:
                     targets[f"gateway@{variant}"] = Target(f"gateway@{variant}", port, "/v1/chat/completions",
                                                            f"{ALIAS}-{variant}", targets[name].headers, pid=pid)
+        if features:
+            redis_env = {"CELERY_BROKER_URL": args.features_redis, "GATEWAY_LIMITS_REDIS_URL": args.features_redis}
+            port = free_port()
+            pid = stack.enter_context(process(
+                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(port), *server_flags()],
+                env={**env, **redis_env}, log=logs / "gateway+features.log",
+                ready_url=f"http://127.0.0.1:{port}/healthz"))
+            targets["gateway+features"] = Target("gateway+features", port, "/v1/chat/completions", FEATURES_ALIAS,
+                                                 {"Authorization": f"Bearer {LIMITED_KEY}"}, pid=pid)
+            stack.callback(shadow_backlog_clear, args.features_redis)
         if "combined" in targets_wanted:
             port = free_port()
             pid = stack.enter_context(process(
@@ -369,16 +434,7 @@ def main() -> None:
         if "litellm" in targets_wanted:
             litellm = litellm_ready()
             port = free_port()
-            config = tmp / "litellm.yaml"
-            config.write_text(
-                "model_list:\n"
-                f"  - model_name: {ALIAS}\n"
-                "    litellm_params:\n"
-                f"      model: hosted_vllm/{served}\n"
-                f"      api_base: {engine_url}/v1\n"
-                "general_settings:\n"
-                f"  master_key: {LITELLM_KEY}\n"
-            )
+            config = litellm_config(tmp, served, engine_url)
             litellm_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL",)}
             litellm_env["LITELLM_LOG"] = "ERROR"
             pid = stack.enter_context(process(
@@ -415,6 +471,31 @@ def main() -> None:
         print(f"logs and database kept in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shadow_backlog_clear(redis_url: str) -> None:
+    """The mirrors gateway+features handed over were never meant to run: drop them and say how many."""
+    import redis
+
+    from config.queues import SHADOW
+
+    client = redis.Redis.from_url(redis_url)
+    print(f"gateway+features handed {client.llen(SHADOW)} shadow mirrors to the broker (dropped now)")
+    client.delete(SHADOW)
+
+
+def litellm_config(tmp: Path, served: str, engine_url: str) -> Path:
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {ALIAS}\n"
+        "    litellm_params:\n"
+        f"      model: hosted_vllm/{served}\n"
+        f"      api_base: {engine_url}/v1\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
+    )
+    return config
 
 
 def variant_parse(text: str, option: str = "--variant") -> tuple[str, dict[str, str]]:
@@ -473,6 +554,122 @@ def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
     print("per round req/s: " + "; ".join(f"{n} " + ", ".join(f"{r:.1f}" for r in s.rounds_rps) for n, s in samples.items()))
     print("load generator's event loop, longest lag and lags over 100 ms: " + "; ".join(
         f"{n} {s.client_lag_max_ms:.0f} ms, {s.client_stalls}" for n, s in samples.items()))
+
+
+# --- overhead mode ---------------------------------------------------------------------------------
+
+
+def overhead_main(args: argparse.Namespace) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    # The proxy measured gets a CPU of its own; the stand-in and the load generator share the rest.
+    proxy_cpus = frozenset(cpus[-1:]) if len(cpus) > 1 else None
+    if proxy_cpus:
+        os.sched_setaffinity(0, set(cpus[:-1]))
+    counts = [int(c) for c in args.client_counts.split(",") if c.strip()]
+    targets_wanted = [t for t in ("direct", "gateway", "litellm") if t in args.targets.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="ramp-bench-overhead-"))
+    env = bench_env(tmp)
+    logs = tmp / "logs"
+    logs.mkdir(parents=True)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    with ExitStack() as stack:
+        port = free_port()
+        stack.enter_context(process(
+            [sys.executable, str(REPO / "benchmarks" / "standin_engine.py"), "--port", str(port), "--tokens",
+             str(args.max_tokens)], env=env, log=logs / "standin.log", ready_url=f"http://127.0.0.1:{port}/health"))
+        standin_url = f"http://127.0.0.1:{port}"
+        database_prepare(env, "-", "bench-v1", "bench", {ALIAS: ("v1", standin_url)})
+        targets = {"direct": Target("direct", port, "/v1/chat/completions", "bench-v1", {}, pid=None)}
+        if "gateway" in targets_wanted:
+            gport = free_port()
+            pid = stack.enter_context(process(
+                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(gport), *server_flags()],
+                env=env, log=logs / "gateway.log", ready_url=f"http://127.0.0.1:{gport}/healthz", cpus=proxy_cpus))
+            targets["gateway"] = Target("gateway", gport, "/v1/chat/completions", ALIAS,
+                                        {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+        if "litellm" in targets_wanted:
+            litellm = litellm_ready()
+            lport = free_port()
+            litellm_env = {k: v for k, v in env.items() if k != "DATABASE_URL"} | {"LITELLM_LOG": "ERROR"}
+            pid = stack.enter_context(process(
+                [str(litellm), "--config", str(litellm_config(tmp, "bench-v1", standin_url)), "--port", str(lport),
+                 "--num_workers", "1"], env=litellm_env, log=logs / "litellm.log",
+                ready_url=f"http://127.0.0.1:{lport}/health/liveliness", timeout_s=300, cpus=proxy_cpus))
+            targets["litellm"] = Target("litellm", lport, "/v1/chat/completions", ALIAS,
+                                        {"Authorization": f"Bearer {LITELLM_KEY}"}, pid=pid)
+        results: dict[int, dict[str, Samples]] = {}
+        for clients in counts:
+            samples = {name: Samples() for name in targets}
+            names = list(targets)
+            for round_index in range(args.rounds):
+                order = names if round_index % 2 == 0 else names[::-1]
+                line = []
+                for name in order:
+                    target, into = targets[name], samples[name]
+                    asyncio.run(closed_loop(target, clients=clients, seconds=args.warmup, max_tokens=args.max_tokens,
+                                            into=None))
+                    cpu_before = cpu_seconds(target.pid)
+                    first = len(into.e2e_ms)
+                    started = time.perf_counter()
+                    done = asyncio.run(closed_loop(target, clients=clients, seconds=args.duration,
+                                                   max_tokens=args.max_tokens, into=into))
+                    elapsed = time.perf_counter() - started
+                    cpu = cpu_seconds(target.pid) - cpu_before
+                    into.seconds += elapsed
+                    into.cpu_s += cpu
+                    into.rounds_rps.append(done / elapsed)
+                    into.rounds_e2e_p50.append(percentile(into.e2e_ms[first:], 50))
+                    into.rounds_e2e_p99.append(percentile(into.e2e_ms[first:], 99))
+                    into.rounds_cpu_ms.append(1000 * cpu / done if done else float("nan"))
+                    line.append(f"{name} {done / elapsed:.0f}")
+                print(f"{clients} client(s), round {round_index + 1}/{args.rounds}: " + ", ".join(line) + " req/s",
+                      flush=True)
+            results[clients] = samples
+        overhead_report(results, args, proxy_cpus)
+    if args.keep:
+        print(f"logs and database kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Namespace,
+                    proxy_cpus: frozenset[int] | None) -> None:
+    print()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    where = f"each proxy alone on CPU {min(proxy_cpus)}" if proxy_cpus else "nothing pinned"
+    print(f"stand-in engine streaming {args.max_tokens} tokens with no compute; one proxy process each ({where}); "
+          f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; load average at the end {load}")
+    print("medians over rounds [lowest, highest]; added latency is each round's p50 / p99 E2E against that "
+          "round's direct run; CPU is the proxy process's own (user + system) per request served")
+    for clients, samples in results.items():
+        print()
+        print(f"{clients} concurrent client(s):")
+        header = (f"| {'target':8s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>22s} | {'x LiteLLM':>9s} | "
+                  f"{'CPU/req':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+E2E p50':>24s} | {'+E2E p99':>24s} |")
+        print(header)
+        print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+        litellm = samples.get("litellm")
+        direct = samples["direct"]
+        for name, s in samples.items():
+            rps = f"{median(s.rounds_rps):.0f} [{min(s.rounds_rps):.0f}, {max(s.rounds_rps):.0f}]"
+            times = "-"
+            if litellm is not None and name != "direct":
+                times = f"{median([a / b for a, b in zip(s.rounds_rps, litellm.rounds_rps, strict=True)]):.2f}x"
+            cpu = f"{median(s.rounds_cpu_ms):.2f} ms" if s.pid_measured() else "-"
+            added50 = added99 = "-"
+            if name != "direct":
+                d50 = [a - b for a, b in zip(s.rounds_e2e_p50, direct.rounds_e2e_p50, strict=True)]
+                d99 = [a - b for a, b in zip(s.rounds_e2e_p99, direct.rounds_e2e_p99, strict=True)]
+                added50 = f"{median(d50):+.2f} ms [{min(d50):+.2f}, {max(d50):+.2f}]"
+                added99 = f"{median(d99):+.2f} ms [{min(d99):+.2f}, {max(d99):+.2f}]"
+            print(f"| {name:8s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:>22s} | {times:>9s} | {cpu:>8s} | "
+                  f"{percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added50:>24s} | "
+                  f"{added99:>24s} |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,13 @@ def readyz(request: HttpRequest) -> HttpResponse:
     checks = {"database": _database_status(), "broker": _broker_status()}
     down = [name for name, state in checks.items() if state != "ok"]
     body: dict[str, object] = {"status": "ok" if not down else "unavailable", "checks": checks}
+    from serving.gateway.app import gateway_running
+
+    gateway = gateway_running()
+    if gateway is not None:
+        # The gateway mounted in this server: where its routes come from (the disk copy while the database
+        # is unreachable) and the database as its polls last saw it.
+        body["gateway_routes"] = gateway.routes_status()
     if down:
         body["reason"] = "; ".join(f"{name} {checks[name]}" for name in down)
     return JsonResponse(body, status=503 if down else 200)

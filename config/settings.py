@@ -338,6 +338,8 @@ GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", 600.0, minimum=0.1)
 # Time to an engine's response head before the request is tried elsewhere (an alias may set its own).
 GATEWAY_TTFB_TIMEOUT_S = env_float("GATEWAY_TTFB_TIMEOUT_S", 30.0, minimum=0.05)
+# Without a session, send requests whose prompts open alike to the same replica (vLLM's prefix cache).
+GATEWAY_PREFIX_AFFINITY = env_bool("GATEWAY_PREFIX_AFFINITY", True)
 # Tries of one request in all: other replicas of its arm, then the other arm where the plan allows.
 GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1, maximum=16)
 # Outlier ejection: failures in a row that take a replica out, for a time that doubles (up to the max).

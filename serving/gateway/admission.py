@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -275,6 +274,3 @@ Limits = LocalLimits | RedisLimits
 def limits_for(redis_url: str) -> Limits:
     return RedisLimits(redis_url) if redis_url else LocalLimits()
 
-
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

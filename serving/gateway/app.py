@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -106,6 +107,8 @@ class Gateway:
         self.shadow: Any = None
         self._flush_wakeup: asyncio.Event | None = None
         self._rng = random.Random()
+        self._request_id_key = os.urandom(32)
+        self._request_count = itertools.count()
         # Where the table in use came from, and what the database said last.
         self.routes_source = "none"  # database | disk
         self.database_error = ""
@@ -493,7 +496,10 @@ class Gateway:
             elif name in (b"traceparent", b"tracestate"):
                 trace_headers.append((name, value))
         session = session_of(body.get("user"), session_header)
-        request_id = os.urandom(12).hex()
+        # Unguessable (a keyed hash of a counter: outcome events name requests by it) without a getrandom
+        # call per request.
+        request_id = hashlib.blake2b(next(self._request_count).to_bytes(8, "big"), key=self._request_id_key,
+                                     digest_size=12).hexdigest()
         request_id_var.set(request_id)  # this task's log lines carry it
 
         if key.limited:
@@ -509,7 +515,8 @@ class Gateway:
         shadow = route.candidate is not None and route.shadow_rate > 0.0 and self._rng.random() < route.shadow_rate
         ex = Exchange(
             request_id=request_id, route=route, key=key, endpoint=endpoint, body=body, stream=stream,
-            session=session, affinity=session if session is not None else prefix_key(body, endpoint),
+            session=session,
+            affinity=session if session is not None else prefix_key(body, endpoint) if self.config.prefix_affinity else None,
             assigned_arm=arm_choose(route, session, rng=self._rng), collect=route.store_prompts or shadow,
         )
         if stream:

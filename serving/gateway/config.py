@@ -24,6 +24,8 @@ class GatewayConfig:
     eject_after: int = 3
     eject_base_s: float = 5.0
     eject_max_s: float = 300.0
+    # Without a session, prompts that open alike go to the same replica.
+    prefix_affinity: bool = True
     # A replica whose engine has this many requests waiting takes no more (0: no bound).
     max_queued_per_replica: int = 0
     queue_poll_s: float = 1.0
@@ -57,6 +59,7 @@ class GatewayConfig:
             eject_after=settings.GATEWAY_EJECT_AFTER,
             eject_base_s=settings.GATEWAY_EJECT_BASE_S,
             eject_max_s=settings.GATEWAY_EJECT_MAX_S,
+            prefix_affinity=settings.GATEWAY_PREFIX_AFFINITY,
             max_queued_per_replica=settings.GATEWAY_MAX_QUEUED_PER_REPLICA,
             queue_poll_s=settings.GATEWAY_QUEUE_POLL_S,
             routes_cache=settings.GATEWAY_ROUTES_CACHE,

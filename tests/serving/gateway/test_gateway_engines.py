@@ -214,6 +214,74 @@ def test_a_client_that_goes_away_cancels_the_engine_request(gateway: GatewayProc
     assert finished_by_length() == before
 
 
+def test_the_openai_sdk_gets_429_with_retry_after_and_its_own_retry_succeeds(
+    gateway: GatewayProcess, adder_routes: AdderRoutes
+) -> None:
+    from serving.services import KeyLimits, gateway_key_create
+
+    limited = gateway_key_create(name="checkout", limits=KeyLimits(rpm_limit=6)).raw
+    gateway.wait_for_generation(route_generation())
+    seen: list[tuple[int, str | None]] = []
+
+    def remember(response: httpx.Response) -> None:
+        seen.append((response.status_code, response.headers.get("retry-after")))
+
+    body = {"model": "adder", "prompt": "1+1=", "max_tokens": 1}
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {limited}"}, trust_env=False) as burst:
+        statuses = [burst.post("/v1/completions", json=body).status_code for _ in range(7)]
+    assert statuses == [200] * 6 + [429]  # a minute's worth at once, then one every 10 s
+
+    http = httpx.Client(event_hooks={"response": [remember]}, trust_env=False, timeout=60)
+    client = OpenAI(base_url=gateway.url + "/v1", api_key=limited, max_retries=2, http_client=http)
+    started = time.monotonic()
+    completion = client.completions.create(model="adder", prompt="12+30=", max_tokens=4, temperature=0)
+    waited = time.monotonic() - started
+    assert completion.choices[0].text
+    # The SDK was refused first, waited what Retry-After said (the bucket's next token), and got through.
+    assert [status for status, _ in seen] == [429, 200], seen
+    assert seen[0][1] is not None and 5 <= int(seen[0][1]) <= 10
+    assert waited >= 4.0
+    assert gateway.metric("platform_gateway_throttled_total", key="checkout", alias="adder", limit="rpm") == 2
+
+
+def test_metrics_add_up_over_several_server_workers(adder_routes: AdderRoutes, tmp_path: object) -> None:
+    """`uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR: whichever worker answers /metrics counts all."""
+    from pathlib import Path
+
+    from tests.serving.gateway.conftest import LOG_DIR
+    from tests.support.engines import free_port
+    from tests.support.processes import SERVER_FLAGS, VENV_BIN, child_env, child_process
+
+    port = free_port()
+    multiproc = Path(str(tmp_path)) / "metrics"
+    multiproc.mkdir()
+    args = [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "2", *SERVER_FLAGS]
+    log = LOG_DIR / f"gateway-workers-{port}.log"
+    with child_process(args, log_path=log, env=child_env(PROMETHEUS_MULTIPROC_DIR=str(multiproc)),
+                       ready="Uvicorn running on", timeout_s=90):
+        deadline = time.monotonic() + 90
+        while log.read_text().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, "two workers never started"
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        pids = set()
+        for n in range(12):
+            # A new connection each time: the kernel hands them to either worker.
+            response = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=60,
+                                  headers={"Authorization": f"Bearer {adder_routes.key}", "Connection": "close"},
+                                  json={"model": "adder", "messages": [{"role": "user", "content": f"1{n}+1"}],
+                                        "max_tokens": 2, "stream": True})
+            assert response.status_code == 200
+        for _ in range(8):
+            text = httpx.get(f"{url}/metrics", trust_env=False, headers={"Connection": "close"}).text
+            lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+            assert float(lines['platform_gateway_requests_total{alias="adder",arm="baseline",outcome="ok"}']) == 12
+            assert float(lines['platform_gateway_ttft_seconds_count{alias="adder",arm="baseline",version="adder-v1"}']) == 12
+            pids.update(p.name.split("_")[-1] for p in multiproc.glob("*.db"))
+        assert len(pids) >= 2  # both workers wrote series
+
+
 def test_shadow_traffic_reaches_the_candidate_and_never_the_client(
     gateway: GatewayProcess, adder_routes: AdderRoutes
 ) -> None:
