@@ -16,6 +16,7 @@ from serving.gateway.app import Gateway
 from serving.gateway.config import GatewayConfig
 from serving.gateway.records import RecordDraft
 from serving.gateway.routing import AliasRow, KeyRow, RouteRows, VersionRow, WorkerRow
+from serving.gateway.tracing import Tracing
 
 KEY = "gw_test_key"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
@@ -96,7 +97,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running(route_rows: RouteRows, **config: Any) -> AsyncIterator[Harness]:
+async def running(
+    route_rows: RouteRows, *, tracing: Tracing | None = None, **config: Any
+) -> AsyncIterator[Harness]:
     settings = replace(GatewayConfig(record_flush_s=0.01, route_poll_s=60.0), **config)
     harness: Harness
 
@@ -111,6 +114,8 @@ async def running(route_rows: RouteRows, **config: Any) -> AsyncIterator[Harness
         records_writer=write,
         shadow_enqueue=lambda payload: harness.mirrors.append(payload),
     )
+    if tracing is not None:
+        gateway.tracing = tracing
     harness = Harness(gateway)
     await gateway.startup()
     try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from serving.gateway.routing import BASELINE, CANDIDATE
+from serving.gateway.tracing import Tracing
 from tests.serving.gateway.inprocess import CHAT, alias, rows, running, workers
 from tests.support.engines import free_port
 from tests.support.fake_engine import FakeEngine
@@ -214,3 +215,52 @@ def test_client_trace_context_reaches_the_engine_when_tracing_is_off(
     asyncio.run(scenario())
     assert fake.seen.headers[-1]["traceparent"] == parent and fake.seen.headers[-1]["tracestate"] == "ramp=1"
     assert len(fake.seen.headers[-1]["x-request-id"]) == 24
+
+
+def test_traces_follow_the_request_and_each_try_into_the_engine(engine: Callable[..., FakeEngine]) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracing = Tracing(provider.get_tracer("tests"), provider)
+    broken, good = engine("error"), engine()
+    table = rows(alias(weight=1.0), workers(1, good.base_url) + workers(2, broken.base_url, first_id=10))
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario() -> str:
+        async with running(table, tracing=tracing) as gw:
+            reply = await gw.call({**CHAT, "user": "u1", "temperature": 0.5}, headers={"traceparent": parent})
+            assert reply.status == 200
+            return reply.headers["x-request-id"]
+
+    request_id = asyncio.run(scenario())
+    spans = {span.name: span for span in exported.get_finished_spans()}
+    server, failed, served = spans["chat adder"], spans["chat adder-v2"], spans["chat adder-v1"]
+    assert f"{server.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == "b7ad6b7169203331"
+    assert failed.parent.span_id == served.parent.span_id == server.context.span_id  # type: ignore[union-attr]
+    assert server.attributes is not None and dict(server.attributes) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "vllm",
+        "gen_ai.request.model": "adder",
+        "gen_ai.request.max_tokens": 4,
+        "gen_ai.request.temperature": 0.5,
+        "ramp.request_id": request_id,
+        "ramp.rollout.assigned_arm": "candidate",
+        "ramp.rollout.id": 7,
+        "ramp.rollout.arm": "baseline",
+        "ramp.attempts": 2,
+        "gen_ai.response.model": "adder-v1",
+        "http.response.status_code": 200,
+        "gen_ai.usage.input_tokens": 5,
+        "gen_ai.usage.output_tokens": 1,
+    }
+    assert failed.attributes is not None and failed.attributes["error.type"] == "http_500"
+    assert failed.status.status_code.name == "ERROR"
+    # Each engine got the context of its own try, not the client's.
+    for fake, span in ((broken, failed), (good, served)):
+        trace_id, span_id = fake.seen.headers[-1]["traceparent"].split("-")[1:3]
+        assert (trace_id, span_id) == ("0af7651916cd43dd8448eb211c80319c", f"{span.context.span_id:016x}")
