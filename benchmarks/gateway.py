@@ -623,6 +623,7 @@ def overhead_main(args: argparse.Namespace) -> None:
                     into.seconds += elapsed
                     into.cpu_s += cpu
                     into.rounds_rps.append(done / elapsed)
+                    into.rounds_ttft_p50.append(percentile(into.ttft_ms[first:], 50))
                     into.rounds_e2e_p50.append(percentile(into.e2e_ms[first:], 50))
                     into.rounds_e2e_p99.append(percentile(into.e2e_ms[first:], 99))
                     into.rounds_cpu_ms.append(1000 * cpu / done if done else float("nan"))
@@ -644,13 +645,14 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
     where = f"each proxy alone on CPU {min(proxy_cpus)}" if proxy_cpus else "nothing pinned"
     print(f"stand-in engine streaming {args.max_tokens} tokens with no compute; one proxy process each ({where}); "
           f"{args.rounds} interleaved round(s) of {args.duration:.0f} s per target; load average at the end {load}")
-    print("medians over rounds [lowest, highest]; added latency is each round's p50 / p99 E2E against that "
-          "round's direct run; CPU is the proxy process's own (user + system) per request served")
+    print("medians over rounds [lowest, highest]; added latency is each round's p50 TTFT and p50 / p99 E2E against "
+          "that round's direct run; CPU is the proxy process's own (user + system) per request served")
     for clients, samples in results.items():
         print()
         print(f"{clients} concurrent client(s):")
         header = (f"| {'target':8s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>22s} | {'x LiteLLM':>9s} | "
-                  f"{'CPU/req':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+E2E p50':>24s} | {'+E2E p99':>24s} |")
+                  f"{'CPU/req':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>24s} | {'+E2E p50':>24s} | "
+                  f"{'+E2E p99':>24s} |")
         print(header)
         print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
         litellm = samples.get("litellm")
@@ -661,15 +663,17 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
             if litellm is not None and name != "direct":
                 times = f"{median([a / b for a, b in zip(s.rounds_rps, litellm.rounds_rps, strict=True)]):.2f}x"
             cpu = f"{median(s.rounds_cpu_ms):.2f} ms" if s.pid_measured() else "-"
-            added50 = added99 = "-"
+            added_ttft = added50 = added99 = "-"
             if name != "direct":
+                dt = [a - b for a, b in zip(s.rounds_ttft_p50, direct.rounds_ttft_p50, strict=True)]
+                added_ttft = f"{median(dt):+.2f} ms [{min(dt):+.2f}, {max(dt):+.2f}]"
                 d50 = [a - b for a, b in zip(s.rounds_e2e_p50, direct.rounds_e2e_p50, strict=True)]
                 d99 = [a - b for a, b in zip(s.rounds_e2e_p99, direct.rounds_e2e_p99, strict=True)]
                 added50 = f"{median(d50):+.2f} ms [{min(d50):+.2f}, {max(d50):+.2f}]"
                 added99 = f"{median(d99):+.2f} ms [{min(d99):+.2f}, {max(d99):+.2f}]"
             print(f"| {name:8s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:>22s} | {times:>9s} | {cpu:>8s} | "
-                  f"{percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added50:>24s} | "
-                  f"{added99:>24s} |")
+                  f"{percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added_ttft:>24s} | "
+                  f"{added50:>24s} | {added99:>24s} |")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def workload(prefix_list: list[str], requests: int, seed: int) -> Iterator[str]:
 
 def run(url: str, prompts: list[str], clients: int) -> list[float]:
     """TTFT (ms) of each prompt, `clients` at a time, through the gateway at `url` (no session)."""
-    import httpx
     from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
 
     def one(prompt: str) -> float:
         body = {"model": ALIAS, "prompt": prompt, "max_tokens": 2, "stream": True, "temperature": 0}
