@@ -199,7 +199,7 @@ class KubernetesReconciler:
         running = worker.desired_state == Desired.RUNNING
         needs = worker.state in (State.PENDING, State.CRASHED, *engine_services.PROCESS_STATES) or (
             worker.state == State.STOPPED and running
-        )
+        ) or (worker.state == State.FAILED and not running)
         if not needs:
             return None
         holder = worker.claimed_by
@@ -251,7 +251,11 @@ class KubernetesReconciler:
             else:
                 engine_services.engine_claim_release(worker_id=worker.pk, agent=self.claim)
         elif state == State.FAILED:
-            engine_services.engine_claim_release(worker_id=worker.pk, agent=self.claim)
+            if not running:
+                # A failed worker keeps its objects (scaled to 0) for a person to look at; stopping it cleans up.
+                self._stop_worker(worker)
+            else:
+                engine_services.engine_claim_release(worker_id=worker.pk, agent=self.claim)
 
     def _object(self, worker: EngineWorker) -> EngineObject:
         version = worker.model_version

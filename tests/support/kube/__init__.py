@@ -21,9 +21,9 @@ from lightkube.config.models import Cluster as ClusterConfig
 from lightkube.config.models import User
 
 from tests.support.kube.api import Store, api_server_start, api_server_stop
-from tests.support.kube.cluster import Cluster, CrashingImage, EngineImage
+from tests.support.kube.cluster import Cluster, CrashingImage, EngineImage, ProcessImage
 
-__all__ = ["CrashingImage", "EngineImage", "KubeStandin", "kube_standin"]
+__all__ = ["CrashingImage", "EngineImage", "KubeStandin", "ProcessImage", "kube_standin"]
 
 T = TypeVar("T")
 

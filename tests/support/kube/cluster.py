@@ -27,14 +27,20 @@ like the kubelet does), `CrashingImage` prints its lines and exits."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
 import http.client
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.support.kube.api import ApiFailure, Store, now_rfc3339, selector_match
@@ -62,7 +68,16 @@ class CrashingImage:
     reason: str = "Error"
 
 
-Image = EngineImage | CrashingImage
+@dataclass
+class ProcessImage:
+    """Runs the container's own command line as a process of this machine: `python3` is this Python, a
+    hostPath mount is its path on this machine, `--host` is the pod's address. So a pod of the vLLM image
+    runs the real vLLM OpenAI server (on the CPU build here), exactly as the Deployment says."""
+
+    log_dir: Path
+
+
+Image = EngineImage | CrashingImage | ProcessImage
 
 
 @dataclass
@@ -72,6 +87,8 @@ class Runtime:
     ip: str
     runs: list[list[str]] = field(default_factory=list)
     server: StubServer | None = None
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
     started_at: float = 0.0
     restart_at: float = 0.0
     last_probe: float = 0.0
@@ -488,9 +505,14 @@ class Cluster:
 
     def _stop_runtime(self, pod: dict[str, Any]) -> None:
         runtime = self.runtimes.get(pod["metadata"]["uid"])
-        if runtime is not None and runtime.server is not None:
+        if runtime is None:
+            return
+        if runtime.server is not None:
             runtime.server.stop()
             runtime.server = None
+        if runtime.process is not None:
+            _stop_group(runtime.process)
+            runtime.process = None
 
     def _kubelet(self) -> None:
         store = self.store
@@ -552,6 +574,9 @@ class Cluster:
         if isinstance(image, CrashingImage):
             self._crash(pod, runtime, image, base, current, now, previous)
             return
+        if isinstance(image, ProcessImage):
+            self._process(pod, runtime, image, base, current, now, previous)
+            return
         if runtime.server is None:
             env = {
                 e["name"]: (
@@ -569,7 +594,9 @@ class Cluster:
             )
             for _ in range(20):
                 try:
-                    runtime.server = StubServer(behaviour, host=runtime.ip, port=int(_arg(args, "--port") or 8000))
+                    runtime.server = StubServer(
+                        behaviour, host=runtime.ip, port=int(_arg(args, "--port") or 8000)
+                    )
                     break
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE:
@@ -604,6 +631,88 @@ class Cluster:
                 runtime.ready_failures = 0 if healthy else runtime.ready_failures + 1
                 runtime.ready = healthy or (runtime.ready and runtime.ready_failures < threshold)
         base["containerID"] = base.get("containerID") or current.get("containerID", "")
+        state = {
+            "running": {
+                "startedAt": current.get("state", {}).get("running", {}).get("startedAt") or now_rfc3339()
+            }
+        }
+        self._write(pod, base, state, ready=runtime.ready, started=runtime.started, previous=previous)
+
+    def _env(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        namespace = pod["metadata"]["namespace"]
+        return {
+            e["name"]: (
+                e["value"] if "value" in e else self._secret_value(namespace, e["valueFrom"]["secretKeyRef"])
+            )
+            for e in container.get("env") or []
+        }
+
+    def _process(
+        self,
+        pod: dict[str, Any],
+        runtime: Runtime,
+        image: ProcessImage,
+        base: dict[str, Any],
+        current: dict[str, Any],
+        now: float,
+        previous: dict[str, dict[str, Any]],
+    ) -> None:
+        container = pod["spec"]["containers"][0]
+        if runtime.process is None:
+            host_paths = {
+                m["mountPath"]: v["hostPath"]["path"]
+                for v in pod["spec"].get("volumes") or []
+                for m in container.get("volumeMounts") or []
+                if m["name"] == v["name"] and "hostPath" in v
+            }
+            args = [*container.get("command", []), *container.get("args", [])]
+            args = [sys.executable if a == "python3" else host_paths.get(a, a) for a in args]
+            if "--host" in args:
+                args[args.index("--host") + 1] = runtime.ip
+            image.log_dir.mkdir(parents=True, exist_ok=True)
+            runtime.log_path = image.log_dir / f"{pod['metadata']['name']}.log"
+            env = {**os.environ, **self._env(pod, container), "PYTHONUNBUFFERED": "1"}
+            with runtime.log_path.open("ab") as log:
+                # Its own process group: the pod's stop (SIGTERM to the group) takes its children too.
+                runtime.process = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            runtime.runs.append([])
+            runtime.started_at = now
+            base["containerID"] = f"containerd://{runtime.process.pid}"
+        process = runtime.process
+        runtime.runs[-1] = (
+            runtime.log_path.read_text(errors="replace").splitlines()[-200:] if runtime.log_path else []
+        )
+        code = process.poll()
+        if code is not None:
+            runtime.process = None
+            restarts = int(current.get("restartCount", 0)) + 1
+            base["restartCount"] = restarts
+            base["lastState"] = {
+                "terminated": {
+                    "exitCode": code if code >= 0 else 128 - code,
+                    "reason": "Error",
+                    "startedAt": now_rfc3339(),
+                    "finishedAt": now_rfc3339(),
+                }
+            }
+            state: dict[str, Any] = {
+                "waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}
+            }
+            self._write(pod, base, state, ready=False, started=False, previous=previous)
+            return
+        if now - runtime.last_probe >= PROBE_EVERY_S:
+            runtime.last_probe = now
+            healthy = self._probe(runtime.ip, container)
+            runtime.started = runtime.started or healthy
+            runtime.ready = healthy if runtime.started else False
+        base["containerID"] = current.get("containerID") or f"containerd://{process.pid}"
         state = {
             "running": {
                 "startedAt": current.get("state", {}).get("running", {}).get("startedAt") or now_rfc3339()
@@ -757,6 +866,17 @@ class Cluster:
                 current.update(endpoints=endpoints, ports=ports)
                 current["metadata"]["labels"] = labels
                 store.update(current)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the container's process group (vLLM takes its engine core down with it), SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
 
 
 def _negated(stamp: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from serving.engines.kubernetes.reconciler import KubernetesReconciler
 from serving.gateway.routing import route_table_build
 from serving.gateway.table import route_rows_load
 from serving.models import EngineWorker
-from serving.services import RouteSplit, route_set
+from serving.services import RouteSplit, engine_worker_set_desired, route_set
 from tests.serving.engines.kubernetes.conftest import NAMESPACE, kube_worker, until, version
 from tests.support.kube import CrashingImage, KubeStandin
 
@@ -86,6 +86,12 @@ def test_a_crash_looping_pod_says_why_with_its_last_log_lines_and_gives_up_its_g
     deployment = kube.store.get("Deployment", NAMESPACE, f"ramp-engine-{worker.pk}")
     assert deployment is not None and deployment["spec"]["replicas"] == 0  # no GPU held by a crash loop
     kube.wait(lambda: not kube.pods(NAMESPACE, **{WORKER_LABEL: str(worker.pk)}), "the pod gone")
+
+    # Stopping the failed worker cleans its objects up.
+    engine_worker_set_desired(worker=failed, desired=EngineWorker.Desired.STOPPED)
+    until(kube, reconciler, worker, lambda w: w.state == State.STOPPED, "stopped and cleaned up")
+    assert kube.store.get("Deployment", NAMESPACE, f"ramp-engine-{worker.pk}") is None
+    assert kube.store.get("Secret", NAMESPACE, f"ramp-engine-{worker.pk}-key") is None
 
 
 def test_an_oom_killed_engine_says_so(kube: KubeStandin, reconciler: KubernetesReconciler) -> None:
