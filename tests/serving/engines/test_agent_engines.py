@@ -66,9 +66,10 @@ def test_two_agents_start_one_engine_that_is_restarted_after_a_crash_and_drained
             assert scraped.metrics["vllm:num_requests_running"] == 0.0
             assert scraped.metrics["vllm:request_success_total"] >= 1
 
-            # A static worker pointing at that engine becomes ready the same way, and drains without a process.
+            # A static worker pointing at that engine (with its key) becomes ready the same way, and drains
+            # without a process.
             static = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=host,
-                                          base_url=ready.base_url)
+                                          base_url=ready.base_url, api_key=ready.api_key)
             wait_for(static, lambda w: w.state == State.READY, "became ready", timeout_s=120, logs=logs)
             engine_worker_set_desired(worker=static, desired=EngineWorker.Desired.STOPPED)
             stopped_static = wait_for(static, lambda w: w.state == State.STOPPED, "stopped", timeout_s=60, logs=logs)
