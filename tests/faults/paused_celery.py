@@ -6,7 +6,7 @@ that point of the task, writes `<point>.<pid>` into the folder, and waits until 
 there. The test then kills the worker, or lets it go at the moment it chooses.
 
 - analysis: the look has claimed the rollout's lease, read it and decided, and is about to apply it;
-- eval: a run has stored its first checkpoints (FAULTS_EVAL_CHECKPOINTS, default 2) and works on;
+- eval: a run has stored at least FAULTS_EVAL_MIN_STORED items (default 10) and works on;
 - shadow: a mirror task was taken from the queue and not acknowledged, before it replays anything.
 """
 
@@ -72,16 +72,15 @@ def _install(**_: Any) -> None:
         from evals import runner
 
         original = runner.eval_run_checkpoint
-        after = int(os.environ.get("FAULTS_EVAL_CHECKPOINTS", "2"))
-        calls = {"n": 0}
+        # A count of stored items, not of checkpoints: a checkpoint is due every EVAL_FLUSH_S as well as
+        # every EVAL_FLUSH_ITEMS, so on a slow machine two checkpoints may hold only a handful of items.
+        least = int(os.environ.get("FAULTS_EVAL_MIN_STORED", "10"))
 
         @functools.wraps(original)
         def checkpoint(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            if kwargs.get("outcomes"):
-                calls["n"] += 1
-                if calls["n"] >= after:
-                    pause("eval")
+            if kwargs.get("outcomes") and result.held and result.done >= least:
+                pause("eval")
             return result
 
         runner.eval_run_checkpoint = checkpoint
