@@ -64,8 +64,9 @@ class Child:
     """One child process (its own process group) that a test may stop, kill and start again."""
 
     def __init__(self, name: str, args: Sequence[str], *, env: dict[str, str], ready: str | None,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, stop_grace_s: float = 10.0) -> None:
         self.name, self.args, self.env, self.ready, self.timeout_s = name, list(args), env, ready, timeout_s
+        self.stop_grace_s = stop_grace_s
         self.log = LOG_DIR / f"{name}.log"
         self._stack: ExitStack | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,7 +78,8 @@ class Child:
         self.log = LOG_DIR / f"{self.name}-{self.starts}.log"
         stack = ExitStack()
         self.proc = stack.enter_context(child_process(
-            self.args, log_path=self.log, env=self.env, ready=self.ready, timeout_s=self.timeout_s
+            self.args, log_path=self.log, env=self.env, ready=self.ready, timeout_s=self.timeout_s,
+            stop_grace_s=self.stop_grace_s,
         ))  # fmt: skip
         self._stack = stack
         return self
@@ -112,21 +114,25 @@ class Platform:
         shutil.rmtree(self.pause_dir, ignore_errors=True)
         self.pause_dir.mkdir(parents=True)
 
-    def _child(self, name: str, args: Sequence[str], *, ready: str | None, env: dict[str, str]) -> Child:
-        child = Child(f"{self.tag}-{name}", args, env=child_env(**{**FAST, **env}), ready=ready)
+    def _child(self, name: str, args: Sequence[str], *, ready: str | None, env: dict[str, str],
+               stop_grace_s: float = 10.0) -> Child:
+        child = Child(f"{self.tag}-{name}", args, env=child_env(**{**FAST, **env}), ready=ready, stop_grace_s=stop_grace_s)
         self.stack.callback(child.stop)
         return child.start()
 
-    def gateway(self, *, combined: bool = False, port: int | None = None, **env: str) -> Gateway:
+    def gateway(self, *, combined: bool = False, port: int | None = None, graceful_shutdown_s: int = 10,
+                **env: str) -> Gateway:
         """The gateway on its own (`serving.gateway.asgi`), or the combined server (`config.asgi`: web, API,
-        /readyz and the gateway in one process)."""
+        /readyz and the gateway in one process). `graceful_shutdown_s`: how long a stop waits for requests in
+        flight (the test's own stop waits a little longer before it kills)."""
         port = port or free_port()
         app = "config.asgi:application" if combined else "serving.gateway.asgi:application"
         # A longer graceful stop than the default: the restart tests keep streams in flight across it.
         args = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
-                *server_flags(graceful_shutdown_s=10)]
+                *server_flags(graceful_shutdown_s=graceful_shutdown_s)]
         # "Uvicorn running on" comes once the socket listens ("startup complete" a moment before it).
-        child = self._child(f"gateway-{port}", args, ready="Uvicorn running on", env=env)
+        child = self._child(f"gateway-{port}", args, ready="Uvicorn running on", env=env,
+                            stop_grace_s=graceful_shutdown_s + 10)
         return Gateway(url=f"http://127.0.0.1:{port}", port=port, child=child)
 
     def worker(self, name: str, *, concurrency: int = 1, pause: Sequence[str] = (), queues: str | None = None,

@@ -28,7 +28,9 @@ def test_a_restarted_gateway_serves_the_current_routes_from_its_first_request(
     adder = adder_static(demo_engines)
     route_set(alias_name="adder", split=RouteSplit(baseline=adder.v1, candidate=adder.v2, candidate_weight=0.0,
                                                    shadow_rate=0.0, rollout_id=None))
-    gateway = platform.gateway(combined=combined)
+    # A stop waits for the streams in flight however long they take (200 tokens take a second here, and over
+    # ten when the machine is busy): the point is that they finish, not how fast.
+    gateway = platform.gateway(combined=combined, graceful_shutdown_s=120)
 
     # Stopped with requests in flight: they finish, and the records of everything it answered are written.
     with Traffic(gateway.url, adder.key, ["adder"], clients=3, stream=True, max_tokens=200, pause_s=0.0) as before:

@@ -56,9 +56,10 @@ def child_env(**extra: str) -> dict[str, str]:
 @contextmanager
 def child_process(
     args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None, ready: str | None = None,
-    timeout_s: float = 60.0,
+    timeout_s: float = 60.0, stop_grace_s: float = 10.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a process in its own session; wait for `ready` in its log; kill its whole group on exit."""
+    """Start a process in its own session; wait for `ready` in its log; on exit SIGTERM its whole group,
+    and SIGKILL it if it has not gone within `stop_grace_s`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -76,7 +77,7 @@ def child_process(
                 time.sleep(0.1)
         yield proc
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc, grace_s=stop_grace_s)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
