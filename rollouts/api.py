@@ -31,10 +31,10 @@ from config.pagination import PaginatedListApi
 from config.query import query_flag
 from rollouts import selectors
 from rollouts.actors import Actor
-from rollouts.analysis.checks import alpha_split
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
 from rollouts.planning import plan_sample_sizes
 from rollouts.plans import PLAN_EXAMPLE, PLAN_JSON_SCHEMA, plan_from_stored
+from rollouts.plans.alpha import alpha_split
 from rollouts.services import (
     ACTION_ROLES,
     plan_validate,

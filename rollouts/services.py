@@ -32,6 +32,7 @@ from rollouts.actors import SYSTEM, Actor, ActorLike, as_actor
 from rollouts.models import Rollout, RolloutApproval, RolloutEvent
 from rollouts.notifications import notification_enqueue
 from rollouts.plans import Plan, PlanInvalid, plan_from_stored, plan_normalise, plan_parse
+from rollouts.plans.alpha import check_alpha_share
 from serving.models import ModelVersion
 from serving.selectors import alias_get, model_version_get, model_version_is_ready
 from serving.services import RouteSplit, route_set
@@ -425,9 +426,11 @@ def _start_locked(locked: Rollout, *, actor: Actor, reason: str, evidence: dict[
     if locked.plan.get("eval_gate"):
         rollout_id, spec = locked.pk, locked.plan["eval_gate"]
         baseline, candidate = locked.baseline, locked.candidate
+        share = check_alpha_share(plan_from_stored(locked.plan))
         move = _Move(
             Kind.GATING, State.GATING, reason=reason or "the eval gate runs before any traffic moves",
-            on_commit=[lambda: gates.eval_gate_start_safely(rollout_id=rollout_id, baseline=baseline, candidate=candidate, spec=spec)],
+            on_commit=[lambda: gates.eval_gate_start_safely(rollout_id=rollout_id, baseline=baseline, candidate=candidate,
+                                                            spec=spec, alpha=share)],
         )  # fmt: skip
     else:
         move = _next(locked, 0, kind=Kind.STARTED)
@@ -487,8 +490,10 @@ def rollout_resume(
         if back == State.GATING:
             rollout_id, spec = locked.pk, locked.plan.get("eval_gate") or {}
             baseline, candidate = locked.baseline, locked.candidate
+            share = check_alpha_share(plan_from_stored(locked.plan))
             move.on_commit.append(
-                lambda: gates.eval_gate_start_safely(rollout_id=rollout_id, baseline=baseline, candidate=candidate, spec=spec)
+                lambda: gates.eval_gate_start_safely(rollout_id=rollout_id, baseline=baseline, candidate=candidate,
+                                                     spec=spec, alpha=share)
             )
         return move
 

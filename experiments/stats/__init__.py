@@ -1,8 +1,37 @@
-"""Statistics for rollouts and experiments, from per-arm sufficient statistics.
+"""Statistics for rollouts and experiments, from sufficient statistics.
 
 Pure Python (numpy, scipy, statsmodels); nothing here imports Django or the
 rest of the platform. The stable facade is ``ArmStats``, ``compare`` and
-``srm_test``; the rest serves the rollout analysis, reports and planning.
+``srm_test`` (per-observation sums, DESIGN.md's contract).
+
+What a rollout decides with (``rollouts.analysis.checks``): metrics as ratios
+over sessions (``clustered``: the delta method, CUPED with theta pooled),
+guardrails on them (``ratio_checks``: geometric means on the log scale, the
+score test of two shares, evidence pooled over steps), shares and tails
+against limits (``proportions``: the beta-binomial confidence sequence, the
+quantile confidence sequence), the sequential sample-ratio check
+(``srm.srm_sequential``), Benjamini-Hochberg over the metrics no check decides
+on, and the planning of samples and N* (``planning``).
+
+What it does not, and why:
+
+- ``compare``, ``guardrail_check``, ``mean_slo_check``, ``tail_slo_check``,
+  ``srm_check``: per-request versions, valid when requests are independent;
+  the rollout's units are sessions. Kept as the per-observation facade (and
+  ``mean_slo_check`` for shadow pairs, which are independent requests).
+- ``Monitor`` (running intersection of intervals): valid only if the effect
+  is the same over time; load changes across steps make it drift, and the
+  intersection would then lock in an early interval. Each look's confidence
+  sequence is valid at every look by itself.
+- ``holm``: a check's level would depend on the other checks' ranks at each
+  look, so no check could be told its alpha in advance (the eval gate runs
+  before any traffic) nor show one interval as the one it decided on
+  (``rollouts.plans.alpha``).
+- ``mann_whitney``/``hodges_lehmann_shift``, ``bootstrap_percentile_differences``,
+  ``bayesian_summary``, ``sample_size_per_arm``: fixed-horizon or per-request
+  summaries for a finished window's report; a decision taken at every look
+  needs the always-valid bounds above (the experiments page's chance of being
+  better is the session-level estimate's normal posterior instead).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class Traffic:
     chars_slope: float = 0.15
     # Errors: a rate per request, spread over users with a Beta of this concentration (smaller: more uneven).
     error_rate: float = 0.005
-    error_concentration: float = 50.0
+    error_concentration: float = 400.0
     # An outcome per successful request (a thumbs-up), with a rate that differs by user like errors do.
     thumbs_rate: float = 0.7
     thumbs_concentration: float = 5.0

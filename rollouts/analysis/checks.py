@@ -2,10 +2,10 @@
 plan's SLOs, guardrails, shadow quality and primary metric (`experiments.stats`), each turned into the
 JSON the rollout stores and the pages show. Nothing here decides what the rollout does next (`policy`).
 
-Error control, one rule for the whole rollout (`alpha_split`): the plan's alpha is split once, equally
-(Bonferroni), over every check that can stop or pass it: each SLO, each guardrail, the shadow quality
-check, the eval gate and an A/B's primary metric. Each check decides on an always-valid bound at its share,
-so the chance that any check of the rollout is ever wrong, at any look of any step, is at most alpha.
+Error control, one rule for the whole rollout (`rollouts.plans.alpha`): the plan's alpha is split once,
+equally (Bonferroni), over every check that can stop or pass it: each SLO, each guardrail, the shadow
+quality check, the eval gate and an A/B's primary metric. Each check decides on an always-valid bound at its
+share, so the chance that any check of the rollout is ever wrong, at any look of any step, is at most alpha.
 
 Evidence carried across steps (one confidence sequence per check for the whole rollout, so no split over
 steps): every step with both arms live (0 < weight < 1) is a stratum; a guardrail compares the arms within
@@ -72,55 +72,17 @@ from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
 from rollouts.analysis.shadow import shadow_latency_guardrail
 from rollouts.models import Rollout
 from rollouts.plans import Plan
+from rollouts.plans.alpha import AlphaSplit, alpha_split, check_alpha_share
 from rollouts.selectors import rollout_step_starts
 
 logger = logging.getLogger(__name__)
 
-ALPHA_RULE = "bonferroni"
+__all__ = ["AlphaSplit", "alpha_split", "check_alpha_share"]  # re-exported: callers of the checks use them too
+
 MORE_UNIT = "candidate requests"
 
 
-# -- error control -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlphaSplit:
-    """The plan's alpha and the checks it is split over, equally (Bonferroni)."""
-
-    alpha: float
-    checks: tuple[str, ...]
-    rule: str = ALPHA_RULE
-
-    @property
-    def share(self) -> float:
-        return self.alpha / max(1, len(self.checks))
-
-    @property
-    def text(self) -> str:
-        k = len(self.checks)
-        if k <= 1:
-            return f"alpha {self.alpha:g} for the rollout's one check"
-        return f"alpha {self.alpha:g} split equally over {k} checks (Bonferroni): {self.share:.3g} each"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "rule": self.rule, "checks": list(self.checks), "share": num(self.share), "text": self.text}
-
-
-def alpha_split(plan: Plan) -> AlphaSplit:
-    """Every check that can stop or pass the rollout, and the alpha each gets (module docstring)."""
-    names = [slo.label for slo in plan.slos] + [g.label for g in plan.guardrails]
-    if plan.shadow_quality is not None:
-        names.append("shadow quality")
-    if plan.eval_gate:
-        names.append("eval gate")
-    if plan.strategy == "ab" and plan.primary_metric is not None:
-        names.append(f"primary: {plan.primary_metric.metric}")
-    return AlphaSplit(plan.alpha, tuple(names))
-
-
-def check_alpha_share(plan: Plan) -> float:
-    """The alpha of each of the rollout's checks (the eval gate and shadow quality take theirs from here)."""
-    return alpha_split(plan).share
+# -- error control: the plan's alpha split once (rollouts.plans.alpha) ------------------------------------
 
 
 def plan_tuning_n(plan: Plan) -> float:

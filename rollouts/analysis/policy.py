@@ -13,6 +13,7 @@ from rollouts.analysis.checks import breach_reason, measure, step_label
 from rollouts.analysis.look import ROUTE_SETTLE, D, Look, State
 from rollouts.models import Rollout
 from rollouts.plans import Plan, plan_from_stored
+from rollouts.plans.alpha import check_alpha_share
 from serving.selectors import model_version_is_ready
 
 
@@ -91,7 +92,8 @@ def _decide_gate(rollout: Rollout) -> Look:
     if result is None:
         # The start on commit may have been lost (a crash, the evals app down): ask again; it is idempotent.
         gates.eval_gate_start_safely(
-            rollout_id=rollout.pk, baseline=rollout.baseline, candidate=rollout.candidate, spec=rollout.plan.get("eval_gate") or {}
+            rollout_id=rollout.pk, baseline=rollout.baseline, candidate=rollout.candidate, spec=rollout.plan.get("eval_gate") or {},
+            alpha=check_alpha_share(plan_from_stored(rollout.plan)),
         )
         return Look(D.HOLD, "waiting for the eval gate to start")
     gate = {"status": result.status, "reason": result.reason, "evidence": result.evidence}

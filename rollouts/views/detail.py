@@ -15,10 +15,10 @@ from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from evals.selectors import eval_gate_get, eval_gate_result
 from rollouts import selectors
-from rollouts.analysis.checks import alpha_split
 from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.planning import plan_sample_sizes
 from rollouts.plans import plan_from_stored
+from rollouts.plans.alpha import alpha_split
 from rollouts.views.actions import actions_for
 from rollouts.views.display import (
     ARM_FIELDS,

@@ -18,9 +18,9 @@ from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from experiments.metrics import HIGHER, METRICS
 from rollouts import selectors
-from rollouts.analysis.checks import alpha_split
 from rollouts.models import Rollout
 from rollouts.plans import plan_from_stored
+from rollouts.plans.alpha import alpha_split
 from rollouts.views.display import MISSING, check_view, fmt, rollout_or_404, rollout_summary
 
 POLL_S = 2.0

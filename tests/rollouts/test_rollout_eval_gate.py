@@ -34,6 +34,7 @@ class FakeEvals:
 
     result: FakeGateResult | None = None
     started: list[int] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
 
 
@@ -49,7 +50,11 @@ def fake_evals(monkeypatch: pytest.MonkeyPatch) -> FakeEvals:
         return {**spec, "alpha": 0.05}
 
     monkeypatch.setattr(evals.services, "eval_gate_validate", validate)
-    monkeypatch.setattr(evals.services, "eval_gate_start", lambda *, rollout_id, baseline, candidate, spec: fake.started.append(rollout_id))
+    def start(*, rollout_id: int, baseline: Any, candidate: Any, spec: dict[str, Any]) -> None:
+        fake.started.append(rollout_id)
+        fake.alphas.append(spec["alpha"])
+
+    monkeypatch.setattr(evals.services, "eval_gate_start", start)
     monkeypatch.setattr(evals.services, "eval_gate_cancel", lambda *, rollout_id: fake.cancelled.append(rollout_id))
     monkeypatch.setattr(evals.selectors, "eval_gate_result", lambda *, rollout_id: fake.result)
     return fake
@@ -72,6 +77,8 @@ def test_a_passed_gate_starts_the_first_step(
     rollout = gated(owner, django_capture_on_commit_callbacks)
     assert rollout.state == "gating" and fake_evals.started == [rollout.pk]
     assert rollout.plan["eval_gate"]["alpha"] == 0.05  # stored as the evals app normalised it
+    # The gate runs at its share of the rollout's one alpha: two guardrails and the gate split 0.05.
+    assert fake_evals.alphas == [pytest.approx(0.05 / 3)]
     alias = alias_get(name="adder")
     assert alias is not None and alias.candidate_weight == 0.0  # no traffic moves while gating
 
