@@ -81,13 +81,15 @@ class RollupUnit(models.Model):
     """One session (or sessionless request) of one arm of a window: its per-session sums, in the slots the
     window's spec names (`v0`... in the order of its columns), and its first non-failover request time."""
 
-    window = models.ForeignKey(RollupWindow, on_delete=models.CASCADE, related_name="units")
+    # No index of its own: the unique constraint's index starts with the window.
+    window = models.ForeignKey(RollupWindow, on_delete=models.CASCADE, related_name="units", db_index=False)
     arm = models.CharField(max_length=16)
     unit = models.CharField(max_length=100)
     first_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=("window", "arm", "unit"), name="rollup_unit_unique")]
+        # Unit before arm: a fold looks a touched session up in every arm (exposure follows its first request).
+        constraints = [models.UniqueConstraint(fields=("window", "unit", "arm"), name="rollup_unit_unique")]
 
     def __str__(self) -> str:
         return f"{self.arm} {self.unit} of {self.window_id}"

@@ -27,18 +27,21 @@ no worst-case bound). The `ddsketch` package is DataDog's own Python implementat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ddsketch.mapping import LogarithmicMapping
 from django.db import connection, transaction
-from django.db.models import Count, F, FloatField, Max, Q, QuerySet, Value
+from django.db.models import Case, Count, F, FloatField, Q, QuerySet, Value, When
 from django.db.models.functions import Ceil, Greatest, Ln
+from django.utils.dateparse import parse_datetime
 
 from experiments.models import ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
@@ -163,10 +166,13 @@ def window_fold(
     spec's columns and `first_at` (experiments.analysis.sessions.session_rows). Safe to run twice and from
     two workers: the window row is locked for the fold."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
+    queries = _FoldQueries.of(spec, session_rows, ok)
     with transaction.atomic():
-        window, _ = RollupWindow.objects.select_for_update().get_or_create(
-            rollout_id=rollout_id, since=since, spec_hash=spec.key, defaults={"until": until, "spec": spec.as_dict()}
-        )
+        window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=queries.key).first()
+        if window is None:
+            window, _ = RollupWindow.objects.select_for_update().get_or_create(
+                rollout_id=rollout_id, since=since, spec_hash=queries.key, defaults={"until": until, "spec": spec.as_dict()}
+            )
         rebuilt = False
         if until != window.until:
             if until is not None and window.max_created_at is not None and window.max_created_at >= until:
@@ -181,131 +187,235 @@ def window_fold(
         if until is not None:
             records = records.filter(created_at__lt=until)
         read = 0
+        # Records already visible but not settled yet (committed by a transaction above the horizon while an
+        # older one is still open): counted in this look, folded for good by a later one.
+        tail = request_records_committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
+        tail_seen = True
         if horizon > window.watermark:
             fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
-            read = _fold(window, spec, fresh, session_rows, ok, arms, persist=True)
+            found = _fold(window.pk, queries, fresh, persist=True, tail=tail)
+            found.add_to(arms)
+            read = found.records
             window.watermark = horizon
             window.records += read
+            if found.last_at is not None and (window.max_created_at is None or found.last_at > window.max_created_at):
+                window.max_created_at = found.last_at
             window.arms = {arm: rollup.to_json() for arm, rollup in arms.items()}
+            tail_seen = found.tail
         window.save()
-        # Records already visible but not settled yet (committed by a transaction above the horizon, or
-        # written in this one): counted in this look, folded for good by a later one.
-        tail = request_records_committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
-        seen = {arm: ArmRollup.from_json(rollup.to_json()) for arm, rollup in arms.items()}
-        unsettled = _fold(window, spec, tail, session_rows, ok, seen, persist=False)
+        seen = arms
+        unsettled = 0
+        if tail_seen:
+            seen = {arm: ArmRollup.from_json(rollup.to_json()) for arm, rollup in arms.items()}
+            above = _fold(window.pk, queries, tail, persist=False)
+            above.add_to(seen)
+            unsettled = above.records
     return Folded(arms=seen, settled=read, unsettled=unsettled, rebuilt=rebuilt, watermark=window.watermark)
 
 
-def _fold(
-    window: RollupWindow, spec: RollupSpec, fresh: QuerySet[Any], session_rows: SessionRows, ok: Q,
-    arms: dict[str, ArmRollup], *, persist: bool,
-) -> int:  # fmt: skip
-    """Add the records of `fresh` to `arms`; with `persist`, to the window's unit rows as well."""
+@dataclass
+class _Found:
+    """What one fold statement read: per arm, the new units, the change in exposure, the column sums and
+    product changes of the touched units, and the sketch buckets of the new ok requests."""
+
+    spec: RollupSpec
+    deltas: dict[str, list[float]] = field(default_factory=dict)
+    buckets: list[tuple[str, int, int, int]] = field(default_factory=list)  # (arm, field index, key, count)
+    records: int = 0
+    last_at: datetime | None = None
+    tail: bool = False  # records above the horizon exist (the statement looked)
+
+    def add_to(self, arms: dict[str, ArmRollup]) -> None:
+        columns, pairs = self.spec.columns, self.spec.pairs
+        for arm_label, values in self.deltas.items():
+            arm = arms.setdefault(arm_label, ArmRollup())
+            arm.units += round(values[0])
+            arm.exposed += round(values[1])
+            for column, value in zip(columns, values[2 : 2 + len(columns)], strict=True):
+                arm.sums[column] = arm.sums.get(column, 0.0) + value
+            for pair, value in zip(pairs, values[2 + len(columns) :], strict=True):
+                arm.products[pair] = arm.products.get(pair, 0.0) + value
+        names = [name for name, _ in self.spec.sketch]
+        for arm_label, index, key, count in self.buckets:
+            sketch = arms.setdefault(arm_label, ArmRollup()).sketches.setdefault(names[index], {})
+            sketch[key] = sketch.get(key, 0) + count
+
+
+@dataclass(frozen=True)
+class _FoldQueries:
+    """A window's per-session rows and sketch buckets as SQL over the statement's `base`, and its key: the
+    spec and these queries (a plan's thresholds are values in them), so that any change of what a unit
+    row means starts another window instead of adding to rows that meant something else."""
+
+    spec: RollupSpec
+    rows: tuple[str, tuple[Any, ...]]
+    recs: tuple[str, tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, spec: RollupSpec, session_rows: SessionRows, ok: Q) -> _FoldQueries:
+        records = request_records()
+        return cls(spec, _over_base(session_rows(records)), _over_base(_sketch_rows(records, spec, ok)))
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.spec.key} {self.rows!r} {self.recs!r}".encode()).hexdigest()
+
+
+def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
+          tail: QuerySet[Any] | None = None) -> _Found:  # fmt: skip
+    """Read the records of `fresh` once: what they add to the arms, and with `persist` add them to the
+    window's unit rows. On PostgreSQL that is one statement: the records are read once (`base`), grouped
+    per session for the moments and per bucket for the sketches, and the unit rows are updated by a
+    data-modifying WITH that reads them as they were before. SQLite, which has no such WITH, keeps the new
+    per-session rows in a temporary table for the read and the update. `tail`: also say whether it holds
+    any record."""
+    postgres = connection.vendor == "postgresql"
+    spec = queries.spec
+    base_sql, base_params = fresh.values(*_base_columns()).query.sql_with_params()
+    (rows_sql, rows_params), (recs_sql, recs_params) = queries.rows, queries.recs
+    ctes_sql, select_sql, upsert_sql = _fold_sql(spec)
+    tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
+    found = _Found(spec)
+    with connection.cursor() as cursor:
+        if postgres:
+            upsert = f", upsert AS ({upsert_sql})" if persist else ""
+            cursor.execute(
+                f"WITH base AS MATERIALIZED ({base_sql}), fresh AS MATERIALIZED ({rows_sql}), recs AS ({recs_sql}), "
+                f"tail AS ({tail_sql}), {ctes_sql}{upsert} {select_sql}",
+                [*base_params, *rows_params, *recs_params, *tail_params, window_id, *([window_id] if persist else [])],
+            )
+            rows = cursor.fetchall()
+        else:
+            cursor.execute(f"DROP TABLE IF EXISTS {FRESH}")
+            cursor.execute(f"CREATE TEMP TABLE {FRESH} AS WITH base AS ({base_sql}) {rows_sql}", [*base_params, *rows_params])
+            cursor.execute(
+                f"WITH base AS ({base_sql}), fresh AS (SELECT * FROM {FRESH}), recs AS ({recs_sql}), tail AS ({tail_sql}), "
+                f"{ctes_sql} {select_sql}",
+                [*base_params, *recs_params, *tail_params, window_id],
+            )
+            rows = cursor.fetchall()
+            if persist:
+                cursor.execute(upsert_sql.replace(" FROM fresh f ", f" FROM {FRESH} f ", 1), [window_id])
+            cursor.execute(f"DROP TABLE {FRESH}")
+    for kind, arm_label, index, at, *values in rows:
+        if kind == "d":
+            found.deltas[str(arm_label)] = [float(v or 0.0) for v in values]
+        elif kind == "s":
+            found.buckets.append((str(arm_label), int(index), int(values[0]), int(values[1])))
+        elif kind == "c":
+            found.records = int(values[0] or 0)
+            found.last_at = _as_datetime(at)
+        elif kind == "t":
+            found.tail = bool(values[0])
+    return found
+
+
+@functools.cache
+def _base_columns() -> tuple[str, ...]:
+    # What a fold reads of a record: every column but the stored texts (prompt and output, when kept).
+    fields = request_records().model._meta.concrete_fields
+    return tuple(f.attname for f in fields if f.get_internal_type() != "TextField")
+
+
+def _over_base(rows: QuerySet[Any]) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of a query over the request-record table, made to read the statement's `base` instead (the
+    records read once, under the table's name, so the query's column references stand)."""
+    sql, params = rows.query.sql_with_params()
+    table = connection.ops.quote_name(rows.model._meta.db_table)
+    source = re.compile(rf"FROM {re.escape(table)}(?=\s|$)")
+    if len(source.findall(sql)) != 1:
+        raise RuntimeError(f"expected one FROM {table} in {sql[:200]!r}")
+    return source.sub(f"FROM base {table}", sql, count=1), tuple(params)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    # SQLite hands raw timestamps back as text.
+    if value is None or isinstance(value, datetime):
+        return value
+    parsed = parse_datetime(str(value))
+    if parsed is not None and parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[Any]:
+    """Per record: its arm, its time and, per sketched field, its sketch bucket (NULL unless it is an ok
+    request with that latency)."""
+    keys = {
+        f"k{i}": Case(When(ok & Q(**{f"{column}__isnull": False}), then=sketch_key(column, spec.relative_accuracy)),
+                      default=None, output_field=FloatField())
+        for i, (_, column) in enumerate(spec.sketch)
+    }  # fmt: skip
+    return records.order_by().annotate(**keys).values("arm", "created_at", *keys)
+
+
+@functools.cache
+def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
+    """For the spec: the fold's common table expressions after WITH base, fresh, recs and tail (one
+    parameter, the window), its SELECT, and the unit rows' upsert (one parameter, the window).
+
+    `merged` has a row per touched (arm, unit), the new sums `n*` and the stored ones `o*` side by side
+    (and each stored row of a touched unit in another arm, with no new sums), so a product sum changes by
+    sum (n_a + o_a)(n_b + o_b) - o_a o_b over it, and exposure (a unit counts in the arm of its earliest
+    first_at) by its count after less its count before. The SELECT gives rows (kind, arm, field, at,
+    values...): "d" per arm, [new units, change in exposure, column sums..., product changes...]; "s" per
+    arm, sketched field and bucket, [key, count]; "c" once, [records] and the latest created_at; "t" once,
+    [1 if the tail holds a record]."""
     quote = connection.ops.quote_name
     real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
-    slot = {column: f"v{i}" for i, column in enumerate(spec.columns)}
-    rows_sql, rows_params = session_rows(fresh).query.sql_with_params()
-    with connection.cursor() as cursor:
-        # The new per-session rows are read twice (the deltas, then the upsert): once into a temporary table.
-        cursor.execute(f"DROP TABLE IF EXISTS {FRESH}")
-        cursor.execute(f"CREATE TEMP TABLE {FRESH} AS {rows_sql}", rows_params)
-        cursor.execute(f"SELECT COUNT(*) FROM {FRESH}")
-        if cursor.fetchone()[0] == 0:
-            cursor.execute(f"DROP TABLE {FRESH}")
-            return 0
+    slots = [f"v{i}" for i in range(len(spec.columns))]
+    index = {column: i for i, column in enumerate(spec.columns)}
 
-        def new(column: str) -> str:
-            return f"CAST(COALESCE(f.{quote(column)}, 0) AS {real})"
+    def earliest(a: str, b: str) -> str:
+        return f"CASE WHEN {a} IS NULL THEN {b} WHEN {b} IS NULL THEN {a} WHEN {b} < {a} THEN {b} ELSE {a} END"
 
-        def old(column: str) -> str:
-            return f"COALESCE(r.{slot[column]}, 0)"
+    fresh_sums = ", ".join(f"CAST(COALESCE(f.{quote(c)}, 0) AS {real}) AS n{i}" for i, c in enumerate(spec.columns))
+    no_sums = ", ".join(f"0 AS n{i}" for i in range(len(spec.columns)))
+    stored = ", ".join(f"COALESCE(o.v{i}, 0) AS o{i}" for i in range(len(spec.columns)))
+    width = 2 + len(spec.columns) + len(spec.pairs)
+    # UNION ALL takes each column's type from its first branch: the NULLs there are typed.
+    timestamp = connection.data_types["DateTimeField"]
+    values = ["SUM(m.is_new)", "SUM(CASE WHEN m.after_at = x.a THEN 1 ELSE 0 END) - SUM(CASE WHEN m.before_at = x.b THEN 1 ELSE 0 END)"]
+    values += [f"SUM(m.n{i})" for i in range(len(spec.columns))]
+    for a, b in spec.pairs:
+        i, j = index[a], index[b]
+        values.append(f"SUM((m.n{i} + m.o{i}) * (m.n{j} + m.o{j}) - m.o{i} * m.o{j})")
 
-        # Per arm: new units, the added column sums, and how each product sum changes for the touched units.
-        selects = ["f.arm_label", "SUM(CASE WHEN r.id IS NULL THEN 1 ELSE 0 END)"]
-        selects += [f"SUM({new(c)})" for c in spec.columns]
-        selects += [
-            f"SUM(({new(a)} + {old(a)}) * ({new(b)} + {old(b)}) - {old(a)} * {old(b)})" for a, b in spec.pairs
-        ]
-        cursor.execute(
-            f"SELECT {', '.join(selects)} FROM {FRESH} f LEFT JOIN {UNITS} r "
-            f"ON r.window_id = %s AND r.arm = f.arm_label AND r.unit = f.unit GROUP BY f.arm_label",
-            [window.pk],
-        )
-        for row in cursor.fetchall():
-            arm = arms.setdefault(str(row[0]), ArmRollup())
-            arm.units += int(row[1] or 0)
-            values = [float(v or 0.0) for v in row[2:]]
-            for column, value in zip(spec.columns, values[: len(spec.columns)], strict=True):
-                arm.sums[column] = arm.sums.get(column, 0.0) + value
-            for pair, value in zip(spec.pairs, values[len(spec.columns) :], strict=True):
-                arm.products[pair] = arm.products.get(pair, 0.0) + value
-        # Exposure: a unit counts in the arm of its first non-failover request; only touched units change.
-        cursor.execute(
-            f"""
-            WITH touched AS (SELECT DISTINCT unit FROM {FRESH}),
-            before AS (SELECT r.unit, r.arm, r.first_at FROM {UNITS} r JOIN touched t ON t.unit = r.unit
-                       WHERE r.window_id = %s),
-            merged AS (SELECT unit, arm, MIN(first_at) AS first_at FROM (
-                           SELECT unit, arm, first_at FROM before
-                           UNION ALL SELECT unit, arm_label, first_at FROM {FRESH}) x GROUP BY unit, arm),
-            before_first AS (SELECT unit, MIN(first_at) AS m FROM before GROUP BY unit),
-            merged_first AS (SELECT unit, MIN(first_at) AS m FROM merged GROUP BY unit)
-            SELECT arm, SUM(delta) FROM (
-                SELECT m.arm, CASE WHEN m.first_at = mf.m THEN 1 ELSE 0 END AS delta
-                FROM merged m JOIN merged_first mf ON mf.unit = m.unit
-                UNION ALL
-                SELECT b.arm, CASE WHEN b.first_at = bf.m THEN -1 ELSE 0 END AS delta
-                FROM before b JOIN before_first bf ON bf.unit = b.unit
-            ) d GROUP BY arm
-            """,
-            [window.pk],
-        )
-        for arm_label, delta in cursor.fetchall():
-            arms.setdefault(str(arm_label), ArmRollup()).exposed += int(delta or 0)
-        if not persist:
-            cursor.execute(f"DROP TABLE {FRESH}")
-            slots: list[str] = []
-        else:
-            slots = [slot[c] for c in spec.columns]
-    if persist:
-        _units_add(window, spec, slots)
-    # The sketches: bucket counts of the new ok requests, per arm and field.
-    for name, column in spec.sketch:
-        buckets = (
-            fresh.filter(ok & Q(**{f"{column}__isnull": False}))
-            .annotate(bucket=sketch_key(column, spec.relative_accuracy))
-            .values("arm", "bucket")
-            .annotate(n=Count("pk"))
-        )
-        for row in buckets:
-            sketch = arms.setdefault(row["arm"], ArmRollup()).sketches.setdefault(name, {})
-            key = int(row["bucket"])
-            sketch[key] = sketch.get(key, 0) + int(row["n"])
-    counted = fresh.aggregate(n=Count("pk"), last=Max("created_at"))
-    if persist and counted["last"] is not None and (window.max_created_at is None or counted["last"] > window.max_created_at):
-        window.max_created_at = counted["last"]
-    return int(counted["n"])
+    def padded(items: list[str]) -> str:
+        return ", ".join(items + ["NULL"] * (width - len(items)))
 
-
-def _units_add(window: RollupWindow, spec: RollupSpec, slots: list[str]) -> None:
-    """The units themselves: add the new sums (from the temporary table), keep the earliest first request."""
-    quote = connection.ops.quote_name
-    earliest = (
-        f"CASE WHEN {UNITS}.first_at IS NULL THEN excluded.first_at WHEN excluded.first_at IS NULL "
-        f"THEN {UNITS}.first_at WHEN excluded.first_at < {UNITS}.first_at THEN excluded.first_at "
-        f"ELSE {UNITS}.first_at END"
-    )
-    updates = ", ".join([f"first_at = {earliest}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots])
+    sketches = " UNION ALL ".join(
+        f"SELECT r.arm, {i} AS field, r.k{i} AS k, COUNT(*) AS n FROM recs r WHERE r.k{i} IS NOT NULL GROUP BY r.arm, r.k{i}"
+        for i in range(len(spec.sketch))
+    )  # fmt: skip
+    ctes = f"""
+        old AS (SELECT o.arm, o.unit, o.first_at, {", ".join(f"o.{s}" for s in slots)} FROM {UNITS} o
+                WHERE o.window_id = %s AND o.unit IN (SELECT unit FROM fresh)),
+        merged AS (
+            SELECT f.arm_label AS arm, f.unit AS unit, o.first_at AS before_at,
+                   {earliest("o.first_at", "f.first_at")} AS after_at,
+                   CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new, {fresh_sums}, {stored}
+            FROM fresh f LEFT JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit
+            UNION ALL
+            SELECT o.arm, o.unit, o.first_at, o.first_at, 0, {no_sums}, {stored} FROM old o
+            WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.arm_label = o.arm AND f.unit = o.unit)),
+        firsts AS (SELECT unit, MIN(before_at) AS b, MIN(after_at) AS a FROM merged GROUP BY unit)"""
+    select = f"""
+        SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
+        FROM merged m JOIN firsts x ON x.unit = m.unit GROUP BY m.arm
+        {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
+        UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
+        UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
+    earliest_at = earliest(f"{UNITS}.first_at", "excluded.first_at")
+    updates = ", ".join([f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots])
     fresh_values = ", ".join(f"f.{quote(c)}" for c in spec.columns)
-    with connection.cursor() as cursor:
-        # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
-        cursor.execute(
-            f"INSERT INTO {UNITS} (window_id, arm, unit, first_at{''.join(', ' + s for s in slots)}) "
-            f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM {FRESH} f WHERE 1 = 1 "
-            f"ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}",
-            [window.pk],
-        )
-        cursor.execute(f"DROP TABLE {FRESH}")
+    # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
+    upsert = (
+        f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {', '.join(slots)}) "
+        f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1 "
+        f"ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
+    )
+    return " ".join(ctes.split()), " ".join(select.split()), upsert
 
 
 def window_scratch(
@@ -374,6 +484,13 @@ def arms_from_scratch_equal(a: dict[str, ArmRollup], b: dict[str, ArmRollup], *,
 
 
 def window_drop(*, rollout_ids: Sequence[int]) -> int:
-    """Forget the rollups of these rollouts (ended ones: their looks are stored)."""
-    deleted, _ = RollupWindow.objects.filter(rollout_id__in=list(rollout_ids)).delete()
-    return deleted
+    """Forget the rollups of these rollouts. Returns how many windows went (their unit rows with them)."""
+    _, by_model = RollupWindow.objects.filter(rollout_id__in=list(rollout_ids)).delete()
+    return by_model.get(RollupWindow._meta.label, 0)
+
+
+def windows_prune(*, keep_rollout_ids: Sequence[int]) -> int:
+    """Forget the rollups of every rollout but these (the live ones: an ended rollout's looks are stored,
+    and nothing reads its rollup again). Returns how many windows went."""
+    _, by_model = RollupWindow.objects.exclude(rollout_id__in=list(keep_rollout_ids)).delete()
+    return by_model.get(RollupWindow._meta.label, 0)

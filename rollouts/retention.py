@@ -6,6 +6,8 @@
   has ended: every look that decided something other than "hold", or changed the rollout, is kept, and of
   the holds the first of each minute. This is the only deletion of looks in the app: the decisions and
   their evidence stay (so do the events and approvals, which are append-only).
+- Rollups (the per-session sums incremental looks fold into, `experiments.rollups`) are dropped with the
+  same delay once their rollout has ended: nothing reads them again.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Min
+from django.db.models import Min, Q
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
+from experiments.rollups import windows_prune
 from rollouts.models import Rollout, RolloutAnalysis
 from serving.retention import RecordHold, records_expire, shadow_pairs_expire
 
@@ -38,6 +41,7 @@ class RetentionReport:
     partitions_held: tuple[str, ...]
     shadow_pairs_deleted: int
     analyses_deleted: int
+    rollup_windows_deleted: int = 0
 
 
 def record_holds() -> list[RecordHold]:
@@ -75,9 +79,14 @@ def retention_apply(*, now: datetime | None = None) -> RetentionReport:
         state__in=Rollout.TERMINAL_STATES, ended_at__lte=now - COMPACT_AFTER, ended_at__gte=now - COMPACT_WITHIN
     ).values_list("pk", flat=True)
     compacted = sum(analyses_compact(rollout_id=pk) for pk in ended)
+    # Every rollout that is live or ended within COMPACT_AFTER keeps its rollups (a look may still be running).
+    ended_long_ago = Q(state__in=Rollout.TERMINAL_STATES) & (Q(ended_at__lte=now - COMPACT_AFTER) | Q(ended_at__isnull=True))
+    keep = Rollout.objects.exclude(ended_long_ago)
+    rollups = windows_prune(keep_rollout_ids=list(keep.values_list("pk", flat=True)))
     report = RetentionReport(
         records_deleted=records.records_deleted, partitions_dropped=records.partitions_dropped,
         partitions_held=records.partitions_held, shadow_pairs_deleted=pairs, analyses_deleted=compacted,
+        rollup_windows_deleted=rollups,
     )  # fmt: skip
     log.info("retention: %s", report)
     return report

@@ -179,18 +179,45 @@ def request_records(*, rollout_id: int | None = None, alias: str | None = None) 
 
 
 def record_commit_horizon() -> int:
-    """The commit order below which every request record that will ever exist is already visible.
+    """The commit order below which every request record that will ever exist is already visible to the
+    caller's next statement.
 
-    PostgreSQL: the oldest transaction still running (`pg_snapshot_xmin`); every record of a transaction
-    below it has committed (or never will), so a batch that commits late has an order at or above the
-    horizon it was missed by, and the next look past that horizon reads it. SQLite has one writer at a
-    time and ids that only grow, so every id below the largest committed one's successor is settled."""
+    PostgreSQL: the oldest transaction of this database still running. Transaction ids are the cluster's,
+    so `pg_snapshot_xmin` (the oldest running anywhere) would let a long transaction in another database of
+    the same server hold every look back; records are written by this database's transactions only, so the
+    horizon is the oldest id among the snapshot's running transactions that belongs to a backend of this
+    database (`pg_stat_activity.backend_xid`, or a prepared transaction of it) or is the caller's own (it
+    may write records after this look, in the same transaction), else the snapshot's xmax.
+    The order matters: the snapshot is taken first (the statement's), the backends are read after it, so a
+    transaction of this database running at the snapshot either still shows in pg_stat_activity (and holds
+    the horizon) or has ended (and the caller's next statement, with a later snapshot, sees its records). A
+    batch that commits late has an order at or above the horizon it was missed by, and the next look past
+    that horizon reads it. pg_stat_activity is read once per transaction unless its snapshot is cleared,
+    hence pg_stat_clear_snapshot first.
+
+    SQLite has one writer at a time and ids that only grow, so every id below the largest committed one's
+    successor is settled."""
     with connection.cursor() as cursor:
-        if _commit_column() == "commit_xid":
-            cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-        else:
+        if _commit_column() != "commit_xid":
             cursor.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {RequestRecord._meta.db_table}")
+            return int(cursor.fetchone()[0])
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(_HORIZON_SQL)
         return int(cursor.fetchone()[0])
+
+
+# backend_xid and pg_prepared_xacts give 32-bit ids; the snapshot's are 64-bit (epoch and id): running
+# transactions are within 2^31 of each other, so the low 32 bits identify one among them.
+_HORIZON_SQL = """
+    SELECT LEAST(pg_snapshot_xmax(s.snap)::text::bigint, pg_current_xact_id_if_assigned()::text::bigint, (
+        SELECT MIN(x::text::bigint) FROM pg_snapshot_xip(s.snap) x
+        WHERE x::text::bigint % 4294967296 IN (
+            SELECT backend_xid::text::bigint FROM pg_stat_activity
+            WHERE datname = current_database() AND backend_xid IS NOT NULL
+            UNION ALL
+            SELECT transaction::text::bigint FROM pg_prepared_xacts WHERE database = current_database())))
+    FROM (SELECT pg_current_snapshot() AS snap) s
+"""
 
 
 def request_records_committed(records: QuerySet[RequestRecord], *, start: int, end: int) -> QuerySet[RequestRecord]:

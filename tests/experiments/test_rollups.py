@@ -120,9 +120,22 @@ def test_a_look_sees_records_of_its_own_transaction_without_settling_them() -> N
     rng = random.Random(5)
     since = timezone.now() - timedelta(hours=1)
     batch(rng, 50, start=since)
-    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
+    postgres = connection.vendor == "postgresql"
+    if postgres:
+        # A newer transaction ends meanwhile (other work on the server): the horizon still stays at this
+        # transaction's own id, which the records it writes after the look carry too.
+        settings = connection.settings_dict
+        with psycopg.connect(dbname="postgres", user=settings["USER"], host=settings["HOST"], autocommit=True,
+                             port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None) as other:  # fmt: skip
+            other.execute("SELECT pg_current_xact_id()")
+    first = fold(since)
+    assert arms_from_scratch_equal(first.arms, scratch(since)) == []
     batch(rng, 50, start=since + timedelta(minutes=2))
-    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
+    second = fold(since)
+    assert arms_from_scratch_equal(second.arms, scratch(since)) == []
+    # SQLite's single writer settles its own rows at once (later ones get larger ids).
+    assert second.records_read == (100 if postgres else 50)
+    assert second.settled == (0 if postgres else 50)
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -228,3 +241,43 @@ def test_the_analysis_from_rollups_equals_the_analysis_from_scratch() -> None:
             for key, value in moments.products.items():
                 assert math.isclose(got.products[key], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, key)
         assert incremental["candidate"].percentiles["ttft_p50_ms"] is not None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="transaction ids and other databases are PostgreSQL's")
+def test_the_horizon_waits_for_this_database_s_transactions_only() -> None:
+    """A transaction open in another database of the same server (another application, another test run)
+    does not hold the looks back; one open in this database does, until it ends."""
+    from serving.selectors import record_commit_horizon
+
+    settings = connection.settings_dict
+
+    def open_transaction(dbname: str) -> tuple[psycopg.Connection[Any], int]:
+        conn = psycopg.connect(dbname=dbname, user=settings["USER"], host=settings["HOST"],
+                               port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None)  # fmt: skip
+        xid = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]  # type: ignore[index]
+        return conn, int(xid)
+
+    def settled_now() -> int:
+        # A record committed now: the horizon passes it unless an older transaction of this database is open.
+        (record,) = batch(random.Random(1), 1, start=timezone.now())
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT commit_xid FROM serving_requestrecord WHERE id = %s", [record.pk])
+            return int(cursor.fetchone()[0])
+
+    elsewhere, other_xid = open_transaction("postgres")
+    try:
+        written = settled_now()
+        assert written > other_xid
+        assert record_commit_horizon() > written
+        here, own_xid = open_transaction(settings["NAME"])
+        try:
+            written = settled_now()
+            assert record_commit_horizon() <= own_xid < written
+        finally:
+            here.rollback()
+            here.close()
+        assert record_commit_horizon() > written
+    finally:
+        elsewhere.rollback()
+        elsewhere.close()

@@ -92,3 +92,24 @@ def test_looks_of_a_rollout_that_just_ended_are_left_whole() -> None:
     rollout_abort(rollout=rollout, actor=SYSTEM)  # ended now: within the hour someone may be reading them
     assert retention_apply().analyses_deleted == 0
     assert RolloutAnalysis.objects.filter(rollout=rollout).count() == 12
+
+
+def test_the_rollups_of_an_ended_rollout_go_with_its_looks_compaction() -> None:
+    from experiments.analysis import arm_sums
+    from experiments.models import RollupUnit, RollupWindow
+
+    ended, live = started("adder"), started("other")
+    since = timezone.now() - timedelta(minutes=5)
+    for rollout, alias in ((ended, "adder"), (live, "other")):
+        records(rollout, arm="candidate", n=5, at=since + timedelta(minutes=1), alias=alias)
+        arm_sums(rollout_id=rollout.pk, since=since)  # a look: folds the records into the window's rollup
+    assert set(RollupWindow.objects.values_list("rollout_id", flat=True)) == {ended.pk, live.pk}
+    rollout_abort(rollout=ended, actor=SYSTEM)  # its evidence is a look too: another window
+    assert retention_apply().rollup_windows_deleted == 0  # ended just now: a look may still be running
+    Rollout.objects.filter(pk=ended.pk).update(ended_at=timezone.now() - timedelta(hours=2))
+    windows = RollupWindow.objects.filter(rollout_id=ended.pk).count()
+
+    assert retention_apply().rollup_windows_deleted == windows >= 1
+    assert list(RollupWindow.objects.values_list("rollout_id", flat=True)) == [live.pk]
+    assert not RollupUnit.objects.exclude(window__rollout_id=live.pk).exists()
+    assert retention_apply().rollup_windows_deleted == 0
