@@ -58,8 +58,8 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
     "adder-slow-demo": {
         "name": "demo: adder-v1 -> adder-v2-slow canary",
         "description": "Seeded by `make run`. adder-v2-slow gives adder-v2's answers from a model about 80 times "
-        "the size: six times the price per token and several times the TPOT. Its guardrails roll it back by "
-        "themselves (cost per request usually decides first: prices are exact, latencies noisy).",
+        "the size: six times the price per token and several times the TPOT. Its TPOT guardrail (the ratio of "
+        "geometric means) rolls it back by itself in its first step, as soon as each arm has 30 sessions.",
         "alias": "adder-slow-demo",
         "baseline": "adder-v1",
         "candidate": "adder-v2-slow",

@@ -333,14 +333,14 @@ def ratio_guardrail_check(
 def guardrail_more_factor(
     baseline: RatioStats | Sequence[RatioStats], candidate: RatioStats | Sequence[RatioStats], **check: object
 ) -> float | None:
-    """By what factor every stratum's sessions must multiply, their spread and means staying as they are,
-    before ``ratio_guardrail_check(baseline, candidate, **check)`` decides; None when not within a thousand
-    times the sample (the estimate on the margin). Projects the check itself, so the Wilson floor of a share
-    and the sessions' minimum are accounted for."""
+    """By what factor the last stratum's sessions (the current step's: earlier steps are done) must multiply,
+    their spread and means staying as they are, before ``ratio_guardrail_check(baseline, candidate, **check)``
+    decides; None when not within a thousand times (the estimate on the margin). Projects the check itself,
+    so the Wilson floor of a share and the sessions' minimum are accounted for."""
     bases, cands = _strata(baseline, "baseline"), _strata(candidate, "candidate")
 
     def decides(f: float) -> bool:
-        grown = ratio_guardrail_check([b.replicated(f) for b in bases], [c.replicated(f) for c in cands], **check)  # type: ignore[arg-type]
+        grown = ratio_guardrail_check([*bases[:-1], bases[-1].replicated(f)], [*cands[:-1], cands[-1].replicated(f)], **check)  # type: ignore[arg-type]
         return grown.decision is not Decision.UNDECIDED
 
     if decides(1.0):

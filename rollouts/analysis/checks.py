@@ -331,8 +331,9 @@ def _guardrail_check(
     undecided = result.decision is Decision.UNDECIDED
     more = None
     if undecided:
+        # More data comes to the current step only: its candidate requests grow by the factor.
         factor = guardrail_more_factor(bases, cands, **options)
-        more = _more(factor, result.candidate_requests)
+        more = _more(factor, cands[-1].den)
     return {
         **out, "decision": result.decision.value, "effect": num(result.harm), "low": num(result.harm_low),
         "high": num(result.harm_high), "p": num(result.p_value),

@@ -213,7 +213,7 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         "bar": _interval_bar(low, high, centre, threshold),
         "baseline": check.get("baseline"),
         "candidate": check.get("candidate"),
-        "alpha": check.get("alpha"),
+        "alpha": f"{check['alpha']:.3g}" if finite(check.get("alpha")) is not None else None,
         "sessions": " / ".join(fmt(x, "count") for x in sessions) if isinstance(sessions, list) else fmt(sessions, "count") if sessions is not None else "",
         "more_n": check.get("more_n") if decision == "undecided" else None,
         "more_unit": check.get("more_unit") or "candidate requests",

@@ -235,7 +235,7 @@ def test_an_ab_test_shows_the_intervals_the_decision_used(owner: Any, viewer: An
     effect = re.search(r'data-label="Estimate"><strong class="num">([-+\d.]+)\xa0%', row)
     assert effect is not None and -12.0 < float(effect.group(1)) < -8.0  # about 10 % faster
     assert round(float(effect.group(1)), 1) == round(primary["effect"] * 100, 1) and "win" in row
-    assert f"\u03b1 {primary['alpha']}" in row and "split equally over 2 checks (Bonferroni)" in html
+    assert f"\u03b1 {primary['alpha']:.3g}" in row and "split equally over 2 checks (Bonferroni)" in html
     # Metrics no check decides on are reported beside, with their chance to be better.
     other = html[html.index("<strong>tpot_gmean_ms</strong>") :]
     other = other[: other.index("</tr>")]
