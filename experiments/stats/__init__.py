@@ -36,6 +36,7 @@ What it does not, and why:
 
 from __future__ import annotations
 
+from ._checks import smallest_enough
 from .arm import ArmStats
 from .bayes import BayesianSummary, bayesian_summary
 from .clustered import CupedRatio, RatioStats, cuped_ratio_estimates, ratio_estimate
@@ -161,6 +162,7 @@ __all__ = [
     "sample_size_per_arm",
     "sequential_one_arm_size",
     "sequential_sample_size",
+    "smallest_enough",
     "srm_check",
     "srm_sequential",
     "srm_test",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 
@@ -52,3 +52,37 @@ def check_finite(name: str, value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return number
+
+
+def smallest_enough(enough: Callable[[int], bool], *, start: int = 1, limit: int = 10**10) -> int | None:
+    """The smallest whole n >= start with enough(n), for a condition that stays true once true (a sample
+    size): doubling, then bisection. None when even `limit` is not enough."""
+    high = max(start, 1)
+    while not enough(high):
+        if high >= limit:
+            return None
+        high = min(high * 2, limit)
+    low = start - 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        if enough(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def boundary(
+    is_past: Callable[[float], bool], *, before: float, past: float, steps: int = 60, geometric: bool = False
+) -> tuple[float, float]:
+    """Where a condition turns true between `before` (false there) and `past` (true there), halving the gap
+    `steps` times (geometric halving for positive scale factors); returns the last (before, past) pair."""
+    for _ in range(steps):
+        mid = math.sqrt(before * past) if geometric else (before + past) / 2.0
+        if mid in (before, past):
+            break
+        if is_past(mid):
+            past = mid
+        else:
+            before = mid
+    return before, past

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ._checks import check_alpha, check_choice, check_finite, check_non_negative, check_positive
+from ._checks import boundary, check_alpha, check_choice, check_finite, check_non_negative, check_positive
 from .arm import ArmStats
 from .estimators import KINDS, ArmEstimate, arm_difference, arm_estimate, check_binary
 from .sequential import one_sided_multiplier, one_sided_p_value
@@ -185,17 +185,10 @@ def growth_to_decide(*, gap: float, variance: float, n_total: float, alpha: floa
 
     if not short(1.0):
         return 1.0
-    low, high = 0.0, math.log(1e6)
-    if short(math.exp(high)):
+    if short(1e6):
         return None
-    # k(N f) / sqrt(f) falls as f grows (k grows like sqrt(log f)): bisect on log f.
-    for _ in range(60):
-        mid = (low + high) / 2.0
-        if short(math.exp(mid)):
-            low = mid
-        else:
-            high = mid
-    return math.exp(high)
+    # k(N f) / sqrt(f) falls as f grows (k grows like sqrt(log f)).
+    return boundary(lambda f: not short(f), before=1.0, past=1e6, geometric=True)[1]
 
 
 def difference_check(

@@ -11,7 +11,7 @@ from scipy.stats import norm as _norm
 from statsmodels.stats.power import NormalIndPower, TTestIndPower
 from statsmodels.stats.proportion import proportion_effectsize
 
-from ._checks import check_alpha, check_choice, check_finite, check_positive
+from ._checks import check_alpha, check_choice, check_finite, check_positive, smallest_enough
 
 PLAN_KINDS = ("mean", "proportion")
 ALTERNATIVES = ("two-sided", "larger", "smaller")
@@ -115,19 +115,10 @@ def step_tuning_n(*, candidate_share: float, min_candidate_requests: int) -> flo
 
 
 def _search_n(enough: Callable[[int], bool], start: int = 2) -> int:
-    high = max(start, 2)
-    while not enough(high):
-        high *= 2
-        if high > 10**10:
-            raise ValueError("no sample up to 10^10 is enough: the gap is too small for the spread")
-    low = high // 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if enough(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    found = smallest_enough(enough, start=start)
+    if found is None:
+        raise ValueError("no sample up to 10^10 is enough: the gap is too small for the spread")
+    return found
 
 
 def sequential_sample_size(

@@ -39,7 +39,7 @@ from functools import lru_cache
 
 from scipy import special
 
-from ._checks import check_alpha, check_finite, check_positive
+from ._checks import boundary, check_alpha, check_finite, check_positive, smallest_enough
 from .decisions import Decision, SloResult
 
 _DIRECTIONS = ("lower_is_better", "higher_is_better")
@@ -92,18 +92,11 @@ def proportion_bounds(
     def rejected(p0: float) -> bool:
         return log_mixture(s, t, p0, r) >= target
 
-    # M(p0) grows as p0 moves away from the share on either side: bisect each side in log-odds.
+    # M(p0) grows as p0 moves away from the share on either side: the bound is the last p0 not rejected.
     def edge(inside: float, outside: float) -> float:
         if not rejected(outside):
             return outside
-        lo, hi = inside, outside
-        for _ in range(60):
-            mid = (lo + hi) / 2.0
-            if rejected(mid):
-                hi = mid
-            else:
-                lo = mid
-        return lo
+        return boundary(rejected, before=inside, past=outside)[0]
 
     centre = min(max(share, 1e-12), 1.0 - 1e-12)
     lower = 0.0 if share <= 1e-12 else edge(centre, 1e-12)
@@ -122,19 +115,10 @@ def min_trials(*, limit: float, alpha: float, tuning_n: float, all_successes: bo
     def decides(t: int) -> bool:
         return log_mixture(float(t) if all_successes else 0.0, float(t), limit, r) >= target
 
-    high = 1
-    while not decides(high):
-        high *= 2
-        if high > 10**9:
-            raise ValueError(f"no sample up to 10^9 decides a limit of {limit!r} at alpha {alpha!r}")
-    low = high // 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if decides(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    found = smallest_enough(decides, limit=10**9)
+    if found is None:
+        raise ValueError(f"no sample up to 10^9 decides a limit of {limit!r} at alpha {alpha!r}")
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,12 +168,7 @@ def _more_needed(share: float, trials: float, limit: float, direction: str, alph
         if high > 1e9:
             return None
     low = high / 2 if high > base else base
-    for _ in range(40):
-        mid = (low + high) / 2
-        if decided(mid):
-            high = mid
-        else:
-            low = mid
+    high = boundary(decided, before=low, past=high, steps=40)[1]
     return max(1, math.ceil(high - trials))
 
 
@@ -376,14 +355,10 @@ def difference_bounds(
     estimate = sum(s.weight * (s.events_c / s.trials_c - s.events_b / s.trials_b) for s in strata) / total
 
     def edge(target: float, inside: float, outside: float) -> float:
-        # z falls as delta rises; find where it crosses `target` between inside and outside (to 1e-12).
-        for _ in range(40):
-            mid = (inside + outside) / 2.0
-            if (difference_score(strata, mid) > target) == (target > 0):
-                outside = mid
-            else:
-                inside = mid
-        return (inside + outside) / 2.0
+        # z falls as delta rises; where it crosses `target` between inside and outside (to 1e-12).
+        crossed = boundary(lambda delta: (difference_score(strata, delta) > target) == (target > 0),
+                           before=inside, past=outside, steps=40)  # fmt: skip
+        return (crossed[0] + crossed[1]) / 2.0
 
     lower = edge(multiplier, estimate, -1.0 + 1e-9) if difference_score(strata, -1.0 + 1e-9) > multiplier else -1.0
     upper = edge(-upper_k, estimate, 1.0 - 1e-9) if difference_score(strata, 1.0 - 1e-9) < -upper_k else 1.0

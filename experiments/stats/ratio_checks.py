@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import check_alpha, check_choice, check_non_negative, check_positive
+from ._checks import boundary, check_alpha, check_choice, check_non_negative, check_positive
 from .clustered import CupedRatio, RatioStats, cuped_ratio_estimates, ratio_estimate
 from .decisions import DIRECTIONS, Decision, SloResult, effect_check, estimate_limit_check
 from .estimators import ArmEstimate, arm_difference
@@ -350,14 +350,7 @@ def guardrail_more_factor(
         high *= 2.0
         if high > 1000.0:
             return None
-    low = high / 2.0
-    for _ in range(12):
-        mid = math.sqrt(low * high)
-        if decides(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    return boundary(decides, before=high / 2.0, past=high, steps=12, geometric=True)[1]
 
 
 def _share_difference(

@@ -62,6 +62,7 @@ from experiments.stats import (
     ratio_estimate,
     ratio_guardrail_check,
     ratio_limit_check,
+    smallest_enough,
     srm_sequential,
     step_tuning_n,
 )
@@ -164,19 +165,8 @@ def _proportion_guardrail_min_n(margin: float, relative: bool, share: float, alp
                                        alpha=alpha, tuning_n=tuning_n)  # fmt: skip
         return result.decision is Decision.SAFE
 
-    high = DEFAULT_MIN_UNITS
-    while not safe(high):
-        high *= 2
-        if high > 10**8:
-            return high
-    low = high // 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        if safe(mid):
-            high = mid
-        else:
-            low = mid
-    return max(high, DEFAULT_MIN_UNITS)
+    found = smallest_enough(safe, start=DEFAULT_MIN_UNITS, limit=10**8)
+    return found if found is not None else 10**8
 
 
 def _units_floor(share: float) -> int:
