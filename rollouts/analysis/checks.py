@@ -196,8 +196,9 @@ def _guardrail_min_n(guardrail: Any, share: float, alpha: float, tuning_n: float
 def step_min_sample(plan: Plan, step_index: int) -> int:
     """The fewest candidate requests at which every check of the step can be shown safe at the plan's alpha,
     however good the data: the floor under a step's `min_candidate_requests` (the policy's). It follows from
-    alpha, the number of checks, the limits and margins and the step's split; with evidence carried across
-    steps it is reached once, so a later comparing step needs no more of its own."""
+    alpha, the number of checks, the limits and margins and the step's split. It is stated per step as if
+    the step stood alone: evidence carried from earlier steps can decide sooner, but each split is then
+    still watched for at least this long."""
     step = plan.steps[step_index]
     share = step.weight or step.shadow_rate / (1.0 + step.shadow_rate)
     alpha = check_alpha_share(plan)
