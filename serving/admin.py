@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from config.errors import DomainError
 from serving.models import Alias, EngineWorker, GatewayKey, ModelVersion, RequestRecord, ShadowPair
 from serving.services import (
+    TTFB_TIMEOUT_MAX_S,
+    TTFB_TIMEOUT_MIN_S,
     KeyLimits,
     RouteSplit,
     alias_options_set,
@@ -72,8 +76,23 @@ class EngineWorkerAdmin(ReadOnlyAdmin):
         self._desire(request, queryset, EngineWorker.Desired.STOPPED)
 
 
+class AliasForm(forms.ModelForm):
+    class Meta:
+        model = Alias
+        fields = ("name", "baseline", "candidate", "candidate_weight", "shadow_rate", "failover_to_candidate",
+                  "store_prompts", "ttfb_timeout_s")
+
+    def clean_ttfb_timeout_s(self) -> float | None:
+        value = self.cleaned_data.get("ttfb_timeout_s")
+        if value is not None and not (TTFB_TIMEOUT_MIN_S <= value <= TTFB_TIMEOUT_MAX_S):
+            raise forms.ValidationError(
+                f"Between {TTFB_TIMEOUT_MIN_S:g} and {TTFB_TIMEOUT_MAX_S:g} seconds, or blank for the default.")
+        return value
+
+
 @admin.register(Alias)
 class AliasAdmin(admin.ModelAdmin):
+    form = AliasForm
     list_display = ("name", "baseline", "candidate", "candidate_weight", "shadow_rate", "rollout_id", "updated_at")
     readonly_fields = ("rollout_id", "gpu_budget", "target_weight", "capacity_targets", "weight_changed_at", "updated_at")
 
@@ -86,8 +105,24 @@ class AliasAdmin(admin.ModelAdmin):
         alias_options_set(alias=alias, store_prompts=obj.store_prompts, ttfb_timeout_s=obj.ttfb_timeout_s)
 
 
+class GatewayKeyForm(forms.ModelForm):
+    class Meta:
+        model = GatewayKey
+        fields = ("rpm_limit", "tpm_limit", "max_concurrency")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        try:
+            KeyLimits(rpm_limit=cleaned.get("rpm_limit"), tpm_limit=cleaned.get("tpm_limit"),
+                      max_concurrency=cleaned.get("max_concurrency")).check()
+        except DomainError as exc:
+            self.add_error(exc.field or None, exc.message)
+        return cleaned
+
+
 @admin.register(GatewayKey)
 class GatewayKeyAdmin(admin.ModelAdmin):
+    form = GatewayKeyForm
     list_display = ("name", "prefix", "aliases", "rpm_limit", "tpm_limit", "max_concurrency", "created_at",
                     "revoked_at")
     # Only the hash is stored; a key is created (and shown once) by `manage.py create_gateway_key`. Its

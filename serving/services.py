@@ -324,12 +324,15 @@ def gateway_key_limits_set(*, key: GatewayKey, limits: KeyLimits) -> GatewayKey:
     return locked
 
 
+TTFB_TIMEOUT_MIN_S, TTFB_TIMEOUT_MAX_S = 0.05, 3600.0
+
+
 @transaction.atomic
 def alias_options_set(*, alias: Alias, store_prompts: bool, ttfb_timeout_s: float | None) -> Alias:
     """An alias's own gateway options (what the rollouts' splits leave alone); gateways see them within a second."""
-    if ttfb_timeout_s is not None and not (0.05 <= ttfb_timeout_s <= 3600):
-        raise DomainError("ttfb_timeout_s must be between 0.05 and 3600 seconds (or none for the default)",
-                          field="ttfb_timeout_s")
+    if ttfb_timeout_s is not None and not (TTFB_TIMEOUT_MIN_S <= ttfb_timeout_s <= TTFB_TIMEOUT_MAX_S):
+        raise DomainError(f"ttfb_timeout_s must be between {TTFB_TIMEOUT_MIN_S:g} and {TTFB_TIMEOUT_MAX_S:g} seconds "
+                          "(or none for the default)", field="ttfb_timeout_s")
     locked = Alias.objects.select_for_update().get(pk=alias.pk)
     locked.store_prompts, locked.ttfb_timeout_s = store_prompts, ttfb_timeout_s
     locked.save(update_fields=["store_prompts", "ttfb_timeout_s", "updated_at"])

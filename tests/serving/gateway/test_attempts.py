@@ -264,3 +264,40 @@ def test_traces_follow_the_request_and_each_try_into_the_engine(engine: Callable
     for fake, span in ((broken, failed), (good, served)):
         trace_id, span_id = fake.seen.headers[-1]["traceparent"].split("-")[1:3]
         assert (trace_id, span_id) == ("0af7651916cd43dd8448eb211c80319c", f"{span.context.span_id:016x}")
+
+
+def test_every_log_line_of_a_request_carries_its_request_id(engine: Callable[..., FakeEngine]) -> None:
+    import logging
+
+    from config.log_context import RequestIdFilter
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Keep()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(name)s%(request_tag)s: %(message)s"))
+    logger = logging.getLogger("serving.gateway")
+    logger.addHandler(handler)
+    table = rows(alias(), workers(1, nowhere(), engine().base_url))
+    try:
+
+        async def scenario() -> str:
+            async with running(table, eject_after=1) as gw:
+                for n in range(8):  # until one is sent to the refusing replica first
+                    reply = await gw.call({**CHAT, "user": f"u{n}"})
+                    assert reply.status == 200
+                    if lines:
+                        return reply.headers["x-request-id"]
+            raise AssertionError("no request met the refusing replica")
+
+        request_id = asyncio.run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    tried = [line for line in lines if "failed before its first byte" in line]
+    ejected = [line for line in lines if "ejected" in line]
+    assert tried and tried[0].startswith(f"serving.gateway.forward [{request_id}]: ")
+    assert ejected and f"[{request_id}]" in ejected[0]
