@@ -2,9 +2,9 @@
 
 Per request: authenticate against the in-memory key set, admit it under the key's limits (`admission`),
 pick an arm (sticky) and hand it to the `forward.Forwarder` (replicas, retries, failover, streaming), then
-leave a request record per attempt in the buffer. Everything that touches the database (route table
-polls, record batches, shadow hand-offs, redaction of stored texts) runs in threads of its own; the route
-table survives a database outage on its last-known-good copy on disk (`lastgood`).
+leave a request record per attempt with the `recorder.Recorder`. The route table comes from the
+`route_keeper.RouteKeeper`; everything that touches the database or blocks (route polls, record batches,
+shadow hand-offs, redaction of stored texts) runs in threads of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 from config.log_context import request_id_var
@@ -39,17 +38,11 @@ from serving.gateway.forward import CANCELLED, ENGINE_ERROR, OK, Exchange, Forwa
 from serving.gateway.meter import tpot_ms
 from serving.gateway.outliers import OutlierPolicy, OutlierProbe
 from serving.gateway.parsing import CHAT, COMPLETIONS, body_parse, prefix_key, prompt_text
-from serving.gateway.records import DatabaseDown, RecordBuffer, RecordDraft, records_write
+from serving.gateway.recorder import Recorder
+from serving.gateway.records import RecordDraft
 from serving.gateway.replies import Message, Receive, Scope, Send, send_error, send_json
-from serving.gateway.routing import (
-    BASELINE,
-    KeyRoute,
-    RouteRows,
-    RouteTable,
-    arm_choose,
-    route_table_build,
-    session_of,
-)
+from serving.gateway.route_keeper import RouteKeeper
+from serving.gateway.routing import BASELINE, KeyRoute, RouteRows, RouteTable, arm_choose, session_of
 from serving.gateway.tracing import Tracing
 from serving.gateway.upstream import UpstreamPool
 from serving.hashing import session_hash
@@ -57,9 +50,6 @@ from serving.hashing import session_hash
 __all__ = ["Gateway", "GatewayConfig"]
 
 log = logging.getLogger(__name__)
-
-# Stored texts waiting for the redaction thread; past this a record is written without them (counted).
-TEXTS_MAX_PENDING = 256
 
 # The gateway started in this process, for the combined server's /readyz.
 _RUNNING: Gateway | None = None
@@ -84,11 +74,8 @@ class Gateway:
     ) -> None:
         self.config = config or GatewayConfig.from_settings()
         self.standalone = standalone
-        self.table = RouteTable()
-        self.records = RecordBuffer(self.config.record_buffer, on_drop=metrics.records_dropped_total.inc)
-        self._rows_loader = rows_loader
-        self._version_reader = version_reader
-        self._records_writer = records_writer or records_write
+        self.routes = RouteKeeper(self.config, rows_loader=rows_loader, version_reader=version_reader)
+        self.recorder = Recorder(self.config, writer=records_writer)
         self._shadow_enqueue = shadow_enqueue or self._celery_enqueue
         self._pool: UpstreamPool | None = None
         self.forwarder: Forwarder | None = None
@@ -99,20 +86,11 @@ class Gateway:
         )
         self._latency = metrics.LatencyObserver()
         self._tasks: list[asyncio.Task[None]] = []
-        self._routes_executor: ThreadPoolExecutor | None = None
-        self._records_executor: ThreadPoolExecutor | None = None
         self._shadow_executor: ThreadPoolExecutor | None = None
-        self._texts_executor: ThreadPoolExecutor | None = None
-        self._texts_pending: set[asyncio.Future[tuple[str, str]]] = set()
         self.shadow: Any = None
-        self._flush_wakeup: asyncio.Event | None = None
         self._rng = random.Random()
         self._request_id_key = os.urandom(32)
         self._request_count = itertools.count()
-        # Where the table in use came from, and what the database said last.
-        self.routes_source = "none"  # database | disk
-        self.database_error = ""
-        self.database_down_since: float | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -122,29 +100,21 @@ class Gateway:
         from serving.gateway.shadow import ShadowQueue
 
         config = self.config
-        # One thread each: a slow record batch (a locked SQLite file waits up to its busy timeout) must
-        # never delay a route change, and each thread keeps one database connection.
-        self._routes_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-routes")
-        self._records_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-records")
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-shadow")
-        # Redaction is pure CPU on regexes (18-25 ms per 100 KB): off the event loop, where it would stall
-        # every stream in the process.
-        self._texts_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-redact")
         self.shadow = ShadowQueue(
             max_pending=config.shadow_max_pending, executor=self._shadow_executor, enqueue=self._shadow_enqueue
         )
+        self.recorder.start()
         self._pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s)
         self.forwarder = Forwarder(pool=self._pool, config=config, outliers=self.outliers, tracing=self.tracing)
         self.limits = limits_for(config.limits_redis_url)
         await self.limits.start()
-        self._flush_wakeup = asyncio.Event()
-        # The table is built before the first request is accepted: a gateway never routes on nothing.
-        await self._routes_first_load()
+        await self.routes.start()
         probe = OutlierProbe(policy=self.outliers, pool=self._pool, replicas=lambda: self.table.replicas,
                              timeout_s=min(config.ttfb_timeout_s, 5.0))
         self._tasks = [
-            asyncio.create_task(self._poll_routes(), name="gateway-route-poll"),
-            asyncio.create_task(self._flush_records(), name="gateway-record-flush"),
+            asyncio.create_task(self.routes.poll(), name="gateway-route-poll"),
+            asyncio.create_task(self.recorder.run(), name="gateway-record-flush"),
             asyncio.create_task(probe.run(), name="gateway-outlier-probe"),
         ]
         if config.max_queued_per_replica:
@@ -163,193 +133,26 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        if self._texts_pending:
-            await asyncio.wait(list(self._texts_pending), timeout=10.0)
-        # Whatever is buffered gets one last chance to reach the database.
-        deadline = time.monotonic() + 10.0
-        while len(self.records) and time.monotonic() < deadline:
-            if not await self._flush_once():
-                break
-        if len(self.records):
-            log.warning("%d request records not written at shutdown", len(self.records))
+        await self.recorder.close()
         if self.limits is not None:
             await self.limits.stop()
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
-        for executor in (self._routes_executor, self._records_executor, self._shadow_executor, self._texts_executor):
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=False)
+        self.routes.close()
+        if self._shadow_executor is not None:
+            self._shadow_executor.shutdown(wait=True, cancel_futures=False)
         self.tracing.shutdown()
         if _RUNNING is self:
             _RUNNING = None
         metrics_process_exit()
 
-    async def _routes_first_load(self) -> None:
-        """From the database; if it cannot be reached within a few seconds and a last-known-good copy is on
-        disk, from that (the poll switches back to the database as soon as it answers)."""
-        config = self.config
-        cache = config.routes_cache
-        start = time.monotonic()
-        has_cache = cache is not None and cache.exists()
-        database_deadline = start + (config.startup_database_wait_s if has_cache else config.startup_timeout_s)
-        while True:
-            try:
-                await self._reload()
-                return
-            except Exception as exc:
-                self._database_failed(exc)
-                if time.monotonic() > database_deadline:
-                    if has_cache and await self._routes_from_disk():
-                        return
-                    if time.monotonic() > start + config.startup_timeout_s:
-                        raise
-                log.warning("route table not loaded yet; retrying", exc_info=True)
-                await asyncio.sleep(0.5)
-
-    async def _routes_from_disk(self) -> bool:
-        from serving.gateway.lastgood import route_rows_restore
-
-        assert self.config.routes_cache is not None
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._routes_executor, route_rows_restore, self.config.routes_cache)
-        if rows is None:
-            return False
-        self.table = route_table_build(rows, self.table)
-        self.routes_source = "disk"
-        metrics.routes_from_disk.set(1)
-        metrics.route_generation.set(self.table.generation)
-        log.warning("the database is unreachable (%s); serving the last-known-good route table from %s "
-                    "(generation %d)", self.database_error, self.config.routes_cache, self.table.generation)
-        return True
-
-    def _database_failed(self, exc: BaseException) -> None:
-        self.database_error = f"{type(exc).__name__}: {exc}".strip()[:300]
-        if self.database_down_since is None:
-            self.database_down_since = time.time()
-
-    def _database_answered(self) -> None:
-        self.database_error = ""
-        self.database_down_since = None
-        if self.routes_source == "disk":
-            log.info("the database answers again; routes come from it")
-        self.routes_source = "database"
-        metrics.routes_from_disk.set(0)
-
-    async def _reload(self) -> None:
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._routes_executor, self._load_rows)
-        self.table = route_table_build(rows, self.table)
-        self._database_answered()
-        metrics.route_generation.set(self.table.generation)
-        metrics.route_reloads_total.inc()
-
-    def _load_rows(self) -> RouteRows:
-        if self._rows_loader is not None:
-            return self._rows_loader()
-        from serving.gateway.lastgood import route_rows_save
-        from serving.gateway.table import route_rows_load
-
-        rows = route_rows_load()
-        cache = self.config.routes_cache
-        if cache is not None:
-            try:
-                route_rows_save(rows, cache)
-            except OSError:
-                log.warning("the last-known-good route table could not be saved to %s", cache, exc_info=True)
-        return rows
-
-    def _read_version(self) -> tuple[int, str]:
-        if self._version_reader is not None:
-            return self._version_reader()
-        from serving.gateway.table import route_version_read
-
-        return route_version_read()
-
-    async def _poll_routes(self) -> None:
-        loop = asyncio.get_running_loop()
-        failing = False
-        while True:
-            await asyncio.sleep(self.config.route_poll_s)
-            try:
-                version = await loop.run_in_executor(self._routes_executor, self._read_version)
-                if version != self.table.version:
-                    await self._reload()
-                else:
-                    self._database_answered()
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                metrics.route_poll_failures_total.inc()
-                self._database_failed(exc)
-                if not failing:
-                    log.warning("route table poll failed; keeping the table in use", exc_info=True)
-                failing = True
+    @property
+    def table(self) -> RouteTable:
+        return self.routes.table
 
     def routes_status(self) -> dict[str, Any]:
-        """What /readyz says about the routes: their source, generation, and the database as last seen."""
-        status: dict[str, Any] = {"source": self.routes_source, "generation": self.table.generation}
-        if self.database_error:
-            since = datetime.fromtimestamp(self.database_down_since or time.time(), UTC)
-            status["database"] = f"unreachable since {since.isoformat(timespec='seconds')}: {self.database_error}"
-        else:
-            status["database"] = "ok"
-        return status
-
-    # --- request records ------------------------------------------------------------------------
-
-    async def _flush_records(self) -> None:
-        assert self._flush_wakeup is not None
-        backoff = self.config.record_flush_s
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_wakeup.wait(), timeout=backoff)
-            self._flush_wakeup.clear()
-            while len(self.records):
-                if not await self._flush_once():
-                    # The database is down: keep the records, try again later, a little less often.
-                    backoff = min(backoff * 2, 5.0)
-                    break
-            else:
-                backoff = self.config.record_flush_s
-
-    async def _flush_once(self) -> bool:
-        batch = self.records.take(self.config.record_batch)
-        if not batch:
-            return True
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._records_executor, self._records_writer, batch)
-        try:
-            await asyncio.wait([future])  # a cancel (shutdown) ends the wait, never the write
-        except asyncio.CancelledError:
-            # Stopped mid-write (shutdown): the batch's fate is settled before this task ends. Cancelling
-            # the write itself could drop a batch whose thread had not started yet, with nobody to know.
-            await asyncio.wait([future])
-            self._batch_settle(batch, future)
-            raise
-        return self._batch_settle(batch, future)
-
-    def _batch_settle(self, batch: list[RecordDraft], future: asyncio.Future[int]) -> bool:
-        """Count a written batch, or put a failed one back for the next try; True when it was written."""
-        error = future.exception()
-        if error is None:
-            metrics.records_written_total.inc(future.result())
-            metrics.records_buffered.set(len(self.records))
-            return True
-        metrics.record_write_failures_total.inc()
-        if not isinstance(error, DatabaseDown):
-            log.error("writing request records failed", exc_info=error)
-        self.records.put_back(batch)
-        metrics.records_buffered.set(len(self.records))
-        return False
-
-    def _record(self, draft: RecordDraft) -> None:
-        self.records.add(draft)
-        size = len(self.records)
-        metrics.records_buffered.set(size)
-        if size >= self.config.record_batch and self._flush_wakeup is not None:
-            self._flush_wakeup.set()
+        return self.routes.status()
 
     # --- ASGI -----------------------------------------------------------------------------------
 
@@ -629,10 +432,10 @@ class Gateway:
             for attempt in attempts
         ]
         if route.store_prompts:
-            self._record_with_texts(drafts, prompt, last.output_text)
+            self.recorder.add_with_texts(drafts, prompt, last.output_text)
         else:
             for draft in drafts:
-                self._record(draft)
+                self.recorder.add(draft)
         if shadow and last.outcome == OK and last.arm == BASELINE and not last.failover and route.candidate is not None:
             client_body = dict(ex.body)
             client_body.pop("stream_options", None)
@@ -654,28 +457,6 @@ class Gateway:
                 "baseline_completion_tokens": last.completion_tokens,
             })
 
-    def _record_with_texts(self, drafts: list[RecordDraft], prompt: str, output: str) -> None:
-        """Redact the stored texts in their own thread, then buffer the records (the final one holds them)."""
-        if self._texts_executor is None or len(self._texts_pending) >= TEXTS_MAX_PENDING:
-            metrics.texts_unstored_total.inc()
-            for draft in drafts:
-                self._record(draft)
-            return
-        future = asyncio.get_running_loop().run_in_executor(self._texts_executor, _texts_redact, prompt, output)
-        self._texts_pending.add(future)
-
-        def redacted(done: asyncio.Future[tuple[str, str]]) -> None:
-            self._texts_pending.discard(done)
-            if done.cancelled() or done.exception() is not None:
-                metrics.texts_unstored_total.inc()
-                log.error("redacting stored texts failed", exc_info=None if done.cancelled() else done.exception())
-            else:
-                drafts[-1].prompt_text, drafts[-1].output_text = done.result()
-            for draft in drafts:
-                self._record(draft)
-
-        future.add_done_callback(redacted)
-
     def _session_hash(self, session: str | None) -> str:
         if session is None:
             return ""
@@ -685,12 +466,6 @@ class Gateway:
         from serving.gateway.shadow import shadow_enqueue
 
         shadow_enqueue(payload, expires_s=self.config.shadow_expires_s)
-
-
-def _texts_redact(prompt: str, output: str) -> tuple[str, str]:
-    from serving.redaction import redact_in_slices
-
-    return redact_in_slices(prompt), redact_in_slices(output)
 
 
 async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:

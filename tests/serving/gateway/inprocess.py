@@ -87,9 +87,9 @@ class Harness:
 
     async def settled(self) -> list[RecordDraft]:
         """The records once every request's are in (redaction runs in a thread)."""
-        while self.gateway._texts_pending:
+        while self.gateway.recorder.texts_pending:
             await asyncio.sleep(0.01)
-        await self.gateway._flush_once()
+        await self.gateway.recorder.flush_once()
         return self.records
 
     def attempts(self, request_id: str) -> list[RecordDraft]:

@@ -76,10 +76,10 @@ def test_records_wait_while_the_database_is_down_and_are_written_when_it_is_back
         await gateway.startup()
         before = dropped_total()
         for n in range(5):
-            gateway._record(draft(n))
+            gateway.recorder.add(draft(n))
         await asyncio.sleep(0.2)
         assert written == []
-        assert len(gateway.records) == 3  # the newest three; two dropped and counted
+        assert len(gateway.recorder.buffer) == 3  # the newest three; two dropped and counted
         assert dropped_total() - before == 2
         database_up = True
         await gateway.shutdown()  # the shutdown flush writes what waited
@@ -101,12 +101,12 @@ def test_a_batch_being_written_at_shutdown_is_neither_lost_nor_forgotten() -> No
     async def scenario() -> None:
         gateway = gateway_with(writer, capacity=10)
         await gateway.startup()
-        assert gateway._records_executor is not None
-        gateway._records_executor.submit(thread_free.wait)  # the writer thread is busy: the write queues
-        gateway._record(draft(1))
-        gateway._record(draft(2))  # a full batch wakes the flusher, which takes it
+        assert gateway.recorder.executor is not None
+        gateway.recorder.executor.submit(thread_free.wait)  # the writer thread is busy: the write queues
+        gateway.recorder.add(draft(1))
+        gateway.recorder.add(draft(2))  # a full batch wakes the flusher, which takes it
         await asyncio.sleep(0.1)
-        assert len(gateway.records) == 0
+        assert len(gateway.recorder.buffer) == 0
         threading.Timer(0.2, thread_free.set).start()
         await gateway.shutdown()  # stops the flusher while its batch waits for the thread
 

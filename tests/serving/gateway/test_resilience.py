@@ -60,13 +60,13 @@ def test_a_gateway_started_with_the_database_down_serves_its_last_routes_and_say
                           records_writer=lambda batch: len(batch))
         await gateway.startup()
         try:
-            assert gateway.routes_source == "disk"
+            assert gateway.routes.source == "disk"
             assert (await asgi_post(gateway, "/v1/chat/completions", CHAT)).status == 200
             status = gateway.routes_status()
             assert status["source"] == "disk" and status["database"].startswith("unreachable since ")
             database_up = True
             deadline = time.monotonic() + 5
-            while gateway.routes_source != "database" and time.monotonic() < deadline:
+            while gateway.routes.source != "database" and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             assert gateway.routes_status() == {"source": "database", "generation": 1, "database": "ok"}
         finally:
