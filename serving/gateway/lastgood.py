@@ -67,7 +67,11 @@ def _rows(raw: dict[str, Any]) -> RouteRows:
         )
         for a in raw["aliases"]
     )
-    workers = tuple(WorkerRow(**w) for w in raw["workers"])
+    # JSON gives lists back; the rows hold tuples (a list of key headers cannot be added to a replica's).
+    workers = tuple(
+        WorkerRow(**{**w, "headers": tuple(w["headers"]) if w.get("headers") is not None else None})
+        for w in raw["workers"]
+    )
     keys = tuple(KeyRow(**{**k, "aliases": tuple(k["aliases"])}) for k in raw["keys"])
     generation, changed_at = raw["version"]
     return RouteRows(version=(int(generation), str(changed_at)), aliases=aliases, workers=workers, keys=keys)

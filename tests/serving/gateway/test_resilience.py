@@ -18,7 +18,7 @@ from serving.gateway.app import Gateway
 from serving.gateway.config import GatewayConfig
 from serving.gateway.lastgood import route_rows_restore, route_rows_save
 from serving.gateway.records import RecordDraft
-from serving.gateway.routing import KeyRow, RouteRows
+from serving.gateway.routing import KeyRow, RouteRows, WorkerRow, route_table_build
 from tests.serving.gateway.inprocess import CHAT, KEY_HASH, alias, asgi_post, rows, running, workers
 from tests.support.fake_engine import FakeEngine
 
@@ -29,11 +29,18 @@ def fake(standin_engine: Callable[..., FakeEngine]) -> FakeEngine:
 
 
 def test_the_last_known_good_table_round_trips(tmp_path: Path) -> None:
-    table = rows(alias(weight=0.25, store_prompts=True, ttfb=1.5), workers(1, "http://10.0.0.1:8000"),
+    # A worker with its key sent the flavor's way (every worker read from the database has its header lines).
+    keyed = WorkerRow(id=2, model_version_id=1, base_url="http://10.0.0.2:8000", api_key="s3cret", worker_id=7,
+                      headers=("Authorization: Bearer s3cret",))
+    table = rows(alias(weight=0.25, store_prompts=True, ttfb=1.5), (*workers(1, "http://10.0.0.1:8000"), keyed),
                  key=KeyRow(KEY_HASH, ("adder",), name="shop", rpm_limit=5, tpm_limit=None, max_concurrency=2))
     path = tmp_path / "routes.json"
     route_rows_save(table, path)
-    assert route_rows_restore(path) == table
+    restored = route_rows_restore(path)
+    assert restored == table
+    assert restored is not None
+    replica = route_table_build(restored).replicas[2]
+    assert replica.worker_id == 7 and "Authorization: Bearer s3cret" in replica.headers
     assert path.stat().st_mode & 0o777 == 0o600
     path.write_text("{not json")
     assert route_rows_restore(path) is None
