@@ -87,11 +87,12 @@ def test_a_worker_killed_mid_analysis_and_mid_eval_run_leaves_both_done_once(
 
 
 def _mirror(adder: Adder, n: int) -> dict[str, Any]:
-    """A shadow hand-off as the gateway makes it after serving a baseline request."""
+    """A shadow hand-off as the gateway makes it after serving a baseline request, for an alias that stores
+    prompts (only then does the pair keep the candidate's answer, which the test checks)."""
     a, b = 10 + n, 20 + n
     return {
         "request_id": f"faults-{os.getpid()}-{time.monotonic_ns()}-{n}", "created_at": datetime.now(UTC).isoformat(),
-        "alias": "adder", "rollout_id": None, "endpoint": "chat.completions",
+        "alias": "adder", "rollout_id": None, "endpoint": "chat.completions", "store_prompts": True,
         "body": {"model": "adder", "messages": [{"role": "user", "content": f"{a}+{b}"}], "max_tokens": 8},
         "baseline_version_id": adder.v1.pk, "candidate_version_id": adder.v2.pk, "prompt_text": f"user: {a}+{b}",
         "baseline_output": str(a + b), "baseline_ttft_ms": 5.0, "baseline_e2e_ms": 9.0,
@@ -125,4 +126,6 @@ def test_a_worker_killed_mid_shadow_mirror_stores_its_pair_once_after_redelivery
     pairs = list(ShadowPair.objects.all())
     assert sorted(p.request_id for p in pairs) == sorted(ids)
     assert all(p.candidate_outcome == "ok" and p.candidate_output and p.candidate_version_id == adder.v2.pk
-               for p in pairs)
+               and p.texts_stored and p.baseline_replay_outcome == "ok" for p in pairs), [
+        (p.candidate_outcome, p.candidate_error, p.candidate_output, p.baseline_replay_outcome) for p in pairs
+    ]
