@@ -41,7 +41,7 @@ from evals.services import (
     eval_run_release,
 )
 from serving.models import ModelVersion
-from serving.selectors import engine_base_url, model_version_get
+from serving.selectors import engine_endpoint_get, model_version_get
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Stopped(Exception):
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str
-    api_key: str
+    headers: dict[str, str]  # the engine's key, in the header its flavor takes
     model: str
 
     def url(self, path: str) -> str:
@@ -81,13 +81,10 @@ class Endpoint:
         base = self.base_url.rstrip("/")
         return f"{base}{path[3:]}" if base.endswith("/v1") else f"{base}{path}"
 
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
 
 def endpoint_for(model_version: ModelVersion) -> Endpoint:
-    base_url, api_key = engine_base_url(model_version=model_version)
-    return Endpoint(base_url=base_url, api_key=api_key, model=model_version.served_model_name)
+    engine = engine_endpoint_get(model_version=model_version)
+    return Endpoint(base_url=engine.base_url, headers=engine.headers, model=model_version.served_model_name)
 
 
 def post_with_retries(
@@ -102,7 +99,7 @@ def post_with_retries(
             raise Stopped()
         delay = backoff_s * (2 ** (attempt - 1))
         try:
-            response = client.post(endpoint.url(path), json=body, headers=endpoint.headers())
+            response = client.post(endpoint.url(path), json=body, headers=endpoint.headers)
         except httpx.TransportError as exc:
             last, connection = f"{type(exc).__name__}: {exc}", True
         else:

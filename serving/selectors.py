@@ -110,12 +110,25 @@ def model_version_is_ready(*, model_version: ModelVersion) -> bool:
     return engine_workers_ready(model_version=model_version).exists()
 
 
-def engine_base_url(*, model_version: ModelVersion) -> tuple[str, str]:
-    """(base URL, api key) of one ready engine of the version, for callers that bypass the gateway (evals)."""
-    worker = engine_workers_ready(model_version=model_version).order_by("?").first()
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """Where to call one ready engine of a version directly, for callers that bypass the gateway (eval runs,
+    shadow mirrors): its base URL and its key in the header its flavor takes (`api-key` for Azure OpenAI,
+    a bearer token for the others), as the gateway itself sends it."""
+
+    base_url: str
+    headers: dict[str, str]
+
+
+def engine_endpoint_get(*, model_version: ModelVersion) -> EngineEndpoint:
+    """One ready engine of the version, picked at random; NotFound when it has none."""
+    worker = (
+        engine_workers_ready(model_version=model_version).exclude(base_url="").order_by("?")
+        .values("base_url", "api_key", "flavor").first()
+    )
     if worker is None:
         raise NotFound(f"model version {model_version.label} has no ready engine")
-    return worker.base_url, worker.api_key
+    return EngineEndpoint(base_url=worker["base_url"], headers=flavor_get(worker["flavor"]).headers(worker["api_key"]))
 
 
 @dataclass(frozen=True)

@@ -120,20 +120,19 @@ def _replay(version: Any, payload: dict[str, Any], *, timeout_s: float, collect_
     connection failures propagate: the caller decides whether they are worth a retry."""
     import httpx
 
-    from serving.selectors import engine_base_url
+    from serving.selectors import engine_endpoint_get
 
-    base_url, api_key = engine_base_url(model_version=version)
+    engine = engine_endpoint_get(model_version=version)
     body = dict(payload["body"])
     body["model"] = version.served_model_name
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    url = base_url.rstrip("/") + ENDPOINT_PATHS[payload["endpoint"]]
+    url = engine.base_url.rstrip("/") + ENDPOINT_PATHS[payload["endpoint"]]
     replay = _Replay()
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False) as client:
             replay.meter = StreamMeter(sent_at=time.perf_counter(), collect_text=collect_text)
-            with client.stream("POST", url, json=body, headers=headers) as response:
+            with client.stream("POST", url, json=body, headers=engine.headers) as response:
                 if response.status_code != 200:
                     replay.outcome = "client_error" if response.status_code < 500 else "engine_error"
                     replay.error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
@@ -181,7 +180,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
 
     from config.errors import NotFound
     from serving.models import ModelVersion, ShadowPair
-    from serving.selectors import engine_base_url
+    from serving.selectors import engine_endpoint_get
 
     request_id = str(payload["request_id"])
     store = bool(payload.get("store_prompts"))
@@ -193,7 +192,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         return False
     baseline = ModelVersion.objects.filter(pk=int(payload.get("baseline_version_id") or 0)).first()
     try:
-        engine_base_url(model_version=candidate)
+        engine_endpoint_get(model_version=candidate)
     except NotFound as exc:
         # Nothing is asked of either side until the candidate has an engine to answer.
         if not final_attempt:

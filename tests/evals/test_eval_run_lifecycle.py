@@ -105,7 +105,7 @@ def _client(responses: list[object]) -> tuple[httpx.Client, list[int]]:
     return httpx.Client(transport=httpx.MockTransport(handler)), calls
 
 
-ENDPOINT = runner.Endpoint(base_url="http://engine.test", api_key="k", model="m")
+ENDPOINT = runner.Endpoint(base_url="http://engine.test", headers={"Authorization": "Bearer k"}, model="m")
 OK = httpx.Response(200, json={"choices": [{"text": "85"}], "usage": {"completion_tokens": 2}})
 
 
@@ -136,9 +136,8 @@ def test_retries_run_out_and_say_whether_the_engine_was_reached() -> None:
 
 
 def test_static_endpoints_registered_with_v1_are_not_doubled() -> None:
-    assert runner.Endpoint(base_url="http://h:1/v1/", api_key="", model="m").url("/v1/completions") == "http://h:1/v1/completions"
+    assert runner.Endpoint(base_url="http://h:1/v1/", headers={}, model="m").url("/v1/completions") == "http://h:1/v1/completions"
     assert ENDPOINT.url("/v1/chat/completions") == "http://engine.test/v1/chat/completions"
-    assert ENDPOINT.headers() == {"Authorization": "Bearer k"}
 
 
 def test_a_run_without_a_ready_engine_waits_then_fails(run: EvalRun, monkeypatch: pytest.MonkeyPatch,

@@ -73,9 +73,11 @@ def version_register(model: DemoModel, *, price_in: float = 0.1, price_out: floa
     )
 
 
-def static_worker_ready(version: ModelVersion, base_url: str, *, agent: str = TEST_AGENT) -> EngineWorker:
+def static_worker_ready(version: ModelVersion, base_url: str, *, agent: str = TEST_AGENT, flavor: str = "vllm",
+                        api_key: str = "") -> EngineWorker:
     """A static worker marked READY the way the engine agent does it (claim, start, ready), without an agent."""
-    worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, base_url=base_url)
+    worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, base_url=base_url,
+                                  flavor=flavor, api_key=api_key)
     assert engine_claim(worker_id=worker.pk, agent=agent, ttl_s=3600) is not None
     assert engine_start_begin(worker_id=worker.pk, agent=agent, port=None, base_url=base_url) is not None
     ready = engine_ready(worker_id=worker.pk, agent=agent)

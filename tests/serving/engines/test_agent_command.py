@@ -11,8 +11,8 @@ import pytest
 from serving.models import EngineWorker, ModelVersion
 from serving.services import engine_worker_create
 from tests.serving.engines.conftest import agent_process
+from tests.support.fake_engine import FakeEngine
 from tests.support.processes import REPO_ROOT, child_env
-from tests.support.stub_engine import stub_engine
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,18 +27,21 @@ def test_an_idle_agent_exits_cleanly_on_a_signal(sig: signal.Signals) -> None:
 
 def test_once_probes_a_static_endpoint_and_exits() -> None:
     version = ModelVersion.objects.create(name="adder", version="v1", artifact="/nowhere", served_model_name="adder-v1")
-    with stub_engine("adder-v1") as (url, behaviour):
+    engine = FakeEngine(served_name="adder-v1").start()
+    try:
         worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC,
-                                      host_name="agents-once", base_url=url)
+                                      host_name="agents-once", base_url=engine.base_url)
         done = subprocess.run(
             [sys.executable, str(REPO_ROOT / "manage.py"), "engine_agent", "--host-name", "agents-once", "--once"],
             env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        engine.stop()
     assert done.returncode == 0, done.stderr
     worker.refresh_from_db()
     assert worker.state == EngineWorker.State.READY
     # It let go of the worker on the way out, so the host's long-running agent picks it up at once.
     assert worker.claimed_by == ""
-    assert behaviour.completions == 1
+    assert engine.seen.completions == 1
 
 
 def test_a_non_positive_interval_is_refused() -> None:

@@ -13,7 +13,7 @@ from serving.engines.agent import AgentConfig, EngineAgent
 from serving.engines.drivers import free_port
 from serving.models import EngineWorker, ModelVersion, RouteGeneration
 from serving.services import engine_worker_create, engine_worker_set_desired
-from tests.support.stub_engine import StubBehaviour, StubServer, stub_engine
+from tests.support.fake_engine import FakeEngine
 
 State = EngineWorker.State
 HOST = "static-tests"
@@ -33,9 +33,10 @@ def agent(db: None) -> Iterator[EngineAgent]:
 
 
 @pytest.fixture
-def stub() -> Iterator[tuple[str, StubBehaviour]]:
-    with stub_engine("adder-v1") as found:
-        yield found
+def stub() -> Iterator[FakeEngine]:
+    engine = FakeEngine(served_name="adder-v1").start()
+    yield engine
+    engine.stop()
 
 
 def passes(agent: EngineAgent, until: Callable[[EngineWorker], bool], worker: EngineWorker, limit: int = 20) -> EngineWorker:
@@ -61,14 +62,14 @@ def static(version: ModelVersion, base_url: str) -> EngineWorker:
 
 
 def test_a_static_endpoint_that_answers_becomes_ready_and_routable(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
-    url, behaviour = stub
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
+    url, behaviour = stub.base_url, stub
     before = generation()
     worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
     assert worker.ready_at is not None and worker.last_health_ok
     assert generation() == before + 1
     # Readiness really ran a completion, and the agent never touched a process.
-    assert behaviour.completions >= 1
+    assert behaviour.seen.completions >= 1
     assert worker.pid is None and agent.engines == {}
     worker = passes(agent, lambda w: w.metrics_at is not None, worker)
     assert worker.metrics["vllm:num_requests_running"] == 0.0
@@ -86,18 +87,18 @@ def test_an_endpoint_nobody_listens_on_never_becomes_ready_and_says_why(
 
 
 def test_healthy_but_unable_to_complete_is_not_ready(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
     # On CPU an engine with an unsupported head size passes /health, lists its model, and dies on a request.
-    url, behaviour = stub
-    behaviour.completion_status = 500
+    url, behaviour = stub.base_url, stub
+    behaviour.mode = "error"
     worker = passes(agent, lambda w: w.last_health_at is not None, static(version, url))
     assert worker.state == State.STARTING
     assert "1-token completion: 500" in worker.state_reason
 
 
 def test_a_failing_health_check_takes_it_out_of_routing_and_recovery_brings_it_back(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
-    url, behaviour = stub
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
+    url, behaviour = stub.base_url, stub
     worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
     behaviour.health_status = 503
     before = generation()
@@ -111,8 +112,8 @@ def test_a_failing_health_check_takes_it_out_of_routing_and_recovery_brings_it_b
 
 
 def test_a_stopped_worker_drains_until_nothing_is_in_flight(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
-    url, behaviour = stub
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
+    url, behaviour = stub.base_url, stub
     worker = passes(agent, lambda w: w.state == State.READY, static(version, url))
     behaviour.running, behaviour.waiting = 1, 2
     worker = engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
@@ -127,8 +128,8 @@ def test_a_stopped_worker_drains_until_nothing_is_in_flight(
 
 
 def test_a_worker_of_another_host_is_left_alone(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
-    url, _ = stub
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
+    url = stub.base_url
     other = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name="elsewhere",
                                  base_url=url)
     for _ in range(3):
@@ -139,25 +140,24 @@ def test_a_worker_of_another_host_is_left_alone(
 
 
 def test_a_base_url_given_with_its_v1_is_probed_at_the_right_paths(
-        agent: EngineAgent, version: ModelVersion, stub: tuple[str, StubBehaviour]) -> None:
-    url, behaviour = stub
+        agent: EngineAgent, version: ModelVersion, stub: FakeEngine) -> None:
+    url, behaviour = stub.base_url, stub
     worker = passes(agent, lambda w: w.state == State.READY, static(version, url + "/v1/"))
     assert worker.base_url == url
-    assert behaviour.paths_seen and not any(path.startswith("/v1/v1") for path in behaviour.paths_seen)
+    assert behaviour.seen.paths and not any(path.startswith("/v1/v1") for path in behaviour.seen.paths)
 
 
 def test_azure_openai_is_probed_with_its_key_header_and_no_completion_and_never_drained(
         agent: EngineAgent, version: ModelVersion) -> None:
-    server = StubServer(StubBehaviour(served_name="some-base-model", api_key="az-key", key_header="api-key",
-                                      prefix="/openai"))
+    server = FakeEngine(served_name="some-base-model", api_key="az-key", key_header="api-key",
+                        prefix="/openai").start()
     try:
         worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=HOST,
-                                      base_url=server.url, api_key="az-key", flavor="azure-openai")
-        assert worker.base_url == server.url + "/openai"
+                                      base_url=server.base_url, api_key="az-key", flavor="azure-openai")
+        assert worker.base_url == server.base_url + "/openai"
         worker = passes(agent, lambda w: w.state == State.READY, worker)
-        behaviour = server.behaviour
-        assert behaviour.completions == 0  # a hosted API is not billed for a probe
-        assert set(behaviour.paths_seen) == {"/openai/v1/models"} and set(behaviour.keys_seen) == {"az-key"}
+        assert server.seen.completions == 0  # a hosted API is not billed for a probe
+        assert set(server.seen.paths) == {"/openai/v1/models"} and set(server.seen.keys) == {"az-key"}
         # The gateway sends the key the same way.
         from serving.selectors import engine_replicas_routable
 
@@ -171,12 +171,12 @@ def test_azure_openai_is_probed_with_its_key_header_and_no_completion_and_never_
 
 def test_a_server_without_queue_metrics_is_drained_after_a_fixed_grace(db: None, version: ModelVersion) -> None:
     agent = EngineAgent(AgentConfig(host_name=HOST, interval_s=0.0, health_interval_s=0.0, drain_no_signal_s=0.5))
-    server = StubServer(StubBehaviour(served_name="adder-v1"))
+    server = FakeEngine(served_name="adder-v1").start()
     try:
         worker = engine_worker_create(model_version=version, driver=EngineWorker.Driver.STATIC, host_name=HOST,
-                                      base_url=server.url, flavor="ollama")
+                                      base_url=server.base_url, flavor="ollama")
         worker = passes(agent, lambda w: w.state == State.READY, worker)
-        assert "/api/version" in server.behaviour.paths_seen and "/metrics" not in server.behaviour.paths_seen
+        assert "/api/version" in server.seen.paths and "/metrics" not in server.seen.paths
         worker = engine_worker_set_desired(worker=worker, desired=EngineWorker.Desired.STOPPED)
         agent.reconcile()
         agent.wait_for_jobs()

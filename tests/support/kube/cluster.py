@@ -21,8 +21,8 @@ One thread ticks every few tens of milliseconds through what a cluster's control
 - the pod garbage collector removes pods whose node is gone (condition DisruptionTarget, reason
   DeletionByPodGC), and the garbage collector removes what a deleted owner owned.
 
-A container is what its image says: `EngineImage` runs the vLLM-like stub engine
-(tests/support/stub_engine.py) on the pod's address with the pod's VLLM_API_KEY (read from its Secret
+A container is what its image says: `EngineImage` runs the vLLM-like stand-in engine
+(tests/support/fake_engine.py) on the pod's address with the pod's VLLM_API_KEY (read from its Secret
 like the kubelet does), `CrashingImage` prints its lines and exits."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.fake_engine import FakeEngine
 from tests.support.kube.api import ApiFailure, Store, now_rfc3339, selector_match
-from tests.support.stub_engine import StubBehaviour, StubServer
 
 GPU = "nvidia.com/gpu"
 TICK_S = 0.03
@@ -86,7 +86,7 @@ class Runtime:
 
     ip: str
     runs: list[list[str]] = field(default_factory=list)
-    server: StubServer | None = None
+    server: FakeEngine | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     started_at: float = 0.0
@@ -189,12 +189,12 @@ class Cluster:
         """The node disappears (deleted, as a cloud's node controller does for a vanished VM)."""
         self.store.remove("Node", "", name)
 
-    def stub_of(self, pod_name: str, namespace: str) -> StubBehaviour:
+    def stub_of(self, pod_name: str, namespace: str) -> FakeEngine:
         pod = self.store.get("Pod", namespace, pod_name)
         assert pod is not None, f"no pod {pod_name}"
         runtime = self.runtimes[pod["metadata"]["uid"]]
         assert runtime.server is not None, f"pod {pod_name} runs no engine"
-        return runtime.server.behaviour
+        return runtime.server
 
     def logs(self, namespace: str, name: str, container: str, previous: bool, tail: int | None) -> str:
         pod = self.store.get("Pod", namespace, name)
@@ -587,16 +587,16 @@ class Cluster:
                 for e in container.get("env") or []
             }
             args = container.get("args") or []
-            behaviour = StubBehaviour(
-                served_name=_arg(args, "--served-model-name"),
-                api_key=env.get("VLLM_API_KEY") or "",
-                health_status=503 if image.load_s else 200,
-            )
+            served_name = _arg(args, "--served-model-name")
             for _ in range(20):
                 try:
-                    runtime.server = StubServer(
-                        behaviour, host=runtime.ip, port=int(_arg(args, "--port") or 8000)
-                    )
+                    runtime.server = FakeEngine(
+                        served_name=served_name,
+                        api_key=env.get("VLLM_API_KEY") or "",
+                        health_status=503 if image.load_s else 200,
+                        host=runtime.ip,
+                        port=int(_arg(args, "--port") or 8000),
+                    ).start()
                     break
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE:
@@ -607,7 +607,7 @@ class Cluster:
             runtime.started_at = now
             runtime.runs.append(
                 [
-                    f"INFO: serving {behaviour.served_name} on http://{runtime.ip}:{_arg(args, '--port')}",
+                    f"INFO: serving {served_name} on http://{runtime.ip}:{_arg(args, '--port')}",
                     "INFO:     Application startup complete.",
                 ]
             )
@@ -617,10 +617,10 @@ class Cluster:
         server = runtime.server
         if (
             image.load_s
-            and server.behaviour.health_status == 503
+            and server.health_status == 503
             and now - runtime.started_at >= image.load_s
         ):
-            server.behaviour.health_status = 200
+            server.health_status = 200
         if now - runtime.last_probe >= PROBE_EVERY_S:
             runtime.last_probe = now
             healthy = self._probe(runtime.ip, container)

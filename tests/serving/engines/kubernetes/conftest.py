@@ -1,5 +1,5 @@
 """The `kubernetes` driver against the stand-in cluster (tests/support/kube): the reconciler runs in this
-process with its own lightkube client over real HTTP; the pods are stub engines on their own addresses."""
+process with its own lightkube client over real HTTP; the pods are stand-in engines (tests/support/fake_engine.py) on their own addresses."""
 
 from __future__ import annotations
 

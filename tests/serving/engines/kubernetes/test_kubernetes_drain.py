@@ -14,8 +14,8 @@ from serving.gateway.table import route_rows_load
 from serving.models import EngineWorker
 from serving.services import RouteSplit, engine_worker_set_desired, route_set
 from tests.serving.engines.kubernetes.conftest import NAMESPACE, PROPAGATION_S, kube_worker, until, version
+from tests.support.fake_engine import FakeEngine
 from tests.support.kube import KubeStandin
-from tests.support.stub_engine import StubBehaviour
 
 State = EngineWorker.State
 REQUESTS_PER_POD = 3
@@ -23,9 +23,9 @@ REQUESTS_PER_POD = 3
 
 def _in_flight(
     worker: EngineWorker, kube: KubeStandin
-) -> tuple[dict[str, StubBehaviour], list[threading.Thread], list[int]]:
+) -> tuple[dict[str, FakeEngine], list[threading.Thread], list[int]]:
     """Requests held open on every pod, as the gateway sent them before any drain began."""
-    stubs: dict[str, StubBehaviour] = {}
+    stubs: dict[str, FakeEngine] = {}
     threads: list[threading.Thread] = []
     statuses: list[int] = []
     for pod in worker.pods:

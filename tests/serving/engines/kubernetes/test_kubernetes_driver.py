@@ -48,7 +48,7 @@ def test_a_worker_becomes_ready_and_its_pods_are_the_gateways_replicas(
     assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {"gpu-a", "gpu-b"}
     for pod in pods:
         stub = kube.cluster.stub_of(pod["metadata"]["name"], NAMESPACE)
-        assert stub.completions >= 1 and set(stub.keys_seen) == {f"Bearer {ready.api_key}"}
+        assert stub.seen.completions >= 1 and set(stub.seen.keys) == {f"Bearer {ready.api_key}"}
 
     # The gateway's route table has one replica per pod, at the pod's address, with the key.
     route_set(
