@@ -1,17 +1,18 @@
 """Admission control per gateway key (requests, tokens, concurrency) and the engines' own queue bound, in
-one gateway process; two processes sharing a key's limits through Redis are in
-tests/faults/test_gateway_faults.py."""
+one gateway process, and shared by two limiters on one Redis as two gateway processes share them (two real
+gateway processes sharing a key's limit are in tests/faults/test_gateway_faults.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from serving.gateway.admission import LocalLimits
+from serving.gateway.admission import LocalLimits, RedisLimits
 from serving.gateway.routing import KeyRoute, KeyRow
 from tests.serving.gateway.inprocess import CHAT, KEY_HASH, alias, rows, running, workers
+from tests.support.engines import free_port
 from tests.support.fake_engine import FakeEngine
 
 
@@ -124,3 +125,105 @@ def test_a_replica_whose_engine_queue_is_full_takes_no_more(fake: FakeEngine) ->
             assert (await gw.call(CHAT)).status == 200
 
     asyncio.run(scenario())
+
+
+# --- shared through Redis, as several gateway processes share them ---------------------------------------
+
+
+def redis_url() -> str:
+    from django.conf import settings
+
+    url = settings.GATEWAY_LIMITS_REDIS_URL
+    if not url:
+        pytest.skip("needs Redis (CI's CELERY_BROKER_URL, or GATEWAY_LIMITS_REDIS_URL)")
+    return url
+
+
+def shared_key(**limits: int) -> KeyRoute:
+    import secrets
+
+    return KeyRoute(key_hash=secrets.token_hex(32), name="shop", allowed=None, **limits)  # type: ignore[arg-type]
+
+
+def two_gateways(scenario: Callable[[RedisLimits, RedisLimits], Awaitable[None]]) -> None:
+    """Run `scenario` with two limiters on one Redis, as two gateway processes have them."""
+
+    async def run() -> None:
+        first, second = RedisLimits(redis_url()), RedisLimits(redis_url())
+        await first.start()
+        await second.start()
+        try:
+            await scenario(first, second)
+        finally:
+            await first.stop()
+            await second.stop()
+
+    asyncio.run(run())
+
+
+def test_two_gateways_share_one_bucket_of_requests() -> None:
+    shop = shared_key(rpm_limit=4)
+
+    async def scenario(first: RedisLimits, second: RedisLimits) -> None:
+        admitted = [await (first if n % 2 else second).admit(shop, f"r{n}") for n in range(4)]
+        assert admitted == [None] * 4
+        refused = await first.admit(shop, "r4")
+        assert refused is not None and refused.limit == "rpm" and 14.0 < refused.retry_after_s <= 15.0
+        refused = await second.admit(shop, "r5")
+        assert refused is not None and refused.limit == "rpm"
+
+    two_gateways(scenario)
+
+
+def test_two_gateways_share_a_keys_requests_in_flight_and_its_tokens() -> None:
+    shop = shared_key(max_concurrency=2, tpm_limit=60)
+
+    async def scenario(first: RedisLimits, second: RedisLimits) -> None:
+        assert await first.admit(shop, "a") is None
+        assert await second.admit(shop, "b") is None
+        refused = await first.admit(shop, "c")
+        assert refused is not None and refused.limit == "concurrency"
+        first.release(shop, "a", 90)  # ends, having used 90 tokens: 30 below a minute's worth
+        await asyncio.wait(list(first._tasks))
+        refused = await second.admit(shop, "c")
+        assert refused is not None and refused.limit == "tpm" and 30.0 < refused.retry_after_s <= 31.0
+
+    two_gateways(scenario)
+
+
+def test_the_slots_of_a_gateway_that_died_are_freed_when_their_lease_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.gateway.admission
+
+    monkeypatch.setattr(serving.gateway.admission, "LEASE_S", 0.6)
+    shop = shared_key(max_concurrency=1)
+
+    async def scenario(alive: RedisLimits, dead: RedisLimits) -> None:
+        assert await alive.admit(shop, "held") is None  # held past its lease: renewed while in flight
+        await asyncio.sleep(1.0)
+        refused = await dead.admit(shop, "x")
+        assert refused is not None and refused.limit == "concurrency"
+        alive.release(shop, "held", 0)
+        await asyncio.wait(list(alive._tasks))
+        assert await dead.admit(shop, "gone") is None
+        await dead.stop()  # dies without releasing: the slot comes back once its lease ends
+        await asyncio.sleep(0.8)
+        assert await alive.admit(shop, "next") is None
+
+    two_gateways(scenario)
+
+
+def test_with_redis_unreachable_requests_are_admitted_and_the_failures_counted() -> None:
+    from prometheus_client import REGISTRY
+
+    shop = shared_key(rpm_limit=1)
+    before = REGISTRY.get_sample_value("platform_gateway_limiter_errors_total") or 0.0
+
+    async def scenario() -> None:
+        limits = RedisLimits(f"redis://127.0.0.1:{free_port()}/0")
+        try:
+            assert [await limits.admit(shop, f"r{n}") for n in range(3)] == [None] * 3
+        finally:
+            await limits.stop()
+
+    asyncio.run(scenario())
+    assert (REGISTRY.get_sample_value("platform_gateway_limiter_errors_total") or 0.0) - before == 3
