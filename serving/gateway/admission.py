@@ -75,16 +75,15 @@ class LocalLimits:
     async def admit(self, key: KeyRoute, request_id: str) -> Refusal | None:
         now = self._clock()
         requests = None
-        if key.rpm_limit:
-            requests = self._requests.setdefault(key.key_hash, _Bucket(key.rpm_limit, now))
-            level = requests.level(key.rpm_limit, now)
+        for limit, capacity, buckets in (("rpm", key.rpm_limit, self._requests), ("tpm", key.tpm_limit, self._tokens)):
+            if not capacity:
+                continue
+            bucket = buckets.setdefault(key.key_hash, _Bucket(capacity, now))
+            level = bucket.level(capacity, now)
             if level < 1.0:
-                return Refusal("rpm", (1.0 - level) * 60.0 / key.rpm_limit)
-        if key.tpm_limit:
-            tokens = self._tokens.setdefault(key.key_hash, _Bucket(key.tpm_limit, now))
-            level = tokens.level(key.tpm_limit, now)
-            if level < 1.0:
-                return Refusal("tpm", (1.0 - level) * 60.0 / key.tpm_limit)
+                return Refusal(limit, (1.0 - level) * 60.0 / capacity)
+            if limit == "rpm":
+                requests = bucket
         if key.max_concurrency:
             if self._in_flight.get(key.key_hash, 0) >= key.max_concurrency:
                 return Refusal("concurrency", 1.0)

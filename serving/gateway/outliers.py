@@ -13,7 +13,6 @@ probes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 from serving.gateway import metrics
 from serving.gateway.routing import Replica
-from serving.gateway.upstream import UpstreamError, UpstreamPool
+from serving.gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +108,7 @@ class OutlierProbe:
             self.policy.probe_failed(replica, time.monotonic())
 
     async def health(self, replica: Replica) -> bool:
-        try:
-            response = await self.pool.request(
-                replica.endpoint, "GET", "/health", headers=replica.headers[1:], head_timeout_s=self.timeout_s
-            )
-        except UpstreamError:
-            return False
-        try:
-            with contextlib.suppress(UpstreamError):
-                await asyncio.wait_for(response.read(), self.timeout_s)
-            # vLLM answers 200, or 5xx once its engine core is gone; a static endpoint without /health
-            # answers 404, which still shows it is up.
-            return response.status < 500
-        except TimeoutError:
-            return False
-        finally:
-            response.close()
+        answer = await self.pool.get(replica.endpoint, "/health", headers=replica.headers[1:], timeout_s=self.timeout_s)
+        # vLLM answers 200, or 5xx once its engine core is gone; a static endpoint without /health answers
+        # 404, which still shows it is up.
+        return answer is not None and answer[0] < 500

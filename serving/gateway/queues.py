@@ -8,12 +8,11 @@ since (`Replica.queued`). An engine without the series (not vLLM) has no bound.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from serving.gateway.routing import Replica
-from serving.gateway.upstream import UpstreamError, UpstreamPool
+from serving.gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +59,6 @@ class QueueWatcher:
 
     async def _read(self, replica: Replica) -> None:
         outstanding = replica.outstanding
-        try:
-            response = await self.pool.request(
-                replica.endpoint,
-                "GET",
-                "/metrics",
-                headers=replica.headers[1:],
-                head_timeout_s=self.timeout_s,
-            )
-        except UpstreamError:
-            replica.waiting = None
-            return
-        try:
-            body = await asyncio.wait_for(response.read(), self.timeout_s)
-        except (UpstreamError, TimeoutError):
-            replica.waiting = None
-            return
-        finally:
-            with contextlib.suppress(Exception):
-                response.close()
-        replica.waiting = waiting_parse(body) if response.status == 200 else None
+        answer = await self.pool.get(replica.endpoint, "/metrics", headers=replica.headers[1:], timeout_s=self.timeout_s)
+        replica.waiting = waiting_parse(answer[1]) if answer is not None and answer[0] == 200 else None
         replica.waiting_outstanding = outstanding

@@ -294,6 +294,22 @@ class UpstreamPool:
                     head_timer.cancel()
         raise AssertionError("unreachable")
 
+    async def get(
+        self, endpoint: Endpoint, path: str, *, headers: tuple[str, ...] = (), timeout_s: float
+    ) -> tuple[int, bytes] | None:
+        """A small GET (a health probe, a metrics scrape), its head and then its body each within
+        `timeout_s`: (status, body), or None when the engine could not be reached or did not answer in time."""
+        try:
+            response = await self.request(endpoint, "GET", path, headers=headers, head_timeout_s=timeout_s)
+        except UpstreamError:
+            return None
+        try:
+            return response.status, await asyncio.wait_for(response.read(), timeout_s)
+        except (UpstreamError, TimeoutError):
+            return None
+        finally:
+            response.close()
+
     def _arm_head_timer(self, response: Response, deadline: float, timeout_s: float | None) -> asyncio.TimerHandle:
         def expire() -> None:
             if response.status == 0:
