@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.demo_models import DEMO_RECIPES, demo_model_build
     from serving.engines.drivers import free_port
-    from serving.models import EngineWorker, RequestRecord
+    from serving.models import EngineWorker, RequestRecord, RouteGeneration
     from serving.services import (
         RouteSplit,
         engine_worker_create,
@@ -172,10 +172,21 @@ def main(argv: list[str] | None = None) -> int:
                 trust_env=False,
                 headers={"Authorization": f"Bearer {key}"},
             )
+            # The alias is listed as soon as its route is set; its engine is routed only once the gateway has
+            # rebuilt its table after the worker became READY (its next route poll). Until then every request
+            # is refused at once (no ready engine), so wait for that table, not just for the alias.
+            routed = RouteGeneration.objects.get(pk=1).generation
             deadline = time.monotonic() + 30
-            while alias not in [m["id"] for m in client.get("/v1/models").json().get("data", [])]:
+            while True:
+                listed = [m["id"] for m in client.get("/v1/models").json().get("data", [])]
+                generation = client.get("/readyz").json()["routes"]["generation"]
+                if alias in listed and generation >= routed:
+                    break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"the gateway never listed {alias}")
+                    raise SystemExit(
+                        f"the gateway did not route {alias} to its ready engine within 30 s "
+                        f"(listed: {alias in listed}, route generation {generation}, the database's {routed})"
+                    )
                 time.sleep(0.2)
 
             def one(i: int, alias: str = alias, client: httpx.Client = client) -> int:
