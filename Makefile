@@ -36,7 +36,10 @@ run: install
 	$(PY) manage.py createcachetable
 	PORT=$(PORT) $(PY) manage.py setup_platform
 	@# honcho gives the first Procfile entry (web) PORT itself; the others get PUBLIC_URL to agree on it.
-	PUBLIC_URL=http://127.0.0.1:$(PORT) exec $(VENV)/bin/honcho -f Procfile start --port $(PORT)
+	@# The demo's engines: at most three at a time (about 3 GB each), and one whose rollout retired it is
+	@# stopped a minute after (README, "What `make run` starts"); the environment may say otherwise.
+	PUBLIC_URL=http://127.0.0.1:$(PORT) ENGINE_MAX_LOCAL_ENGINES=$${ENGINE_MAX_LOCAL_ENGINES:-3} \
+	  ENGINE_IDLE_STOP_S=$${ENGINE_IDLE_STOP_S:-60} exec $(VENV)/bin/honcho -f Procfile start --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

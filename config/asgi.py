@@ -19,12 +19,14 @@ from config.asgi_router import PathRouter  # noqa: E402
 
 django_application = get_asgi_application()
 
+from rollouts.watchdog import WatchdogThread  # noqa: E402
 from serving.gateway.asgi import gateway  # noqa: E402
 
-# The gateway's route table is loaded at start-up, before the server accepts its first request.
+# The gateway's route table is loaded at start-up, before the server accepts its first request. The web
+# process also runs the analysis watchdog (rollouts.watchdog): it must be up when the workers are not.
 # (Django's handler types its scope as a dict, the router as any mutable mapping: the same thing at run time.)
 application = PathRouter(
     default=django_application,  # type: ignore[arg-type]
     mounts=[("/v1/", gateway)],
-    lifespan=[gateway],
+    lifespan=[gateway, WatchdogThread()],
 )

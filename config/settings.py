@@ -306,6 +306,17 @@ CELERY_BEAT_SCHEDULE["rollouts-analyse-live"] = {
     # A fan-out older than one interval is superseded by the next one.
     "options": {"expires": ROLLOUT_ANALYSIS_INTERVAL_S},
 }
+# The dead-man's switch (rollouts.watchdog): the web process pauses (or rolls back, per plan) a live rollout
+# whose analysis has not run for three intervals, and the analysis lifts the pause when it runs again.
+ROLLOUT_WATCHDOG = env_bool("ROLLOUT_WATCHDOG", True)
+# Engines follow rollouts (rollouts.engines): a rolled-back or aborted candidate's engines, or a promoted
+# rollout's old baseline's, are stopped this long after the rollout ended, if nothing uses the version then.
+ENGINE_IDLE_STOP_S = env_float("ENGINE_IDLE_STOP_S", 300.0, minimum=0.0)
+CELERY_BEAT_SCHEDULE["rollouts-engines-idle-stop"] = {
+    "task": "rollouts.tasks.retired_engines_stop",
+    "schedule": 15.0,
+    "options": {"expires": 15.0},
+}
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
 # Request records and shadow pairs are kept this many days (on PostgreSQL records go by whole daily
 # partitions), except what a live rollout still needs; looks of ended rollouts are compacted.
@@ -395,6 +406,9 @@ ENGINE_STOP_GRACE_S = env_float("ENGINE_STOP_GRACE_S", 15.0, minimum=0.0)
 ENGINE_CLAIM_TTL_S = env_float("ENGINE_CLAIM_TTL_S", 30.0, minimum=1.0)
 # A drain of a server that exports no queue metrics (Ollama) waits this long after routing stopped.
 ENGINE_DRAIN_NO_SIGNAL_S = env_float("ENGINE_DRAIN_NO_SIGNAL_S", 10.0, minimum=0.0)
+# Local engine processes an agent runs at once at most (0: no limit): a worker past it stays pending, saying
+# why, until one stops. `make run` sets 3 (each demo engine takes about 3 GB on CPU).
+ENGINE_MAX_LOCAL_ENGINES = env_int("ENGINE_MAX_LOCAL_ENGINES", 0, minimum=0)
 # The `kubernetes` driver (`engine_agent --driver kubernetes`): where engine Deployments go, how to reach
 # the API server (a kubeconfig path; unset: the pod's service account, else $KUBECONFIG or ~/.kube/config),
 # and the vLLM image a model version without one of its own runs.

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("plan", type=Path)
     when = create.add_mutually_exclusive_group()
     when.add_argument("--draft", action="store_true", help="leave it in draft (default: start at once)")
-    when.add_argument("--start-when-ready", action="store_true", help="start once both versions have a ready engine")
+    when.add_argument("--start-when-ready", action="store_true", help="start once both versions have a ready engine (a version with none gets one asked for)")
     create.add_argument("--idempotency-key", help="default: derived from the file (and the CI run)")
     create.add_argument("--output", choices=("text", "id", "json"), default="text")
 
@@ -113,6 +113,12 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     print(status_line(rollout), file=out)
     if rollout.get("state_reason"):
         print(f"  reason: {rollout['state_reason']}", file=out)
+    stale = rollout.get("analysis_staleness") or {}
+    if stale.get("paused_by_watchdog"):
+        print(f"  analysis stopped: paused by the watchdog (no look for over {stale['limit_s']:g} s); it resumes "
+              "once the analysis runs again", file=out)
+    elif stale.get("stale"):
+        print(f"  analysis stale: no look for {stale['age_s']:g} s (the limit is {stale['limit_s']:g} s)", file=out)
     split = rollout.get("alpha_split")
     if split:
         print(f"  error control: {split['text']}", file=out)

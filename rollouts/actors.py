@@ -37,6 +37,8 @@ class Actor:
 
 SYSTEM = Actor(user=None, name="system", via="system")
 ANALYSIS = Actor(user=None, name="analysis", via="system")
+# The dead-man's switch of the analysis (rollouts.watchdog): it acts when the analysis has stopped.
+WATCHDOG = Actor(user=None, name="watchdog", via="system")
 
 ActorLike = Actor | Any  # an Actor, or a user (request.user)
 

@@ -159,6 +159,10 @@ class RolloutDetailOutput(RolloutOutput):
     alpha_split = serializers.SerializerMethodField(
         help_text="The plan's alpha, the rule that splits it (Bonferroni) and the checks that share it."
     )
+    analysis_staleness = serializers.SerializerMethodField(
+        help_text="How long since the last analysis, the limit (three intervals) past which the watchdog pauses or "
+        "rolls back, and whether it paused this rollout; null when the rollout is not analysed (draft, ended)."
+    )
 
     def _latest(self, rollout: Rollout) -> RolloutAnalysis | None:
         # Several method fields read the latest look: one query per rollout.
@@ -166,6 +170,15 @@ class RolloutDetailOutput(RolloutOutput):
         if rollout.pk not in cache:
             cache[rollout.pk] = selectors.rollout_latest_analysis(rollout=rollout)
         return cache[rollout.pk]
+
+    @extend_schema_field({"type": "object", "nullable": True, "properties": {
+        "last_analysed_at": {"type": "string", "format": "date-time", "nullable": True}, "age_s": {"type": "number"},
+        "limit_s": {"type": "number"}, "stale": {"type": "boolean"}, "paused_by_watchdog": {"type": "boolean"}}})
+    def get_analysis_staleness(self, rollout: Rollout) -> dict[str, Any] | None:
+        from rollouts.watchdog import rollout_staleness
+
+        staleness = rollout_staleness(rollout=rollout)
+        return staleness.as_dict() if staleness is not None else None
 
     @extend_schema_field(RolloutStepOutput(many=True))
     def get_steps(self, rollout: Rollout) -> list[dict[str, Any]]:
@@ -276,7 +289,8 @@ class RolloutListCreateApi(PaginatedListApi):
         request=_PLAN_BODY,
         parameters=[
             OpenApiParameter("start", bool, description="Start at once (both versions need a ready engine)."),
-            OpenApiParameter("start_when_ready", bool, description="Stay in draft until both versions are ready, then start."),
+            OpenApiParameter("start_when_ready", bool, description="Stay in draft until both versions are ready, then "
+                             "start; a version with no engine asked to run gets one."),
             OpenApiParameter(
                 IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER,
                 description="A retried request with the same key and body returns the first rollout.",

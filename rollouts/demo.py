@@ -1,13 +1,24 @@
-"""The demo `make run` seeds: engines for the demo models, two aliases, a gateway key, and two canaries.
+"""The demo `make run` seeds: engines for the demo models, three aliases, a gateway key, and three canaries,
+one for each way a rollout ends.
 
 - `adder` serves adder-v1; a canary to adder-v2 (10 % -> 50 % -> 100 %) that should promote by itself.
 - `adder-slow-demo` serves adder-v1; a canary to adder-v2-slow (the same answers from a far bigger model)
-  whose guardrails (cost per request, TPOT) should roll it back by itself.
+  whose guardrails (TPOT, cost per request) should roll it back by itself.
+- `adder-broken-demo` serves adder-v1; an eval-gated canary to adder-v2-broken (under-trained: about half
+  the held-out sums right where adder-v1 gets nine in ten) that its eval gate should stop before any user
+  is sent to it.
 
-Engines become ready only after the engine agent has started them, so the canaries are created in
-draft with `start_when_ready`: the analysis beat starts each once both of its versions have a ready
-engine. Everything here is idempotent: a restart of `make run` finds what it made before and makes
-nothing twice (a demo canary that already ran is not run again; `--reset-demo` is not a thing).
+Engines become ready only after the engine agent has started them, so the canaries are created in draft
+with `start_when_ready`: the analysis beat starts each once both of its versions have a ready engine.
+adder-v1, adder-v2 and adder-v2-slow get a local engine here; adder-v2-broken gets none, and its canary,
+created to start when ready, asks for one (rollouts.engines). `make run` lets the agent run three local
+engines at once (ENGINE_MAX_LOCAL_ENGINES, each about 3 GB), so the broken one waits until an engine
+stops: the slow canary's, ENGINE_IDLE_STOP_S after its rollback (60 s under `make run`). After its gate
+fails, the broken candidate's engine is stopped the same way. adder-v1 keeps its engine: the other aliases
+still serve it after adder-v2's promotion.
+
+Everything here is idempotent: a restart of `make run` finds what it made before and makes nothing twice
+(a demo canary that already ran is not run again; `--reset-demo` is not a thing).
 
 `python manage.py demo_load` sends the traffic (rollouts/management/commands/demo_load.py).
 """
@@ -21,7 +32,7 @@ from typing import Any
 from django.conf import settings
 
 from config.env import env_str, generated_secret
-from config.errors import Conflict, NotFound
+from config.errors import DomainError, NotFound
 from rollouts.actors import SYSTEM
 from rollouts.models import Rollout
 from rollouts.services import rollout_create
@@ -29,8 +40,10 @@ from serving.models import EngineWorker, ModelVersion
 from serving.selectors import engine_worker_list, model_version_get
 from serving.services import alias_ensure, engine_worker_create, gateway_key_create
 
-DEMO_VERSIONS = ("adder-v1", "adder-v2", "adder-v2-slow")
-DEMO_ALIASES = {"adder": "adder-v1", "adder-slow-demo": "adder-v1"}
+DEMO_VERSIONS = ("adder-v1", "adder-v2", "adder-v2-slow", "adder-v2-broken")
+# The versions that get an engine at once; the others' rollouts ask for theirs (start when ready).
+DEMO_ENGINES = ("adder-v1", "adder-v2", "adder-v2-slow")
+DEMO_ALIASES = {"adder": "adder-v1", "adder-slow-demo": "adder-v1", "adder-broken-demo": "adder-v1"}
 DEMO_KEY_NAME = "demo"
 DEMO_KEY_FILE = "demo_gateway_key"
 
@@ -77,6 +90,28 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
             {"metric": "cost_per_request", "margin": "5%"},
         ],
     },
+    "adder-broken-demo": {
+        "name": "demo: adder-v1 -> adder-v2-broken canary, eval-gated",
+        "description": "Seeded by `make run`. adder-v2-broken is adder-v2's recipe stopped at a third of its training "
+        "steps: it gets about 45 % of the 200 held-out sums right, adder-v1 about 90 %. Its eval gate (exact match, "
+        "at most 5 points worse than the baseline) stops it before any user is sent to it. Its engine is asked for by "
+        "this rollout and starts once another demo engine has stopped (three at a time); it is stopped again after "
+        "the gate fails.",
+        "alias": "adder-broken-demo",
+        "baseline": "adder-v1",
+        "candidate": "adder-v2-broken",
+        "strategy": "canary",
+        "eval_gate": {"suite": "adder-heldout", "scorer": "exact_match", "max_drop": 0.05},
+        # What it would run if the gate passed.
+        "steps": [
+            {"weight": "10%", "min_duration_s": 300, "min_candidate_requests": 100},
+            {"weight": "100%", "min_duration_s": 300, "min_candidate_requests": 100},
+        ],
+        "guardrails": [
+            {"metric": "error_rate", "margin": 0.02},
+            {"metric": "tpot_gmean_ms", "margin": "50%"},
+        ],
+    },
 }
 
 
@@ -118,7 +153,8 @@ def demo_ensure(*, log: Callable[[str], None] = print) -> DemoState:
         log(state.notes[0])
         return state
     state = DemoState(ready=True)
-    for label, version in versions.items():
+    for label in DEMO_ENGINES:
+        version = versions[label]
         # One local engine per demo version; an operator's stopped engine counts as there (not restarted).
         if not engine_worker_list(model_version=version).exists():
             engine_worker_create(model_version=version, driver=EngineWorker.Driver.LOCAL)
@@ -135,7 +171,7 @@ def demo_ensure(*, log: Callable[[str], None] = print) -> DemoState:
             continue
         try:
             created = rollout_create(plan=plan, actor=SYSTEM, start_when_ready=True)
-        except Conflict as exc:
+        except DomainError as exc:  # a live rollout on the alias already (409), or no eval suite yet
             state.notes.append(f"{alias}: not seeding the demo canary ({exc.message})")
             continue
         state.rollouts[alias] = created.rollout.pk

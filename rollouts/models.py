@@ -70,6 +70,8 @@ class Rollout(models.Model):
     last_analysed_at = models.DateTimeField(null=True, blank=True)
     candidate_unready_since = models.DateTimeField(null=True, blank=True)
     baseline_unready_since = models.DateTimeField(null=True, blank=True)
+    # When the engines of the version this rollout retired were let go (rollouts.engines): once per rollout.
+    engines_released_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ("-created_at", "-id")

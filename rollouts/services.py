@@ -234,7 +234,15 @@ def rollout_create(
                         f"the alias {validated.plan.alias!r} already has a live rollout", field="alias"
                     ) from None
                 raise
-            _event(rollout, kind=Kind.CREATED, from_state="", actor=who, reason="", evidence={})
+            created_evidence: dict[str, Any] = {}
+            if rollout.start_when_ready:
+                # It waits for its engines: ask for those it has none of (rollouts.engines).
+                from rollouts.engines import rollout_engines_request
+
+                requested = rollout_engines_request(rollout=rollout)
+                if requested:
+                    created_evidence["engines_requested"] = requested
+            _event(rollout, kind=Kind.CREATED, from_state="", actor=who, reason="", evidence=created_evidence)
             if start:
                 _start_locked(rollout, actor=who, reason="started on creation")
         return rollout
@@ -684,8 +692,13 @@ def rollout_analysis_claim(*, rollout_id: int, lease_s: float) -> bool:
     return claimed == 1
 
 
-def rollout_analysis_release(*, rollout_id: int, readiness: dict[str, datetime | None] | None = None) -> None:
-    changes: dict[str, Any] = {"analysis_lease_until": None, "last_analysed_at": timezone.now()}
+def rollout_analysis_release(
+    *, rollout_id: int, readiness: dict[str, datetime | None] | None = None, analysed: bool = True
+) -> None:
+    """Let go of the lease; `analysed`: the look completed (the watchdog reads `last_analysed_at`)."""
+    changes: dict[str, Any] = {"analysis_lease_until": None}
+    if analysed:
+        changes["last_analysed_at"] = timezone.now()
     if readiness is not None:
         changes.update(readiness)
     Rollout.objects.filter(pk=rollout_id).update(**changes)

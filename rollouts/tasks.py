@@ -38,12 +38,18 @@ def analyse_live_rollouts() -> int:
 # A look older than one interval is stale; expiring it keeps a backed-up queue from replaying old looks.
 @shared_task(name="rollouts.tasks.analyse_rollout", ignore_result=True, expires=60)
 def analyse_rollout(rollout_id: int) -> str:
+    """One look; a look that completes on a rollout the watchdog paused (no analysis had run for three
+    intervals) lifts that pause: the analysis runs again (rollouts.watchdog)."""
     from rollouts.analysis import rollout_analyse
+    from rollouts.watchdog import rollout_stale_resume
 
     analysis = rollout_analyse(rollout_id=rollout_id)
     if analysis is None:
         return "skipped"
-    return f"{analysis.decision}{'' if analysis.applied or analysis.decision == 'hold' else ' (not applied)'}"
+    outcome = f"{analysis.decision}{'' if analysis.applied or analysis.decision == 'hold' else ' (not applied)'}"
+    if not analysis.applied and rollout_stale_resume(rollout_id=rollout_id, seen_version=analysis.rollout_version):
+        outcome += "; resumed after the stale-analysis pause"
+    return outcome
 
 
 @shared_task(
@@ -77,3 +83,13 @@ def retention_apply() -> str:
         f"{report.shadow_pairs_deleted} shadow pairs, {report.analyses_deleted} looks compacted"
     )
 
+
+
+@shared_task(name="rollouts.tasks.retired_engines_stop", ignore_result=True)
+def retired_engines_stop() -> str:
+    """Beat, every 15 s: stop the engines of versions that rollouts ended ENGINE_IDLE_STOP_S ago retired (a
+    rolled-back candidate, a promoted rollout's old baseline), when nothing uses them (rollouts.engines)."""
+    from rollouts.engines import retired_engines_stop as stop
+
+    stopped = stop()
+    return f"{len(stopped)} engines asked to stop"

@@ -172,7 +172,8 @@ def engine_worker_create(
 
 
 @transaction.atomic
-def engine_worker_set_desired(*, worker: EngineWorker, desired: str) -> EngineWorker:
+def engine_worker_set_desired(*, worker: EngineWorker, desired: str, reason: str = "") -> EngineWorker:
+    """Ask the worker's agent to run or stop it (`reason`: why it stops, shown on the worker)."""
     if desired not in EngineWorker.Desired.values:
         raise DomainError(f"desired_state must be one of {', '.join(EngineWorker.Desired.values)}", field="desired_state")
     worker = EngineWorker.objects.select_for_update().get(pk=worker.pk)
@@ -185,7 +186,7 @@ def engine_worker_set_desired(*, worker: EngineWorker, desired: str) -> EngineWo
     if desired == EngineWorker.Desired.STOPPED and worker.state == EngineWorker.State.READY:
         # Stop routing at once; the agent drains and stops the process.
         worker.state = EngineWorker.State.DRAINING
-        worker.state_reason = "stop requested"
+        worker.state_reason = (reason or "stop requested")[:500]
         worker.state_changed_at = timezone.now()
         fields += ["state", "state_reason", "state_changed_at"]
         route_generation_bump()

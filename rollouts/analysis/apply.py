@@ -60,6 +60,7 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
     if not rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S):
         return None
     readiness: dict[str, datetime | None] | None = None
+    completed = False  # only a look that completes counts as one (rollouts.watchdog reads last_analysed_at)
     try:
         rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
         if rollout is None or rollout.state not in Rollout.ANALYSED_STATES:
@@ -75,7 +76,7 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
             except DomainError as exc:
                 applied = False
                 look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
-            return RolloutAnalysis.objects.create(
+            stored = RolloutAnalysis.objects.create(
                 rollout_id=rollout.pk,
                 rollout_version=rollout.version,
                 state=rollout.state,
@@ -89,8 +90,10 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
                 srm=look.srm,
                 comparisons=look.comparisons,
             )
+            completed = True
+            return stored
     finally:
-        rollout_analysis_release(rollout_id=rollout_id, readiness=readiness)
+        rollout_analysis_release(rollout_id=rollout_id, readiness=readiness, analysed=completed)
 
 
 def rollout_evidence(*, rollout_id: int) -> dict[str, Any]:

@@ -18,6 +18,8 @@ DEFAULT_ENGINE_GRACE_S = 30
 DEFAULT_STEP_DURATION_S = 60
 DEFAULT_STEP_REQUESTS = 50
 DEFAULT_AB_HORIZON_S = 7 * 24 * 3600
+# What the watchdog does with a live rollout whose analysis stopped (rollouts.watchdog).
+ON_STALE_ANALYSIS = ("pause", "rollback")
 # A guardrail written by no one still guards against a broken candidate: errors at most one point worse.
 DEFAULT_GUARDRAILS: tuple[dict[str, Any], ...] = ({"metric": "error_rate", "margin": 0.01, "relative": False},)
 
@@ -25,6 +27,7 @@ _TOP_LEVEL = {
     "name", "description", "alias", "baseline", "candidate", "strategy", "steps", "shadow", "ab", "blue_green",
     "slos", "guardrails", "primary_metric", "alpha", "tuning_n", "allow_self_approval",
     "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate", "gpu_budget",
+    "on_stale_analysis",
 }  # fmt: skip
 _STEP_KEYS = {"weight", "shadow_rate", "min_duration_s", "min_candidate_requests", "requires_approval"}
 _SLO_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<|>=|>)\s*([-+0-9.eE]+%?)\s*$")
@@ -141,6 +144,8 @@ class Plan:
     failover_to_candidate: bool = False
     # Replicas of the baseline and the candidate together (serving.engines.capacity); None: no budget.
     gpu_budget: int | None = None
+    # When no analysis has run for three intervals: pause at the current weights, or roll back.
+    on_stale_analysis: str = "pause"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +176,7 @@ class Plan:
             "failover_to_candidate": self.failover_to_candidate,
             "gpu_budget": self.gpu_budget,
             "eval_gate": self.eval_gate,
+            "on_stale_analysis": self.on_stale_analysis,
         }
 
     def with_baseline(self, baseline: str) -> Plan:

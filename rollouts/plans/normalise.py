@@ -31,6 +31,7 @@ from rollouts.plans.model import (
     DEFAULT_GUARDRAILS,
     MAX_DURATION_S,
     MAX_STEPS,
+    ON_STALE_ANALYSIS,
     STRATEGIES,
     Guardrail,
     Plan,
@@ -140,6 +141,11 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
     gpu_budget = None
     if data.get("gpu_budget") is not None:
         gpu_budget = _integer(errors, "gpu_budget", data["gpu_budget"], minimum=2, maximum=10_000)
+    on_stale = data.get("on_stale_analysis", "pause")
+    if on_stale not in ON_STALE_ANALYSIS:
+        errors.add("on_stale_analysis", f"must be one of {', '.join(ON_STALE_ANALYSIS)} (what happens when the analysis "
+                                        "has not run for three intervals)")
+        on_stale = "pause"
 
     # Shadow mirroring (any strategy may add it; the shadow strategy needs it).
     shadow_raw = _mapping(errors, "shadow", data.get("shadow"), {"rate", "quality"})
@@ -335,6 +341,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         description=description,
         failover_to_candidate=failover,
         gpu_budget=gpu_budget,
+        on_stale_analysis=on_stale,
     )
 
 

@@ -96,6 +96,11 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
             "they are ready; a rollback gives them back.",
         },
         "eval_gate": {"type": "object", "nullable": True, "description": "Validated and run by the evals app."},
+        "on_stale_analysis": {
+            "type": "string", "enum": ["pause", "rollback"], "default": "pause",
+            "description": "When no analysis has run for three intervals (workers or beat down): pause at the "
+            "current weights until it runs again, or roll back.",
+        },
     },
     "example": PLAN_EXAMPLE,
 }

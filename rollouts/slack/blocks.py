@@ -235,6 +235,8 @@ def approval_message(
 
 def _actor(event: RolloutEvent) -> str:
     if event.via == "system":
+        if event.actor == "watchdog":
+            return "the platform's watchdog (no analysis ran)"
         return "the platform's analysis" if event.actor == "analysis" else "the platform"
     return f"{_escape(event.actor)} (via {event.via})"
 

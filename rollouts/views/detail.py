@@ -36,6 +36,7 @@ from rollouts.views.display import (
     rollout_or_404,
     rollout_summary,
 )
+from rollouts.watchdog import rollout_staleness
 from serving.redaction import redact
 from serving.selectors import shadow_pairs
 
@@ -125,6 +126,7 @@ def _status_context(request: HttpRequest, rollout: Rollout) -> dict[str, Any]:
         "look_step": analysis.step_index + 1 if analysis is not None else None,
         "look_is_older_step": analysis is not None and analysis.step_index != rollout.step_index,
         "alpha_split": alpha_split(plan_from_stored(rollout.plan)),
+        "staleness": rollout_staleness(rollout=rollout),
     }  # fmt: skip
 
 

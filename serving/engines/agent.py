@@ -85,6 +85,8 @@ class AgentConfig:
     # The GPUs this host's engines share out (empty on the CPU build).
     gpus: tuple[str, ...] = ()
     drain_no_signal_s: float = 10.0
+    # Local engine processes this agent runs at once at most (0: no limit); past it a worker waits, pending.
+    max_local_engines: int = 0
 
     @classmethod
     def from_settings(cls, *, host_name: str | None = None, interval_s: float | None = None) -> AgentConfig:
@@ -107,6 +109,7 @@ class AgentConfig:
             build=(build := engine_build(settings.ENGINE_BUILD)),
             gpus=host_gpus(gpus_parse(settings.ENGINE_GPUS), os.environ) if build == "cuda" else (),
             drain_no_signal_s=settings.ENGINE_DRAIN_NO_SIGNAL_S,
+            max_local_engines=settings.ENGINE_MAX_LOCAL_ENGINES,
         )
 
 
@@ -353,6 +356,14 @@ class EngineAgent:
             if started is not None:
                 logger.info("engine %s: probing static endpoint %s", worker.pk, worker.base_url)
                 self._submit(started, "ready")
+            return
+        cap = self.config.max_local_engines
+        if cap and len(self.engines) >= cap:
+            # Memory, not GPUs, is what a CPU host runs out of: the oldest waiting worker starts first when
+            # one of the running engines has stopped (workers are visited in the order they were created).
+            engine_services.engine_pending_note(worker_id=worker.pk, agent=self.claim, reason=(
+                f"waiting for a free slot: {len(self.engines)} local engines run on this host "
+                f"(ENGINE_MAX_LOCAL_ENGINES={cap})"))
             return
         version = worker.model_version
         gpus = self._gpus_for(worker)

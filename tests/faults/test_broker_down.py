@@ -3,8 +3,10 @@
 The combined server (web, API, /readyz and the gateway), a Celery worker and beat run as they do in
 production. While Redis is down: every request is answered on the gateway's route table, request records
 keep reaching the database (they never go through the broker), /readyz answers 503 naming the broker,
-and no look happens. Redis is started again exactly as the machine starts it; the analysis resumes,
-the canary advances and promotes, and each decision is applied once.
+no look happens, and the web server's watchdog pauses the canary at its weights once three analysis
+intervals have passed without a look (rollouts.watchdog). Redis is started again exactly as the machine
+starts it; the first look lifts the watchdog's pause, the canary advances and promotes, and each decision
+is applied once.
 
 Only on a local Redis (CI sets CELERY_BROKER_URL=redis://127.0.0.1:6379/15): stopping it stops the
 machine's Redis for everyone for 30 s. On the embedded default (kombu's filesystem transport) there is
@@ -102,8 +104,11 @@ def test_with_the_broker_down_traffic_and_records_go_on_and_the_analysis_resumes
     ended = Rollout.objects.get(pk=rollout.pk)
     assert ended.state == "promoted", ended.state_reason
     assert list(ended.events.order_by("seq").values_list("kind", "actor")) == [
-        ("created", "system"), ("started", "system"), ("step_started", "analysis"), ("promoted", "analysis"),
+        ("created", "system"), ("started", "system"), ("paused", "watchdog"), ("resumed", "analysis"),
+        ("step_started", "analysis"), ("promoted", "analysis"),
     ]  # fmt: skip
+    paused_at = ended.events.get(kind="paused").created_at
+    assert down_when < paused_at < up_when and ended.events.get(kind="resumed").created_at > up_when
     looks = RolloutAnalysis.objects.filter(rollout=rollout)
     assert looks.filter(created_at__gt=up_when).exists()
     applied = list(looks.filter(applied=True).order_by("created_at").values_list("decision", "step_index"))

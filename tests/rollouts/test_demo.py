@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from evals.services import builtin_suites_ensure
 from rollouts.demo import DEMO_PLANS, demo_ensure
 from rollouts.models import Rollout
 from rollouts.tasks import analyse_live_rollouts
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def demo_versions() -> None:
-    for label in ("adder-v1", "adder-v2", "adder-v2-slow"):
+    for label in ("adder-v1", "adder-v2", "adder-v2-slow", "adder-v2-broken"):
         version(label, ready=False, price_in=0.1, price_out=0.2)
+    builtin_suites_ensure()  # the broken canary's eval gate runs adder-heldout
 
 
 def test_the_demo_is_seeded_once_and_starts_when_its_engines_are_ready(
@@ -31,9 +33,15 @@ def test_the_demo_is_seeded_once_and_starts_when_its_engines_are_ready(
     lines: list[str] = []
     state = demo_ensure(log=lines.append)
     assert state.ready and sorted(state.workers_created) == ["adder-v1", "adder-v2", "adder-v2-slow"]
-    assert EngineWorker.objects.filter(driver="local").count() == 3
-    assert alias_get(name="adder").baseline.label == "adder-v1"  # type: ignore[union-attr]
-    assert alias_get(name="adder-slow-demo").baseline.label == "adder-v1"  # type: ignore[union-attr]
+    # The broken candidate's engine is asked for by its canary, created to start when ready.
+    assert sorted(EngineWorker.objects.filter(driver="local").values_list("model_version__served_model_name",
+                                                                          flat=True)) == [
+        "adder-v1", "adder-v2", "adder-v2-broken", "adder-v2-slow"]
+    broken = Rollout.objects.get(alias_name="adder-broken-demo")
+    assert [e["version"] for e in broken.events.get(kind="created").evidence["engines_requested"]] == ["adder-v2-broken"]
+    assert broken.plan["eval_gate"]["suite"] == "adder-heldout"
+    for alias in ("adder", "adder-slow-demo", "adder-broken-demo"):
+        assert alias_get(name=alias).baseline.label == "adder-v1"  # type: ignore[union-attr]
     assert GatewayKey.objects.filter(key_hash=gateway_key_digest("gw_demo-key-for-tests")).exists()
     rollouts = {r.alias_name: r for r in Rollout.objects.all()}
     assert set(rollouts) == set(DEMO_PLANS)
@@ -42,14 +50,15 @@ def test_the_demo_is_seeded_once_and_starts_when_its_engines_are_ready(
 
     again = demo_ensure(log=lines.append)  # `make run` again
     assert again.workers_created == [] and again.rollouts == state.rollouts
-    assert Rollout.objects.count() == 2 and EngineWorker.objects.count() == 3 and GatewayKey.objects.count() == 1
+    assert Rollout.objects.count() == 3 and EngineWorker.objects.count() == 4 and GatewayKey.objects.count() == 1
 
     analyse_live_rollouts.apply()  # engines not ready yet: still drafts
     assert set(Rollout.objects.values_list("state", flat=True)) == {"draft"}
     for worker in EngineWorker.objects.all():
         engine_ready(worker.model_version)
     analyse_live_rollouts.apply()
-    assert set(Rollout.objects.values_list("state", flat=True)) == {"running"}
+    assert dict(Rollout.objects.values_list("alias_name", "state")) == {
+        "adder": "running", "adder-slow-demo": "running", "adder-broken-demo": "gating"}
     assert alias_get(name="adder").candidate_weight == 0.1  # type: ignore[union-attr]
     started = Rollout.objects.get(alias_name="adder").events.order_by("seq").last()
     assert started is not None and (started.kind, started.actor) == ("started", "system")
