@@ -347,7 +347,8 @@ GATEWAY_SHADOW_MAX_PENDING = env_int("GATEWAY_SHADOW_MAX_PENDING", 64, minimum=1
 GATEWAY_SHADOW_EXPIRES_S = env_float("GATEWAY_SHADOW_EXPIRES_S", 300.0, minimum=1.0)
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", 2.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", 600.0, minimum=0.1)
-# Time to an engine's response head before the request is tried elsewhere (an alias may set its own).
+# Time to an engine's first byte of the answer (a stream's first event) before the request is tried elsewhere
+# (an alias may set its own).
 GATEWAY_TTFB_TIMEOUT_S = env_float("GATEWAY_TTFB_TIMEOUT_S", 30.0, minimum=0.05)
 # Without a session, send requests whose prompts open alike to the same replica (vLLM's prefix cache).
 GATEWAY_PREFIX_AFFINITY = env_bool("GATEWAY_PREFIX_AFFINITY", True)

@@ -1,7 +1,8 @@
 """Sending a request to the engines: tries, retries, failover, and passing the answer through.
 
 A request is tried on a replica of the arm its session was assigned to. Until a byte of the answer has
-gone to the client, a refused connection, a reset, a 5xx or no response head within the TTFB timeout is
+gone to the client, a refused connection, a reset, a 5xx or no answer within the TTFB timeout (no response
+head; for a stream, no first event: a stream's head comes as soon as the engine takes the request) is
 tried again on another replica of the same arm, then on the other arm where the plan allows (a candidate's
 users always fall back to the baseline; the baseline's go to the candidate only with
 `failover_to_candidate`), at most `max_attempts` tries in all. Once a byte has gone, never again: an error
@@ -248,7 +249,8 @@ class Forwarder:
         try:
             try:
                 response = await self.pool.request(
-                    replica.endpoint, "POST", path, body=payload, headers=headers, head_timeout_s=ttfb
+                    replica.endpoint, "POST", path, body=payload, headers=headers, head_timeout_s=ttfb,
+                    body_in_time=ex.stream,
                 )
             except UpstreamRefused as exc:
                 replica.refused(time.monotonic())
@@ -340,6 +342,8 @@ class Forwarder:
             tail = meter.finish(perf())
         except UpstreamError as exc:
             if not started:
+                if isinstance(exc, UpstreamHeadTimeout):
+                    self._failed(attempt, 504, "ttfb_timeout", str(exc))
                 self._failed(
                     attempt,
                     502,

@@ -62,7 +62,8 @@ class Response:
     """One response; its body arrives while the caller iterates `chunks()`."""
 
     __slots__ = (
-        "_buffered", "_chunks", "_conn", "_error", "_last_data", "_timer", "_waiter", "complete", "headers", "status",
+        "_buffered", "_chunks", "_conn", "_error", "_first_timer", "_last_data", "_timer", "_waiter", "complete",
+        "headers", "status",
     )
 
     def __init__(self, conn: _Connection) -> None:
@@ -75,6 +76,8 @@ class Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Until the first body bytes, when the head timeout covers them too (a stream's first event).
+        self._first_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
 
     # -- fed by the connection --
@@ -85,6 +88,9 @@ class Response:
             waiter.set_result(None)
 
     def _body(self, data: bytes) -> None:
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and self._conn is not None:
@@ -106,6 +112,9 @@ class Response:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
 
     # -- read by the caller --
 
@@ -253,11 +262,14 @@ class UpstreamPool:
 
     async def request(
         self, endpoint: Endpoint, method: str, path: str, *, body: bytes = b"", headers: tuple[str, ...] = (),
-        head_timeout_s: float | None = None,
+        head_timeout_s: float | None = None, body_in_time: bool = False,
     ) -> Response:
         """Send a request; returns once the status line and headers are in. Raises UpstreamRefused when no
         connection could be made, UpstreamHeadTimeout when no head came within `head_timeout_s` (from the
-        first try), UpstreamError when the engine failed before answering."""
+        first try), UpstreamError when the engine failed before answering. With `body_in_time` the first
+        body bytes are due within `head_timeout_s` too (a stream's head comes as soon as the engine takes
+        the request, its first event only once the engine works on it): the response's read then fails
+        with UpstreamHeadTimeout."""
         head = (
             f"{method} {endpoint.path}{path} HTTP/1.1\r\nHost: {endpoint.authority}\r\n"
             f"Content-Length: {len(body)}\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n"
@@ -277,6 +289,8 @@ class UpstreamPool:
             head_timer = self._arm_head_timer(response, deadline, head_timeout_s) if deadline is not None else None
             try:
                 await self._headers(response)
+                if body_in_time and head_timer is not None and not response.complete and not response._chunks:
+                    response._first_timer, head_timer = head_timer, None
                 return response
             except UpstreamHeadTimeout:
                 response.close()
@@ -312,8 +326,10 @@ class UpstreamPool:
 
     def _arm_head_timer(self, response: Response, deadline: float, timeout_s: float | None) -> asyncio.TimerHandle:
         def expire() -> None:
-            if response.status == 0:
-                response._fail(UpstreamHeadTimeout(f"no response head from the engine within {timeout_s:g} s"))
+            response._first_timer = None
+            if response.status == 0 or not (response.complete or response._chunks or response._buffered):
+                what = "response head" if response.status == 0 else "answer (only its head)"
+                response._fail(UpstreamHeadTimeout(f"no {what} from the engine within {timeout_s:g} s"))
                 conn = response._conn
                 response._conn = None
                 if conn is not None:

@@ -13,7 +13,8 @@ last message says:
 - anything else: a short answer, streamed or not as asked.
 
 unless `mode` says otherwise for every request: "error" (500, vLLM's error shape), "hang" (reads the request,
-never answers), "reset" (closes the connection on reading it), "cut" (a stream that ends after two events,
+never answers), "mute" (a stream's head, then nothing: an API server whose engine core hangs; a non-streamed
+request just hangs), "reset" (closes the connection on reading it), "cut" (a stream that ends after two events,
 without [DONE]). While `hold` is cleared, answers wait for it and count in `running`.
 
 Like vLLM it serves `GET /health` (`health_status`; Ollama's `/api/version` too), `/v1/models` (its
@@ -183,7 +184,10 @@ class FakeEngine:
                 body = json.loads(raw) if raw else {}
                 self.seen.requests.append(body)
                 self.seen.headers.append(headers)
-                if self.mode == "hang":
+                if self.mode == "mute" and body.get("stream"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    await writer.drain()
+                if self.mode in ("hang", "mute"):
                     await asyncio.Event().wait()
                 if self.mode == "reset":
                     writer.transport.abort()

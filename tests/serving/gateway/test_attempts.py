@@ -105,6 +105,32 @@ def test_before_the_first_byte_a_failure_is_tried_on_another_replica_of_the_same
     asyncio.run(scenario())
 
 
+def test_a_stream_whose_head_came_but_no_event_within_the_ttfb_timeout_is_tried_elsewhere(
+    engine: Callable[..., FakeEngine],
+) -> None:
+    """vLLM sends a stream's head as soon as it takes the request: an engine core that hangs behind a live API
+    server shows up as a head and then silence."""
+    mute, good = engine("mute"), engine()
+    table = rows(alias(ttfb=0.3), workers(1, mute.base_url, good.base_url))
+
+    async def scenario() -> None:
+        async with running(table, eject_after=100) as gw:
+            for n in range(8):
+                started = time.monotonic()
+                reply = await gw.call({**CHAT, "stream": True, "user": f"user-{n}"})
+                assert reply.status == 200 and b"[DONE]" in reply.body, reply.body
+                assert time.monotonic() - started < 2.0
+            records = await gw.settled()
+            timed_out = [r for r in records if not r.final]
+            assert timed_out and {(r.error_kind, r.status_code, r.engine_worker_id) for r in timed_out} == {
+                ("ttfb_timeout", 504, 1)}
+            assert all(250 <= (r.e2e_ms or 0) < 1000 for r in timed_out)
+            assert {(r.outcome, r.engine_worker_id) for r in records if r.final} == {("ok", 2)}
+        assert mute.seen.cancelled == 0 and len(mute.seen.requests) == len(timed_out)
+
+    asyncio.run(scenario())
+
+
 def test_after_the_first_byte_nothing_is_sent_again(engine: Callable[..., FakeEngine]) -> None:
     cut, good = engine("cut"), engine()
     table = rows(alias(), workers(1, cut.base_url))

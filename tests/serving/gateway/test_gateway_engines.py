@@ -4,6 +4,7 @@ starts a killed engine again for whatever runs after it."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -266,6 +267,7 @@ def test_metrics_add_up_over_several_server_workers(adder_routes: AdderRoutes, t
             time.sleep(0.1)
         url = f"http://127.0.0.1:{port}"
         pids = set()
+        with_content = 0  # TTFT is the first non-empty content: an answer of only an end token has none
         for n in range(12):
             # A new connection each time: the kernel hands them to either worker.
             response = httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=60,
@@ -273,11 +275,16 @@ def test_metrics_add_up_over_several_server_workers(adder_routes: AdderRoutes, t
                                   json={"model": "adder", "messages": [{"role": "user", "content": f"1{n}+1"}],
                                         "max_tokens": 2, "stream": True})
             assert response.status_code == 200
+            with_content += any(line.startswith("data: {") and json.loads(line[6:])["choices"]
+                                and json.loads(line[6:])["choices"][0]["delta"].get("content")
+                                for line in response.text.splitlines())
         for _ in range(8):
             text = httpx.get(f"{url}/metrics", trust_env=False, headers={"Connection": "close"}).text
             lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
             assert float(lines['platform_gateway_requests_total{alias="adder",arm="baseline",outcome="ok"}']) == 12
-            assert float(lines['platform_gateway_ttft_seconds_count{alias="adder",arm="baseline",version="adder-v1"}']) == 12
+            assert float(lines['platform_gateway_e2e_seconds_count{alias="adder",arm="baseline",version="adder-v1"}']) == 12
+            assert float(lines['platform_gateway_ttft_seconds_count{alias="adder",arm="baseline",version="adder-v1"}']) \
+                == with_content > 0
             pids.update(p.name.split("_")[-1] for p in multiproc.glob("*.db"))
         assert len(pids) >= 2  # both workers wrote series
 
