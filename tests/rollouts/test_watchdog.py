@@ -184,3 +184,21 @@ def test_on_stale_analysis_is_pause_or_rollback() -> None:
         plan_normalise({**plan, "on_stale_analysis": "ignore"})
     assert list(raised.value.errors) == ["on_stale_analysis"]
     assert "pause, rollback" in raised.value.errors["on_stale_analysis"][0]
+
+
+def test_a_stale_rollouts_live_status_does_not_change_at_every_poll(owner: Any, viewer: Any) -> None:
+    """A running age in the status region would swap it at every poll: an open Pause dialog would vanish."""
+    import re
+    import time
+
+    rollout = running(owner)
+    analysed_ago(rollout, stale_after_s() + 5)
+    client = Client()
+    client.force_login(viewer.user)
+    url = reverse("rollout-status", args=[rollout.pk])
+    first = client.get(url).content.decode()
+    assert "Analysis stale: </span>no analysis since" in first and "pauses it at its current weights" in first
+    time.sleep(1.1)
+    digest = re.search(r'data-live-digest="(\w+)"', first)
+    assert digest is not None
+    assert client.get(url, {"h": digest.group(1)}).status_code == 204
