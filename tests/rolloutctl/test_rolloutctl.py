@@ -157,3 +157,34 @@ def test_the_installed_console_script_talks_to_the_server(env: Any, owner: Any) 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"rollout {rollout.pk}  draft  step -/2" in result.stdout
+
+
+def test_create_start_when_ready_asks_for_an_engine_of_a_version_without_one(env: Any, tmp_path: Path) -> None:
+    from serving.models import EngineWorker
+
+    lacking = version("adder-v3", ready=False)
+    plan = tmp_path / "later.yaml"
+    plan.write_text(yaml.safe_dump(canary_plan(candidate="adder-v3", steps=[
+        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000}])))  # fmt: skip
+    code, _, err = ctl("create", str(plan), "--start-when-ready")
+    assert code == EXIT_OK, err
+    rollout = Rollout.objects.get()
+    assert rollout.state == "draft" and rollout.start_when_ready
+    (worker,) = EngineWorker.objects.filter(model_version=lacking)
+    assert (worker.driver, worker.desired_state) == ("local", "running")
+    assert rollout.events.get(kind="created").evidence["engines_requested"][0]["worker"] == worker.pk
+
+
+def test_status_says_when_the_watchdog_paused_the_rollout(env: Any, owner: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from rollouts.watchdog import rollouts_watchdog_pass, stale_after_s
+
+    rollout = rollout_create(plan=canary_plan(steps=[
+        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000}]), actor=owner.user, start=True).rollout  # fmt: skip
+    assert rollouts_watchdog_pass(now=timezone.now() + timedelta(seconds=stale_after_s() + 1)).paused == [rollout.pk]
+    code, out, _ = ctl("status", str(rollout.pk))
+    assert code == EXIT_OK
+    assert "analysis stopped: paused by the watchdog (no look for over 30 s); it resumes once the analysis runs again" in out
