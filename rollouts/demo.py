@@ -58,9 +58,9 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         "candidate": "adder-v2",
         "strategy": "canary",
         "steps": [
-            {"weight": "10%", "min_duration_s": 60, "min_candidate_requests": 30},
-            {"weight": "50%", "min_duration_s": 60, "min_candidate_requests": 60},
-            {"weight": "100%", "min_duration_s": 60, "min_candidate_requests": 60},
+            {"weight": "10%", "min_duration_s": 60},
+            {"weight": "50%", "min_duration_s": 60},
+            {"weight": "100%", "min_duration_s": 60},
         ],
         "slos": ["error_rate <= 0.05"],
         "guardrails": [
@@ -78,11 +78,12 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         "candidate": "adder-v2-slow",
         "strategy": "canary",
         # Steps long enough for the guardrail to decide at demo_load's few requests per second (it needs
-        # about a hundred candidate requests); a candidate that passed them would promote.
+        # about a hundred candidate requests); a candidate that passed them would promote. Each step's
+        # min_candidate_requests is left out: its floor (the error-rate guardrail's) fills it.
         "steps": [
-            {"weight": "25%", "min_duration_s": 300, "min_candidate_requests": 100},
-            {"weight": "50%", "min_duration_s": 300, "min_candidate_requests": 100},
-            {"weight": "100%", "min_duration_s": 120, "min_candidate_requests": 60},
+            {"weight": "25%", "min_duration_s": 300},
+            {"weight": "50%", "min_duration_s": 300},
+            {"weight": "100%", "min_duration_s": 120},
         ],
         "guardrails": [
             {"metric": "tpot_gmean_ms", "margin": "10%"},

@@ -25,11 +25,13 @@ STRATEGY_CHOICES = [
 assert [value for value, _ in STRATEGY_CHOICES] == list(STRATEGIES)
 TRI_STATE = [("", "plan default"), ("yes", "yes"), ("no", "no")]
 DEFAULT_GUARDRAILS_TEXT = "tpot_gmean_ms 10%\nerror_rate 0.01"
+# Minimum candidate requests left blank: the validator fills each step's floor (the fewest at which its
+# checks can be shown safe).
 DEFAULT_STEPS: list[tuple[str, str, str, bool]] = [
-    ("5%", "60", "50", False),
-    ("25%", "120", "200", False),
-    ("50%", "120", "400", True),
-    ("100%", "60", "100", False),
+    ("5%", "60", "", False),
+    ("25%", "120", "", False),
+    ("50%", "120", "", True),
+    ("100%", "60", "", False),
 ]
 
 
@@ -137,7 +139,7 @@ class RolloutForm(forms.Form):
                 f"Step {i + 1} minimum duration (s)", size="numeric"
             )
             self.fields[f"step_{i}_min_candidate_requests"] = _text(
-                f"Step {i + 1} minimum candidate requests", size="numeric"
+                f"Step {i + 1} minimum candidate requests", size="numeric", placeholder="floor"
             )
             self.fields[f"step_{i}_requires_approval"] = forms.BooleanField(
                 label=f"Step {i + 1} needs an approval", required=False

@@ -3,6 +3,7 @@ analyses and notifications. Every write goes through `rollouts.services`."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from django.conf import settings
@@ -10,6 +11,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from rollouts.plans.model import DEFAULT_BAKE_S, DEFAULT_HOLDOUT
 from serving.models import ModelVersion
 
 
@@ -26,14 +28,17 @@ class Rollout(models.Model):
         RUNNING = "running"  # step `step_index` is live
         AWAITING_APPROVAL = "awaiting_approval"  # step `step_index + 1` (or promotion) waits for an approver
         PAUSED = "paused"  # frozen at its current weights; `paused_from` says where resume goes
+        # Promoted, and watched for the plan's `bake_s` against a holdout of sessions left on the baseline:
+        # a breach rolls it back, and so may a person, until the bake ends (then: promoted).
+        BAKING = "baking"
         PROMOTED = "promoted"
         ROLLED_BACK = "rolled_back"
         ABORTED = "aborted"
 
     # Live: holds its alias. A draft holds it too, so a plan cannot be started over another one.
-    LIVE_STATES = (State.DRAFT, State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED)
+    LIVE_STATES = (State.DRAFT, State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED, State.BAKING)
     # Analysed every interval (a draft is not; a paused one still rolls back on a breach).
-    ANALYSED_STATES = (State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED)
+    ANALYSED_STATES = (State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED, State.BAKING)
     TERMINAL_STATES = (State.PROMOTED, State.ROLLED_BACK, State.ABORTED)
 
     name = models.CharField(max_length=100, blank=True)
@@ -72,6 +77,11 @@ class Rollout(models.Model):
     baseline_unready_since = models.DateTimeField(null=True, blank=True)
     # When the engines of the version this rollout retired were let go (rollouts.engines): once per rollout.
     engines_released_at = models.DateTimeField(null=True, blank=True)
+    # Per step index (as text): the candidate requests the step was planned to need (rollouts.planning),
+    # fixed at the step's first look; reaching it undecided applies the plan's on_inconclusive.
+    planned_samples = models.JSONField(default=dict, blank=True)
+    # When the promotion's bake began (state baking); it ends `plan.bake_s` later.
+    bake_started_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ("-created_at", "-id")
@@ -79,7 +89,7 @@ class Rollout(models.Model):
             # One live rollout per alias, in the database too: a race of two creations leaves one.
             models.UniqueConstraint(
                 fields=("alias_name",),
-                condition=Q(state__in=["draft", "gating", "running", "awaiting_approval", "paused"]),
+                condition=Q(state__in=["draft", "gating", "running", "awaiting_approval", "paused", "baking"]),
                 name="rollout_one_live_per_alias",
             ),
             models.UniqueConstraint(
@@ -110,6 +120,21 @@ class Rollout(models.Model):
     def current_step(self) -> dict[str, Any] | None:
         steps = self.steps
         return steps[self.step_index] if 0 <= self.step_index < len(steps) else None
+
+    @property
+    def holdout(self) -> float:
+        """The share of sessions the baseline keeps while the promotion bakes (the plan's `holdout`)."""
+        return float(self.plan.get("holdout", DEFAULT_HOLDOUT) or 0.0)
+
+    @property
+    def bake_s(self) -> int:
+        return int(self.plan.get("bake_s", DEFAULT_BAKE_S) or 0)
+
+    @property
+    def bake_ends_at(self) -> datetime | None:
+        if self.bake_started_at is None:
+            return None
+        return self.bake_started_at + timedelta(seconds=self.bake_s)
 
 
 class _AppendOnlyQuerySet(models.QuerySet):
@@ -159,6 +184,7 @@ class RolloutEvent(_AppendOnly):
         PROMOTED = "promoted"
         ROLLED_BACK = "rolled_back"
         ABORTED = "aborted"
+        BAKED = "baked"  # the promotion's bake ended with no breach: the holdout goes to the candidate too
 
     # Events people want to hear about (rollouts.notifications).
     NOTABLE_KINDS = (

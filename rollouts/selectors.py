@@ -90,6 +90,8 @@ def rollout_weights(*, rollout: Rollout) -> dict[str, float]:
     """The split the rollout's state implies (what its alias routes while it is live)."""
     if rollout.state == State.PROMOTED:
         return {"baseline": 0.0, "candidate": 1.0, "shadow": 0.0}
+    if rollout.state == State.BAKING:
+        return {"baseline": round(rollout.holdout, 6), "candidate": round(1.0 - rollout.holdout, 6), "shadow": 0.0}
     step = rollout.current_step
     if rollout.state in (State.DRAFT, State.ROLLED_BACK, State.ABORTED, State.GATING) or step is None:
         return {"baseline": 1.0, "candidate": 0.0, "shadow": 0.0}

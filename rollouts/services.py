@@ -1,7 +1,11 @@
 """Every write to a rollout: creation from a validated plan, and the state machine's transitions.
 
-draft -> (gating) -> running step i -> ... -> promoted, with awaiting_approval before a step that needs
-it, paused from any live state, and rolled_back / aborted from any live state.
+draft -> (gating) -> running step i -> ... -> baking -> promoted, with awaiting_approval before a step that
+needs it, paused from any live state, and rolled_back / aborted from any live state. Promotion bakes: the
+candidate takes all but the plan's `holdout` of sessions for `bake_s`, watched against the baseline that
+keeps them; a breach, or a person, may still roll it back then. When the bake ends (or with `bake_s: 0`)
+the rollout is promoted and the alias serves the candidate alone; a promoted rollout is never rolled back
+(a new rollout is).
 
 Each transition is one service and one transaction: the row is locked (`select_for_update`; on SQLite
 the IMMEDIATE transaction serialises writers), the expected state (and, for the analysis, the version
@@ -17,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -65,8 +68,9 @@ ACTION_STATES: dict[str, tuple[str, ...]] = {
     "approve": (State.AWAITING_APPROVAL,),
     "reject": (State.AWAITING_APPROVAL,),
     "advance": (State.RUNNING,),
-    "promote": (State.RUNNING, State.PAUSED),
-    "rollback": (State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED),
+    # From baking: end the bake now.
+    "promote": (State.RUNNING, State.PAUSED, State.BAKING),
+    "rollback": (State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED, State.BAKING),
     "abort": (State.DRAFT, State.GATING, State.RUNNING, State.AWAITING_APPROVAL, State.PAUSED),
     # The analysis's own transitions.
     "eval_gate": (State.GATING,),
@@ -298,6 +302,13 @@ def _route_for(rollout: Rollout) -> RouteSplit | None:
         return RouteSplit(baseline=rollout.candidate, candidate=None, candidate_weight=0.0, shadow_rate=0.0, rollout_id=None)
     if rollout.state in (State.ROLLED_BACK, State.ABORTED):
         return RouteSplit(baseline=rollout.baseline, candidate=None, candidate_weight=0.0, shadow_rate=0.0, rollout_id=None)
+    if rollout.state == State.BAKING:
+        # The holdout is the sessions whose hash falls at or above 1 - holdout: those the earlier steps kept
+        # on the baseline longest (the gateway's assignment is monotone in the weight).
+        return RouteSplit(
+            baseline=rollout.baseline, candidate=rollout.candidate, candidate_weight=round(1.0 - rollout.holdout, 6),
+            shadow_rate=0.0, rollout_id=rollout.pk, failover_to_candidate=bool(rollout.plan.get("failover_to_candidate")),
+        )  # fmt: skip
     step = rollout.current_step
     weight = float(step["weight"]) if step else 0.0
     shadow = float(step["shadow_rate"]) if step else 0.0
@@ -314,6 +325,8 @@ def _apply(locked: Rollout, move: _Move, *, actor: Actor, reason: str, evidence:
     if move.step_index is not None:
         locked.step_index = move.step_index
         locked.step_started_at = now
+    if move.to_state == State.BAKING and from_state != State.BAKING:
+        locked.bake_started_at = now
     if move.to_state == State.PAUSED:
         locked.paused_from = from_state
     elif from_state == State.PAUSED:
@@ -361,6 +374,14 @@ def _check(locked: Rollout, action: str, expected_version: int | None) -> None:
             field="version",
         )
     allowed = ACTION_STATES[action]
+    if action == "rollback" and locked.state == State.PROMOTED:
+        ended = locked.ended_at.isoformat(timespec="seconds") if locked.ended_at else "already"
+        raise Conflict(
+            f"cannot roll back rollout {locked.pk}: it was promoted and its bake ended at {ended}; a promoted "
+            f"rollout can be rolled back only while it bakes. To go back, start a new rollout of "
+            f"{locked.alias_name} to {locked.baseline.label}",
+            field="state",
+        )
     if locked.state not in allowed:
         raise Conflict(
             f"cannot {action.replace('_', ' ')} rollout {locked.pk}: expected state "
@@ -422,7 +443,15 @@ def _next(locked: Rollout, next_index: int, *, kind: str = Kind.STEP_STARTED) ->
         return _Move(kind, State.RUNNING, step_index=next_index)
     if locked.plan.get("promotion_requires_approval") and not _approved(locked, len(steps)):
         return _Move(Kind.AWAITING_APPROVAL, State.AWAITING_APPROVAL, reason="promotion needs an approval")
-    return _Move(Kind.PROMOTED, State.PROMOTED)
+    return _promotion(locked)
+
+
+def _promotion(locked: Rollout, reason: str = "") -> _Move:
+    """Promote: into the bake (the candidate at 1 - holdout, watched) when the plan bakes, else at once."""
+    # The caller's reason stands; the event's to_state (baking) and the rollout's page say the rest.
+    if locked.bake_s > 0:
+        return _Move(Kind.PROMOTED, State.BAKING, reason=reason)
+    return _Move(Kind.PROMOTED, State.PROMOTED, reason=reason)
 
 
 # --- transitions ---------------------------------------------------------------------------------------
@@ -555,7 +584,7 @@ def rollout_approve(
             rollout=locked, step_index=pending, approved_by=who.user, via=who.via, reason=reason or ""
         )
         if pending >= len(locked.steps):
-            return _Move(Kind.PROMOTED, State.PROMOTED, reason=reason or f"promotion approved by {who.name}")
+            return _promotion(locked, reason or f"promotion approved by {who.name}")
         return _Move(Kind.APPROVED, State.RUNNING, step_index=pending, reason=reason or f"step {pending + 1} approved by {who.name}")
 
     return _transition(
@@ -591,9 +620,12 @@ def rollout_promote(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
     expected_version: int | None = None,
 ) -> Rollout:  # fmt: skip
-    """Make the candidate the alias's baseline now. Refused while a later step still needs an approval."""
+    """Promote now: into the bake when the plan bakes, else the candidate becomes the alias's baseline. Refused
+    while a later step still needs an approval. While baking: end the bake now (the holdout goes too)."""
 
     def decide(locked: Rollout, who: Actor) -> _Move:
+        if locked.state == State.BAKING:
+            return _Move(Kind.BAKED, State.PROMOTED)
         if locked.state == State.PAUSED and locked.paused_from not in (State.RUNNING, ""):
             raise Conflict(
                 f"cannot promote rollout {locked.pk}: it was paused while {locked.paused_from}", field="state"
@@ -604,7 +636,7 @@ def rollout_promote(
                 raise Conflict(f"steps[{index}] requires an approval: approve it rather than promote", field="state")
         if locked.plan.get("promotion_requires_approval") and not _approved(locked, len(steps)):
             raise Conflict("the plan requires an approval of the promotion", field="state")
-        return _Move(Kind.PROMOTED, State.PROMOTED)
+        return _promotion(locked)
 
     return _transition(
         rollout, action="promote", actor=actor, reason=reason, evidence=evidence,
@@ -623,7 +655,9 @@ def rollout_rollback(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
     expected_version: int | None = None,
 ) -> Rollout:  # fmt: skip
-    """Send every user back to the baseline (candidate weight 0) and end the rollout."""
+    """Send every user back to the baseline (candidate weight 0) and end the rollout. A promoted rollout
+    still baking may be rolled back (the alias's route goes back to the baseline, audited like any other);
+    once its bake ended, it is refused."""
     return _transition(
         rollout, action="rollback", actor=actor, reason=reason, evidence=evidence, expected_version=expected_version,
         decide=lambda locked, who: _Move(Kind.ROLLED_BACK, State.ROLLED_BACK, on_commit=_cancel_gate_if_gating(locked)),
@@ -693,9 +727,11 @@ def rollout_analysis_claim(*, rollout_id: int, lease_s: float) -> bool:
 
 
 def rollout_analysis_release(
-    *, rollout_id: int, readiness: dict[str, datetime | None] | None = None, analysed: bool = True
+    *, rollout_id: int, readiness: dict[str, Any] | None = None, analysed: bool = True
 ) -> None:
-    """Let go of the lease; `analysed`: the look completed (the watchdog reads `last_analysed_at`)."""
+    """Let go of the lease, with the look's bookkeeping: when each version was first seen unready, and the
+    planned sample of a step fixed at its first look (`planned_samples`); `analysed`: the look completed (the
+    watchdog reads `last_analysed_at`)."""
     changes: dict[str, Any] = {"analysis_lease_until": None}
     if analysed:
         changes["last_analysed_at"] = timezone.now()

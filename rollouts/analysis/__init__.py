@@ -9,8 +9,12 @@ decides:
   the baseline, the shadow quality floor, an A/B loss), or when the candidate has had no ready engine
   for the plan's grace period;
 - pause when every baseline engine has been down for the grace period;
-- advance when the step's minimum duration and candidate requests are met with no breach and no sample
-  ratio mismatch (the next step, an approval, or promotion after the last step);
+- advance when the step's minimum duration and candidate requests are met, every check that can gather
+  evidence at the step's split is shown safe, and there is no sample ratio mismatch (the next step, an
+  approval, or promotion after the last step); when the step's planned sample is reached with a check still
+  undecided, apply the plan's `on_inconclusive` (pause, advance or roll back);
+- while a promotion bakes, roll back on a breach against the holdout, and promote for good when the bake
+  ends;
 - promote an A/B test whose primary metric wins, roll back one that loses or reaches its horizon;
 - otherwise hold.
 

@@ -40,6 +40,8 @@ def _apply(rollout: Rollout, look: Look) -> bool:
         return False
     if look.decision == D.ROLLBACK:
         rollout_rollback(**common, evidence=evidence)
+    elif look.decision == D.PROMOTE and rollout.state == Rollout.State.BAKING:
+        rollout_promote(**common, evidence=evidence)  # the bake passed
     elif look.decision in (D.ADVANCE, D.AWAIT_APPROVAL) or (look.decision == D.PROMOTE and rollout.strategy != "ab"):
         rollout_advance(**common, evidence=evidence)
     elif look.decision == D.PROMOTE:
@@ -59,7 +61,7 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
     (another worker holds the lease, the rollout is gone or not live)."""
     if not rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S):
         return None
-    readiness: dict[str, datetime | None] | None = None
+    readiness: dict[str, Any] | None = None
     completed = False  # only a look that completes counts as one (rollouts.watchdog reads last_analysed_at)
     try:
         rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()

@@ -220,15 +220,26 @@ class Window:
     current: bool
 
 
+def bake_step(rollout: Rollout) -> dict[str, Any]:
+    """The bake as a step: the candidate at 1 - holdout, no shadow (its index is len(steps) in the windows)."""
+    return {"weight": round(1.0 - rollout.holdout, 6), "shadow_rate": 0.0, "min_duration_s": rollout.bake_s,
+            "min_candidate_requests": 0, "requires_approval": False}  # fmt: skip
+
+
 def evidence_windows(rollout: Rollout, window_start: datetime, now: datetime) -> list[Window]:
     """Every step the rollout has been in, as [start + settle, the next step's start), and the current one
-    from `window_start` (never before the previous step's end) to now."""
+    from `window_start` (never before the previous step's end) to now. While the promotion bakes, the bake
+    is the current window (index len(steps), weight 1 - holdout) and the last step ends where it began."""
     steps = rollout.steps
     starts = [(i, at) for i, at in rollout_step_starts(rollout=rollout) if 0 <= i < len(steps)]
+    current_index, current_weight = rollout.step_index, float(steps[rollout.step_index]["weight"])
+    if rollout.state == Rollout.State.BAKING and rollout.bake_started_at is not None:
+        current_index, current_weight = len(steps), float(bake_step(rollout)["weight"])
+        starts.append((current_index, rollout.bake_started_at))
     windows = []
     previous_end: datetime | None = None
     for position, (index, at) in enumerate(starts):
-        if index == rollout.step_index:
+        if index == current_index:
             continue
         until = starts[position + 1][1] if position + 1 < len(starts) else now
         since = at + ROUTE_SETTLE
@@ -236,7 +247,7 @@ def evidence_windows(rollout: Rollout, window_start: datetime, now: datetime) ->
         if since < until:
             windows.append(Window(index, float(steps[index]["weight"]), since, until, False))
     since = max(window_start, previous_end) if previous_end is not None else window_start
-    windows.append(Window(rollout.step_index, float(steps[rollout.step_index]["weight"]), since, now, True))
+    windows.append(Window(current_index, current_weight, since, now, True))
     return windows
 
 

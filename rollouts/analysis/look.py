@@ -30,6 +30,10 @@ class Look:
     gate: dict[str, Any] | None = None
     alpha: dict[str, Any] | None = None  # the rollout's alpha split (`checks.alpha_split`)
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # exploratory: reported, never decided on
+    # The step's planned sample and what reaching it undecided did (the plan's on_inconclusive).
+    inconclusive: dict[str, Any] | None = None
+    # Bookkeeping the look asks the rollout to keep (rollout_analysis_release): the step's planned sample.
+    keep: dict[str, Any] = field(default_factory=dict)
 
     def evidence(self) -> dict[str, Any]:
         out: dict[str, Any] = {"arms": self.arms, "checks": self.checks}
@@ -41,6 +45,8 @@ class Look:
             out["eval_gate"] = self.gate
         if self.alpha is not None:
             out["alpha"] = self.alpha
+        if self.inconclusive is not None:
+            out["inconclusive"] = self.inconclusive
         return out
 
 

@@ -9,15 +9,18 @@ Errors are collected, not raised one at a time, so a form can show each beside i
 `PlanInvalid.errors` maps a field path such as ``steps[2].weight`` to its reasons.
 
 Strategies, compiled to steps (a step is a candidate weight and a shadow rate held until its minimum
-duration and minimum candidate requests are met with no breach, optionally after an approval):
+duration and minimum candidate requests are met and its checks are shown safe, optionally after an
+approval; minimums have floors, see `normalise._apply_floors`). Promotion then bakes for `bake_s` with a
+`holdout` of sessions left on the baseline (`bake_s: 0`: no bake):
 
 - ``canary``: the steps as written; weights strictly increase; promotion after the last step.
 - ``shadow``: one step at weight 0 mirroring ``shadow.rate`` of the traffic; promotion needs an approval
   unless ``promotion_requires_approval`` is false.
 - ``ab``: one step at ``ab.weight``; ends when the primary metric's sequential test decides (promote on
   a win, roll back on a loss) or at ``ab.horizon_s`` (the baseline stays).
-- ``blue_green``: a warm-up step at weight 0 with ``blue_green.shadow_rate`` mirrored, then weight 1.0
-  for ``rollback_window_s`` (rollback is one switch back), then promotion.
+- ``blue_green``: a warm-up step at weight 0 with ``blue_green.shadow_rate`` mirrored, then the switch to
+  1 - ``holdout`` for ``rollback_window_s``, compared with the holdout (rollback is one switch back), then
+  promotion.
 
 The package: `model` (the dataclasses, limits and defaults), `fields` (field readers and the parsers of one
 SLO, guardrail or step), `normalise` (parse, check and fill a whole plan), `schema` (the example and JSON

@@ -20,6 +20,15 @@ DEFAULT_STEP_REQUESTS = 50
 DEFAULT_AB_HORIZON_S = 7 * 24 * 3600
 # What the watchdog does with a live rollout whose analysis stopped (rollouts.watchdog).
 ON_STALE_ANALYSIS = ("pause", "rollback")
+# What a step does when its planned sample is reached and a check is still undecided (rollouts.analysis.policy).
+ON_INCONCLUSIVE = ("pause", "advance", "rollback")
+DEFAULT_ON_INCONCLUSIVE = "pause"
+# After promotion this share of sessions stays on the baseline for `bake_s`, compared with the same checks.
+DEFAULT_HOLDOUT = 0.05
+MAX_HOLDOUT = 0.5
+DEFAULT_BAKE_S = 600
+# No step ends sooner than this, whatever its plan says (rollouts.analysis.policy's floors).
+MIN_STEP_DURATION_S = 60
 # A guardrail written by no one still guards against a broken candidate: errors at most one point worse.
 DEFAULT_GUARDRAILS: tuple[dict[str, Any], ...] = ({"metric": "error_rate", "margin": 0.01, "relative": False},)
 
@@ -28,6 +37,7 @@ _TOP_LEVEL = {
     "slos", "guardrails", "primary_metric", "alpha", "tuning_n", "allow_self_approval",
     "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate", "gpu_budget",
     "on_stale_analysis",
+    "on_inconclusive", "holdout", "bake_s",
 }  # fmt: skip
 _STEP_KEYS = {"weight", "shadow_rate", "min_duration_s", "min_candidate_requests", "requires_approval"}
 _SLO_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<|>=|>)\s*([-+0-9.eE]+%?)\s*$")
@@ -146,7 +156,18 @@ class Plan:
     gpu_budget: int | None = None
     # When no analysis has run for three intervals: pause at the current weights, or roll back.
     on_stale_analysis: str = "pause"
+    # The planned sample of a step reached with a check still undecided: pause (a person decides), advance
+    # or rollback.
+    on_inconclusive: str = DEFAULT_ON_INCONCLUSIVE
+    # Share of sessions kept on the baseline after promotion, for `bake_s` seconds (0 for either: no bake).
+    holdout: float = DEFAULT_HOLDOUT
+    bake_s: int = DEFAULT_BAKE_S
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bakes(self) -> bool:
+        """Whether promotion is followed by a bake (the candidate watched against a holdout of the baseline)."""
+        return self.bake_s > 0
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised plan, as a rollout stores it and the API returns it."""
@@ -177,6 +198,9 @@ class Plan:
             "gpu_budget": self.gpu_budget,
             "eval_gate": self.eval_gate,
             "on_stale_analysis": self.on_stale_analysis,
+            "on_inconclusive": self.on_inconclusive,
+            "holdout": self.holdout,
+            "bake_s": self.bake_s,
         }
 
     def with_baseline(self, baseline: str) -> Plan:

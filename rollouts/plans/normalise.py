@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -27,10 +28,16 @@ from rollouts.plans.model import (
     _TOP_LEVEL,
     DEFAULT_AB_HORIZON_S,
     DEFAULT_ALPHA,
+    DEFAULT_BAKE_S,
     DEFAULT_ENGINE_GRACE_S,
     DEFAULT_GUARDRAILS,
+    DEFAULT_HOLDOUT,
+    DEFAULT_ON_INCONCLUSIVE,
     MAX_DURATION_S,
+    MAX_HOLDOUT,
     MAX_STEPS,
+    MIN_STEP_DURATION_S,
+    ON_INCONCLUSIVE,
     ON_STALE_ANALYSIS,
     STRATEGIES,
     Guardrail,
@@ -76,7 +83,8 @@ def plan_parse(text: str | bytes, *, content_type: str = "") -> dict[str, Any]:
 
 _FIELD_ORDER = (
     "plan", "name", "description", "alias", "baseline", "candidate", "strategy", "steps", "shadow", "ab",
-    "blue_green", "slos", "guardrails", "primary_metric", "alpha", "tuning_n",
+    "blue_green", "slos", "guardrails", "primary_metric", "alpha", "tuning_n", "on_inconclusive", "holdout",
+    "bake_s",
 )  # fmt: skip
 
 
@@ -91,8 +99,58 @@ def _in_field_order(errors: dict[str, list[str]]) -> dict[str, list[str]]:
     return {path: errors[path] for path in sorted(errors, key=key)}
 
 
-def plan_normalise(data: dict[str, Any]) -> Plan:
-    """Check a plan's shape and fill its defaults; raise `PlanInvalid` listing every error by field."""
+@dataclass(frozen=True)
+class _StepSource:
+    """Where a step's minimums were written (their field paths) and whether they were written at all: a
+    minimum left out is filled with its floor, one written below its floor is an error under its path."""
+
+    duration_path: str | None
+    requests_path: str | None
+    duration_given: bool
+    requests_given: bool
+
+
+def _step_source(path: str, raw: Any) -> _StepSource:
+    given = raw if isinstance(raw, dict) else {}
+    return _StepSource(f"{path}.min_duration_s", f"{path}.min_candidate_requests", "min_duration_s" in given,
+                       "min_candidate_requests" in given)  # fmt: skip
+
+
+def _apply_floors(plan: Plan, sources: list[_StepSource], errors: _Errors, *, enforce: bool) -> Plan:
+    """Step minimums have floors: at least MIN_STEP_DURATION_S, and at least the fewest candidate requests
+    at which the step's checks can be shown safe at the plan's alpha (`analysis.checks.step_min_sample`).
+    A minimum left out becomes its default or its floor, whichever is larger; with `enforce`, one written
+    below its floor is an error naming the field. (A stored plan is read back without `enforce`: floors
+    may have risen since it was validated, and a live rollout must still be readable.)"""
+    from experiments.stats import DEFAULT_MIN_UNITS
+    from rollouts.analysis.checks import check_alpha_share, step_min_sample
+
+    steps = list(plan.steps)
+    for i, (step, source) in enumerate(zip(steps, sources, strict=True)):
+        floor = max(step_min_sample(plan, i), DEFAULT_MIN_UNITS)
+        requests = step.min_candidate_requests
+        if not source.requests_given:
+            requests = max(requests, floor)
+        elif enforce and requests < floor and source.requests_path is not None:
+            errors.add(
+                source.requests_path,
+                f"at least {floor}: the fewest candidate requests at which this step's checks can be shown safe "
+                f"at alpha {check_alpha_share(plan):.3g} per check (leave it out to get the floor)",
+            )
+        duration = step.min_duration_s
+        if not source.duration_given:
+            duration = max(duration, MIN_STEP_DURATION_S)
+        elif enforce and duration < MIN_STEP_DURATION_S and source.duration_path is not None:
+            errors.add(source.duration_path, f"at least {MIN_STEP_DURATION_S} s: no step ends on less than a minute of traffic")
+        steps[i] = replace(step, min_candidate_requests=requests, min_duration_s=duration)
+    return replace(plan, steps=tuple(steps))
+
+
+def plan_normalise(data: dict[str, Any], *, enforce_floors: bool = True) -> Plan:
+    """Check a plan's shape and fill its defaults; raise `PlanInvalid` listing every error by field.
+
+    `enforce_floors`: a step minimum below its floor is an error (`_apply_floors`); off when a stored plan
+    is read back."""
     errors = _Errors()
     if not isinstance(data, dict):
         raise PlanInvalid({"plan": ["a plan is a mapping of fields (alias, candidate, strategy, ...)"]})
@@ -146,6 +204,20 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         errors.add("on_stale_analysis", f"must be one of {', '.join(ON_STALE_ANALYSIS)} (what happens when the analysis "
                                         "has not run for three intervals)")
         on_stale = "pause"
+    on_inconclusive = data.get("on_inconclusive", DEFAULT_ON_INCONCLUSIVE)
+    if on_inconclusive not in ON_INCONCLUSIVE:
+        errors.add("on_inconclusive", f"must be one of {', '.join(ON_INCONCLUSIVE)} (what a step does when its "
+                                      "planned sample is reached with a check still undecided)")  # fmt: skip
+        on_inconclusive = DEFAULT_ON_INCONCLUSIVE
+    holdout = _fraction(errors, "holdout", data.get("holdout", DEFAULT_HOLDOUT), allow_zero=True)
+    if holdout is not None and holdout > MAX_HOLDOUT:
+        errors.add("holdout", f"at most {MAX_HOLDOUT:g}: the share of sessions kept on the baseline after promotion")
+        holdout = None
+    holdout = DEFAULT_HOLDOUT if holdout is None else holdout
+    bake_s = _integer(errors, "bake_s", data.get("bake_s", DEFAULT_BAKE_S), minimum=0, maximum=MAX_DURATION_S)
+    bake_s = DEFAULT_BAKE_S if bake_s is None else bake_s
+    if bake_s and 0 < bake_s < MIN_STEP_DURATION_S:
+        errors.add("bake_s", f"0 (no bake) or at least {MIN_STEP_DURATION_S} s")
 
     # Shadow mirroring (any strategy may add it; the shadow strategy needs it).
     shadow_raw = _mapping(errors, "shadow", data.get("shadow"), {"rate", "quality"})
@@ -218,6 +290,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
             primary = PrimaryMetric(metric=metric.name, difference=difference, min_effect=_number(min_effect))
 
     steps: list[Step] = []
+    sources: list[_StepSource] = []
     ab_horizon: int | None = None
     promotion_approval_default = False
     raw_steps = data.get("steps")
@@ -241,6 +314,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
                     errors.add(f"steps[{i}].weight", f"weights must increase (the step before has {previous:g})")
                 previous = step.weight
                 steps.append(step)
+                sources.append(_step_source(f"steps[{i}]", raw))
         for key in ("ab", "blue_green"):
             if data.get(key) is not None:
                 errors.add(key, f"only for the {key} strategy")
@@ -260,8 +334,10 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
                         errors.add(f"steps[{i}].shadow_rate", "a shadow step mirrors some traffic: above 0")
                     elif step is not None:
                         steps.append(step)
+                        sources.append(_step_source(f"steps[{i}]", raw))
         else:
             steps.append(Step(0.0, shadow_rate, 300, 100, False))
+            sources.append(_StepSource(None, None, True, False))
         for key in ("ab", "blue_green"):
             if data.get(key) is not None:
                 errors.add(key, f"only for the {key} strategy")
@@ -277,6 +353,8 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
             errors.add("primary_metric", "required for an A/B test: the metric that decides it")
         if weight is not None and duration is not None and requests is not None:
             steps.append(Step(weight, shadow_rate, duration, requests, False))
+            sources.append(_StepSource("ab.min_duration_s", "ab.min_candidate_requests", "min_duration_s" in ab,
+                                       "min_candidate_requests" in ab))  # fmt: skip
         if data.get("blue_green") is not None:
             errors.add("blue_green", "only for the blue_green strategy")
     elif strategy == "blue_green":
@@ -293,7 +371,11 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         approval = _boolean(errors, "blue_green.requires_approval", bg.get("requires_approval", False))
         if None not in (warm_rate, warmup, warm_requests, window, approval):
             steps.append(Step(0.0, warm_rate or 0.0, warmup or 0, warm_requests or 0, False))
-            steps.append(Step(1.0, 0.0, window or 0, 0, bool(approval)))
+            # The switch keeps the holdout on the baseline, so its rollback window still compares the two.
+            steps.append(Step(round(1.0 - holdout, 6), 0.0, window or 0, 0, bool(approval)))
+            sources.append(_StepSource("blue_green.warmup_s", "blue_green.min_shadow_requests", "warmup_s" in bg,
+                                       "min_shadow_requests" in bg))
+            sources.append(_StepSource("blue_green.rollback_window_s", None, "rollback_window_s" in bg, False))
         if data.get("ab") is not None:
             errors.add("ab", "only for the ab strategy")
 
@@ -310,6 +392,8 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
             if step.weight >= 1:
                 errors.add(f"steps[{i}].weight", "under a gpu_budget the baseline keeps a replica until promotion: "
                                                  "below 1")
+        if bake_s and not holdout:
+            errors.add("holdout", "under a gpu_budget a bake keeps a holdout on the baseline: above 0 (or bake_s: 0)")
 
     eval_gate = data.get("eval_gate")
     if eval_gate is not None and not isinstance(eval_gate, dict):
@@ -319,7 +403,7 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
     if errors:
         raise PlanInvalid(_in_field_order(errors.errors))
     assert strategy is not None and grace is not None and promotion_approval is not None
-    return Plan(
+    plan = Plan(
         alias=alias,
         baseline=baseline,
         candidate=candidate,
@@ -342,7 +426,14 @@ def plan_normalise(data: dict[str, Any]) -> Plan:
         failover_to_candidate=failover,
         gpu_budget=gpu_budget,
         on_stale_analysis=on_stale,
+        on_inconclusive=on_inconclusive,
+        holdout=holdout,
+        bake_s=bake_s,
     )
+    plan = _apply_floors(plan, sources, errors, enforce=enforce_floors)
+    if errors:
+        raise PlanInvalid(_in_field_order(errors.errors))
+    return plan
 
 
 def _stored_to_input(data: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +463,6 @@ def _stored_to_input(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_from_stored(data: dict[str, Any]) -> Plan:
-    """The `Plan` of a stored, normalised plan dict."""
-    return plan_normalise(_stored_to_input(data))
+    """The `Plan` of a stored, normalised plan dict (its step minimums as stored, even under today's floors)."""
+    return plan_normalise(_stored_to_input(data), enforce_floors=False)
 

@@ -7,9 +7,14 @@ from typing import Any
 from experiments.metrics import METRICS
 from rollouts.plans.model import (
     DEFAULT_ALPHA,
+    DEFAULT_BAKE_S,
     DEFAULT_ENGINE_GRACE_S,
+    DEFAULT_HOLDOUT,
+    DEFAULT_ON_INCONCLUSIVE,
     DEFAULT_STEP_DURATION_S,
     DEFAULT_STEP_REQUESTS,
+    MIN_STEP_DURATION_S,
+    ON_INCONCLUSIVE,
     STRATEGIES,
 )
 
@@ -20,9 +25,9 @@ PLAN_EXAMPLE: dict[str, Any] = {
     "candidate": "adder-v2",
     "strategy": "canary",
     "steps": [
-        {"weight": 0.1, "min_duration_s": 60, "min_candidate_requests": 50},
-        {"weight": 0.5, "min_duration_s": 120, "min_candidate_requests": 200, "requires_approval": True},
-        {"weight": 1.0, "min_duration_s": 60, "min_candidate_requests": 100},
+        {"weight": 0.1, "min_duration_s": 60},
+        {"weight": 0.5, "min_duration_s": 120, "requires_approval": True},
+        {"weight": 1.0, "min_duration_s": 60},
     ],
     "slos": ["ttft_p99_ms <= 800", "error_rate <= 0.01"],
     "guardrails": [
@@ -51,8 +56,13 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "weight": {"description": "0..1 or '10%'", "oneOf": [{"type": "number"}, {"type": "string"}]},
                     "shadow_rate": {"type": "number"},
-                    "min_duration_s": {"type": "integer", "default": DEFAULT_STEP_DURATION_S},
-                    "min_candidate_requests": {"type": "integer", "default": DEFAULT_STEP_REQUESTS},
+                    "min_duration_s": {"type": "integer", "default": DEFAULT_STEP_DURATION_S, "minimum": MIN_STEP_DURATION_S},
+                    "min_candidate_requests": {
+                        "type": "integer",
+                        "description": f"Left out: {DEFAULT_STEP_REQUESTS} or the step's floor, whichever is larger "
+                        "(the fewest candidate requests at which its checks can be shown safe at the plan's alpha); "
+                        "a value below the floor is refused.",
+                    },
                     "requires_approval": {"type": "boolean", "default": False},
                 },
             },
@@ -100,6 +110,20 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
             "type": "string", "enum": ["pause", "rollback"], "default": "pause",
             "description": "When no analysis has run for three intervals (workers or beat down): pause at the "
             "current weights until it runs again, or roll back.",
+        },
+        "on_inconclusive": {
+            "type": "string", "enum": list(ON_INCONCLUSIVE), "default": DEFAULT_ON_INCONCLUSIVE,
+            "description": "What a step does when its planned sample is reached with a check still undecided: "
+            "pause (a person decides), advance, or rollback.",
+        },
+        "holdout": {
+            "description": "Share of sessions kept on the baseline while the promotion bakes (0 to 0.5, or '5%').",
+            "default": DEFAULT_HOLDOUT, "oneOf": [{"type": "number"}, {"type": "string"}],
+        },
+        "bake_s": {
+            "type": "integer", "default": DEFAULT_BAKE_S,
+            "description": "Seconds after promotion during which the candidate is compared with the holdout on the same "
+            "checks; a breach, or a person, may roll it back until then. 0: no bake.",
         },
     },
     "example": PLAN_EXAMPLE,

@@ -33,7 +33,7 @@ def _world(owner: Any) -> dict[str, str]:
     version("chat-v2")
     ab = rollout_create(plan={
         "alias": "chat", "baseline": "chat-v1", "candidate": "chat-v2", "strategy": "ab", "primary_metric": "tpot_mean_ms",
-        "ab": {"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 10_000},
+        "ab": {"weight": 0.5, "min_duration_s": 3600},
     }, actor=owner.user, start=True).rollout  # fmt: skip
     step_back(ab, 30)
     both_arms(ab, total=300, weight=0.5, seed=32, candidate_tpot=(19.0, 2.0))

@@ -22,7 +22,7 @@ def rollout(owner: Any) -> Rollout:
     version("adder-v2")
     plan = {
         "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "ab",
-        "ab": {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100},
+        "ab": {"weight": 0.5, "min_duration_s": 60, "min_candidate_requests": 100},
         "primary_metric": {"metric": "thumbs_up_rate"}, "guardrails": [],
     }  # fmt: skip
     return rollout_create(plan=plan, actor=owner.user, start=True).rollout
@@ -99,7 +99,7 @@ def test_outcome_events_refuse_viewers_and_anonymous(viewer: Any, anonymous: Any
 
 
 def test_an_ab_test_is_decided_by_its_outcome_metric(owner: Any, rollout: Rollout) -> None:
-    step_back(rollout, 30)
+    step_back(rollout, 61)
     baseline = records(rollout, arm="baseline", n=400, model_version=rollout.baseline, seed=41)
     candidate = records(rollout, arm="candidate", n=400, model_version=rollout.candidate, seed=42)
     # Thumbs up on 50 % of the baseline's answers and 80 % of the candidate's.
@@ -110,7 +110,8 @@ def test_an_ab_test_is_decided_by_its_outcome_metric(owner: Any, rollout: Rollou
     assert analysis is not None
     primary = next(c for c in analysis.checks if c["type"] == "primary")
     assert primary["decision"] == "win" and abs(primary["effect"] - 0.3) < 1e-9
-    assert analysis.decision == "promote" and Rollout.objects.get(pk=rollout.pk).state == "promoted"
+    # Promoted into its bake: 5 % of sessions stay on the baseline for the bake period.
+    assert analysis.decision == "promote" and Rollout.objects.get(pk=rollout.pk).state == "baking"
 
 
 def test_the_session_hash_is_the_gateways() -> None:

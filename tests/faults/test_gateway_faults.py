@@ -79,7 +79,7 @@ def test_a_candidate_refusing_connections_shows_up_as_candidate_errors_and_rolls
     plan = {
         "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
         # Held by its duration: only a breach can end this step during the test.
-        "steps": [{"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 10}],
+        "steps": [{"weight": 0.5, "min_duration_s": 3600}],
         "guardrails": [{"metric": "error_rate", "margin": 0.05}],
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout

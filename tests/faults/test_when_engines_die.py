@@ -45,7 +45,7 @@ def canary(alias: str, *, weight: float, failover: bool = False) -> dict[str, ob
     return {
         "alias": alias, "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
         # Held by its duration: only an engine's death can end this step during the test.
-        "steps": [{"weight": weight, "min_duration_s": 3600, "min_candidate_requests": 10}],
+        "steps": [{"weight": weight, "min_duration_s": 3600}],
         "guardrails": [{"metric": "error_rate", "margin": 0.5}],
         "engine_grace_s": GRACE_S, "failover_to_candidate": failover,
     }  # fmt: skip

@@ -6,12 +6,14 @@ import io
 import subprocess
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from django.db import connection
+from django.utils import timezone
 
 from rolloutctl.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_ROLLED_BACK, EXIT_TIMEOUT, run
 from rollouts.analysis import rollout_analyse
@@ -43,9 +45,9 @@ def ctl(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def plan_file(tmp_path: Path) -> Path:
     path = tmp_path / "canary.yaml"
-    path.write_text(yaml.safe_dump(canary_plan(steps=[
-        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 30},
-        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 30},
+    path.write_text(yaml.safe_dump(canary_plan(guardrails=[{"metric": "tpot_gmean_ms", "margin": "10%"}], steps=[
+        {"weight": 0.1, "min_duration_s": 60},
+        {"weight": 0.5, "min_duration_s": 60},
     ])))  # fmt: skip
     return path
 
@@ -101,8 +103,13 @@ def _drive(rollout_id: int, stop: threading.Event) -> None:
             rollout = Rollout.objects.select_related("baseline", "candidate").get(pk=rollout_id)
             if rollout.is_terminal:
                 return
-            if rollout.current_step is not None:
-                step_back(rollout, 60)
+            if rollout.state == Rollout.State.BAKING:
+                # The bake's ten minutes, compressed too: its traffic at 95 %, its clock moved back.
+                Rollout.objects.filter(pk=rollout_id).update(
+                    bake_started_at=timezone.now() - timedelta(seconds=rollout.bake_s + 1))
+                both_arms(rollout, total=300, weight=1.0 - rollout.holdout)
+            elif rollout.current_step is not None:
+                step_back(rollout, 61)
                 both_arms(rollout, total=300, weight=float(rollout.current_step["weight"]))
             rollout_analyse(rollout_id=rollout_id)
             time.sleep(0.3)
@@ -123,6 +130,7 @@ def test_wait_follows_the_rollout_and_exits_0_on_promotion(env: Any, plan_file: 
         driver.join(timeout=30)
     assert code == EXIT_OK, out
     assert "event step_started by analysis" in out and "event promoted by analysis" in out
+    assert "baking" in out and "event baked by analysis" in out
     progress = [line for line in out.splitlines() if "  rollout " in line]
     assert any("step 2/2" in line and "adder-v2 50%" in line for line in progress)
     assert "promoted" in progress[-1]

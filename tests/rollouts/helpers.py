@@ -43,15 +43,14 @@ def engines_down(model_version: ModelVersion) -> None:
 
 
 def canary_plan(**overrides: Any) -> dict[str, Any]:
+    """Two steps whose minimums are their floors (60 s, and the fewest candidate requests at which the
+    guardrails can be shown safe: about 900 and 1,200 here, for the error-rate guardrail)."""
     plan: dict[str, Any] = {
         "alias": "adder",
         "baseline": "adder-v1",
         "candidate": "adder-v2",
         "strategy": "canary",
-        "steps": [
-            {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 50},
-            {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100},
-        ],
+        "steps": [{"weight": 0.1}, {"weight": 0.5}],
         "guardrails": [
             {"metric": "tpot_mean_ms", "margin": "10%"},
             {"metric": "error_rate", "margin": 0.01},
@@ -131,6 +130,12 @@ def step_back(rollout: Rollout, seconds: float) -> None:
     Rollout.objects.filter(pk=rollout.pk).update(step_started_at=timezone.now() - timedelta(seconds=seconds))
 
 
+def quick_plan(**overrides: Any) -> dict[str, Any]:
+    """A canary whose one guardrail (TPOT, geometric means, 10 %) decides on a few dozen sessions per arm:
+    for tests about what happens once a step is shown safe, not about how much data that takes."""
+    return canary_plan(**{"guardrails": [{"metric": "tpot_gmean_ms", "margin": "10%"}], **overrides})
+
+
 def kinds(rollout: Rollout) -> list[str]:
     return list(rollout.events.order_by("seq").values_list("kind", flat=True))
 
@@ -175,3 +180,51 @@ def shadow_pairs(
         )  # fmt: skip
         rows.append(pair)
     ShadowPair.objects.bulk_create(rows)
+
+
+def sticky_traffic(
+    rollout: Rollout,
+    *,
+    users: int,
+    weight: float,
+    seed: int,
+    tpot_factor: float = 1.0,
+    error_rate: float = 0.0,
+    candidate_error_rate: float | None = None,
+    requests_median: float = 4.0,
+    at: datetime | None = None,
+) -> dict[str, int]:
+    """Traffic as real clients send it, written as the gateway writes it: `users` sessions, each sticky to
+    one arm (the candidate with probability `weight`), sending a lognormal number of requests (a few users
+    send most of them); TPOT lognormal per request around a per-user factor (long prompts, a heavy tenant),
+    with a rare heavy tail; errors at a per-user rate around the arm's. The candidate's TPOT is
+    `tpot_factor` times the baseline's. Returns the requests written per arm."""
+    rng = random.Random(seed)
+    start = at or timezone.now()
+    rollout_id = rollout.pk
+    rows, written = [], {"baseline": 0, "candidate": 0}
+    for user in range(users):
+        arm = "candidate" if rng.random() < weight else "baseline"
+        session = f"s{seed}-{user:06d}"
+        user_factor = rng.lognormvariate(0.0, 0.3)
+        rate = candidate_error_rate if arm == "candidate" and candidate_error_rate is not None else error_rate
+        user_rate = min(1.0, rate * rng.betavariate(20, 20) * 2.0) if rate else 0.0
+        count = max(1, round(requests_median * rng.lognormvariate(0.0, 1.0)))
+        version = rollout.candidate if arm == "candidate" else rollout.baseline
+        for _ in range(count):
+            failed = rng.random() < user_rate
+            tpot = 30.0 * user_factor * rng.lognormvariate(0.0, 0.4) * (tpot_factor if arm == "candidate" else 1.0)
+            if rng.random() < 0.01:
+                tpot *= 1.0 + rng.paretovariate(1.5)
+            ttft = max(1.0, rng.gauss(100.0, 10.0))
+            rows.append(RequestRecord(
+                request_id=os.urandom(12).hex(), created_at=start, alias=rollout.alias_name, rollout_id=rollout_id,
+                arm=arm, model_version=version, endpoint="chat.completions", stream=True, session_hash=session,
+                prompt_chars=rng.randint(20, 400), status_code=502 if failed else 200,
+                outcome="engine_error" if failed else "ok", ttft_ms=None if failed else ttft,
+                tpot_ms=None if failed else tpot, e2e_ms=None if failed else ttft + tpot * 3,
+                prompt_tokens=None if failed else 12, completion_tokens=None if failed else 4,
+            ))  # fmt: skip
+            written[arm] += 1
+    RequestRecord.objects.bulk_create(rows, batch_size=2000)
+    return written

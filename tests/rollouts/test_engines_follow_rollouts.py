@@ -126,6 +126,9 @@ def test_a_promotion_retires_the_old_baseline_unless_another_alias_still_serves_
     alias_ensure(name="adder-other", stable=baseline.model_version)
     rollout = rollout_create(plan=canary_plan(steps=STEPS), actor=owner.user, start=True).rollout
     rollout_promote(rollout=rollout, actor=owner.user, reason="good")
+    # While the promotion bakes, the old baseline serves the holdout: nothing is retired yet.
+    assert retired_engines_stop() == []
+    rollout_promote(rollout=rollout, actor=owner.user, reason="the bake looks fine")
     (released,) = retired_engines_stop()
     assert (released.version, released.kept) == ("adder-v1", "the alias 'adder-other' routes to it")
     assert row(baseline).desired_state == "running"

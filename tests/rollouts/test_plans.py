@@ -26,9 +26,11 @@ def base(**overrides: Any) -> dict[str, Any]:
 
 def test_defaults_are_written_out() -> None:
     plan = plan_normalise(base()).to_dict()
+    # The default error-rate guardrail cannot be shown safe on fewer than 764 candidate requests at 10 %.
     assert plan["steps"] == [
-        {"weight": 0.1, "shadow_rate": 0.0, "min_duration_s": 60, "min_candidate_requests": 50, "requires_approval": False}
+        {"weight": 0.1, "shadow_rate": 0.0, "min_duration_s": 60, "min_candidate_requests": 764, "requires_approval": False}
     ]
+    assert (plan["on_inconclusive"], plan["holdout"], plan["bake_s"]) == ("pause", 0.05, 600)
     assert (plan["alpha"], plan["tuning_n"], plan["allow_self_approval"], plan["engine_grace_s"]) == (0.05, None, False, 30)
     assert plan["guardrails"] == [{"metric": "error_rate", "margin": 0.01, "relative": False}]
 
@@ -54,6 +56,14 @@ def test_percentages_slo_strings_and_relative_margins() -> None:
         ({"steps": [{"weight": 1.5}]}, "steps[0].weight", "must be from 0 to 1, got 1.5"),
         ({"steps": [{"weight": 0}]}, "steps[0].weight", "above 0"),
         ({"steps": [{"weight": 0.1, "min_duration_s": -1}]}, "steps[0].min_duration_s", "must be from 0"),
+        ({"steps": [{"weight": 0.1, "min_duration_s": 0}]}, "steps[0].min_duration_s", "at least 60 s"),
+        ({"steps": [{"weight": 0.1, "min_candidate_requests": 0}]}, "steps[0].min_candidate_requests", "at least 764"),
+        ({"steps": [{"weight": 0.1}, {"weight": 0.5, "min_candidate_requests": 50}]}, "steps[1].min_candidate_requests",
+         "at least 979: the fewest candidate requests at which this step's checks can be shown safe"),
+        ({"on_inconclusive": "shrug"}, "on_inconclusive", "must be one of pause, advance, rollback"),
+        ({"holdout": 0.7}, "holdout", "at most 0.5"),
+        ({"holdout": "-5%"}, "holdout", "must be from 0 to 1"),
+        ({"bake_s": 10}, "bake_s", "0 (no bake) or at least 60 s"),
         ({"steps": [{"weight": 0.1, "wieght": 1}]}, "steps[0].wieght", "unknown field"),
         ({"steps": []}, "steps", "at least one step"),
         ({"slos": ["ttft_p99_ms >= 800"]}, "slos[0]", "only an upper limit"),
@@ -89,7 +99,9 @@ def test_strategies_compile_to_steps() -> None:
     ab = plan_normalise({"alias": "a", "candidate": "c", "strategy": "ab", "primary_metric": "thumbs_up_rate"})
     assert [s.weight for s in ab.steps] == [0.5] and ab.primary_metric and ab.primary_metric.difference == "absolute"
     bg = plan_normalise({"alias": "a", "candidate": "c", "strategy": "blue_green", "blue_green": {"rollback_window_s": 120}})
-    assert [(s.weight, s.shadow_rate, s.min_duration_s) for s in bg.steps] == [(0.0, 1.0, 300), (1.0, 0.0, 120)]
+    # The switch keeps the holdout on the baseline; its minimums meet the floors without being written.
+    assert [(s.weight, s.shadow_rate, s.min_duration_s) for s in bg.steps] == [(0.0, 1.0, 300), (0.95, 0.0, 120)]
+    assert [s.min_candidate_requests for s in bg.steps] == [782, 854]
     assert errors_of({"alias": "a", "candidate": "c", "strategy": "ab"}) == {
         "primary_metric": ["required for an A/B test: the metric that decides it"]
     }

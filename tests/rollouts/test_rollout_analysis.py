@@ -17,6 +17,7 @@ from tests.rollouts.helpers import (
     canary_plan,
     engines_down,
     kinds,
+    quick_plan,
     records,
     shadow_pairs,
     step_back,
@@ -36,6 +37,10 @@ def started(owner: Any, **overrides: Any) -> Rollout:
     return rollout_create(plan=canary_plan(**overrides), actor=owner.user, start=True).rollout
 
 
+def quick(owner: Any, **overrides: Any) -> Rollout:
+    return rollout_create(plan=quick_plan(**overrides), actor=owner.user, start=True).rollout
+
+
 def fresh(rollout: Rollout) -> Rollout:
     return Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
 
@@ -46,8 +51,8 @@ def look(rollout: Rollout) -> RolloutAnalysis:
     return analysis
 
 
-def test_an_a_a_canary_holds_until_its_minimums_then_advances(owner: Any, versions: None) -> None:
-    rollout = started(owner, steps=[
+def test_an_a_a_canary_holds_until_its_minimums_then_advances_once_shown_safe(owner: Any, versions: None) -> None:
+    rollout = quick(owner, steps=[
         {"weight": 0.1, "min_duration_s": 60, "min_candidate_requests": 50},
         {"weight": 0.5, "min_duration_s": 60, "min_candidate_requests": 50},
     ])  # fmt: skip
@@ -58,20 +63,21 @@ def test_an_a_a_canary_holds_until_its_minimums_then_advances(owner: Any, versio
     assert (first.decision, first.applied) == ("hold", False)
     assert "50/50 candidate requests" in first.reason and "/60 s" in first.reason
     assert first.arms["candidate"]["n"] == 60 and first.arms["baseline"]["n"] == 540
-    assert [c["metric"] for c in first.checks] == ["tpot_mean_ms", "error_rate"]
-    assert "breach" not in {c["decision"] for c in first.checks}
+    assert [c["metric"] for c in first.checks] == ["tpot_gmean_ms"]
+    assert first.checks[0]["decision"] == "safe" and first.checks[0]["holds"] is False
     assert fresh(rollout).step_index == 0
 
     step_back(rollout, 61)
     second = look(rollout)
     assert (second.decision, second.applied) == ("advance", True)
+    assert "every check shown safe" in second.reason
     rollout = fresh(rollout)
     assert (rollout.state, rollout.step_index) == ("running", 1)
     assert alias_get(name="adder").candidate_weight == 0.5  # type: ignore[union-attr]
     event = rollout.events.order_by("seq").last()
     assert event is not None and (event.kind, event.actor) == ("step_started", "analysis")
     assert event.evidence["arms"]["candidate"]["n"] == 60
-    assert event.evidence["checks"][0]["metric"] == "tpot_mean_ms"
+    assert event.evidence["checks"][0]["metric"] == "tpot_gmean_ms"
 
     # The new step's window starts empty: the old step's requests do not count for it.
     third = look(rollout)
@@ -82,7 +88,7 @@ def test_an_a_a_canary_holds_until_its_minimums_then_advances(owner: Any, versio
 
 
 def test_a_tpot_regression_rolls_back_by_itself_with_the_evidence(owner: Any, versions: None) -> None:
-    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600, "min_candidate_requests": 1000}])
+    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600}])
     step_back(rollout, 30)
     both_arms(rollout, total=500, weight=0.2, tpot=(20.0, 2.0), candidate_tpot=(30.0, 3.0), seed=2)
 
@@ -106,7 +112,7 @@ def test_a_tpot_regression_rolls_back_by_itself_with_the_evidence(owner: Any, ve
 
 def test_a_much_slower_candidate_is_caught_early_despite_heavy_tailed_latencies(owner: Any, versions: None) -> None:
     """Latencies on a shared CPU: mostly fast, now and then very slow (a lognormal with sd 3x its mean)."""
-    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600, "min_candidate_requests": 1000}])
+    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600}])
     step_back(rollout, 30)
     records(rollout, arm="baseline", n=400, model_version=rollout.baseline, seed=60,
             tpot=lambda rng: rng.lognormvariate(2.5, 1.5))  # fmt: skip
@@ -119,7 +125,7 @@ def test_a_much_slower_candidate_is_caught_early_despite_heavy_tailed_latencies(
 
 
 def test_an_a_a_with_heavy_tails_does_not_breach(owner: Any, versions: None) -> None:
-    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600, "min_candidate_requests": 1000}])
+    rollout = started(owner, steps=[{"weight": 0.2, "min_duration_s": 600}])
     step_back(rollout, 30)
     for arm, n, seed in (("baseline", 2000, 62), ("candidate", 500, 63)):
         records(rollout, arm=arm, n=n, model_version=rollout.baseline, seed=seed, tpot=lambda rng: rng.lognormvariate(2.5, 1.5))
@@ -138,7 +144,7 @@ def test_an_slo_breach_on_errors_rolls_back(owner: Any, versions: None) -> None:
 
 def test_a_tail_slo_counts_requests_over_the_threshold(owner: Any, versions: None) -> None:
     rollout = started(owner, slos=["ttft_p99_ms <= 800"], guardrails=[],
-                      steps=[{"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 10_000}])
+                      steps=[{"weight": 0.1, "min_duration_s": 60, "min_candidate_requests": 10_000}])
     step_back(rollout, 30)
     both_arms(rollout, total=1000, weight=0.1, seed=4)  # ttft ~ 100 ms: nobody near 800
     analysis = look(rollout)
@@ -165,12 +171,9 @@ def test_a_sample_ratio_mismatch_is_flagged_and_blocks_advancing(owner: Any, ver
 
 
 def test_an_approval_step_waits_for_a_person(owner: Any, approver: Any, versions: None) -> None:
-    rollout = started(owner, steps=[
-        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 20},
-        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20, "requires_approval": True},
-    ])  # fmt: skip
-    step_back(rollout, 30)
-    both_arms(rollout, total=300, weight=0.1, seed=7)
+    rollout = quick(owner, steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}])
+    step_back(rollout, 61)
+    both_arms(rollout, total=600, weight=0.1, seed=7)
     assert look(rollout).decision == "await_approval"
     rollout = fresh(rollout)
     assert rollout.state == "awaiting_approval"
@@ -186,8 +189,8 @@ def test_an_approval_step_waits_for_a_person(owner: Any, approver: Any, versions
 
 
 def test_the_last_step_promotes_the_candidate(owner: Any, versions: None) -> None:
-    rollout = started(owner, steps=[{"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20}])
-    step_back(rollout, 30)
+    rollout = quick(owner, steps=[{"weight": 0.5}], bake_s=0)
+    step_back(rollout, 61)
     both_arms(rollout, total=200, weight=0.5, seed=8)
     assert look(rollout).decision == "promote"
     assert fresh(rollout).state == "promoted"
@@ -228,8 +231,8 @@ def test_a_stale_decision_is_never_applied_twice(owner: Any, versions: None) -> 
     """Two workers that read the same version both decide to advance; only the first applies."""
     from rollouts.analysis.apply import _apply
 
-    rollout = started(owner)
-    step_back(rollout, 30)
+    rollout = quick(owner)
+    step_back(rollout, 61)
     both_arms(rollout, total=1000, weight=0.1, seed=9)
     snapshot = fresh(rollout)
     first, _ = rollout_look(rollout=snapshot)
@@ -247,8 +250,8 @@ def test_a_stale_decision_is_never_applied_twice(owner: Any, versions: None) -> 
 
 def test_a_look_that_finds_the_lease_taken_does_nothing(owner: Any, versions: None) -> None:
     """A worker that died mid-analysis holds the lease until it runs out; meanwhile nobody else acts."""
-    rollout = started(owner)
-    step_back(rollout, 30)
+    rollout = quick(owner)
+    step_back(rollout, 61)
     both_arms(rollout, total=1000, weight=0.1, seed=10)
     Rollout.objects.filter(pk=rollout.pk).update(analysis_lease_until=timezone.now() + timedelta(seconds=30))
     assert rollout_analyse(rollout_id=rollout.pk) is None
@@ -299,20 +302,27 @@ def test_shadow_latency_is_compared_with_the_baseline_asked_beside_it(owner: Any
     assert check["low"] < 0.1 < check["high"] or check["decision"] == "safe"
 
 
-def test_a_blue_green_warms_up_on_shadow_traffic_then_switches_all_at_once(owner: Any, versions: None) -> None:
+def test_a_blue_green_warms_up_on_shadow_traffic_then_switches_all_but_the_holdout(owner: Any, versions: None) -> None:
     plan = {
         "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "blue_green",
-        "blue_green": {"shadow_rate": 1.0, "warmup_s": 0, "min_shadow_requests": 50, "rollback_window_s": 0},
+        "blue_green": {"shadow_rate": 1.0, "warmup_s": 60, "rollback_window_s": 60},
+        "guardrails": [{"metric": "tpot_gmean_ms", "margin": "10%"}],
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
-    step_back(rollout, 30)
-    records(rollout, arm="baseline", n=100, model_version=rollout.baseline, seed=14)
-    shadow_pairs(rollout, n=100, seed=15)
+    step_back(rollout, 61)
+    records(rollout, arm="baseline", n=150, model_version=rollout.baseline, seed=14)
+    shadow_pairs(rollout, n=150, seed=15)
     assert look(rollout).decision == "advance"
-    assert alias_get(name="adder").candidate_weight == 1.0  # type: ignore[union-attr]
-    step_back(rollout, 30)
-    assert look(rollout).decision == "promote"
-    assert fresh(rollout).state == "promoted"
+    # The switch keeps 5 % of sessions on the baseline: its rollback window compares the two.
+    assert alias_get(name="adder").candidate_weight == 0.95  # type: ignore[union-attr]
+    rollout = fresh(rollout)
+    step_back(rollout, 61)
+    assert look(rollout).decision == "hold"  # no data yet: the window is not shown safe
+    both_arms(rollout, total=1000, weight=0.95, seed=16)
+    analysis = look(rollout)
+    assert analysis.decision == "promote", analysis.reason
+    rollout = fresh(rollout)
+    assert rollout.state == "baking" and alias_get(name="adder").candidate_weight == 0.95  # type: ignore[union-attr]
 
 
 def test_evidence_is_carried_across_steps_and_counts_sessions(
@@ -322,10 +332,7 @@ def test_evidence_is_carried_across_steps_and_counts_sessions(
     (`steps` says which), sessions are its units, and the SRM counts sessions, not requests."""
     # Records written between the step changes of this test are in their steps: no settling time to wait.
     monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
-    rollout = started(owner, guardrails=[{"metric": "tpot_gmean_ms", "margin": "10%"}], steps=[
-        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 20},
-        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 20},
-    ])  # fmt: skip
+    rollout = quick(owner, steps=[{"weight": 0.1}, {"weight": 0.5}])
     # Sticky users: 40 sessions of 15 requests each on the baseline, 4 of 15 on the candidate.
     records(rollout, arm="baseline", n=600, model_version=rollout.baseline, seed=70, sessions=40)
     records(rollout, arm="candidate", n=60, model_version=rollout.candidate, seed=71, sessions=4)

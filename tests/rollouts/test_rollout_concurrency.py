@@ -20,7 +20,7 @@ from rollouts.analysis import rollout_analyse
 from rollouts.models import Rollout
 from rollouts.services import rollout_advance, rollout_create, rollout_rollback
 from rollouts.tasks import analyse_rollout
-from tests.rollouts.helpers import both_arms, canary_plan, kinds, step_back, version
+from tests.rollouts.helpers import both_arms, canary_plan, kinds, quick_plan, step_back, version
 from tests.support.processes import celery_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def running(owner: Any) -> Rollout:
     version("adder-v1")
     version("adder-v2")
-    return rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
+    return rollout_create(plan=quick_plan(), actor=owner.user, start=True).rollout
 
 
 def race(*calls: Callable[[], Any]) -> list[Any]:
@@ -110,7 +110,7 @@ def test_two_creations_on_one_alias_at_once_leave_one(owner: Any) -> None:
 
 
 def test_two_analyses_at_once_apply_one_decision(running: Rollout) -> None:
-    step_back(running, 30)
+    step_back(running, 61)
     both_arms(running, total=1000, weight=0.1, seed=31)
     results = race(*[lambda: rollout_analyse(rollout_id=running.pk) for _ in range(3)])
     assert not [r for r in results if isinstance(r, Exception)], results
@@ -119,7 +119,7 @@ def test_two_analyses_at_once_apply_one_decision(running: Rollout) -> None:
 
 
 def test_analyses_on_real_celery_workers_apply_one_decision(running: Rollout) -> None:
-    step_back(running, 30)
+    step_back(running, 61)
     both_arms(running, total=1000, weight=0.1, seed=32)
     with celery_worker(name="rollouts-analysis", concurrency=2):
         results = [analyse_rollout.delay(running.pk) for _ in range(4)]

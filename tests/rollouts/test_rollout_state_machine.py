@@ -50,14 +50,23 @@ def test_a_canary_walks_its_steps_and_promotes_moving_the_alias(owner: Any, vers
     assert (rollout.state, rollout.step_index) == ("running", 1)
     assert alias_get(name="adder").candidate_weight == 0.5  # type: ignore[union-attr]
 
+    # Promotion bakes: 95 % of sessions on the candidate, 5 % held out on the baseline, still the rollout's.
     rollout = rollout_advance(rollout=rollout, actor=owner.user)
+    assert rollout.state == "baking" and rollout.bake_started_at is not None and rollout.ended_at is None
+    alias = alias_get(name="adder")
+    assert alias is not None and alias.candidate is not None
+    assert (alias.baseline.label, alias.candidate.label, alias.candidate_weight, alias.rollout_id) == (
+        "adder-v1", "adder-v2", 0.95, rollout.pk)
+    last = rollout.events.order_by("seq").last()
+    assert last is not None and (last.kind, last.to_state, last.actor, last.from_state) == ("promoted", "baking", "owner", "running")
+
+    # Promoting a baking rollout ends its bake now: the candidate takes every session.
+    rollout = rollout_promote(rollout=rollout, actor=owner.user, reason="bake looks fine")
     assert rollout.state == "promoted" and rollout.ended_at is not None
     alias = alias_get(name="adder")
     assert alias is not None
     assert (alias.baseline.label, alias.candidate, alias.candidate_weight, alias.rollout_id) == ("adder-v2", None, 0.0, None)
-    assert kinds(rollout) == ["created", "started", "step_started", "promoted"]
-    last = rollout.events.order_by("seq").last()
-    assert last is not None and last.actor == "owner" and last.from_state == "running"
+    assert kinds(rollout) == ["created", "started", "step_started", "promoted", "baked"]
 
 
 def test_rollback_sends_everyone_back_to_the_baseline(owner: Any, approver: Any, versions: None) -> None:
@@ -80,7 +89,9 @@ def test_rollback_sends_everyone_back_to_the_baseline(owner: Any, approver: Any,
         ("running", rollout_resume, "running"),
         ("rolled_back", rollout_rollback, "rolled_back"),
         ("rolled_back", rollout_start, "rolled_back"),
+        ("baking", rollout_abort, "baking"),
         ("promoted", rollout_abort, "promoted"),
+        ("promoted", rollout_promote, "promoted"),
     ],
 )
 def test_a_transition_from_the_wrong_state_is_a_409_saying_what_was_expected(
@@ -91,8 +102,10 @@ def test_a_transition_from_the_wrong_state_is_a_409_saying_what_was_expected(
         rollout = rollout_start(rollout=rollout, actor=owner.user)
     if prepare == "rolled_back":
         rollout = rollout_rollback(rollout=rollout, actor=owner.user)
-    if prepare == "promoted":
+    if prepare in ("baking", "promoted"):
         rollout = rollout_promote(rollout=rollout, actor=owner.user)
+    if prepare == "promoted":
+        rollout = rollout_promote(rollout=rollout, actor=owner.user)  # the bake ends
     events_before = RolloutEvent.objects.filter(rollout=rollout).count()
     with pytest.raises(Conflict) as refused:
         action(rollout=rollout, actor=owner.user)

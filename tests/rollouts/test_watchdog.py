@@ -27,7 +27,7 @@ pytestmark = pytest.mark.django_db
 
 STEPS = [
     {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000},
-    {"weight": 0.5, "min_duration_s": 300, "min_candidate_requests": 1000},
+    {"weight": 0.5, "min_duration_s": 300, "min_candidate_requests": 2000},
 ]
 
 

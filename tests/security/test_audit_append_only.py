@@ -54,8 +54,8 @@ def audited_rollout(owner: Member, approver: Member) -> Rollout:
     version("adder-v1")
     version("adder-v2")
     plan = canary_plan(steps=[
-        {"weight": 0.1, "min_duration_s": 3600, "min_candidate_requests": 50, "requires_approval": True},
-        {"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 100},
+        {"weight": 0.1, "min_duration_s": 3600, "requires_approval": True},
+        {"weight": 0.5, "min_duration_s": 3600},
     ])  # fmt: skip
     rollout = rollout_create(plan=plan, actor=owner.user).rollout
     rollout_start(rollout=rollout, actor=owner.user)

@@ -176,8 +176,8 @@ def test_a_full_session_at_debug_level_leaves_no_secret_in_logs_or_responses(
         wrong_token = {"Authorization": "Bearer rmp_" + secrets.token_urlsafe(32)}
         assert keep("GET /api/v1/me wrong token", api.get("/api/v1/me", headers=wrong_token)).status_code == 401
         plan = canary_plan(steps=[
-            {"weight": 0.1, "min_duration_s": 3600, "min_candidate_requests": 50, "requires_approval": True},
-            {"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 100},
+            {"weight": 0.1, "min_duration_s": 3600, "requires_approval": True},
+            {"weight": 0.5, "min_duration_s": 3600},
         ])  # fmt: skip
         created = keep("POST /api/v1/rollouts", api.post("/api/v1/rollouts", params={"start": "true"}, json=plan))
         assert created.status_code == 201, created.text

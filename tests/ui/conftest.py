@@ -31,8 +31,8 @@ def versions(db: None) -> None:
 def canary(owner: Any, versions: None) -> Rollout:
     """A running canary (10 % then 50 % with an approval) whose first step has been looked at once."""
     plan = canary_plan(steps=[
-        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 50},
-        {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100, "requires_approval": True},
+        {"weight": 0.1, "min_duration_s": 60},
+        {"weight": 0.5, "min_duration_s": 60, "requires_approval": True},
     ])  # fmt: skip
     rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
     step_back(rollout, 30)

@@ -216,7 +216,7 @@ def test_the_model_version_page_shows_lineage_engines_and_loads_eval_history(
 def test_an_ab_test_shows_the_intervals_the_decision_used(owner: Any, viewer: Any, versions: None) -> None:
     plan = {
         "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "ab",
-        "ab": {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100},
+        "ab": {"weight": 0.5, "min_duration_s": 60},
         "primary_metric": {"metric": "tpot_mean_ms"}, "guardrails": [{"metric": "error_rate", "margin": 0.02}],
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout

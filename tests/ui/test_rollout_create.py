@@ -21,8 +21,8 @@ def form_data(**overrides: str) -> dict[str, str]:
     data = {
         "mode": "form", "alias": "adder", "name": "v2 canary", "baseline": "adder-v1", "candidate": "adder-v2",
         "strategy": "canary", "guardrails": "tpot_mean_ms 10%\nerror_rate 0.01", "slos": "ttft_p99_ms <= 800",
-        "step_0_weight": "10%", "step_0_min_duration_s": "60", "step_0_min_candidate_requests": "50",
-        "step_1_weight": "50%", "step_1_min_duration_s": "120", "step_1_min_candidate_requests": "200",
+        "step_0_weight": "10%", "step_0_min_duration_s": "60", "step_0_min_candidate_requests": "",
+        "step_1_weight": "50%", "step_1_min_duration_s": "120", "step_1_min_candidate_requests": "3000",
         "step_1_requires_approval": "on",
     }  # fmt: skip
     data.update(overrides)
@@ -83,7 +83,9 @@ def test_checking_a_valid_plan_shows_the_estimate_per_step_and_creates_nothing(
     assert (
         "tpot_mean_ms at most 10% worse:" in estimate and "(assumed coefficient of variation 0.5)" in estimate
     )
-    assert "min_candidate_requests: 50" in html  # the normalised plan, every default written out
+    # The normalised plan, every default written out: a step's minimum left blank is its floor.
+    floor = re.search(r"min_candidate_requests: (\d+)", html)
+    assert floor is not None and 1000 < int(floor.group(1)) < 3000, html
     assert not Rollout.objects.exists()
 
 
@@ -98,7 +100,7 @@ def test_creating_makes_a_draft_whose_page_shows_the_estimate_and_a_start_button
     )
     assert (rollout.state, rollout.created_by_id, len(rollout.steps)) == ("draft", owner.user.pk, 2)
     assert rollout.plan["steps"][1] == {
-        "weight": 0.5, "shadow_rate": 0.0, "min_duration_s": 120, "min_candidate_requests": 200, "requires_approval": True,
+        "weight": 0.5, "shadow_rate": 0.0, "min_duration_s": 120, "min_candidate_requests": 3000, "requires_approval": True,
     }  # fmt: skip
     assert rollout.plan["slos"] == [{"metric": "ttft_p99_ms", "op": "<=", "threshold": 800.0}]
     page = client.get(response["Location"]).content.decode()

@@ -23,7 +23,7 @@ from tests.support.slack_standin import SlackStandin
 
 PLAN = canary_plan(steps=[
     {"weight": 0.1},
-    {"weight": 0.5, "requires_approval": True, "min_duration_s": 600, "min_candidate_requests": 1000},
+    {"weight": 0.5, "requires_approval": True, "min_duration_s": 600},
 ])  # fmt: skip
 
 

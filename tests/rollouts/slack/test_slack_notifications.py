@@ -42,11 +42,11 @@ def notify(event: RolloutEvent) -> str:
 
 def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: Any, versions: None, slack: SlackStandin) -> None:
     rollout = rollout_create(plan=canary_plan(steps=[
-        {"weight": 0.1, "min_duration_s": 0, "min_candidate_requests": 50},
+        {"weight": 0.1, "min_duration_s": 60},
         {"weight": 0.5, "requires_approval": True},
     ]), actor=owner.user, start=True).rollout  # fmt: skip
-    step_back(rollout, 60)
-    both_arms(rollout, total=1000, weight=0.1, seed=3)
+    step_back(rollout, 61)
+    both_arms(rollout, total=10_000, weight=0.1, seed=3)  # 1,000 candidate requests: over the step's floor
     analysis = rollout_analyse(rollout_id=rollout.pk)
     assert analysis is not None and (analysis.decision, analysis.applied) == ("await_approval", True)
     event = last_event(rollout)
@@ -68,8 +68,8 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
     tpot = checks["tpot_mean_ms at most 10% worse"]
     assert f"effect {tpot['effect'] * 100:+.3g}% [{tpot['low'] * 100:+.3g}%, {tpot['high'] * 100:+.3g}%]" in lines["tpot_mean_ms at most 10% worse"]
     assert f": {tpot['decision']} — " in lines["tpot_mean_ms at most 10% worse"]
-    assert "n 900 / 100" in lines["tpot_mean_ms at most 10% worse"]
-    assert "*sample ratio*: ok (p " in text and "900 / 100, expected about 900 / 100" in text
+    assert "n 9000 / 1000" in lines["tpot_mean_ms at most 10% worse"]
+    assert "*sample ratio*: ok (p " in text and "9000 / 1000, expected about 9000 / 1000" in text
     assert "*Eval gate*: none in this plan" in text
     approve, reject, open_ = buttons(blocks)
     assert (approve["text"]["text"], reject["text"]["text"], open_["text"]["text"]) == ("Approve", "Reject", "Open rollout")
@@ -86,7 +86,7 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
 def test_a_rollback_posts_its_reason_with_the_breached_metric_and_its_numbers(
     owner: Any, versions: None, slack: SlackStandin
 ) -> None:
-    rollout = rollout_create(plan=canary_plan(steps=[{"weight": 0.2, "min_duration_s": 600, "min_candidate_requests": 1000}]),
+    rollout = rollout_create(plan=canary_plan(steps=[{"weight": 0.2, "min_duration_s": 600}]),
                              actor=owner.user, start=True).rollout  # fmt: skip
     step_back(rollout, 30)
     both_arms(rollout, total=500, weight=0.2, tpot=(20.0, 2.0), candidate_tpot=(30.0, 3.0), seed=2)
@@ -112,7 +112,7 @@ def test_a_rollback_posts_its_reason_with_the_breached_metric_and_its_numbers(
 
 
 def test_a_promotion_and_a_failed_eval_gate_are_announced(owner: Any, approver: Any, versions: None, slack: SlackStandin) -> None:
-    rollout = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
+    rollout = rollout_create(plan=canary_plan(bake_s=0), actor=owner.user, start=True).rollout
     rollout_advance(rollout=rollout, actor=owner.user)
     rollout_advance(rollout=rollout, actor=owner.user, reason="all steps passed")
     assert notify(last_event(rollout)) == "sent"
