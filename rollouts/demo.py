@@ -105,8 +105,8 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         "eval_gate": {"suite": "adder-heldout", "scorer": "exact_match", "max_drop": 0.05},
         # What it would run if the gate passed.
         "steps": [
-            {"weight": "10%", "min_duration_s": 300, "min_candidate_requests": 100},
-            {"weight": "100%", "min_duration_s": 300, "min_candidate_requests": 100},
+            {"weight": "10%", "min_duration_s": 300},
+            {"weight": "100%", "min_duration_s": 300},
         ],
         "guardrails": [
             {"metric": "error_rate", "margin": 0.02},
