@@ -4,7 +4,8 @@ candidate's traffic share unwatched.
 A rollout whose last look (`Rollout.last_analysed_at`, written when a look completes) is older than
 `STALE_INTERVALS` analysis intervals while its candidate takes traffic (running, or awaiting an approval)
 is paused at its current weights, or rolled back when its plan says `on_stale_analysis: rollback` (a
-rollout a person paused is rolled back then too; paused by the plan's default it stays as it is). The
+rollout a person paused, or a promotion still baking, is rolled back then too; with the plan's default
+they stay as they are: a bake ends only on a look, so it holds its split without one). The
 pause is an ordinary transition by the actor `watchdog`, so it is in the audit trail, the page says why,
 and its notification goes out through the notification outbox (Slack). `/metrics` shows
 `platform_rollouts_stale_analysis` (live rollouts whose analysis is stale), the age of the oldest analysis
@@ -150,9 +151,11 @@ def _action_for(rollout: Rollout) -> str | None:
     on_stale = (rollout.plan or {}).get("on_stale_analysis") or "pause"
     if rollout.state in WATCHED_STATES:
         return on_stale
-    if rollout.state == State.PAUSED and on_stale == "rollback":
+    if rollout.state in (State.PAUSED, State.BAKING) and on_stale == "rollback":
         return "rollback"
-    return None  # gating (no candidate traffic yet), or already paused
+    # Gating (no candidate traffic yet), already paused, or baking: a bake ends only on a look, so without
+    # looks it holds its split as a pause would (and it cannot be paused).
+    return None
 
 
 def _act(rollout: Rollout, action: str, age_s: float, limit_s: float) -> Rollout | None:

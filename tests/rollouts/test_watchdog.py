@@ -202,3 +202,21 @@ def test_a_stale_rollouts_live_status_does_not_change_at_every_poll(owner: Any, 
     digest = re.search(r'data-live-digest="(\w+)"', first)
     assert digest is not None
     assert client.get(url, {"h": digest.group(1)}).status_code == 204
+
+
+@pytest.mark.parametrize("on_stale", ["pause", "rollback"])
+def test_a_baking_promotion_holds_without_looks_or_rolls_back_per_plan(owner: Any, on_stale: str) -> None:
+    from rollouts.services import rollout_promote
+
+    rollout = running(owner, on_stale_analysis=on_stale)
+    rollout_promote(rollout=rollout, actor=owner.user, reason="looks good")
+    assert Rollout.objects.get(pk=rollout.pk).state == "baking"
+    report = rollouts_watchdog_pass(now=analysed_ago(rollout, stale_after_s() + 1))
+    assert report.stale == [rollout.pk]
+    after = Rollout.objects.get(pk=rollout.pk)
+    if on_stale == "pause":
+        # It cannot be paused, and needs not be: the bake ends only on a look.
+        assert report.paused == report.rolled_back == [] and after.state == "baking"
+    else:
+        assert report.rolled_back == [rollout.pk] and after.state == "rolled_back"
+        assert Alias.objects.get(name="adder").baseline.label == "adder-v1"
