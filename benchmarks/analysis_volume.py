@@ -571,33 +571,151 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return (time.perf_counter() - started) * 1000, value
 
 
-def steady_drafts(live_rollout: int, count: int) -> list[Any]:
-    from django.utils import timezone
+class SteadyTraffic:
+    """The live rollout's next records, like the fill's: most from sessions already in its window (each
+    sticky to its arm), the rest from new sessions split 50/50; the fill's latency distributions (the
+    candidate's TTFT 5 % longer, a per-user factor) and 0.5 % engine errors."""
 
-    from serving.models import ModelVersion
+    RETURNING = 0.8  # the share of records from sessions the window has seen
 
-    drafts = drafts_make(count, rng_seed=int(time.time()))
-    v1, v2 = (ModelVersion.objects.get(name="bench", version=v).pk for v in ("v1", "v2"))
-    now = timezone.now()
-    for d in drafts:
-        d.alias, d.rollout_id, d.created_at = LIVE_ALIAS, live_rollout, now
-        d.assigned_arm = d.arm
-        d.model_version_id = v2 if d.arm == "candidate" else v1
-    return drafts
+    def __init__(self, live_rollout: int, since: datetime, *, seed: int = 1) -> None:
+        from serving.models import ModelVersion, RequestRecord
+
+        self.rollout = live_rollout
+        self.sessions = list(
+            RequestRecord.objects.filter(rollout_id=live_rollout, created_at__gte=since)
+            .exclude(session_hash="").values_list("session_hash", "arm").distinct()
+        )  # fmt: skip
+        self.versions = {"baseline": ModelVersion.objects.get(name="bench", version="v1").pk,
+                         "candidate": ModelVersion.objects.get(name="bench", version="v2").pk}  # fmt: skip
+        self.rng = np.random.default_rng(seed)
+        self.factor: dict[str, float] = {}
+
+    def drafts(self, count: int) -> list[Any]:
+        from django.utils import timezone
+
+        from serving.gateway.records import RecordDraft
+
+        rng = self.rng
+        fresh = [(secrets.token_hex(16), "candidate" if rng.random() < 0.5 else "baseline")
+                 for _ in range(max(1, count // 30))]  # fmt: skip
+        returning = rng.random(count) < self.RETURNING
+        old_pick = rng.integers(0, len(self.sessions), count)
+        new_pick = rng.integers(0, len(fresh), count)
+        failed = rng.random(count) < 0.005
+        base_ttft = rng.lognormal(np.log(120.0), 0.5, count)
+        base_tpot = rng.lognormal(np.log(25.0), 0.3, count)
+        tokens_c = rng.integers(2, 200, count)
+        tokens_p = rng.integers(5, 800, count)
+        now = timezone.now()
+        drafts = []
+        for i in range(count):
+            session, arm = self.sessions[old_pick[i]] if returning[i] else fresh[new_pick[i]]
+            factor = self.factor.setdefault(session, float(rng.lognormal(0.0, 0.3)))
+            ttft = factor * base_ttft[i] * (1.05 if arm == "candidate" else 1.0)
+            tpot = factor * base_tpot[i]
+            bad = bool(failed[i])
+            drafts.append(RecordDraft(
+                request_id=uuid.uuid4().hex, created_at=now, alias=LIVE_ALIAS, rollout_id=self.rollout, arm=arm,
+                model_version_id=self.versions[arm], engine_worker_id=None, endpoint="chat.completions", stream=True,
+                session_hash=session, prompt_hash="", prompt_chars=int(tokens_p[i]) * 4, status_code=502 if bad else 200,
+                outcome="engine_error" if bad else "ok", error_kind="http_502" if bad else "",
+                ttft_ms=None if bad else ttft, tpot_ms=None if bad else tpot, e2e_ms=ttft + tpot * (int(tokens_c[i]) - 1),
+                prompt_tokens=None if bad else int(tokens_p[i]), completion_tokens=None if bad else int(tokens_c[i]),
+                assigned_arm=arm,
+            ))  # fmt: skip
+        self.sessions.extend(fresh)
+        return drafts
+
+    def write(self, count: int) -> None:
+        from serving.gateway.records import records_write
+
+        drafts = self.drafts(count)
+        for i in range(0, len(drafts), 500):
+            records_write(drafts[i : i + 500])
+
+
+def rollups_at(rev: str) -> Any:
+    """experiments/rollups.py as it was at git revision `rev`, as a module of its own (it reads and writes
+    the same tables): the fold it had, to time beside today's on the same records."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:experiments/rollups.py"], check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    spec = importlib.util.spec_from_loader(f"rollups_at_{rev}", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    exec(compile(source, f"{rev}:experiments/rollups.py", "exec"), module.__dict__)
+    return module
+
+
+class CpuClock:
+    """Wall time, this process's CPU time and its PostgreSQL backend's, over a block."""
+
+    def __enter__(self) -> CpuClock:
+        self.server, self.client, self.wall = backend_cpu_s(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_ms = (time.perf_counter() - self.wall) * 1000
+        self.client_ms = (time.process_time() - self.client) * 1000
+        self.server_ms = (backend_cpu_s() - self.server) * 1000
+
+
+def cpu_text(clocks: list[CpuClock]) -> str:
+    client, server = median([c.client_ms for c in clocks]), median([c.server_ms for c in clocks])
+    return f"CPU per look: this process {client:,.0f} ms, PostgreSQL {server:,.0f} ms (idle-core bound {client + server:,.0f} ms)"
+
+
+def unit_statistics_text() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT n_live_tup, n_mod_since_analyze, GREATEST(last_analyze, last_autoanalyze) "
+                       "FROM pg_stat_user_tables WHERE relname = 'experiments_rollupunit'")  # fmt: skip
+        row = cursor.fetchone()
+    if row is None:
+        return "unit rows: no statistics"
+    at = f"{row[2]:%H:%M:%S}" if row[2] is not None else "never"
+    return f"unit rows {row[0]:,}, {row[1]:,} changed since the table was last analysed ({at})"
+
+
+def looks_reset(state: dict[str, Any]) -> None:
+    """Back to the fill: the records earlier runs' looks added (all after the fill's stamp) and the live
+    rollout's rollups go, so that every run measures the same window."""
+    from django.db import connection
+
+    from experiments.rollups import window_drop
+    from serving.models import RequestRecord
+
+    added, _ = RequestRecord.objects.filter(rollout_id=state["live_rollout"], created_at__gte=state["stamp"]).delete()
+    window_drop(rollout_ids=[state["live_rollout"]])
+    if added:
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM ANALYZE serving_requestrecord")
+        print(f"  (removed the {added:,} records earlier runs' looks had added)")
 
 
 def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     """The live rollout's look: from scratch (what every look did), the first incremental one (cold: it
-    builds the rollup), and steady-state ones after 10,000 new records each; the decisions compared."""
+    builds the rollup), and steady-state ones after 10,000 new records each (the fold alone, beside the
+    fold of `--before` on its own window when asked, then the whole look: the fold and the checks and the
+    policy, nothing applied); the decisions compared."""
+    from datetime import timedelta
+
+    from experiments import rollups
     from experiments.rollups import arms_from_scratch_equal, window_drop, window_fold, window_scratch
+    from rollouts.analysis import rollout_look
     from rollouts.models import Rollout
-    from serving.gateway.records import records_write
     from serving.selectors import record_commit_horizon
 
-    live = Rollout.objects.get(pk=state["live_rollout"])
+    live = Rollout.objects.select_related("baseline", "candidate").get(pk=state["live_rollout"])
     since = live.step_started_at
     assert since is not None
     spec, rows = bench_spec()
+    looks_reset(state)
     live_records = state["records"] // 10
     print(f"\n== looks: the live rollout ({live_records:,} of the {state['records']:,} records, {len(spec.columns)} "
           f"per-session columns, {len(spec.pairs)} products, 3 sketches); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
@@ -605,30 +723,66 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
                                                        session_rows=rows))  # fmt: skip
     print(f"  from scratch (every record of the window, as each look did):     {scratch_ms:10,.0f} ms")
     window_drop(rollout_ids=[live.pk])  # a cold look: no rollup yet
-    cold_ms, cold = timed(lambda: window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows))
+
+    def fold() -> Any:
+        return window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows,
+                           rows_key=("bench",))  # fmt: skip
+
+    cold_ms, cold = timed(fold)
     print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {cold_ms:10,.0f} ms "
           f"(target <= 60,000)")  # fmt: skip
-    steady: list[float] = []
+    before = rollups_at(args.before) if args.before else None
+    # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
+    before_since = since + timedelta(microseconds=1)
+    if before is not None:
+
+        def fold_before() -> Any:
+            return before.window_fold(rollout_id=live.pk, since=before_since, until=None, spec=spec, session_rows=rows)
+
+        before_ms, _ = timed(fold_before)
+        print(f"  the same, as the fold was at {args.before}: {before_ms:10,.0f} ms")
+    print(f"  {unit_statistics_text()}")
+    traffic = SteadyTraffic(live.pk, since)
+    now_clocks: list[CpuClock] = []
+    before_clocks: list[CpuClock] = []
     reads: list[int] = []
     settled: list[int] = []
-    for _ in range(args.steady_looks):
-        drafts = steady_drafts(live.pk, STEADY_RECORDS)
-        for i in range(0, len(drafts), 500):
-            records_write(drafts[i : i + 500])
-        ms, folded = timed(lambda: window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows))
-        steady.append(ms)
-        reads.append(folded.records_read)
-        settled.append(folded.settled)
-    print(f"  steady-state look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks: median "
-          f"{median(steady):,.0f} ms, max {max(steady):,.0f} ms (target <= 100); records read per look "
-          f"{min(reads):,}-{max(reads):,}, settled {min(settled):,}-{max(settled):,} (the rest was above the horizon: "
-          f"other transactions open on the server)")  # fmt: skip
+    loads: list[float] = []
+    for look in range(args.steady_looks):
+        traffic.write(STEADY_RECORDS)
+        loads.append(os.getloadavg()[0])
+        runs: list[tuple[list[CpuClock], Callable[[], Any]]] = [(now_clocks, fold)]
+        if before is not None:
+            runs.append((before_clocks, fold_before))
+        for clocks, run in runs if look % 2 == 0 else reversed(runs):
+            with CpuClock() as clock:
+                folded = run()
+            clocks.append(clock)
+            if clocks is now_clocks:
+                reads.append(folded.records_read)
+                settled.append(folded.settled)
+    walls = [c.wall_ms for c in now_clocks]
+    print(f"  steady-state look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks (load average "
+          f"{min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, max {max(walls):,.0f} ms (target <= 100); "
+          f"records read per look {min(reads):,}-{max(reads):,}, settled {min(settled):,}-{max(settled):,} (the rest "
+          f"was above the horizon: other transactions open on the server)")  # fmt: skip
+    print(f"    {cpu_text(now_clocks)}")
+    if before is not None:
+        walls = [c.wall_ms for c in before_clocks]
+        print(f"  side by side, the fold as it was at {args.before}: median {median(walls):,.0f} ms, "
+              f"max {max(walls):,.0f} ms")  # fmt: skip
+        print(f"    {cpu_text(before_clocks)}")
+    print(f"  {unit_statistics_text()}")
     horizon = record_commit_horizon()
-    final = window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows)
+    final = fold()
     check = window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows)
     problems = arms_from_scratch_equal(final.arms, check)
     print(f"  incremental == from scratch on the same records (horizon {horizon}): "
           f"{'yes' if not problems else 'NO: ' + '; '.join(problems[:5])}")  # fmt: skip
+    if before is not None:
+        problems = arms_from_scratch_equal(fold_before().arms, window_scratch(
+            rollout_id=live.pk, since=before_since, until=None, spec=spec, session_rows=rows))  # fmt: skip
+        print(f"  (the fold at {args.before} == from scratch: {'yes' if not problems else 'NO: ' + '; '.join(problems[:5])})")
     for arm in ("baseline", "candidate"):
         a = final.arms.get(arm)
         if a is None:
@@ -638,6 +792,74 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         print(f"    {arm:<9} units {a.units:,}, exposed {a.exposed:,}, requests {a.sums.get('requests', 0):,.0f}; "
               f"{tails} ms (each within 1 %)")  # fmt: skip
     del scratch, cold
+
+    # The whole look as the analysis loop runs it (rollouts.analysis.rollout_look: the fold of the plan's
+    # window, the outcome events, the engines' readiness, the checks and the policy; nothing applied).
+    fold_ms: list[float] = []
+    real_fold = rollups.window_fold
+
+    def timed_fold(**kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real_fold(**kwargs)
+        finally:
+            fold_ms.append((time.perf_counter() - started) * 1000)
+
+    rollups.window_fold = timed_fold  # type: ignore[assignment]
+    try:
+        cold_ms, (first, _) = timed(lambda: rollout_look(rollout=live))
+        print(f"  the whole look (rollouts.analysis.rollout_look, nothing applied), first (cold): {cold_ms:,.0f} ms, "
+              f"of which the fold {sum(fold_ms):,.0f} ms; decision {first.decision}")  # fmt: skip
+        whole: list[CpuClock] = []
+        folds: list[float] = []
+        loads = []
+        for _ in range(args.steady_looks):
+            traffic.write(STEADY_RECORDS)
+            loads.append(os.getloadavg()[0])
+            fold_ms.clear()
+            with CpuClock() as clock:
+                rollout_look(rollout=live)
+            whole.append(clock)
+            folds.append(sum(fold_ms))
+    finally:
+        rollups.window_fold = real_fold  # type: ignore[assignment]
+    walls = [c.wall_ms for c in whole]
+    rest = [w - f for w, f in zip(walls, folds, strict=True)]
+    print(f"  the whole look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks (load average "
+          f"{min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, max {max(walls):,.0f} ms; the fold "
+          f"median {median(folds):,.0f} ms, the rest (outcomes, engines, checks, policy) median {median(rest):,.0f} ms")  # fmt: skip
+    print(f"    {cpu_text(whole)}")
+
+
+def looks_stored(state: dict[str, Any], *, history: int) -> int:
+    """Give every rollout of the page a stored look, as the analysis loop stores one (rollout_look's
+    measure and decision, not applied), and `history` earlier copies a minute apart: the pages read the
+    latest of many. Kept between runs. Returns how many looks the rollouts have."""
+    from django.utils import timezone
+
+    from rollouts.analysis import rollout_look
+    from rollouts.models import Rollout, RolloutAnalysis
+
+    looks = RolloutAnalysis.objects.filter(rollout_id__in=state["rollouts"])
+    if looks.exists():
+        return looks.count()
+    started = time.perf_counter()
+    now = timezone.now()
+    for rollout in Rollout.objects.select_related("baseline", "candidate").filter(pk__in=state["rollouts"]):
+        look, _ = rollout_look(rollout=rollout, now=now)
+        rows = [
+            RolloutAnalysis(
+                rollout_id=rollout.pk, created_at=now - timedelta(minutes=minutes), rollout_version=rollout.version,
+                state=rollout.state, step_index=rollout.step_index, window_start=look.window_start,
+                decision=look.decision, reason=look.reason[:500], applied=False, arms=look.arms, checks=look.checks,
+                srm=look.srm, comparisons=look.comparisons,
+            )
+            for minutes in range(history, -1, -1)
+        ]
+        RolloutAnalysis.objects.bulk_create(rows, batch_size=500)
+    print(f"  stored a look of each of the {len(state['rollouts'])} rollouts (and {history} earlier ones each) "
+          f"in {time.perf_counter() - started:,.1f} s")  # fmt: skip
+    return looks.count()
 
 
 def page_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
@@ -649,7 +871,8 @@ def page_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
                                                                                          "is_staff": True})  # fmt: skip
     client = Client(HTTP_HOST="127.0.0.1")
     client.force_login(user)
-    print(f"\n== pages ({ROLLOUTS} A/B rollouts); load average {os.getloadavg()[0]:.1f}")
+    stored = looks_stored(state, history=args.look_history)
+    print(f"\n== pages ({ROLLOUTS} A/B rollouts, {stored:,} stored looks); load average {os.getloadavg()[0]:.1f}")
     for path in ("/experiments", "/"):
         times = []
         for _ in range(args.page_repeats):
@@ -657,6 +880,53 @@ def page_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
             assert response.status_code == 200, (path, response.status_code)
             times.append(ms)
         print(f"  GET {path:<13} median {median(times):9,.0f} ms over {args.page_repeats} (target <= 300)")
+    list_side_by_side(args, user)
+
+
+def list_side_by_side(args: argparse.Namespace, user: Any) -> None:
+    """The experiments list's rows and their rendering, now (the latest looks of all the rollouts in one
+    read, the primary check formatted) and as before (a look read per rollout, and each look's every check
+    and comparison formatted with its alpha split), interleaved."""
+    from django.db import connection
+    from django.template.loader import render_to_string
+    from django.test import RequestFactory
+    from django.test.utils import CaptureQueriesContext
+
+    from rollouts import selectors
+    from rollouts.views import experiments as page
+    from rollouts.views.display import check_view, rollout_summary
+
+    request = RequestFactory().get("/experiments")
+    request.user = user
+
+    def now() -> str:
+        rollouts = page._experiments()
+        looks = selectors.rollout_latest_analyses(rollout_ids=[r.pk for r in rollouts])
+        rows = []
+        for rollout in rollouts:
+            primary = page._primary(looks.get(rollout.pk))
+            rows.append({"summary": rollout_summary(rollout, looks.get(rollout.pk)),
+                         "primary_view": check_view(primary) if primary else None})  # fmt: skip
+        return render_to_string("experiments/list.html", {"rows": rows}, request=request)
+
+    def before() -> str:
+        rows = []
+        for rollout in page._experiments():
+            results = page._results(rollout)
+            rows.append({"summary": rollout_summary(rollout), "results": results, "primary_view": results["primary_view"]})
+        return render_to_string("experiments/list.html", {"rows": rows}, request=request)
+
+    times: dict[str, list[float]] = {"now": [], "before": []}
+    queries: dict[str, int] = {}
+    for repeat in range(args.page_repeats):
+        for name, build in (("now", now), ("before", before)) if repeat % 2 == 0 else (("before", before), ("now", now)):
+            with CaptureQueriesContext(connection) as captured:
+                ms, html = timed(build)
+            times[name].append(ms)
+            queries[name] = len(captured.captured_queries)
+    print(f"  the list's rows and rendering, side by side (load average {os.getloadavg()[0]:.1f}): now median "
+          f"{median(times['now']):,.0f} ms in {queries['now']} queries; as before (a look read per rollout, every "
+          f"check and comparison formatted) median {median(times['before']):,.0f} ms in {queries['before']} queries")  # fmt: skip
 
 
 # --- main ----------------------------------------------------------------------------------------------------
@@ -676,6 +946,10 @@ def main() -> int:
     parser.add_argument("--outage-s", type=float, default=30.0, help="seconds the database is down (30)")
     parser.add_argument("--steady-looks", type=int, default=5, help="steady-state looks (5)")
     parser.add_argument("--page-repeats", type=int, default=5, help="page loads each (5)")
+    parser.add_argument("--look-history", type=int, default=100,
+                        help="stored looks per rollout before the latest, for the pages (100)")
+    parser.add_argument("--before", default="",
+                        help="also time the fold of experiments/rollups.py at this git revision, side by side")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database at the end")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL", "")

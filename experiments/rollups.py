@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +52,7 @@ RELATIVE_ACCURACY = 0.01
 SKETCH_FLOOR_MS = 1e-3
 UNITS = RollupUnit._meta.db_table
 FRESH = "rollup_fresh"
+_QUOTED = r'"(\w+)"'  # a column as Django quotes it, on PostgreSQL and SQLite
 
 
 @dataclass(frozen=True)
@@ -160,14 +161,25 @@ def window_fold(
     spec: RollupSpec,
     session_rows: SessionRows,
     outcome_ok: Q | None = None,
+    rows_key: Hashable | None = None,
 ) -> Folded:
     """Fold the records of a rollout's window [since, until) committed since the window's watermark into
     its rollup, and return the arms. `session_rows(records)` gives one row per (arm_label, unit) with the
-    spec's columns and `first_at` (experiments.analysis.sessions.session_rows). Safe to run twice and from
-    two workers: the window row is locked for the fold."""
+    spec's columns and `first_at` (experiments.analysis.sessions.session_rows). `rows_key`, when given,
+    names what `session_rows` computes (the same key, the same query): its SQL is then built once per
+    process, not at every look. Safe to run twice and from two workers: the window row is locked for the
+    fold."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
-    queries = _FoldQueries.of(spec, session_rows, ok)
+    queries = _fold_queries(spec, session_rows, ok, rows_key)
+    outermost = not connection.in_atomic_block
     with transaction.atomic():
+        if outermost and connection.vendor == "postgresql":
+            # The rollup is derived from the records: if a crash loses this commit, it loses the watermark
+            # with the unit rows, and the next look reads those records again. So the fold need not wait
+            # for its commit to reach the disk (on a busy disk, a good part of a look); WAL order still
+            # keeps every later commit behind it.
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit = off")
         window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=queries.key).first()
         if window is None:
             window, _ = RollupWindow.objects.select_for_update().get_or_create(
@@ -241,6 +253,21 @@ class _Found:
             sketch[key] = sketch.get(key, 0) + count
 
 
+_QUERIES: dict[Hashable, _FoldQueries] = {}
+
+
+def _fold_queries(spec: RollupSpec, session_rows: SessionRows, ok: Q, rows_key: Hashable | None) -> _FoldQueries:
+    if rows_key is None:
+        return _FoldQueries.of(spec, session_rows, ok)
+    key = (connection.vendor, spec, rows_key, ok)
+    found = _QUERIES.get(key)
+    if found is None:
+        if len(_QUERIES) >= 256:  # plans' thresholds come and go: keep the cache small
+            _QUERIES.clear()
+        found = _QUERIES[key] = _FoldQueries.of(spec, session_rows, ok)
+    return found
+
+
 @dataclass(frozen=True)
 class _FoldQueries:
     """A window's per-session rows and sketch buckets as SQL over the statement's `base`, and its key: the
@@ -260,6 +287,10 @@ class _FoldQueries:
     def key(self) -> str:
         return hashlib.sha256(f"{self.spec.key} {self.rows!r} {self.recs!r}".encode()).hexdigest()
 
+    @functools.cached_property
+    def columns(self) -> tuple[str, ...]:
+        return _base_columns(self.rows, self.recs)
+
 
 def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
           tail: QuerySet[Any] | None = None) -> _Found:  # fmt: skip
@@ -271,7 +302,7 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     any record."""
     postgres = connection.vendor == "postgresql"
     spec = queries.spec
-    base_sql, base_params = fresh.values(*_base_columns()).query.sql_with_params()
+    base_sql, base_params = fresh.values(*queries.columns).query.sql_with_params()
     (rows_sql, rows_params), (recs_sql, recs_params) = queries.rows, queries.recs
     ctes_sql, select_sql, upsert_sql = _fold_sql(spec)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
@@ -310,11 +341,18 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     return found
 
 
-@functools.cache
-def _base_columns() -> tuple[str, ...]:
-    # What a fold reads of a record: every column but the stored texts (prompt and output, when kept).
-    fields = request_records().model._meta.concrete_fields
-    return tuple(f.attname for f in fields if f.get_internal_type() != "TextField")
+def _base_columns(*queries: tuple[str, tuple[Any, ...]]) -> tuple[str, ...]:
+    """What a fold reads of a record: the columns the queries over `base` name, and no other (a record's
+    other columns, ids and hashes, are most of its width: the statement keeps `base` in memory, not on disk)."""
+    model = request_records().model
+    table = re.escape(connection.ops.quote_name(model._meta.db_table))
+    named = {m for sql, _ in queries for m in re.findall(rf'{table}\.{_QUOTED}', sql)}
+    fields = [f for f in model._meta.concrete_fields if f.column in named]
+    columns = tuple(f.attname for f in fields)
+    missing = named - {f.column for f in fields}
+    if missing or "created_at" not in columns:
+        raise RuntimeError(f"the fold's queries name columns the record has not: {sorted(missing)}")
+    return columns
 
 
 def _over_base(rows: QuerySet[Any]) -> tuple[str, tuple[Any, ...]]:
@@ -370,12 +408,11 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
         return f"CASE WHEN {a} IS NULL THEN {b} WHEN {b} IS NULL THEN {a} WHEN {b} < {a} THEN {b} ELSE {a} END"
 
     fresh_sums = ", ".join(f"CAST(COALESCE(f.{quote(c)}, 0) AS {real}) AS n{i}" for i, c in enumerate(spec.columns))
-    no_sums = ", ".join(f"0 AS n{i}" for i in range(len(spec.columns)))
     stored = ", ".join(f"COALESCE(o.v{i}, 0) AS o{i}" for i in range(len(spec.columns)))
     width = 2 + len(spec.columns) + len(spec.pairs)
     # UNION ALL takes each column's type from its first branch: the NULLs there are typed.
     timestamp = connection.data_types["DateTimeField"]
-    values = ["SUM(m.is_new)", "SUM(CASE WHEN m.after_at = x.a THEN 1 ELSE 0 END) - SUM(CASE WHEN m.before_at = x.b THEN 1 ELSE 0 END)"]
+    values = ["SUM(m.is_new)", "SUM(CASE WHEN m.after_at = m.a THEN 1 ELSE 0 END) - SUM(CASE WHEN m.before_at = m.b THEN 1 ELSE 0 END)"]
     values += [f"SUM(m.n{i})" for i in range(len(spec.columns))]
     for a, b in spec.pairs:
         i, j = index[a], index[b]
@@ -388,21 +425,33 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
         f"SELECT r.arm, {i} AS field, r.k{i} AS k, COUNT(*) AS n FROM recs r WHERE r.k{i} IS NOT NULL GROUP BY r.arm, r.k{i}"
         for i in range(len(spec.sketch))
     )  # fmt: skip
+    columns = ", ".join(f"o.{s}" for s in slots)
+    if connection.vendor == "postgresql":
+        # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
+        # rows are not in the table's statistics until it is analysed again, and the fresh rows' estimate
+        # comes from commit orders past the statistics too, so a plain join or IN was planned as a scan of
+        # every unit row of the window per touched unit (seconds at 80,000 units). OFFSET 0 keeps the
+        # lateral subquery from being flattened into such a join.
+        stored_rows = (
+            f"SELECT o.arm, o.unit, o.first_at, {columns} FROM (SELECT DISTINCT unit FROM fresh) t CROSS JOIN LATERAL "
+            f"(SELECT * FROM {UNITS} u WHERE u.window_id = %s AND u.unit = t.unit OFFSET 0) o"
+        )
+    else:
+        stored_rows = f"SELECT o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND o.unit IN (SELECT unit FROM fresh)"
+    # A full join (hash or merge join only: never a loop over both sides) and window functions, not joins
+    # whose plan follows the estimates.
     ctes = f"""
-        old AS (SELECT o.arm, o.unit, o.first_at, {", ".join(f"o.{s}" for s in slots)} FROM {UNITS} o
-                WHERE o.window_id = %s AND o.unit IN (SELECT unit FROM fresh)),
+        old AS ({stored_rows}),
         merged AS (
-            SELECT f.arm_label AS arm, f.unit AS unit, o.first_at AS before_at,
+            SELECT COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit) AS unit, o.first_at AS before_at,
                    {earliest("o.first_at", "f.first_at")} AS after_at,
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new, {fresh_sums}, {stored}
-            FROM fresh f LEFT JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit
-            UNION ALL
-            SELECT o.arm, o.unit, o.first_at, o.first_at, 0, {no_sums}, {stored} FROM old o
-            WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.arm_label = o.arm AND f.unit = o.unit)),
-        firsts AS (SELECT unit, MIN(before_at) AS b, MIN(after_at) AS a FROM merged GROUP BY unit)"""
+            FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
+        firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
+                          MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM merged m JOIN firsts x ON x.unit = m.unit GROUP BY m.arm
+        FROM firsts m GROUP BY m.arm
         {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
         UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
         UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""

@@ -162,6 +162,7 @@ def _incremental(
     folded = window_fold(
         rollout_id=rollout_id, since=since, until=until, spec=spec,
         session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits),
+        rows_key=("records", tuple(sorted(limits.items()))),
     )  # fmt: skip
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
     tails = {

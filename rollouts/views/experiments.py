@@ -2,8 +2,8 @@
 
 Everything here is read from the rollout's latest stored look (`RolloutAnalysis`), never recomputed: the
 checks with the very intervals the decision used (each at its share of the rollout's alpha split), and the
-exploratory comparisons the look reported beside them. A page view costs two small reads however many
-requests the rollout has served."""
+exploratory comparisons the look reported beside them. A rollout's page costs two small reads however many
+requests it has served; the list reads the latest looks of all its rollouts at once."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from experiments.metrics import HIGHER, METRICS
 from rollouts import selectors
-from rollouts.models import Rollout
+from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.plans import plan_from_stored
 from rollouts.plans.alpha import alpha_split
 from rollouts.views.display import MISSING, check_view, fmt, rollout_or_404, rollout_summary
@@ -59,10 +59,14 @@ def comparison_view(row: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _primary(latest: RolloutAnalysis | None) -> dict[str, Any] | None:
+    return next((c for c in (latest.checks if latest else []) if c.get("type") == "primary"), None)
+
+
 def _results(rollout: Rollout) -> dict[str, Any]:
     latest = selectors.rollout_latest_analysis(rollout=rollout)
     raw = [c for c in (latest.checks if latest else []) if c.get("type") in DECISION_TYPES]
-    primary = next((c for c in raw if c.get("type") == "primary"), None)
+    primary = _primary(latest)
     return {
         "latest": latest,
         "checks": [check_view(c) for c in raw],
@@ -80,7 +84,15 @@ def _experiments() -> list[Rollout]:
 @viewer_required
 @require_GET
 def experiment_list(request: HttpRequest) -> HttpResponse:
-    rows = [{"summary": rollout_summary(rollout), "results": _results(rollout)} for rollout in _experiments()]
+    # The list shows each rollout's primary check as its latest look decided it: the latest looks in one
+    # read for the page (never one query per rollout), and no other check formatted.
+    rollouts = _experiments()
+    looks = selectors.rollout_latest_analyses(rollout_ids=[r.pk for r in rollouts])
+    rows = []
+    for rollout in rollouts:
+        primary = _primary(looks.get(rollout.pk))
+        rows.append({"summary": rollout_summary(rollout, looks.get(rollout.pk)),
+                     "primary_view": check_view(primary) if primary else None})  # fmt: skip
     return render(request, "experiments/list.html", {"rows": rows})
 
 

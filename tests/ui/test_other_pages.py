@@ -242,3 +242,39 @@ def test_an_ab_test_shows_the_intervals_the_decision_used(owner: Any, viewer: An
     chance = re.search(r'data-label="Chance better">.*?</div> ([\d.]+) %</td>', other)
     assert chance is not None and float(chance.group(1)) > 99 and "better" in other
     assert Rollout.objects.get(pk=rollout.pk).state in ("running", "promoted")
+
+
+def test_the_experiments_list_reads_every_rollout_s_latest_look_at_once(owner: Any, viewer: Any, versions: None) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.rollouts.helpers import version
+
+    plan = {
+        "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "ab",
+        "ab": {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100}, "primary_metric": {"metric": "tpot_mean_ms"},
+    }  # fmt: skip
+    rollout = rollout_create(plan={**plan, "alias": "adder"}, actor=owner.user, start=True).rollout
+    step_back(rollout, 30)
+    both_arms(rollout, total=400, weight=0.5, seed=22, tpot=(20.0, 2.0), candidate_tpot=(18.0, 2.0))
+    look = rollout_analyse(rollout_id=rollout.pk)
+    assert look is not None
+    primary = next(c for c in look.checks if c["type"] == "primary")
+    client = logged_in(viewer)
+
+    def listing() -> tuple[str, int]:
+        with CaptureQueriesContext(connection) as queries:
+            html = client.get(reverse("experiment-list")).content.decode()
+        return html, sum("rollouts_rolloutanalysis" in q["sql"] for q in queries.captured_queries)
+
+    html, reads = listing()
+    row = html[html.index(f'href="{reverse("experiment-detail", args=[rollout.pk])}"') :]
+    row = row[: row.index("</tr>")]
+    assert primary["decision"] in row and "tpot_mean_ms" in row
+    for name in ("chat", "sums"):  # more A/B tests, without looks yet: the page reads the looks no more often
+        version(f"{name}-v1")
+        version(f"{name}-v2")
+        rollout_create(plan={**plan, "alias": name, "baseline": f"{name}-v1", "candidate": f"{name}-v2"},
+                       actor=owner.user, start=True)  # fmt: skip
+    html, more = listing()
+    assert more == reads <= 2 and html.count('href="/experiments/') == 3
