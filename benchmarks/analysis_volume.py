@@ -921,7 +921,7 @@ def list_side_by_side(args: argparse.Namespace, user: Any) -> None:
     for repeat in range(args.page_repeats):
         for name, build in (("now", now), ("before", before)) if repeat % 2 == 0 else (("before", before), ("now", now)):
             with CaptureQueriesContext(connection) as captured:
-                ms, html = timed(build)
+                ms, _ = timed(build)
             times[name].append(ms)
             queries[name] = len(captured.captured_queries)
     print(f"  the list's rows and rendering, side by side (load average {os.getloadavg()[0]:.1f}): now median "
