@@ -357,7 +357,7 @@ def fill_rollouts(stamp: datetime) -> list[int]:
     for k in range(ROLLOUTS):
         plan = {
             "alias": f"bench-ab-{k:02d}", "baseline": "bench-v1", "candidate": "bench-v2", "strategy": "ab",
-            "ab": {"weight": 0.5, "min_duration_s": 3600, "min_candidate_requests": 2000, "horizon_s": 604800},
+            "ab": {"weight": 0.5, "min_duration_s": 3600, "horizon_s": 604800},
             "primary_metric": {"metric": "tpot_mean_ms", "min_effect": 1.0},
             "guardrails": [{"metric": "error_rate", "margin": 0.005}, {"metric": "ttft_mean_ms", "margin": "15%"}],
         }  # fmt: skip

@@ -252,7 +252,7 @@ def test_the_experiments_list_reads_every_rollout_s_latest_look_at_once(owner: A
 
     plan = {
         "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "ab",
-        "ab": {"weight": 0.5, "min_duration_s": 0, "min_candidate_requests": 100}, "primary_metric": {"metric": "tpot_mean_ms"},
+        "ab": {"weight": 0.5, "min_duration_s": 60}, "primary_metric": {"metric": "tpot_mean_ms"},
     }  # fmt: skip
     rollout = rollout_create(plan={**plan, "alias": "adder"}, actor=owner.user, start=True).rollout
     step_back(rollout, 30)
