@@ -119,6 +119,25 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
               "once the analysis runs again", file=out)
     elif stale.get("stale"):
         print(f"  analysis stale: no look for {stale['age_s']:g} s (the limit is {stale['limit_s']:g} s)", file=out)
+    progress = rollout.get("progress") or {}
+    bake = progress.get("bake")
+    if bake:
+        print(f"  baking: {_pct(1.0 - bake['holdout'])} of sessions on {rollout['candidate']}, {_pct(bake['holdout'])} held out "
+              f"on {bake['holdout_version']} until {bake['ends_at']}; a breach or a rollback sends everyone back until then",
+              file=out)  # fmt: skip
+    if progress.get("holding"):
+        print("  held by (not yet shown safe):", file=out)
+        for check in progress["holding"]:
+            if check.get("pairs_needed") is not None:
+                need = f"about {check['pairs_needed']} more scored pairs"
+            elif check.get("more_n") is not None:
+                need = f"about {check['more_n']} more {check.get('more_unit') or 'candidate requests'}"
+            else:
+                need = "more data (its estimate sits on its limit)"
+            print(f"    {check['name']}: {need}", file=out)
+    if progress.get("planned_n") and progress.get("candidate_n") is not None and not bake:
+        print(f"  planned sample: {progress['candidate_n']}/{progress['planned_n']} candidate requests "
+              f"(reached undecided: {progress.get('on_inconclusive', 'pause')})", file=out)  # fmt: skip
     split = rollout.get("alpha_split")
     if split:
         print(f"  error control: {split['text']}", file=out)
@@ -131,7 +150,8 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
                 interval = f" [{check['low']:.4g}, {check['high']:.4g}]"
             more = f", about {check['more_n']} more {check.get('more_unit', 'requests')}" if check.get("more_n") else ""
             alpha = f" (alpha {check['alpha']:.3g}{more})" if check.get("alpha") is not None else ""
-            print(f"    {check.get('name', check.get('metric'))}: {check['decision']}{interval}{alpha}", file=out)
+            holds = "  [holds the step]" if check.get("holds") else ""
+            print(f"    {check.get('name', check.get('metric'))}: {check['decision']}{interval}{alpha}{holds}", file=out)
     if rollout.get("actions"):
         print(f"  you may: {', '.join(rollout['actions'])}", file=out)
 

@@ -159,6 +159,11 @@ class RolloutDetailOutput(RolloutOutput):
     alpha_split = serializers.SerializerMethodField(
         help_text="The plan's alpha, the rule that splits it (Bonferroni) and the checks that share it."
     )
+    progress = serializers.SerializerMethodField(
+        help_text="What holds the current step: each check not yet shown safe with about how many more candidate "
+        "requests it needs, the step's candidate requests against its planned sample and the plan's on_inconclusive; "
+        "while the promotion bakes, the holdout and when the bake ends."
+    )
     analysis_staleness = serializers.SerializerMethodField(
         help_text="How long since the last analysis, the limit (three intervals) past which the watchdog pauses or "
         "rolls back, and whether it paused this rollout; null when the rollout is not analysed (draft, ended)."
@@ -179,6 +184,13 @@ class RolloutDetailOutput(RolloutOutput):
 
         staleness = rollout_staleness(rollout=rollout)
         return staleness.as_dict() if staleness is not None else None
+
+    @extend_schema_field({"type": "object", "properties": {
+        "holding": {"type": "array", "items": {"type": "object"}}, "candidate_n": {"type": "integer", "nullable": True},
+        "planned_n": {"type": "integer", "nullable": True}, "on_inconclusive": {"type": "string"},
+        "bake": {"type": "object", "nullable": True}}})  # fmt: skip
+    def get_progress(self, rollout: Rollout) -> dict[str, Any]:
+        return selectors.rollout_progress(rollout=rollout, analysis=self._latest(rollout))
 
     @extend_schema_field(RolloutStepOutput(many=True))
     def get_steps(self, rollout: Rollout) -> list[dict[str, Any]]:

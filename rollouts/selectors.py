@@ -139,6 +139,55 @@ def rollout_health(*, analysis: RolloutAnalysis | None) -> dict[str, Any]:
     return {"status": "green", "driver": None, "checks": checks}
 
 
+def rollout_progress(*, rollout: Rollout, analysis: RolloutAnalysis | None) -> dict[str, Any]:
+    """What holds the current step, from the latest look (for the page, the API and `rolloutctl status`):
+    each check not yet shown safe with about how many more candidate requests it needs, the step's
+    candidate requests against its planned sample and what reaching that undecided does (the plan's
+    `on_inconclusive`), and, while the promotion bakes, the holdout and when the bake ends."""
+    out: dict[str, Any] = {
+        "holding": [], "candidate_n": None, "planned_n": None,
+        "on_inconclusive": rollout.plan.get("on_inconclusive", "pause"), "bake": None,
+    }  # fmt: skip
+    if rollout.state == State.BAKING and rollout.bake_started_at is not None:
+        out["bake"] = {
+            "started_at": rollout.bake_started_at.isoformat(), "ends_at": rollout.bake_ends_at.isoformat() if rollout.bake_ends_at else None,
+            "bake_s": rollout.bake_s, "holdout": rollout.holdout, "holdout_version": rollout.baseline.label,
+        }  # fmt: skip
+    planned = (rollout.planned_samples or {}).get(str(rollout.step_index))
+    out["planned_n"] = int(planned) if planned is not None else None
+    current = (
+        analysis is not None and analysis.step_index == rollout.step_index
+        and rollout.state in (State.RUNNING, State.PAUSED, State.AWAITING_APPROVAL)
+    )  # fmt: skip
+    if not current or analysis is None:
+        return out
+    candidate = (analysis.arms or {}).get("candidate") or {}
+    out["candidate_n"] = int(candidate["n"]) if candidate.get("n") is not None else None
+    for check in analysis.checks or []:
+        if check.get("holds"):
+            out["holding"].append({
+                "name": check.get("name"), "type": check.get("type"), "metric": check.get("metric"),
+                "decision": check.get("decision"), "more_n": check.get("more_n"),
+                "more_unit": check.get("more_unit") or "candidate requests", "pairs_needed": check.get("pairs_needed"),
+                "min_n": check.get("min_n"),
+            })  # fmt: skip
+    return out
+
+
+def rollout_holding_text(progress: dict[str, Any]) -> list[str]:
+    """One line per check holding the step: its name and what it still needs."""
+    lines = []
+    for check in progress["holding"]:
+        if check.get("pairs_needed") is not None:
+            need = f"about {check['pairs_needed']} more scored pairs"
+        elif check.get("more_n") is not None:
+            need = f"about {check['more_n']} more {check['more_unit']}"
+        else:
+            need = "more data (its estimate sits on its limit)"
+        lines.append(f"{check['name']}: {need}")
+    return lines
+
+
 def rollout_time_in_step_s(*, rollout: Rollout) -> float | None:
     if rollout.step_started_at is None or rollout.is_terminal:
         return None

@@ -90,8 +90,17 @@ def action_explanation(rollout: Rollout, action: str) -> str:
             return (
                 "The last step ends now; the promotion needs an approval, so the rollout then waits for one."
             )
+        if rollout.bake_s > 0:
+            return (f"The last step ends now and {cand} is promoted: all but {percent(rollout.holdout)} of the users of "
+                    f"{alias} at once, everyone after a bake of {rollout.bake_s} s with no breach.")
         return f"The last step ends now and {cand} is promoted: it serves every user of {alias}."
     if action == "promote":
+        if rollout.state == "baking":
+            return f"The bake ends now: the holdout goes to {cand} too, which then serves every user of {alias}. After this the rollout can no longer be rolled back."
+        if rollout.bake_s > 0:
+            return (f"{cand} is promoted now, skipping any remaining steps: it serves all but {percent(rollout.holdout)} of "
+                    f"the users of {alias}, the rest stay on {base} for {rollout.bake_s} s to compare (the bake); then it "
+                    "serves everyone.")
         return f"{cand} becomes what {alias} serves to every user now, skipping any remaining steps. The rollout ends as promoted."
     if action == "pause":
         weights = selectors.rollout_weights(rollout=rollout)
@@ -101,6 +110,11 @@ def action_explanation(rollout: Rollout, action: str) -> str:
         )
     if action == "resume":
         return f"The rollout carries on from where it was paused ({(rollout.paused_from or 'running').replace('_', ' ')})."
+    if action == "rollback" and rollout.state == "baking":
+        return (
+            f"The promotion is undone during its bake: every user of {alias} goes back to {base} within a second and the "
+            "rollout ends as rolled back."
+        )
     if action == "rollback":
         return (
             f"Every user of {alias} goes back to {base} within a second and the rollout ends as rolled back. "

@@ -216,6 +216,7 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         "alpha": f"{check['alpha']:.3g}" if finite(check.get("alpha")) is not None else None,
         "sessions": " / ".join(fmt(x, "count") for x in sessions) if isinstance(sessions, list) else fmt(sessions, "count") if sessions is not None else "",
         "more_n": check.get("more_n") if decision == "undecided" else None,
+        "holds": bool(check.get("holds")),
         "more_unit": check.get("more_unit") or "candidate requests",
         "min_n": check.get("min_n"),
         "variance_reduction": round(100.0 * float(check["variance_reduction"]), 1) if finite(check.get("variance_reduction")) else None,
@@ -311,6 +312,11 @@ def rollout_summary(rollout: Rollout, analysis: RolloutAnalysis | None = None) -
     if rollout.state == State.ROLLED_BACK:
         health = {**health, "status": "red", "driver": health.get("driver") or "rolled back"}
     step = rollout.current_step
+    progress = selectors.rollout_progress(rollout=rollout, analysis=analysis)
+    if progress["bake"] is not None:
+        progress["bake"]["ends_at_dt"] = rollout.bake_ends_at
+        progress["bake"]["holdout_pct"] = percent(rollout.holdout)
+        progress["bake"]["candidate_pct"] = percent(1.0 - rollout.holdout)
     return {
         "rollout": rollout,
         "title": rollout.name or f"{rollout.alias_name}: {rollout.baseline.label} → {rollout.candidate.label}",
@@ -326,6 +332,8 @@ def rollout_summary(rollout: Rollout, analysis: RolloutAnalysis | None = None) -
         "analysis": analysis,
         "pending_step": selectors.rollout_pending_step(rollout=rollout),
         "replicas": rollout_replicas(rollout=rollout),
+        "progress": progress,
+        "holding": selectors.rollout_holding_text(progress),
     }  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def _world(owner: Any) -> dict[str, str]:
     version("adder-v1")
     version("adder-v2")
     canary = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
-    step_back(canary, 30)
+    step_back(canary, 61)
     both_arms(canary, total=400, weight=0.1, seed=31)
     rollout_analyse(rollout_id=canary.pk)
     version("chat-v1")
@@ -35,7 +35,7 @@ def _world(owner: Any) -> dict[str, str]:
         "alias": "chat", "baseline": "chat-v1", "candidate": "chat-v2", "strategy": "ab", "primary_metric": "tpot_mean_ms",
         "ab": {"weight": 0.5, "min_duration_s": 3600},
     }, actor=owner.user, start=True).rollout  # fmt: skip
-    step_back(ab, 30)
+    step_back(ab, 61)
     both_arms(ab, total=300, weight=0.5, seed=32, candidate_tpot=(19.0, 2.0))
     rollout_analyse(rollout_id=ab.pk)
     suite = eval_suite_create(name="sums", jsonl_data=SUITE)

@@ -29,7 +29,7 @@ from rollouts.tasks import analyse_rollout
 from serving.models import ShadowPair
 from serving.tasks import shadow_mirror
 from tests.faults.conftest import Adder, Platform, adder_static, broker_is_local_redis
-from tests.rollouts.helpers import both_arms, canary_plan, kinds, step_back
+from tests.rollouts.helpers import both_arms, kinds, quick_plan, step_back
 from tests.support.demo import EnginePool
 from tests.support.eval_runs import assert_resumed_without_redoing, stored_results
 from tests.support.processes import wait_until
@@ -42,8 +42,8 @@ def test_a_worker_killed_mid_analysis_and_mid_eval_run_leaves_both_done_once(
     owner: Any, demo_engines: EnginePool, platform: Platform
 ) -> None:
     adder = adder_static(demo_engines)
-    rollout = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
-    step_back(rollout, 30)
+    rollout = rollout_create(plan=quick_plan(), actor=owner.user, start=True).rollout
+    step_back(rollout, 61)
     both_arms(rollout, total=1000, weight=0.1, seed=92)
     seen = Rollout.objects.get(pk=rollout.pk).version
     suite = builtin_suites_ensure()[0]

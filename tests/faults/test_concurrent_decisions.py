@@ -17,7 +17,7 @@ from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.services import rollout_create
 from rollouts.tasks import analyse_rollout
 from tests.faults.conftest import Platform
-from tests.rollouts.helpers import both_arms, canary_plan, kinds, step_back, version
+from tests.rollouts.helpers import both_arms, kinds, quick_plan, step_back, version
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -28,9 +28,9 @@ def test_two_analysis_workers_and_a_person_at_once_apply_exactly_one_transition(
 ) -> None:
     version("adder-v1")
     version("adder-v2")
-    rollout = rollout_create(plan=canary_plan(), actor=owner.user, start=True).rollout
+    rollout = rollout_create(plan=quick_plan(), actor=owner.user, start=True).rollout
     # The first step's minimums are met with a clean split: the analysis decides to advance.
-    step_back(rollout, 30)
+    step_back(rollout, 61)
     both_arms(rollout, total=1000, weight=0.1, seed=91)
     seen = Rollout.objects.get(pk=rollout.pk).version
 

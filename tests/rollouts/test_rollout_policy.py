@@ -6,17 +6,22 @@ requests per user, a per-user latency factor, a heavy tail); the analysis is the
 
 from __future__ import annotations
 
+import html
+import io
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.utils import timezone
 
+from rolloutctl.cli import _print_status
+from rollouts import selectors
 from rollouts.analysis import rollout_analyse
 from rollouts.models import Notification, Rollout, RolloutAnalysis
 from rollouts.services import rollout_create, rollout_resume, rollout_rollback
 from serving.selectors import alias_get
 from tests.rollouts.helpers import canary_plan, kinds, quick_plan, step_back, sticky_traffic, version
+from tests.ui.conftest import logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -64,6 +69,23 @@ def test_a_step_whose_checks_are_all_undecided_does_not_advance(owner: Any, vers
     rollout = fresh(rollout)
     assert (rollout.state, rollout.step_index) == ("running", 0)
     assert kinds(rollout) == ["created", "started"]
+
+    # The API, the page and `rolloutctl status` say which checks hold the step and what each still needs.
+    detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
+    progress = detail["progress"]
+    assert [c["name"] for c in progress["holding"]] == ["tpot_gmean_ms at most 10% worse", "error_rate at most 0.01 worse"]
+    assert progress["candidate_n"] == written["candidate"] and progress["planned_n"] == rollout.planned_samples["0"]
+    assert progress["on_inconclusive"] == "pause" and progress["bake"] is None
+    needs = selectors.rollout_holding_text(progress)
+    page = logged_in(owner).get(f"/rollouts/{rollout.pk}").content.decode()
+    assert "Held until shown safe by:" in page and all(html.escape(line) in page for line in needs)
+    assert f"{written['candidate']} of the step's planned {progress['planned_n']} candidate requests" in page
+    assert page.count("holds the step") == 2
+    out = io.StringIO()
+    _print_status(detail, out)
+    text = out.getvalue()
+    assert "  held by (not yet shown safe):" in text and all(f"    {line}" in text for line in needs)
+    assert f"  planned sample: {written['candidate']}/{progress['planned_n']} candidate requests (reached undecided: pause)" in text
 
 
 def _reach_the_planned_sample(rollout: Rollout, seed: int) -> RolloutAnalysis:
@@ -145,6 +167,10 @@ def test_promotion_keeps_a_holdout_and_a_breach_during_the_bake_rolls_back(
         "adder-v1", "adder-v2", 0.95, rollout.pk)
     promoted = rollout.events.order_by("seq").last()
     assert promoted is not None and (promoted.kind, promoted.to_state) == ("promoted", "baking")
+    bake = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()["progress"]["bake"]
+    assert (bake["holdout"], bake["bake_s"], bake["holdout_version"]) == (0.05, 600, "adder-v1")
+    page = logged_in(owner).get(f"/rollouts/{rollout.pk}").content.decode()
+    assert "promoted, baking" in page and "95 % of sessions on adder-v2, 5 % held out on adder-v1" in page
 
     # The bake compares with the holdout on the same checks: an A/A bake holds.
     sticky_traffic(rollout, users=1500, weight=0.95, seed=301)

@@ -104,13 +104,15 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
     registered("adder-v2", demo_engines)
     plan = {
         "alias": "adder-good", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
+        # Each step ends once its guardrail is shown safe after a minute and its floor of requests; then the
+        # promotion bakes for a minute against a 5 % holdout.
         "steps": [
-            {"weight": "20%", "min_duration_s": 20, "min_candidate_requests": 20},
-            {"weight": "50%", "min_duration_s": 20, "min_candidate_requests": 30},
-            {"weight": "100%", "min_duration_s": 15, "min_candidate_requests": 30},
+            {"weight": "20%", "min_duration_s": 60},
+            {"weight": "50%", "min_duration_s": 60},
+            {"weight": "100%", "min_duration_s": 60},
         ],
-        "slos": ["error_rate <= 0.05"],
-        "guardrails": [{"metric": "error_rate", "margin": 0.02}, {"metric": "tpot_mean_ms", "margin": "50%"}],
+        "guardrails": [{"metric": "tpot_gmean_ms", "margin": "50%"}],
+        "bake_s": 60,
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
     platform.load("adder-good", rate=5)
@@ -120,7 +122,7 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
     kinds = list(ended.events.order_by("seq").values_list("kind", "actor"))
     assert kinds == [
         ("created", "system"), ("started", "system"), ("step_started", "analysis"), ("step_started", "analysis"),
-        ("promoted", "analysis"),
+        ("promoted", "analysis"), ("baked", "analysis"),
     ]  # fmt: skip
     steps_seen = set(ended.analyses.values_list("step_index", flat=True))
     assert steps_seen == {0, 1, 2}
@@ -140,8 +142,8 @@ def test_a_canary_to_the_slow_model_rolls_back_on_its_tpot_guardrail_by_itself(
         "alias": "adder-slow", "baseline": "adder-v1", "candidate": "adder-v2-slow", "strategy": "canary",
         "steps": [
             # Held long enough that only a breach can end this step.
-            {"weight": "30%", "min_duration_s": 1800, "min_candidate_requests": 150},
-            {"weight": "100%", "min_duration_s": 60, "min_candidate_requests": 100},
+            {"weight": "30%", "min_duration_s": 1800},
+            {"weight": "100%", "min_duration_s": 60},
         ],
         "guardrails": [{"metric": "tpot_mean_ms", "margin": "10%"}, {"metric": "error_rate", "margin": 0.05}],
     }  # fmt: skip
