@@ -148,6 +148,7 @@ class Outcome:
     reason: str
     looks: int
     seconds: float = 0.0  # wall time of the simulation
+    baked: bool = False  # reached the promotion's bake (the candidate at 1 - holdout, watched against the holdout)
 
     @property
     def rolled_back_before_half(self) -> bool:
@@ -248,6 +249,7 @@ def rollout_simulate(
         candidate_requests = requests = 0
         max_weight = 0.0
         waiting_since: datetime | None = None
+        baked = False
         state, reason, look = "undecided", "", 0
         for look in range(1, looks_max + 1):
             version = route_version_read()
@@ -294,6 +296,7 @@ def rollout_simulate(
                     rollout = rollout_approve(rollout=rollout.pk, actor=harness.approver, reason="the analysis says go",
                                               expected_version=rollout.version)  # fmt: skip
                     waiting_since = None
+            baked = baked or rollout.state == Rollout.State.BAKING
             if rollout.state in (Rollout.State.PROMOTED, Rollout.State.ROLLED_BACK, Rollout.State.PAUSED):
                 state, reason = str(rollout.state), rollout.state_reason
                 break
@@ -309,6 +312,7 @@ def rollout_simulate(
         plan=plan_name, scenario=scenario.name, seed=seed, state=state, step_reached=step_reached, steps=steps,
         weight_at_end=weight_at_end, max_weight=max_weight, minutes=minutes, candidate_requests=candidate_requests,
         requests=requests, reason=reason[:300], looks=look, seconds=time.perf_counter() - wall,
+        baked=baked,
     )  # fmt: skip
     if not keep:
         # The records and rollups go (they are most of what a rollout writes); the looks and events stay.
@@ -441,7 +445,8 @@ def report_rows(outcomes: list[Outcome]) -> list[list[str]]:
         }  # fmt: skip
         rows.append([
             plan, scenario, str(len(group)), cell["promoted"], cell["rolled_back"],
-            f"{_share(group, lambda o: o.rolled_back_before_half)[0]:.1%}", cell["paused"], cell["undecided"],
+            f"{_share(group, lambda o: o.rolled_back_before_half)[0]:.1%}",
+            f"{_share(group, lambda o: o.baked and o.state == 'rolled_back')[0]:.1%}", cell["paused"], cell["undecided"],
             _steps(group), _quantiles([o.minutes for o in decided]),
             _quantiles([float(o.candidate_requests) for o in decided]),
         ])  # fmt: skip
@@ -449,7 +454,8 @@ def report_rows(outcomes: list[Outcome]) -> list[list[str]]:
 
 
 HEADER = [
-    "plan", "scenario", "rollouts", "promoted", "rolled back", "rolled back < 50 %", "paused", "undecided",
+    "plan", "scenario", "rollouts", "promoted", "rolled back", "rolled back < 50 %", "rolled back in bake", "paused",
+    "undecided",
     "step reached (step:rollouts)", "minutes to decision p50 (p90)", "candidate requests to decision p50 (p90)",
 ]  # fmt: skip
 
@@ -544,9 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rollouts < 1 or not 1 <= args.processes <= 2:
         parser.error("--rollouts must be at least 1 and --processes 1 or 2")
     options = {"max_minutes": args.max_minutes, "rate": args.rate, "approval_delay_s": args.approval_delay_s}
+    # A rollout's seed follows from its plan, scenario and number, whichever others are run beside it.
     jobs = [
-        (plan, scenario, args.seed + 100_000 * p + 1000 * s + i, options)
-        for i in range(args.rollouts) for p, plan in enumerate(plans) for s, scenario in enumerate(scenarios)
+        (plan, scenario, args.seed + 100_000 * PLAN_NAMES.index(plan) + 1000 * list(SCENARIOS).index(scenario) + i,
+         options)
+        for i in range(args.rollouts) for plan in plans for scenario in scenarios
     ]  # fmt: skip
     backend = "PostgreSQL" if (args.database_url or "").startswith("postgres") else "SQLite"
     print(f"# decision policy: {args.rollouts} rollouts per plan and scenario, {args.rate:g} requests/s, a look every "
