@@ -309,6 +309,8 @@ CELERY_BEAT_SCHEDULE["rollouts-analyse-live"] = {
 # The dead-man's switch (rollouts.watchdog): the web process pauses (or rolls back, per plan) a live rollout
 # whose analysis has not run for three intervals, and the analysis lifts the pause when it runs again.
 ROLLOUT_WATCHDOG = env_bool("ROLLOUT_WATCHDOG", True)
+# How many analysis intervals without a completed look make a rollout's analysis stale.
+ROLLOUT_STALE_INTERVALS = env_int("ROLLOUT_STALE_INTERVALS", 3, minimum=2, maximum=100)
 # Engines follow rollouts (rollouts.engines): a rolled-back or aborted candidate's engines, or a promoted
 # rollout's old baseline's, are stopped this long after the rollout ended, if nothing uses the version then.
 ENGINE_IDLE_STOP_S = env_float("ENGINE_IDLE_STOP_S", 300.0, minimum=0.0)

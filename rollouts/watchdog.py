@@ -2,8 +2,8 @@
 candidate's traffic share unwatched.
 
 A rollout whose last look (`Rollout.last_analysed_at`, written when a look completes) is older than
-`STALE_INTERVALS` analysis intervals while its candidate takes traffic (running, or awaiting an approval)
-is paused at its current weights, or rolled back when its plan says `on_stale_analysis: rollback` (a
+three analysis intervals (`ROLLOUT_STALE_INTERVALS`) while its candidate takes traffic (running, or
+awaiting an approval) is paused at its current weights, or rolled back when its plan says `on_stale_analysis: rollback` (a
 rollout a person paused, or a promotion still baking, is rolled back then too; with the plan's default
 they stay as they are: a bake ends only on a look, so it holds its split without one). The
 pause is an ordinary transition by the actor `watchdog`, so it is in the audit trail, the page says why,
@@ -27,7 +27,7 @@ loop as a process of its own for a web app served some other way. Several web pr
 every action is a transition at the version the pass read, so of two watchdogs only one acts. The
 notification is delivered by the watchdog itself (the workers that would send it may be the ones that are
 down); the outbox's claim keeps a worker from sending it again. A watchdog that has just started gives
-each rollout `STALE_INTERVALS` intervals of its own watching before it acts (after a restart of the whole
+each rollout those intervals of its own watching before it acts (after a restart of the whole
 platform, beat's first look has not come yet).
 
 Not covered: the web processes down as well as the workers (the gateway keeps routing on the weights it
@@ -82,9 +82,14 @@ watchdog_last_pass = Gauge(
 )
 
 
+def stale_intervals() -> int:
+    return int(getattr(settings, "ROLLOUT_STALE_INTERVALS", STALE_INTERVALS))
+
+
 def stale_after_s() -> float:
-    """How old a rollout's last look may be before the watchdog acts: three analysis intervals."""
-    return STALE_INTERVALS * float(settings.ROLLOUT_ANALYSIS_INTERVAL_S)
+    """How old a rollout's last look may be before the watchdog acts: three analysis intervals (by default;
+    ROLLOUT_STALE_INTERVALS on a machine whose looks are often late)."""
+    return stale_intervals() * float(settings.ROLLOUT_ANALYSIS_INTERVAL_S)
 
 
 def _reference(rollout: Rollout, watching_since: datetime | None, *, paused_by_watchdog: bool = False) -> datetime:
@@ -164,7 +169,7 @@ def _act(rollout: Rollout, action: str, age_s: float, limit_s: float) -> Rollout
     weight = float((rollout.current_step or {}).get("weight", 0.0))
     last = rollout.last_analysed_at.isoformat(timespec="seconds") if rollout.last_analysed_at else "never"
     why = (
-        f"no analysis for {age_s:.0f} s (the limit is {STALE_INTERVALS} intervals, {limit_s:g} s; last look: {last}): "
+        f"no analysis for {age_s:.0f} s (the limit is {stale_intervals()} intervals, {limit_s:g} s; last look: {last}): "
         "the Celery workers, beat or the broker may be down"
     )
     evidence = {"stale_analysis": {"last_analysed_at": last if rollout.last_analysed_at else None,

@@ -220,3 +220,12 @@ def test_a_baking_promotion_holds_without_looks_or_rolls_back_per_plan(owner: An
     else:
         assert report.rolled_back == [rollout.pk] and after.state == "rolled_back"
         assert Alias.objects.get(name="adder").baseline.label == "adder-v1"
+
+
+def test_the_number_of_intervals_is_a_setting(owner: Any, settings: Any) -> None:
+    settings.ROLLOUT_STALE_INTERVALS = 6
+    assert stale_after_s() == 60.0
+    rollout = running(owner)
+    assert rollouts_watchdog_pass(now=analysed_ago(rollout, 45)).paused == []
+    assert rollouts_watchdog_pass(now=analysed_ago(rollout, 61)).paused == [rollout.pk]
+    assert "the limit is 6 intervals, 60 s" in Rollout.objects.get(pk=rollout.pk).state_reason
