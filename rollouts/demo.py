@@ -44,6 +44,9 @@ DEMO_VERSIONS = ("adder-v1", "adder-v2", "adder-v2-slow", "adder-v2-broken")
 # The versions that get an engine at once; the others' rollouts ask for theirs (start when ready).
 DEMO_ENGINES = ("adder-v1", "adder-v2", "adder-v2-slow")
 DEMO_ALIASES = {"adder": "adder-v1", "adder-slow-demo": "adder-v1", "adder-broken-demo": "adder-v1"}
+# demo_load's share of its requests per alias: the canary that promotes needs the most evidence; the slow one
+# is caught within a hundred requests, and the eval-gated one is stopped before any user reaches its candidate.
+DEMO_LOAD_SHARES = {"adder": 0.5, "adder-slow-demo": 0.3, "adder-broken-demo": 0.2}
 DEMO_KEY_NAME = "demo"
 DEMO_KEY_FILE = "demo_gateway_key"
 
@@ -52,21 +55,25 @@ DEMO_KEY_FILE = "demo_gateway_key"
 DEMO_PLANS: dict[str, dict[str, Any]] = {
     "adder": {
         "name": "demo: adder-v1 -> adder-v2 canary",
-        "description": "Seeded by `make run`. adder-v2 answers as fast as adder-v1: it should promote by itself.",
+        "description": "Seeded by `make run`. adder-v2 answers as fast as adder-v1: it should promote by itself, "
+        "each step once its checks are shown safe, then bake for two minutes against a 5 % holdout.",
         "alias": "adder",
         "baseline": "adder-v1",
         "candidate": "adder-v2",
         "strategy": "canary",
+        # Each step ends when every check is shown safe: with a 5-point error margin that takes about 200
+        # candidate requests a step (a 2-point one would take 500, over half an hour at the demo's load at 10 %).
         "steps": [
-            {"weight": "10%", "min_duration_s": 60},
+            {"weight": "25%", "min_duration_s": 60},
             {"weight": "50%", "min_duration_s": 60},
             {"weight": "100%", "min_duration_s": 60},
         ],
         "slos": ["error_rate <= 0.05"],
         "guardrails": [
-            {"metric": "error_rate", "margin": 0.02},
+            {"metric": "error_rate", "margin": 0.05},
             {"metric": "tpot_gmean_ms", "margin": "50%"},
         ],
+        "bake_s": 120,
     },
     "adder-slow-demo": {
         "name": "demo: adder-v1 -> adder-v2-slow canary",

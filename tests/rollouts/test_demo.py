@@ -59,7 +59,7 @@ def test_the_demo_is_seeded_once_and_starts_when_its_engines_are_ready(
     analyse_live_rollouts.apply()
     assert dict(Rollout.objects.values_list("alias_name", "state")) == {
         "adder": "running", "adder-slow-demo": "running", "adder-broken-demo": "gating"}
-    assert alias_get(name="adder").candidate_weight == 0.1  # type: ignore[union-attr]
+    assert alias_get(name="adder").candidate_weight == 0.25  # type: ignore[union-attr]
     started = Rollout.objects.get(alias_name="adder").events.order_by("seq").last()
     assert started is not None and (started.kind, started.actor) == ("started", "system")
 

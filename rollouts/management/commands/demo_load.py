@@ -17,7 +17,7 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from rollouts.demo import DEMO_ALIASES, demo_gateway_key
+from rollouts.demo import DEMO_LOAD_SHARES, demo_gateway_key
 
 
 class Command(BaseCommand):
@@ -26,7 +26,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--rate", type=float, default=6.0, help="requests per second in all (default 6)")
         parser.add_argument("--url", default=None, help="the gateway (default: PUBLIC_URL)")
-        parser.add_argument("--alias", action="append", dest="aliases", help="an alias to load (default: the demo's)")
+        parser.add_argument("--alias", action="append", dest="aliases",
+                            help="an alias to load, each given an equal share (default: the demo's, half to adder)")
         parser.add_argument("--users", type=int, default=1000, help="size of the sticky user pool (default 1000)")
         parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: never)")
         parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most (default 8)")
@@ -37,10 +38,11 @@ class Command(BaseCommand):
             return
         key, _ = demo_gateway_key()
         url = (options["url"] or settings.PUBLIC_URL).rstrip("/")
-        aliases = options["aliases"] or list(DEMO_ALIASES)
+        aliases = options["aliases"] or list(DEMO_LOAD_SHARES)
         self.stdout.write(f"demo load: {options['rate']:g} req/s to {', '.join(aliases)} at {url}/v1/")
-        asyncio.run(_load(self, url=url, key=key, aliases=aliases, rate=options["rate"], users=options["users"],
-                          duration=options["duration"], concurrency=options["concurrency"]))  # fmt: skip
+        shares = [DEMO_LOAD_SHARES.get(alias, 1.0) if not options["aliases"] else 1.0 for alias in aliases]
+        asyncio.run(_load(self, url=url, key=key, aliases=aliases, shares=shares, rate=options["rate"],
+                          users=options["users"], duration=options["duration"], concurrency=options["concurrency"]))  # fmt: skip
 
 
 async def _one(client: httpx.AsyncClient, alias: str, user: str, counts: Counter[str]) -> None:
@@ -59,8 +61,8 @@ async def _one(client: httpx.AsyncClient, alias: str, user: str, counts: Counter
         counts[f"{alias}:unreachable"] += 1
 
 
-async def _load(command: BaseCommand, *, url: str, key: str, aliases: list[str], rate: float, users: int,
-                duration: float, concurrency: int) -> None:  # fmt: skip
+async def _load(command: BaseCommand, *, url: str, key: str, aliases: list[str], shares: list[float], rate: float,
+                users: int, duration: float, concurrency: int) -> None:  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,7 +84,8 @@ async def _load(command: BaseCommand, *, url: str, key: str, aliases: list[str],
             if duration and time.monotonic() - started >= duration:
                 break
             if len(in_flight) < concurrency:
-                task = asyncio.create_task(_one(client, random.choice(aliases), random.choice(pool), counts))
+                alias = random.choices(aliases, weights=shares)[0]
+                task = asyncio.create_task(_one(client, alias, random.choice(pool), counts))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             # Poisson arrivals at the asked rate.
