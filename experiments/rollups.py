@@ -409,6 +409,8 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
 
     fresh_sums = ", ".join(f"CAST(COALESCE(f.{quote(c)}, 0) AS {real}) AS n{i}" for i, c in enumerate(spec.columns))
     stored = ", ".join(f"COALESCE(o.v{i}, 0) AS o{i}" for i in range(len(spec.columns)))
+    # Each column's total after the fold, once per row (the products below use each total many times).
+    totals = ", ".join(f"CAST(COALESCE(f.{quote(c)}, 0) AS {real}) + COALESCE(o.v{i}, 0) AS t{i}" for i, c in enumerate(spec.columns))
     width = 2 + len(spec.columns) + len(spec.pairs)
     # UNION ALL takes each column's type from its first branch: the NULLs there are typed.
     timestamp = connection.data_types["DateTimeField"]
@@ -416,7 +418,7 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
     values += [f"SUM(m.n{i})" for i in range(len(spec.columns))]
     for a, b in spec.pairs:
         i, j = index[a], index[b]
-        values.append(f"SUM((m.n{i} + m.o{i}) * (m.n{j} + m.o{j}) - m.o{i} * m.o{j})")
+        values.append(f"SUM(m.t{i} * m.t{j} - m.o{i} * m.o{j})")
 
     def padded(items: list[str]) -> str:
         return ", ".join(items + ["NULL"] * (width - len(items)))
@@ -445,7 +447,7 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
         merged AS (
             SELECT COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit) AS unit, o.first_at AS before_at,
                    {earliest("o.first_at", "f.first_at")} AS after_at,
-                   CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new, {fresh_sums}, {stored}
+                   CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new, {fresh_sums}, {stored}, {totals}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
         firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
                           MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
