@@ -376,10 +376,10 @@ def _check(locked: Rollout, action: str, expected_version: int | None) -> None:
     allowed = ACTION_STATES[action]
     if action == "rollback" and locked.state == State.PROMOTED:
         ended = locked.ended_at.isoformat(timespec="seconds") if locked.ended_at else "already"
+        how = f"its bake ended at {ended}" if locked.bake_started_at is not None else f"it was promoted at {ended} with no bake (bake_s: 0)"
         raise Conflict(
-            f"cannot roll back rollout {locked.pk}: it was promoted and its bake ended at {ended}; a promoted "
-            f"rollout can be rolled back only while it bakes. To go back, start a new rollout of "
-            f"{locked.alias_name} to {locked.baseline.label}",
+            f"cannot roll back rollout {locked.pk}: {how}; a promoted rollout can be rolled back only while it "
+            f"bakes. To go back, start a new rollout of {locked.alias_name} to {locked.baseline.label}",
             field="state",
         )
     if locked.state not in allowed:

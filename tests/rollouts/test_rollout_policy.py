@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from config.errors import Conflict
 from rolloutctl.cli import _print_status
 from rollouts import selectors
 from rollouts.analysis import rollout_analyse
@@ -205,6 +206,10 @@ def test_a_bake_with_no_breach_promotes_for_good(owner: Any, versions: None) -> 
     assert alias is not None and (alias.baseline.label, alias.candidate, alias.rollout_id) == ("adder-v2", None, None)
     assert kinds(rollout)[-2:] == ["promoted", "baked"]
     assert rollout_analyse(rollout_id=rollout.pk) is None  # no longer watched
+    # After its bake a promoted rollout is not rolled back: a 409 that says when the bake ended.
+    with pytest.raises(Conflict, match=r"its bake ended at .*can be rolled back only while it bakes") as refused:
+        rollout_rollback(rollout=rollout, actor=owner.user, reason="too late")
+    assert refused.value.status_code == 409 and fresh(rollout).state == "promoted"
 
 
 def test_a_promoted_rollout_can_be_rolled_back_while_it_bakes_and_not_after(owner: Any, approver: Any, versions: None) -> None:
@@ -229,7 +234,7 @@ def test_a_promoted_rollout_can_be_rolled_back_while_it_bakes_and_not_after(owne
     refused = approver.api().post(f"/api/v1/rollouts/{later.pk}/rollback", {"reason": "too late?"}, format="json")
     assert refused.status_code == 409
     detail = refused.json()["detail"]
-    assert "its bake ended at" in detail and "can be rolled back only while it bakes" in detail
+    assert "with no bake (bake_s: 0)" in detail and "can be rolled back only while it bakes" in detail
     assert "start a new rollout of adder to adder-v1" in detail
     assert fresh(later).state == "promoted" and alias_get(name="adder").baseline.label == "adder-v3"  # type: ignore[union-attr]
     with pytest.raises(Exception, match="can be rolled back only while it bakes"):
