@@ -225,8 +225,7 @@ def test_a_poll_gets_204_until_something_changes_then_the_new_partial(viewer: An
     assert digest is not None
     assert client.get(url, {"h": digest.group(1)}).status_code == 204
 
-    both_arms(canary, total=600, weight=0.1, seed=9)
-    rollout_analyse(rollout_id=canary.pk)  # the step passes: the rollout now waits for an approval
+    awaiting(canary)  # the step passes: the rollout now waits for an approval
     changed = client.get(url, {"h": digest.group(1)})
     assert changed.status_code == 200
     assert "awaiting approval" in changed.content.decode()
