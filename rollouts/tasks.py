@@ -91,5 +91,6 @@ def retired_engines_stop() -> str:
     rolled-back candidate, a promoted rollout's old baseline), when nothing uses them (rollouts.engines)."""
     from rollouts.engines import retired_engines_stop as stop
 
-    stopped = stop()
-    return f"{len(stopped)} engines asked to stop"
+    released = stop()
+    stopped = sum(len(r.stopped) for r in released)
+    return f"{stopped} engines asked to stop ({len(released)} ended rollouts looked at)"

@@ -93,7 +93,7 @@ def test_a_rolled_back_candidates_engines_stop_after_the_delay_once_and_static_o
     assert row(candidate).desired_state == "running"
 
     ended_ago(rollout, 301)
-    assert retired_engines_stop_task() == "1 engines asked to stop"
+    assert retired_engines_stop_task() == "1 engines asked to stop (1 ended rollouts looked at)"
     stopped = row(candidate)
     assert (stopped.desired_state, stopped.state) == ("stopped", "draining")
     assert stopped.state_reason == f"stop requested: rollout {rollout.pk} rolled back and nothing uses adder-v2"
