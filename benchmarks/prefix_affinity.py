@@ -112,10 +112,11 @@ def run(url: str, prompts: list[str], clients: int) -> list[float]:
         sent = time.perf_counter()
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120, trust_env=False,
                           headers={"Authorization": f"Bearer {GATEWAY_KEY}"}) as response:
-            for line in response.iter_lines():
+            lines = response.iter_lines()
+            for line in lines:
                 if line.startswith("data: {") and '"choices"' in line:
                     ttft = (time.perf_counter() - sent) * 1000
-                    for _ in response.iter_lines():
+                    for _ in lines:  # the rest of the stream, from the same iterator (httpx streams it once)
                         pass
                     return ttft
         raise RuntimeError(f"no token from {url}: {response.status_code}")
