@@ -36,3 +36,14 @@ def api_token_lookup(*, raw: str) -> ApiToken | None:
         .filter(token_hash=token_digest(raw), revoked_at__isnull=True, user__is_active=True)
         .first()
     )
+
+
+def usernames_with_role(*, role: Role) -> list[str]:
+    """Active users who hold `role` (through its group, the admin group, or as superusers), by name."""
+    from django.contrib.auth import get_user_model
+    from django.db.models import Q
+
+    users = get_user_model().objects.filter(is_active=True).filter(
+        Q(groups__name=role.value) | Q(groups__name=Role.ADMIN.value) | Q(is_superuser=True)
+    )
+    return sorted(set(users.values_list("username", flat=True)))

@@ -436,6 +436,8 @@ CELERY_BEAT_SCHEDULE["evals-runs-sweep"] = {"task": "evals.eval_runs_sweep", "sc
 CELERY_BEAT_SCHEDULE["evals-score-shadow-pairs"] = {"task": "evals.score_shadow_pairs", "schedule": 15.0}
 # Engines the agent gave up on are announced in Slack once per failure episode (a no-op without Slack).
 CELERY_BEAT_SCHEDULE["slack-engine-failures"] = {"task": "rollouts.slack.engine_failures_notify", "schedule": 30.0}
+# Approval messages whose request expired say so in place of their buttons (a no-op without Slack).
+CELERY_BEAT_SCHEDULE["slack-approvals-expire"] = {"task": "rollouts.slack.approval_messages_expire", "schedule": 60.0}
 
 LOG_LEVEL = (env_str("LOG_LEVEL") or "INFO").upper()
 LOGGING = {

@@ -3,8 +3,12 @@
 Environment: RAMP_TOKEN (or RAMP_TOKEN_FILE), an API token; RAMP_URL, the platform
 (default http://127.0.0.1:8000).
 
+Actions (advance, approve, rollback, ...) send the rollout's version as you saw it (--expect-version N,
+or read just before) and an Idempotency-Key: a retried command gets the first answer and does nothing
+again; a rollout that changed since is refused (error 409, saying what changed).
+
 Exit codes: 0 success (for `wait`: promoted), 1 rolled back, 2 aborted, 3 timed out (`wait`),
-4 a usage, configuration or API error.
+4 a usage, configuration or API error (a stale action's 409 included).
 """
 
 from __future__ import annotations
@@ -22,11 +26,32 @@ from typing import Any, NoReturn, TextIO
 import httpx
 
 from rolloutctl import __version__
-from rolloutctl.client import DEFAULT_URL, ApiError, Client, ConfigError, idempotency_key_for, token_from_env
+from rolloutctl.client import (
+    DEFAULT_URL,
+    ApiError,
+    Client,
+    ConfigError,
+    action_idempotency_key,
+    idempotency_key_for,
+    token_from_env,
+)
 
 EXIT_OK, EXIT_ROLLED_BACK, EXIT_ABORTED, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2, 3, 4
 TERMINAL_EXIT = {"promoted": EXIT_OK, "rolled_back": EXIT_ROLLED_BACK, "aborted": EXIT_ABORTED}
-ACTIONS = ("start", "pause", "resume", "advance", "promote", "abort", "reject")
+# Every action sends the rollout's version as the caller saw it (--expect-version, or read just before) and
+# an Idempotency-Key, so a retry never acts twice and a stale action is refused saying what changed.
+ACTIONS = {
+    "start": "start a draft rollout",
+    "pause": "freeze a rollout at its current weights",
+    "resume": "carry on from where it was paused",
+    "advance": "finish the current step now",
+    "promote": "make the candidate the alias's baseline now",
+    "abort": "stop without a verdict",
+    "approve": "approve the step a rollout waits for (each approver counts once)",
+    "reject": "refuse the approval a rollout waits for: it rolls back",
+    "request-approval": "ask again for an approval whose request expired",
+    "rollback": "send every user back to the baseline",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,19 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--live", action="store_true")
     listing.add_argument("--alias")
 
-    approve = commands.add_parser("approve", help="approve the step a rollout waits for")
-    approve.add_argument("rollout_id", type=int)
-    approve.add_argument("--reason", default="")
-    approve.add_argument("--step", type=int, help="the step (1-based) you mean to approve; a stale approval is refused")
-
-    rollback = commands.add_parser("rollback", help="send every user back to the baseline")
-    rollback.add_argument("rollout_id", type=int)
-    rollback.add_argument("--reason", default="")
-
-    for action in ACTIONS:
-        sub = commands.add_parser(action, help=f"{action} a rollout")
+    for action, help_text in ACTIONS.items():
+        sub = commands.add_parser(action, help=help_text)
         sub.add_argument("rollout_id", type=int)
         sub.add_argument("--reason", default="")
+        sub.add_argument(
+            "--expect-version", type=int, metavar="N",
+            help="act only if the rollout is still at version N (as `status` showed it); default: read it first",
+        )  # fmt: skip
+        sub.add_argument(
+            "--idempotency-key", metavar="KEY",
+            help="a retry with the same key gets the first answer and does nothing again (default: derived from "
+            "the CI run, the action, the rollout and --expect-version; outside CI without --expect-version, new "
+            "for each command)",
+        )  # fmt: skip
+        if action in ("approve", "reject"):
+            sub.add_argument("--step", type=int, help="the step (1-based) you mean to decide; a stale decision is refused")
 
     wait = commands.add_parser("wait", help="follow a rollout until it ends: 0 promoted, 1 rolled back, 2 aborted, 3 timeout")
     wait.add_argument("rollout_id", type=int)
@@ -101,7 +129,13 @@ def status_line(rollout: dict[str, Any]) -> str:
         driver = f" ({health['driver']})" if health.get("driver") else ""
         parts.append(f"guardrails {health['status']}{driver}")
     if rollout.get("pending_approval_step") is not None:
-        parts.append(f"awaiting approval of step {rollout['pending_approval_step'] + 1}")
+        waiting = f"awaiting approval of step {rollout['pending_approval_step'] + 1}"
+        approval = rollout.get("approval") or {}
+        if approval.get("expired"):
+            waiting += " (request expired: ask again)"
+        elif approval.get("approvals_required"):
+            waiting += f" ({len(approval.get('approved') or [])} of {approval['approvals_required']} approvals)"
+        parts.append(waiting)
     return "  ".join(parts)
 
 
@@ -109,8 +143,20 @@ def _now() -> str:
     return datetime.now().strftime("%H:%M:%S")
 
 
+def approval_line(rollout: dict[str, Any]) -> str | None:
+    """"approvals: 1 of 2 approvals for step 3 of 4: alice; 1 more from role approver (bob)"."""
+    approval = rollout.get("approval")
+    if not approval:
+        return None
+    line = f"approvals: {approval['text']}"
+    if approval.get("excluded"):
+        line += "; may not approve (four-eyes): " + ", ".join(f"{who} ({why})" for who, why in approval["excluded"].items())
+    return line
+
+
 def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     print(status_line(rollout), file=out)
+    print(f"  version: {rollout['version']} (actions send it as --expect-version; a stale one is refused)", file=out)
     if rollout.get("state_reason"):
         print(f"  reason: {rollout['state_reason']}", file=out)
     stale = rollout.get("analysis_staleness") or {}
@@ -138,6 +184,9 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     if progress.get("planned_n") and progress.get("candidate_n") is not None and not bake:
         print(f"  planned sample: {progress['candidate_n']}/{progress['planned_n']} candidate requests "
               f"(reached undecided: {progress.get('on_inconclusive', 'pause')})", file=out)  # fmt: skip
+    approvals = approval_line(rollout)
+    if approvals:
+        print(f"  {approvals}", file=out)
     split = rollout.get("alpha_split")
     if split:
         print(f"  error control: {split['text']}", file=out)
@@ -246,11 +295,27 @@ def _dispatch(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         return EXIT_OK
     if args.command == "wait":
         return _wait(client, args.rollout_id, timeout=args.timeout, interval=args.interval, out=out)
-    step_index = None
-    if args.command == "approve" and args.step is not None:
-        step_index = args.step - 1
-    rollout = client.action(args.rollout_id, args.command, reason=args.reason, step_index=step_index)
+    return _act(args, client, out)
+
+
+def _act(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    step_index = args.step - 1 if getattr(args, "step", None) is not None else None
+    expected = args.expect_version
+    if expected is None:
+        expected = int(client.get(args.rollout_id)["version"])
+    key = args.idempotency_key or action_idempotency_key(
+        action=args.command, rollout_id=args.rollout_id, expected_version=args.expect_version, step=step_index
+    )
+    rollout, replayed = client.action(
+        args.rollout_id, args.command, expected_version=expected, idempotency_key=key, reason=args.reason,
+        step_index=step_index,
+    )  # fmt: skip
+    if replayed:
+        print(f"already done (same Idempotency-Key {key}): the first answer was", file=out)
     print(status_line(rollout), file=out)
+    approvals = approval_line(rollout)
+    if approvals:
+        print(f"  {approvals}", file=out)
     return EXIT_OK
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,25 @@ def idempotency_key_for(content: bytes, *, flags: str) -> str:
         os.environ.get(name, "") for name in ("GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT", "CI_PIPELINE_ID", "BUILD_ID")
     )
     digest = hashlib.sha256(scope.encode() + b"\0" + flags.encode() + b"\0" + content).hexdigest()
+    return f"rolloutctl-{digest[:40]}"
+
+
+def action_idempotency_key(*, action: str, rollout_id: int, expected_version: int | None, step: int | None) -> str:
+    """The Idempotency-Key of an action when none is given.
+
+    In a CI run (RAMP_IDEMPOTENCY_SCOPE, or the run ids GitHub, GitLab or Jenkins set) it is derived from the
+    run, the action, the rollout and the version it expects (when given): a retried CI step sends the
+    same key and gets the first answer instead of acting twice. Outside CI, with --expect-version, it is
+    derived from the action, the rollout and that version (the same command again is the same action);
+    otherwise it is new for each command, and covers the command's own retries after a timeout."""
+    scope = os.environ.get("RAMP_IDEMPOTENCY_SCOPE") or "/".join(
+        os.environ.get(name, "") for name in ("GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT", "CI_PIPELINE_ID", "BUILD_ID")
+    )
+    in_ci = bool(scope.strip("/"))
+    if not in_ci and expected_version is None:
+        return f"rolloutctl-{secrets.token_hex(20)}"
+    parts = [scope if in_ci else "", action, str(rollout_id), str(expected_version or ""), str(step if step is not None else "")]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return f"rolloutctl-{digest[:40]}"
 
 
@@ -121,8 +142,31 @@ class Client:
             params["alias"] = alias
         return self._call("GET", "/api/v1/rollouts", params=params)
 
-    def action(self, rollout_id: int, action: str, *, reason: str = "", step_index: int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"reason": reason}
+    def action(
+        self, rollout_id: int, action: str, *, expected_version: int, idempotency_key: str, reason: str = "",
+        step_index: int | None = None, retries: int = 2, backoff_s: float = 1.0,
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """POST an action with the version the caller saw and an Idempotency-Key. A timeout or a dropped
+        connection is retried with the same key, so an action whose answer was lost is not done twice.
+        Returns (the rollout after the action, whether this is the replayed first answer)."""
+        body: dict[str, Any] = {"reason": reason, "expected_version": expected_version}
         if step_index is not None:
             body["step_index"] = step_index
-        return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json=body)
+        path = f"/api/v1/rollouts/{rollout_id}/{action.replace('_', '-')}"
+        attempt = 0
+        while True:
+            try:
+                response = self.http.post(path, json=body, headers={"Idempotency-Key": idempotency_key})
+                break
+            except (httpx.TimeoutException, httpx.NetworkError):
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                time.sleep(backoff_s * attempt)
+        if response.status_code >= 400:
+            try:
+                error = response.json()
+            except ValueError:
+                error = None
+            raise ApiError(response.status_code, error if isinstance(error, dict) else None, response.text[:300])
+        return response.json(), response.headers.get("Idempotent-Replayed") == "true"

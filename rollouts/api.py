@@ -24,22 +24,27 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.permissions import CanManage, CanView, role_required
-from config.errors import DomainError
+from config.errors import Conflict, DomainError
 from config.idempotency import HEADER as IDEMPOTENCY_HEADER
-from config.idempotency import idempotency_key_from
+from config.idempotency import idempotency_key_from, request_fingerprint
 from config.pagination import PaginatedListApi
 from config.query import query_flag
 from rollouts import selectors
 from rollouts.actors import Actor
+from rollouts.approvals import approval_status
 from rollouts.models import Rollout, RolloutAnalysis, RolloutEvent
 from rollouts.planning import plan_sample_sizes
 from rollouts.plans import PLAN_EXAMPLE, PLAN_JSON_SCHEMA, plan_from_stored
 from rollouts.plans.alpha import alpha_split
 from rollouts.services import (
     ACTION_ROLES,
+    ActionKey,
     plan_validate,
     rollout_abort,
+    rollout_action_answer_store,
+    rollout_action_replay,
     rollout_advance,
+    rollout_approval_request,
     rollout_approve,
     rollout_create,
     rollout_pause,
@@ -117,6 +122,22 @@ class RolloutHealthOutput(serializers.Serializer):
     checks = serializers.DictField(child=serializers.CharField())
 
 
+class RolloutApprovalOutput(serializers.Serializer):
+    step_index = serializers.IntegerField(help_text="The step an approval starts (step_count: the promotion).")
+    what = serializers.CharField()
+    approvals_required = serializers.IntegerField(help_text="The plan's approvals_required.")
+    approved = serializers.ListField(child=serializers.DictField(), help_text="[{by, via, at}] in order.")
+    remaining = serializers.IntegerField()
+    eligible = serializers.ListField(child=serializers.CharField(), help_text="Approvers who could still approve.")
+    excluded = serializers.DictField(child=serializers.CharField(), help_text="Who may not approve, and why (four-eyes).")
+    request_seq = serializers.IntegerField()
+    requested_at = serializers.DateTimeField()
+    requested_by = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+    expired = serializers.BooleanField(help_text="An expired request must be asked again (request_approval).")
+    text = serializers.CharField(help_text='"1 of 2 approvals for step 3 of 4: alice; 1 more from role approver (bob)"')
+
+
 class RolloutOutput(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
@@ -130,6 +151,7 @@ class RolloutOutput(serializers.Serializer):
     step_count = serializers.SerializerMethodField()
     step_started_at = serializers.DateTimeField(allow_null=True)
     pending_approval_step = serializers.SerializerMethodField(help_text="The step an approval would start.")
+    approval = serializers.SerializerMethodField(help_text="The approval request it waits on: who approved, who is still needed.")
     weights = serializers.SerializerMethodField()
     version = serializers.IntegerField()
     start_when_ready = serializers.BooleanField()
@@ -143,6 +165,11 @@ class RolloutOutput(serializers.Serializer):
 
     def get_pending_approval_step(self, rollout: Rollout) -> int | None:
         return selectors.rollout_pending_step(rollout=rollout)
+
+    @extend_schema_field(RolloutApprovalOutput(allow_null=True))
+    def get_approval(self, rollout: Rollout) -> dict[str, Any] | None:
+        status = approval_status(rollout=rollout)
+        return status.as_dict() if status is not None else None
 
     @extend_schema_field(RolloutWeightsOutput)
     def get_weights(self, rollout: Rollout) -> dict[str, float]:
@@ -241,16 +268,22 @@ class RolloutEventOutput(serializers.Serializer):
 class RolloutActionInput(serializers.Serializer):
     reason = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
     expected_version = serializers.IntegerField(
-        required=False, allow_null=True, default=None, min_value=1,
-        help_text="The rollout's `version` as the caller last saw it: if anything (the analysis, another person) "
-        "changed the rollout since, the action is refused with 409 instead of acting on a state nobody looked at.",
+        min_value=1,
+        error_messages={
+            "required": "required: the rollout's `version` as you last read it (GET /api/v1/rollouts/{{id}}); an "
+            "action on a rollout that changed since is refused with 409 saying what changed",
+            "null": "required: the rollout's `version` as you last read it (GET /api/v1/rollouts/{{id}})",
+        },
+        help_text="The rollout's `version` as the caller last saw it (required): if anything (the analysis, another "
+        "person) changed the rollout since, the action is refused with 409 saying what changed, instead of acting "
+        "on a state nobody looked at. A retry with the same Idempotency-Key gets the first answer whatever it sends.",
     )  # fmt: skip
 
 
 class RolloutApproveInput(RolloutActionInput):
     step_index = serializers.IntegerField(
-        required=False, allow_null=True, default=None,
-        help_text="The step being approved (as shown to the approver); a stale click gets 409.",
+        required=False, allow_null=True, default=None, min_value=0,
+        help_text="The step being approved or rejected (as shown to the approver); a stale click gets 409.",
     )  # fmt: skip
 
 
@@ -414,7 +447,19 @@ def _action_view(action: str, service: Any, input_serializer: type[serializers.S
             operation_id=f"rollouts_{action}",
             summary=doc,
             request=input_serializer,
-            responses={200: RolloutDetailOutput, 400: ERROR, 403: ERROR, 404: ERROR, 409: ERROR},
+            parameters=[
+                OpenApiParameter(
+                    IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER,
+                    description="A retry with the same key (and the same action, rollout, reason and step) gets the "
+                    "first answer back (200, `Idempotent-Replayed: true`) and does nothing again; another request "
+                    "with the key is a 422. Keys are kept 24 h.",
+                ),
+            ],
+            responses={
+                200: RolloutDetailOutput, 400: ERROR, 403: ERROR, 404: ERROR,
+                409: OpenApiResponse(description="Stale: the rollout changed since `expected_version`; says what changed."),
+                422: OpenApiResponse(description="The Idempotency-Key was used for a different request."),
+            },
         )
         def post(self, request: Request, rollout_id: int) -> Response:
             if not isinstance(request.data, dict):  # no body parses to {}; a JSON string or list is a mistake
@@ -422,16 +467,47 @@ def _action_view(action: str, service: Any, input_serializer: type[serializers.S
             body = input_serializer(data=request.data)
             body.is_valid(raise_exception=True)
             kwargs = dict(body.validated_data)
-            if kwargs.get("expected_version") is None:
-                kwargs.pop("expected_version", None)
-            if action != "approve":
+            if kwargs.get("step_index") is None:
                 kwargs.pop("step_index", None)
-            elif kwargs.get("step_index") is None:
-                kwargs.pop("step_index", None)
+            key = idempotency_key_from(request)
+            # What the key stands for: the action asked, not the version read (a retry reads a newer one).
+            fingerprint = request_fingerprint({
+                "action": action, "rollout": rollout_id, "reason": kwargs.get("reason", ""),
+                "step_index": kwargs.get("step_index"),
+            })  # fmt: skip
+            if key is not None:
+                replayed = self._replay(request, rollout_id, key, fingerprint)
+                if replayed is not None:
+                    return replayed
             rollout = selectors.rollout_get(rollout_id=rollout_id)
-            return _detail(request, service(rollout=rollout, actor=_actor(request), **kwargs))
+            try:
+                after = service(
+                    rollout=rollout, actor=_actor(request),
+                    idempotency=ActionKey(key, fingerprint) if key is not None else None, **kwargs,
+                )  # fmt: skip
+            except Conflict:
+                # Two tries with one key at once: the one that won has the answer.
+                replayed = self._replay(request, rollout_id, key, fingerprint) if key is not None else None
+                if replayed is not None:
+                    return replayed
+                raise
+            response = _detail(request, after)
+            if key is not None:
+                rollout_action_answer_store(user=request.user, key=key, answer=dict(response.data))
+            return response
 
-    RolloutActionApi.__name__ = f"Rollout{action.title()}Api"
+        @staticmethod
+        def _replay(request: Request, rollout_id: int, key: str, fingerprint: str) -> Response | None:
+            done = rollout_action_replay(user=request.user, key=key, fingerprint=fingerprint)
+            if done is None:
+                return None
+            headers = {"Idempotent-Replayed": "true"}
+            if done.answer is not None:
+                return Response(done.answer, headers=headers)
+            # Done, but its answer was never stored (the process stopped in between): the rollout as it is now.
+            return _detail(request, selectors.rollout_get(rollout_id=int(done.rollout_id)), headers=headers)
+
+    RolloutActionApi.__name__ = f"Rollout{action.title().replace('_', '')}Api"
     RolloutActionApi.__qualname__ = RolloutActionApi.__name__
     RolloutActionApi.__doc__ = doc
     return RolloutActionApi
@@ -442,9 +518,16 @@ RolloutPauseApi = _action_view("pause", rollout_pause, RolloutActionInput, "Free
 RolloutResumeApi = _action_view("resume", rollout_resume, RolloutActionInput, "Carry on from where it was paused.")
 RolloutApproveApi = _action_view(
     "approve", rollout_approve, RolloutApproveInput,
-    "Approve the step the rollout waits for (four-eyes: not the rollout's creator unless the plan allows it).",
+    "Approve the request the rollout waits for; it goes ahead once the plan's approvals_required approvers "
+    "approved (four-eyes: not the rollout's creator nor who asked, unless the plan allows it).",
 )  # fmt: skip
-RolloutRejectApi = _action_view("reject", rollout_reject, RolloutActionInput, "Refuse the approval: the rollout rolls back.")
+RolloutRejectApi = _action_view(
+    "reject", rollout_reject, RolloutApproveInput, "Refuse the approval: the wait ends and the rollout rolls back."
+)
+RolloutRequestApprovalApi = _action_view(
+    "request_approval", rollout_approval_request, RolloutActionInput,
+    "Ask again for an approval whose request expired: a new request, a new notification.",
+)  # fmt: skip
 RolloutAdvanceApi = _action_view("advance", rollout_advance, RolloutActionInput, "Finish the current step now.")
 RolloutRollbackApi = _action_view("rollback", rollout_rollback, RolloutActionInput, "Send every user back to the baseline.")
 RolloutAbortApi = _action_view("abort", rollout_abort, RolloutActionInput, "Stop without a verdict.")
@@ -456,6 +539,7 @@ ACTION_VIEWS: dict[str, type[APIView]] = {
     "resume": RolloutResumeApi,
     "approve": RolloutApproveApi,
     "reject": RolloutRejectApi,
+    "request-approval": RolloutRequestApprovalApi,
     "advance": RolloutAdvanceApi,
     "rollback": RolloutRollbackApi,
     "abort": RolloutAbortApi,

@@ -116,7 +116,17 @@ class RolloutForm(forms.Form):
     eval_gate_suite = _select("Eval gate: suite", help_text="Run before any traffic moves.")
     eval_gate_scorer = _text("Eval gate: scorer", placeholder="exact_match")
     eval_gate_max_drop = _text("Eval gate: largest score drop", placeholder="0.05", size="decimal")
-    allow_self_approval = forms.BooleanField(label="Let the creator approve their own steps", required=False)
+    allow_self_approval = forms.BooleanField(
+        label="Let the creator (and whoever asks) approve their own steps", required=False
+    )
+    approvals_required = _text(
+        "Approvals needed", placeholder="1", size="numeric",
+        help_text="Different approvers who must approve a step that needs an approval; one rejection ends the wait.",
+    )  # fmt: skip
+    approval_ttl_s = _text(
+        "An approval request expires after (s)", placeholder="86400", size="numeric",
+        help_text="After that it must be asked again.",
+    )  # fmt: skip
     promotion_requires_approval = _select("Promotion needs an approval", choices=TRI_STATE)
 
     def __init__(
@@ -244,6 +254,10 @@ class RolloutForm(forms.Form):
             plan["eval_gate"] = gate
         if data.get("allow_self_approval"):
             plan["allow_self_approval"] = True
+        for name in ("approvals_required", "approval_ttl_s"):
+            value = _number_or_text(data.get(name) or "")
+            if value is not None:
+                plan[name] = value
         if data.get("promotion_requires_approval") in ("yes", "no"):
             plan["promotion_requires_approval"] = data["promotion_requires_approval"] == "yes"
         return plan
@@ -306,7 +320,7 @@ _PREFIX_FIELDS = {
 }
 _DIRECT = {
     "name", "description", "alias", "baseline", "candidate", "strategy", "alpha", "allow_self_approval",
-    "promotion_requires_approval",
+    "promotion_requires_approval", "approvals_required", "approval_ttl_s",
 }  # fmt: skip
 
 

@@ -177,7 +177,8 @@ class RolloutEvent(_AppendOnly):
         EVAL_GATE_PASSED = "eval_gate_passed"
         EVAL_GATE_FAILED = "eval_gate_failed"
         STEP_STARTED = "step_started"
-        AWAITING_APPROVAL = "awaiting_approval"
+        AWAITING_APPROVAL = "awaiting_approval"  # an approval request: asked (or asked again after it expired)
+        APPROVAL_ADDED = "approval_added"  # one approver's go-ahead, while more are needed
         APPROVED = "approved"
         PAUSED = "paused"
         RESUMED = "resumed"
@@ -188,7 +189,7 @@ class RolloutEvent(_AppendOnly):
 
     # Events people want to hear about (rollouts.notifications).
     NOTABLE_KINDS = (
-        Kind.AWAITING_APPROVAL, Kind.ROLLED_BACK, Kind.PROMOTED, Kind.EVAL_GATE_FAILED, Kind.PAUSED,
+        Kind.AWAITING_APPROVAL, Kind.APPROVAL_ADDED, Kind.ROLLED_BACK, Kind.PROMOTED, Kind.EVAL_GATE_FAILED, Kind.PAUSED,
     )  # fmt: skip
 
     rollout = models.ForeignKey(Rollout, on_delete=models.PROTECT, related_name="events")
@@ -219,20 +220,51 @@ class RolloutEvent(_AppendOnly):
 
 
 class RolloutApproval(_AppendOnly):
-    """An approver's go-ahead for one step (index len(steps) means the promotion). Append-only."""
+    """One approver's go-ahead for one step (index len(steps) means the promotion), given to one approval
+    request (`request_seq`: the seq of the awaiting_approval event that asked). A step moves on once the
+    plan's `approvals_required` different people approved the same, unexpired request. Append-only."""
 
     rollout = models.ForeignKey(Rollout, on_delete=models.PROTECT, related_name="approvals")
     step_index = models.IntegerField()
+    # 0 for approvals given before requests were numbered (each of those completed its step alone).
+    request_seq = models.PositiveIntegerField(default=0)
     approved_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     via = models.CharField(max_length=16, default="api")
     reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta(_AppendOnly.Meta):
-        constraints = [models.UniqueConstraint(fields=("rollout", "step_index"), name="rollout_approval_once_per_step")]
+        constraints = [
+            # Each approver counts once per request.
+            models.UniqueConstraint(
+                fields=("rollout", "step_index", "request_seq", "approved_by"), name="rollout_approval_once_per_person"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"rollout {self.rollout_id} step {self.step_index + 1} approved by {self.approved_by_id}"
+
+
+class RolloutActionKey(models.Model):
+    """An action done with an Idempotency-Key: a retry with the same key gets the first answer back
+    (config.idempotency; keys are honoured for IDEMPOTENCY_TTL). Written in the action's transaction; the
+    answer is stored just after."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="+")
+    action = models.CharField(max_length=24)
+    seq = models.PositiveIntegerField(help_text="The version the action left the rollout at (its event's seq).")
+    answer = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=("user", "key"), name="rollout_action_key_unique")]
+        indexes = [models.Index(fields=("created_at",))]
+
+    def __str__(self) -> str:
+        return f"{self.action} of rollout {self.rollout_id} with key {self.key[:20]}"
 
 
 class RolloutAnalysis(models.Model):

@@ -8,6 +8,7 @@
   their evidence stay (so do the events and approvals, which are append-only).
 - Rollups (the per-session sums incremental looks fold into, `experiments.rollups`) are dropped with the
   same delay once their rollout has ended: nothing reads them again.
+- Idempotency keys of rollout actions (`RolloutActionKey`) are dropped once past their 24 h.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from django.db.models import Min, Q
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
+from config.idempotency import IDEMPOTENCY_TTL
 from experiments.rollups import windows_prune
-from rollouts.models import Rollout, RolloutAnalysis
+from rollouts.models import Rollout, RolloutActionKey, RolloutAnalysis
 from serving.retention import RecordHold, records_expire, shadow_pairs_expire
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ def retention_apply(*, now: datetime | None = None) -> RetentionReport:
     ended_long_ago = Q(state__in=Rollout.TERMINAL_STATES) & (Q(ended_at__lte=now - COMPACT_AFTER) | Q(ended_at__isnull=True))
     keep = Rollout.objects.exclude(ended_long_ago)
     rollups = windows_prune(keep_rollout_ids=list(keep.values_list("pk", flat=True)))
+    # Idempotency keys of actions are honoured for IDEMPOTENCY_TTL; past it they answer nothing.
+    RolloutActionKey.objects.filter(created_at__lt=now - IDEMPOTENCY_TTL).delete()
     report = RetentionReport(
         records_deleted=records.records_deleted, partitions_dropped=records.partitions_dropped,
         partitions_held=records.partitions_held, shadow_pairs_deleted=pairs, analyses_deleted=compacted,

@@ -9,6 +9,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from config.errors import NotFound
+from rollouts.approvals import approval_status, self_approval_refusal
 from rollouts.models import Rollout, RolloutAnalysis, RolloutApproval, RolloutEvent
 from rollouts.services import ACTION_STATES, ACTIONS, action_allowed
 
@@ -109,12 +110,19 @@ def rollout_pending_step(*, rollout: Rollout) -> int | None:
 def rollout_actions(*, rollout: Rollout, user: Any) -> list[str]:
     """The actions `user` may take on the rollout now (for showing buttons; the services check again)."""
     allowed = []
+    status = approval_status(rollout=rollout) if rollout.state == State.AWAITING_APPROVAL else None
+    user_id = getattr(user, "pk", None)
     for action in ACTIONS:
         if rollout.state not in ACTION_STATES[action] or not action_allowed(user=user, action=action):
             continue
-        if action == "approve" and rollout.created_by_id == getattr(user, "pk", None) and not rollout.plan.get(
-            "allow_self_approval"
+        if action in ("approve", "reject") and status is not None and status.expired:
+            continue  # an expired request is asked again first
+        if action == "approve" and status is not None and (
+            status.approved_by(user_id) is not None
+            or self_approval_refusal(rollout=rollout, request=status.request, user_id=user_id) is not None
         ):
+            continue
+        if action == "request_approval" and (status is None or not status.expired):
             continue
         if action == "promote" and rollout.state == State.PAUSED and rollout.paused_from == State.GATING:
             continue

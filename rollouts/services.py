@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -29,10 +30,25 @@ from django.utils import timezone
 from accounts.roles import Role
 from accounts.selectors import user_roles
 from config.errors import Conflict, DomainError, Forbidden, NotFound
-from config.idempotency import IDEMPOTENCY_TTL, idempotent_create, request_fingerprint
+from config.idempotency import (
+    HEADER as IDEMPOTENCY_HEADER,
+)
+from config.idempotency import (
+    IDEMPOTENCY_TTL,
+    IdempotencyKeyReused,
+    idempotent_create,
+    request_fingerprint,
+)
 from rollouts import capacity, gates
 from rollouts.actors import SYSTEM, Actor, ActorLike, as_actor
-from rollouts.models import Rollout, RolloutApproval, RolloutEvent
+from rollouts.approvals import (
+    approval_request_current,
+    approval_status,
+    approval_ttl,
+    approvals_required,
+    self_approval_refusal,
+)
+from rollouts.models import Rollout, RolloutActionKey, RolloutApproval, RolloutEvent
 from rollouts.notifications import notification_enqueue
 from rollouts.plans import Plan, PlanInvalid, plan_from_stored, plan_normalise, plan_parse
 from rollouts.plans.alpha import check_alpha_share
@@ -58,6 +74,7 @@ ACTION_ROLES: dict[str, tuple[Role, ...]] = {
     "rollback": (Role.RELEASE_MANAGER, Role.APPROVER, Role.ADMIN),
     "approve": (Role.APPROVER, Role.ADMIN),
     "reject": (Role.APPROVER, Role.ADMIN),
+    "request_approval": (Role.RELEASE_MANAGER, Role.ADMIN),
 }
 
 # From which states each action may be taken.
@@ -67,6 +84,7 @@ ACTION_STATES: dict[str, tuple[str, ...]] = {
     "resume": (State.PAUSED,),
     "approve": (State.AWAITING_APPROVAL,),
     "reject": (State.AWAITING_APPROVAL,),
+    "request_approval": (State.AWAITING_APPROVAL,),
     "advance": (State.RUNNING,),
     # From baking: end the bake now.
     "promote": (State.RUNNING, State.PAUSED, State.BAKING),
@@ -76,7 +94,9 @@ ACTION_STATES: dict[str, tuple[str, ...]] = {
     "eval_gate": (State.GATING,),
 }
 
-ACTIONS = ("start", "pause", "resume", "approve", "reject", "advance", "promote", "rollback", "abort")
+ACTIONS = (
+    "start", "pause", "resume", "approve", "reject", "request_approval", "advance", "promote", "rollback", "abort",
+)  # fmt: skip
 
 
 # --- plan validation against the database ------------------------------------------------------------
@@ -289,6 +309,9 @@ def _event(
         actor_detail=actor.detail[:200],
         reason=reason,
         evidence=evidence,
+        # The clock read here rather than by the field's default: one clock for the event and the
+        # approval expiry computed from it.
+        created_at=timezone.now(),
     )
     notification_enqueue(event=event)
     return event
@@ -365,14 +388,25 @@ def _lock(rollout_id: int) -> Rollout:
     return locked
 
 
+# Changes since the version a caller saw that do not change the question it answers: an approver's click
+# on a request that has gathered other approvals meanwhile still approves (or rejects) the same request.
+_TOLERATED_SINCE: dict[str, frozenset[str]] = {
+    "approve": frozenset({Kind.APPROVAL_ADDED}),
+    "reject": frozenset({Kind.APPROVAL_ADDED}),
+}
+
+
 def _check(locked: Rollout, action: str, expected_version: int | None) -> None:
-    # A caller who says which version it saw is told first that the rollout moved on since: that is why
-    # its action no longer fits, whatever state the move left behind.
+    # A caller who says which version it saw is told first that the rollout moved on since, and how: that
+    # is why its action no longer fits, whatever state the move left behind.
     if expected_version is not None and locked.version != expected_version:
-        raise Conflict(
-            f"rollout {locked.pk} changed since it was read: expected version {expected_version}, found {locked.version}",
-            field="version",
-        )
+        tolerated = _TOLERATED_SINCE.get(action)
+        since = (
+            set(RolloutEvent.objects.filter(rollout_id=locked.pk, seq__gt=expected_version).values_list("kind", flat=True))
+            if tolerated and 0 < expected_version < locked.version else None
+        )  # fmt: skip
+        if not (tolerated and since and since <= tolerated):
+            raise Conflict(rollout_changes_since(rollout=locked, seen_version=expected_version), field="version")
     allowed = ACTION_STATES[action]
     if action == "rollback" and locked.state == State.PROMOTED:
         ended = locked.ended_at.isoformat(timespec="seconds") if locked.ended_at else "already"
@@ -390,6 +424,58 @@ def _check(locked: Rollout, action: str, expected_version: int | None) -> None:
         )
 
 
+def _where(*, state: str, step_index: int, step_count: int, paused_from: str = "") -> str:
+    """Where a rollout stands, in words: "step 2 of 3", "awaiting approval of step 3", "promoted"."""
+    if state == State.RUNNING:
+        return f"step {step_index + 1} of {step_count}"
+    if state == State.AWAITING_APPROVAL:
+        pending = step_index + 1
+        return "awaiting approval of the promotion" if pending >= step_count else f"awaiting approval of step {pending + 1}"
+    if state == State.PAUSED:
+        return f"paused at step {step_index + 1} of {step_count}" if step_index >= 0 else "paused"
+    if state == State.GATING:
+        return "running its eval gate"
+    return state.replace("_", " ")
+
+
+_EVENT_WORDS = {
+    Kind.STEP_STARTED: "moved to the next step", Kind.AWAITING_APPROVAL: "asked for an approval",
+    Kind.APPROVAL_ADDED: "approved (more approvals needed)", Kind.EVAL_GATE_PASSED: "eval gate passed",
+    Kind.EVAL_GATE_FAILED: "eval gate failed", Kind.GATING: "eval gate started",
+}  # fmt: skip
+
+
+def _event_phrase(event: RolloutEvent) -> str:
+    words = _EVENT_WORDS.get(event.kind, str(event.kind).replace("_", " "))  # type: ignore[call-overload]
+    who = event.actor if event.via == "system" else f"{event.actor} via {event.via}"
+    reason = f" ({event.reason[:160]})" if event.reason else ""
+    return f"{words} by {who}{reason}"
+
+
+def rollout_changes_since(*, rollout: Rollout, seen_version: int) -> str:
+    """What happened to the rollout since a caller saw `seen_version`: the text of a stale action's 409.
+
+    "rollout 4 changed since it was read: expected version 7, found 8: it moved from step 2 of 3 to step
+    3 of 3 since you looked: moved to the next step by analysis (every guardrail shown safe)"."""
+    head = f"rollout {rollout.pk} changed since it was read: expected version {seen_version}, found {rollout.version}"
+    if seen_version > rollout.version or seen_version < 1:
+        return f"{head}: version {seen_version} never existed; read the rollout again and send the version it shows"
+    steps = len(rollout.steps)
+    then_event = RolloutEvent.objects.filter(rollout_id=rollout.pk, seq=seen_version).first()
+    since = list(RolloutEvent.objects.filter(rollout_id=rollout.pk, seq__gt=seen_version).order_by("seq"))
+    now = _where(state=rollout.state, step_index=rollout.step_index, step_count=steps)
+    if then_event is not None:
+        then = _where(state=then_event.to_state, step_index=then_event.step_index, step_count=steps)
+        moved = f"it moved from {then} to {now}" if then != now else f"it is still {now}"
+    else:
+        moved = f"it is now {now}"
+    shown = since[-3:]
+    changes = "; ".join(_event_phrase(e) for e in shown)
+    if len(since) > len(shown):
+        changes = f"{len(since) - len(shown)} earlier changes, then {changes}"
+    return f"{head}: {moved} since you looked: {changes}. Nothing was done: look again, and retry if it still makes sense"
+
+
 def _evidence(rollout: Rollout | int, evidence: dict[str, Any] | None) -> dict[str, Any]:
     if evidence is not None:
         return evidence
@@ -402,6 +488,55 @@ def _evidence(rollout: Rollout | int, evidence: dict[str, Any] | None) -> dict[s
         return {}
 
 
+@dataclass(frozen=True)
+class ActionKey:
+    """An Idempotency-Key sent with an action, and the fingerprint of what it asked (config.idempotency)."""
+
+    key: str
+    fingerprint: str
+
+
+def _action_key_record(key: ActionKey | None, *, actor: Actor, rollout: Rollout, action: str) -> None:
+    """Inside the action's transaction: the key now names this action. A concurrent request with the same
+    key that got here first makes this one fail whole (nothing done twice); its caller then replays."""
+    if key is None or actor.user is None:
+        return
+    RolloutActionKey.objects.filter(user=actor.user, key=key.key, created_at__lt=timezone.now() - IDEMPOTENCY_TTL).delete()
+    try:
+        with transaction.atomic():
+            RolloutActionKey.objects.create(
+                user=actor.user, key=key.key, fingerprint=key.fingerprint, rollout=rollout, action=action,
+                seq=rollout.version,
+            )  # fmt: skip
+    except IntegrityError:
+        raise Conflict(
+            "another request with this Idempotency-Key was done at the same moment; send it again to get its answer",
+            field=IDEMPOTENCY_HEADER,
+        ) from None
+
+
+def rollout_action_replay(*, user: Any, key: str, fingerprint: str) -> RolloutActionKey | None:
+    """The action `user` already did with `key` (within the TTL), or None. Raises IdempotencyKeyReused
+    (422) when the key was used for a different action, rollout or body."""
+    found = RolloutActionKey.objects.filter(
+        user=user, key=key, created_at__gte=timezone.now() - IDEMPOTENCY_TTL
+    ).first()
+    if found is None:
+        return None
+    if found.fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            f"this Idempotency-Key was already used for {found.action} of rollout {found.rollout_id} with a "
+            "different request; use a new key",
+            field=IDEMPOTENCY_HEADER,
+        )
+    return found
+
+
+def rollout_action_answer_store(*, user: Any, key: str, answer: dict[str, Any]) -> None:
+    """Keep the first answer to an action done with `key`, for its retries."""
+    RolloutActionKey.objects.filter(user=user, key=key, answer__isnull=True).update(answer=answer)
+
+
 def _transition(
     rollout: Rollout | int,
     *,
@@ -412,6 +547,7 @@ def _transition(
     evidence: dict[str, Any] | None = None,
     expected_version: int | None = None,
     role_action: str | None = None,
+    idempotency: ActionKey | None = None,
 ) -> Rollout:
     who = as_actor(actor)
     _require_role(who, role_action or action)
@@ -423,11 +559,20 @@ def _transition(
         _check(locked, action, expected_version)
         move = decide(locked, who)
         _apply(locked, move, actor=who, reason=reason, evidence=gathered)
+        _action_key_record(idempotency, actor=who, rollout=locked, action=action)
     return locked
 
 
 def _approved(rollout: Rollout, step_index: int) -> bool:
-    return RolloutApproval.objects.filter(rollout=rollout, step_index=step_index).exists()
+    """Whether some request for the step gathered the approvals the plan needs."""
+    per_request: dict[int, set[int]] = {}
+    for request_seq, user_id in RolloutApproval.objects.filter(rollout=rollout, step_index=step_index).values_list(
+        "request_seq", "approved_by_id"
+    ):
+        per_request.setdefault(int(request_seq), set()).add(int(user_id))
+    needed = approvals_required(rollout)
+    # request_seq 0: an approval from before requests were numbered, which decided its step alone.
+    return any(seq == 0 or len(users) >= needed for seq, users in per_request.items())
 
 
 def _plan(rollout: Rollout) -> Plan:
@@ -492,8 +637,9 @@ def _start_preconditions(locked: Rollout) -> None:
 
 
 def rollout_start(
-    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
-) -> Rollout:
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None,
+    idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
     """draft -> gating (an eval gate) or the first step (or awaiting its approval). Both versions need a
     ready engine, and the alias must still serve the plan's baseline."""
     who = as_actor(actor)
@@ -502,23 +648,26 @@ def rollout_start(
         locked = _lock(_rollout_id(rollout))
         _check(locked, "start", expected_version)
         _start_locked(locked, actor=who, reason=(reason or "").strip())
+        _action_key_record(idempotency, actor=who, rollout=locked, action="start")
     return locked
 
 
 def rollout_pause(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
-    expected_version: int | None = None,
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
 ) -> Rollout:  # fmt: skip
     """Freeze the rollout at its current weights (the analysis still rolls back on a breach)."""
     return _transition(
         rollout, action="pause", actor=actor, reason=reason, evidence=evidence, expected_version=expected_version,
+        idempotency=idempotency,
         decide=lambda locked, who: _Move(Kind.PAUSED, State.PAUSED),
     )  # fmt: skip
 
 
 def rollout_resume(
-    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
-) -> Rollout:
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None,
+    idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
     """paused -> where it was (running, awaiting approval, or gating, whose gate is asked for again)."""
 
     def decide(locked: Rollout, who: Actor) -> _Move:
@@ -535,36 +684,58 @@ def rollout_resume(
         return move
 
     return _transition(
-        rollout, action="resume", actor=actor, reason=reason, decide=decide, expected_version=expected_version
+        rollout, action="resume", actor=actor, reason=reason, decide=decide, expected_version=expected_version,
+        idempotency=idempotency,
     )
 
 
-def rollout_approval_get(*, rollout: Rollout | int, step_index: int) -> RolloutApproval | None:
+def _step_words(rollout: Rollout, step_index: int) -> str:
+    return "the promotion" if step_index >= len(rollout.steps) else f"step {step_index + 1}"
+
+
+def _decided_elsewhere(rollout_id: int, step_index: int) -> None:
+    """A click on a step that is no longer waiting but was approved: say by whom, not "wrong state"."""
+    rollout = Rollout.objects.filter(pk=rollout_id).first()
+    if rollout is None or (rollout.state == State.AWAITING_APPROVAL and rollout.step_index + 1 == step_index):
+        return
+    rows = list(
+        RolloutApproval.objects.select_related("approved_by").filter(rollout=rollout, step_index=step_index)
+        .order_by("-request_seq", "created_at")
+    )  # fmt: skip
+    if not rows or not _approved(rollout, step_index):
+        return
+    latest = [row for row in rows if row.request_seq == rows[0].request_seq]
+    names = ", ".join(dict.fromkeys(row.approved_by.get_username() for row in latest))
+    raise Conflict(
+        f"{_step_words(rollout, step_index)} was already approved by {names} "
+        f"at {latest[-1].created_at.isoformat(timespec='seconds')}",
+        field="step_index",
+    )
+
+
+def _expired_text(rollout: Rollout, what: str, expires_at: datetime) -> str:
+    hours = approval_ttl(rollout).total_seconds() / 3600
     return (
-        RolloutApproval.objects.select_related("approved_by")
-        .filter(rollout_id=_rollout_id(rollout), step_index=step_index)
-        .first()
+        f"the approval request for {what} expired at {expires_at.isoformat(timespec='seconds')} (requests last "
+        f"{hours:g} h): a release manager must ask again (`rolloutctl request-approval {rollout.pk}` or the page's "
+        "Ask again button), and approvals of the expired request no longer count"
     )
 
 
 def rollout_approve(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", step_index: int | None = None,
-    expected_version: int | None = None,
-) -> Rollout:
-    """Approve the step the rollout waits for (index len(steps) is the promotion) and enter it.
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
+    """Approve the request the rollout waits for (step index len(steps) is the promotion).
 
-    `step_index`, when given (a Slack button carries it), must be the step waiting: a second click on a
-    step already decided gets a Conflict naming who decided it. Four-eyes: the rollout's creator cannot
-    approve it unless the plan sets allow_self_approval."""
+    The step goes ahead once the plan's `approvals_required` different approvers approved the same
+    unexpired request; until then each approval is recorded (an `approval_added` event) and the rollout
+    keeps waiting. Refused: an expired request (it must be asked again), a second approval by the same
+    person, and (four-eyes, unless the plan sets allow_self_approval) the rollout's creator or the person
+    who asked for this approval. `step_index`, when given (a button carries it), must be the step waiting."""
     who = as_actor(actor)
     if step_index is not None:
-        done = rollout_approval_get(rollout=rollout, step_index=step_index)
-        if done is not None:
-            raise Conflict(
-                f"step {step_index + 1} was already approved by {done.approved_by.get_username()} "
-                f"at {done.created_at.isoformat(timespec='seconds')}",
-                field="step_index",
-            )
+        _decided_elsewhere(_rollout_id(rollout), step_index)
 
     def decide(locked: Rollout, who: Actor) -> _Move:
         pending = locked.step_index + 1
@@ -575,50 +746,118 @@ def rollout_approve(
             )
         if who.user is None:
             raise Forbidden("an approval needs a person")
-        if locked.created_by_id == who.user.pk and not locked.plan.get("allow_self_approval"):
+        status = approval_status(rollout=locked)
+        if status is None:
+            raise Conflict(f"rollout {locked.pk} has no open approval request", field="state")
+        if status.expired:
+            raise Conflict(_expired_text(locked, status.what, status.request.expires_at), field="approval")
+        refusal = self_approval_refusal(rollout=locked, request=status.request, user_id=who.user.pk)
+        if refusal is not None:
             raise Forbidden(
-                "four-eyes rule: you created this rollout, so another approver must approve it "
-                "(or the plan sets allow_self_approval)"
+                f"four-eyes rule: {refusal}, so another approver must approve it (or the plan sets allow_self_approval)"
+            )
+        mine = status.approved_by(who.user.pk)
+        if mine is not None:
+            raise Conflict(
+                f"you approved {status.what} already at {mine.at.isoformat(timespec='seconds')}: each approver counts "
+                f"once ({status.text})",
+                field="approval",
             )
         RolloutApproval.objects.create(
-            rollout=locked, step_index=pending, approved_by=who.user, via=who.via, reason=reason or ""
-        )
+            rollout=locked, step_index=pending, request_seq=status.request.seq, approved_by=who.user, via=who.via,
+            reason=reason or "", created_at=timezone.now(),
+        )  # fmt: skip
+        names = ", ".join([g.username for g in status.given] + [who.name])
+        count, required = len(status.given) + 1, status.required
+        if count < required:
+            left = required - count
+            return _Move(
+                Kind.APPROVAL_ADDED, State.AWAITING_APPROVAL,
+                reason=reason or f"{status.what} approved by {names} ({count} of {required}; {left} more needed)",
+            )  # fmt: skip
         if pending >= len(locked.steps):
-            return _promotion(locked, reason or f"promotion approved by {who.name}")
-        return _Move(Kind.APPROVED, State.RUNNING, step_index=pending, reason=reason or f"step {pending + 1} approved by {who.name}")
+            return _promotion(locked, reason or f"promotion approved by {names}")
+        return _Move(Kind.APPROVED, State.RUNNING, step_index=pending, reason=reason or f"step {pending + 1} approved by {names}")
 
     return _transition(
-        rollout, action="approve", actor=who, reason=reason, decide=decide, expected_version=expected_version
-    )
+        rollout, action="approve", actor=who, reason=reason, decide=decide, expected_version=expected_version,
+        idempotency=idempotency,
+    )  # fmt: skip
 
 
 def rollout_reject(
-    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
-) -> Rollout:
-    """Refuse the approval the rollout waits for: it rolls back."""
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", step_index: int | None = None,
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
+    """Refuse the approval the rollout waits for: one rejection by any approver ends the wait, and the
+    rollout rolls back (whatever approvals it had gathered). An expired request cannot be rejected either
+    (roll back instead). `step_index`, when given, must be the step waiting."""
 
     def decide(locked: Rollout, who: Actor) -> _Move:
-        return _Move(Kind.ROLLED_BACK, State.ROLLED_BACK, reason=reason or f"approval refused by {who.name}")
+        pending = locked.step_index + 1
+        if step_index is not None and step_index != pending:
+            raise Conflict(f"rollout {locked.pk} no longer waits for step {step_index + 1}", field="step_index")
+        request = approval_request_current(rollout=locked)
+        if request is not None and timezone.now() >= request.expires_at:
+            raise Conflict(
+                _expired_text(locked, _step_words(locked, pending), request.expires_at) + "; to stop it, roll it back",
+                field="approval",
+            )
+        return _Move(
+            Kind.ROLLED_BACK, State.ROLLED_BACK,
+            reason=reason or f"approval of {_step_words(locked, pending)} refused by {who.name}",
+        )  # fmt: skip
 
     return _transition(
-        rollout, action="reject", actor=actor, reason=reason, decide=decide, expected_version=expected_version
-    )
+        rollout, action="reject", actor=actor, reason=reason, decide=decide, expected_version=expected_version,
+        idempotency=idempotency,
+    )  # fmt: skip
+
+
+def rollout_approval_request(
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None,
+    idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
+    """Ask again for the approval the rollout waits for, once its request expired: a new request (a new
+    notification, a new Slack message), whose approvals start from none. Refused while the request is open."""
+
+    def decide(locked: Rollout, who: Actor) -> _Move:
+        status = approval_status(rollout=locked)
+        if status is None:
+            raise Conflict(f"rollout {locked.pk} has no approval request", field="state")
+        if not status.expired:
+            raise Conflict(
+                f"the approval request for {status.what} is open until "
+                f"{status.request.expires_at.isoformat(timespec='seconds')}: {status.text}",
+                field="approval",
+            )
+        return _Move(
+            Kind.AWAITING_APPROVAL, State.AWAITING_APPROVAL,
+            reason=reason or f"approval of {status.what} asked again by {who.name} (the request of "
+            f"{status.request.requested_at.isoformat(timespec='seconds')} expired)",
+        )  # fmt: skip
+
+    return _transition(
+        rollout, action="request_approval", actor=actor, reason=reason, decide=decide,
+        expected_version=expected_version, idempotency=idempotency,
+    )  # fmt: skip
 
 
 def rollout_advance(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
-    expected_version: int | None = None,
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
 ) -> Rollout:  # fmt: skip
     """Finish the current step: enter the next one, wait for its approval, or promote after the last."""
     return _transition(
         rollout, action="advance", actor=actor, reason=reason, evidence=evidence, expected_version=expected_version,
+        idempotency=idempotency,
         decide=lambda locked, who: _next(locked, locked.step_index + 1),
     )  # fmt: skip
 
 
 def rollout_promote(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
-    expected_version: int | None = None,
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
 ) -> Rollout:  # fmt: skip
     """Promote now: into the bake when the plan bakes, else the candidate becomes the alias's baseline. Refused
     while a later step still needs an approval. While baking: end the bake now (the holdout goes too)."""
@@ -640,7 +879,7 @@ def rollout_promote(
 
     return _transition(
         rollout, action="promote", actor=actor, reason=reason, evidence=evidence,
-        expected_version=expected_version, decide=decide,
+        expected_version=expected_version, decide=decide, idempotency=idempotency,
     )  # fmt: skip
 
 
@@ -653,23 +892,25 @@ def _cancel_gate_if_gating(locked: Rollout) -> list[Callable[[], None]]:
 
 def rollout_rollback(
     *, rollout: Rollout | int, actor: ActorLike, reason: str = "", evidence: dict[str, Any] | None = None,
-    expected_version: int | None = None,
+    expected_version: int | None = None, idempotency: ActionKey | None = None,
 ) -> Rollout:  # fmt: skip
     """Send every user back to the baseline (candidate weight 0) and end the rollout. A promoted rollout
     still baking may be rolled back (the alias's route goes back to the baseline, audited like any other);
     once its bake ended, it is refused."""
     return _transition(
         rollout, action="rollback", actor=actor, reason=reason, evidence=evidence, expected_version=expected_version,
+        idempotency=idempotency,
         decide=lambda locked, who: _Move(Kind.ROLLED_BACK, State.ROLLED_BACK, on_commit=_cancel_gate_if_gating(locked)),
     )  # fmt: skip
 
 
 def rollout_abort(
-    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None
-) -> Rollout:
+    *, rollout: Rollout | int, actor: ActorLike, reason: str = "", expected_version: int | None = None,
+    idempotency: ActionKey | None = None,
+) -> Rollout:  # fmt: skip
     """Stop without a verdict: the baseline keeps (or gets back) all traffic."""
     return _transition(
-        rollout, action="abort", actor=actor, reason=reason, expected_version=expected_version,
+        rollout, action="abort", actor=actor, reason=reason, expected_version=expected_version, idempotency=idempotency,
         decide=lambda locked, who: _Move(Kind.ABORTED, State.ABORTED, on_commit=_cancel_gate_if_gating(locked)),
     )  # fmt: skip
 

@@ -29,6 +29,11 @@ MAX_HOLDOUT = 0.5
 DEFAULT_BAKE_S = 600
 # No step ends sooner than this, whatever its plan says (rollouts.analysis.policy's floors).
 MIN_STEP_DURATION_S = 60
+DEFAULT_APPROVALS_REQUIRED = 1
+MAX_APPROVALS_REQUIRED = 20
+# An approval request older than this cannot be used: someone asks again (a new request, a new message).
+DEFAULT_APPROVAL_TTL_S = 24 * 3600
+MIN_APPROVAL_TTL_S = 60
 # A guardrail written by no one still guards against a broken candidate: errors at most one point worse.
 DEFAULT_GUARDRAILS: tuple[dict[str, Any], ...] = ({"metric": "error_rate", "margin": 0.01, "relative": False},)
 
@@ -38,6 +43,7 @@ _TOP_LEVEL = {
     "promotion_requires_approval", "engine_grace_s", "eval_gate", "failover_to_candidate", "gpu_budget",
     "on_stale_analysis",
     "on_inconclusive", "holdout", "bake_s",
+    "approvals_required", "approval_ttl_s",
 }  # fmt: skip
 _STEP_KEYS = {"weight", "shadow_rate", "min_duration_s", "min_candidate_requests", "requires_approval"}
 _SLO_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|<|>=|>)\s*([-+0-9.eE]+%?)\s*$")
@@ -162,6 +168,10 @@ class Plan:
     # Share of sessions kept on the baseline after promotion, for `bake_s` seconds (0 for either: no bake).
     holdout: float = DEFAULT_HOLDOUT
     bake_s: int = DEFAULT_BAKE_S
+    # How many different approvers a step (or the promotion) that needs an approval waits for, and how
+    # long one request stays usable.
+    approvals_required: int = DEFAULT_APPROVALS_REQUIRED
+    approval_ttl_s: int = DEFAULT_APPROVAL_TTL_S
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -196,6 +206,8 @@ class Plan:
             "engine_grace_s": self.engine_grace_s,
             "failover_to_candidate": self.failover_to_candidate,
             "gpu_budget": self.gpu_budget,
+            "approvals_required": self.approvals_required,
+            "approval_ttl_s": self.approval_ttl_s,
             "eval_gate": self.eval_gate,
             "on_stale_analysis": self.on_stale_analysis,
             "on_inconclusive": self.on_inconclusive,

@@ -28,14 +28,18 @@ from rollouts.plans.model import (
     _TOP_LEVEL,
     DEFAULT_AB_HORIZON_S,
     DEFAULT_ALPHA,
+    DEFAULT_APPROVAL_TTL_S,
+    DEFAULT_APPROVALS_REQUIRED,
     DEFAULT_BAKE_S,
     DEFAULT_ENGINE_GRACE_S,
     DEFAULT_GUARDRAILS,
     DEFAULT_HOLDOUT,
     DEFAULT_ON_INCONCLUSIVE,
+    MAX_APPROVALS_REQUIRED,
     MAX_DURATION_S,
     MAX_HOLDOUT,
     MAX_STEPS,
+    MIN_APPROVAL_TTL_S,
     MIN_STEP_DURATION_S,
     ON_INCONCLUSIVE,
     ON_STALE_ANALYSIS,
@@ -192,6 +196,14 @@ def plan_normalise(data: dict[str, Any], *, enforce_floors: bool = True) -> Plan
     if data.get("tuning_n") is not None:
         tuning_n = _integer(errors, "tuning_n", data["tuning_n"], minimum=10, maximum=10**9)
     allow_self = _boolean(errors, "allow_self_approval", data.get("allow_self_approval", False)) or False
+    approvals_required = _integer(
+        errors, "approvals_required", data.get("approvals_required", DEFAULT_APPROVALS_REQUIRED),
+        minimum=1, maximum=MAX_APPROVALS_REQUIRED,
+    ) or DEFAULT_APPROVALS_REQUIRED  # fmt: skip
+    approval_ttl_s = _integer(
+        errors, "approval_ttl_s", data.get("approval_ttl_s", DEFAULT_APPROVAL_TTL_S),
+        minimum=MIN_APPROVAL_TTL_S, maximum=MAX_DURATION_S,
+    ) or DEFAULT_APPROVAL_TTL_S  # fmt: skip
     grace = _integer(
         errors, "engine_grace_s", data.get("engine_grace_s", DEFAULT_ENGINE_GRACE_S), minimum=0, maximum=3600
     )
@@ -429,6 +441,8 @@ def plan_normalise(data: dict[str, Any], *, enforce_floors: bool = True) -> Plan
         on_inconclusive=on_inconclusive,
         holdout=holdout,
         bake_s=bake_s,
+        approvals_required=approvals_required,
+        approval_ttl_s=approval_ttl_s,
     )
     plan = _apply_floors(plan, sources, errors, enforce=enforce_floors)
     if errors:

@@ -7,12 +7,16 @@ from typing import Any
 from experiments.metrics import METRICS
 from rollouts.plans.model import (
     DEFAULT_ALPHA,
+    DEFAULT_APPROVAL_TTL_S,
+    DEFAULT_APPROVALS_REQUIRED,
     DEFAULT_BAKE_S,
     DEFAULT_ENGINE_GRACE_S,
     DEFAULT_HOLDOUT,
     DEFAULT_ON_INCONCLUSIVE,
     DEFAULT_STEP_DURATION_S,
     DEFAULT_STEP_REQUESTS,
+    MAX_APPROVALS_REQUIRED,
+    MIN_APPROVAL_TTL_S,
     MIN_STEP_DURATION_S,
     ON_INCONCLUSIVE,
     STRATEGIES,
@@ -91,7 +95,21 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
         "primary_metric": {"type": "object", "properties": {"metric": {"type": "string"}, "difference": {"type": "string"}}},
         "alpha": {"type": "number", "default": DEFAULT_ALPHA},
         "tuning_n": {"type": "integer", "nullable": True},
-        "allow_self_approval": {"type": "boolean", "default": False},
+        "allow_self_approval": {
+            "type": "boolean", "default": False,
+            "description": "Four-eyes: unless true, neither the rollout's creator nor the person who asked for "
+            "the approval (moved the rollout to wait for it, or asked again) may approve it.",
+        },
+        "approvals_required": {
+            "type": "integer", "default": DEFAULT_APPROVALS_REQUIRED, "minimum": 1, "maximum": MAX_APPROVALS_REQUIRED,
+            "description": "How many different people with the approver role must approve a step (or the "
+            "promotion) that needs an approval; each counts once. One rejection ends the wait (rolls back).",
+        },
+        "approval_ttl_s": {
+            "type": "integer", "default": DEFAULT_APPROVAL_TTL_S, "minimum": MIN_APPROVAL_TTL_S,
+            "description": "Seconds an approval request can be used; after that it must be asked again "
+            "(a new request, a new notification; approvals of the expired one no longer count).",
+        },
         "promotion_requires_approval": {"type": "boolean"},
         "engine_grace_s": {"type": "integer", "default": DEFAULT_ENGINE_GRACE_S},
         "failover_to_candidate": {

@@ -180,11 +180,12 @@ class Outcome:
 
 def approval_message(
     *, rollout: Rollout, event: RolloutEvent | None, step_index: int, version: int, eval_gate: str,
-    outcome: Outcome | None = None, interactive: bool = True,
+    outcome: Outcome | None = None, interactive: bool = True, progress: str = "",
 ) -> tuple[str, Blocks]:  # fmt: skip
-    """The approval request: the rollout, the step, the evidence, Approve / Reject and a link. With an
-    `outcome`, the same message with the buttons replaced by who decided and when. Not `interactive`
-    (notify-only, an incoming webhook): a link to approve in the web UI instead of buttons."""
+    """The approval request: the rollout, the step, the evidence, who has approved and who is still
+    needed (`progress`), Approve / Reject and a link. With an `outcome`, the same message with the buttons
+    replaced by who decided and when. Not `interactive` (notify-only, an incoming webhook): a link to
+    approve in the web UI instead of buttons."""
     what = step_description(rollout, step_index)
     title = f"Approval needed: {rollout.alias_name} rollout #{rollout.pk}"
     text = f"{title}: {what}"
@@ -198,6 +199,8 @@ def approval_message(
     ]
     blocks += _evidence_blocks(event.evidence if event is not None else {})
     blocks.append(_section(f"*Eval gate*: {_escape(eval_gate)}"))
+    if progress:
+        blocks.append(_section(f":busts_in_silhouette: *Approvals:* {_escape(progress)}"))
     if outcome is None and not interactive:
         blocks.append(_section(f"Approve or reject it in the web UI: <{rollout_url(int(rollout.pk))}|rollout #{rollout.pk}>"))
         blocks.append({"type": "actions", "elements": [_link_button(int(rollout.pk))]})
@@ -221,14 +224,18 @@ def approval_message(
             ],
         })  # fmt: skip
     else:
-        icon = {"approved": ":white_check_mark:", "rejected": ":x:"}.get(outcome.verb, ":information_source:")
+        icon = {"approved": ":white_check_mark:", "rejected": ":x:", "expired": ":hourglass:"}.get(
+            outcome.verb, ":information_source:"
+        )
         when = outcome.at.strftime("%Y-%m-%d %H:%M:%S UTC")
-        line = f"{icon} *{outcome.verb.capitalize()}* by {outcome.who} at {when}"
+        line = f"{icon} *{outcome.verb.capitalize()}* by {outcome.who} at {when}" if outcome.who else (
+            f"{icon} *{outcome.verb.capitalize()}* at {when}"
+        )  # fmt: skip
         if outcome.detail:
             line += f"\n{_escape(outcome.detail)}"
         blocks.append(_section(line))
         blocks.append({"type": "actions", "elements": [_link_button(int(rollout.pk))]})
-        text = f"{title}: {outcome.verb} by {outcome.who}"
+        text = f"{title}: {outcome.verb}" + (f" by {outcome.who}" if outcome.who else "")
     blocks.append(_context(f"rollout #{rollout.pk} · version {version} · <{rollout_url(int(rollout.pk))}|{rollout_url(int(rollout.pk))}>"))
     return text, blocks
 

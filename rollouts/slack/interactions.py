@@ -15,6 +15,7 @@ from django.http import QueryDict
 
 from accounts.selectors import user_roles
 from config.errors import DomainError, NotFound
+from rollouts.approvals import approval_status
 from rollouts.models import Rollout
 from rollouts.selectors import (
     rollout_get,
@@ -23,6 +24,7 @@ from rollouts.selectors import (
     rollout_list,
     rollout_weights,
 )
+from rollouts.services import ACTION_ROLES, action_allowed
 from rollouts.slack import blocks
 from rollouts.slack.models import SlackIdentity
 from rollouts.slack.services import slack_act, slack_decide, slack_identity_find, slack_identity_link
@@ -176,10 +178,10 @@ def usage_text(problem: str = "") -> str:
     lines += [
         "*/rollout* commands:",
         "• `/rollout status [alias]` — live rollouts, or the latest rollout of one alias",
-        "• `/rollout approve <id> [note]` — approve the step the rollout waits for",
-        "• `/rollout reject <id> [note]` — refuse that approval (the rollout rolls back)",
-        "• `/rollout pause <id> [note]` — freeze the rollout at its current weights",
-        "• `/rollout rollback <id> [note]` — send every user back to the baseline",
+        "• `/rollout approve <id>@<version> [note]` — approve the step the rollout waits for, as `status` showed it",
+        "• `/rollout reject <id>@<version> [note]` — refuse that approval (the rollout rolls back)",
+        "• `/rollout pause <id>[@<version>] [note]` — freeze the rollout at its current weights",
+        "• `/rollout rollback <id>[@<version>] [note]` — send every user back to the baseline",
         f"• `/rollout link <code>` — link your Slack user to your platform account (get a code at {link_url()})",
     ]
     return "\n".join(lines)
@@ -189,13 +191,15 @@ def _status_line(rollout: Rollout) -> str:
     weights = rollout_weights(rollout=rollout)
     health = rollout_health(analysis=rollout_latest_analysis(rollout=rollout))
     step = f"step {rollout.step_index + 1} of {len(rollout.steps)}" if rollout.step_index >= 0 else "not started"
+    approval = approval_status(rollout=rollout)
     driver = f" ({health['driver']})" if health.get("driver") else ""
     return (
         f"*#{rollout.pk} {rollout.alias_name}*: {rollout.baseline.label} → {rollout.candidate.label} "
         f"({blocks.strategy_label(rollout)}) — *{rollout.state.replace('_', ' ')}*, {step}, candidate at "
         f"{weights['candidate']:.0%}, health {health['status']}{driver}"
         + (f"\n    _{rollout.state_reason}_" if rollout.state_reason else "")
-        + f"\n    <{blocks.rollout_url(int(rollout.pk))}|open rollout #{rollout.pk}>"
+        + (f"\n    approvals: {approval.text}" if approval is not None else "")
+        + f"\n    version {rollout.version} · <{blocks.rollout_url(int(rollout.pk))}|open rollout #{rollout.pk}>"
     )
 
 
@@ -211,9 +215,12 @@ def _status(alias: str | None) -> str:
     return "\n".join(_status_line(r) for r in live)
 
 
-def _rollout_id(arg: str) -> int | None:
-    arg = arg.lstrip("#")
-    return int(arg) if arg.isdigit() and len(arg) < 12 else None
+def _rollout_ref(arg: str) -> tuple[int, int | None] | None:
+    """"12" or "#12" -> (12, None); "12@7" -> (12, 7): the rollout and the version its caller saw."""
+    ident, _, version = arg.lstrip("#").partition("@")
+    if not ident.isdigit() or len(ident) >= 12 or (version and (not version.isdigit() or len(version) >= 12)):
+        return None
+    return int(ident), int(version) if version else None
 
 
 def command_handle(command: Command) -> str:
@@ -242,18 +249,28 @@ def command_handle(command: Command) -> str:
         if not user_roles(user=identity.user):
             return ":no_entry: Your platform account has no role, so it cannot see rollouts."
         return _status(words[1] if len(words) == 2 else None)
-    rollout_id = _rollout_id(words[1]) if len(words) >= 2 else None
-    if rollout_id is None:
-        return usage_text(f"`/rollout {verb}` needs a rollout id, e.g. `/rollout {verb} 12`.")
+    ref = _rollout_ref(words[1]) if len(words) >= 2 else None
+    if ref is None:
+        return usage_text(f"`/rollout {verb}` needs a rollout id, e.g. `/rollout {verb} 12` (or `12@7`: at version 7).")
     note = " ".join(words[2:])[:500]
-    return _act(identity, verb, rollout_id, note)
+    return _act(identity, verb, ref[0], ref[1], note)
 
 
-def _act(identity: SlackIdentity, verb: str, rollout_id: int, note: str) -> str:
+def _act(identity: SlackIdentity, verb: str, rollout_id: int, version: int | None, note: str) -> str:
     try:
-        rollout_get(rollout_id=rollout_id)
+        rollout = rollout_get(rollout_id=rollout_id)
     except NotFound:
         return f":grey_question: No rollout {rollout_id}. Nothing changed."
     if verb in ("approve", "reject"):
-        return slack_decide(identity=identity, action=verb, rollout_id=rollout_id, note=note).text
-    return slack_act(identity=identity, action=verb, rollout_id=rollout_id, note=note).text
+        if not action_allowed(user=identity.user, action=verb):
+            roles = " or ".join(role.value for role in ACTION_ROLES[verb])
+            return f":no_entry: You cannot {verb} this: {verb} needs the role {roles}. Nothing changed."
+        if version is None:
+            # A decision names what it decides on: show it, and the exact command that decides on it.
+            return (
+                f":information_source: Nothing changed yet. {_status_line(rollout)}\n"
+                f"To {verb} what you see, type `/rollout {verb} {rollout_id}@{rollout.version}"
+                + (f" {note}" if note else "") + "` (the @version makes sure nobody changed it meanwhile)."
+            )
+        return slack_decide(identity=identity, action=verb, rollout_id=rollout_id, version=version, note=note).text
+    return slack_act(identity=identity, action=verb, rollout_id=rollout_id, version=version, note=note).text

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from config.errors import Conflict, DomainError, Forbidden, NotFound
 from rollouts.actors import Actor
+from rollouts.approvals import approval_request_current, approval_status, approval_ttl, approvals_required
 from rollouts.models import Rollout, RolloutApproval, RolloutEvent
 from rollouts.services import rollout_approve, rollout_reject
 from rollouts.slack import blocks, client
@@ -180,7 +181,19 @@ def eval_gate_summary(*, rollout: Rollout) -> str:
 def _approval_outcome(message: SlackMessage) -> blocks.Outcome | None:
     if not message.outcome or message.outcome_at is None:
         return None
-    return blocks.Outcome(verb=message.outcome, who=message.outcome_by, at=message.outcome_at)
+    detail = ""
+    if message.outcome == "expired":
+        detail = "This request can no longer be used. A release manager asks again, and a new message comes with it."
+    return blocks.Outcome(verb=message.outcome, who=message.outcome_by, at=message.outcome_at, detail=detail)
+
+
+def _progress(rollout: Rollout, request_seq: int, message: SlackMessage) -> tuple[str, int]:
+    """(who has approved and who is still needed, the version its buttons carry) for an approval message
+    whose request is the one the rollout waits on; ("", the message's version) for any other."""
+    status = approval_status(rollout=rollout)
+    if status is None or status.request.seq != request_seq:
+        return "", int(message.rollout_version or 0)
+    return status.text, int(rollout.version)
 
 
 def _build_event_message(message: SlackMessage, interactive: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -189,10 +202,14 @@ def _build_event_message(message: SlackMessage, interactive: bool) -> tuple[str,
     event = RolloutEvent.objects.select_related("rollout", "rollout__baseline", "rollout__candidate").get(pk=message.event_id)
     rollout = event.rollout
     if message.kind == SlackMessage.Kind.APPROVAL:
+        progress, version = _progress(rollout, int(event.seq), message)
+        outcome = _approval_outcome(message)
+        if outcome is not None and outcome.verb == "approved":
+            progress = ""  # the outcome names everyone who approved
         return blocks.approval_message(
             rollout=rollout, event=event, step_index=int(message.step_index or 0),
-            version=int(message.rollout_version or event.seq), eval_gate=eval_gate_summary(rollout=rollout),
-            outcome=_approval_outcome(message), interactive=interactive,
+            version=version or int(message.rollout_version or event.seq), eval_gate=eval_gate_summary(rollout=rollout),
+            outcome=outcome, interactive=interactive, progress=progress,
         )  # fmt: skip
     return blocks.event_message(rollout=rollout, event=event)
 
@@ -206,6 +223,9 @@ def slack_event_post(*, event_id: int) -> str:
     if event is None:
         logger.info("rollout event %s is gone; nothing posted to Slack", event_id)
         return "missing"
+    if event.kind == Kind.APPROVAL_ADDED:
+        # Not a message of its own: the open approval message shows who has approved and who is still needed.
+        return f"{approval_messages_progress(rollout_id=int(event.rollout_id))} updated"
     kind = MESSAGE_KINDS.get(event.kind)  # type: ignore[call-overload]
     if kind is None:
         return "not notable"
@@ -241,20 +261,53 @@ def _named(event: RolloutEvent) -> str:
     return event.actor if event.via == "system" else f"{event.actor} (via {event.via})"
 
 
-def _decision_of(rollout: Rollout, step_index: int) -> tuple[str, str, datetime] | None:
-    """(verb, who, when) if the step an approval message asks about is decided, else None (still open,
-    or paused while waiting: it comes back to the same question)."""
-    approval = RolloutApproval.objects.select_related("approved_by").filter(rollout=rollout, step_index=step_index).first()
-    if approval is not None:
-        event = (
-            RolloutEvent.objects.filter(rollout=rollout, actor_user=approval.approved_by, kind__in=(Kind.APPROVED, Kind.PROMOTED))
-            .order_by("-seq")
-            .first()
-        )
-        who = _named(event) if event is not None else approval.approved_by.get_username()
-        return "approved", who, approval.created_at
-    if not rollout.is_terminal:
+def _request_seq(message: SlackMessage) -> int | None:
+    if message.event_id is None:
         return None
+    return RolloutEvent.objects.filter(pk=message.event_id).values_list("seq", flat=True).first()
+
+
+def _approvers_named(rollout: Rollout, step_index: int, request_seq: int) -> tuple[str, datetime] | None:
+    """Everyone who approved the request, named as the audit trail has them, and the last approval's time;
+    None unless the request gathered every approval it needed (or is from before requests were numbered)."""
+    rows = list(
+        RolloutApproval.objects.select_related("approved_by")
+        .filter(rollout=rollout, step_index=step_index, request_seq__in=(request_seq, 0))
+        .order_by("created_at", "id")
+    )  # fmt: skip
+    people = list(dict.fromkeys(row.approved_by_id for row in rows))
+    if not rows or (all(row.request_seq for row in rows) and len(people) < approvals_required(rollout)):
+        return None
+    names = []
+    for row in rows:
+        event = (
+            RolloutEvent.objects.filter(
+                rollout=rollout, actor_user=row.approved_by, seq__gt=request_seq,
+                kind__in=(Kind.APPROVAL_ADDED, Kind.APPROVED, Kind.PROMOTED),
+            )
+            .order_by("seq")
+            .first()
+        )  # fmt: skip
+        names.append(_named(event) if event is not None else row.approved_by.get_username())
+    return ", ".join(dict.fromkeys(names)), rows[-1].created_at
+
+
+def _decision_of(rollout: Rollout, message: SlackMessage) -> tuple[str, str, datetime] | None:
+    """(verb, who, when) if the request an approval message asks about is settled, else None (still open,
+    or paused while waiting: it comes back to the same request). Settled: approved by everyone it needed,
+    expired (or replaced by a newer request), or the wait ended another way (rejected, rolled back, ...)."""
+    step_index = int(message.step_index or 0)
+    request_seq = _request_seq(message) or 0
+    current = approval_request_current(rollout=rollout)
+    if current is not None and current.seq == request_seq:
+        return ("expired", "", current.expires_at) if timezone.now() >= current.expires_at else None
+    approved = _approvers_named(rollout, step_index, request_seq)
+    if approved is not None:
+        return "approved", approved[0], approved[1]
+    if current is not None and current.step_index == step_index:
+        # Asked again: this request had expired.
+        asked = RolloutEvent.objects.filter(rollout=rollout, seq=request_seq).values_list("created_at", flat=True).first()
+        return "expired", "", (asked or current.requested_at) + approval_ttl(rollout)
     last = RolloutEvent.objects.filter(rollout=rollout).order_by("-seq").first()
     if last is None:
         return None
@@ -289,7 +342,7 @@ def approval_messages_close(*, rollout_id: int) -> int:
         return 0
     closed = 0
     for message in SlackMessage.objects.filter(rollout=rollout, kind=SlackMessage.Kind.APPROVAL, outcome=""):
-        decided = _decision_of(rollout, int(message.step_index or 0))
+        decided = _decision_of(rollout, message)
         if decided is not None and approval_outcome_record(message=message, verb=decided[0], who=decided[1], at=decided[2]):
             closed += 1
     return closed
@@ -302,8 +355,9 @@ def slack_message_refresh(*, message_id: int) -> str:
     if message is None:
         logger.info("slack message %s is gone", message_id)
         return "missing"
-    if message.kind != SlackMessage.Kind.APPROVAL or not message.outcome or message.outcome_shown:
+    if message.kind != SlackMessage.Kind.APPROVAL or (message.outcome and message.outcome_shown):
         return "nothing to show"
+    # No outcome yet: the open request's progress (who has approved, who is still needed).
     if message.event_id is None:
         return "no event"
     text, message_blocks = _build_event_message(message, True)
@@ -318,8 +372,34 @@ def slack_message_refresh(*, message_id: int) -> str:
         SlackMessage.objects.filter(pk=message_id).update(last_error=exc.message[:500])
         logger.error("slack message %s not updated: %s", message.key, exc.message)
         return "failed"
-    SlackMessage.objects.filter(pk=message_id).update(outcome_shown=True, last_error="")
+    SlackMessage.objects.filter(pk=message_id).update(outcome_shown=bool(message.outcome), last_error="")
     return "updated"
+
+
+def approval_messages_progress(*, rollout_id: int) -> int:
+    """An approval was added: the open approval messages of the rollout show who has approved so far and
+    who is still needed (and their buttons carry the new version). Raises SlackTransientError to be retried."""
+    updated = 0
+    for message_id in SlackMessage.objects.filter(
+        rollout_id=rollout_id, kind=SlackMessage.Kind.APPROVAL, outcome="", status=SlackMessage.Status.POSTED
+    ).values_list("pk", flat=True):
+        if slack_message_refresh(message_id=int(message_id)) == "updated":
+            updated += 1
+    return updated
+
+
+def approval_messages_expire() -> int:
+    """Beat: approval messages whose request expired say so in place of their buttons (a click on one would
+    be told the same). Returns how many were closed."""
+    closed = 0
+    open_rollouts = (
+        SlackMessage.objects.filter(kind=SlackMessage.Kind.APPROVAL, outcome="", rollout__isnull=False)
+        .values_list("rollout_id", flat=True)
+        .distinct()
+    )
+    for rollout_id in list(open_rollouts[:500]):
+        closed += approval_messages_close(rollout_id=int(rollout_id))
+    return closed
 
 
 def slack_respond(*, response_url: str, text: str) -> None:
@@ -348,29 +428,31 @@ def _refusal(exc: DomainError, action: str) -> str:
     return f":information_source: Nothing changed: {exc.message}."
 
 
-def _settled_text(rollout_id: int, step_index: int, version: int | None) -> str | None:
+def _settled_text(rollout_id: int, step_index: int, message: SlackMessage | None) -> str | None:
     rollout = Rollout.objects.filter(pk=rollout_id).first()
-    if rollout is None:
+    if rollout is None or message is None:
         return None
-    decided = _decision_of(rollout, step_index)
+    decided = _decision_of(rollout, message)
+    what = blocks.step_description(rollout, step_index)
+    if decided is not None and decided[0] == "expired":
+        return (
+            f":hourglass: This approval request for {what} expired at {decided[2]:%Y-%m-%d %H:%M:%S} UTC, so it can no "
+            f"longer be used. Nothing changed. A release manager asks again (`rolloutctl request-approval {rollout_id}` "
+            "or the rollout's page), and a new message comes with it."
+        )
     if decided is not None:
         verb, who, at = decided
-        what = blocks.step_description(rollout, step_index)
-        return f":information_source: Already decided: {what} was {verb} by {who} at {at:%Y-%m-%d %H:%M:%S} UTC. Nothing changed."
-    if rollout.state == Rollout.State.AWAITING_APPROVAL and rollout.step_index + 1 != step_index:
-        return (
-            f":information_source: This message is out of date (rollout #{rollout_id} was at version {version}, now "
-            f"{rollout.version}): it waits for {blocks.step_description(rollout, rollout.step_index + 1)}. Nothing changed."
-        )
+        by = f" by {who}" if who else ""
+        return f":information_source: Already decided: {what} was {verb}{by} at {at:%Y-%m-%d %H:%M:%S} UTC. Nothing changed."
     return None
 
 
-def _approval_message_for(*, rollout_id: int, step_index: int, channel: str, ts: str, response_url: str) -> SlackMessage | None:
-    found = (
-        SlackMessage.objects.filter(rollout_id=rollout_id, kind=SlackMessage.Kind.APPROVAL, step_index=step_index)
-        .order_by("-id")
-        .first()
-    )
+def _approval_message_for(*, rollout_id: int, step_index: int | None, channel: str, ts: str, response_url: str) -> SlackMessage | None:
+    """The approval message a click came from (by its channel and ts), else the latest one for the step."""
+    messages = SlackMessage.objects.filter(rollout_id=rollout_id, kind=SlackMessage.Kind.APPROVAL)
+    found = messages.filter(channel=channel, ts=ts).first() if channel and ts else None
+    if found is None and step_index is not None:
+        found = messages.filter(step_index=step_index).order_by("-id").first()
     if found is not None and response_url and not found.response_url:
         SlackMessage.objects.filter(pk=found.pk).update(response_url=response_url[:500])
         found.response_url = response_url[:500]
@@ -381,42 +463,41 @@ def slack_decide(
     *, identity: SlackIdentity, action: str, rollout_id: int, step_index: int | None = None, version: int | None = None,
     note: str = "", channel: str = "", ts: str = "", response_url: str = "",
 ) -> Decided:  # fmt: skip
-    """Approve or reject (a button or `/rollout approve`) as the linked user, through the rollouts
-    services: their role and four-eyes checks apply unchanged. The audit event names the Slack user."""
+    """Approve or reject (a button, or `/rollout approve ID@VERSION`) as the linked user, through the rollouts
+    services: their role, four-eyes, expiry and version checks apply unchanged (a button carries the version
+    its message showed). The audit event names the Slack user."""
     actor = _actor(identity)
     who = _who(identity)
     verbs = {"approve": "approved", "reject": "rejected"}
     reason = f"{verbs[action]} in Slack by {who}" + (f": {note}" if note else "")
+    message = _approval_message_for(
+        rollout_id=rollout_id, step_index=step_index, channel=channel, ts=ts, response_url=response_url
+    )
+    service = rollout_approve if action == "approve" else rollout_reject
     try:
         with transaction.atomic():
-            if action == "approve":
-                rollout = rollout_approve(rollout=rollout_id, actor=actor, reason=reason, step_index=step_index)
-                decided_step = rollout.step_index if rollout.state == Rollout.State.RUNNING else len(rollout.steps)
-                if step_index is not None:
-                    decided_step = step_index
-            else:
-                # rollout_reject refuses any approval the rollout waits for; a button names one step, so
-                # hold the row and check it is still that step (a stale message must not reject a later one).
-                locked = Rollout.objects.select_for_update().filter(pk=rollout_id).first()
-                if locked is None:
-                    raise NotFound(f"no rollout {rollout_id}")
-                pending = locked.step_index + 1
-                if step_index is not None and (locked.state != Rollout.State.AWAITING_APPROVAL or pending != step_index):
-                    raise Conflict(f"rollout {rollout_id} no longer waits for step {step_index + 1}", field="step_index")
-                rollout = rollout_reject(rollout=rollout_id, actor=actor, reason=reason)
-                decided_step = step_index if step_index is not None else pending
-            message = _approval_message_for(
-                rollout_id=rollout_id, step_index=decided_step, channel=channel, ts=ts, response_url=response_url
+            rollout = service(
+                rollout=rollout_id, actor=actor, reason=reason, step_index=step_index, expected_version=version or None
             )
-            if message is not None:
-                approval_outcome_record(message=message, verb=verbs[action], who=who, at=timezone.now())
+            waiting = rollout.state == Rollout.State.AWAITING_APPROVAL
+            if message is not None and not waiting:
+                names = who
+                if action == "approve":
+                    settled = _decision_of(rollout, message)
+                    names = settled[1] if settled is not None and settled[0] == "approved" else who
+                approval_outcome_record(message=message, verb=verbs[action], who=names, at=timezone.now())
+            if not waiting:
+                approval_messages_close(rollout_id=rollout_id)  # a typed command names no message: find them
     except DomainError as exc:
-        settled = None
+        settled_text = None
         if isinstance(exc, Conflict) and step_index is not None:
-            settled = _settled_text(rollout_id, step_index, version)
+            settled_text = _settled_text(rollout_id, step_index, message)
             approval_messages_close(rollout_id=rollout_id)
-        return Decided(ok=False, text=settled or _refusal(exc, action))
+        return Decided(ok=False, text=settled_text or _refusal(exc, action))
     if action == "approve":
+        status = approval_status(rollout=rollout)
+        if status is not None:
+            return Decided(ok=True, text=f":white_check_mark: Your approval is recorded: {status.text}.")
         now = (
             f"step {rollout.step_index + 1} is live (candidate at {float(rollout.current_step['weight']):.0%})"
             if rollout.state == Rollout.State.RUNNING and rollout.current_step else f"the rollout is {rollout.state}"
@@ -425,8 +506,11 @@ def slack_decide(
     return Decided(ok=True, text=f":x: Rejected: rollout #{rollout_id} rolled back to {rollout.baseline.label}.")
 
 
-def slack_act(*, identity: SlackIdentity, action: str, rollout_id: int, note: str = "") -> Decided:
-    """`/rollout pause|rollback <id>` as the linked user, through the rollouts services."""
+def slack_act(
+    *, identity: SlackIdentity, action: str, rollout_id: int, version: int | None = None, note: str = ""
+) -> Decided:
+    """`/rollout pause|rollback <id>[@version]` as the linked user, through the rollouts services. These stop
+    harm, so they act on the rollout as it is unless the command names the version it saw."""
     from rollouts.services import rollout_pause, rollout_rollback
 
     who = _who(identity)
@@ -434,7 +518,7 @@ def slack_act(*, identity: SlackIdentity, action: str, rollout_id: int, note: st
     reason = f"{past} in Slack by {who}" + (f": {note}" if note else "")
     service = rollout_pause if action == "pause" else rollout_rollback
     try:
-        rollout = service(rollout=rollout_id, actor=_actor(identity), reason=reason)
+        rollout = service(rollout=rollout_id, actor=_actor(identity), reason=reason, expected_version=version)
     except DomainError as exc:
         return Decided(ok=False, text=_refusal(exc, "pause" if action == "pause" else "roll back"))
     return Decided(ok=True, text=f":white_check_mark: Rollout #{rollout.pk} {past} ({rollout.alias_name}).")

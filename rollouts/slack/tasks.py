@@ -55,3 +55,15 @@ def slack_engine_failures_notify() -> int:
     from rollouts.slack.services import slack_engine_failures_notify as notify
 
     return notify()
+
+
+@shared_task(name="rollouts.slack.approval_messages_expire", ignore_result=True)
+def slack_approval_messages_expire() -> int:
+    """Beat: approval messages whose request expired show it (their buttons go)."""
+    from rollouts.slack.services import approval_messages_expire as expire
+
+    try:
+        return expire()
+    except SlackTransientError as exc:  # the next beat tries again
+        logger.warning("approval messages not all updated: %s", exc.message)
+        return 0

@@ -14,12 +14,14 @@ from django.views.decorators.http import require_POST
 
 from config.errors import DomainError
 from rollouts import selectors
+from rollouts.approvals import approval_status
 from rollouts.models import Rollout
 from rollouts.services import (
     ACTIONS,
     action_allowed,
     rollout_abort,
     rollout_advance,
+    rollout_approval_request,
     rollout_approve,
     rollout_pause,
     rollout_promote,
@@ -33,6 +35,7 @@ from rollouts.views.display import percent, rollout_or_404, ui_actor
 ACTION_LABELS = {
     "start": "Start", "pause": "Pause", "resume": "Resume", "approve": "Approve", "reject": "Reject",
     "advance": "Advance now", "promote": "Promote now", "rollback": "Roll back", "abort": "Abort",
+    "request_approval": "Ask again for approval",
 }  # fmt: skip
 
 
@@ -40,7 +43,7 @@ DANGER_ACTIONS = {"rollback", "abort", "reject"}
 ACTION_SERVICES: dict[str, Any] = {
     "start": rollout_start, "pause": rollout_pause, "resume": rollout_resume, "approve": rollout_approve,
     "reject": rollout_reject, "advance": rollout_advance, "promote": rollout_promote, "rollback": rollout_rollback,
-    "abort": rollout_abort,
+    "abort": rollout_abort, "request_approval": rollout_approval_request,
 }  # fmt: skip
 
 
@@ -73,12 +76,23 @@ def action_explanation(rollout: Rollout, action: str) -> str:
         return f"The rollout starts now: {_step_text(rollout, 0)}. {watch}"
     if action == "approve":
         pending = rollout.step_index + 1
+        status = approval_status(rollout=rollout)
+        if status is not None and status.remaining > 1:
+            return (
+                f"You add your approval of {status.what} ({status.text}). It goes ahead once {status.required} "
+                "approvers have approved."
+            )
         if pending >= len(steps):
             return f"You approve the promotion: {cand} becomes what {alias} serves to every user, and the rollout ends."
         return f"You approve {_step_text(rollout, pending)}. It starts at once. {watch}"
     if action == "reject":
         return (
             f"You refuse the approval: the rollout rolls back and every user of {alias} goes back to {base}."
+        )
+    if action == "request_approval":
+        return (
+            "The last approval request expired, so nobody can approve it. This asks again: a new request with its "
+            "own notification, and approvals start again from none."
         )
     if action == "advance":
         nxt = rollout.step_index + 1
@@ -136,7 +150,7 @@ def actions_for(rollout: Rollout, user: Any) -> list[dict[str, Any]]:
             "action": action, "label": label, "danger": action in DANGER_ACTIONS,
             "explanation": action_explanation(rollout, action),
             "url": reverse("rollout-action", args=[rollout.pk, action]),
-            "step_index": rollout.step_index + 1 if action == "approve" else None,
+            "step_index": rollout.step_index + 1 if action in ("approve", "reject") else None,
         })  # fmt: skip
     return out
 
@@ -155,18 +169,24 @@ def rollout_action(request: HttpRequest, rollout_id: int, action: str) -> HttpRe
         "actor": ui_actor(request),
         "reason": request.POST.get("reason", "")[:2000],
     }
-    if action == "approve" and (request.POST.get("step_index") or "").isdigit():
+    if action in ("approve", "reject") and (request.POST.get("step_index") or "").isdigit():
         kwargs["step_index"] = int(request.POST["step_index"])
     # The version the page showed: if the rollout moved since (the analysis advanced it, a colleague acted),
-    # the click is refused and the page says so, rather than acting on a state the person never saw.
-    if (request.POST.get("expected_version") or "").isdigit():
-        kwargs["expected_version"] = int(request.POST["expected_version"])
+    # the click is refused and the page says what changed, rather than acting on a state the person never saw.
+    seen = (request.POST.get("expected_version") or "").strip()
+    if not seen.isdigit():
+        messages.error(
+            request, f"Could not {ACTION_LABELS[action].lower()}: the form did not say which version of the rollout "
+            "you saw (expected_version). Reload the page and try again.",
+        )  # fmt: skip
+        return redirect("rollout-detail", rollout_id=rollout.pk)
+    kwargs["expected_version"] = int(seen)
     try:
         after = ACTION_SERVICES[action](**kwargs)
     except DomainError as exc:
         messages.error(request, f"Could not {ACTION_LABELS[action].lower()}: {exc.message}")
     else:
-        messages.success(
-            request, f"{ACTION_LABELS[action]}: done. The rollout is now {after.state.replace('_', ' ')}."
-        )
+        done = f"{ACTION_LABELS[action]}: done. The rollout is now {after.state.replace('_', ' ')}."
+        status = approval_status(rollout=after) if action in ("approve", "request_approval") else None
+        messages.success(request, f"{done} {status.text}." if status is not None else done)
     return redirect("rollout-detail", rollout_id=rollout.pk)

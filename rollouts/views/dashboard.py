@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from rollouts import selectors
+from rollouts.approvals import approval_status
 from rollouts.views.display import POLL_S, State, rollout_summary
 
 
@@ -28,9 +29,12 @@ def _dashboard_context() -> dict[str, Any]:
     recent = [
         rollout_summary(r) for r in selectors.rollout_list(state=f"{State.PROMOTED},{State.ROLLED_BACK}")[:10]
     ]
+    pending_rows = [row for row in rows if row["rollout"].state == State.AWAITING_APPROVAL]
+    for row in pending_rows:
+        row["approval"] = approval_status(rollout=row["rollout"])
     return {
         "rows": rows,
-        "pending": [row for row in rows if row["rollout"].state == State.AWAITING_APPROVAL],
+        "pending": pending_rows,
         "recent": recent,
     }
 

@@ -15,6 +15,7 @@ from accounts.decorators import viewer_required
 from config.live import LiveRegion, live_region, live_response
 from evals.selectors import eval_gate_get, eval_gate_result
 from rollouts import selectors
+from rollouts.approvals import approval_status, step_approvers
 from rollouts.models import Rollout, RolloutAnalysis
 from rollouts.planning import plan_sample_sizes
 from rollouts.plans import plan_from_stored
@@ -42,7 +43,7 @@ from serving.selectors import shadow_pairs
 
 
 def _steps_view(rollout: Rollout) -> list[dict[str, Any]]:
-    approvals = {a.step_index: a for a in selectors.rollout_approvals(rollout=rollout)}
+    approvals = step_approvers(rollout=rollout)
     rows = []
     for index, step in enumerate(rollout.steps):
         if rollout.state == State.PROMOTED or index < rollout.step_index:
@@ -127,6 +128,7 @@ def _status_context(request: HttpRequest, rollout: Rollout) -> dict[str, Any]:
         "look_is_older_step": analysis is not None and analysis.step_index != rollout.step_index,
         "alpha_split": alpha_split(plan_from_stored(rollout.plan)),
         "staleness": rollout_staleness(rollout=rollout),
+        "approval": approval_status(rollout=rollout),
     }  # fmt: skip
 
 

@@ -340,7 +340,7 @@ def rollout_summary(rollout: Rollout, analysis: RolloutAnalysis | None = None) -
 EVENT_STATUS = {
     "rolled_back": "red", "eval_gate_failed": "red", "aborted": "red",
     "promoted": "green", "eval_gate_passed": "green", "approved": "green", "step_started": "green", "started": "green",
-    "awaiting_approval": "amber", "paused": "amber", "gating": "amber",
+    "approval_added": "green", "awaiting_approval": "amber", "paused": "amber", "gating": "amber",
 }  # fmt: skip
 
 

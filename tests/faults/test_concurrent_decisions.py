@@ -76,7 +76,10 @@ def test_two_analysis_workers_and_a_person_at_once_apply_exactly_one_transition(
         assert "not applied" in look.reason and f"expected version {seen}" in look.reason
     else:
         assert response.status_code == 409, response.content
-        assert response.json()["errors"] == {
-            "version": [f"rollout {rollout.pk} changed since it was read: expected version {seen}, found {seen + 1}"]
-        }
+        (said,) = response.json()["errors"]["version"]
+        assert said.startswith(
+            f"rollout {rollout.pk} changed since it was read: expected version {seen}, found {seen + 1}: it moved from "
+            "step 1 of "
+        ), said
+        assert "moved to the next step by analysis" in said
         assert event.actor == "analysis" and look.applied

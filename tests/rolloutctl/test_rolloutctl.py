@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from django.db import connection
@@ -196,3 +198,102 @@ def test_status_says_when_the_watchdog_paused_the_rollout(env: Any, owner: Any) 
     code, out, _ = ctl("status", str(rollout.pk))
     assert code == EXIT_OK
     assert "analysis stopped: paused by the watchdog (no look for over 30 s); it resumes once the analysis runs again" in out
+
+
+class _LosesTheFirstAnswer(httpx.BaseTransport):
+    """A network that delivers the first action POST to the server and then times out before its answer
+    arrives (what a CI runner sees when a load balancer drops a slow response)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.posts: list[tuple[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST":
+            self.posts.append((request.url.path, request.headers.get("Idempotency-Key", "")))
+            if len(self.posts) == 1:
+                response.read()
+                raise httpx.ReadTimeout("the answer was lost", request=request)
+        return response
+
+
+def test_a_retried_advance_is_a_no_op_returning_the_first_answer(env: Any, owner: Any, tmp_path: Path) -> None:
+    plan = tmp_path / "three.yaml"
+    plan.write_text(yaml.safe_dump(canary_plan(steps=[{"weight": 0.1}, {"weight": 0.25}, {"weight": 0.5}])))
+    rollout_id = ctl("create", str(plan), "--output", "id")[1].strip()
+
+    # The answer to the first try is lost on the way back: rolloutctl tries again with the same key and
+    # the platform answers with the first answer instead of advancing a second time.
+    network = _LosesTheFirstAnswer()
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["advance", rollout_id], out=out, err=err, transport=network)
+    assert code == EXIT_OK, err.getvalue()
+    assert [path for path, _ in network.posts] == [f"/api/v1/rollouts/{rollout_id}/advance"] * 2
+    assert network.posts[0][1] == network.posts[1][1] and network.posts[0][1].startswith("rolloutctl-")
+    assert "already done (same Idempotency-Key" in out.getvalue() and "step 2/3" in out.getvalue()
+    assert Rollout.objects.get(pk=rollout_id).step_index == 1
+
+    # A CI step retried after a timeout runs the whole command again: with the run's scope the key is the
+    # same, so the second run is a no-op that prints the first answer.
+    version = Rollout.objects.get(pk=rollout_id).version
+    env_scope = {"RAMP_IDEMPOTENCY_SCOPE": "pipeline-81"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env_scope.items():
+            patch.setenv(name, value)
+        first = ctl("advance", rollout_id, "--expect-version", str(version))
+        again = ctl("advance", rollout_id, "--expect-version", str(version))
+    assert first[0] == EXIT_OK and "step 3/3" in first[1] and "already done" not in first[1]
+    assert again[0] == EXIT_OK and "already done (same Idempotency-Key" in again[1] and "step 3/3" in again[1]
+    after = Rollout.objects.get(pk=rollout_id)
+    assert (after.step_index, after.version) == (2, version + 1)
+
+
+def test_a_stale_expect_version_is_refused_saying_what_changed(env: Any, owner: Any, tmp_path: Path) -> None:
+    plan = tmp_path / "two.yaml"
+    plan.write_text(yaml.safe_dump(canary_plan()))
+    rollout_id = ctl("create", str(plan), "--output", "id")[1].strip()
+    code, out, _ = ctl("status", rollout_id)
+    seen = int(re.search(r"version: (\d+)", out).group(1))  # type: ignore[union-attr]
+    from rollouts.actors import ANALYSIS
+    from rollouts.services import rollout_pause
+
+    rollout_pause(rollout=int(rollout_id), actor=ANALYSIS, reason="every baseline engine is down")
+    code, _, err = ctl("advance", rollout_id, "--expect-version", str(seen))
+    assert code == EXIT_ERROR
+    assert err.startswith(
+        f"error 409: rollout {rollout_id} changed since it was read: expected version {seen}, found {seen + 1}: "
+        "it moved from step 1 of 2 to paused at step 1 of 2 since you looked: paused by analysis (every baseline "
+        "engine is down)"
+    ), err
+    assert Rollout.objects.get(pk=rollout_id).state == "paused"
+
+
+def test_status_and_approve_show_who_approved_and_who_is_still_needed(
+    env: Any, approver: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accounts.roles import Role
+    from accounts.services import api_token_create, user_create
+
+    second = user_create(username="second", password="second-password-1", roles=[Role.APPROVER])
+    plan = tmp_path / "two.yaml"
+    plan.write_text(yaml.safe_dump(canary_plan(
+        steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}], approvals_required=2)))  # fmt: skip
+    rollout_id = ctl("create", str(plan), "--output", "id")[1].strip()
+    assert ctl("advance", rollout_id)[0] == EXIT_OK
+    code, out, _ = ctl("status", rollout_id)
+    assert "awaiting approval of step 2 (0 of 2 approvals)" in out
+    assert "  approvals: 0 of 2 approvals for step 2 of 2; 2 more from role approver (approver, second); may not " \
+           "approve (four-eyes): owner (created the rollout)" in out  # fmt: skip
+
+    monkeypatch.setenv("RAMP_TOKEN", approver.token)
+    code, out, err = ctl("approve", rollout_id, "--step", "2")
+    assert code == EXIT_OK, err
+    assert "awaiting approval of step 2 (1 of 2 approvals)" in out
+    assert "approvals: 1 of 2 approvals for step 2 of 2: approver; 1 more from role approver (second)" in out
+    code, _, err = ctl("approve", rollout_id, "--step", "2")
+    assert code == EXIT_ERROR and "each approver counts once" in err
+
+    monkeypatch.setenv("RAMP_TOKEN", api_token_create(user=second, name="ci").raw)
+    code, out, err = ctl("approve", rollout_id, "--step", "2")
+    assert code == EXIT_OK and "running  step 2/2" in out, err

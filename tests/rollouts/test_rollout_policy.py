@@ -215,7 +215,10 @@ def test_a_bake_with_no_breach_promotes_for_good(owner: Any, versions: None) -> 
 def test_a_promoted_rollout_can_be_rolled_back_while_it_bakes_and_not_after(owner: Any, approver: Any, versions: None) -> None:
     rollout = _baking(owner)
     # Through the API, as on-call would: within the bake, a new route of the same alias, audited.
-    response = approver.api().post(f"/api/v1/rollouts/{rollout.pk}/rollback", {"reason": "users complain"}, format="json")
+    response = approver.api().post(
+        f"/api/v1/rollouts/{rollout.pk}/rollback", {"reason": "users complain", "expected_version": rollout.version},
+        format="json",
+    )
     assert response.status_code == 200, response.json()
     assert response.json()["state"] == "rolled_back"
     alias = alias_get(name="adder")
@@ -231,7 +234,9 @@ def test_a_promoted_rollout_can_be_rolled_back_while_it_bakes_and_not_after(owne
 
     later = rollout_promote(rollout=later, actor=owner.user, reason="ship it")
     assert later.state == "promoted"
-    refused = approver.api().post(f"/api/v1/rollouts/{later.pk}/rollback", {"reason": "too late?"}, format="json")
+    refused = approver.api().post(
+        f"/api/v1/rollouts/{later.pk}/rollback", {"reason": "too late?", "expected_version": later.version}, format="json"
+    )
     assert refused.status_code == 409
     detail = refused.json()["detail"]
     assert "with no bake (bake_s: 0)" in detail and "can be rolled back only while it bakes" in detail

@@ -26,6 +26,14 @@ def create(member: Any, plan: dict[str, Any] | None = None, **params: Any) -> An
     return member.api().post(f"/api/v1/rollouts{'?' + query if query else ''}", plan or canary_plan(), format="json")
 
 
+def act(member: Any, rollout_id: int, action: str, body: dict[str, Any] | None = None, **headers: Any) -> Any:
+    """An action as a careful client sends it: with the version it just read."""
+    version = Rollout.objects.get(pk=rollout_id).version
+    return member.api().post(
+        f"/api/v1/rollouts/{rollout_id}/{action}", {"expected_version": version, **(body or {})}, format="json", **headers
+    )
+
+
 def test_create_start_and_follow_a_rollout(owner: Any, versions: None) -> None:
     created = create(owner, start="true")
     assert created.status_code == 201, created.json()
@@ -55,7 +63,7 @@ def test_create_start_and_follow_a_rollout(owner: Any, versions: None) -> None:
     series = owner.api().get(f"/api/v1/rollouts/{rollout.pk}/series").json()
     assert len(series) == 1 and series[0]["decision"] == "advance" and series[0]["checks"][0]["metric"] == "tpot_mean_ms"
 
-    rolled = owner.api().post(f"/api/v1/rollouts/{rollout.pk}/rollback", {"reason": "CI smoke test failed"}, format="json")
+    rolled = act(owner, rollout.pk, "rollback", {"reason": "CI smoke test failed"})
     assert rolled.status_code == 200 and rolled.json()["state"] == "rolled_back"
     assert rolled.json()["weights"] == {"baseline": 1.0, "candidate": 0.0, "shadow": 0.0}
     assert owner.api().get("/api/v1/rollouts?state=rolled_back").json()["count"] == 1
@@ -128,14 +136,14 @@ def test_the_same_key_from_another_user_is_another_rollout(owner: Any, platform_
 
 def test_a_wrong_state_action_is_a_409_with_what_was_expected(owner: Any, versions: None) -> None:
     rollout_id = create(owner).json()["id"]
-    response = owner.api().post(f"/api/v1/rollouts/{rollout_id}/advance", {}, format="json")
+    response = act(owner, rollout_id, "advance")
     assert response.status_code == 409
     assert response.json() == {
         "detail": f"cannot advance rollout {rollout_id}: expected state running, found draft",
         "code": "conflict",
         "errors": {"state": [f"cannot advance rollout {rollout_id}: expected state running, found draft"]},
     }
-    assert owner.api().post("/api/v1/rollouts/999999/start", {}, format="json").status_code == 404
+    assert owner.api().post("/api/v1/rollouts/999999/start", {"expected_version": 1}, format="json").status_code == 404
 
 
 def test_an_action_body_that_is_not_an_object_is_a_400_and_does_nothing(owner: Any, versions: None) -> None:
@@ -145,25 +153,31 @@ def test_an_action_body_that_is_not_an_object_is_a_400_and_does_nothing(owner: A
         assert response.status_code == 400, body
         assert response.json()["errors"] == {"non_field_errors": ["the body must be a JSON object, or empty"]}
     assert owner.api().get(f"/api/v1/rollouts/{rollout_id}").json()["state"] == "draft"
-    # No body at all is fine: every field of an action is optional.
-    assert owner.api().post(f"/api/v1/rollouts/{rollout_id}/abort").json()["state"] == "aborted"
+    # No body at all is a 400 too: an action says which version of the rollout it acts on.
+    missing = owner.api().post(f"/api/v1/rollouts/{rollout_id}/abort")
+    assert missing.status_code == 400 and set(missing.json()["errors"]) == {"expected_version"}
+    assert missing.json()["detail"].startswith("expected_version: required: the rollout's `version` as you last read it")
+    assert act(owner, rollout_id, "abort").json()["state"] == "aborted"
 
 
 def test_approval_through_the_api_with_four_eyes(owner: Any, approver: Any, platform_admin: Any, versions: None) -> None:
     plan = canary_plan(steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}])
     rollout_id = create(platform_admin, plan, start="true").json()["id"]
-    assert platform_admin.api().post(f"/api/v1/rollouts/{rollout_id}/advance", {}, format="json").json()["state"] == "awaiting_approval"
+    assert act(platform_admin, rollout_id, "advance").json()["state"] == "awaiting_approval"
     detail = approver.api().get(f"/api/v1/rollouts/{rollout_id}").json()
     assert detail["pending_approval_step"] == 1 and "approve" in detail["actions"]
     assert "approve" not in platform_admin.api().get(f"/api/v1/rollouts/{rollout_id}").json()["actions"]
 
-    own = platform_admin.api().post(f"/api/v1/rollouts/{rollout_id}/approve", {}, format="json")
+    assert detail["approval"]["text"] == "0 of 1 approval for step 2 of 2; 1 more from role approver (approver)"
+    assert detail["approval"]["excluded"] == {"platform-admin": "created the rollout"}
+
+    own = act(platform_admin, rollout_id, "approve")
     assert own.status_code == 403 and "four-eyes" in own.json()["detail"]
-    stale = approver.api().post(f"/api/v1/rollouts/{rollout_id}/approve", {"step_index": 0}, format="json")
+    stale = act(approver, rollout_id, "approve", {"step_index": 0})
     assert stale.status_code == 409
-    done = approver.api().post(f"/api/v1/rollouts/{rollout_id}/approve", {"step_index": 1, "reason": "ok"}, format="json")
-    assert done.status_code == 200 and done.json()["step_index"] == 1
-    twice = approver.api().post(f"/api/v1/rollouts/{rollout_id}/approve", {"step_index": 1}, format="json")
+    done = act(approver, rollout_id, "approve", {"step_index": 1, "reason": "ok"})
+    assert done.status_code == 200 and done.json()["step_index"] == 1 and done.json()["approval"] is None
+    twice = act(approver, rollout_id, "approve", {"step_index": 1})
     assert twice.status_code == 409 and "already approved by approver" in twice.json()["detail"]
 
 
@@ -185,7 +199,7 @@ def test_validate_returns_the_normalised_plan_and_sample_sizes(owner: Any, versi
 # --- every endpoint x the role that must be refused -------------------------------------------------
 
 READS = ["/api/v1/rollouts", "/api/v1/rollouts/{id}", "/api/v1/rollouts/{id}/events", "/api/v1/rollouts/{id}/series"]
-MANAGER_ONLY = ["start", "resume", "advance", "promote", "abort"]
+MANAGER_ONLY = ["start", "resume", "advance", "promote", "abort", "request-approval"]
 APPROVER_ONLY = ["approve", "reject"]
 STOPPERS = ["pause", "rollback"]
 
@@ -226,7 +240,7 @@ def test_approving_refuses_release_managers(action: str, rollout_id: int, owner:
 @pytest.mark.parametrize("action", STOPPERS)
 def test_stopping_harm_is_open_to_approvers(action: str, owner: Any, approver: Any, versions: None) -> None:
     rollout_id = create(owner, start="true").json()["id"]
-    assert approver.api().post(f"/api/v1/rollouts/{rollout_id}/{action}", {}, format="json").status_code == 200
+    assert act(approver, rollout_id, action).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/api/v1/rollouts", "/api/v1/rollouts/validate"])

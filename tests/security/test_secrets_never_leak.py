@@ -198,7 +198,8 @@ def test_a_full_session_at_debug_level_leaves_no_secret_in_logs_or_responses(
         link_code = re.search(r"/rollout link ([A-Z0-9-]+)", code_page.text)
         assert link_code, code_page.text[-2000:]
         slack_secret = named["SLACK_SIGNING_SECRET"]
-        for text in (f"link {link_code.group(1)}", f"approve {rollout_id} looks fine"):
+        seen = created.json()["version"]
+        for text in (f"link {link_code.group(1)}", f"approve {rollout_id}@{seen} looks fine"):
             body = command_body(text, user=SLACK_ADMIN_USER, team=SLACK_TEAM)
             answer = keep(f"/rollout {text}", web.post("/slack/commands", content=body, headers=_slack_headers(body, slack_secret)))
             assert answer.status_code == 200, answer.text

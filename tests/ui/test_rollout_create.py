@@ -136,8 +136,19 @@ def test_the_start_button_starts_the_draft(owner: Any, versions: None) -> None:
     client.post(URL, {**form_data(), "intent": "create"})
     rollout = Rollout.objects.get()
     response = client.post(
-        reverse("rollout-action", args=[rollout.pk, "start"]), {"reason": "go"}, follow=True
+        reverse("rollout-action", args=[rollout.pk, "start"]), {"reason": "go", "expected_version": rollout.version},
+        follow=True,
     )
     assert "Start: done. The rollout is now running." in response.content.decode()
     rollout.refresh_from_db()
     assert (rollout.state, rollout.step_index) == ("running", 0)
+
+
+def test_the_form_sets_the_approvals_and_says_what_is_wrong_beside_them(owner: Any, versions: None) -> None:
+    client = logged_in(owner)
+    html = client.post(URL, {**form_data(approvals_required="0", approval_ttl_s="soon"), "intent": "create"}).content.decode()
+    assert "must be from 1 to 20, got 0" in html and "must be a whole number" in html
+    assert not Rollout.objects.exists()
+    client.post(URL, {**form_data(approvals_required="2", approval_ttl_s="3600"), "intent": "create"})
+    rollout = Rollout.objects.get()
+    assert (rollout.plan["approvals_required"], rollout.plan["approval_ttl_s"]) == (2, 3600)

@@ -20,6 +20,7 @@ from rollouts import services
 from rollouts.actors import SYSTEM
 from rollouts.analysis import rollout_analyse
 from rollouts.models import Rollout, RolloutEvent
+from tests.conftest import Member
 from tests.rollouts.helpers import both_arms, step_back
 from tests.ui.conftest import awaiting, logged_in
 
@@ -83,7 +84,8 @@ def test_pending_approvals_come_first_on_the_dashboard(viewer: Any, canary: Roll
     ).rollout  # fmt: skip
     awaiting(canary)
     html = logged_in(viewer).get(reverse("dashboard")).content.decode()
-    assert "Waiting for an approval" in html and "step 2 of 2 needs an approval" in html
+    assert "Waiting for an approval" in html
+    assert "0 of 1 approval for step 2 of 2; 1 more from role approver (nobody with that role can approve it now)" in html
     table = html[html.index('class="stack rollouts-table"') :]
     assert table.index(f"/rollouts/{canary.pk}") < table.index(f"/rollouts/{newer.pk}")
 
@@ -118,12 +120,17 @@ def test_only_another_approver_is_offered_the_approval(owner: Any, approver: Any
 # --- acting ---------------------------------------------------------------------------------------------
 
 
+def seen(rollout: Rollout) -> str:
+    """The version a freshly loaded page would post."""
+    return str(Rollout.objects.get(pk=rollout.pk).version)
+
+
 def test_an_approver_approves_through_the_page(approver: Any, canary: Rollout) -> None:
     rollout = awaiting(canary)
     client = logged_in(approver)
     response = client.post(
         reverse("rollout-action", args=[rollout.pk, "approve"]),
-        {"reason": "looks fine", "step_index": "1"},
+        {"reason": "looks fine", "step_index": "1", "expected_version": seen(rollout)},
         follow=True,
     )
     assert response.status_code == 200
@@ -141,14 +148,24 @@ def test_an_approver_approves_through_the_page(approver: Any, canary: Rollout) -
 
 def test_a_service_refusal_is_shown_as_a_message(approver: Any, owner: Any, canary: Rollout) -> None:
     rollout = awaiting(canary)
-    logged_in(approver).post(reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1"})
+    page_version = seen(rollout)
+    logged_in(approver).post(
+        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "expected_version": page_version}
+    )
     # A second approval of the same step (a stale page): 409 from the service, said on the page.
     response = logged_in(approver).post(
-        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1"}, follow=True
-    )
+        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "expected_version": page_version},
+        follow=True,
+    )  # fmt: skip
     assert "Could not approve: step 2 was already approved by approver" in response.content.decode()
+    # A form without the version it was made from does nothing.
+    response = logged_in(owner).post(reverse("rollout-action", args=[rollout.pk, "pause"]), follow=True)
+    assert "Could not pause: the form did not say which version of the rollout you saw" in response.content.decode()
+    assert state_of(rollout) == "running"
     # And a state conflict: resuming a rollout that is not paused.
-    response = logged_in(owner).post(reverse("rollout-action", args=[rollout.pk, "resume"]), follow=True)
+    response = logged_in(owner).post(
+        reverse("rollout-action", args=[rollout.pk, "resume"]), {"expected_version": seen(rollout)}, follow=True
+    )
     assert "Could not resume: cannot resume rollout" in response.content.decode()
     assert "expected state paused, found running" in response.content.decode()
 
@@ -204,7 +221,7 @@ def test_a_forged_post_without_the_csrf_token_is_refused(owner: Any, canary: Rol
     assert token is not None
     response = client.post(
         reverse("rollout-action", args=[canary.pk, "rollback"]),
-        {"reason": "real", "csrfmiddlewaretoken": token.group(1)},
+        {"reason": "real", "csrfmiddlewaretoken": token.group(1), "expected_version": seen(canary)},
     )
     assert response.status_code == 302 and state_of(canary) == "rolled_back"
 
@@ -283,7 +300,8 @@ def test_the_audit_log_filters_by_rollout_actor_and_kind_and_exports_csv(
 ) -> None:
     rollout = awaiting(canary)
     logged_in(approver).post(
-        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "reason": "=cmd()"}
+        reverse("rollout-action", args=[rollout.pk, "approve"]),
+        {"step_index": "1", "reason": "=cmd()", "expected_version": seen(rollout)},
     )
     client = logged_in(viewer)
     html = client.get(reverse("audit-log"), {"actor": "approver"}).content.decode()
@@ -297,3 +315,45 @@ def test_the_audit_log_filters_by_rollout_actor_and_kind_and_exports_csv(
     approved = rows[0]
     assert (approved["actor"], approved["via"], approved["rollout"]) == ("approver", "ui", str(rollout.pk))
     assert approved["reason"] == "'=cmd()"  # not a formula when opened in a spreadsheet
+
+
+def test_the_page_shows_who_approved_and_who_is_still_needed_and_asks_again_once_expired(
+    owner: Any, approver: Any, versions: None, monkeypatch: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from accounts.roles import Role
+    from accounts.services import user_create
+    from rollouts.services import rollout_advance, rollout_create
+    from tests.rollouts.helpers import canary_plan
+
+    second = user_create(username="second", password="second-password-1", roles=[Role.APPROVER])
+    plan = canary_plan(steps=[{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}], approvals_required=2,
+                       approval_ttl_s=3600)  # fmt: skip
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    rollout = rollout_advance(rollout=rollout, actor=owner.user)
+    client = logged_in(approver)
+    response = client.post(
+        reverse("rollout-action", args=[rollout.pk, "approve"]), {"step_index": "1", "expected_version": seen(rollout)},
+        follow=True,
+    )  # fmt: skip
+    page = response.content.decode()
+    assert "Approve: done. The rollout is now awaiting approval. 1 of 2 approvals for step 2 of 2: approver; 1 more " \
+           "from role approver (second)." in page  # fmt: skip
+    html = status_html(client, rollout)
+    assert "Approvals: </span>1 of 2 approvals for step 2 of 2: approver; 1 more from role approver (second)." in html
+    assert "May not approve (four-eyes): owner (created the rollout)." in html
+    assert "approve" not in buttons(html)  # counted once: no second button for the same person
+    assert "approve" in buttons(status_html(logged_in(Member(user=second, token="")), rollout))
+
+    later = timezone.now() + timedelta(hours=2)
+    monkeypatch.setattr(timezone, "now", lambda: later)
+    html = status_html(logged_in(owner), rollout)
+    assert "This request expired at" in html and "request_approval" in buttons(html)
+    response = logged_in(owner).post(
+        reverse("rollout-action", args=[rollout.pk, "request_approval"]), {"expected_version": seen(rollout)}, follow=True
+    )
+    assert "Ask again for approval: done. The rollout is now awaiting approval. 0 of 2 approvals for step 2 of 2; 2 " \
+           "more from role approver (approver, second)." in response.content.decode()  # fmt: skip

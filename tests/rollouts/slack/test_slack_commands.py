@@ -51,7 +51,13 @@ def test_approve_pause_and_rollback_by_command(
     link(owner, "U0OWNER")
     rollout, _ = awaiting_approval(owner)
 
-    text = run(client, f"approve {rollout.pk} numbers look fine", "U0APPROVER")
+    # A decision typed without the version it decides on shows the rollout and the exact command.
+    version = state(rollout)[1]
+    prompt = run(client, f"approve {rollout.pk} numbers look fine", "U0APPROVER")
+    assert prompt.startswith(":information_source: Nothing changed yet.") and "0 of 1 approval for step 2 of 2" in prompt
+    assert f"type `/rollout approve {rollout.pk}@{version} numbers look fine`" in prompt
+    assert state(rollout)[1] == version
+    text = run(client, f"approve {rollout.pk}@{version} numbers look fine", "U0APPROVER")
     assert text == f":white_check_mark: Approved rollout #{rollout.pk}: step 2 is live (candidate at 50%)."
     event = Rollout.objects.get(pk=rollout.pk).events.order_by("seq").last()
     assert event is not None and (event.kind, event.via, event.actor) == ("approved", "slack", "approver")
@@ -90,7 +96,7 @@ def test_commands_are_refused_for_the_wrong_person_with_nothing_changed(
     rollout_rollback(rollout=rollout, actor=owner.user)
     own, _ = awaiting_approval(platform_admin)
     before_own = state(own)
-    assert "four-eyes rule" in run(client, f"approve {own.pk}", "U0ADMIN")
+    assert "four-eyes rule" in run(client, f"approve {own.pk}@{own.version}", "U0ADMIN")
     assert state(own) == before_own
 
 
@@ -121,10 +127,15 @@ def test_unknown_rollouts_and_finished_ones_say_so(
     link(approver, "U0APPROVER")
     assert run(client, "approve 999", "U0APPROVER") == ":grey_question: No rollout 999. Nothing changed."
     rollout, _ = awaiting_approval(owner)
-    run(client, f"approve {rollout.pk}", "U0APPROVER")
+    seen = state(rollout)[1]
+    run(client, f"approve {rollout.pk}@{seen}", "U0APPROVER")
     before = state(rollout)
-    again = run(client, f"approve {rollout.pk}", "U0APPROVER")
-    assert again.startswith(":information_source: Nothing changed: cannot approve rollout") and "found running" in again
+    again = run(client, f"approve {rollout.pk}@{seen}", "U0APPROVER")
+    assert again.startswith(
+        f":information_source: Nothing changed: rollout {rollout.pk} changed since it was read: expected version {seen}, "
+        f"found {seen + 1}: it moved from awaiting approval of step 2 to step 2 of 2 since you looked: approved by "
+        "approver via slack"
+    ), again
     assert state(rollout) == before
 
 

@@ -5,7 +5,8 @@ a failure, so a new endpoint cannot ship without someone deciding who may call i
 change nothing; an allowed one is made well-formed, so its precise status is asserted too.
 
 Rules, from accounts/permissions.py, rollouts.services.ACTION_ROLES and each app's api.py: reads need any
-role; writes a release manager or an admin; approve/reject an approver or an admin; pause and rollback
+role; writes a release manager or an admin (asking again for an expired approval included); approve/reject an
+approver or an admin; pause and rollback
 (stopping harm) are open to approvers too; outcome events take an application's gateway key or a release
 manager's token; /api/v1/me answers any signed-in user. A browser session must send its CSRF token."""
 
@@ -44,7 +45,14 @@ Prepare = Callable[[World], Call]
 
 
 def _action(state: str, action: str, body: dict[str, Any] | None = None) -> Prepare:
-    return lambda world: Call(f"/api/v1/rollouts/{world.rollout(state).pk}/{action}", body or {"reason": "authz"})
+    def prepare(world: World) -> Call:
+        rollout = world.rollout_expired_approval() if state == "expired" else world.rollout(state)
+        return Call(
+            f"/api/v1/rollouts/{rollout.pk}/{action}",
+            {"reason": "authz", **(body or {}), "expected_version": rollout.version},
+        )
+
+    return prepare
 
 
 def _running(suffix: str) -> Prepare:
@@ -90,6 +98,7 @@ REQUESTS: dict[tuple[str, str], Prepare] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"): _action(State.PAUSED, "resume"),
     ("POST", "/api/v1/rollouts/{rollout_id}/approve"): _action(State.AWAITING_APPROVAL, "approve", {"step_index": 1}),
     ("POST", "/api/v1/rollouts/{rollout_id}/reject"): _action(State.AWAITING_APPROVAL, "reject"),
+    ("POST", "/api/v1/rollouts/{rollout_id}/request-approval"): _action("expired", "request-approval"),
     ("POST", "/api/v1/rollouts/{rollout_id}/advance"): _action(State.RUNNING, "advance"),
     ("POST", "/api/v1/rollouts/{rollout_id}/rollback"): _action(State.RUNNING, "rollback"),
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): _action(State.RUNNING, "abort"),
@@ -130,6 +139,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"):        (401, 401, 401, 401, 401, 403, 403, 403, 200, 200, 403),
     ("POST", "/api/v1/rollouts/{rollout_id}/approve"):       (401, 401, 401, 401, 401, 403, 403, 200, 403, 200, 403),
     ("POST", "/api/v1/rollouts/{rollout_id}/reject"):        (401, 401, 401, 401, 401, 403, 403, 200, 403, 200, 403),
+    ("POST", "/api/v1/rollouts/{rollout_id}/request-approval"): (401, 401, 401, 401, 401, 403, 403, 403, 200, 200, 403),
     ("POST", "/api/v1/rollouts/{rollout_id}/advance"):       (401, 401, 401, 401, 401, 403, 403, 403, 200, 200, 403),
     ("POST", "/api/v1/rollouts/{rollout_id}/rollback"):      (401, 401, 401, 401, 401, 403, 403, 200, 200, 200, 403),
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"):         (401, 401, 401, 401, 401, 403, 403, 403, 200, 200, 403),

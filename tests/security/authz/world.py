@@ -126,6 +126,21 @@ class World:
         assert rollout.state == state, rollout.state_reason
         return rollout
 
+    def rollout_expired_approval(self) -> Rollout:
+        """A rollout whose approval request expired (asked two hours ago, usable for one minute)."""
+        from datetime import timedelta
+        from unittest import mock
+
+        from django.utils import timezone
+
+        plan = {**self.plan(), "steps": [{"weight": 0.1}, {"weight": 0.5, "requires_approval": True}], "approval_ttl_s": 60}
+        earlier = timezone.now() - timedelta(hours=2)
+        with mock.patch.object(timezone, "now", return_value=earlier):
+            rollout = rollout_create(plan=plan, actor=self.colleague, start=True).rollout
+            rollout = rollout_advance(rollout=rollout, actor=self.colleague)
+        assert rollout.state == Rollout.State.AWAITING_APPROVAL
+        return rollout
+
     @cached_property
     def suite(self) -> EvalSuite:
         return eval_suite_create(name="tiny", jsonl_data=SUITE_JSONL)
