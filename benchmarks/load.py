@@ -314,7 +314,7 @@ def main() -> int:
             route_set(alias_name="adder-next", split=RouteSplit(versions["adder-v2"], None, 0.0, 0.0, None))
             plan = {
                 "alias": "adder", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
-                "steps": [{"weight": 0.3, "shadow_rate": 0.05, "min_duration_s": 3600, "min_candidate_requests": 100},
+                "steps": [{"weight": 0.3, "shadow_rate": 0.05, "min_duration_s": 3600},
                           {"weight": 1.0, "min_duration_s": 60}],
                 "guardrails": [{"metric": "error_rate", "margin": 0.05}, {"metric": "tpot_mean_ms", "margin": "50%"}],
             }  # fmt: skip
