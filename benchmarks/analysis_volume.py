@@ -3,10 +3,20 @@
     BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:5432/ramp_bench \\
         .venv/bin/python benchmarks/analysis_volume.py --records 20000000
     ... --phases ingest             # only the record writer's throughput and the buffer's outage cover
+    ... --phases looks --before d5f8974   # the looks on the kept fill, the fold at d5f8974 timed beside today's
 
 The database named by BENCH_DATABASE_URL is created if it is missing and migrated; the benchmark owns it
 (it fills it, and drops it with --drop). What it measures, phase by phase (`--phases`, all by default):
 
+fill     `--records` request records over the 24 h before the run (10 % in the live A/B rollout), by binary
+         COPY; kept between runs.
+looks    The live rollout's window from scratch, its first incremental look (cold), steady folds after
+         10,000 new records each (sticky sessions, most already in the window), the check that they equal
+         the from-scratch computation, and the whole look (rollout_look: fold, checks, policy); wall time
+         and CPU per look (this process and its PostgreSQL backend). `--before REV`: the fold of
+         experiments/rollups.py at git revision REV, on a window of its own, interleaved with today's.
+pages    /experiments (50 A/B rollouts, each with stored looks) and the dashboard through the test client,
+         and the list's rows built as now and as before, side by side.
 ingest   The gateway's record writer (`serving.gateway.records.records_write`) into the request-record
          table as it stands (after the fill, if there was one): batches of GATEWAY_RECORD_BATCH drafts,
          COPY against the ORM's multi-row INSERT it replaced, in interleaved rounds (median records/s of
