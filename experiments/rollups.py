@@ -205,7 +205,9 @@ def window_fold(
         tail_seen = True
         if horizon > window.watermark:
             fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
-            found = _fold(window.pk, queries, fresh, persist=True, tail=tail)
+            # A window with nothing folded yet has no unit rows: the first look inserts them, without
+            # looking any up (at 2 million records, 600,000 probes that find nothing).
+            found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0)
             found.add_to(arms)
             read = found.records
             window.watermark = horizon
@@ -293,18 +295,18 @@ class _FoldQueries:
 
 
 def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
-          tail: QuerySet[Any] | None = None) -> _Found:  # fmt: skip
+          tail: QuerySet[Any] | None = None, empty: bool = False) -> _Found:  # fmt: skip
     """Read the records of `fresh` once: what they add to the arms, and with `persist` add them to the
     window's unit rows. On PostgreSQL that is one statement: the records are read once (`base`), grouped
     per session for the moments and per bucket for the sketches, and the unit rows are updated by a
     data-modifying WITH that reads them as they were before. SQLite, which has no such WITH, keeps the new
     per-session rows in a temporary table for the read and the update. `tail`: also say whether it holds
-    any record."""
+    any record. `empty`: the window has no unit rows yet (none is read, and the new ones are inserted)."""
     postgres = connection.vendor == "postgresql"
     spec = queries.spec
     base_sql, base_params = fresh.values(*queries.columns).query.sql_with_params()
     (rows_sql, rows_params), (recs_sql, recs_params) = queries.rows, queries.recs
-    ctes_sql, select_sql, upsert_sql = _fold_sql(spec)
+    ctes_sql, select_sql, upsert_sql = _fold_sql(spec, empty=empty)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
     found = _Found(spec)
     with connection.cursor() as cursor:
@@ -388,7 +390,7 @@ def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[An
 
 
 @functools.cache
-def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
+def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     """For the spec: the fold's common table expressions after WITH base, fresh, recs and tail (one
     parameter, the window), its SELECT, and the unit rows' upsert (one parameter, the window).
 
@@ -428,7 +430,9 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
         for i in range(len(spec.sketch))
     )  # fmt: skip
     columns = ", ".join(f"o.{s}" for s in slots)
-    if connection.vendor == "postgresql":
+    if empty:
+        stored_rows = f"SELECT o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
+    elif connection.vendor == "postgresql":
         # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
         # rows are not in the table's statistics until it is analysed again, and the fresh rows' estimate
         # comes from commit orders past the statistics too, so a plain join or IN was planned as a scan of
@@ -463,9 +467,10 @@ def _fold_sql(spec: RollupSpec) -> tuple[str, str, str]:
     # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
     upsert = (
         f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {', '.join(slots)}) "
-        f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1 "
-        f"ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
+        f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1"
     )
+    if not empty:  # (into an empty window, a conflict would be an error, not a row to add to)
+        upsert += f" ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
     return " ".join(ctes.split()), " ".join(select.split()), upsert
 
 
