@@ -24,6 +24,9 @@ STRATEGY_CHOICES = [
 ]
 assert [value for value, _ in STRATEGY_CHOICES] == list(STRATEGIES)
 TRI_STATE = [("", "plan default"), ("yes", "yes"), ("no", "no")]
+ON_INCONCLUSIVE_CHOICES = [
+    ("", "pause: a person decides (default)"), ("advance", "advance"), ("rollback", "roll back"),
+]
 DEFAULT_GUARDRAILS_TEXT = "tpot_gmean_ms 10%\nerror_rate 0.01"
 # Minimum candidate requests left blank: the validator fills each step's floor (the fewest at which its
 # checks can be shown safe).
@@ -128,6 +131,19 @@ class RolloutForm(forms.Form):
         help_text="After that it must be asked again.",
     )  # fmt: skip
     promotion_requires_approval = _select("Promotion needs an approval", choices=TRI_STATE)
+    on_inconclusive = _select(
+        "When a step's planned sample is reached undecided", choices=ON_INCONCLUSIVE_CHOICES, initial="",
+        help_text="A step ends only once every check is shown safe; this says what happens if its planned sample "
+                  "(the estimate shown when you check the plan) is reached first.",
+    )  # fmt: skip
+    holdout = _text(
+        "Holdout after promotion", placeholder="5%", size="decimal",
+        help_text="Share of sessions kept on the baseline while the promotion bakes, compared on the same checks.",
+    )  # fmt: skip
+    bake_s = _text(
+        "Bake (s)", placeholder="600", size="numeric",
+        help_text="How long after promotion a breach, or a person, may still roll it back. 0: no bake.",
+    )  # fmt: skip
 
     def __init__(
         self, *args: Any, versions: list[str] | None = None, suites: list[str] | None = None, **kwargs: Any
@@ -258,6 +274,12 @@ class RolloutForm(forms.Form):
             value = _number_or_text(data.get(name) or "")
             if value is not None:
                 plan[name] = value
+        if data.get("on_inconclusive"):
+            plan["on_inconclusive"] = data["on_inconclusive"]
+        for name in ("holdout", "bake_s"):
+            value = _number_or_text(data.get(name) or "")
+            if value is not None:
+                plan[name] = value
         if data.get("promotion_requires_approval") in ("yes", "no"):
             plan["promotion_requires_approval"] = data["promotion_requires_approval"] == "yes"
         return plan
@@ -320,7 +342,7 @@ _PREFIX_FIELDS = {
 }
 _DIRECT = {
     "name", "description", "alias", "baseline", "candidate", "strategy", "alpha", "allow_self_approval",
-    "promotion_requires_approval", "approvals_required", "approval_ttl_s",
+    "promotion_requires_approval", "approvals_required", "approval_ttl_s", "on_inconclusive", "holdout", "bake_s",
 }  # fmt: skip
 
 

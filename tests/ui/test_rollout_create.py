@@ -152,3 +152,18 @@ def test_the_form_sets_the_approvals_and_says_what_is_wrong_beside_them(owner: A
     client.post(URL, {**form_data(approvals_required="2", approval_ttl_s="3600"), "intent": "create"})
     rollout = Rollout.objects.get()
     assert (rollout.plan["approvals_required"], rollout.plan["approval_ttl_s"]) == (2, 3600)
+
+
+def test_the_form_sets_on_inconclusive_and_the_bake_and_names_a_bad_one_beside_its_field(
+    owner: Any, versions: None
+) -> None:
+    client = logged_in(owner)
+    bad = client.post(URL, {**form_data(holdout="70%", bake_s="10"), "intent": "check"}).content.decode()
+    assert "at most 0.5" in errors_of(bad, "id_holdout")
+    assert "0 (no bake) or at least 60 s" in errors_of(bad, "id_bake_s")
+    low = client.post(URL, {**form_data(step_0_min_duration_s="0"), "intent": "check"}).content.decode()
+    assert "at least 60 s" in errors_of(low, "id_step_0_min_duration_s")
+    response = client.post(URL, {**form_data(on_inconclusive="rollback", holdout="10%", bake_s="300"), "intent": "create"})
+    assert response.status_code == 302
+    plan = Rollout.objects.get().plan
+    assert (plan["on_inconclusive"], plan["holdout"], plan["bake_s"]) == ("rollback", 0.1, 300)
