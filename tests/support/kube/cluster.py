@@ -235,11 +235,16 @@ class Cluster:
         self._thread.start()
 
     def stop(self) -> None:
+        """The node goes away, and its containers with it: a ProcessImage pod's process (a real vLLM server,
+        some 3 GB) would otherwise outlive the test that started it."""
         self._stop.set()
         self._thread.join(timeout=10)
         for runtime in self.runtimes.values():
             if runtime.server is not None:
                 runtime.server.stop()
+            if runtime.process is not None:
+                _stop_group(runtime.process)
+                runtime.process = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():

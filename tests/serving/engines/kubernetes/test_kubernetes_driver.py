@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import pytest
 from django.test import Client
 
 from serving.engines.kubernetes.manifests import GPU_RESOURCE, MANAGED_BY, WORKER_LABEL
@@ -13,7 +16,7 @@ from serving.gateway.table import route_rows_load
 from serving.models import EngineWorker
 from serving.services import RouteSplit, engine_worker_set_desired, route_set
 from tests.serving.engines.kubernetes.conftest import NAMESPACE, kube_worker, until, version
-from tests.support.kube import CrashingImage, KubeStandin
+from tests.support.kube import CrashingImage, KubeStandin, kube_standin
 
 State = EngineWorker.State
 
@@ -178,3 +181,28 @@ def test_when_a_node_disappears_its_pod_leaves_routing_and_is_replaced_where_the
     )
     assert {pod["node"] for pod in back.pods} == {"gpu-b", "gpu-c"}
     assert len(route_table_build(route_rows_load()).aliases["adder"].baseline.replicas) == 2
+
+
+def test_a_process_pod_ends_with_the_stand_in(tmp_path: Path) -> None:
+    """A ProcessImage pod runs as a process of this machine; the stand-in's end is its node's end, so that
+    process ends too (a real vLLM pod left behind holds some 3 GB)."""
+    from tests.support.kube import ProcessImage
+
+    with kube_standin(nodes={"cpu-a": 1}) as standin:
+        standin.images["acme/sleeper"] = ProcessImage(log_dir=tmp_path)
+        standin.store.create({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "sleeper", "namespace": NAMESPACE},
+            "spec": {"nodeName": "cpu-a", "containers": [{
+                "name": "main", "image": "acme/sleeper",
+                "command": ["python3", "-c", "import time; time.sleep(300)"],
+            }]},
+        }, check=False)  # fmt: skip
+
+        def running() -> int | None:
+            runtimes = [r for r in standin.cluster.runtimes.values() if r.process is not None]
+            return runtimes[0].process.pid if runtimes and runtimes[0].process else None
+
+        pid = standin.wait(running, "the pod's process", timeout_s=20)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
