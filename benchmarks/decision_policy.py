@@ -210,17 +210,66 @@ def _traffic(rate: float, horizon_s: float, span_s: float, interval_s: float) ->
     return base.with_(users=users)
 
 
+def _drafts(batch: Any, details: Any, *, alias: str, route: Any, hashes: list[str], t0: datetime) -> list[Any]:
+    """One interval's requests as the gateway's record drafts: each on the arm its user is on."""
+    from serving.gateway.records import RecordDraft
+    from serving.gateway.routing import BASELINE, CANDIDATE
+
+    drafts = []
+    for i in range(batch.count):
+        arm = route.arm(CANDIDATE if batch.candidate[i] else BASELINE)
+        failed = batch.errors[i] > 0
+        ttft = float(details.ttft_ms[i])
+        tokens = int(details.completion_tokens[i])
+        tpot = math.exp(float(batch.log_tpot[i]))
+        drafts.append(RecordDraft(
+            request_id=uuid.uuid4().hex, created_at=t0 + timedelta(seconds=float(details.offset_s[i])), alias=alias,
+            rollout_id=route.rollout_id, arm=arm.arm, model_version_id=arm.version.id, engine_worker_id=None,
+            endpoint="chat.completions", stream=True, session_hash=hashes[int(batch.owner[i])], prompt_hash="",
+            prompt_chars=max(1, round(math.exp(float(batch.chars_log[i])))), status_code=502 if failed else 200,
+            outcome="engine_error" if failed else "ok", error_kind="upstream_status" if failed else "",
+            ttft_ms=None if failed else ttft, tpot_ms=None if failed else tpot,
+            e2e_ms=ttft if failed else ttft + tpot * (tokens - 1),
+            prompt_tokens=None if failed else int(details.prompt_tokens[i]),
+            completion_tokens=None if failed else tokens, assigned_arm=arm.arm,
+        ))  # fmt: skip
+    return drafts
+
+
+def _history(harness: Harness, alias: str, traffic: Traffic, *, seed: int, clock: Clock, minutes: float, span: float,
+             interval_s: float) -> None:  # fmt: skip
+    """The alias serving the baseline alone for `minutes` before the rollout (other users, the same kind of
+    traffic): the history the planned samples are estimated from (`rollouts.planning`, the last hour)."""
+    from serving.gateway.records import records_write
+    from serving.gateway.routing import route_table_build
+    from serving.gateway.table import route_rows_load
+    from serving.hashing import session_hash
+
+    looks = max(1, round(minutes * 60.0 / interval_s))
+    rng = np.random.default_rng([seed, 1])
+    users = draw_users(rng, traffic, Effect(), sims=1, looks=looks, span=span, lead=span)
+    hashes = [session_hash(f"{alias}-before-{i}", key=harness.session_key) for i in range(traffic.users)]
+    route = route_table_build(route_rows_load()).aliases[alias]
+    nobody = np.zeros(users.shape, dtype=bool)
+    for look in range(1, looks + 1):
+        batch = draw_interval(rng, traffic, Effect(), users, look, nobody)
+        details = request_details(rng, traffic, batch, seconds=interval_s)
+        records_write(_drafts(batch, details, alias=alias, route=route, hashes=hashes, t0=clock.now))
+        clock.advance(interval_s)
+
+
 def rollout_simulate(
     harness: Harness, plan_name: str, plan: dict[str, Any], scenario: Scenario, *, seed: int, start: datetime,
     max_minutes: float = 240.0, rate: float = RATE, interval_s: float = INTERVAL_S, span_s: float = SPAN_S,
-    approval_delay_s: float = 0.0, keep: bool = False,
+    approval_delay_s: float = 0.0, history_minutes: float = 60.0, keep: bool = False,
 ) -> Outcome:  # fmt: skip
-    """One rollout from creation to its end (or the horizon), every look through `rollout_analyse`."""
+    """One rollout from creation to its end (or the horizon), every look through `rollout_analyse`, after
+    `history_minutes` of the alias serving the baseline alone (the rollout starts at `start`)."""
     from experiments.models import RollupWindow
     from rollouts.analysis import rollout_analyse
     from rollouts.models import Rollout
     from rollouts.services import rollout_approve, rollout_create
-    from serving.gateway.records import RecordDraft, records_write
+    from serving.gateway.records import records_write
     from serving.gateway.routing import CANDIDATE, arm_choose, route_table_build
     from serving.gateway.table import route_rows_load, route_version_read
     from serving.hashing import session_hash
@@ -238,10 +287,14 @@ def rollout_simulate(
     users = draw_users(rng, traffic, scenario.effect, sims=1, looks=looks_max, span=span, lead=span)
     sessions = [f"{alias}-user-{i}" for i in range(traffic.users)]
     hashes = [session_hash(s, key=harness.session_key) for s in sessions]
-    clock = Clock(start)
+    clock = Clock(start - timedelta(minutes=history_minutes))
     steps = len(plan["steps"])
     with clock.running():
         alias_ensure(name=alias, stable=harness.versions[plan["baseline"]])
+        if history_minutes > 0:
+            _history(harness, alias, traffic, seed=seed, clock=clock, minutes=history_minutes, span=span,
+                     interval_s=interval_s)  # fmt: skip
+        clock.now = start
         rollout = rollout_create(plan=plan, actor=harness.owner, start=True).rollout
         route_version: tuple[int, str] | None = None
         route = None
@@ -263,27 +316,7 @@ def rollout_simulate(
             assert route is not None
             batch = draw_interval(rng, traffic, scenario.effect, users, look, on_candidate)
             details = request_details(rng, traffic, batch, seconds=interval_s)
-            t0 = clock.now
-            drafts = []
-            for i in range(batch.count):
-                user = int(batch.owner[i])
-                arm = route.arm(CANDIDATE if batch.candidate[i] else "baseline")
-                assert arm is not None
-                failed = batch.errors[i] > 0
-                ttft = float(details.ttft_ms[i])
-                tokens = int(details.completion_tokens[i])
-                tpot = math.exp(float(batch.log_tpot[i]))
-                drafts.append(RecordDraft(
-                    request_id=uuid.uuid4().hex, created_at=t0 + timedelta(seconds=float(details.offset_s[i])),
-                    alias=alias, rollout_id=route.rollout_id, arm=arm.arm, model_version_id=arm.version.id,
-                    engine_worker_id=None, endpoint="chat.completions", stream=True, session_hash=hashes[user],
-                    prompt_hash="", prompt_chars=max(1, round(math.exp(float(batch.chars_log[i])))),
-                    status_code=502 if failed else 200, outcome="engine_error" if failed else "ok",
-                    error_kind="upstream_status" if failed else "", ttft_ms=None if failed else ttft,
-                    tpot_ms=None if failed else tpot, e2e_ms=ttft if failed else ttft + tpot * (tokens - 1),
-                    prompt_tokens=None if failed else int(details.prompt_tokens[i]),
-                    completion_tokens=None if failed else tokens, assigned_arm=arm.arm,
-                ))  # fmt: skip
+            drafts = _drafts(batch, details, alias=alias, route=route, hashes=hashes, t0=clock.now)
             candidate_requests += int(batch.candidate.sum())
             requests += batch.count
             records_write(drafts)
@@ -317,6 +350,7 @@ def rollout_simulate(
     if not keep:
         # The records and rollups go (they are most of what a rollout writes); the looks and events stay.
         RequestRecord.objects.filter(rollout_id=rollout.pk).delete()
+        RequestRecord.objects.filter(alias=alias, rollout_id__isnull=True).delete()
         RollupWindow.objects.filter(rollout_id=rollout.pk).delete()
     return outcome
 
@@ -388,7 +422,7 @@ def _worker_run(job: tuple[str, str, int, dict[str, Any]]) -> Outcome:
             if attempt == 2:
                 raise
     # Each rollout starts where the last one of this process ended: the clock never goes back.
-    _CLOCK_START += timedelta(minutes=math.ceil(outcome.minutes) + 1)
+    _CLOCK_START += timedelta(minutes=math.ceil(outcome.minutes) + 1 + float(options.get("history_minutes", 60.0)))
     return outcome
 
 
@@ -531,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="worker processes (at most 2)")
     parser.add_argument("--max-minutes", type=float, default=240.0, help="simulated horizon of one rollout")
     parser.add_argument("--rate", type=float, default=RATE, help="requests per second on the alias")
+    parser.add_argument("--history-minutes", type=float, default=60.0,
+                        help="how long the alias served the baseline alone before the rollout (the history the planned "
+                             "samples are estimated from)")  # fmt: skip
     parser.add_argument("--approval-delay-s", type=float, default=0.0,
                         help="how long an approval waits for its person (simulated seconds)")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL") or os.environ.get("DATABASE_URL"),
@@ -549,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown plans or scenarios: {', '.join(unknown)}")
     if args.rollouts < 1 or not 1 <= args.processes <= 2:
         parser.error("--rollouts must be at least 1 and --processes 1 or 2")
-    options = {"max_minutes": args.max_minutes, "rate": args.rate, "approval_delay_s": args.approval_delay_s}
+    options = {"max_minutes": args.max_minutes, "rate": args.rate, "approval_delay_s": args.approval_delay_s,
+               "history_minutes": args.history_minutes}
     # A rollout's seed follows from its plan, scenario and number, whichever others are run beside it.
     jobs = [
         (plan, scenario, args.seed + 100_000 * PLAN_NAMES.index(plan) + 1000 * list(SCENARIOS).index(scenario) + i,
