@@ -78,7 +78,7 @@ class Rollout(models.Model):
     # When the engines of the version this rollout retired were let go (rollouts.engines): once per rollout.
     engines_released_at = models.DateTimeField(null=True, blank=True)
     # Per step index (as text): the candidate requests the step was planned to need (rollouts.planning),
-    # fixed at the step's first look; reaching it undecided applies the plan's on_inconclusive.
+    # fixed at the first look after the step's minimums are met; reaching it undecided applies on_inconclusive.
     planned_samples = models.JSONField(default=dict, blank=True)
     # When the promotion's bake began (state baking); it ends `plan.bake_s` later.
     bake_started_at = models.DateTimeField(null=True, blank=True)

@@ -7,7 +7,7 @@ decide), it ends (advance, ask for the next approval, or promote) only when ever
 evidence at its split is shown safe. A check not yet shown safe holds the step (`holding_checks`; the look's
 reason, the page and `rolloutctl status` name each with about how many more candidate requests it needs).
 When the step's candidate requests reach its planned sample (`rollouts.planning.step_planned_sample`, the
-power estimate the plan shows, fixed at the step's first look) and a check still holds it, the plan's
+power estimate the plan shows, fixed once the step's minimums are met) and a check still holds it, the plan's
 `on_inconclusive` applies: `pause` (the default: a person decides; the pause is notified like an approval
 request, and after a resume the step collects another planned sample before pausing again), `advance`,
 or `rollback`. A breach rolls back at any time.
@@ -76,7 +76,6 @@ def _decide_traffic(rollout: Rollout, plan: Plan, now: datetime) -> Look:
             look.reason = f"sample ratio mismatch (p {look.srm['p']}): the split is not what was configured"  # type: ignore[index]
         return look
     holding = holding_checks(look.checks, weight=float(step["weight"]))
-    planned = _planned_sample(rollout, plan, look) if rollout.state == State.RUNNING else None
     if rollout.state != State.RUNNING:
         look.reason = "paused" if rollout.state == State.PAUSED else "waiting for an approval"
         return look
@@ -94,7 +93,10 @@ def _decide_traffic(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     if not holding:
         look.decision, look.reason = _advance_label(rollout)
         return look
-    assert planned is not None
+    # Fixed once the minimums are met, so that the alias's history includes at least this step's minute of
+    # baseline traffic (at the very start of a rollout it may have none, and the estimate would rest on
+    # assumed spreads alone).
+    planned = _planned_sample(rollout, plan, look)
     rule = plan.on_inconclusive
     # After a person resumed an inconclusive pause, the step collects another planned sample before the
     # rule applies again (it would otherwise pause at the very next look).
@@ -153,8 +155,8 @@ def _holding_text(holding: list[dict[str, Any]]) -> str:
 
 
 def _planned_sample(rollout: Rollout, plan: Plan, look: Look) -> int:
-    """The step's planned sample (`rollouts.planning.step_planned_sample`), fixed at its first look and kept
-    on the rollout (`look.keep`), never below the step's minimum."""
+    """The step's planned sample (`rollouts.planning.step_planned_sample`), fixed at the first look after its
+    minimums are met and kept on the rollout (`look.keep`), never below the step's minimum."""
     key = str(rollout.step_index)
     stored = (rollout.planned_samples or {}).get(key)
     step = plan.steps[rollout.step_index]

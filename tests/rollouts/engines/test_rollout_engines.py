@@ -112,6 +112,9 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
             {"weight": "100%", "min_duration_s": 60},
         ],
         "guardrails": [{"metric": "tpot_gmean_ms", "margin": "50%"}],
+        # The test follows the flow through real engines; on a shared CPU a step may not show the margin
+        # within the test's time, so one left undecided at its planned sample goes on rather than pausing.
+        "on_inconclusive": "advance",
         "bake_s": 60,
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
