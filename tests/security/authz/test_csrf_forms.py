@@ -36,6 +36,11 @@ class Form:
     signed_in: bool = True
 
 
+def _rollback_form(rollout: Rollout) -> tuple[str, dict[str, Any]]:
+    """The rollout page's rollback form as the page renders it: the version the person saw travels with it."""
+    return f"/rollouts/{rollout.pk}/rollback", {"reason": "forged", "expected_version": str(rollout.version)}
+
+
 def _signed_in_user(client: Client) -> Any:
     return client.session.get("_auth_user_id")
 
@@ -48,8 +53,7 @@ FORMS: dict[str, Form] = {
     "/logout/": Form(lambda world, admin: ("/logout/", {})),
     "/rollouts/new": Form(lambda world, admin: (
         "/rollouts/new", {"mode": "paste", "intent": "create", "plan": yaml.safe_dump(world.plan())})),
-    "/rollouts/{rollout_id}/{action}": Form(lambda world, admin: (
-        f"/rollouts/{world.rollout(Rollout.State.RUNNING).pk}/rollback", {"reason": "forged"})),
+    "/rollouts/{rollout_id}/{action}": Form(lambda world, admin: _rollback_form(world.rollout(Rollout.State.RUNNING))),
     "/evals": Form(lambda world, admin: (
         "/evals", {"name": "forged", "file": SimpleUploadedFile("suite.jsonl", SUITE_JSONL.encode())})),
     "/evals/suites/{suite_id}/run": Form(lambda world, admin: (

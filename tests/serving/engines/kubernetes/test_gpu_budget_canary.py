@@ -182,7 +182,9 @@ def test_a_canary_within_a_gpu_budget_from_10_percent_up_and_back(owner: Any, fl
 
 
 def test_a_promotion_hands_the_candidate_the_whole_budget(owner: Any, fleet: Fleet) -> None:
-    rollout = rollout_create(plan=plan(), actor=owner.user, start=True).rollout
+    # No bake here (bake_s 0): the promotion is final at once. A bake keeps a baseline holdout, and its
+    # replica, until it ends (test_rollout_policy has the bake).
+    rollout = rollout_create(plan=plan(bake_s=0), actor=owner.user, start=True).rollout
     fleet.settle(0.1, 3, 1, "10 %")
     rollout_promote(rollout=rollout.pk, actor=owner.user, reason="ship it")
     alias = Alias.objects.get(name="adder")
