@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from config.errors import NotFound
 from rollouts.approvals import approval_status, self_approval_refusal
+from rollouts.holding import holding_lines
 from rollouts.models import Rollout, RolloutAnalysis, RolloutApproval, RolloutEvent
 from rollouts.services import ACTION_STATES, ACTIONS, action_allowed
 
@@ -184,16 +185,7 @@ def rollout_progress(*, rollout: Rollout, analysis: RolloutAnalysis | None) -> d
 
 def rollout_holding_text(progress: dict[str, Any]) -> list[str]:
     """One line per check holding the step: its name and what it still needs."""
-    lines = []
-    for check in progress["holding"]:
-        if check.get("pairs_needed") is not None:
-            need = f"about {check['pairs_needed']} more scored pairs"
-        elif check.get("more_n") is not None:
-            need = f"about {check['more_n']} more {check['more_unit']}"
-        else:
-            need = "more data (its estimate sits on its limit)"
-        lines.append(f"{check['name']}: {need}")
-    return lines
+    return holding_lines(progress["holding"])
 
 
 def rollout_time_in_step_s(*, rollout: Rollout) -> float | None:

@@ -26,8 +26,15 @@ from django.utils import timezone
 from experiments.metrics import METRICS
 from experiments.stats import Decision
 from rollouts import capacity, gates
-from rollouts.analysis.checks import bake_step, breach_reason, measure, step_label, step_min_sample
+from rollouts.analysis.checks import (
+    bake_step,
+    breach_reason,
+    measure,
+    step_label,
+    step_min_sample,
+)
 from rollouts.analysis.look import ROUTE_SETTLE, D, Look, State
+from rollouts.holding import holding_lines
 from rollouts.models import Rollout, RolloutEvent
 from rollouts.plans import Plan, plan_from_stored
 from rollouts.plans.alpha import check_alpha_share
@@ -142,16 +149,7 @@ def holding_checks(checks: list[dict[str, Any]], *, weight: float) -> list[dict[
 
 
 def _holding_text(holding: list[dict[str, Any]]) -> str:
-    parts = []
-    for check in holding:
-        if check.get("pairs_needed") is not None:
-            need = f"about {check['pairs_needed']} more scored pairs"
-        elif check.get("more_n") is not None:
-            need = f"about {check['more_n']} more {check.get('more_unit') or 'candidate requests'}"
-        else:
-            need = "more data; its estimate sits on its limit"
-        parts.append(f"{check['name']} ({need})")
-    return "; ".join(parts)
+    return "; ".join(holding_lines(holding))
 
 
 def _planned_sample(rollout: Rollout, plan: Plan, look: Look) -> int:
