@@ -62,6 +62,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.decision_quality import format_table  # noqa: E402
 from experiments.stats.simulation import Effect, Traffic, draw_interval, draw_users, request_details  # noqa: E402
 
 INTERVAL_S = 10.0  # the analysis beat's interval (ROLLOUT_ANALYSIS_INTERVAL_S)
@@ -460,14 +461,6 @@ def _steps(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         counts[o.step_reached] = counts.get(o.step_reached, 0) + 1
     return " ".join(f"{step}:{n}" for step, n in sorted(counts.items()))
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join([line, rule, *body])
 
 
 def report_rows(outcomes: list[Outcome]) -> list[list[str]]:

@@ -273,7 +273,7 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(values))  # inf when more than half never rolled back
 
 
-def _format_table(rows: list[list[str]], header: list[str]) -> str:
+def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{floor:.0f}" if floor is not None else f"> {cand_requests[-1]:.0f}", "-", "-"])  # fmt: skip
     header = ["scenario", "canary", "method", "rolled back", "median canary requests to rollback", "promoted early",
               "SRM false alarms"]  # fmt: skip
-    print(_format_table(rows, header))
+    print(format_table(rows, header))
     print(f"# simulation took {time.perf_counter() - started:.0f} s")
     print()
     print("# targets (issue 16)")

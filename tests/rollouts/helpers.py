@@ -11,7 +11,8 @@ from typing import Any
 
 from django.utils import timezone
 
-from rollouts.models import Rollout
+from rollouts.analysis import rollout_analyse
+from rollouts.models import Rollout, RolloutAnalysis
 from serving.models import EngineWorker, ModelVersion, RequestRecord
 from serving.services import engine_worker_create, model_version_register
 
@@ -228,3 +229,15 @@ def sticky_traffic(
             written[arm] += 1
     RequestRecord.objects.bulk_create(rows, batch_size=2000)
     return written
+
+
+def fresh(rollout: Rollout) -> Rollout:
+    """The rollout as the database has it now, with its versions."""
+    return Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
+
+
+def look(rollout: Rollout) -> RolloutAnalysis:
+    """One analysis of the rollout, as the beat task runs it."""
+    analysis = rollout_analyse(rollout_id=rollout.pk)
+    assert analysis is not None
+    return analysis

@@ -9,14 +9,16 @@ import pytest
 from django.utils import timezone
 
 from rollouts.analysis import rollout_analyse, rollout_look
-from rollouts.models import Notification, Rollout, RolloutAnalysis
+from rollouts.models import Notification, Rollout
 from rollouts.services import rollout_advance, rollout_approve, rollout_create
 from serving.selectors import alias_get
 from tests.rollouts.helpers import (
     both_arms,
     canary_plan,
     engines_down,
+    fresh,
     kinds,
+    look,
     quick_plan,
     records,
     shadow_pairs,
@@ -39,16 +41,6 @@ def started(owner: Any, **overrides: Any) -> Rollout:
 
 def quick(owner: Any, **overrides: Any) -> Rollout:
     return rollout_create(plan=quick_plan(**overrides), actor=owner.user, start=True).rollout
-
-
-def fresh(rollout: Rollout) -> Rollout:
-    return Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
-
-
-def look(rollout: Rollout) -> RolloutAnalysis:
-    analysis = rollout_analyse(rollout_id=rollout.pk)
-    assert analysis is not None
-    return analysis
 
 
 def test_an_a_a_canary_holds_until_its_minimums_then_advances_once_shown_safe(owner: Any, versions: None) -> None:

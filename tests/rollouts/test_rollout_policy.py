@@ -21,7 +21,16 @@ from rollouts.analysis import rollout_analyse
 from rollouts.models import Notification, Rollout, RolloutAnalysis
 from rollouts.services import rollout_create, rollout_resume, rollout_rollback
 from serving.selectors import alias_get
-from tests.rollouts.helpers import canary_plan, kinds, quick_plan, step_back, sticky_traffic, version
+from tests.rollouts.helpers import (
+    canary_plan,
+    fresh,
+    kinds,
+    look,
+    quick_plan,
+    step_back,
+    sticky_traffic,
+    version,
+)
 from tests.ui.conftest import logged_in
 
 pytestmark = pytest.mark.django_db
@@ -31,16 +40,6 @@ pytestmark = pytest.mark.django_db
 def versions() -> None:
     version("adder-v1")
     version("adder-v2")
-
-
-def fresh(rollout: Rollout) -> Rollout:
-    return Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
-
-
-def look(rollout: Rollout) -> RolloutAnalysis:
-    analysis = rollout_analyse(rollout_id=rollout.pk)
-    assert analysis is not None
-    return analysis
 
 
 def started(owner: Any, plan: dict[str, Any]) -> Rollout:
