@@ -29,7 +29,13 @@ from experiments.stats import (
     sequential_one_arm_size,
     sequential_sample_size,
 )
-from rollouts.analysis.checks import check_alpha_share, guardrail_tuning_n, slo_tuning_n, step_min_sample
+from rollouts.analysis.checks import (
+    check_alpha_share,
+    guardrail_tuning_n,
+    slo_tuning_n,
+    step_min_sample,
+    tail_guardrail_need,
+)
 from rollouts.plans import Plan
 from serving.models import ModelVersion
 
@@ -58,6 +64,8 @@ def _per_request(stats: RatioStats) -> tuple[float, float]:
 
 def _guardrail_need(guardrail: Any, share: float, alpha: float, tuning_n: float, history: ArmSums | None) -> dict[str, Any]:
     metric = METRICS[guardrail.metric]
+    if metric.shape == "percentile":
+        return tail_guardrail_need(guardrail, share=share, alpha=alpha, tuning_n=tuning_n, history=history)
     stats = _measured(history, guardrail.metric)
     assumed: dict[str, Any] = {}
     if metric.shape == "proportion":

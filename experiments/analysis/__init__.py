@@ -36,6 +36,7 @@ from experiments.analysis.sessions import (
     session_rows,
     unit_expression,
 )
+from experiments.analysis.tails import first_request_bins, shadow_pair_bins
 from experiments.models import OutcomeEvent
 from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
@@ -60,8 +61,10 @@ __all__ = [
     "alias_history",
     "arm_summary",
     "arm_sums",
+    "first_request_bins",
     "outcome_unit_stats",
     "shadow_candidate_sums",
+    "shadow_pair_bins",
     "shadow_paired_latency",
     "window_moments",
 ]

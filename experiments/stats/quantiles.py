@@ -402,3 +402,39 @@ def _more_sessions(baseline: Sample, candidate: Sample, quantile: float, margin:
         if per_width * width(n) / 2.0 <= gap:
             return max(1, math.ceil(n - candidate.n))
     return None
+
+
+def tail_sample_size(
+    *, quantile: float, margin: float, alpha: float, tuning_n: float, candidate_share: float, log_sd: float = 0.5,
+    power: float = 0.8,
+) -> int | None:  # fmt: skip
+    """Candidate sessions at which a candidate as good as the baseline is shown within ``margin`` with about
+    ``power``, for lognormal latencies of spread ``log_sd`` (the planning figure; the check itself assumes
+    no distribution): the arms' rank intervals (each at alpha / 2, the baseline's sessions in proportion to
+    its share) mapped through the lognormal quantile function, plus the power term of the two arms' log
+    quantiles' sampling spread. None when no sample up to 10^9 is enough."""
+    from ._checks import smallest_enough
+
+    quantile, alpha = _check_quantile(quantile), check_alpha(alpha)
+    margin = check_positive("margin", margin)
+    share = check_finite("candidate_share", candidate_share)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"candidate_share must be in (0, 1), got {candidate_share!r}")
+    sd = check_positive("log_sd", log_sd)
+    z_q = float(special.ndtri(quantile))
+    density = math.exp(-z_q * z_q / 2.0) / math.sqrt(2.0 * math.pi)
+    z_power = float(special.ndtri(power))
+    tuning = check_positive("tuning_n", tuning_n)
+    gap = math.log1p(margin)
+
+    def enough(n_c: int) -> bool:
+        n_b = max(1, round(n_c * (1.0 - share) / share))
+        width_c = _rank_half_width(n_c, quantile, alpha / 2.0, tuning)
+        width_b = _rank_half_width(n_b, quantile, alpha / 2.0, tuning)
+        if quantile + width_c >= 1.0 or quantile - width_b <= 0.0:
+            return False
+        spread = sd * (float(special.ndtri(quantile + width_c)) - float(special.ndtri(quantile - width_b)))
+        noise = z_power * sd * math.sqrt(quantile * (1.0 - quantile) * (1.0 / n_c + 1.0 / n_b)) / density
+        return spread + noise <= gap
+
+    return smallest_enough(enough, start=1, limit=10**9)

@@ -40,7 +40,9 @@ from experiments.analysis import (
     PairedLatency,
     arm_summary,
     arm_sums,
+    first_request_bins,
     shadow_candidate_sums,
+    shadow_pair_bins,
     shadow_paired_latency,
 )
 from experiments.metrics import HIGHER, LOWER, METRICS, Metric
@@ -68,6 +70,13 @@ from experiments.stats import (
 )
 from experiments.stats.bounded import bounded_mean_n_needed
 from experiments.stats.estimators import arm_difference
+from experiments.stats.quantiles import (
+    BinnedSample,
+    quantile_guardrail_check,
+    quantile_tuning_n,
+    tail_min_n,
+    tail_sample_size,
+)
 from rollouts import gates
 from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
 from rollouts.analysis.shadow import shadow_latency_guardrail
@@ -118,9 +127,12 @@ def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False) -> f
     decides; with `breach`, its breach side's (a quarter of that: where a harm of three margins is caught)."""
     if plan.tuning_n:
         return float(plan.tuning_n)
+    metric = METRICS[guardrail.metric]
+    if metric.shape == "percentile":
+        # In sessions (one request each), the same N* for both sides of the interval.
+        return quantile_tuning_n(quantile=float(metric.quantile or 0.99), alpha=check_alpha_share(plan), margin=guardrail.margin)
     if breach:
         return breach_tuning_n(guardrail_tuning_n(plan, guardrail))
-    metric = METRICS[guardrail.metric]
     found = margin_tuning_n(
         scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
         candidate_share=_comparing_share(plan), alpha=check_alpha_share(plan),
@@ -188,6 +200,9 @@ def _slo_min_n(slo: Any, alpha: float, tuning_n: float) -> int:
 
 def _guardrail_min_n(guardrail: Any, share: float, alpha: float, tuning_n: float) -> int:
     metric = METRICS[guardrail.metric]
+    if metric.shape == "percentile":
+        # Sessions, one request each: a floor on candidate requests too (a session sends at least one).
+        return tail_min_n(quantile=float(metric.quantile or 0.99), alpha=alpha, tuning_n=tuning_n)
     if metric.shape == "proportion" and not metric.outcome:
         return max(_units_floor(share), _proportion_guardrail_min_n(guardrail.margin, guardrail.relative, share, alpha, tuning_n))
     return _units_floor(share)
@@ -206,6 +221,35 @@ def step_min_sample(plan: Plan, step_index: int) -> int:
     if 0.0 < share < 1.0:
         needs += [_guardrail_min_n(g, share, alpha, guardrail_tuning_n(plan, g)) for g in plan.guardrails]
     return max(needs, default=0)
+
+
+ASSUMED_TAIL_LOG_SD = 0.5  # as rollouts.planning's ASSUMED_LOG_SD: a log latency's spread when none was measured
+
+
+def tail_guardrail_need(guardrail: Any, *, share: float, alpha: float, tuning_n: float, history: ArmSums | None,
+                        min_sessions: int = 30) -> dict[str, Any]:  # fmt: skip
+    """The planned sample of a tail guardrail (`rollouts.planning` asks here for percentile guardrails): the
+    candidate sessions at which a candidate as good as the baseline is shown within the margin at 80 %
+    power (`experiments.stats.quantiles.tail_sample_size`), for lognormal latencies with the spread the
+    baseline's history shows on the log scale (or an assumed one). Sessions, one request each: the
+    candidate's requests are at least as many."""
+    metric = METRICS[guardrail.metric]
+    assumed: dict[str, Any] = {}
+    log_sd = ASSUMED_TAIL_LOG_SD
+    stats = history.ratio_for(f"{metric.source.removesuffix('_ms')}_gmean_ms") if history is not None else None
+    if stats is not None and stats.units >= min_sessions and stats.den > 1:
+        mean = stats.num / stats.den
+        # Between requests, not sessions: the spread of one request's log latency around the arm's.
+        variance = max(0.0, stats.num_sq / stats.den - mean * mean) if stats.units == stats.den else None
+        if variance:
+            log_sd = math.sqrt(variance)
+    if log_sd == ASSUMED_TAIL_LOG_SD:
+        assumed["log_sd"] = ASSUMED_TAIL_LOG_SD
+    n = tail_sample_size(quantile=float(metric.quantile or 0.99), margin=guardrail.margin, alpha=alpha, tuning_n=tuning_n,
+                         candidate_share=share, log_sd=log_sd)  # fmt: skip
+    if n is None:
+        return {"metric": guardrail.metric, "error": "no sample up to 10^9 sessions shows this margin"}
+    return {"metric": guardrail.metric, "candidate_n": n, "unit": "candidate sessions", "assumed": assumed}
 
 
 # -- windows ----------------------------------------------------------------------------------------------
@@ -348,6 +392,47 @@ def _guardrail_check(
     }  # fmt: skip
 
 
+TAIL_TEST = "quantile confidence sequences (Howard and Ramdas 2022), one request per session, each arm at alpha/2"
+
+
+def _tail_guardrail_check(
+    guardrail: Any, bins: dict[str, dict[str, dict[int, int]]], alpha: float, tuning_n: float, share: float,
+    steps: list[int], shadow_step: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """A tail guardrail ("e2e_p99_ms at most 10 % worse"): the candidate's quantile against (1 + margin)
+    times the baseline's, from one request per session in each arm (`experiments.stats.quantiles`). Its
+    `n` and `sessions` count sessions, and `more_n` candidate sessions."""
+    metric = METRICS[guardrail.metric]
+    quantile = float(metric.quantile or 0.99)
+    field = metric.source
+    out: dict[str, Any] = {
+        "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
+        "relative": True, "scale": "quantile", "quantile": quantile, "alpha": num(alpha), "steps": steps,
+        "more_unit": "candidate sessions" if not shadow_step else "shadow pairs", "test": TAIL_TEST,
+        "unit": "first request of each session" if not shadow_step else "shadow pair",
+        "min_n": tail_min_n(quantile=quantile, alpha=alpha, tuning_n=tuning_n) if 0 < share < 1 else None,
+    }  # fmt: skip
+    base = BinnedSample.of(bins.get("baseline", {}).get(field, {}))
+    cand = BinnedSample.of(bins.get("candidate", {}).get(field, {}))
+    if not base.n or not cand.n:
+        return {**out, "decision": Decision.UNDECIDED.value, "n": [base.n, cand.n], "sessions": [base.n, cand.n],
+                "more_n": out["min_n"], "reason": "no comparable data in an arm"}  # fmt: skip
+    result = quantile_guardrail_check(base, cand, quantile=quantile, margin=guardrail.margin, alpha=alpha, tuning_n=tuning_n)
+    undecided = result.decision is Decision.UNDECIDED
+    more = None
+    if undecided:
+        more = result.more_n if result.more_n is not None else max(0, result.min_n - cand.n) or None
+    return {
+        **out, "decision": result.decision.value, "effect": num(result.harm), "low": num(result.harm_low),
+        "high": num(result.harm_high) if math.isfinite(result.harm_high) else None,
+        "n": [base.n, cand.n], "sessions": [base.n, cand.n],
+        "baseline": num(result.baseline.estimate), "candidate": num(result.candidate.estimate),
+        "baseline_bounds": [num(result.baseline.lower), num(result.baseline.upper) if math.isfinite(result.baseline.upper) else None],
+        "candidate_bounds": [num(result.candidate.lower), num(result.candidate.upper) if math.isfinite(result.candidate.upper) else None],
+        "more_n": more, "reason": result.reason,
+    }  # fmt: skip
+
+
 def _primary_check(plan: Plan, base: ArmSums, cand: ArmSums, prices: dict[str, tuple[float, float]], alpha: float,
                    tuning_n: float) -> dict[str, Any]:  # fmt: skip
     assert plan.primary_metric is not None
@@ -436,6 +521,13 @@ def step_label(rollout: Rollout) -> str:
 
 
 def breach_reason(check: dict[str, Any]) -> str:
+    if check["type"] == "guardrail" and check.get("scale") == "quantile":
+        label = f"p{float(check.get('quantile') or 0.99) * 100:g}"
+        return (
+            f"guardrail breached: {check['metric']} is worse than the baseline's by {check['effect'] * 100:.3g}% "
+            f"(at least {check['low'] * 100:.3g}% with confidence; margin {check['margin'] * 100:.3g}%); "
+            f"{label} of sessions' first requests: baseline {check.get('baseline')} ms, candidate {check.get('candidate')} ms"
+        )
     if check["type"] == "guardrail":
         unit = "%" if check["relative"] else ""
         scale = 100 if check["relative"] else 1
@@ -517,11 +609,14 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
+    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start)
     look.checks += [
-        _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared, paired,
-                         guardrail_tuning_n(plan, g, breach=True))
+        _tail_guardrail_check(g, tails, alpha, guardrail_tuning_n(plan, g), share, compared, shadow_step)
+        if METRICS[g.metric].shape == "percentile"
+        else _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared,
+                              paired, guardrail_tuning_n(plan, g, breach=True))
         for g in plan.guardrails
-    ]
+    ]  # fmt: skip
     if plan.shadow_quality is not None:
         look.checks.append(_quality_check(plan, rollout.pk, alpha))
     if plan.strategy == "ab" and plan.primary_metric is not None:
@@ -530,6 +625,19 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     if not shadow_step:
         look.comparisons = exploratory_comparisons(plan, strata, prices, rollout)
     return look
+
+
+def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int], shadow_step: bool,
+               window_start: datetime) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
+    """The tail guardrails' samples (`experiments.analysis.tails`): the first request of each session over the
+    same steps the other guardrails pool (a shadow step: its own pairs). Empty when no guardrail is a tail."""
+    fields = sorted({METRICS[g.metric].source for g in plan.guardrails if METRICS[g.metric].shape == "percentile"})
+    if not fields:
+        return {}
+    if shadow_step:
+        return shadow_pair_bins(rollout_id=rollout.pk, since=window_start, fields=fields)
+    spans = [(w.since, None if w.current else w.until) for w in windows if w.step_index in compared]
+    return first_request_bins(rollout_id=rollout.pk, windows=spans, fields=fields)
 
 
 # Reported beside the decisions on the experiments page: the gateway's own metrics and any outcome kinds.

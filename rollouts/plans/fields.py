@@ -156,12 +156,6 @@ def _parse_guardrail(errors: _Errors, path: str, raw: Any) -> Guardrail | None:
     if metric is None:
         errors.add(f"{path}.metric", f"unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
         return None
-    if metric.shape == "percentile":
-        errors.add(
-            f"{path}.metric",
-            f"{name} is a percentile, which can only be an SLO; guard the geometric mean ({metric.source.removesuffix('_ms')}_gmean_ms) instead",
-        )
-        return None
     margin_raw = raw.get("margin")
     relative = raw.get("relative")
     margin: float | None
@@ -183,6 +177,10 @@ def _parse_guardrail(errors: _Errors, path: str, raw: Any) -> Guardrail | None:
         relative = False
     if not isinstance(relative, bool):
         errors.add(f"{path}.relative", "must be true or false")
+        return None
+    if metric.shape == "percentile" and not relative:
+        # A tail guardrail compares the arms' quantiles as a ratio (experiments.stats.quantiles).
+        errors.add(f"{path}.margin", f"{name} is compared as a ratio of the arms' quantiles: give the margin as a percentage ('10%')")
         return None
     if metric.shape == "gmean" and not relative:
         errors.add(f"{path}.margin", f"{name} is compared as a ratio of geometric means: give the margin as a percentage ('10%')")

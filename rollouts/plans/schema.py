@@ -86,8 +86,9 @@ PLAN_JSON_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "metric": {"type": "string", "enum": sorted(m for m, d in METRICS.items() if d.shape != "percentile")},
-                    "margin": {"description": "0.005 (absolute) or '10%' (relative to the baseline)"},
+                    "metric": {"type": "string", "enum": sorted(METRICS)},
+                    "margin": {"description": "0.005 (absolute) or '10%' (relative to the baseline; a percentile's "
+                                              "margin is always relative: its p90 at most 10 % over the baseline's)"},
                     "relative": {"type": "boolean"},
                 },
             },

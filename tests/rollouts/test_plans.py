@@ -70,7 +70,7 @@ def test_percentages_slo_strings_and_relative_margins() -> None:
         ({"slos": ["error_rate <= 3"]}, "slos[0]", "between 0 and 1"),
         ({"slos": ["latency <= 3"]}, "slos[0].metric", "unknown metric 'latency'"),
         ({"slos": ["ttft_p99_ms is small"]}, "slos[0]", "write an SLO as"),
-        ({"guardrails": [{"metric": "ttft_p99_ms", "margin": "10%"}]}, "guardrails[0].metric", "can only be an SLO"),
+        ({"guardrails": [{"metric": "ttft_p99_ms", "margin": 20}]}, "guardrails[0].margin", "ratio of the arms' quantiles"),
         ({"guardrails": [{"metric": "tpot_mean_ms"}]}, "guardrails[0].margin", "required"),
         ({"alpha": 0.9}, "alpha", "at most 0.5"),
         ({"strategy": "yolo"}, "strategy", "one of canary, shadow, ab, blue_green"),

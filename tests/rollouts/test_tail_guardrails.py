@@ -1,0 +1,126 @@
+"""Tail guardrails ("tpot_p90_ms at most 10 % worse") in a plan and in the look: validated, given their share
+of the alpha split, decided on one request per session with the quantile confidence sequences
+(experiments.stats.quantiles), shown like the other guardrails, and acted on by the step policy."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from experiments.analysis import first_request_bins
+from experiments.stats.quantiles import quantile_tuning_n, tail_min_n
+from rollouts.analysis.checks import alpha_split, step_min_sample
+from rollouts.plans import plan_normalise
+from rollouts.services import rollout_create
+from tests.rollouts.helpers import canary_plan, fresh, look, records, shadow_pairs, step_back, version
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def versions() -> None:
+    version("adder-v1")
+    version("adder-v2")
+
+
+TAIL = {"metric": "tpot_p90_ms", "margin": "10%"}
+
+
+def started(owner: Any, **overrides: Any) -> Any:
+    plan = canary_plan(guardrails=[TAIL], **{"steps": [{"weight": 0.5, "min_duration_s": 600}], **overrides})
+    return rollout_create(plan=plan, actor=owner.user, start=True).rollout
+
+
+def test_a_tail_guardrail_is_a_plan_check_with_its_share_and_floor() -> None:
+    plan = plan_normalise(canary_plan(guardrails=[TAIL, {"metric": "error_rate", "margin": 0.01}]))
+    (tail, _) = plan.guardrails
+    assert (tail.metric, tail.margin, tail.relative, tail.label) == ("tpot_p90_ms", 0.1, True, "tpot_p90_ms at most 10% worse")
+    split = alpha_split(plan)
+    assert split.checks == ("tpot_p90_ms at most 10% worse", "error_rate at most 0.01 worse") and split.share == 0.025
+    # The step's floor: at least the candidate sessions at which the p90 has an upper bound at all.
+    floor = tail_min_n(quantile=0.9, alpha=0.025, tuning_n=quantile_tuning_n(quantile=0.9, alpha=0.025, margin=0.1))
+    assert step_min_sample(plan, 0) >= floor
+
+
+def test_the_sample_is_each_sessions_first_request(owner: Any, versions: None) -> None:
+    """A session's later requests never enter: one slow first request and nine fast ones count once, slow."""
+    rollout = started(owner)
+    now = timezone.now()
+    records(rollout, arm="candidate", n=1, tpot=(500.0, 0.0), sessions=["s1"], at=now - timedelta(seconds=5))
+    records(rollout, arm="candidate", n=9, tpot=(10.0, 0.0), sessions=["s1"], at=now - timedelta(seconds=3))
+    for session in ("s2", "s3", "s4"):
+        records(rollout, arm="candidate", n=1, tpot=(10.0, 0.0), sessions=[session], at=now - timedelta(seconds=3))
+    bins = first_request_bins(rollout_id=rollout.pk, windows=[(now - timedelta(minutes=1), None)], fields=["tpot_ms"])
+    counts = bins["candidate"]["tpot_ms"]
+    # Four sessions: s1's slow first request once, and the three others' fast ones.
+    slow = max(counts)
+    assert sum(counts.values()) == 4 and counts[slow] == 1
+
+
+def test_a_tail_regression_with_the_mean_almost_unchanged_rolls_back(owner: Any, versions: None) -> None:
+    """A fifth of the candidate's requests take four times as long: its p90 is far over the baseline's while
+    most requests are as fast. The guardrail breaches on sessions' first requests and the step rolls back."""
+    rollout = started(owner)
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=1500, model_version=rollout.baseline, seed=21, sessions=1200)
+    records(rollout, arm="candidate", n=1500, model_version=rollout.candidate, seed=22, sessions=1200,
+            tpot=lambda rng: rng.gauss(20.0, 2.0) * (4.0 if rng.random() < 0.2 else 1.0))  # fmt: skip
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
+    assert check["decision"] == "breach" and check["scale"] == "quantile" and check["test"].startswith("quantile confidence")
+    # Sessions, not requests: each arm counts each session once.
+    assert check["n"][0] < 1200 and check["n"] == check["sessions"] and check["more_unit"] == "candidate sessions"
+    assert check["low"] > 0.1 and check["candidate"] > 2 * check["baseline"]
+    assert analysis.decision == "rollback" and "tpot_p90_ms" in analysis.reason and "margin 10%" in analysis.reason
+    assert fresh(rollout).state == "rolled_back"
+
+
+def test_an_a_a_is_shown_safe_and_advances(owner: Any, versions: None) -> None:
+    rollout = started(owner, steps=[{"weight": 0.5, "min_duration_s": 60}, {"weight": 0.9}])
+    step_back(rollout, 120)
+    records(rollout, arm="baseline", n=3000, model_version=rollout.baseline, seed=31)
+    records(rollout, arm="candidate", n=3000, model_version=rollout.candidate, seed=32)
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
+    assert check["decision"] == "safe", check
+    assert check["low"] < 0 < check["high"] < 0.1 and check["alpha"] == 0.05
+    assert check["baseline_bounds"][0] <= check["baseline"] <= check["baseline_bounds"][1]
+    assert analysis.decision == "advance"
+
+
+def test_too_few_sessions_hold_the_step_and_say_how_many(owner: Any, versions: None) -> None:
+    rollout = started(owner)
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=20, model_version=rollout.baseline, seed=41)
+    records(rollout, arm="candidate", n=20, model_version=rollout.candidate, seed=42)
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
+    assert check["decision"] == "undecided" and check["high"] is None
+    assert "candidate sessions" in check["reason"] and check["more_n"] and analysis.decision == "hold"
+
+
+def test_a_shadow_step_compares_both_sides_of_its_pairs(owner: Any, versions: None) -> None:
+    plan = canary_plan(strategy="shadow", steps=None, shadow={"rate": 0.5}, guardrails=[TAIL])
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    step_back(rollout, 30)
+    shadow_pairs(rollout, n=800, tpot=(40.0, 3.0), baseline_tpot=(20.0, 2.0), seed=51)
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
+    assert check["decision"] == "breach" and check["unit"] == "shadow pair" and check["n"] == [800, 800]
+    assert analysis.decision == "rollback"
+
+
+def test_the_planned_sample_counts_candidate_sessions() -> None:
+    from experiments.stats.quantiles import tail_sample_size
+    from rollouts.planning import plan_sample_sizes
+
+    plan = plan_normalise(canary_plan(guardrails=[TAIL], steps=[{"weight": 0.2}]))
+    (step,) = plan_sample_sizes(plan=plan, baseline=None)["steps"]
+    (check,) = step["checks"]
+    tuning = quantile_tuning_n(quantile=0.9, alpha=0.05, margin=0.1)
+    expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=0.05, tuning_n=tuning, candidate_share=0.2)
+    assert (check["unit"], check["candidate_n"], check["assumed"]) == ("candidate sessions", expected, {"log_sd": 0.5})
+    assert step["candidate_n"] >= expected
