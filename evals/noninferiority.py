@@ -425,3 +425,73 @@ def graded_noninferiority(
         verdict, "bootstrap-t", int(diffs.size), margin, alpha, mean, min(low, mean), max(high, mean), reason, needed,
         {"sd": sd, "resamples": resamples, "seed": seed},
     )  # fmt: skip
+
+
+# -- the minimum score (an eval gate's `min_score`) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreBounds:
+    """One-sided (1 - alpha) bounds of the candidate's mean score on the suite: Clopper-Pearson for pass/fail
+    items (exact: a pass at a true accuracy exactly at the minimum happens at most alpha of the time), the
+    bootstrap-t of the mean for graded scores (second-order accurate, as the paired gate's)."""
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+    alpha: float
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean, "sd": self.sd, "low": self.low, "high": self.high,
+                "alpha": self.alpha, "method": self.method}  # fmt: skip
+
+
+def clopper_pearson_bounds(successes: int, n: int, *, alpha: float) -> tuple[float, float]:
+    """One-sided (1 - alpha) exact bounds of a proportion (Clopper and Pearson 1934), each end at alpha."""
+    alpha = check_alpha(alpha)
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes!r} of {n!r}")
+    low = 0.0 if successes == 0 else float(stats.beta.ppf(alpha, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(stats.beta.ppf(1.0 - alpha, successes + 1, n - successes))
+    return low, high
+
+
+def score_bounds(scores: Sequence[float] | np.ndarray, *, binary: bool, alpha: float, resamples: int = 2000,
+                 seed: int = 0) -> ScoreBounds:  # fmt: skip
+    """The candidate's mean score with its one-sided bounds at alpha (``ScoreBounds``)."""
+    values = np.asarray(scores, dtype=float)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError("scores must be a non-empty sequence of finite numbers")
+    if np.any(values < -1e-9) or np.any(values > 1.0 + 1e-9):
+        raise ValueError("scores must lie in [0, 1]")
+    n, mean = int(values.size), float(values.mean())
+    sd = float(values.std(ddof=1)) if n > 1 else 0.0
+    if binary:
+        low, high = clopper_pearson_bounds(int(np.rint(values.sum())), n, alpha=alpha)
+        return ScoreBounds(n, mean, sd, low, high, alpha, "clopper-pearson")
+    low, high = bootstrap_t_bounds(values, alpha=alpha, resamples=resamples, seed=seed)
+    return ScoreBounds(n, mean, sd, max(0.0, low), min(1.0, high), alpha, "bootstrap-t")
+
+
+def min_score_items_needed(*, mean: float, sd: float, minimum: float, alpha: float, binary: bool,
+                           power: float = DEFAULT_POWER) -> int | None:  # fmt: skip
+    """Items at which a candidate scoring ``mean`` shows it is at least ``minimum`` with about ``power``
+    (None when its mean is not above the minimum): for pass/fail items the smallest n whose Clopper-Pearson
+    lower bound clears the minimum at the expected count less the power term; for graded scores the normal
+    approximation."""
+    if mean <= minimum:
+        return None
+    if not binary:
+        z = float(stats.norm.ppf(1.0 - check_alpha(alpha)) + stats.norm.ppf(power))
+        return max(2, math.ceil((z * max(sd, 1e-9) / (mean - minimum)) ** 2))
+    n = 1
+    while n < 10**7:
+        shortfall = float(stats.norm.ppf(power)) * math.sqrt(n * mean * (1.0 - mean))
+        successes = min(n, max(0, math.floor(n * mean - shortfall)))
+        if clopper_pearson_bounds(successes, n, alpha=alpha)[0] >= minimum:
+            return n
+        n = max(n + 1, math.ceil(n * 1.1))
+    return None

@@ -24,10 +24,13 @@ from scipy import stats
 from evals.noninferiority import (
     DiscordantCounts,
     NonInferiority,
+    ScoreBounds,
     Verdict,
     binary_noninferiority,
     bootstrap_t_bounds,
     graded_noninferiority,
+    min_score_items_needed,
+    score_bounds,
     tango_bounds,
 )
 
@@ -131,6 +134,21 @@ def noninferiority(
     return graded_noninferiority(diffs, margin=margin, alpha=alpha, resamples=resamples, seed=seed)
 
 
+def candidate_score_bounds(items: Iterable[PairedItem], *, binary: bool, alpha: float, resamples: int = 2000,
+                           seed: int = 0) -> ScoreBounds:  # fmt: skip
+    """The candidate's mean score on the items scored on both sides, with one-sided bounds at alpha
+    (`evals.noninferiority.score_bounds`): what the gate's `min_score` decides on. Pass/fail items count the
+    candidate's verdicts, as the paired test does; graded scores that only took 0 and 1 count as pass/fail."""
+    scored = _scored(list(items))
+    if not scored:
+        raise ValueError("no item was scored on both sides")
+    if binary:
+        values = [1.0 if passed else 0.0 for passed in _verdicts(scored)[1]]
+        return score_bounds(values, binary=True, alpha=alpha)
+    values = [float(i.candidate) for i in scored]  # type: ignore[arg-type]
+    return score_bounds(values, binary=_all_zero_or_one(scored), alpha=alpha, resamples=resamples, seed=seed)
+
+
 def wilcoxon_p_value(baseline: Sequence[float], candidate: Sequence[float]) -> float:
     diffs = np.asarray(candidate, dtype=float) - np.asarray(baseline, dtype=float)
     if not np.any(diffs != 0):
@@ -191,6 +209,10 @@ def compare_paired(
         row = _row([i for i in items if tag in i.tags], **options)  # type: ignore[arg-type]
         per_tag.append({"tag": tag, **row})
     overall = _row(items, **options)  # type: ignore[arg-type]
+    if overall["n"]:
+        overall["candidate_bounds"] = candidate_score_bounds(
+            items, binary=binary, alpha=alpha, resamples=resamples, seed=seed
+        ).as_dict()
     if margin is not None and overall["n"]:
         overall["noninferiority"] = noninferiority(
             items, binary=binary, margin=margin, alpha=alpha, resamples=resamples, seed=seed
@@ -227,12 +249,16 @@ def gate_decide(overall: dict[str, Any], *, max_drop: float | None, min_score: f
     pass when the one-sided (1 - alpha) lower bound of candidate - baseline is above -max_drop (for
     pass/fail items the exact unconditional test must agree), fail when the upper bound is below it,
     otherwise undecided, with the number of items a suite would need. A fixed suite brings no more data,
-    so an undecided gate does not pass. The minimum is on the candidate's mean score (a point check)."""
+    so an undecided gate does not pass. The minimum: pass when the one-sided (1 - alpha) lower bound of the
+    candidate's mean score (Clopper-Pearson for pass/fail items, bootstrap-t for graded) is at least
+    `min_score`, fail when its upper bound is below it, otherwise undecided. With both, the gate passes only
+    when both pass (an intersection-union test: a candidate bad on either is passed at most alpha of the
+    time) and fails when either fails."""
     detail: dict[str, Any] = {
         "max_drop": max_drop, "min_score": min_score, "alpha": alpha,
         "rule": "pass when the one-sided (1 - alpha) lower bound of candidate - baseline is above -max_drop "
-                "(and the candidate's mean is at least min_score); fail when the upper bound is below -max_drop; "
-                "otherwise undecided",
+                "and the lower bound of the candidate's mean score is at least min_score; fail when an upper "
+                "bound is below its threshold; otherwise undecided",
     }  # fmt: skip
     if not overall.get("n"):
         return GateDecision(None, "no item was scored on both runs", {**detail, "decision": None})
@@ -254,11 +280,25 @@ def gate_decide(overall: dict[str, Any], *, max_drop: float | None, min_score: f
         )  # fmt: skip
         reasons.append(test["reason"])
     if min_score is not None:
-        if candidate_score >= min_score:
-            reasons.append(f"mean score {candidate_score:.3f} reaches the minimum {min_score:g}")
-        else:
+        bounds = overall.get("candidate_bounds")
+        if bounds is None or bounds["alpha"] != alpha:
+            raise ValueError("the overall row has no bounds of the candidate's mean score at this alpha")
+        low, high = float(bounds["low"]), float(bounds["high"])
+        detail.update(min_score_test={**bounds, "minimum": min_score})
+        shown = f"mean score {candidate_score:.3f} (one-sided {1 - alpha:.3g} bounds {low:.3f} to {high:.3f}, {bounds['method']})"
+        if high < min_score:
             verdict = Verdict.FAIL
-            reasons.append(f"mean score {candidate_score:.3f} is below the minimum {min_score:g}")
+            reasons.append(f"{shown} is below the minimum {min_score:g}")
+        elif low >= min_score:
+            reasons.append(f"{shown} reaches the minimum {min_score:g}")
+        else:
+            if verdict is Verdict.PASS:
+                verdict = Verdict.UNDECIDED
+            needed = min_score_items_needed(mean=candidate_score, sd=float(bounds.get("sd") or 0.0), minimum=min_score,
+                                            alpha=alpha, binary=bounds["method"] == "clopper-pearson")  # fmt: skip
+            detail["min_score_test"]["items_needed"] = needed
+            more = f"; about {needed} items would show it" if needed is not None else ""
+            reasons.append(f"{shown} cannot show the minimum {min_score:g} on {overall['n']} items{more}")
     detail["decision"] = verdict.value
     mcnemar = overall.get("mcnemar")
     if mcnemar is not None:

@@ -358,7 +358,7 @@ def eval_gate_validate(*, spec: dict[str, Any]) -> dict[str, Any]:
     Keys: suite (a suite name; the latest version is used unless suite_version pins one), scorer (a name
     or {name, params, label}), max_drop (how much lower the candidate's score may be than the baseline's,
     0..0.5, a non-inferiority margin tested one-sided at alpha), min_score (the candidate's minimum mean
-    score, 0..1), alpha (the chance of passing a candidate worse by max_drop, 0.001..0.25, default 0.05;
+    score, 0..1, tested one-sided at alpha on a bound of the mean), alpha (the chance of passing a candidate worse by max_drop, 0.001..0.25, default 0.05;
     a rollout passes its own share of the plan's alpha instead), concurrency (default 4), max_tokens
     (default 64). max_drop or min_score or both."""
     if not isinstance(spec, dict):

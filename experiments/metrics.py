@@ -6,8 +6,9 @@ says how the analysis gets sufficient statistics for it from SQL aggregates:
 - ``gmean``: a latency compared on the log scale, as the ratio of geometric means over successful
   requests: the default for latency guardrails (a heavy right tail weighs far less than on the mean);
 - ``mean``: a per-request number averaged over successful requests (the arithmetic mean, by name);
-- ``percentile``: a tail objective, judged as the share of successful requests over a threshold, so it
-  can be an SLO ("ttft_p99_ms <= 800") but not a guardrail against the baseline;
+- ``percentile``: a tail. As an SLO ("ttft_p99_ms <= 800"), the share of successful requests over the
+  threshold; as a guardrail, the arms' quantiles of each session's first request compared with a relative
+  margin (`experiments.stats.quantiles`);
 - ``proportion``: a 0/1 per request (an error) or per outcome event (thumbs up).
 
 Sessions, not requests, are the units of every comparison (`experiments.analysis`): each of these is a
