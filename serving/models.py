@@ -152,8 +152,9 @@ class Alias(models.Model):
     store_prompts = models.BooleanField(default=False, help_text="Keep redacted prompts and outputs.")
     ttfb_timeout_s = models.FloatField(
         null=True, blank=True,
-        help_text="Seconds to wait for an engine's response head before trying another replica (blank: "
-                  "GATEWAY_TTFB_TIMEOUT_S). A non-streamed answer's head comes only when it is complete.",
+        help_text="Seconds to wait for an engine's first event of the answer (streamed or not: the gateway "
+                  "asks the engine for a stream either way) before trying another replica (blank: "
+                  "GATEWAY_TTFB_TIMEOUT_S).",
     )
     # A GPU budget (replicas of the two versions together): the candidate gets the replicas its weight
     # needs and the baseline gives them up first; `candidate_weight` follows `target_weight` only once the

@@ -25,6 +25,7 @@ from typing import Any
 from config.log_context import request_id_var
 from serving.gateway import metrics
 from serving.gateway.admission import Limits, limits_for, refusal_error
+from serving.gateway.assemble import needs_whole
 from serving.gateway.config import GatewayConfig
 from serving.gateway.errors import (
     GatewayError,
@@ -322,6 +323,8 @@ class Gateway:
             affinity=session if session is not None else prefix_key(body, endpoint) if self.config.prefix_affinity else None,
             assigned_arm=arm_choose(route, session, rng=self._rng), collect=route.store_prompts or shadow,
         )
+        # A non-streamed answer is asked of the engine as a stream, so that its first event can be timed.
+        ex.assemble = not stream and not needs_whole(body)
         if stream:
             options = body.get("stream_options")
             ex.client_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -17,7 +17,8 @@ class GatewayConfig:
     shadow_expires_s: float = 300.0
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
-    # Until an engine's first byte of the answer (a stream's first event); an alias may set its own (Alias.ttfb_timeout_s).
+    # Until an engine's first event of the answer (non-streamed requests are asked as streams too); an alias may
+    # set its own (Alias.ttfb_timeout_s).
     ttfb_timeout_s: float = 30.0
     # Tries of one request in all (replicas of its arm, then the other arm where the plan allows).
     max_attempts: int = 3

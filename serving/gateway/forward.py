@@ -1,9 +1,10 @@
 """Sending a request to the engines: tries, retries, failover, and passing the answer through.
 
 A request is tried on a replica of the arm its session was assigned to. Until a byte of the answer has
-gone to the client, a refused connection, a reset, a 5xx or no answer within the TTFB timeout (no response
-head; for a stream, no first event: a stream's head comes as soon as the engine takes the request) is
-tried again on another replica of the same arm, then on the other arm where the plan allows (a candidate's
+gone to the client, a refused connection, a reset, a 5xx or no first event within the TTFB timeout (a
+stream's head comes as soon as the engine takes the request, its first event once the engine works on it;
+a non-streamed request is asked of the engine as a stream too and assembled, `assemble.py`, so it is timed
+the same way, however long its answer takes) is tried again on another replica of the same arm, then on the other arm where the plan allows (a candidate's
 users always fall back to the baseline; the baseline's go to the candidate only with
 `failover_to_candidate`), at most `max_attempts` tries in all. Once a byte has gone, never again: an error
 then ends the stream with an error event, as OpenAI's API does.
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from serving.gateway import metrics
+from serving.gateway.assemble import Assembler
 from serving.gateway.config import GatewayConfig
 from serving.gateway.errors import GatewayError, RateLimited, no_engine, upstream_failed, upstream_timeout
 from serving.gateway.meter import StreamMeter, body_measure, usage_tokens
@@ -104,6 +106,8 @@ class Exchange:
     assigned_arm: str
     collect: bool = False  # keep the output text (stored prompts, shadow pairs)
     client_usage: bool = False  # the client asked for the usage chunk itself
+    # Not streamed to the client, but asked of the engine as a stream and assembled (assemble.py).
+    assemble: bool = False
     upstream_headers: tuple[str, ...] = ()  # passed to the engine (trace context)
     started: float | None = None  # perf_counter of the first try's send
     attempts: list[Attempt] = field(default_factory=list)
@@ -240,7 +244,10 @@ class Forwarder:
         """Answer the client from this replica, or raise _Retry having sent it nothing."""
         body = ex.body
         body["model"] = arm.version.served_model_name
+        if ex.assemble:
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        streamed = ex.stream or ex.assemble
         path = "/v1/chat/completions" if ex.endpoint == CHAT else "/v1/completions"
         headers = (*replica.headers, f"X-Request-Id: {ex.request_id}", *trace_headers)
         if ex.started is None:
@@ -248,9 +255,11 @@ class Forwarder:
         replica.outstanding += 1
         try:
             try:
+                # A non-streamed answer passed through whole has its head only once it is complete: no
+                # first-byte timeout can tell a long answer from a hung engine there, only the read timeout.
                 response = await self.pool.request(
-                    replica.endpoint, "POST", path, body=payload, headers=headers, head_timeout_s=ttfb,
-                    body_in_time=ex.stream,
+                    replica.endpoint, "POST", path, body=payload, headers=headers,
+                    head_timeout_s=ttfb if streamed else None, body_in_time=streamed,
                 )
             except UpstreamRefused as exc:
                 replica.refused(time.monotonic())
@@ -268,10 +277,14 @@ class Forwarder:
                         f"http_{response.status}",
                         f"the engine answered {response.status}: {detail}",
                     )
-                if response.status != 200 or not ex.stream:
+                if response.status != 200 or not streamed:
                     await self._whole(ex, attempt, response, send)
-                else:
+                elif ex.stream:
                     await self._stream(ex, attempt, response, send)
+                elif _is_sse(response):
+                    await self._assembled(ex, attempt, response, send)
+                else:
+                    await self._whole(ex, attempt, response, send)  # an engine that answered whole all the same
             finally:
                 response.close()
         finally:
@@ -369,6 +382,39 @@ class Forwarder:
         _stream_settle(attempt, meter, ex.collect)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
+    async def _assembled(self, ex: Exchange, attempt: Attempt, response: Response, send: Send) -> None:
+        """The engine's stream, read to its end and sent as one non-streamed answer. Nothing has reached the
+        client until then, so a stream that breaks off or ends in an error event is tried again elsewhere,
+        as a failed non-streamed answer would be."""
+        assert ex.started is not None
+        meter = StreamMeter(sent_at=ex.started)
+        assembler = Assembler(chat=ex.endpoint == CHAT)
+        perf = time.perf_counter
+        try:
+            async for chunk in response.chunks():
+                out = meter.feed(chunk, perf())
+                if out:
+                    assembler.feed(out)
+            tail = meter.finish(perf())
+            if tail:
+                assembler.feed(tail)
+        except UpstreamHeadTimeout as exc:
+            self._failed(attempt, 504, "ttfb_timeout", str(exc))
+        except UpstreamError as exc:
+            self._failed(attempt, 502, _kind(exc), f"the engine's stream broke off: {_kind(exc)}")
+        if meter.error is not None:
+            self._failed(attempt, 502, "stream_error", f"the engine's stream ended in an error: {meter.error}")
+        if meter.done_at is None or not assembler.events:
+            self._failed(attempt, 502, "stream_cut", "the engine's stream ended without [DONE]")
+        _stream_settle(attempt, meter, collect=False)
+        if ex.collect:
+            attempt.output_text = assembler.text()
+        content = assembler.dumps()
+        attempt.status = 200
+        headers = [(b"content-type", JSON), (b"content-length", str(len(content)).encode()), *ex.reply_headers()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
     async def _give_up(self, ex: Exchange, reasons: list[str], ttfb: float, send: Send) -> None:
         """Every try failed before answering: the last one decides the status (503 when nothing could be
         reached, 504 when nothing answered in time, else 502); the message says what each arm did."""
@@ -419,6 +465,10 @@ async def _error_detail(response: Response, timeout_s: float) -> str:
     except (UpstreamError, TimeoutError):
         return ""
     return content[:300].decode("utf-8", "replace")
+
+
+def _is_sse(response: Response) -> bool:
+    return response.headers.get(b"content-type", b"").startswith(b"text/event-stream")
 
 
 def _failure_words(kinds: list[str], ttfb: float) -> str:

@@ -10,6 +10,10 @@ last message says:
 - "flood": an endless SSE stream, written as fast as the gateway takes it (each write waits for the socket
   to drain, so `flood_bytes` counts what the gateway actually accepted);
 - "slow": one token every 50 ms, 400 of them;
+- "paced": `paced_tokens` tokens `paced_pause_s` apart, streamed or not as asked, shaped as vLLM shapes
+  them (a role chunk, `finish_reason` on the last token, `n` choices, log-probabilities when asked, a tool
+  call when the request offers tools, the usage chunk when asked), and not streamed, the very answer the
+  stream adds up to, sent once it is complete;
 - anything else: a short answer, streamed or not as asked.
 
 unless `mode` says otherwise for every request: "error" (500, vLLM's error shape), "hang" (reads the request,
@@ -82,6 +86,8 @@ class FakeEngine:
         self.running = 0
         self.waiting = 0
         self.hold = _released()
+        self.paced_tokens = 20
+        self.paced_pause_s = 0.0
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -248,6 +254,9 @@ class FakeEngine:
         chat = path == "/v1/chat/completions"
         messages = body.get("messages") or [{}]
         what = messages[-1].get("content") if chat and isinstance(messages[-1], dict) else None
+        if what == "paced" or (not chat and body.get("prompt") == "paced"):
+            await self._paced(body, writer, chat=chat)
+            return
         if not body.get("stream"):
             self.seen.completions += 1
             await _json(writer, 200, _completion(body, "42", chat=chat))
@@ -279,6 +288,86 @@ class FakeEngine:
             raise
         finally:
             self.seen.streams_open -= 1
+
+
+    async def _paced(self, body: dict[str, Any], writer: asyncio.StreamWriter, *, chat: bool) -> None:
+        n = body.get("n") or 1
+        tokens = [str(i % 10) for i in range(self.paced_tokens)]
+        tool = chat and bool(body.get("tools"))
+        pieces = ['{"x": "', *tokens, '"}'] if tool else tokens
+        finish = "tool_calls" if tool else "length"
+        logprobs = bool(body.get("logprobs"))
+        head = {"id": "cmpl-paced", "created": 1700000000, "model": body.get("model")}
+        usage = {"prompt_tokens": 5, "total_tokens": 5 + n * len(pieces), "completion_tokens": n * len(pieces),
+                 "prompt_tokens_details": None}
+        if not body.get("stream"):
+            await asyncio.sleep(self.paced_pause_s * len(pieces))
+            choices = []
+            for index in range(n):
+                choice: dict[str, Any] = {"index": index}
+                if chat:
+                    choice["message"] = (
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "call_0", "type": "function",
+                             "function": {"name": "f", "arguments": "".join(pieces)}}]}
+                        if tool else {"role": "assistant", "content": "".join(pieces)})
+                else:
+                    choice["text"] = "".join(pieces)
+                choice["logprobs"] = _logprobs(pieces, 0, chat=chat) if logprobs else None
+                choices.append({**choice, "finish_reason": finish, "stop_reason": None})
+            self.seen.completions += 1
+            await _json(writer, 200, {**head, "object": "chat.completion" if chat else "text_completion",
+                                      "choices": choices, "usage": usage})
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        top = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if chat:
+            for index in range(n):
+                await _send_chunk(writer, _event({**top, "choices": [
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]}))
+        offset = 0
+        for position, piece in enumerate(pieces):
+            last = position == len(pieces) - 1
+            for index in range(n):
+                choice = {"index": index}
+                if tool:
+                    call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+                    if position == 0:
+                        call = {"index": 0, "id": "call_0", "type": "function",
+                                "function": {"name": "f", "arguments": piece}}
+                    choice["delta"] = {"tool_calls": [call]}
+                elif chat:
+                    choice["delta"] = {"content": piece}
+                else:
+                    choice["text"] = piece
+                choice["logprobs"] = _logprobs([piece], offset, chat=chat) if logprobs else None
+                choice["finish_reason"] = finish if last else None
+                if last:
+                    choice["stop_reason"] = None
+                await _send_chunk(writer, _event({**top, "choices": [choice]}))
+            offset += len(piece)
+            if self.paced_pause_s:
+                await asyncio.sleep(self.paced_pause_s)
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            await _send_chunk(writer, _event({**top, "choices": [], "usage": usage}))
+        await _send_chunk(writer, b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.seen.completions += 1
+
+
+def _logprobs(pieces: list[str], offset: int, *, chat: bool) -> dict[str, Any]:
+    if chat:
+        return {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()), "top_logprobs": []}
+                            for p in pieces]}
+    offsets = []
+    for p in pieces:
+        offsets.append(offset)
+        offset += len(p)
+    return {"text_offset": offsets, "token_logprobs": [-0.5] * len(pieces), "tokens": list(pieces),
+            "top_logprobs": [{p: -0.5} for p in pieces]}
 
 
 def _completion(body: dict[str, Any], text: str, *, chat: bool) -> dict[str, Any]:
