@@ -8,6 +8,7 @@ proxy in front of the same engine, in many short interleaved rounds.
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway --engine-variant mp:VLLM_ENABLE_V1_MULTIPROCESSING=1
     .venv/bin/python benchmarks/gateway.py --targets direct,gateway,gateway+features --features-redis redis://127.0.0.1:6379/15
     .venv/bin/python benchmarks/gateway.py --mode overhead      # vs LiteLLM on a stand-in engine, 1 and 64 clients
+    .venv/bin/python benchmarks/gateway.py --mode overhead --targets direct,gateway --client-counts 1 --before HEAD~1
     .venv/bin/python benchmarks/gateway.py --help
 
 `gateway+features` is the standalone gateway on an alias with every request mirrored to a shadow candidate
@@ -250,13 +251,13 @@ if features_url:
 
 @contextmanager
 def process(args: list[str], *, env: dict[str, str], log: Path, ready_url: str, timeout_s: float = 180,
-            cpus: frozenset[int] | None = None) -> Iterator[int]:
+            cpus: frozenset[int] | None = None, cwd: Path = REPO) -> Iterator[int]:
     """A child process (its own session) until it answers `ready_url`; on `cpus` (it and its threads) when given."""
     import httpx
 
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=pin)
     try:
         deadline = time.monotonic() + timeout_s
@@ -338,6 +339,9 @@ def main() -> None:
                         help="engine: a real vLLM engine (default); overhead: a stand-in engine with no compute, "
                              "the gateway against LiteLLM per process")
     parser.add_argument("--client-counts", default="1,64", help="overhead mode: concurrent clients to measure at")
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="overhead mode: also measure the gateway as it was at git revision REV (target "
+                             "`before`, its own process on the same CPU, in the same rounds)")
     args = parser.parse_args()
     if args.mode == "overhead":
         overhead_main(args)
@@ -567,6 +571,8 @@ def overhead_main(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, set(cpus[:-1]))
     counts = [int(c) for c in args.client_counts.split(",") if c.strip()]
     targets_wanted = [t for t in ("direct", "gateway", "litellm") if t in args.targets.split(",")]
+    if args.before:
+        targets_wanted.insert(1, "before")
     tmp = Path(tempfile.mkdtemp(prefix="ramp-bench-overhead-"))
     env = bench_env(tmp)
     logs = tmp / "logs"
@@ -592,6 +598,19 @@ def overhead_main(args: argparse.Namespace) -> None:
                 env=env, log=logs / "gateway.log", ready_url=f"http://127.0.0.1:{gport}/healthz", cpus=proxy_cpus))
             targets["gateway"] = Target("gateway", gport, "/v1/chat/completions", ALIAS,
                                         {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
+        if "before" in targets_wanted:
+            # The code at REV, unpacked beside the run: uvicorn imports the app from its working directory first.
+            tree = tmp / "before"
+            tree.mkdir()
+            archive = subprocess.run(["git", "archive", args.before], cwd=REPO, check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+            bport = free_port()
+            pid = stack.enter_context(process(
+                [str(VENV_BIN / "uvicorn"), "serving.gateway.asgi:application", "--port", str(bport), *server_flags()],
+                env=env, log=logs / "before.log", ready_url=f"http://127.0.0.1:{bport}/healthz", cpus=proxy_cpus,
+                cwd=tree))
+            targets["before"] = Target("before", bport, "/v1/chat/completions", ALIAS,
+                                       {"Authorization": f"Bearer {GATEWAY_KEY}"}, pid=pid)
         if "litellm" in targets_wanted:
             litellm = litellm_ready()
             lport = free_port()
@@ -628,8 +647,8 @@ def overhead_main(args: argparse.Namespace) -> None:
                     into.rounds_e2e_p99.append(percentile(into.e2e_ms[first:], 99))
                     into.rounds_cpu_ms.append(1000 * cpu / done if done else float("nan"))
                     line.append(f"{name} {done / elapsed:.0f}")
-                print(f"{clients} client(s), round {round_index + 1}/{args.rounds}: " + ", ".join(line) + " req/s",
-                      flush=True)
+                print(f"{clients} client(s), round {round_index + 1}/{args.rounds}: " + ", ".join(line) + " req/s; "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
             results[clients] = samples
         overhead_report(results, args, proxy_cpus)
     if args.keep:
@@ -674,6 +693,14 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
             print(f"| {name:8s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:>22s} | {times:>9s} | {cpu:>8s} | "
                   f"{percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added_ttft:>24s} | "
                   f"{added50:>24s} | {added99:>24s} |")
+        before, now = samples.get("before"), samples.get("gateway")
+        if before is not None and now is not None:
+            dt = [a - b for a, b in zip(now.rounds_ttft_p50, before.rounds_ttft_p50, strict=True)]
+            de = [a - b for a, b in zip(now.rounds_e2e_p50, before.rounds_e2e_p50, strict=True)]
+            dc = [a / b for a, b in zip(now.rounds_cpu_ms, before.rounds_cpu_ms, strict=True) if b]
+            print(f"gateway against before ({args.before}), medians of the rounds' differences [lowest, highest]: "
+                  f"TTFT p50 {median(dt):+.3f} ms [{min(dt):+.3f}, {max(dt):+.3f}], E2E p50 {median(de):+.3f} ms "
+                  f"[{min(de):+.3f}, {max(de):+.3f}], CPU/req {median(dc):.2f}x")
 
 
 if __name__ == "__main__":

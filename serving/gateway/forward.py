@@ -330,9 +330,15 @@ class Forwarder:
         meter = StreamMeter(sent_at=ex.started, strip_usage=not ex.client_usage, collect_text=ex.collect)
         perf = time.perf_counter
         started = False
+        last = b""
         try:
             async for chunk in response.chunks():
                 out = meter.feed(chunk, perf())
+                if response.complete and not response.buffered:
+                    # The engine's answer is all in (vLLM's [DONE] often comes with the end of its body): it
+                    # goes out with the end of the client's response, in one write and one wake-up.
+                    last = out
+                    continue
                 if not out:
                     continue
                 if not started:
@@ -352,7 +358,7 @@ class Forwarder:
                     # among them) may hang up now, before the stream's last empty chunk.
                     ex.finished = True
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            tail = meter.finish(perf())
+            tail = last + meter.finish(perf())
         except UpstreamError as exc:
             if not started:
                 if isinstance(exc, UpstreamHeadTimeout):

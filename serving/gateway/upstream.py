@@ -132,8 +132,9 @@ class Response:
             if chunks:
                 data = chunks.popleft() if len(chunks) == 1 else b"".join([chunks.popleft() for _ in range(len(chunks))])
                 self._buffered -= len(data)
-                if self._conn is not None:
-                    self._conn.resume()
+                conn = self._conn
+                if conn is not None and conn.paused:
+                    conn.resume()
                 yield data
                 continue
             if self._error is not None:
@@ -141,6 +142,11 @@ class Response:
             if self.complete:
                 return
             await self._wait()
+
+    @property
+    def buffered(self) -> bool:
+        """Body bytes are waiting to be read."""
+        return bool(self._chunks)
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
