@@ -93,6 +93,7 @@ class Samples:
     rounds_e2e_p50: list[float] = field(default_factory=list)
     rounds_e2e_p99: list[float] = field(default_factory=list)
     rounds_cpu_ms: list[float] = field(default_factory=list)
+    rounds_wakeups: list[float] = field(default_factory=list)
     client_lag_max_ms: float = 0.0
     client_stalls: int = 0
 
@@ -174,6 +175,22 @@ def cpu_seconds(pid: int | None) -> float:
         except OSError:
             continue
         total += sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return total
+
+
+def wakeups(pid: int | None) -> int:
+    """Times the process's threads went to sleep (voluntary context switches: each is a wake-up to come), from
+    /proc. On a shared machine each wake-up waits for a CPU, so fewer per request is less latency under load."""
+    if pid is None:
+        return 0
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
     return total
 
 
@@ -633,6 +650,7 @@ def overhead_main(args: argparse.Namespace) -> None:
                     asyncio.run(closed_loop(target, clients=clients, seconds=args.warmup, max_tokens=args.max_tokens,
                                             into=None))
                     cpu_before = cpu_seconds(target.pid)
+                    wakeups_before = wakeups(target.pid)
                     first = len(into.e2e_ms)
                     started = time.perf_counter()
                     done = asyncio.run(closed_loop(target, clients=clients, seconds=args.duration,
@@ -646,6 +664,7 @@ def overhead_main(args: argparse.Namespace) -> None:
                     into.rounds_e2e_p50.append(percentile(into.e2e_ms[first:], 50))
                     into.rounds_e2e_p99.append(percentile(into.e2e_ms[first:], 99))
                     into.rounds_cpu_ms.append(1000 * cpu / done if done else float("nan"))
+                    into.rounds_wakeups.append((wakeups(target.pid) - wakeups_before) / done if done else float("nan"))
                     line.append(f"{name} {done / elapsed:.0f}")
                 print(f"{clients} client(s), round {round_index + 1}/{args.rounds}: " + ", ".join(line) + " req/s; "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -670,7 +689,7 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
         print()
         print(f"{clients} concurrent client(s):")
         header = (f"| {'target':8s} | {'requests':>8s} | {'errors':>6s} | {'req/s':>22s} | {'x LiteLLM':>9s} | "
-                  f"{'CPU/req':>8s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>24s} | {'+E2E p50':>24s} | "
+                  f"{'CPU/req':>8s} | {'wake-ups/req':>12s} | {'E2E p50':>8s} | {'E2E p99':>8s} | {'+TTFT p50':>24s} | {'+E2E p50':>24s} | "
                   f"{'+E2E p99':>24s} |")
         print(header)
         print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
@@ -682,6 +701,7 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
             if litellm is not None and name != "direct":
                 times = f"{median([a / b for a, b in zip(s.rounds_rps, litellm.rounds_rps, strict=True)]):.2f}x"
             cpu = f"{median(s.rounds_cpu_ms):.2f} ms" if s.pid_measured() else "-"
+            woke = f"{median(s.rounds_wakeups):.1f}" if s.pid_measured() else "-"
             added_ttft = added50 = added99 = "-"
             if name != "direct":
                 dt = [a - b for a, b in zip(s.rounds_ttft_p50, direct.rounds_ttft_p50, strict=True)]
@@ -691,16 +711,17 @@ def overhead_report(results: dict[int, dict[str, Samples]], args: argparse.Names
                 added50 = f"{median(d50):+.2f} ms [{min(d50):+.2f}, {max(d50):+.2f}]"
                 added99 = f"{median(d99):+.2f} ms [{min(d99):+.2f}, {max(d99):+.2f}]"
             print(f"| {name:8s} | {len(s.e2e_ms):8d} | {s.errors:6d} | {rps:>22s} | {times:>9s} | {cpu:>8s} | "
-                  f"{percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added_ttft:>24s} | "
+                  f"{woke:>12s} | {percentile(s.e2e_ms, 50):6.2f}ms | {percentile(s.e2e_ms, 99):6.2f}ms | {added_ttft:>24s} | "
                   f"{added50:>24s} | {added99:>24s} |")
         before, now = samples.get("before"), samples.get("gateway")
         if before is not None and now is not None:
             dt = [a - b for a, b in zip(now.rounds_ttft_p50, before.rounds_ttft_p50, strict=True)]
             de = [a - b for a, b in zip(now.rounds_e2e_p50, before.rounds_e2e_p50, strict=True)]
             dc = [a / b for a, b in zip(now.rounds_cpu_ms, before.rounds_cpu_ms, strict=True) if b]
+            dw = [a - b for a, b in zip(now.rounds_wakeups, before.rounds_wakeups, strict=True)]
             print(f"gateway against before ({args.before}), medians of the rounds' differences [lowest, highest]: "
                   f"TTFT p50 {median(dt):+.3f} ms [{min(dt):+.3f}, {max(dt):+.3f}], E2E p50 {median(de):+.3f} ms "
-                  f"[{min(de):+.3f}, {max(de):+.3f}], CPU/req {median(dc):.2f}x")
+                  f"[{min(de):+.3f}, {max(de):+.3f}], CPU/req {median(dc):.2f}x, wake-ups/req {median(dw):+.2f}")
 
 
 if __name__ == "__main__":

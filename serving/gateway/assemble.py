@@ -29,11 +29,13 @@ _TOP_OWN = frozenset(("id", "object", "created", "model", "choices", "usage"))
 
 def needs_whole(body: dict[str, Any]) -> bool:
     """A non-streamed request to pass through as it is rather than assemble from a stream."""
+    best_of, n = body.get("best_of"), body.get("n")
     return bool(
         body.get("prompt_logprobs") is not None
         or body.get("use_beam_search")
         or body.get("stream_options") is not None
-        or (isinstance(body.get("best_of"), int) and body["best_of"] > (body.get("n") or 1))
+        # (What the engine makes of a bad value is its to say: only numbers are compared here.)
+        or (type(best_of) is int and best_of > (n if type(n) is int else 1))
     )
 
 

@@ -16,6 +16,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
+from serving.gateway.assemble import Assembler, needs_whole
 from tests.serving.gateway.inprocess import CHAT, alias, rows, running, workers
 from tests.support.fake_engine import FakeEngine
 
@@ -169,3 +170,46 @@ def test_what_a_stream_cannot_give_is_passed_through_unstreamed(engine: Callable
 
     asyncio.run(scenario())
     assert [r.get("stream") for r in fake.seen.requests] == [None, None]
+
+
+@pytest.mark.parametrize(("body", "whole"), [
+    ({}, False),
+    ({"n": 2, "logprobs": True}, False),
+    ({"prompt_logprobs": 0}, True),
+    ({"use_beam_search": True}, True),
+    ({"stream_options": {"include_usage": True}}, True),
+    ({"best_of": 3, "n": 2}, True),
+    ({"best_of": 2, "n": 2}, False),
+    ({"best_of": "3", "n": None}, False),  # the engine's to refuse
+])
+def test_what_is_passed_through_unstreamed(body: dict[str, Any], whole: bool) -> None:
+    assert needs_whole(body) is whole
+
+
+def test_the_assembly_keeps_what_an_engine_adds_and_skips_what_is_not_a_chunk() -> None:
+    def event(payload: str) -> bytes:
+        return b"data: " + payload.encode() + b"\n\n"
+
+    assembler = Assembler(chat=True)
+    assembler.feed(
+        b": a comment\n\n"
+        + event('{"id":"c1","object":"chat.completion.chunk","created":5,"model":"m","prompt_token_ids":[1,2],'
+                '"choices":[{"index":0,"delta":{"role":"assistant","content":"","reasoning":"hm"},'
+                '"token_ids":[7]}]}')
+        + event('{"id":"c1","object":"chat.completion.chunk","created":5,"model":"m","system_fingerprint":"fp",'
+                '"choices":[{"index":0,"delta":{"content":"ok"},"token_ids":[8],"finish_reason":"stop",'
+                '"stop_reason":42,"routed_experts":"x"}]}')
+        + event("not json")
+        + event('{"id":"c1","object":"chat.completion.chunk","created":5,"model":"m","choices":[],'
+                '"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}')
+        + event("[DONE]")
+    )
+    assert assembler.body() == {
+        "id": "c1", "object": "chat.completion", "created": 5, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok", "reasoning": "hm"},
+                     "logprobs": None, "finish_reason": "stop", "stop_reason": 42, "token_ids": [7, 8],
+                     "routed_experts": "x"}],
+        "prompt_token_ids": [1, 2], "system_fingerprint": "fp",
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+    }
+    assert assembler.text() == "ok" and assembler.events == 3
