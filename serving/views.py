@@ -91,6 +91,8 @@ def engine_metrics_view(metrics: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": number("vllm:prompt_tokens_total"),
         "generation_tokens": number("vllm:generation_tokens_total"),
         "histograms": histograms,
+        # A Kubernetes engine's figures are its serving pods' added up (merge_replica_metrics).
+        "pods": number("replicas_scraped"),
         "any": bool(metrics),
     }
 

@@ -89,3 +89,44 @@ def requests_in_flight(metrics: dict[str, Any]) -> float | None:
     if running is None or waiting is None:
         return None
     return float(running) + float(waiting)
+
+
+def merge_replica_metrics(scrapes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One worker's figures from its replicas' scrapes (the pods of a Kubernetes engine): requests running and
+    waiting, counters and histogram buckets add up; the KV-cache usage is the replicas' mean (each replica has
+    its own cache, so the sum would not be a share). `replicas_scraped` says how many replicas the figures cover."""
+    merged: dict[str, Any] = {}
+    kv_cache = [float(s["vllm:kv_cache_usage_perc"]) for s in scrapes
+                if s.get("vllm:kv_cache_usage_perc") is not None]
+    for scrape in scrapes:
+        for name, value in scrape.items():
+            if name == "vllm:kv_cache_usage_perc" or value is None:
+                continue
+            if name in HISTOGRAMS:
+                merged[name] = _histograms_add(merged.get(name), value)
+            elif name in GAUGES or name in COUNTERS:
+                merged[name] = (merged.get(name) or 0.0) + float(value)
+    if kv_cache:
+        merged["vllm:kv_cache_usage_perc"] = sum(kv_cache) / len(kv_cache)
+    if scrapes:
+        merged["replicas_scraped"] = len(scrapes)
+    return merged
+
+
+def _histograms_add(total: dict[str, Any] | None, histogram: dict[str, Any]) -> dict[str, Any]:
+    """Two replicas' histograms of one series; replicas of one engine share their bucket bounds, and a bound
+    only one of them has keeps its own count (a cumulative count is never made up for the other)."""
+    if total is None:
+        return {"count": histogram.get("count"), "sum": histogram.get("sum"),
+                "buckets": [list(bucket) for bucket in histogram.get("buckets", [])]}
+    counts: dict[Any, float] = {}
+    for le, count in [*total["buckets"], *histogram.get("buckets", [])]:
+        if count is not None:
+            counts[le] = counts.get(le, 0.0) + count
+
+    def added(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else a + b
+
+    return {"count": added(total.get("count"), histogram.get("count")),
+            "sum": added(total.get("sum"), histogram.get("sum")),
+            "buckets": [[le, counts[le]] for le in sorted(counts, key=lambda le: float(le))]}

@@ -194,6 +194,17 @@ def test_the_engine_page_shows_state_health_restarts_logs_and_metrics(
     assert ttft is not None and ttft.groups() == ("50 ms", "42 ms", "99 ms")
     listing = client.get(reverse("engine-list")).content.decode()
     assert "3 running, 1 waiting" in listing
+    assert "serving pod" not in html  # a local engine is one process
+
+
+def test_a_kubernetes_engine_page_says_its_figures_add_up_its_pods(
+    viewer: Any, engine_with_metrics: EngineWorker
+) -> None:
+    EngineWorker.objects.filter(pk=engine_with_metrics.pk).update(
+        metrics={**engine_with_metrics.metrics, "replicas_scraped": 3}
+    )
+    html = logged_in(viewer).get(reverse("engine-detail", args=[engine_with_metrics.pk])).content.decode()
+    assert "added up over its 3 serving pods (KV cache: their mean)" in html
 
 
 def test_the_model_version_page_shows_lineage_engines_and_loads_eval_history(

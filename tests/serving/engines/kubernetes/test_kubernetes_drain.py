@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -55,6 +56,28 @@ def _in_flight(
 
 def _routed(alias: str = "adder") -> list[str]:
     return sorted(r.base_url for r in route_table_build(route_rows_load()).aliases[alias].baseline.replicas)
+
+
+def test_the_worker_shows_its_pods_requests_and_counters_added_up(
+    kube: KubeStandin, reconciler: KubernetesReconciler
+) -> None:
+    reconciler.config = dataclasses.replace(reconciler.config, metrics_interval_s=0.0)
+    worker = until(
+        kube, reconciler, kube_worker(version(), replicas=2), lambda w: w.ready_replicas == 2, "two ready pods"
+    )
+    stubs, threads, _ = _in_flight(worker, kube)
+    reconciler.reconcile()
+    metrics = EngineWorker.objects.get(pk=worker.pk).metrics
+    assert metrics["replicas_scraped"] == 2
+    assert metrics["vllm:num_requests_running"] == 2 * REQUESTS_PER_POD
+    # Each pod answered its 1-token readiness completion: two in all.
+    assert metrics["vllm:request_success_total"] == 2
+    for stub in stubs.values():
+        stub.hold.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    reconciler.reconcile()
+    assert EngineWorker.objects.get(pk=worker.pk).metrics["vllm:num_requests_running"] == 0
 
 
 def test_a_scale_down_takes_a_pod_out_of_routing_waits_for_its_requests_then_removes_that_pod(
