@@ -42,12 +42,12 @@ def test_the_form_is_for_release_managers(viewer: Any, versions: None) -> None:
 
 def test_validation_errors_are_shown_beside_their_fields(owner: Any, versions: None) -> None:
     client = logged_in(owner)
-    data = form_data(step_1_weight="5%", guardrails="tpot_p99_ms 10%\nerror_rate 0.01", alpha="2")
+    data = form_data(step_1_weight="5%", guardrails="tpot_p99_ms 20\nerror_rate 0.01", alpha="2")
     response = client.post(URL, {**data, "intent": "create"})
     assert response.status_code == 400
     html = response.content.decode()
     assert "weights must increase (the step before has 0.1)" in errors_of(html, "id_step_1_weight")
-    assert "line 1: tpot_p99_ms is a percentile" in errors_of(html, "id_guardrails")
+    assert "line 1: tpot_p99_ms is compared as a ratio of the arms" in errors_of(html, "id_guardrails")
     assert "must be a number above 0 and at most 0.5" in errors_of(html, "id_alpha")
     assert 'aria-invalid="true"' in html
     assert "The plan has 3 problems" in html
