@@ -113,17 +113,22 @@ def without_nulls(value: object) -> object:
     return value
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "37+48"}], "max_tokens": 6, "n": 2,
-                              "logprobs": True, "top_logprobs": 2}),
-    ("/v1/completions", {"prompt": ["37+48=", "12+30="], "max_tokens": 6, "n": 2, "logprobs": 2}),
-], ids=["chat", "completion"])
+CHAT_ASKED = {"messages": [{"role": "user", "content": "37+48"}], "max_tokens": 6}
+TEXT_ASKED = {"prompt": ["37+48=", "12+30="], "max_tokens": 6}
+
+
+@pytest.mark.parametrize(("path", "body", "choices"), [
+    ("/v1/chat/completions", {**CHAT_ASKED, "temperature": 0, "logprobs": True, "top_logprobs": 2}, 1),
+    # vLLM takes n > 1 only when sampling: a seed makes the sample the same both ways.
+    ("/v1/chat/completions", {**CHAT_ASKED, "temperature": 1.0, "seed": 7, "n": 2}, 2),
+    ("/v1/completions", {**TEXT_ASKED, "temperature": 0, "logprobs": 2}, 2),
+    ("/v1/completions", {**TEXT_ASKED, "temperature": 1.0, "seed": 7, "n": 2, "logprobs": 1}, 4),
+], ids=["chat", "chat-n2", "completion", "completion-n2"])
 def test_a_non_streamed_answer_is_the_one_the_engine_gives_unstreamed(
-    gateway: GatewayProcess, engines: AdderEngines, path: str, body: dict[str, object]
+    gateway: GatewayProcess, engines: AdderEngines, path: str, body: dict[str, object], choices: int
 ) -> None:
     """The gateway asks the engine for a stream and sends the client the answer it adds up to: the same, field
     by field, as the engine's own non-streamed answer (but for its id and time, and vLLM's null fields)."""
-    body = {**body, "temperature": 0}
     client = sdk(gateway)
     if path == "/v1/chat/completions":
         raw = client.chat.completions.with_raw_response.create(model="adder", **body)  # type: ignore[call-overload]
@@ -139,7 +144,7 @@ def test_a_non_streamed_answer_is_the_one_the_engine_gives_unstreamed(
     for answer in (through, own):
         answer.pop("id"), answer.pop("created")
     assert without_nulls(through) == without_nulls(own)
-    assert len(through["choices"]) == (2 if "messages" in body else 4)
+    assert len(through["choices"]) == choices
 
 
 def gateway_version_id(label: str) -> int:
