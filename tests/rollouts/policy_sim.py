@@ -1,0 +1,270 @@
+"""Whole rollouts of the step policy on simulated traffic, without the database: the statistical core of
+`benchmarks/decision_policy.py`, fast enough for the suite. Used by the margin tests of the bake
+(`test_bake_margin.py`) and of `on_inconclusive` (`test_inconclusive_margin.py`).
+
+What is real: the traffic (`experiments.stats.simulation`: users arriving and leaving, sticky to an arm as
+the gateway's hash makes them, so a user on the candidate at 25 % stays there at 50 % and through the bake;
+lognormal requests per user; a per-user latency factor and error rate; a heavy tail); the checks
+(`ratio_guardrail_check` for the TPOT and error-rate guardrails, over one stratum per step as
+`rollouts.analysis.checks.measure` pools them, and `proportion_limit_check` for an error-rate SLO over the
+candidate's requests of every live step, with the plan's alpha share and each check's N*); the plan's steps
+as normalised (minimums with their floors, the policy's 60 s floor on durations); each step's planned sample
+from `rollouts.planning` (the same functions the policy calls, on the history of the baseline serving the
+alias alone for 20 minutes first); and the rules of `rollouts.analysis.policy`: a breach rolls back at any
+look, a step ends when its minimums are met and no check holds it (`holding_checks`), its planned sample
+reached with a check holding applies `on_inconclusive`, and the last step's end bakes: the candidate at
+1 - holdout of the sessions (the sessions the gateway's hash put furthest from the candidate stay on the
+baseline), compared with the holdout on the same checks pooled with the steps' strata, for `bake_s`; a
+breach then rolls back, the end of the bake promotes.
+
+Left out: checks the simulator has no data for (cost per request, TTFT tails) and the SRM check; a paused
+rollout is left paused (a person would decide).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from experiments.metrics import METRICS
+from experiments.stats import (
+    Decision,
+    RatioStats,
+    design_effect,
+    proportion_limit_check,
+    ratio_guardrail_check,
+)
+from experiments.stats.simulation import (
+    Effect,
+    Traffic,
+    Users,
+    arm_look,
+    draw_interval,
+    draw_users,
+    interval_totals,
+)
+from rollouts.analysis.checks import guardrail_tuning_n, slo_tuning_n
+from rollouts.analysis.policy import holding_checks
+from rollouts.planning import guardrail_planned_sample, slo_planned_sample, step_miss
+from rollouts.plans import Plan
+from rollouts.plans.alpha import check_alpha_share
+from rollouts.plans.model import MIN_STEP_DURATION_S
+
+RATE = 20.0  # requests per second on the alias
+SPAN_S = 900.0  # how long a user stays
+HISTORY_LOOKS = 120  # the baseline alone before the rollout: what the planned samples are estimated from
+# The simulator's metric for each check's metric (TOTALS of `experiments.stats.simulation`).
+SOURCES = {"tpot_gmean_ms": "tpot_log", "error_rate": "errors"}
+KEPT = ("n", "log", "chars", "err", "requests")
+
+
+@dataclass
+class Ended:
+    """Per simulated rollout (arrays of length sims)."""
+
+    promoted: np.ndarray
+    rolled_back: np.ndarray
+    paused: np.ndarray
+    rolled_back_in_bake: np.ndarray
+    rolled_back_before_half: np.ndarray
+    inconclusive: np.ndarray  # reached a planned sample with a check still holding (whatever the rule did then)
+    planned: list[int | None] = field(default_factory=list)  # each step's planned sample
+    step_ends: dict[int, list[float]] = field(default_factory=dict)  # per step: candidate requests when it ended on evidence
+
+
+def _traffic(looks: int, look_s: float) -> Traffic:
+    base = Traffic()
+    mean_requests = base.requests_median * math.exp(base.requests_sigma**2 / 2.0)
+    return base.with_(users=round(RATE * look_s * (looks + SPAN_S / look_s) / mean_requests))
+
+
+def _stats(sums: dict[str, dict[str, np.ndarray]], units: np.ndarray, name: str, sim: int) -> RatioStats:
+    return RatioStats(int(units[sim]), **{k: float(v[sim]) for k, v in sums[name].items()})
+
+
+def _rows(users: Users, rows: np.ndarray) -> Users:
+    return Users(**{f.name: (value[rows] if isinstance(value := getattr(users, f.name), np.ndarray) else value)
+                    for f in fields(Users)})  # fmt: skip
+
+
+def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
+    """Each step's planned sample as `rollouts.planning` computes it, from HISTORY_LOOKS of the baseline alone
+    (the plan's checks the simulator can measure)."""
+    rng = np.random.default_rng([seed, 7])
+    traffic = _traffic(HISTORY_LOOKS, look_s)
+    users = draw_users(rng, traffic, Effect(), sims=1, looks=HISTORY_LOOKS, span=SPAN_S / look_s, lead=SPAN_S / look_s)
+    totals: dict[str, np.ndarray] = {}
+    nobody = np.zeros(users.shape, dtype=bool)
+    for look in range(1, HISTORY_LOOKS + 1):
+        for name, values in interval_totals(draw_interval(rng, traffic, Effect(), users, look, nobody), users.shape).items():
+            totals[name] = totals.get(name, 0.0) + values
+    arm = arm_look(totals, np.ones(users.shape, dtype=bool), ("tpot_log", "errors"))
+    history = {metric: arm.ratio(source, 0) for metric, source in SOURCES.items()}
+    alpha = check_alpha_share(plan)
+    out: list[int | None] = []
+    for index, step in enumerate(plan.steps):
+        miss = step_miss(plan, index)
+        needs = [
+            slo_planned_sample(slo=slo, history=history[slo.metric], alpha=alpha, tuning_n=slo_tuning_n(plan, slo),
+                               miss=miss).get("candidate_n")
+            for slo in plan.slos if slo.metric in SOURCES
+        ]  # fmt: skip
+        if 0.0 < step.weight < 1.0:
+            needs += [
+                guardrail_planned_sample(
+                    guardrail=g, history=history[g.metric], candidate_share=step.weight, alpha=alpha,
+                    tuning_n=guardrail_tuning_n(plan, g), breach_tuning_n=guardrail_tuning_n(plan, g, breach=True),
+                    miss=miss,
+                ).get("candidate_n")
+                for g in plan.guardrails if g.metric in SOURCES
+            ]  # fmt: skip
+        found = [int(n) for n in needs if n is not None]
+        out.append(max([*found, step.min_candidate_requests]) if found else None)
+    return out
+
+
+def simulate(
+    plan: Plan, *, effect: Effect, seed: int, sims: int, looks: int, look_s: float = 10.0,
+    bake_effect: Effect | None = None, metrics: tuple[str, ...] = ("tpot_gmean_ms", "error_rate"),
+) -> Ended:  # fmt: skip
+    """`sims` rollouts of `plan` for at most `looks` looks, the candidate's `effect` in its steps and
+    `bake_effect` (default the same) once it bakes; only the checks on `metrics` are computed."""
+    alpha = check_alpha_share(plan)
+    guardrails = [g for g in plan.guardrails if g.metric in metrics]
+    slos = [s for s in plan.slos if s.metric in metrics]
+    options: dict[str, dict[str, Any]] = {
+        g.label: {
+            "scale": "log" if METRICS[g.metric].shape == "gmean" else "proportion", "margin": g.margin,
+            "relative": g.relative, "direction": METRICS[g.metric].direction, "alpha": alpha,
+            "tuning_n": guardrail_tuning_n(plan, g), "breach_tuning_n": guardrail_tuning_n(plan, g, breach=True),
+        }
+        for g in guardrails
+    }  # fmt: skip
+    planned = planned_samples(plan, seed, look_s)
+    weights = [s.weight for s in plan.steps] + [1.0 - plan.holdout]  # the bake is one more stratum
+    bake = len(plan.steps)
+    min_looks = [math.ceil(max(s.min_duration_s, MIN_STEP_DURATION_S) / look_s) for s in plan.steps]
+    min_looks.append(math.ceil(plan.bake_s / look_s))
+    min_requests = [s.min_candidate_requests for s in plan.steps] + [0]
+    traffic = _traffic(looks, look_s)
+    rng = np.random.default_rng(seed)
+    shape = (sims, traffic.users)
+    span = SPAN_S / look_s
+    users = draw_users(rng, traffic, effect, sims=sims, looks=looks, span=span, lead=span)
+    sticky = rng.random(shape)  # the gateway's hash of each session: on the candidate while below the weight
+    strata = {i: {name: np.zeros(shape) for name in KEPT} for i in range(len(weights)) if weights[i] > 0.0}
+    step = np.zeros(sims, dtype=int)
+    step_looks = np.zeros(sims, dtype=int)
+    step_requests = np.zeros(sims)
+    max_weight = np.full(sims, weights[0])
+    state = np.zeros(sims, dtype=int)  # 0 live, 1 promoted, 2 rolled back, 3 paused
+    rolled_back_in_bake = np.zeros(sims, dtype=bool)
+    inconclusive = np.zeros(sims, dtype=bool)
+    step_ends: dict[int, list[float]] = {i: [] for i in range(len(plan.steps))}
+    weight_of = np.array(weights)
+    for look in range(1, looks + 1):
+        live = state == 0
+        if not live.any():
+            break
+        # Only the live rollouts' users send requests (the others ended): draws over their rows alone.
+        rows = np.flatnonzero(live)
+        sub = _rows(users, rows)
+        on_candidate = sticky[rows] < weight_of[step[rows]][:, None]
+        baking = step[rows] == bake
+        sub_shape = (rows.size, traffic.users)
+        if bake_effect is not None and baking.any():
+            # Two draws, one per effect, each kept for its own rollouts (the users are the same).
+            batch = draw_interval(rng, traffic, effect, sub, look, on_candidate & ~baking[:, None])
+            extra = draw_interval(rng, traffic, bake_effect, sub, look, on_candidate & baking[:, None])
+            added, bake_added = interval_totals(batch, sub_shape), interval_totals(extra, sub_shape)
+            added = {k: np.where(baking[:, None], bake_added[k], added[k]) for k in added}
+            owner = np.concatenate([batch.owner, extra.owner]) // traffic.users
+            on_cand = np.concatenate([batch.candidate & ~baking[batch.owner // traffic.users],
+                                      extra.candidate & baking[extra.owner // traffic.users]])  # fmt: skip
+        else:
+            batch = draw_interval(rng, traffic, effect, sub, look, on_candidate)
+            added = interval_totals(batch, sub_shape)
+            owner, on_cand = batch.owner // traffic.users, batch.candidate
+        step_requests[rows] += np.bincount(owner, weights=on_cand.astype(float), minlength=rows.size)
+        step_looks[rows] += 1
+        for i in strata:
+            here = step[rows] == i
+            if here.any():
+                for name in KEPT:
+                    strata[i][name][rows[here]] += added[name][here]
+        reached = int(step[live].max())
+        wanted = tuple(dict.fromkeys(SOURCES[m] for m in [g.metric for g in guardrails] + [x.metric for x in slos]))
+        position = np.full(sims, -1)
+        position[rows] = np.arange(rows.size)
+        arms = {}
+        for i in strata:
+            # Guardrails compare the split steps; SLOs sum the candidate over every live step.
+            if i <= reached and (slos or 0.0 < weights[i] < 1.0):
+                part = {name: strata[i][name][rows] for name in KEPT}
+                arms[i] = (arm_look(part, sticky[rows] >= weights[i], wanted), arm_look(part, sticky[rows] < weights[i], wanted))
+        for s in rows:
+            at = int(position[s])
+            current = int(step[s])
+            compared = [i for i in arms if i <= current and 0.0 < weights[i] < 1.0]
+            checks: list[dict[str, Any]] = []
+            for g in guardrails:
+                source = SOURCES[g.metric]
+                bases = [arms[i][0].ratio(source, at) for i in compared]
+                cands = [arms[i][1].ratio(source, at) for i in compared]
+                decision = Decision.UNDECIDED.value
+                if bases:
+                    decision = ratio_guardrail_check(bases, cands, **options[g.label]).decision.value
+                checks.append({"type": "guardrail", "name": g.label, "metric": g.metric, "decision": decision})
+            for slo in slos:
+                total = None
+                for i in arms:
+                    if i <= current:
+                        stats = arms[i][1].ratio(SOURCES[slo.metric], at)
+                        total = stats if total is None else total.merge(stats)
+                decision = Decision.UNDECIDED.value
+                if total is not None and total.den > 0:
+                    decision = proportion_limit_check(
+                        total.num, total.den, limit=slo.threshold, alpha=alpha, tuning_n=slo_tuning_n(plan, slo),
+                        design_effect=design_effect(total), project=False,
+                    ).decision.value  # fmt: skip
+                checks.append({"type": "slo", "name": slo.label, "metric": slo.metric, "decision": decision})
+            if any(c["decision"] == Decision.BREACH.value for c in checks):
+                state[s] = 2
+                rolled_back_in_bake[s] = current == bake
+                continue
+            minimums = step_looks[s] >= min_looks[current] and step_requests[s] >= min_requests[current]
+            if current == bake:
+                if minimums:
+                    state[s] = 1  # the bake passed
+                continue
+            if not minimums:
+                continue
+            holding = holding_checks(checks, weight=float(weights[current]))
+            due = planned[current]
+            go_on = not holding
+            if go_on:
+                step_ends[current].append(float(step_requests[s]))
+            elif due is not None and step_requests[s] >= due:
+                inconclusive[s] = True
+                if plan.on_inconclusive == "pause":
+                    state[s] = 3
+                elif plan.on_inconclusive == "rollback":
+                    state[s] = 2
+                else:
+                    go_on = True
+            if go_on:
+                nxt = current + 1
+                if nxt == bake and plan.bake_s <= 0:
+                    state[s] = 1
+                else:
+                    step[s], step_looks[s], step_requests[s] = nxt, 0, 0.0
+                    max_weight[s] = max(max_weight[s], weights[nxt])
+    rolled_back = state == 2
+    return Ended(
+        promoted=state == 1, rolled_back=rolled_back, paused=state == 3, rolled_back_in_bake=rolled_back_in_bake,
+        rolled_back_before_half=rolled_back & (max_weight < 0.5), inconclusive=inconclusive, planned=planned,
+        step_ends=step_ends,
+    )  # fmt: skip
