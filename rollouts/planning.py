@@ -27,7 +27,8 @@ from earlier steps is ignored (each step as if it stood alone). It rests on one 
 check's estimate at the planned sample is normal; sessions of very uneven size skew it.
 `tests/rollouts/test_inconclusive_margin.py` measures both on simulated traffic with the real checks:
 where a step's minimums bind, its planned sample is 2-3 times the 99th percentile of the step's end on
-evidence; where a 10 % TPOT guardrail at 25 % of heavy-tailed sessions decides, near its 98th-99th.
+evidence; where a 10 % TPOT guardrail at 25 % of heavy-tailed sessions decides, 1.3-1.5 times it (1 of 160
+A/A rollouts of that plan reached a planned sample undecided).
 
 The step's figure is the largest of its checks', and never below the smallest sample at which its checks
 can decide at all (`analysis.checks.step_min_sample`). `step_planned_sample` gives one step's figure: what
