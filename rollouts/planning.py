@@ -268,9 +268,10 @@ def _step_entry(plan: Plan, index: int, history: ArmSums | None, rate: float, pr
     if 0 < share < 1:
         for guardrail in plan.guardrails:
             if METRICS[guardrail.metric].shape == "percentile":
-                # A tail guardrail's own planning (`analysis.checks`; at 80 % power, in sessions).
+                # A tail guardrail's own planning (`analysis.checks`, in sessions; the lognormal approximation of
+                # its rank bounds, at the same miss).
                 tail = tail_guardrail_need(guardrail, share=share, alpha=alpha, tuning_n=guardrail_tuning_n(plan, guardrail),
-                                           history=history)  # fmt: skip
+                                           history=history, power=1.0 - miss)  # fmt: skip
                 entry["checks"].append({"check": guardrail.label, **tail})
                 continue
             need = guardrail_planned_sample(

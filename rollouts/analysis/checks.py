@@ -227,11 +227,12 @@ ASSUMED_TAIL_LOG_SD = 0.5  # as rollouts.planning's ASSUMED_LOG_SD: a log latenc
 
 
 def tail_guardrail_need(guardrail: Any, *, share: float, alpha: float, tuning_n: float, history: ArmSums | None,
-                        min_sessions: int = 30) -> dict[str, Any]:  # fmt: skip
+                        min_sessions: int = 30, power: float = 0.8) -> dict[str, Any]:  # fmt: skip
     """The planned sample of a tail guardrail (`rollouts.planning` asks here for percentile guardrails): the
-    candidate sessions at which a candidate as good as the baseline is shown within the margin at 80 %
-    power (`experiments.stats.quantiles.tail_sample_size`), for lognormal latencies with the spread the
-    baseline's history shows on the log scale (or an assumed one). Sessions, one request each: the
+    candidate sessions at which a candidate as good as the baseline is shown within the margin with
+    `power` (`experiments.stats.quantiles.tail_sample_size`; `rollouts.planning` gives 1 - its miss per
+    check), for lognormal latencies with the spread the baseline's history shows on the log scale (or an
+    assumed one). Sessions, one request each: the
     candidate's requests are at least as many."""
     metric = METRICS[guardrail.metric]
     assumed: dict[str, Any] = {}
@@ -246,7 +247,7 @@ def tail_guardrail_need(guardrail: Any, *, share: float, alpha: float, tuning_n:
     if log_sd == ASSUMED_TAIL_LOG_SD:
         assumed["log_sd"] = ASSUMED_TAIL_LOG_SD
     n = tail_sample_size(quantile=float(metric.quantile or 0.99), margin=guardrail.margin, alpha=alpha, tuning_n=tuning_n,
-                         candidate_share=share, log_sd=log_sd)  # fmt: skip
+                         candidate_share=share, log_sd=log_sd, power=power)  # fmt: skip
     if n is None:
         return {"metric": guardrail.metric, "error": "no sample up to 10^9 sessions shows this margin"}
     return {"metric": guardrail.metric, "candidate_n": n, "unit": "candidate sessions", "assumed": assumed}

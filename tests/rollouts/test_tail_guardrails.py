@@ -121,6 +121,7 @@ def test_the_planned_sample_counts_candidate_sessions() -> None:
     (step,) = plan_sample_sizes(plan=plan, baseline=None)["steps"]
     (check,) = step["checks"]
     tuning = quantile_tuning_n(quantile=0.9, alpha=0.05, margin=0.1)
-    expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=0.05, tuning_n=tuning, candidate_share=0.2)
+    expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=0.05, tuning_n=tuning, candidate_share=0.2,
+                                power=1.0 - step["miss_per_check"])  # fmt: skip
     assert (check["unit"], check["candidate_n"], check["assumed"]) == ("candidate sessions", expected, {"log_sd": 0.5})
     assert step["candidate_n"] >= expected
