@@ -356,6 +356,9 @@ def main() -> None:
                         help="engine: a real vLLM engine (default); overhead: a stand-in engine with no compute, "
                              "the gateway against LiteLLM per process")
     parser.add_argument("--client-counts", default="1,64", help="overhead mode: concurrent clients to measure at")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="overhead mode: leave every process free to run on any CPU (on a machine others load, "
+                             "a proxy pinned to one CPU waits for that CPU at every wake-up)")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="overhead mode: also measure the gateway as it was at git revision REV (target "
                              "`before`, its own process on the same CPU, in the same rounds)")
@@ -583,7 +586,7 @@ def report(samples: dict[str, Samples], args: argparse.Namespace) -> None:
 def overhead_main(args: argparse.Namespace) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     # The proxy measured gets a CPU of its own; the stand-in and the load generator share the rest.
-    proxy_cpus = frozenset(cpus[-1:]) if len(cpus) > 1 else None
+    proxy_cpus = frozenset(cpus[-1:]) if len(cpus) > 1 and not args.no_pin else None
     if proxy_cpus:
         os.sched_setaffinity(0, set(cpus[:-1]))
     counts = [int(c) for c in args.client_counts.split(",") if c.strip()]
