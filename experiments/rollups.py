@@ -52,6 +52,8 @@ RELATIVE_ACCURACY = 0.01
 SKETCH_FLOOR_MS = 1e-3
 UNITS = RollupUnit._meta.db_table
 FRESH = "rollup_fresh"
+# PostgreSQL's work_mem for a fold's transaction (hash tables and sorts per operation).
+FOLD_WORK_MEM = "64MB"
 _QUOTED = r'"(\w+)"'  # a column as Django quotes it, on PostgreSQL and SQLite
 
 
@@ -178,8 +180,11 @@ def window_fold(
             # with the unit rows, and the next look reads those records again. So the fold need not wait
             # for its commit to reach the disk (on a busy disk, a good part of a look); WAL order still
             # keeps every later commit behind it.
+            # Its rows (a touched session's stored and new sums side by side, some 600 bytes each) stay in
+            # memory: at 4 MB, a look of 7,000 touched sessions sorted them on disk.
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
+                cursor.execute(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'")
         window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=queries.key).first()
         if window is None:
             window, _ = RollupWindow.objects.select_for_update().get_or_create(
@@ -311,7 +316,7 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     found = _Found(spec)
     with connection.cursor() as cursor:
         if postgres:
-            upsert = f", upsert AS ({upsert_sql})" if persist else ""
+            upsert = f", {upsert_sql}" if persist else ""
             cursor.execute(
                 f"WITH base AS MATERIALIZED ({base_sql}), fresh AS MATERIALIZED ({rows_sql}), recs AS ({recs_sql}), "
                 f"tail AS ({tail_sql}), {ctes_sql}{upsert} {select_sql}",
@@ -392,7 +397,9 @@ def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[An
 @functools.cache
 def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     """For the spec: the fold's common table expressions after WITH base, fresh, recs and tail (one
-    parameter, the window), its SELECT, and the unit rows' upsert (one parameter, the window).
+    parameter, the window), its SELECT, and what writes the unit rows (one parameter, the window): on
+    PostgreSQL more common table expressions to follow those (`writes`: the touched rows rewritten in
+    place, the new ones inserted), on SQLite an upsert from the temporary table.
 
     `merged` has a row per touched (arm, unit), the new sums `n*` and the stored ones `o*` side by side
     (and each stored row of a touched unit in another arm, with no new sums), so a product sum changes by
@@ -402,7 +409,11 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     arm, sketched field and bucket, [key, count]; "c" once, [records] and the latest created_at; "t" once,
     [1 if the tail holds a record]."""
     quote = connection.ops.quote_name
-    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    postgres = connection.vendor == "postgresql"
+    real = "DOUBLE PRECISION" if postgres else "REAL"
+    # Sessions sort and group by their bytes on PostgreSQL: the database's collation (C.UTF-8, en_US...)
+    # would compare every pair through strcoll, a good part of a look at thousands of touched sessions.
+    bytewise = ' COLLATE "C"' if postgres else ""
     slots = [f"v{i}" for i in range(len(spec.columns))]
     index = {column: i for i, column in enumerate(spec.columns)}
 
@@ -430,17 +441,23 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
         for i in range(len(spec.sketch))
     )  # fmt: skip
     columns = ", ".join(f"o.{s}" for s in slots)
+    # On PostgreSQL each stored row comes with its place (ctid): the fold rewrites a touched row there, with
+    # no second index probe (ON CONFLICT made one more per touched session, and its speculative insertion).
+    tid = "o.tid, " if postgres else ""
     if empty:
-        stored_rows = f"SELECT o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
-    elif connection.vendor == "postgresql":
+        tids = "CAST(NULL AS tid) AS tid, " if postgres else ""
+        stored_rows = f"SELECT {tids}o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
+    elif postgres:
         # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
         # rows are not in the table's statistics until it is analysed again, and the fresh rows' estimate
         # comes from commit orders past the statistics too, so a plain join or IN was planned as a scan of
         # every unit row of the window per touched unit (seconds at 80,000 units). OFFSET 0 keeps the
-        # lateral subquery from being flattened into such a join.
+        # lateral subquery from being flattened into such a join. Only the slots the spec uses are read.
+        used = ", ".join(f"u.{s}" for s in slots)
         stored_rows = (
-            f"SELECT o.arm, o.unit, o.first_at, {columns} FROM (SELECT DISTINCT unit FROM fresh) t CROSS JOIN LATERAL "
-            f"(SELECT * FROM {UNITS} u WHERE u.window_id = %s AND u.unit = t.unit OFFSET 0) o"
+            f"SELECT o.tid, o.arm, o.unit, o.first_at, {columns} FROM (SELECT DISTINCT unit FROM fresh) t CROSS JOIN LATERAL "
+            f"(SELECT u.ctid AS tid, u.arm, u.unit, u.first_at, {used} FROM {UNITS} u WHERE u.window_id = %s "
+            f"AND u.unit = t.unit OFFSET 0) o"
         )
     else:
         stored_rows = f"SELECT o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND o.unit IN (SELECT unit FROM fresh)"
@@ -449,24 +466,37 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     ctes = f"""
         old AS ({stored_rows}),
         merged AS (
-            SELECT COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit) AS unit, o.first_at AS before_at,
-                   {earliest("o.first_at", "f.first_at")} AS after_at,
-                   CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new, {fresh_sums}, {stored}, {totals}
+            SELECT {tid}COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit){bytewise} AS unit,
+                   o.first_at AS before_at, {earliest("o.first_at", "f.first_at")} AS after_at,
+                   CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
+                   CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
         firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
                           MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM firsts m GROUP BY m.arm
+        FROM firsts m GROUP BY m.arm{bytewise}, m.arm
         {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
         UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
         UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
+    names = ", ".join(slots)
+    if postgres:
+        # The touched stored rows get their totals in place (found by ctid: the window's row lock keeps
+        # every other fold off them), the new (arm, unit) rows are inserted.
+        sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))])
+        new_values = ", ".join(f"m.t{i}" for i in range(len(slots)))
+        writes = (
+            f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), "
+            f"added AS (INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
+            f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1)"
+        )
+        return " ".join(ctes.split()), " ".join(select.split()), writes
     earliest_at = earliest(f"{UNITS}.first_at", "excluded.first_at")
     updates = ", ".join([f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots])
     fresh_values = ", ".join(f"f.{quote(c)}" for c in spec.columns)
     # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
     upsert = (
-        f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {', '.join(slots)}) "
+        f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
         f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1"
     )
     if not empty:  # (into an empty window, a conflict would be an error, not a row to add to)
