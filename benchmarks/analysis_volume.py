@@ -702,10 +702,18 @@ def looks_reset(state: dict[str, Any]) -> None:
 
     added, _ = RequestRecord.objects.filter(rollout_id=state["live_rollout"], created_at__gte=state["stamp"]).delete()
     window_drop(rollout_ids=[state["live_rollout"]])
-    if added:
-        with connection.cursor() as cursor:
+    with connection.cursor() as cursor:
+        if added:
             cursor.execute("VACUUM ANALYZE serving_requestrecord")
+        # The unit rows earlier runs' windows left dead: what autovacuum would have reclaimed by now (it may
+        # be off on a benchmark's server: this one's is), so that no run's updates fight an earlier run's
+        # garbage for room on their pages.
+        cursor.execute("VACUUM ANALYZE experiments_rollupunit")
+        cursor.execute("SHOW autovacuum")
+        autovacuum = cursor.fetchone()[0]
+    if added:
         print(f"  (removed the {added:,} records earlier runs' looks had added)")
+    print(f"  (autovacuum on this server: {autovacuum}; the rollup unit table vacuumed before the looks)")
 
 
 def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
