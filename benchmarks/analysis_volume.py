@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import secrets
 import statistics
@@ -93,19 +94,30 @@ def median(values: list[float]) -> float:
 # --- ingest --------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def ingest_version() -> int:
+    """The model version the ingest's records name (as every served record does: its foreign key is checked
+    at each batch's commit)."""
+    from tests.rollouts.helpers import version
+
+    return version("bench-ingest-v1", ready=False).pk
+
+
 def drafts_make(count: int, *, rng_seed: int = 7) -> list[Any]:
-    """Drafts as the gateway makes them: random ids and hashes, a streamed success with every timing."""
+    """Drafts as the gateway makes them: random ids and hashes, the model version that served them, a
+    streamed success with every timing."""
     import random
 
     from serving.gateway.records import RecordDraft
 
+    version_id = ingest_version()
     rng = random.Random(rng_seed)
     sessions = [secrets.token_hex(16) for _ in range(max(1, count // 10))]
     now = datetime.now(UTC)
     return [
         RecordDraft(
             request_id=uuid.uuid4().hex, created_at=now, alias=INGEST_ALIAS, rollout_id=None,
-            arm="baseline" if rng.random() < 0.9 else "candidate", model_version_id=None, engine_worker_id=None,
+            arm="baseline" if rng.random() < 0.9 else "candidate", model_version_id=version_id, engine_worker_id=None,
             endpoint="chat.completions", stream=True, session_hash=rng.choice(sessions),
             prompt_hash=secrets.token_hex(16), prompt_chars=rng.randint(20, 4000), status_code=200, outcome="ok",
             ttft_ms=rng.lognormvariate(4, 0.5), tpot_ms=rng.lognormvariate(3, 0.3), e2e_ms=rng.lognormvariate(6, 0.5),
