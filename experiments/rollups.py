@@ -492,10 +492,11 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
         sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))])
         new_values = ", ".join(f"m.t{i}" for i in range(len(slots)))
         writes = (
-            f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), "
             f"added AS (INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
             f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1)"
         )
+        if not empty:  # (an empty window has no row to rewrite)
+            writes = f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), {writes}"
         return " ".join(ctes.split()), " ".join(select.split()), writes
     earliest_at = earliest(f"{UNITS}.first_at", "excluded.first_at")
     updates = ", ".join([f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots])
