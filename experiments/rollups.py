@@ -491,9 +491,12 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
         # every other fold off them), the new (arm, unit) rows are inserted.
         sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))])
         new_values = ", ".join(f"m.t{i}" for i in range(len(slots)))
+        # Into an empty window, in the unique index's order: each row then goes to the index's rightmost
+        # page (a new window is the newest), not to a random one.
+        order = " ORDER BY m.unit, m.arm" if empty else ""
         writes = (
             f"added AS (INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
-            f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1)"
+            f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1{order})"
         )
         if not empty:  # (an empty window has no row to rewrite)
             writes = f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), {writes}"
