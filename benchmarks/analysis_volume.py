@@ -758,9 +758,11 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         return window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows,
                            rows_key=("bench",))  # fmt: skip
 
-    cold_ms, cold = timed(fold)
-    print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {cold_ms:10,.0f} ms "
-          f"(target <= 60,000)")  # fmt: skip
+    with CpuClock() as clock:
+        cold = fold()
+    print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {clock.wall_ms:10,.0f} ms "
+          f"(target <= 60,000); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
     before = rollups_at(args.before) if args.before else None
     # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
     before_since = since + timedelta(microseconds=1)
@@ -769,8 +771,11 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         def fold_before() -> Any:
             return before.window_fold(rollout_id=live.pk, since=before_since, until=None, spec=spec, session_rows=rows)
 
-        before_ms, _ = timed(fold_before)
-        print(f"  the same, as the fold was at {args.before}: {before_ms:10,.0f} ms")
+        with CpuClock() as clock:
+            fold_before()
+        print(f"  the same, as the fold was at {args.before}: {clock.wall_ms:10,.0f} ms (its records read second: "
+              f"more of them in the OS's cache); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
     print(f"  {unit_statistics_text()}")
     traffic = SteadyTraffic(live.pk, since)
     now_clocks: list[CpuClock] = []
