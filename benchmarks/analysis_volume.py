@@ -214,7 +214,7 @@ def ingest_through_gateway(*, count: int, batch: int, flush_s: float) -> tuple[f
         await gateway.startup()
         started = time.perf_counter()
         for i, draft in enumerate(drafts):
-            gateway._record(draft)
+            gateway.recorder.add(draft)
             if i % 1000 == 999:
                 await asyncio.sleep(0)  # as between requests: the flusher gets its turn
         while written < count:
@@ -253,17 +253,17 @@ def ingest_outage(*, rate: float, outage_s: float, buffer: int, batch: int, flus
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            gateway._record(draft)
-            if first_drop is None and gateway.records.dropped:
+            gateway.recorder.add(draft)
+            if first_drop is None and gateway.recorder.buffer.dropped:
                 first_drop = time.perf_counter() - started
         state["down"] = False
         back = time.perf_counter()
-        backlog = len(gateway.records)
-        gateway._flush_wakeup.set()
-        while len(gateway.records) or state["written"] < backlog:
+        backlog = len(gateway.recorder.buffer)
+        gateway.recorder.wake()
+        while len(gateway.recorder.buffer) or state["written"] < backlog:
             await asyncio.sleep(0.01)
         drain_s = time.perf_counter() - back
-        dropped = gateway.records.dropped
+        dropped = gateway.recorder.buffer.dropped
         await gateway.shutdown()
         return {"first_drop_s": first_drop, "dropped": dropped, "backlog": backlog, "drain_s": drain_s,
                 "written": state["written"]}  # fmt: skip

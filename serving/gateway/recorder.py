@@ -103,6 +103,11 @@ class Recorder:
         metrics.records_buffered.set(len(self.buffer))
         return False
 
+    def wake(self) -> None:
+        """Write what is buffered now, not at the end of the flusher's wait (or its backoff after a failure)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     def add(self, draft: RecordDraft) -> None:
         self.buffer.add(draft)
         size = len(self.buffer)
