@@ -317,15 +317,15 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     spec = queries.spec
     base_sql, base_params = fresh.values(*queries.columns).query.sql_with_params()
     (rows_sql, rows_params), (recs_sql, recs_params) = queries.rows, queries.recs
-    ctes_sql, select_sql, upsert_sql = _fold_sql(spec, empty=empty)
+    ctes_sql, select_sql, writes_sql = _fold_sql(spec, empty=empty)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
     found = _Found(spec)
     with connection.cursor() as cursor:
         if postgres:
-            upsert = f", {upsert_sql}" if persist else ""
+            writes = f", {writes_sql}" if persist else ""
             cursor.execute(
                 f"WITH base AS MATERIALIZED ({base_sql}), fresh AS MATERIALIZED ({rows_sql}), recs AS ({recs_sql}), "
-                f"tail AS ({tail_sql}), {ctes_sql}{upsert} {select_sql}",
+                f"tail AS ({tail_sql}), {ctes_sql}{writes} {select_sql}",
                 [*base_params, *rows_params, *recs_params, *tail_params, window_id, *([window_id] if persist else [])],
             )
             rows = cursor.fetchall()
@@ -339,7 +339,7 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
             )
             rows = cursor.fetchall()
             if persist:
-                cursor.execute(upsert_sql.replace(" FROM fresh f ", f" FROM {FRESH} f ", 1), [window_id])
+                cursor.execute(writes_sql.replace(" FROM fresh f ", f" FROM {FRESH} f ", 1), [window_id])
             cursor.execute(f"DROP TABLE {FRESH}")
     for kind, arm_label, index, at, *values in rows:
         if kind == "d":
