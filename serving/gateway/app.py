@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 
 # The gateway started in this process, for the combined server's /readyz.
 _RUNNING: Gateway | None = None
+
+# How long a thread holding the GIL keeps it while another waits (Python's default: 5 ms). The event loop
+# that relays every stream shares the process with threads that run Python for a while (the record writer's
+# batches, route polls, and in the combined server Django's views): at the default, a stream's next event
+# can wait up to 5 ms for the GIL behind one of them (benchmarks/README.md, "Gateway").
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def gateway_running() -> Gateway | None:
@@ -101,6 +108,8 @@ class Gateway:
         from serving.gateway.shadow import ShadowQueue
 
         config = self.config
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-shadow")
         self.shadow = ShadowQueue(
             max_pending=config.shadow_max_pending, executor=self._shadow_executor, enqueue=self._shadow_enqueue

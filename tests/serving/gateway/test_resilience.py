@@ -163,3 +163,25 @@ def test_the_mirror_that_travels_is_redacted_unless_the_alias_stores_prompts() -
     assert (sent["prompt_text"], sent["baseline_output"]) == ("", "")
     assert payload["body"]["messages"][0]["content"] == "mail bob@example.com"  # the caller's copy is untouched
 
+
+
+def test_a_busy_thread_holds_the_gil_from_the_streams_for_half_a_millisecond_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record writer's batches (and, in the combined server, Django's views) run Python in threads of
+    the gateway's process: at Python's default switch interval a stream's next event could wait 5 ms for
+    the GIL behind them."""
+    import sys
+
+    from serving.gateway.app import GIL_SWITCH_INTERVAL_S
+
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.append(s))
+    monkeypatch.setattr(sys, "getswitchinterval", lambda: 0.005)
+    seen: list[float] = []
+
+    async def scenario() -> None:
+        async with running(rows(alias(), ())):
+            pass
+
+    asyncio.run(scenario())
+    assert seen == [GIL_SWITCH_INTERVAL_S] and GIL_SWITCH_INTERVAL_S <= 0.0005
