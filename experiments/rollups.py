@@ -589,4 +589,7 @@ def windows_prune(*, keep_rollout_ids: Sequence[int]) -> int:
     """Forget the rollups of every rollout but these (the live ones: an ended rollout's looks are stored,
     and nothing reads its rollup again). Returns how many windows went."""
     _, by_model = RollupWindow.objects.exclude(rollout_id__in=list(keep_rollout_ids)).delete()
+    # Unit rows whose window went without them (the database does not tie them to it: a window deleted
+    # while a fold still inserted into it); one anti-join over the table, at each retention run.
+    RollupUnit.objects.exclude(window_id__in=RollupWindow.objects.values("pk")).delete()
     return by_model.get(RollupWindow._meta.label, 0)

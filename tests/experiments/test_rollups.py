@@ -16,13 +16,14 @@ from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Quer
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from experiments.models import RollupWindow
+from experiments.models import RollupUnit, RollupWindow
 from experiments.rollups import (
     RELATIVE_ACCURACY,
     RollupSpec,
     arms_from_scratch_equal,
     window_fold,
     window_scratch,
+    windows_prune,
 )
 from serving.models import RequestRecord
 
@@ -93,6 +94,23 @@ def test_looks_folded_one_after_another_equal_the_computation_from_scratch() -> 
         settled += folded.settled
         # Each record is settled by one look only, and each look reads at most what it has not settled.
         assert settled + folded.unsettled == 80 * (look + 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unit_rows_left_without_their_window_are_pruned() -> None:
+    rng = random.Random(5)
+    since = timezone.now() - timedelta(hours=1)
+    batch(rng, 60, start=since)
+    fold(since)
+    fold(since - timedelta(minutes=1))  # another window of the same rollout
+    kept, gone = RollupWindow.objects.order_by("pk")
+    kept_units = RollupUnit.objects.filter(window=kept).count()
+    assert kept_units > 0 and RollupUnit.objects.filter(window=gone).exists()
+    with connection.cursor() as cursor:  # the window's row alone, as a delete racing a fold's inserts leaves it
+        cursor.execute(f"DELETE FROM {RollupWindow._meta.db_table} WHERE id = %s", [gone.pk])
+    assert windows_prune(keep_rollout_ids=[ROLLOUT]) == 0
+    assert RollupUnit.objects.filter(window_id=gone.pk).count() == 0
+    assert RollupUnit.objects.filter(window=kept).count() == kept_units
 
 
 @pytest.mark.django_db(transaction=True)
