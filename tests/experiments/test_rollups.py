@@ -256,8 +256,8 @@ def test_the_analysis_from_rollups_equals_the_analysis_from_scratch() -> None:
             assert (got.units, got.exposed) == (moments.units, moments.exposed), (look, arm)
             for key, value in moments.sums.items():
                 assert math.isclose(got.sums[key], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, key)
-            for key, value in moments.products.items():
-                assert math.isclose(got.products[key], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, key)
+            for pair, value in moments.products.items():
+                assert math.isclose(got.products[pair], value, rel_tol=1e-9, abs_tol=1e-9), (look, arm, pair)
         assert incremental["candidate"].percentiles["ttft_p50_ms"] is not None
 
 
