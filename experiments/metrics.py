@@ -6,9 +6,10 @@ says how the analysis gets sufficient statistics for it from SQL aggregates:
 - ``gmean``: a latency compared on the log scale, as the ratio of geometric means over successful
   requests: the default for latency guardrails (a heavy right tail weighs far less than on the mean);
 - ``mean``: a per-request number averaged over successful requests (the arithmetic mean, by name);
-- ``percentile``: a tail. As an SLO ("ttft_p99_ms <= 800"), the share of successful requests over the
-  threshold; as a guardrail, the arms' quantiles of each session's first request compared with a relative
-  margin (`experiments.stats.quantiles`);
+- ``percentile``: a tail, on one request per session (`experiments.analysis.tails`). As an SLO
+  ("ttft_p99_ms <= 800"), the share of sessions whose first request was over the threshold; as a
+  guardrail, the arms' quantiles of those first requests, compared with a relative margin
+  (`experiments.stats.quantiles`);
 - ``proportion``: a 0/1 per request (an error) or per outcome event (thumbs up).
 
 Sessions, not requests, are the units of every comparison (`experiments.analysis`): each of these is a
@@ -59,7 +60,8 @@ def _catalogue() -> dict[str, Metric]:
         for label, quantile in QUANTILES.items():
             metrics[f"{short}_{label}_ms"] = Metric(
                 f"{short}_{label}_ms", "percentile", LOWER, "ms",
-                f"{label} {words}: as an SLO, the share of requests over the limit stays under {1 - quantile:.0%}",
+                f"{label} {words}: as an SLO, the share of sessions whose first request is over the limit stays under "
+                f"{1 - quantile:.0%}",
                 source=field, quantile=quantile,
             )  # fmt: skip
     metrics["error_rate"] = Metric(

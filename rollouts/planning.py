@@ -181,11 +181,16 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
             limit = 1.0 - float(metric.quantile or 0.99)
         else:
             limit = slo.threshold if slo.op == "<=" else 1.0 - slo.threshold
-        deff = 1.0
+        deff = per_session = 1.0
         if stats is not None:
             share, _ = _per_request(stats)
             share = share if slo.op == "<=" or metric.shape == "percentile" else 1.0 - share
-            deff = design_effect(stats)
+            if metric.shape == "percentile":
+                # A tail SLO counts one request per session (`analysis.checks._tail_slo`): independent, so no
+                # design effect; its sessions come at the baseline's requests per session.
+                per_session = stats.den / stats.units
+            else:
+                deff = design_effect(stats)
         else:
             share = limit / 2.0
             assumed["share"] = share
@@ -201,6 +206,8 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
         n = _smallest(enough_share, 2)
         if n is None:
             return {"metric": slo.metric, "error": "no sample up to 10^8 shows it within the limit"}
+        if metric.shape == "percentile":
+            return {"metric": slo.metric, "candidate_n": math.ceil(n * per_session), "sessions": n, "assumed": assumed}
         return {"metric": slo.metric, "candidate_n": n, "assumed": assumed}
     if stats is None:
         return {"metric": slo.metric, "error": "no history on the alias to plan a limit on a mean from"}

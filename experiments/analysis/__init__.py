@@ -36,7 +36,7 @@ from experiments.analysis.sessions import (
     session_rows,
     unit_expression,
 )
-from experiments.analysis.tails import first_request_bins, shadow_pair_bins
+from experiments.analysis.tails import first_request_bins, first_request_over, shadow_pair_bins
 from experiments.models import OutcomeEvent
 from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
@@ -62,6 +62,7 @@ __all__ = [
     "arm_summary",
     "arm_sums",
     "first_request_bins",
+    "first_request_over",
     "outcome_unit_stats",
     "shadow_candidate_sums",
     "shadow_pair_bins",

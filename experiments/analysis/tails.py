@@ -1,5 +1,7 @@
-"""The samples of the tail guardrails (`experiments.stats.quantiles`): per arm and latency field, one request
-per session, binned as the rollups' sketches bin (`experiments.rollups.sketch_key`), counted in SQL.
+"""The samples of the tail guardrails and SLOs: one request per session. For a guardrail
+(`experiments.stats.quantiles`), per arm and latency field, binned as the rollups' sketches bin
+(`experiments.rollups.sketch_key`); for a tail SLO, the candidate's sessions whose first request was over
+each threshold (`first_request_over`). Counted in SQL.
 
 A quantile's confidence sequence needs independent observations; a sticky user's requests are not. So each
 session contributes its first request (by `created_at`, then id) among those that measured the field: an ok
@@ -18,12 +20,12 @@ a plan's tail guardrails name).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import F, Q, QuerySet, Window
+from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When, Window
 from django.db.models.functions import RowNumber
 
 from experiments.analysis.paired import PAIRED_FIELDS
@@ -102,4 +104,38 @@ def shadow_pair_bins(
             rows = both.annotate(bucket=sketch_key(column, accuracy)).values("bucket").annotate(n=Count("pk"))
             for row in rows:
                 out.setdefault(arm, {}).setdefault(name, {})[int(row["bucket"])] = int(row["n"])
+    return out
+
+
+def first_request_over(
+    *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], thresholds: Mapping[str, Sequence[float]],
+    arm: str = "candidate",
+) -> dict[tuple[str, float], tuple[int, int]]:  # fmt: skip
+    """{(field, threshold): (sessions whose first request was over it, sessions)}: the tail SLOs' sample,
+    one request per session as for the guardrails, counted exactly at each threshold (no bins)."""
+    out: dict[tuple[str, float], tuple[int, int]] = {}
+    if not windows:
+        return out
+    quote = connection.ops.quote_name
+    records = request_records(rollout_id=rollout_id).filter(_in_windows(windows), arm=arm).order_by()
+    unit = unit_expression(RECORDS)
+    for name, limits in thresholds.items():
+        if not limits:
+            continue
+        column = RECORDS.latency[name]
+        present = Q(**{RECORDS.outcome: "ok", f"{column}__isnull": False})
+        if RECORDS.failover:
+            present &= Q(**{RECORDS.failover: False})
+        first = Window(RowNumber(), partition_by=[unit], order_by=[F("created_at").asc(), F("pk").asc()])
+        overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
+                 for i, limit in enumerate(limits)}  # fmt: skip
+        inner = records.filter(present).annotate(first=first, **overs).values("first", *overs)
+        sql, params = inner.query.sql_with_params()
+        sums = ", ".join(f"SUM(t.{quote(key)})" for key in overs)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT COUNT(*), {sums} FROM ({sql}) t WHERE t.{quote('first')} = 1", params)
+            row = cursor.fetchone()
+        n = int(row[0] or 0)
+        for i, limit in enumerate(limits):
+            out[(name, float(limit))] = (int(row[1 + i] or 0), n)
     return out

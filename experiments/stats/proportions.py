@@ -18,8 +18,9 @@ estimation of quantiles with applications to A/B testing and best-arm identifica
 Theorem 1 with the beta-binomial boundary): the count of observations at or below the true q-quantile is
 Binomial(t, q), so the set of counts s with M_t(q) < 1 / alpha, [s_lo, s_hi], brackets it at every t, and
 the order statistics X_(s_lo) <= Q(q) < X_(s_hi + 1) bound the quantile (``quantile_cs_ranks``). A tail
-SLO "ttft_p99_ms <= 800" is the same test at the threshold: the share of requests over 800 ms is at most
-1 % exactly when the 99th percentile is at most 800 ms.
+SLO "ttft_p99_ms <= 800" is the same test at the threshold: the share of observations over 800 ms is at
+most 1 % exactly when the 99th percentile is at most 800 ms (the look's observations are one request per
+session, `experiments.analysis.tails`; two arms' quantiles are compared in `quantiles`).
 
 The prior's weight r is set, like the normal mixture's rho (``sequential``), from the sample size N* at
 which the bound should be tightest: r + 1 = N* / (-2 ln alpha + ln(1 - 2 ln alpha)) (the beta prior's

@@ -206,9 +206,9 @@ class BinnedSample:
         accuracy = check_positive("relative_accuracy", relative_accuracy)
         if accuracy >= 1:
             raise ValueError(f"relative_accuracy must be below 1, got {relative_accuracy!r}")
-        items = sorted((int(k), int(c)) for k, c in counts.items() if int(c) > 0)
-        if any(c < 0 for _, c in items):
+        if any(int(c) < 0 for c in counts.values()):
             raise ValueError("counts must be non-negative")
+        items = sorted((int(k), int(c)) for k, c in counts.items() if int(c) > 0)
         keys = np.array([k for k, _ in items], dtype=np.int64)
         cumulative = np.cumsum(np.array([c for _, c in items], dtype=np.int64))
         return cls(keys, cumulative, accuracy, check_positive("floor", floor))

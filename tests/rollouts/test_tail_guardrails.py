@@ -30,7 +30,7 @@ TAIL = {"metric": "tpot_p90_ms", "margin": "10%"}
 
 
 def started(owner: Any, **overrides: Any) -> Any:
-    plan = canary_plan(guardrails=[TAIL], **{"steps": [{"weight": 0.5, "min_duration_s": 600}], **overrides})
+    plan = canary_plan(**{"guardrails": [TAIL], "steps": [{"weight": 0.5, "min_duration_s": 600}], **overrides})
     return rollout_create(plan=plan, actor=owner.user, start=True).rollout
 
 
@@ -125,3 +125,40 @@ def test_the_planned_sample_counts_candidate_sessions() -> None:
                                 power=1.0 - step["miss_per_check"])  # fmt: skip
     assert (check["unit"], check["candidate_n"], check["assumed"]) == ("candidate sessions", expected, {"log_sd": 0.5})
     assert step["candidate_n"] >= expected
+
+
+def test_a_tail_slo_counts_each_sessions_first_request(owner: Any, versions: None) -> None:
+    """A tail SLO on sticky users: 300 candidate sessions, each first request fast, then one heavy user
+    whose 200 later requests are all slow. Per request a fifth would be over the limit; per session none is,
+    and the SLO counts sessions (the unit its bound is exact for)."""
+    rollout = started(owner, guardrails=[], slos=["ttft_p99_ms <= 800"],
+                      steps=[{"weight": 0.5, "min_duration_s": 600, "min_candidate_requests": 10_000}])  # fmt: skip
+    step_back(rollout, 30)
+    now = timezone.now()
+    records(rollout, arm="candidate", n=300, model_version=rollout.candidate, seed=61, at=now - timedelta(seconds=20))
+    heavy = records(rollout, arm="candidate", n=1, model_version=rollout.candidate, sessions=["heavy"], at=now - timedelta(seconds=20))
+    records(rollout, arm="candidate", n=200, model_version=rollout.candidate, sessions=["heavy"], ttft=(1500.0, 50.0),
+            at=now - timedelta(seconds=10))  # fmt: skip
+    analysis = look(rollout)
+    (slo,) = analysis.checks
+    assert heavy[0].ttft_ms is not None and heavy[0].ttft_ms < 800
+    assert (slo["n"], slo["sessions"], slo["estimate"], slo["more_unit"]) == (301, 301, 0.0, "candidate sessions")
+    assert slo["test"] == "beta-binomial confidence sequence, one request per session" and slo["decision"] != "breach"
+
+
+def test_the_page_the_api_and_the_alpha_split_show_the_tail_guardrail(owner: Any, versions: None) -> None:
+    from django.test import Client
+
+    rollout = started(owner, guardrails=[TAIL, {"metric": "error_rate", "margin": 0.01}])
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=200, model_version=rollout.baseline, seed=71)
+    records(rollout, arm="candidate", n=200, model_version=rollout.candidate, seed=72)
+    look(rollout)
+    detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
+    (check,) = [c for c in detail["latest_analysis"]["checks"] if c["metric"] == "tpot_p90_ms"]
+    assert check["alpha"] == 0.025 and check["scale"] == "quantile" and check["more_unit"] == "candidate sessions"
+    assert "tpot_p90_ms at most 10% worse" in detail["alpha_split"]["checks"]
+    client = Client()
+    client.force_login(owner.user)
+    page = client.get(f"/rollouts/{rollout.pk}").content.decode()
+    assert "tpot_p90_ms at most 10% worse" in page and "candidate sessions" in page

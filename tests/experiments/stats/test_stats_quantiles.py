@@ -240,3 +240,26 @@ def test_the_floor_and_the_arguments() -> None:
         quantile_guardrail_check(base, base, quantile=0.9, margin=-0.1)
     empty = quantile_guardrail_check(SortedSample.of([]), SortedSample.of([]), quantile=0.9, margin=0.1)
     assert empty.decision is Decision.UNDECIDED and empty.harm is None
+
+
+def test_a_tail_slo_at_its_limit_on_first_requests_is_rarely_called_either_way() -> None:
+    """A tail SLO "p99 <= x" where exactly 1 % of requests are over x, sticky users with a per-user effect
+    (so some users are mostly over), watched at 20 looks: on each session's first request (what the look
+    counts) the share ever called met and the share ever called breached each stay under alpha."""
+    from experiments.stats import proportion_limit_check
+
+    rng = np.random.default_rng(17)
+    alpha, limit, runs, users, looks = 0.0125, 0.01, 200, 3000, 20
+    threshold = TOTAL_SD * special.ndtri(1 - limit)
+    safe = breach = 0
+    for _ in range(runs):
+        effect = rng.normal(0.0, USER_SD, users)
+        over = rng.random(users) < special.ndtr((effect - threshold) / REQUEST_SD)
+        decisions = set()
+        for k in range(1, looks + 1):
+            m = users * k // looks
+            decisions.add(proportion_limit_check(float(over[:m].sum()), float(m), limit=limit, alpha=alpha, tuning_n=2000,
+                                                 project=False).decision)  # fmt: skip
+        safe += Decision.SAFE in decisions
+        breach += Decision.BREACH in decisions
+    assert safe / runs <= alpha and breach / runs <= alpha
