@@ -82,9 +82,10 @@ class RollupUnit(models.Model):
     window's spec names (`v0`... in the order of its columns), and its first non-failover request time."""
 
     # No index of its own: the unique constraint's index starts with the window. No constraint in the
-    # database either: its check ran once per inserted row at commit (a third of the cost of the first
-    # look's 600,000 rows at 20 million records); only experiments.rollups writes these rows, always for
-    # the window it holds locked, and deleting a window deletes its units (Django's cascade).
+    # database either: its check ran once per inserted row at commit (a quarter of the cost of inserting
+    # a window's first rows, 600,000 at 20 million records); only experiments.rollups writes these rows,
+    # for the window it holds locked, deleting a window deletes its units (Django's cascade), and
+    # retention prunes any left without one.
     window = models.ForeignKey(
         RollupWindow, on_delete=models.CASCADE, related_name="units", db_index=False, db_constraint=False
     )
