@@ -3,19 +3,23 @@ Kayenta's rules.
 
 Simulates rollouts with known effects (`experiments.stats.simulation`: users sticky to an arm, lognormal
 requests per user with median 10, a per-user latency factor, a Pareto tail on 2 % of requests, rare errors
-that differ by user, a thumbs-up outcome whose rate differs by user), analyses each every interval with
+that differ by user, a thumbs-up outcome whose rate differs by user, and requests before the rollout
+started from the users already active then and from the 60 % who came back within the pre-period, with
+the same per-user factor), analyses each every interval with
 the rules below, and prints, per scenario and canary weight, how often each rolled the canary back and how
 many canary requests it took, beside the floor no valid rule can beat. Then the issue's targets, each with
 its verdict, and the time of one look from sufficient statistics.
 
     python benchmarks/decision_quality.py             # the defaults: about 20 minutes on 2 cores
     python benchmarks/decision_quality.py --sims 100  # quicker, noisier
+    python benchmarks/decision_quality.py --no-history  # no requests before the rollout (no such covariate)
 
 Every rule watches the same three guardrails with the same tolerances: TPOT at most 5 % worse than the
 baseline, errors at most 0.5 points worse, thumbs-up at most 3 points worse.
 
 (a) this engine: the rollout's checks on the sums over sessions the database computes
-    (`ratio_guardrail_check`): TPOT as the ratio of geometric means with the prompt-length adjustment,
+    (`ratio_guardrail_check`): TPOT as the ratio of geometric means with the regression adjustment on the
+    prompt's length and on the session's TPOT before the rollout (multivariate CUPED, theta pooled),
     errors and thumbs-up by the score test of two shares with the sessions' design effects; alpha split
     over the three (Bonferroni); each guardrail's N* as a rollout sets it (`margin_tuning_n`: where a test
     of its margin decides, and a quarter of that for the breach side, `breach_tuning_n`); roll back at the
@@ -32,7 +36,10 @@ baseline, errors at most 0.5 points worse, thumbs-up at most 3 points worse.
     metric can catch the regression in half of the rollouts: the first look at which the one-sided z-test
     of that look, told the look and the effect in advance and knowing the estimator's true spread (measured
     across the simulated rollouts), has 50 % power. Sessions are the units here too: with sticky users no
-    rule can know more than the sessions tell.
+    rule can know more than the sessions tell. The z-test is on the unadjusted difference, what the rollout's
+    own requests tell.
+(o') the same floor on the regression-adjusted difference (the prompt's length and the requests before the
+    rollout, as (a) adjusts): what a rule that also reads the users' history could reach.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.stats import (
     Decision,
     breach_tuning_n,
+    cuped_ratio_estimates,
     margin_tuning_n,
     ratio_guardrail_check,
     srm_sequential,
@@ -91,6 +99,7 @@ WEIGHTS = (0.05, 0.50)
 DEFAULT_USERS = {0.05: 8000, 0.50: 4000}
 METHODS = ("(a) this engine", "(b) Flagger", "(c) Kayenta", "(c') Kayenta, Bonferroni")
 FLOOR = "(o) floor for any rule valid at alpha"
+FLOOR_ADJUSTED = "(o') floor, with the pre-rollout covariate"
 
 
 @dataclass
@@ -103,7 +112,7 @@ class Outcome:
 def _truth(traffic: Traffic, seed: int) -> dict[str, float]:
     """The baseline's true mean TPOT, error rate and thumbs-up rate (Flagger's fixed thresholds), from a
     large simulated sample."""
-    means = {"tpot": [], "errors": [], "thumbs": []}
+    means: dict[str, list[float]] = {"tpot": [], "errors": [], "thumbs": []}
     for look in simulate(traffic.with_(users=20000), Effect(), sims=1, looks=1, weight=0.5, seed=seed, requests=True):
         batch = look.requests
         assert batch is not None
@@ -146,7 +155,7 @@ def _kayenta_worse(cand: np.ndarray, base: np.ndarray, level: float, lower_is_be
 
 
 def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[str, float], *, sims: int, looks: int,
-              alpha: float, seed: int) -> tuple[dict[str, Outcome], list[np.ndarray], list[float]]:  # fmt: skip
+              alpha: float, seed: int) -> tuple[dict[str, Outcome], dict[str, list[np.ndarray]], list[float]]:  # fmt: skip
     share = alpha / CHECKS
     # N* as a rollout sets it: per guardrail, where a test of its margin decides (rollouts.analysis.checks).
     n_star = {
@@ -160,7 +169,7 @@ def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[s
     outcomes[METHODS[0]].srm_alarm = np.zeros(sims, dtype=bool)
     failed = np.zeros(sims, dtype=int)
     kayenta_levels = {METHODS[2]: 1 - KAYENTA_CONFIDENCE, METHODS[3]: alpha / (CHECKS * looks)}
-    estimates: list[np.ndarray] = []  # per look, per rollout: the floor's metric difference
+    estimates: dict[str, list[np.ndarray]] = {"raw": [], "adjusted": []}  # per look, per rollout: the floors' differences
     cand_requests: list[float] = []  # per look: the mean candidate requests so far
     active = np.ones(sims, dtype=bool)
     for look in simulate(traffic, scenario.effect, sims=sims, looks=looks, weight=weight, seed=seed, requests=True):
@@ -193,13 +202,22 @@ def _simulate(scenario: Scenario, weight: float, traffic: Traffic, truth: dict[s
     return outcomes, estimates, cand_requests
 
 
-def _estimate(scenario: Scenario, look: SimLook, estimates: list[np.ndarray], sims: int) -> None:
+def _estimate(scenario: Scenario, look: SimLook, estimates: dict[str, list[np.ndarray]], sims: int) -> None:
     if scenario.floor_metric is None:
         return
     metric = "tpot_log" if scenario.floor_metric == "tpot" else "errors"
     b, c = look.arms["baseline"].metric[metric], look.arms["candidate"].metric[metric]
     with np.errstate(all="ignore"):
-        estimates.append(c["num"] / c["den"] - b["num"] / b["den"])
+        raw = c["num"] / c["den"] - b["num"] / b["den"]
+    estimates["raw"].append(raw)
+    adjusted = raw.copy()
+    if metric == "tpot_log":  # errors are not adjusted (ratio_checks: proportions)
+        for s in range(sims):
+            base, cand = look.arms["baseline"].ratio(metric, s), look.arms["candidate"].ratio(metric, s)
+            if min(base.units, cand.units) >= 2 and min(base.den, cand.den) > 0:
+                found = cuped_ratio_estimates(base, cand)
+                adjusted[s] = found.candidate.mean - found.baseline.mean
+    estimates["adjusted"].append(adjusted)
 
 
 def _flagger_and_kayenta(look: SimLook, outcomes: dict[str, Outcome], failed: np.ndarray, truth: dict[str, float],
@@ -311,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--timing-repeats", type=int, default=500)
     parser.add_argument("--seed", type=int, default=20240)
+    parser.add_argument("--no-history", action="store_true",
+                        help="users have no requests before the rollout (no pre-rollout covariate)")
     args = parser.parse_args(argv)
     if args.sims < 10 or args.looks < 1 or (args.users is not None and args.users < 10):
         parser.error("--sims must be at least 10, --looks at least 1, --users at least 10")
@@ -318,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     users = {w: args.users or DEFAULT_USERS[w] for w in WEIGHTS}
     print(f"# decision quality: {args.sims} rollouts per cell, {args.looks} looks, users per rollout "
           f"{', '.join(f'{n} at {w:.0%}' for w, n in users.items())} (sticky; lognormal requests, median 10), "
-          f"alpha={args.alpha} split over {CHECKS} guardrails")  # fmt: skip
+          f"alpha={args.alpha} split over {CHECKS} guardrails; requests before the rollout: "
+          f"{'none' if args.no_history else 'yes'}")  # fmt: skip
     print(f"# python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     _check_mann_whitney(args.seed)
     started = time.perf_counter()
@@ -328,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     for i, scenario in enumerate(SCENARIOS):
         for j, weight in enumerate(WEIGHTS):
             seed = args.seed + 100 * i + j
-            traffic = Traffic(users=users[weight])
+            traffic = Traffic(users=users[weight], history=not args.no_history)
             outcomes, estimates, cand_requests = _simulate(scenario, weight, traffic, truth, sims=args.sims,
                                                            looks=args.looks, alpha=args.alpha, seed=seed)  # fmt: skip
-            floor = _floor(scenario, estimates, cand_requests, args.alpha)
+            floor = _floor(scenario, estimates["raw"], cand_requests, args.alpha)
+            floor_adjusted = _floor(scenario, estimates["adjusted"], cand_requests, args.alpha)
             label = "caught" if scenario.regression else "false rollbacks"
             for method in METHODS:
                 outcome = outcomes[method]
@@ -345,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{outcome.srm_alarm.mean():.1%}" if ours else "-",
                 ])  # fmt: skip
                 if ours:
-                    verdicts += _targets(scenario, weight, rolled, median, outcome.srm_alarm.mean(), floor, args.alpha)
+                    verdicts += _targets(scenario, weight, rolled, median, outcome.srm_alarm.mean(), floor,
+                                         floor_adjusted, args.alpha)  # fmt: skip
             if scenario.regression:
-                rows.append([scenario.name, f"{weight:.0%}", FLOOR, "-",
-                             f"{floor:.0f}" if floor is not None else f"> {cand_requests[-1]:.0f}", "-", "-"])  # fmt: skip
+                floors = [(FLOOR, floor)] + ([(FLOOR_ADJUSTED, floor_adjusted)] if scenario.floor_metric == "tpot" else [])
+                for name, value in floors:
+                    rows.append([scenario.name, f"{weight:.0%}", name, "-",
+                                 f"{value:.0f}" if value is not None else f"> {cand_requests[-1]:.0f}", "-", "-"])  # fmt: skip
     header = ["scenario", "canary", "method", "rolled back", "median canary requests to rollback", "promoted early",
               "SRM false alarms"]  # fmt: skip
     print(format_table(rows, header))
@@ -365,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _targets(scenario: Scenario, weight: float, rolled: float, median: float, srm: float, floor: float | None,
-             alpha: float) -> list[str]:  # fmt: skip
+             floor_adjusted: float | None, alpha: float) -> list[str]:  # fmt: skip
     where = f"{scenario.name} at {weight:.0%}"
     out = [f"{'met' if srm <= 0.01 else 'MISSED'}: {where}: false sample-ratio alarms {srm:.1%} <= 1 %"]
     if not scenario.regression:
@@ -375,6 +400,9 @@ def _targets(scenario: Scenario, weight: float, rolled: float, median: float, sr
         ratio = median / floor
         out.append(f"{'met' if ratio <= limit else 'MISSED'}: {where}: caught in {median:.0f} canary requests, "
                    f"{ratio:.2f}x the floor's {floor:.0f} (target <= {limit}x)")  # fmt: skip
+        if floor_adjusted is not None and floor_adjusted != floor:
+            out.append(f"  (against the floor with the pre-rollout covariate, {floor_adjusted:.0f}: "
+                       f"{median / floor_adjusted:.2f}x)")  # fmt: skip
     return out
 
 

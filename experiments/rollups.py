@@ -43,6 +43,7 @@ from django.db.models import Case, Count, F, FloatField, Q, QuerySet, Value, Whe
 from django.db.models.functions import Ceil, Greatest, Ln
 from django.utils.dateparse import parse_datetime
 
+from experiments.analysis.sessions import first_column
 from experiments.models import ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
 
@@ -55,6 +56,7 @@ FRESH = "rollup_fresh"
 # PostgreSQL's work_mem for a fold's transaction (hash tables and sorts per operation).
 FOLD_WORK_MEM = "64MB"
 COLD_WORK_MEM = "512MB"
+FILL = "rollup_fill"
 _QUOTED = r'"(\w+)"'  # a column as Django quotes it, on PostgreSQL and SQLite
 
 
@@ -156,6 +158,18 @@ def sketch_key(column: str, relative_accuracy: float) -> Any:
 SessionRows = Callable[[QuerySet[Any]], QuerySet[Any]]
 
 
+@dataclass(frozen=True)
+class UnitFill:
+    """Columns of a unit row set once, when the fold first stores the unit, and constant after: a covariate
+    from before the window (`experiments.analysis.preperiod`). `session_rows` gives them as NULL; `sql`,
+    given the SQL of one column of unit names (and its parameters), gives one row per unit it knows, the
+    unit first, then `columns` by name; a unit it does not know gets zeros. `key` names what `sql` reads."""
+
+    columns: tuple[str, ...]
+    sql: Callable[[tuple[str, tuple[Any, ...]]], tuple[str, tuple[Any, ...]]]
+    key: Hashable = None
+
+
 def window_fold(
     *,
     rollout_id: int,
@@ -165,15 +179,18 @@ def window_fold(
     session_rows: SessionRows,
     outcome_ok: Q | None = None,
     rows_key: Hashable | None = None,
+    fill: UnitFill | None = None,
 ) -> Folded:
     """Fold the records of a rollout's window [since, until) committed since the window's watermark into
     its rollup, and return the arms. `session_rows(records)` gives one row per (arm_label, unit) with the
     spec's columns and `first_at` (experiments.analysis.sessions.session_rows). `rows_key`, when given,
     names what `session_rows` computes (the same key, the same query): its SQL is then built once per
     process, not at every look. Safe to run twice and from two workers: the window row is locked for the
-    fold."""
+    fold. `fill`: columns each new unit row gets once, after the fold that stores it (`_fill_units`); a unit
+    first seen among the unsettled records has zeros there until a later look stores it."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
     queries = _fold_queries(spec, session_rows, ok, rows_key)
+    key = queries.key if fill is None else hashlib.sha256(f"{queries.key} {fill.key!r}".encode()).hexdigest()
     outermost = not connection.in_atomic_block
     with transaction.atomic():
         if outermost and connection.vendor == "postgresql":
@@ -186,10 +203,10 @@ def window_fold(
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
                 cursor.execute(f"SET LOCAL work_mem = '{FOLD_WORK_MEM}'")
-        window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=queries.key).first()
+        window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=key).first()
         if window is None:
             window, _ = RollupWindow.objects.select_for_update().get_or_create(
-                rollout_id=rollout_id, since=since, spec_hash=queries.key, defaults={"until": until, "spec": spec.as_dict()}
+                rollout_id=rollout_id, since=since, spec_hash=key, defaults={"until": until, "spec": spec.as_dict()}
             )
         rebuilt = False
         if until != window.until:
@@ -218,8 +235,11 @@ def window_fold(
                     cursor.execute(f"SET LOCAL work_mem = '{COLD_WORK_MEM}'")
             # A window with nothing folded yet has no unit rows: the first look inserts them, without
             # looking any up (at 2 million records, 600,000 probes that find nothing).
+            last_id = _last_unit_id() if fill is not None else 0
             found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0)
             found.add_to(arms)
+            if fill is not None and any(values[0] for values in found.deltas.values()):
+                _fill_units(window.pk, last_id, spec, fill).add_to(arms)
             read = found.records
             window.watermark = horizon
             window.records += read
@@ -351,6 +371,46 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
             found.last_at = _as_datetime(at)
         elif kind == "t":
             found.tail = bool(values[0])
+    return found
+
+
+def _last_unit_id() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT MAX(id) FROM {UNITS}")
+        return int(cursor.fetchone()[0] or 0)
+
+
+def _fill_units(window_id: int, after_id: int, spec: RollupSpec, fill: UnitFill) -> _Found:
+    """Set `fill`'s columns of the window's unit rows this fold stored (ids above `after_id`: ids only grow,
+    and the window is locked), and return what that adds to the arms: those columns' sums, and every product
+    with one of them at the units' totals after the fold. Later folds find the values stored and add only
+    the products with their new sums (a fresh row has NULL, so 0, in these columns)."""
+    quote = connection.ops.quote_name
+    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    slot = {column: f"v{i}" for i, column in enumerate(spec.columns)}
+    filled = [c for c in fill.columns if c in slot]
+    units_sql = f"SELECT u.unit FROM {UNITS} u WHERE u.id > %s AND u.window_id = %s"
+    found_sql, found_params = fill.sql((units_sql, (after_id, window_id)))
+    # Per new unit row, its values (0 where `sql` knows nothing of the unit) and its stored totals.
+    values = [f"CAST(COALESCE(p.{quote(c)}, 0) AS {real}) AS {quote(c)}" for c in filled]
+    values += [f"CAST(COALESCE(u.{slot[c]}, 0) AS {real}) AS {quote(c)}" for c in spec.columns if c not in filled]
+    sums = [f"SUM(f.{quote(c)})" if c in filled else "0" for c in spec.columns]
+    products = [f"SUM(f.{quote(a)} * f.{quote(b)})" if a in filled or b in filled else "0" for a, b in spec.pairs]
+    found = _Found(spec)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {FILL}")
+        cursor.execute(
+            f"CREATE TEMP TABLE {FILL} AS SELECT u.id AS unit_id, u.arm AS arm, {', '.join(values)} "
+            f"FROM {UNITS} u LEFT JOIN ({found_sql}) p ON p.{quote(first_column(found_sql))} = u.unit "
+            f"WHERE u.id > %s AND u.window_id = %s",
+            [*found_params, after_id, window_id],
+        )
+        cursor.execute(f"SELECT f.arm, {', '.join(['0', '0', *sums, *products])} FROM {FILL} f GROUP BY f.arm")
+        for arm_label, *row in cursor.fetchall():
+            found.deltas[str(arm_label)] = [float(v or 0.0) for v in row]
+        sets = ", ".join(f"{slot[c]} = (SELECT f.{quote(c)} FROM {FILL} f WHERE f.unit_id = {UNITS}.id)" for c in filled)
+        cursor.execute(f"UPDATE {UNITS} SET {sets} WHERE id IN (SELECT unit_id FROM {FILL})")
+        cursor.execute(f"DROP TABLE {FILL}")
     return found
 
 

@@ -16,11 +16,12 @@ from datetime import datetime
 from typing import Any
 
 from django.db.models import CharField, Count, F, FloatField, Max, QuerySet, Sum, Value
-from django.db.models.functions import Concat
+from django.db.models.functions import Cast, Concat
 from django.utils import timezone
 
 from experiments.analysis.arms import ArmSums, arm_summary
 from experiments.analysis.paired import PairedLatency, PairedSums, shadow_paired_latency
+from experiments.analysis.preperiod import PrePeriod, pre_column_names, pre_period_sql, pre_specs
 from experiments.analysis.sessions import (
     ERROR_OUTCOMES,
     RECORDS,
@@ -55,6 +56,7 @@ __all__ = [
     "ArmSums",
     "PairedLatency",
     "PairedSums",
+    "PrePeriod",
     "RatioSpec",
     "SessionSource",
     "UnitMoments",
@@ -100,12 +102,21 @@ def _percentiles(rows: QuerySet[Any], source: SessionSource, moments: UnitMoment
 
 
 def window_moments(
-    rows: QuerySet[Any], *, source: SessionSource, thresholds: Mapping[str, Sequence[float]]
-) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec]]:
-    """Per arm, the merged per-session moments of ``rows`` (one query), and the metric specs they serve."""
-    specs = ratio_specs(source, thresholds)
+    rows: QuerySet[Any], *, source: SessionSource, thresholds: Mapping[str, Sequence[float]],
+    pre_period: PrePeriod | None = None,
+) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec]]:  # fmt: skip
+    """Per arm, the merged per-session moments of ``rows`` (one query), and the metric specs they serve;
+    with ``pre_period``, each session's history joined to its row (`preperiod`)."""
+    specs = ratio_specs(source, thresholds, pre=pre_specs(source) if pre_period is not None else None)
     per_unit = session_rows(rows, source=source, thresholds=thresholds)
-    moments = merge_rows(per_unit, columns=numeric_columns(source, thresholds), pairs=product_pairs(specs.values()))
+    columns = numeric_columns(source, thresholds)
+    if pre_period is None:
+        return merge_rows(per_unit, columns=columns, pairs=product_pairs(specs.values())), specs
+    before = pre_column_names(source)
+    moments = merge_rows(
+        per_unit, columns=[*columns, *before], pairs=product_pairs(specs.values()),
+        joined=lambda units: pre_period_sql(pre_period, units), joined_columns=before,
+    )  # fmt: skip
     return moments, specs
 
 
@@ -121,18 +132,20 @@ def arm_sums(
     thresholds: Mapping[str, Sequence[float]] | None = None,
     percentiles: bool = True,
     outcomes: bool = True,
+    pre_period: PrePeriod | None = None,
 ) -> dict[str, ArmSums]:
     """Per-arm statistics over sessions of a rollout's served requests in [since, until).
 
     `thresholds` maps a latency field (ttft_ms, tpot_ms, e2e_ms) to the limits of tail SLOs: each gets a
-    count of requests over it, and together they define goodput."""
+    count of requests over it, and together they define goodput. `pre_period`: where the sessions' requests
+    before the rollout are, the latencies' second covariate (`preperiod`)."""
     limits = _thresholds(thresholds)
     records = _window(request_records(rollout_id=rollout_id), since, until)
-    incremental = _incremental(rollout_id, since, until, limits) if since is not None else None
+    incremental = _incremental(rollout_id, since, until, limits, pre_period) if since is not None else None
     if incremental is not None:
         moments, specs, sketched = incremental
     else:
-        moments, specs = window_moments(records, source=RECORDS, thresholds=limits)
+        moments, specs = window_moments(records, source=RECORDS, thresholds=limits, pre_period=pre_period)
     outcome_stats = outcome_unit_stats(rollout_id=rollout_id, since=since, until=until) if outcomes else {}
     result: dict[str, ArmSums] = {}
     for arm in ARMS:
@@ -148,25 +161,34 @@ def arm_sums(
 
 
 def _incremental(
-    rollout_id: int, since: datetime, until: datetime | None, limits: dict[str, tuple[float, ...]]
+    rollout_id: int, since: datetime, until: datetime | None, limits: dict[str, tuple[float, ...]],
+    pre_period: PrePeriod | None = None,
 ) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec], dict[str, dict[str, float | None]]] | None:
     """A window's moments from its rollup (experiments.rollups): the look reads only the records committed
     since the previous one. Percentiles come from the window's DDSketches, each within
-    rollups.RELATIVE_ACCURACY of the nearest-rank value. None when the spec does not fit a rollup."""
-    from experiments.rollups import RollupSpec, window_fold
+    rollups.RELATIVE_ACCURACY of the nearest-rank value. None when the spec does not fit a rollup. A
+    session's history (`pre_period`) is read once, when the rollup first stores the session."""
+    from experiments.rollups import RollupSpec, UnitFill, window_fold
 
-    specs = ratio_specs(RECORDS, limits)
+    specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
+    before = pre_column_names(RECORDS) if pre_period is not None else []
     try:
         spec = RollupSpec(
-            columns=tuple(numeric_columns(RECORDS, limits)), pairs=tuple(product_pairs(specs.values())),
+            columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
             sketch=tuple(RECORDS.latency.items()),
         )  # fmt: skip
     except ValueError:
         return None
+    fill = None
+    if pre_period is not None:
+        period = pre_period
+        fill = UnitFill(columns=tuple(before), sql=lambda units: pre_period_sql(period, units), key=period.key)
+    # Typed: an untyped NULL is text to PostgreSQL in the fold's CTE.
+    nulls = {name: Cast(Value(None), output_field=FloatField()) for name in before}
     folded = window_fold(
         rollout_id=rollout_id, since=since, until=until, spec=spec,
-        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits),
-        rows_key=("records", tuple(sorted(limits.items()))),
+        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits).annotate(**nulls),
+        rows_key=("records", tuple(sorted(limits.items())), bool(before)), fill=fill,
     )  # fmt: skip
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
     tails = {

@@ -22,7 +22,8 @@ failed attempt counts against the candidate even when the baseline answered.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Quer
 from django.db.models.functions import Concat, Greatest, Ln
 
 from experiments.stats import RatioStats
+from experiments.stats.clustered import product_field
 
 # DESIGN.md: an error is the engine's fault (5xx, connection failure, in-stream error, cut stream), and a
 # request that found no engine failed its user too. Client 4xx and cancellations are nobody's verdict.
@@ -70,24 +72,29 @@ SHADOW = SessionSource(
 @dataclass(frozen=True)
 class RatioSpec:
     """A metric as a ratio over units: sum of ``num`` columns (times coefficients given later) over sum of
-    ``den``; ``covariate`` the (numerator, denominator) columns of the regression covariate, if any."""
+    ``den``; ``covariate`` the (numerator, denominator) columns of the regression covariate, if any (the
+    prompt's length), and ``pre`` those of the same metric before the rollout (`preperiod`), if any."""
 
     num: tuple[str, ...]
     den: str
     covariate: tuple[str, str] | None = None
+    pre: tuple[str, str] | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return (*self.num, self.den, *(self.covariate or ()))
+        return (*self.num, self.den, *(self.covariate or ()), *(self.pre or ()))
 
 
 def over_column(field_name: str, index: int) -> str:
     return f"{field_name}_o{index}"
 
 
-def ratio_specs(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> dict[str, RatioSpec]:
+def ratio_specs(
+    source: SessionSource, thresholds: Mapping[str, Sequence[float]], *, pre: Mapping[str, tuple[str, str]] | None = None
+) -> dict[str, RatioSpec]:
     """Every metric a look may test, by key: error_rate, goodput, <field>:mean, <field>:log,
-    <field>:over<i> (the i-th threshold of that field), tokens (prompt and completion over ok requests)."""
+    <field>:over<i> (the i-th threshold of that field), tokens (prompt and completion over ok requests).
+    ``pre``: per key, the columns of its history covariate (`preperiod.pre_specs`)."""
     rates = ("chars", "counted") if source.prompt_chars else None
     served = ("ok_chars", "ok") if source.prompt_chars else None
     specs = {
@@ -95,9 +102,10 @@ def ratio_specs(source: SessionSource, thresholds: Mapping[str, Sequence[float]]
         "goodput": RatioSpec(("good",), "counted", rates),
         "tokens": RatioSpec(("tok_p", "tok_c") if source.prompt_tokens else ("tok_c",), "tok_n", served),
     }
+    before = pre or {}
     for name in source.latency:
-        specs[f"{name}:mean"] = RatioSpec((f"{name}_s",), f"{name}_n", served)
-        specs[f"{name}:log"] = RatioSpec((f"{name}_l",), f"{name}_n", served)
+        specs[f"{name}:mean"] = RatioSpec((f"{name}_s",), f"{name}_n", served, before.get(f"{name}:mean"))
+        specs[f"{name}:log"] = RatioSpec((f"{name}_l",), f"{name}_n", served, before.get(f"{name}:log"))
         for i, _ in enumerate(thresholds.get(name, ())):
             specs[f"{name}:over{i}"] = RatioSpec((over_column(name, i),), f"{name}_n")
     return specs
@@ -201,24 +209,25 @@ class UnitMoments:
         if len(weights) != len(spec.num):
             raise ValueError(f"need {len(spec.num)} coefficients for {spec.num}, got {len(weights)}")
         terms = list(zip(spec.num, weights, strict=True))
+        # The RatioStats columns other than num, and the unit columns that give them.
+        roles = {"den": spec.den}
+        if spec.covariate is not None:
+            roles.update(cov_num=spec.covariate[0], cov_den=spec.covariate[1])
+        if spec.pre is not None:
+            roles.update(pre_num=spec.pre[0], pre_den=spec.pre[1])
 
         def num_with(other: str) -> float:
             return sum(w * self.product(col, other) for col, w in terms)
 
         values: dict[str, float] = {
             "num": sum(w * self.total(col) for col, w in terms),
-            "den": self.total(spec.den),
             "num_sq": sum(wa * wb * self.product(a, b) for (a, wa), (b, wb) in itertools.product(terms, terms)),
-            "den_sq": self.product(spec.den, spec.den),
-            "num_den": num_with(spec.den),
         }
-        if spec.covariate is not None:
-            c, d = spec.covariate
-            values.update(
-                cov_num=self.total(c), cov_den=self.total(d), cov_num_sq=self.product(c, c),
-                cov_den_sq=self.product(d, d), cov_num_den=self.product(c, d), num_cov_num=num_with(c),
-                num_cov_den=num_with(d), den_cov_num=self.product(spec.den, c), den_cov_den=self.product(spec.den, d),
-            )  # fmt: skip
+        for role, column in roles.items():
+            values[role] = self.total(column)
+            values[product_field("num", role)] = num_with(column)
+        for x, y in itertools.combinations_with_replacement(roles, 2):
+            values[product_field(x, y)] = self.product(roles[x], roles[y])
         return RatioStats(self.units, **values)
 
     def merge(self, other: UnitMoments) -> UnitMoments:
@@ -244,16 +253,23 @@ def product_pairs(specs: Iterable[RatioSpec]) -> list[tuple[str, str]]:
 
 def merge_rows(
     rows: QuerySet[Any], *, columns: Sequence[str], pairs: Sequence[tuple[str, str]], group: str = "arm_label",
-    exposure: bool = True,
+    exposure: bool = True, joined: Callable[[tuple[str, tuple[Any, ...]]], tuple[str, tuple[Any, ...]]] | None = None,
+    joined_columns: Sequence[str] = (),
 ) -> dict[str, UnitMoments]:  # fmt: skip
-    """Per value of ``group`` (the arm), the ``UnitMoments`` of per-unit rows (``session_rows``) in one query."""
+    """Per value of ``group`` (the arm), the ``UnitMoments`` of per-unit rows (``session_rows``) in one query.
+
+    ``joined``: given the SQL of the rows' units (and its parameters), the SQL of one row per unit it knows,
+    the unit first, with ``joined_columns`` (a session's history, `preperiod`); a unit it does not know has
+    zeros there."""
     connection = connections[rows.db]
     quote = connection.ops.quote_name
     real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
     inner, params = rows.query.sql_with_params()
 
+    extra = set(joined_columns) if joined is not None else set()
+
     def col(name: str) -> str:
-        return f"CAST(COALESCE(t.{quote(name)}, 0) AS {real})"
+        return f"CAST(COALESCE({'p' if name in extra else 't'}.{quote(name)}, 0) AS {real})"
 
     selects = [f"t.{quote(group)}", "COUNT(*)"]
     if exposure:
@@ -263,18 +279,30 @@ def merge_rows(
     selects += [f"SUM({col(c)})" for c in columns]
     selects += [f"SUM({col(a)} * {col(b)})" for a, b in pairs]
     window = f", MIN(s.{quote('first_at')}) OVER (PARTITION BY s.{quote('unit')}) AS unit_first" if exposure else ""
+    join, join_params = "", ()
+    if joined is not None:
+        found_sql, join_params = joined((f"SELECT s.unit FROM ({inner}) s", tuple(params)))
+        join = f" LEFT JOIN ({found_sql}) p ON p.{quote(first_column(found_sql))} = t.unit"
     sql = (
-        f"SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM ({inner}) s) t GROUP BY t.{quote(group)}"
+        f"SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM ({inner}) s) t{join} GROUP BY t.{quote(group)}"
     )
     out: dict[str, UnitMoments] = {}
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, [*params, *join_params])
         for row in cursor.fetchall():
             values = [float(v) if v is not None else 0.0 for v in row[3:]]
             sums = dict(zip(columns, values[: len(columns)], strict=True))
             products = dict(zip(pairs, values[len(columns) :], strict=True))
             out[str(row[0])] = UnitMoments(int(row[1]), int(row[2] or 0), sums, products)
     return out
+
+
+def first_column(sql: str) -> str:
+    """The name of the first column a SELECT gives, as Django writes it (the unit of a joined query)."""
+    match = re.match(r'\s*SELECT\s+(?:DISTINCT\s+)?(?:\S+?\.)?"(\w+)"', sql)
+    if match is None:
+        raise RuntimeError(f"cannot read the first column of {sql[:120]!r}")
+    return match.group(1)
 
 
 def numeric_columns(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> list[str]:

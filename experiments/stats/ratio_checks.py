@@ -18,9 +18,10 @@ the decision is the one-sided always-valid bound of ``decisions.difference_check
   as each arm's design effect. A relative margin uses the delta method with the per-request variance
   never below the binomial one at the Wilson centre (x + c/2) / (n + c), c the squared multiplier.
 
-Regression adjustment (CUPED) on a pre-treatment covariate (the prompt's length as the gateway received
-it) applies to the ``log`` and ``mean`` scales when both arms carry it; the result says how much variance
-it removed. Proportions are left unadjusted: the smoothing floor above, not the sample variance, sets their
+Regression adjustment (CUPED) on pre-treatment covariates (the prompt's length as the gateway received
+it, and the same metric over the session's requests before the rollout started: ``clustered``, theta
+pooled across arms) applies to the ``log`` and ``mean`` scales on those both arms carry; the result says
+which it used and how much variance it removed. Proportions are left unadjusted: the smoothing floor above, not the sample variance, sets their
 bounds while errors are rare.
 """
 
@@ -70,6 +71,7 @@ class RatioGuardrailResult:
     variance_reduction: float
     growth: float | None
     reason: str
+    covariates: tuple[str, ...] = ()
 
 
 def _wilson_floor(stats: RatioStats, estimate: ArmEstimate, pseudo: float) -> ArmEstimate:
@@ -98,6 +100,7 @@ class _Stratum:
     weight: float
     requests: float
     theta: float
+    covariates: tuple[str, ...] = ()
 
 
 def _strata(values: RatioStats | Sequence[RatioStats], role: str) -> list[RatioStats]:
@@ -122,9 +125,10 @@ def _pooled(arms: Sequence[RatioStats]) -> RatioStats:
 def _combine(
     eligible: Sequence[tuple[RatioStats, RatioStats]], *, scale: str, relative: bool, factor: float, cuped: bool,
     pseudo: float,
-) -> tuple[float, float, float, float] | None:  # fmt: skip
+) -> tuple[float, float, float, float, tuple[str, ...]] | None:  # fmt: skip
     """The strata's differences averaged with the CMH weights: (effect, variance, variance reduction by the
-    regression adjustment, mean theta); None when no stratum can give one."""
+    regression adjustment, mean theta, the covariates any stratum adjusted on); None when no stratum can
+    give one."""
     strata: list[_Stratum] = []
     rel = relative and scale != "log" and factor == 1.0
     for b, c in eligible:
@@ -132,10 +136,12 @@ def _combine(
             b_est = _wilson_floor(b, ratio_estimate(b, role="baseline"), pseudo)
             c_est = _wilson_floor(c, ratio_estimate(c, role="candidate"), pseudo)
             plain_var, theta = None, 0.0
+            used: tuple[str, ...] = ()
         else:
             scaled = b.scaled(factor) if factor != 1.0 else b
             b_est, c_est, adjusted = _estimates(scaled, c, cuped=cuped)
             theta = adjusted.theta if adjusted is not None else 0.0
+            used = adjusted.covariates if adjusted is not None else ()
             plain_var = None
             if adjusted is not None:
                 plain_var = arm_difference(ratio_estimate(scaled), ratio_estimate(c), relative=rel, t_reference=False).variance
@@ -144,7 +150,7 @@ def _combine(
         diff = arm_difference(b_est, c_est, relative=rel, t_reference=False)
         weight = b.den * c.den / (b.den + c.den)
         strata.append(_Stratum(diff.effect, diff.variance, plain_var if plain_var is not None else diff.variance,
-                               weight, b.den + c.den, theta))  # fmt: skip
+                               weight, b.den + c.den, theta, used))  # fmt: skip
     if not strata:
         return None
     total_weight = sum(s.weight for s in strata)
@@ -153,7 +159,8 @@ def _combine(
     before = sum(s.weight**2 * s.variance_unadjusted for s in strata) / total_weight**2
     reduction = 1.0 - variance / before if before > 0 else 0.0
     theta = sum(s.weight * s.theta for s in strata) / total_weight
-    return effect, variance, reduction, theta
+    used = tuple(p for p in ("cov", "pre") if any(p in s.covariates for s in strata))
+    return effect, variance, reduction, theta, used
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +210,7 @@ def ratio_comparison(
     combined = _combine(eligible, scale=scale, relative=relative and scale != "log", factor=1.0, cuped=cuped, pseudo=pseudo)
     if combined is None:
         return None
-    effect, variance, reduction, _ = combined
+    effect, variance, reduction, _, _ = combined
     width = half_width(variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     p_value = always_valid_p_value(effect=effect, variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     z = effect / math.sqrt(variance) if variance > 0 else math.copysign(math.inf, effect) if effect else 0.0
@@ -255,7 +262,7 @@ def ratio_guardrail_check(
     lower_is_better = direction == "lower_is_better"
     pooled_b, pooled_c = _pooled(bases), _pooled(cands)
 
-    def result(decision: Decision, reason: str, **values: float | None) -> RatioGuardrailResult:
+    def result(decision: Decision, reason: str, **values: Any) -> RatioGuardrailResult:
         return _result(pooled_b, pooled_c, scale, margin, relative, decision, reason, values)
 
     eligible = [(b, c) for b, c in zip(bases, cands, strict=True)
@@ -281,7 +288,7 @@ def ratio_guardrail_check(
     combined = _combine(eligible, scale=scale, relative=relative, factor=factor, cuped=cuped, pseudo=multiplier**2)
     if combined is None:
         return result(Decision.UNDECIDED, "no step with events in the baseline yet, so a relative margin is undefined")
-    effect, variance, reduction, theta = combined
+    effect, variance, reduction, theta, used = combined
 
     if scale == "log":
         log_margin = math.log1p(margin) if lower_is_better else -math.log1p(-margin)
@@ -301,7 +308,7 @@ def ratio_guardrail_check(
             check.decision, _readable(check.decision, shown(check.lower_bound), shown(check.bound), margin),
             harm=shown(check.effect), harm_low=shown(check.lower_bound), harm_high=shown(check.bound),
             p_value=check.p_value, baseline=math.exp(pooled_b.ratio), candidate=math.exp(pooled_c.ratio),
-            theta=theta, variance_reduction=reduction, growth=check.growth,
+            theta=theta, variance_reduction=reduction, growth=check.growth, covariates=used,
         )  # fmt: skip
     if scale == "mean" and relative:
         # mean_c <= (1 + m) mean_b  <=>  mean_c - (1 + m) mean_b <= 0: the difference against the scaled baseline.
@@ -316,7 +323,7 @@ def ratio_guardrail_check(
         return result(
             check.decision, _readable(check.decision, low, high, margin), harm=harm, harm_low=low, harm_high=high,
             p_value=check.p_value, baseline=base_mean, candidate=pooled_c.ratio, theta=theta,
-            variance_reduction=reduction, growth=check.growth,
+            variance_reduction=reduction, growth=check.growth, covariates=used,
         )  # fmt: skip
     check = effect_check(
         effect, variance, margin=margin, relative=relative, direction=direction, alpha=alpha, tuning_n=tuning_n,
@@ -326,7 +333,7 @@ def ratio_guardrail_check(
     return result(
         check.decision, check.reason, harm=check.effect, harm_low=check.lower_bound, harm_high=check.bound,
         p_value=check.p_value, baseline=pooled_b.ratio, candidate=pooled_c.ratio, theta=theta,
-        variance_reduction=reduction, growth=check.growth,
+        variance_reduction=reduction, growth=check.growth, covariates=used,
     )  # fmt: skip
 
 
@@ -396,7 +403,7 @@ def _readable(decision: Decision, low: float, high: float, margin: float) -> str
 
 def _result(
     baseline: RatioStats, candidate: RatioStats, scale: str, margin: float, relative: bool, decision: Decision,
-    reason: str, values: dict[str, float | None],
+    reason: str, values: dict[str, Any],
 ) -> RatioGuardrailResult:  # fmt: skip
     def value(name: str, default: float) -> float:
         found = values.get(name)
@@ -409,6 +416,7 @@ def _result(
         baseline_units=baseline.units, candidate_units=candidate.units, baseline_requests=baseline.den,
         candidate_requests=candidate.den, theta=value("theta", 0.0),
         variance_reduction=value("variance_reduction", 0.0), growth=values.get("growth"), reason=reason,
+        covariates=tuple(values.get("covariates") or ()),
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .clustered import RatioStats
+from .clustered import RatioStats, product_field
 
 ARMS = ("baseline", "candidate")
 
@@ -65,6 +65,10 @@ class Traffic:
     tokens_median: float = 120.0
     tokens_sigma: float = 0.6
     chars_per_token: float = 4.0
+    # Requests before the rollout (`draw_history`): off by default. ``returning_share`` of the users also
+    # sent an earlier visit of their usual size within the pre-period.
+    history: bool = False
+    returning_share: float = 0.6
 
     def with_(self, **changes: float | int) -> Traffic:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -114,19 +118,19 @@ class SimLook:
     requests: Requests | None = None
 
 
-def _sums(num: np.ndarray, den: np.ndarray, cov_num: np.ndarray | None, cov_den: np.ndarray | None) -> dict[str, np.ndarray]:
+def _sums(num: np.ndarray, den: np.ndarray, cov_num: np.ndarray | None, cov_den: np.ndarray | None,
+          pre_num: np.ndarray | None = None, pre_den: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Per rollout (rows), the RatioStats sums over users (columns); users with no request contribute 0."""
-    out = {
-        "num": num.sum(1), "den": den.sum(1), "num_sq": (num * num).sum(1), "den_sq": (den * den).sum(1),
-        "num_den": (num * den).sum(1),
-    }  # fmt: skip
+    columns = {"num": num, "den": den}
     if cov_num is not None and cov_den is not None:
-        out.update(
-            cov_num=cov_num.sum(1), cov_den=cov_den.sum(1), cov_num_sq=(cov_num * cov_num).sum(1),
-            cov_den_sq=(cov_den * cov_den).sum(1), cov_num_den=(cov_num * cov_den).sum(1),
-            num_cov_num=(num * cov_num).sum(1), num_cov_den=(num * cov_den).sum(1),
-            den_cov_num=(den * cov_num).sum(1), den_cov_den=(den * cov_den).sum(1),
-        )  # fmt: skip
+        columns.update(cov_num=cov_num, cov_den=cov_den)
+    if pre_num is not None and pre_den is not None:
+        columns.update(pre_num=pre_num, pre_den=pre_den)
+    out = {name: values.sum(1) for name, values in columns.items()}
+    names = list(columns)
+    for i, x in enumerate(names):
+        for y in names[i:]:
+            out[product_field(x, y)] = (columns[x] * columns[y]).sum(1)
     return out
 
 
@@ -178,6 +182,35 @@ def draw_users(
     rate, rate_candidate = _user_rates(rng, traffic.error_rate, traffic.error_concentration, effect.error_add, shape)
     thumbs, thumbs_candidate = _user_rates(rng, traffic.thumbs_rate, traffic.thumbs_concentration, effect.thumbs_add, shape)
     return Users(total, start, span, user_log, rate, rate_candidate, thumbs, thumbs_candidate)
+
+
+@dataclass
+class History:
+    """Per user (the users' shape), what it sent before the rollout started, on the baseline: successes and
+    the sum of their log TPOT."""
+
+    n: np.ndarray
+    log: np.ndarray
+
+
+def draw_history(rng: np.random.Generator, traffic: Traffic, users: Users) -> History:
+    """Each user's requests before the rollout: the part of its visit before the first interval (a user
+    whose span starts before 0), and for ``returning_share`` of the users an earlier visit of its usual size,
+    TPOT drawn as on the baseline with the same per-user slowness (the prompt-length term and per-request
+    spread summed in closed form: a sum of n normals is a normal). Drawn from its own ``rng`` so that the
+    rollout's own draws do not depend on it."""
+    shape = users.shape
+    ongoing = users.total / users.span * np.clip(-users.start, 0.0, users.span)
+    earlier = np.where(rng.random(shape) < traffic.returning_share, users.total, 0.0)
+    n = rng.poisson(ongoing + earlier).astype(float)
+    n = n - rng.binomial(n.astype(np.int64), traffic.error_rate)  # the failures have no TPOT
+    spread = math.sqrt(traffic.tpot_sigma**2 + (traffic.chars_slope * traffic.chars_sigma) ** 2)
+    log = n * (math.log(traffic.tpot_median_ms) + users.user_log) + spread * np.sqrt(n) * rng.standard_normal(shape)
+    tails = rng.binomial(n.astype(np.int64), traffic.tail_share)
+    owner = np.repeat(np.arange(n.size), tails.ravel())
+    extra = np.log1p(rng.pareto(traffic.tail_alpha, owner.size))
+    log = log + np.bincount(owner, weights=extra, minlength=n.size).reshape(shape)
+    return History(n, log)
 
 
 @dataclass
@@ -259,8 +292,9 @@ def request_details(rng: np.random.Generator, traffic: Traffic, batch: Interval,
 
 
 # Per user, what the sums of a look are made of: successes, their log TPOT, TPOT, errors, prompt characters
-# of successes, thumbs-up, requests.
+# of successes, thumbs-up, requests; and before the rollout (`History`), successes and their log TPOT.
 TOTALS = ("n", "log", "x", "err", "chars", "thumbs", "requests")
+PRE_TOTALS = ("pre_n", "pre_log")
 
 
 def interval_totals(batch: Interval, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -283,6 +317,8 @@ METRIC_TOTALS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "errors": ("err", "requests", None),
     "thumbs": ("thumbs", "n", None),
 }
+# The metrics with a pre-rollout covariate, when the totals carry one.
+METRIC_PRE: dict[str, tuple[str, str]] = {"tpot_log": ("pre_log", "pre_n")}
 
 
 def arm_look(totals: dict[str, np.ndarray], mask: np.ndarray, metrics: tuple[str, ...] = tuple(METRIC_TOTALS)) -> ArmLook:
@@ -294,7 +330,9 @@ def arm_look(totals: dict[str, np.ndarray], mask: np.ndarray, metrics: tuple[str
     for name in metrics:
         num, den, covariate = METRIC_TOTALS[name]
         cov = (pick[covariate[0]], pick[covariate[1]]) if covariate else (None, None)
-        sums[name] = _sums(pick[num], pick[den], *cov)
+        pre = METRIC_PRE.get(name)
+        before = (pick[pre[0]], pick[pre[1]]) if pre and pre[0] in pick else (None, None)
+        sums[name] = _sums(pick[num], pick[den], *cov, *before)
     return ArmLook(units=seen.sum(1), requests=pick["requests"].sum(1), metric=sums)
 
 
@@ -310,6 +348,9 @@ def simulate(
     candidate = rng.random(shape) < weight
     users = draw_users(rng, traffic, effect, sims=sims, looks=looks)
     totals = {name: np.zeros(shape) for name in TOTALS}
+    if traffic.history:
+        history = draw_history(np.random.default_rng([seed, 1]), traffic, users)
+        totals.update(pre_n=history.n, pre_log=history.log)
     for look in range(1, looks + 1):
         batch = draw_interval(rng, traffic, effect, users, look, candidate)
         for name, values in interval_totals(batch, shape).items():

@@ -41,6 +41,7 @@ from typing import Any
 from experiments.analysis import (
     ArmSums,
     PairedLatency,
+    PrePeriod,
     arm_summary,
     arm_sums,
     first_request_bins,
@@ -417,7 +418,7 @@ def _guardrail_check(
         "n": [round(result.baseline_requests), round(result.candidate_requests)],
         "sessions": [result.baseline_units, result.candidate_units], "baseline": num(result.baseline),
         "candidate": num(result.candidate), "theta": num(result.theta),
-        "variance_reduction": num(result.variance_reduction),
+        "variance_reduction": num(result.variance_reduction), "covariates": list(result.covariates),
         "more_n": more, "reason": result.reason,
         **({"test": "ratio of geometric means"} if scale == "log" else {}),
     }  # fmt: skip
@@ -597,8 +598,12 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     windows = evidence_windows(rollout, window_start, now)
     current = windows[-1]
     # The current window is open (its rollup folds what arrives); an earlier step's has its end.
+    # The sessions' requests before the rollout, all the baseline's: the latencies' second covariate.
+    pre = None
+    if rollout.started_at is not None:
+        pre = PrePeriod(alias=rollout.alias_name, until=rollout.started_at, model_version_id=rollout.baseline_id)
     sums = {w.step_index: arm_sums(rollout_id=rollout.pk, since=w.since, until=None if w.current else w.until,
-                                   thresholds=thresholds, percentiles=w.current) for w in windows}  # fmt: skip
+                                   thresholds=thresholds, percentiles=w.current, pre_period=pre) for w in windows}  # fmt: skip
     base = sums[current.step_index]["baseline"]
     cand = (
         shadow_candidate_sums(rollout_id=rollout.pk, since=current.since, thresholds=thresholds) if shadow_step

@@ -104,6 +104,9 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
+# What a guardrail's regression adjustment used (experiments.stats.clustered), as the page says it. A look
+# stored before the history covariate has no list: the prompt's length was all it had.
+COVARIATE_WORDS = {"cov": "prompt length", "pre": "the sessions' requests before the rollout"}
 DECISION_STATUS = {"safe": "green", "win": "green", "undecided": "amber", "breach": "red", "loss": "red"}
 
 
@@ -220,6 +223,7 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         "more_unit": check.get("more_unit") or "candidate requests",
         "min_n": check.get("min_n"),
         "variance_reduction": round(100.0 * float(check["variance_reduction"]), 1) if finite(check.get("variance_reduction")) else None,
+        "adjusted_on": " and ".join(COVARIATE_WORDS[c] for c in check.get("covariates") or ["cov"] if c in COVARIATE_WORDS),
         "steps": ", ".join(str(i + 1) for i in check.get("steps") or []),
     }  # fmt: skip
 

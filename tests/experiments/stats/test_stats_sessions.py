@@ -84,6 +84,81 @@ def test_cuped_with_theta_pooled_is_the_ancova_estimate() -> None:
     assert adjusted.variance_reduction > 0.3
 
 
+def _linearised(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """(x_i - R y_i) / mean(y): a ratio's per-session contributions (Deng, Knoblich and Lu 2018)."""
+    return (num - num.sum() / den.sum() * den) / den.mean()
+
+
+def test_cuped_on_two_covariates_is_the_pooled_regression_on_the_linearised_contributions() -> None:
+    # Sessions with uneven requests, a per-session speed, a prompt-length covariate (c, d) and the same
+    # metric over the session's requests before the rollout (p, q; a third of the sessions are new: 0, 0).
+    rng = np.random.default_rng(8)
+    arms = {}
+    for name, k, shift in (("baseline", 120, 0.0), ("candidate", 90, 0.2)):
+        b = rng.integers(1, 12, k).astype(float)
+        speed = rng.normal(0.0, 0.5, k)
+        d = b.copy()
+        c = d * rng.lognormal(5.0, 0.4, k)
+        q = np.where(rng.random(k) < 1 / 3, 0.0, rng.integers(1, 15, k).astype(float))
+        p = q * (3.0 + speed) + np.sqrt(q) * rng.normal(0.0, 0.4, k)
+        a = b * (3.0 + speed + shift) + 1e-4 * (c - 150 * d) + np.sqrt(b) * rng.normal(0.0, 0.4, k)
+        arms[name] = (a, b, c, d, p, q)
+    stats_ = {n: RatioStats.from_units(a, b, c, d, pre_num=p, pre_den=q) for n, (a, b, c, d, p, q) in arms.items()}
+    found = cuped_ratio_estimates(stats_["baseline"], stats_["candidate"])
+    assert found.covariates == ("cov", "pre")
+
+    # By hand: per arm L and M_1, M_2; theta regresses L on M within arms (pooled); each arm's ratio moves
+    # by theta . (its covariate ratios - the pooled ones); Var = var(L - theta . M) / K.
+    lin = {n: (_linearised(a, b), np.column_stack([_linearised(c, d), _linearised(p, q)]))
+           for n, (a, b, c, d, p, q) in arms.items()}  # fmt: skip
+    ll = np.concatenate([v[0] for v in lin.values()])
+    mm = np.vstack([v[1] for v in lin.values()])
+    theta = np.linalg.lstsq(mm, ll, rcond=None)[0]  # each arm's L and M have mean 0: no intercepts needed
+    assert found.thetas == pytest.approx(tuple(theta), rel=1e-9)
+    assert found.theta == pytest.approx(theta[0], rel=1e-9)
+    assert theta[1] > 0.3  # the history predicts the session's speed
+    all_c = np.concatenate([v[2] for v in arms.values()]).sum() / np.concatenate([v[3] for v in arms.values()]).sum()
+    all_p = np.concatenate([v[4] for v in arms.values()]).sum() / np.concatenate([v[5] for v in arms.values()]).sum()
+    for name, estimate in (("baseline", found.baseline), ("candidate", found.candidate)):
+        a, b, c, d, p, q = arms[name]
+        ratio = a.sum() / b.sum() - theta[0] * (c.sum() / d.sum() - all_c) - theta[1] * (p.sum() / q.sum() - all_p)
+        assert estimate.mean == pytest.approx(ratio, rel=1e-12)
+        residual = lin[name][0] - lin[name][1] @ theta
+        assert estimate.variance == pytest.approx(residual.var(ddof=1), rel=1e-9)
+        assert estimate.standard_error_squared == pytest.approx(residual.var(ddof=1) / a.size, rel=1e-9)
+    plain = sum(v[0].var(ddof=1) / v[0].size for v in lin.values())
+    adjusted = sum((v[0] - v[1] @ theta).var(ddof=1) / v[0].size for v in lin.values())
+    assert found.variance_reduction == pytest.approx(1 - adjusted / plain, rel=1e-9)
+    assert found.variance_reduction > 0.2
+    # The prompt's length alone removes little here; the history most of it.
+    assert cuped_ratio_estimates(stats_["baseline"], stats_["candidate"], covariates=("cov",)).variance_reduction < 0.1
+
+
+def test_with_one_request_per_session_two_covariate_cuped_is_ancova() -> None:
+    rng = np.random.default_rng(9)
+    n_b, n_c = 250, 150
+    x1 = rng.lognormal(6.0, 0.8, size=n_b + n_c)
+    x2 = rng.normal(3.0, 1.0, size=n_b + n_c)  # the session's mean before the rollout (one request then)
+    treated = np.r_[np.zeros(n_b), np.ones(n_c)]
+    y = 1.0 + 0.001 * x1 + 0.8 * x2 + 0.2 * treated + rng.normal(0.0, 0.3, size=x1.size)
+    ones = np.ones(n_b + n_c)
+    base = RatioStats.from_units(y[:n_b], ones[:n_b], x1[:n_b], ones[:n_b], pre_num=x2[:n_b], pre_den=ones[:n_b])
+    cand = RatioStats.from_units(y[n_b:], ones[n_b:], x1[n_b:], ones[n_b:], pre_num=x2[n_b:], pre_den=ones[n_b:])
+    found = cuped_ratio_estimates(base, cand)
+    fit = sm.OLS(y, np.column_stack([np.ones_like(y), treated, x1, x2])).fit()
+    assert found.candidate.mean - found.baseline.mean == pytest.approx(fit.params[1], rel=1e-9)
+    assert found.thetas == pytest.approx(tuple(fit.params[2:]), rel=1e-9)
+
+
+def test_without_history_in_one_arm_the_adjustment_uses_what_both_carry() -> None:
+    rng = np.random.default_rng(10)
+    a, b, c = rng.random(40), np.ones(40), rng.random(40)
+    with_history = RatioStats.from_units(a, b, c, b, pre_num=a, pre_den=b)
+    without = RatioStats.from_units(a[::-1], b, c[::-1], b)
+    assert cuped_ratio_estimates(with_history, without).covariates == ("cov",)
+    assert cuped_ratio_estimates(RatioStats.from_units(a, b), RatioStats.from_units(c, b)).variance_reduction == 0.0
+
+
 def test_sums_merge_in_any_order_and_replicate() -> None:
     rng = np.random.default_rng(6)
     a, b, c = rng.random(50), rng.integers(1, 5, 50).astype(float), rng.random(50)
