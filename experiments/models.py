@@ -103,3 +103,14 @@ class RollupUnit(models.Model):
 
 for _slot in range(ROLLUP_SLOTS):
     RollupUnit.add_to_class(f"v{_slot}", models.FloatField(null=True, blank=True))
+
+# The tail checks' sample (experiments.analysis.tails): per latency field the window's spec names in
+# `firsts` (in that order), the unit's first request that measured it: its time and id (the order: earliest
+# time, then lowest id), its latency and its sketch bucket. Set when that request is folded, replaced only
+# by an earlier one (a batch committed late).
+FIRST_SLOTS = 3
+for _slot in range(FIRST_SLOTS):
+    RollupUnit.add_to_class(f"first{_slot}_at", models.DateTimeField(null=True, blank=True))
+    RollupUnit.add_to_class(f"first{_slot}_id", models.BigIntegerField(null=True, blank=True))
+    RollupUnit.add_to_class(f"first{_slot}_x", models.FloatField(null=True, blank=True))
+    RollupUnit.add_to_class(f"first{_slot}_k", models.IntegerField(null=True, blank=True))

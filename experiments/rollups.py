@@ -39,12 +39,12 @@ from typing import Any
 
 from ddsketch.mapping import LogarithmicMapping
 from django.db import connection, transaction
-from django.db.models import Case, Count, F, FloatField, Q, QuerySet, Value, When
-from django.db.models.functions import Ceil, Greatest, Ln
+from django.db.models import Case, Count, F, FloatField, IntegerField, Q, QuerySet, Value, When, Window
+from django.db.models.functions import Ceil, Greatest, Ln, RowNumber
 from django.utils.dateparse import parse_datetime
 
-from experiments.analysis.sessions import first_column
-from experiments.models import ROLLUP_SLOTS, RollupUnit, RollupWindow
+from experiments.analysis.sessions import RECORDS, first_column, unit_expression
+from experiments.models import FIRST_SLOTS, ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
 
 # Every percentile read from a sketch is within 1 % of the true nearest-rank value.
@@ -63,12 +63,18 @@ _QUOTED = r'"(\w+)"'  # a column as Django quotes it, on PostgreSQL and SQLite
 @dataclass(frozen=True)
 class RollupSpec:
     """What a window keeps: the per-session columns (in slot order), the products of columns the metrics'
-    variances need, and the latency fields to sketch, (logical name, record column), over ok requests."""
+    variances need, and the latency fields to sketch, (logical name, record column), over ok requests.
+
+    `firsts`: the latency fields of the tail checks, (logical name, record column): per unit, its first
+    request that measured the field (`window_fold`'s `first_ok`), and per arm the sketch buckets of those
+    first requests; `over`: (logical name, threshold), per arm the units whose first request was over it."""
 
     columns: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
     sketch: tuple[tuple[str, str], ...] = ()
     relative_accuracy: float = RELATIVE_ACCURACY
+    firsts: tuple[tuple[str, str], ...] = ()
+    over: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.columns) > ROLLUP_SLOTS:
@@ -76,10 +82,19 @@ class RollupSpec:
         unknown = {c for pair in self.pairs for c in pair} - set(self.columns)
         if unknown:
             raise ValueError(f"pairs: columns not kept: {sorted(unknown)}")
+        if len(self.firsts) > FIRST_SLOTS:
+            raise ValueError(f"firsts: at most {FIRST_SLOTS}, got {len(self.firsts)}")
+        unknown = {name for name, _ in self.over} - {name for name, _ in self.firsts}
+        if unknown:
+            raise ValueError(f"over: fields without their first requests: {sorted(unknown)}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"columns": list(self.columns), "pairs": [list(p) for p in self.pairs],
-                "sketch": [list(s) for s in self.sketch], "relative_accuracy": self.relative_accuracy}  # fmt: skip
+        out = {"columns": list(self.columns), "pairs": [list(p) for p in self.pairs],
+               "sketch": [list(s) for s in self.sketch], "relative_accuracy": self.relative_accuracy}  # fmt: skip
+        if self.firsts:  # (a spec without them keeps the key it had)
+            out["firsts"] = [list(f) for f in self.firsts]
+            out["over"] = [[name, float(limit)] for name, limit in self.over]
+        return out
 
     @property
     def key(self) -> str:
@@ -88,19 +103,25 @@ class RollupSpec:
 
 @dataclass
 class ArmRollup:
-    """One arm of a window: what `experiments.analysis.sessions.merge_rows` gives, and the sketches."""
+    """One arm of a window: what `experiments.analysis.sessions.merge_rows` gives, and the sketches; for the
+    tail checks, per `firsts` field the sketch buckets of the units' first requests and, per `over` key
+    (`over_key`), the units whose first request was over the threshold."""
 
     units: int = 0
     exposed: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     products: dict[tuple[str, str], float] = field(default_factory=dict)
     sketches: dict[str, dict[int, int]] = field(default_factory=dict)
+    firsts: dict[str, dict[int, int]] = field(default_factory=dict)
+    over: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "units": self.units, "exposed": self.exposed, "sums": self.sums,
             "products": {f"{a}|{b}": v for (a, b), v in self.products.items()},
             "sketches": {name: {str(k): n for k, n in buckets.items()} for name, buckets in self.sketches.items()},
+            "firsts": {name: {str(k): n for k, n in buckets.items()} for name, buckets in self.firsts.items()},
+            "over": self.over,
         }  # fmt: skip
 
     @classmethod
@@ -110,6 +131,8 @@ class ArmRollup:
             sums={k: float(v) for k, v in (data.get("sums") or {}).items()},
             products={tuple(k.split("|", 1)): float(v) for k, v in (data.get("products") or {}).items()},  # type: ignore[misc]
             sketches={name: {int(k): int(n) for k, n in buckets.items()} for name, buckets in (data.get("sketches") or {}).items()},
+            firsts={name: {int(k): int(n) for k, n in buckets.items()} for name, buckets in (data.get("firsts") or {}).items()},
+            over={k: int(n) for k, n in (data.get("over") or {}).items()},
         )  # fmt: skip
 
     def quantile(self, name: str, q: float, *, relative_accuracy: float = RELATIVE_ACCURACY) -> float | None:
@@ -138,10 +161,16 @@ class Folded:
     unsettled: int  # records visible but above the horizon: counted by this look, folded by a later one
     rebuilt: bool
     watermark: int
+    window_id: int = 0
 
     @property
     def records_read(self) -> int:
         return self.settled + self.unsettled
+
+
+def over_key(name: str, threshold: float) -> str:
+    """The key of a tail SLO's count in `ArmRollup.over`."""
+    return f"{name}|{float(threshold)!r}"
 
 
 def _mapping(relative_accuracy: float) -> LogarithmicMapping:
@@ -180,6 +209,8 @@ def window_fold(
     outcome_ok: Q | None = None,
     rows_key: Hashable | None = None,
     fill: UnitFill | None = None,
+    first_ok: Q | None = None,
+    unit: Any = None,
 ) -> Folded:
     """Fold the records of a rollout's window [since, until) committed since the window's watermark into
     its rollup, and return the arms. `session_rows(records)` gives one row per (arm_label, unit) with the
@@ -187,9 +218,17 @@ def window_fold(
     names what `session_rows` computes (the same key, the same query): its SQL is then built once per
     process, not at every look. Safe to run twice and from two workers: the window row is locked for the
     fold. `fill`: columns each new unit row gets once, after the fold that stores it (`_fill_units`); a unit
-    first seen among the unsettled records has zeros there until a later look stores it."""
+    first seen among the unsettled records has zeros there until a later look stores it.
+
+    With `spec.firsts`: a request that measured a field counts for its unit's first request when it matches
+    `first_ok` (by default ok and not a failover attempt); `unit` is the unit of a record as `session_rows`
+    groups it (by default `experiments.analysis.sessions.unit_expression` of the request records). A unit's
+    first request is the earliest by `created_at`, then by id: a batch committed late that holds an earlier
+    request of the unit replaces it (and moves the unit from one bucket to the other), as a from-scratch
+    computation would have counted it."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
-    queries = _fold_queries(spec, session_rows, ok, rows_key)
+    first_ok, unit = _first_defaults(ok, first_ok, unit)
+    queries = _fold_queries(spec, session_rows, ok, rows_key, first_ok, unit)
     key = queries.key if fill is None else hashlib.sha256(f"{queries.key} {fill.key!r}".encode()).hexdigest()
     outermost = not connection.in_atomic_block
     with transaction.atomic():
@@ -255,7 +294,14 @@ def window_fold(
             above = _fold(window.pk, queries, tail, persist=False)
             above.add_to(seen)
             unsettled = above.records
-    return Folded(arms=seen, settled=read, unsettled=unsettled, rebuilt=rebuilt, watermark=window.watermark)
+    return Folded(arms=seen, settled=read, unsettled=unsettled, rebuilt=rebuilt, watermark=window.watermark,
+                  window_id=window.pk)  # fmt: skip
+
+
+def _first_defaults(ok: Q, first_ok: Q | None, unit: Any) -> tuple[Q, Any]:
+    if unit is None:
+        unit = unit_expression(RECORDS)
+    return (ok & Q(failover=False)) if first_ok is None else first_ok, unit
 
 
 @dataclass
@@ -269,6 +315,8 @@ class _Found:
     records: int = 0
     last_at: datetime | None = None
     tail: bool = False  # records above the horizon exist (the statement looked)
+    leads: list[tuple[str, int, int, int]] = field(default_factory=list)  # (arm, first index, key, change)
+    overs: list[tuple[str, int, int]] = field(default_factory=list)  # (arm, over index, change)
 
     def add_to(self, arms: dict[str, ArmRollup]) -> None:
         columns, pairs = self.spec.columns, self.spec.pairs
@@ -284,20 +332,31 @@ class _Found:
         for arm_label, index, key, count in self.buckets:
             sketch = arms.setdefault(arm_label, ArmRollup()).sketches.setdefault(names[index], {})
             sketch[key] = sketch.get(key, 0) + count
+        firsts = [name for name, _ in self.spec.firsts]
+        for arm_label, index, key, change in self.leads:
+            bins = arms.setdefault(arm_label, ArmRollup()).firsts.setdefault(firsts[index], {})
+            bins[key] = bins.get(key, 0) + change
+            if bins[key] == 0:
+                del bins[key]
+        for arm_label, index, change in self.overs:
+            over = arms.setdefault(arm_label, ArmRollup()).over
+            counted = over_key(*self.spec.over[index])
+            over[counted] = over.get(counted, 0) + change
 
 
 _QUERIES: dict[Hashable, _FoldQueries] = {}
 
 
-def _fold_queries(spec: RollupSpec, session_rows: SessionRows, ok: Q, rows_key: Hashable | None) -> _FoldQueries:
+def _fold_queries(spec: RollupSpec, session_rows: SessionRows, ok: Q, rows_key: Hashable | None, first_ok: Q,
+                  unit: Any) -> _FoldQueries:  # fmt: skip
     if rows_key is None:
-        return _FoldQueries.of(spec, session_rows, ok)
-    key = (connection.vendor, spec, rows_key, ok)
+        return _FoldQueries.of(spec, session_rows, ok, first_ok, unit)
+    key = (connection.vendor, spec, rows_key, ok, first_ok, unit)
     found = _QUERIES.get(key)
     if found is None:
         if len(_QUERIES) >= 256:  # plans' thresholds come and go: keep the cache small
             _QUERIES.clear()
-        found = _QUERIES[key] = _FoldQueries.of(spec, session_rows, ok)
+        found = _QUERIES[key] = _FoldQueries.of(spec, session_rows, ok, first_ok, unit)
     return found
 
 
@@ -310,19 +369,22 @@ class _FoldQueries:
     spec: RollupSpec
     rows: tuple[str, tuple[Any, ...]]
     recs: tuple[str, tuple[Any, ...]]
+    leads: tuple[str, tuple[Any, ...]] | None = None
 
     @classmethod
-    def of(cls, spec: RollupSpec, session_rows: SessionRows, ok: Q) -> _FoldQueries:
+    def of(cls, spec: RollupSpec, session_rows: SessionRows, ok: Q, first_ok: Q, unit: Any) -> _FoldQueries:
         records = request_records()
-        return cls(spec, _over_base(session_rows(records)), _over_base(_sketch_rows(records, spec, ok)))
+        leads = _over_base(_lead_rows(records, spec, first_ok, unit)) if spec.firsts else None
+        return cls(spec, _over_base(session_rows(records)), _over_base(_sketch_rows(records, spec, ok)), leads)
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(f"{self.spec.key} {self.rows!r} {self.recs!r}".encode()).hexdigest()
+        leads = f" {self.leads!r}" if self.leads is not None else ""
+        return hashlib.sha256(f"{self.spec.key} {self.rows!r} {self.recs!r}{leads}".encode()).hexdigest()
 
     @functools.cached_property
     def columns(self) -> tuple[str, ...]:
-        return _base_columns(self.rows, self.recs)
+        return _base_columns(self.rows, self.recs, *([self.leads] if self.leads is not None else []))
 
 
 def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
@@ -337,21 +399,27 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     spec = queries.spec
     base_sql, base_params = fresh.values(*queries.columns).query.sql_with_params()
     (rows_sql, rows_params), (recs_sql, recs_params) = queries.rows, queries.recs
-    ctes_sql, select_sql, writes_sql = _fold_sql(spec, empty=empty)
+    leads_sql, fresh_head, fresh_tail, ctes_sql, select_sql, writes_sql = _fold_sql(spec, empty=empty)
+    # With first requests kept: each touched unit's first request among the new records, per field, beside
+    # its new sums (`a<i>_at`, `a<i>_id`, `a<i>_x`, `a<i>_k`).
+    leads, leads_params = "", ()
+    if queries.leads is not None:
+        leads, leads_params = f", leadrecs AS ({queries.leads[0]}), {leads_sql}", queries.leads[1]
+    fresh_sql, fresh_params = f"{fresh_head}{rows_sql}{fresh_tail}", (*leads_params, *rows_params)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
     found = _Found(spec)
     with connection.cursor() as cursor:
         if postgres:
             writes = f", {writes_sql}" if persist else ""
             cursor.execute(
-                f"WITH base AS MATERIALIZED ({base_sql}), fresh AS MATERIALIZED ({rows_sql}), recs AS ({recs_sql}), "
+                f"WITH base AS MATERIALIZED ({base_sql}){leads}, fresh AS MATERIALIZED ({fresh_sql}), recs AS ({recs_sql}), "
                 f"tail AS ({tail_sql}), {ctes_sql}{writes} {select_sql}",
-                [*base_params, *rows_params, *recs_params, *tail_params, window_id, *([window_id] if persist else [])],
+                [*base_params, *fresh_params, *recs_params, *tail_params, window_id, *([window_id] if persist else [])],
             )
             rows = cursor.fetchall()
         else:
             cursor.execute(f"DROP TABLE IF EXISTS {FRESH}")
-            cursor.execute(f"CREATE TEMP TABLE {FRESH} AS WITH base AS ({base_sql}) {rows_sql}", [*base_params, *rows_params])
+            cursor.execute(f"CREATE TEMP TABLE {FRESH} AS WITH base AS ({base_sql}){leads} {fresh_sql}", [*base_params, *fresh_params])
             cursor.execute(
                 f"WITH base AS ({base_sql}), fresh AS (SELECT * FROM {FRESH}), recs AS ({recs_sql}), tail AS ({tail_sql}), "
                 f"{ctes_sql} {select_sql}",
@@ -371,6 +439,10 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
             found.last_at = _as_datetime(at)
         elif kind == "t":
             found.tail = bool(values[0])
+        elif kind == "f":
+            found.leads.append((str(arm_label), int(index), round(float(values[0])), int(values[1])))
+        elif kind == "o":
+            found.overs.append((str(arm_label), int(index), int(values[0] or 0)))
     return found
 
 
@@ -449,6 +521,18 @@ def _as_datetime(value: Any) -> datetime | None:
     return parsed
 
 
+def _lead_rows(records: QuerySet[Any], spec: RollupSpec, first_ok: Q, unit: Any) -> QuerySet[Any]:
+    """Per record that counts for a first request: its arm, unit, time and id and, per `firsts` field, its
+    latency `x<i>` and sketch bucket `k<i>` (NULL unless it measured that field)."""
+    values: dict[str, Any] = {}
+    for i, (_, column) in enumerate(spec.firsts):
+        present = Q(**{f"{column}__isnull": False})
+        values[f"x{i}"] = Case(When(present, then=F(column)), default=None, output_field=FloatField())
+        values[f"k{i}"] = Case(When(present, then=sketch_key(column, spec.relative_accuracy)), default=None,
+                               output_field=FloatField())  # fmt: skip
+    return records.order_by().filter(first_ok).annotate(unit=unit, **values).values("arm", "unit", "created_at", "pk", *values)
+
+
 def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[Any]:
     """Per record: its arm, its time and, per sketched field, its sketch bucket (NULL unless it is an ok
     request with that latency)."""
@@ -461,9 +545,12 @@ def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[An
 
 
 @functools.cache
-def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
-    """For the spec: the fold's common table expressions after WITH base, fresh, recs and tail (one
-    parameter, the window), its SELECT, and what writes the unit rows (one parameter, the window): on
+def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, str, str, str]:
+    """For the spec: with `firsts`, the common table expressions after WITH base and leadrecs that pick each
+    unit's first request among the new records per field (`lead<i>`), and the head and tail that wrap the
+    per-session rows' query into `fresh` with them; the fold's common table expressions after WITH base,
+    fresh, recs and tail (one parameter, the window), its SELECT, and what writes the unit rows (one
+    parameter, the window): on
     PostgreSQL more common table expressions to follow those (`writes`: the touched rows rewritten in
     place, the new ones inserted), on SQLite an upsert from the temporary table.
 
@@ -473,7 +560,10 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     first_at) by its count after less its count before. The SELECT gives rows (kind, arm, field, at,
     values...): "d" per arm, [new units, change in exposure, column sums..., product changes...]; "s" per
     arm, sketched field and bucket, [key, count]; "c" once, [records] and the latest created_at; "t" once,
-    [1 if the tail holds a record]."""
+    [1 if the tail holds a record]; "f" per arm, `firsts` field and bucket, [key, change in units whose
+    first request is in it]; "o" per arm and `over` threshold, [change in units whose first request was
+    over it]. A unit's first request changes (`c<i>` = 1) when the new records hold one for the field and
+    the stored one is missing or later (by time, then id)."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
     real = "DOUBLE PRECISION" if postgres else "REAL"
@@ -485,6 +575,33 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
 
     def earliest(a: str, b: str) -> str:
         return f"CASE WHEN {a} IS NULL THEN {b} WHEN {b} IS NULL THEN {a} WHEN {b} < {a} THEN {b} ELSE {a} END"
+
+    # First requests: the new one per field (a<i>_*, from fresh), the stored one (first<i>_* of old, p<i>_*
+    # in merged), and whether the new one replaces it (c<i>).
+    leads = ", ".join(
+        f"lead{i} AS (SELECT q.arm, q.unit, q.at, q.id, q.x, q.k FROM (SELECT r.arm, r.unit, r.created_at AS at, r.pk AS id, "
+        f"r.x{i} AS x, r.k{i} AS k, ROW_NUMBER() OVER (PARTITION BY r.arm, r.unit{bytewise} ORDER BY r.created_at, r.pk) "
+        f"AS rn FROM leadrecs r WHERE r.x{i} IS NOT NULL) q WHERE q.rn = 1)"
+        for i in range(len(spec.firsts))
+    )  # fmt: skip
+    parts = ("at", "id", "x", "k")
+    fresh_head, fresh_tail = "", ""
+    if spec.firsts:
+        picked = ", ".join(f"l{i}.{c} AS a{i}_{c}" for i in range(len(spec.firsts)) for c in parts)
+        joins = " ".join(f"LEFT JOIN lead{i} l{i} ON l{i}.arm = s.arm_label AND l{i}.unit = s.unit" for i in range(len(spec.firsts)))
+        fresh_head, fresh_tail = f"SELECT s.*, {picked} FROM (", f") s {joins}"
+    first_columns = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in parts]
+    stored_firsts = "".join(f", o.{c}" for c in first_columns)
+
+    def newer(new: str, old: str) -> str:
+        return (f"{new}_at IS NOT NULL AND ({old}_at IS NULL OR {new}_at < {old}_at OR ({new}_at = {old}_at "
+                f"AND {new}_id < {old}_id))")  # fmt: skip
+
+    merged_firsts = "".join(
+        f", CASE WHEN {newer(f'f.a{i}', f'o.first{i}')} THEN 1 ELSE 0 END AS c{i}"
+        + "".join(f", f.a{i}_{c} AS a{i}_{c}, o.first{i}_{c} AS p{i}_{c}" for c in parts)
+        for i in range(len(spec.firsts))
+    )  # fmt: skip
 
     fresh_sums = ", ".join(f"CAST(COALESCE(f.{quote(c)}, 0) AS {real}) AS n{i}" for i, c in enumerate(spec.columns))
     stored = ", ".join(f"COALESCE(o.v{i}, 0) AS o{i}" for i in range(len(spec.columns)))
@@ -512,21 +629,22 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     tid = "o.tid, " if postgres else ""
     if empty:
         tids = "CAST(NULL AS tid) AS tid, " if postgres else ""
-        stored_rows = f"SELECT {tids}o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
+        stored_rows = f"SELECT {tids}o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
     elif postgres:
         # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
         # rows are not in the table's statistics until it is analysed again, and the fresh rows' estimate
         # comes from commit orders past the statistics too, so a plain join or IN was planned as a scan of
         # every unit row of the window per touched unit (seconds at 80,000 units). OFFSET 0 keeps the
         # lateral subquery from being flattened into such a join. Only the slots the spec uses are read.
-        used = ", ".join(f"u.{s}" for s in slots)
+        used = ", ".join([f"u.{s}" for s in slots] + [f"u.{c}" for c in first_columns])
         stored_rows = (
-            f"SELECT o.tid, o.arm, o.unit, o.first_at, {columns} FROM (SELECT DISTINCT unit FROM fresh) t CROSS JOIN LATERAL "
+            f"SELECT o.tid, o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM (SELECT DISTINCT unit FROM fresh) t CROSS JOIN LATERAL "
             f"(SELECT u.ctid AS tid, u.arm, u.unit, u.first_at, {used} FROM {UNITS} u WHERE u.window_id = %s "
             f"AND u.unit = t.unit OFFSET 0) o"
         )
     else:
-        stored_rows = f"SELECT o.arm, o.unit, o.first_at, {columns} FROM {UNITS} o WHERE o.window_id = %s AND o.unit IN (SELECT unit FROM fresh)"
+        stored_rows = (f"SELECT o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM {UNITS} o WHERE o.window_id = %s "
+                       f"AND o.unit IN (SELECT unit FROM fresh)")  # fmt: skip
     # A full join (hash or merge join only: never a loop over both sides) and window functions, not joins
     # whose plan follows the estimates.
     ctes = f"""
@@ -535,7 +653,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
             SELECT {tid}COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit){bytewise} AS unit,
                    o.first_at AS before_at, {earliest("o.first_at", "f.first_at")} AS after_at,
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
-                   CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}
+                   CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}{merged_firsts}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
         firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
                           MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
@@ -545,12 +663,30 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
         {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
         UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
         UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
-    names = ", ".join(slots)
+    # First requests: a unit whose first request changes leaves its stored bucket for the new one.
+    lead_bins = " UNION ALL ".join(
+        f"SELECT m.arm, {i} AS field, m.a{i}_k AS k, COUNT(*) AS n FROM merged m WHERE m.c{i} = 1 GROUP BY m.arm, m.a{i}_k "
+        f"UNION ALL SELECT m.arm, {i}, m.p{i}_k, -COUNT(*) FROM merged m WHERE m.c{i} = 1 AND m.p{i}_at IS NOT NULL "
+        f"GROUP BY m.arm, m.p{i}_k"
+        for i in range(len(spec.firsts))
+    )  # fmt: skip
+    if lead_bins:
+        select += f" UNION ALL SELECT 'f', q.arm, q.field, NULL, {padded(['q.k', 'q.n'])} FROM ({lead_bins}) q"
+    names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
+    for j, (name, limit) in enumerate(spec.over):
+        i, at = names_index[name], repr(float(limit))
+        change = (f"CASE WHEN m.c{i} = 1 THEN (CASE WHEN m.a{i}_x > {at} THEN 1 ELSE 0 END) - "
+                  f"(CASE WHEN m.p{i}_x > {at} THEN 1 ELSE 0 END) ELSE 0 END")  # fmt: skip
+        select += f" UNION ALL SELECT 'o', m.arm, {j}, NULL, {padded([f'SUM({change})'])} FROM merged m GROUP BY m.arm"
+    names = ", ".join(slots + first_columns)
     if postgres:
         # The touched stored rows get their totals in place (found by ctid: the window's row lock keeps
         # every other fold off them), the new (arm, unit) rows are inserted.
-        sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))])
-        new_values = ", ".join(f"m.t{i}" for i in range(len(slots)))
+        sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))] + [
+            f"first{i}_{c} = CASE WHEN m.c{i} = 1 THEN m.a{i}_{c} ELSE m.p{i}_{c} END"
+            for i in range(len(spec.firsts)) for c in parts
+        ])  # fmt: skip
+        new_values = ", ".join([f"m.t{i}" for i in range(len(slots))] + [f"m.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
         # Into an empty window, in the unique index's order: each row then goes to the index's rightmost
         # page (a new window is the newest), not to a random one.
         order = " ORDER BY m.unit, m.arm" if empty else ""
@@ -560,10 +696,14 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
         )
         if not empty:  # (an empty window has no row to rewrite)
             writes = f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), {writes}"
-        return " ".join(ctes.split()), " ".join(select.split()), writes
+        return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), writes
     earliest_at = earliest(f"{UNITS}.first_at", "excluded.first_at")
-    updates = ", ".join([f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots])
-    fresh_values = ", ".join(f"f.{quote(c)}" for c in spec.columns)
+    updates = ", ".join(
+        [f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots]
+        + [f"first{i}_{c} = CASE WHEN {newer(f'excluded.first{i}', f'{UNITS}.first{i}')} THEN excluded.first{i}_{c} "
+           f"ELSE {UNITS}.first{i}_{c} END" for i in range(len(spec.firsts)) for c in parts]
+    )  # fmt: skip
+    fresh_values = ", ".join([f"f.{quote(c)}" for c in spec.columns] + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
     # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
     upsert = (
         f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
@@ -571,16 +711,17 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str]:
     )
     if not empty:  # (into an empty window, a conflict would be an error, not a row to add to)
         upsert += f" ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
-    return " ".join(ctes.split()), " ".join(select.split()), upsert
+    return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), upsert
 
 
 def window_scratch(
     *, rollout_id: int, since: datetime, until: datetime | None, spec: RollupSpec, session_rows: SessionRows,
-    outcome_ok: Q | None = None, horizon: int | None = None,
+    outcome_ok: Q | None = None, horizon: int | None = None, first_ok: Q | None = None, unit: Any = None,
 ) -> dict[str, ArmRollup]:  # fmt: skip
     """The same arms computed from scratch over every record of the window (below `horizon` in commit order
     when given): what each look computed before rollups, and the check that the folds add up to it."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
+    first_ok, unit = _first_defaults(ok, first_ok, unit)
     records = request_records(rollout_id=rollout_id).filter(created_at__gte=since).order_by()
     if until is not None:
         records = records.filter(created_at__lt=until)
@@ -618,7 +759,36 @@ def window_scratch(
         )
         for row in buckets:
             arms.setdefault(row["arm"], ArmRollup()).sketches.setdefault(name, {})[int(row["bucket"])] = int(row["n"])
+    for name, column in spec.firsts:
+        limits = [limit for over, limit in spec.over if over == name]
+        for arm, bucket, count, overs in firsts_scratch(records, column, first_ok=first_ok, unit=unit, limits=limits,
+                                                       relative_accuracy=spec.relative_accuracy):  # fmt: skip
+            found = arms.setdefault(arm, ArmRollup())
+            found.firsts.setdefault(name, {})[bucket] = count
+            for limit, n in zip(limits, overs, strict=True):
+                key = over_key(name, limit)
+                found.over[key] = found.over.get(key, 0) + n
     return arms
+
+
+def firsts_scratch(records: QuerySet[Any], column: str, *, first_ok: Q, unit: Any, limits: Sequence[float] = (),
+                   relative_accuracy: float = RELATIVE_ACCURACY) -> list[tuple[str, int, int, list[int]]]:  # fmt: skip
+    """From scratch, each unit's first request (by created_at, then id) among `records` that match
+    `first_ok` and measured `column`, per arm and sketch bucket: (arm, bucket, units, [units over each
+    limit]). One grouped query over every record: what the fold keeps look by look."""
+    quote = connection.ops.quote_name
+    present = first_ok & Q(**{f"{column}__isnull": False})
+    first = Window(RowNumber(), partition_by=[F("arm"), unit], order_by=[F("created_at").asc(), F("pk").asc()])
+    overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
+             for i, limit in enumerate(limits)}  # fmt: skip
+    inner = records.order_by().filter(present).annotate(first=first, bucket=sketch_key(column, relative_accuracy), **overs)
+    sql, params = inner.values("arm", "first", "bucket", *overs).query.sql_with_params()
+    sums = "".join(f", SUM(t.{quote(key)})" for key in overs)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT t.arm, t.bucket, COUNT(*){sums} FROM ({sql}) t WHERE t.{quote('first')} = 1 "
+                       f"GROUP BY t.arm, t.bucket", params)  # fmt: skip
+        rows = cursor.fetchall()
+    return [(str(r[0]), int(r[1]), int(r[2]), [int(v or 0) for v in r[3:]]) for r in rows]
 
 
 def arms_from_scratch_equal(a: dict[str, ArmRollup], b: dict[str, ArmRollup], *, rel: float = 1e-9) -> list[str]:
@@ -636,6 +806,10 @@ def arms_from_scratch_equal(a: dict[str, ArmRollup], b: dict[str, ArmRollup], *,
                     problems.append(f"{arm}: {kind} {key}: {u} != {v}")
         if x.sketches != y.sketches:
             problems.append(f"{arm}: sketches differ")
+        if x.firsts != y.firsts:
+            problems.append(f"{arm}: first requests' buckets differ")
+        if {k: n for k, n in x.over.items() if n} != {k: n for k, n in y.over.items() if n}:
+            problems.append(f"{arm}: first requests over thresholds {x.over} != {y.over}")
     return problems
 
 

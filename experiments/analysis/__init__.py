@@ -13,9 +13,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from django.db.models import CharField, Count, F, FloatField, Max, QuerySet, Sum, Value
+from django.db.models import CharField, Count, F, FloatField, Max, Q, QuerySet, Sum, Value
 from django.db.models.functions import Cast, Concat
 from django.utils import timezone
 
@@ -42,6 +42,9 @@ from experiments.models import OutcomeEvent
 from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
 
+if TYPE_CHECKING:
+    from experiments.rollups import Folded
+
 BASELINE = "baseline"
 CANDIDATE = "candidate"
 ARMS = (BASELINE, CANDIDATE)
@@ -66,6 +69,7 @@ __all__ = [
     "first_request_bins",
     "first_request_over",
     "outcome_unit_stats",
+    "records_rollup",
     "shadow_candidate_sums",
     "shadow_pair_bins",
     "shadow_paired_latency",
@@ -168,28 +172,10 @@ def _incremental(
     since the previous one. Percentiles come from the window's DDSketches, each within
     rollups.RELATIVE_ACCURACY of the nearest-rank value. None when the spec does not fit a rollup. A
     session's history (`pre_period`) is read once, when the rollup first stores the session."""
-    from experiments.rollups import RollupSpec, UnitFill, window_fold
-
     specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
-    before = pre_column_names(RECORDS) if pre_period is not None else []
-    try:
-        spec = RollupSpec(
-            columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
-            sketch=tuple(RECORDS.latency.items()),
-        )  # fmt: skip
-    except ValueError:
+    folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=limits, pre_period=pre_period)
+    if folded is None:
         return None
-    fill = None
-    if pre_period is not None:
-        period = pre_period
-        fill = UnitFill(columns=tuple(before), sql=lambda units: pre_period_sql(period, units), key=period.key)
-    # Typed: an untyped NULL is text to PostgreSQL in the fold's CTE.
-    nulls = {name: Cast(Value(None), output_field=FloatField()) for name in before}
-    folded = window_fold(
-        rollout_id=rollout_id, since=since, until=until, spec=spec,
-        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits).annotate(**nulls),
-        rows_key=("records", tuple(sorted(limits.items())), bool(before)), fill=fill,
-    )  # fmt: skip
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
     tails = {
         arm: {
@@ -199,6 +185,45 @@ def _incremental(
         for arm, a in folded.arms.items()
     }  # fmt: skip
     return moments, specs, tails
+
+
+def records_rollup(
+    *, rollout_id: int, since: datetime, until: datetime | None, limits: Mapping[str, Sequence[float]],
+    pre_period: PrePeriod | None = None,
+) -> Folded | None:
+    """The window's rollup after this look's fold (experiments.rollups.window_fold): the moments, the
+    sketches, and the tail checks' first requests per session (experiments.analysis.tails) with their
+    counts over the tail SLOs' thresholds `limits`. None when the spec does not fit a rollup. The same
+    `limits` and `pre_period`, the same window (`arm_sums`' and the tail checks' folds share it)."""
+    from experiments.rollups import RollupSpec, UnitFill, window_fold
+
+    limits = _thresholds(limits)
+    specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
+    before = pre_column_names(RECORDS) if pre_period is not None else []
+    try:
+        spec = RollupSpec(
+            columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
+            sketch=tuple(RECORDS.latency.items()), firsts=tuple(RECORDS.latency.items()),
+            over=tuple((name, float(limit)) for name, values in sorted(limits.items()) if name in RECORDS.latency
+                       for limit in values),
+        )  # fmt: skip
+    except ValueError:
+        return None
+    fill = None
+    if pre_period is not None:
+        period = pre_period
+        fill = UnitFill(columns=tuple(before), sql=lambda units: pre_period_sql(period, units), key=period.key)
+    # Typed: an untyped NULL is text to PostgreSQL in the fold's CTE.
+    nulls = {name: Cast(Value(None), output_field=FloatField()) for name in before}
+    first_ok = Q(**{RECORDS.outcome: "ok"})
+    if RECORDS.failover:
+        first_ok &= Q(**{RECORDS.failover: False})
+    return window_fold(
+        rollout_id=rollout_id, since=since, until=until, spec=spec,
+        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits).annotate(**nulls),
+        rows_key=("records", tuple(sorted(limits.items())), bool(before)), fill=fill, first_ok=first_ok,
+        unit=unit_expression(RECORDS),
+    )  # fmt: skip
 
 
 def shadow_candidate_sums(

@@ -13,16 +13,23 @@ of each other (the guardrail is a union bound over them), only each arm's observ
 Shadow steps: each shadow pair is its own unit (mirrors are sampled request by request, as the rest of the
 shadow analysis treats them), and its two sides, both timed by the mirror task, are the arms.
 
-Unlike the moments, these samples are not folded incrementally: "the first request of a session" does not
-merge by adding, so every look counts the windows again (one grouped query per field, only for the fields
-a plan's tail guardrails name).
+Folded look by look (experiments.rollups): each window's unit row keeps, per latency field, the session's
+first request (its time and id, latency and sketch bucket), replaced only by an earlier one (a batch
+committed late), and the window keeps per arm the count of sessions per bucket of their first request and
+over each tail SLO's threshold, changed by the fold as sessions' first requests are set or replaced. A look
+over one window reads those counts (the fold reads only the new records); over several steps' windows it
+takes away, from each window but the earliest, its sessions that had a first request in an earlier one
+(a query over that window's unit rows: its sessions, not its records). The windows' rollups are those of
+`experiments.analysis.arm_sums` when given the same tail SLO thresholds. `first_request_bins_scratch` and
+`first_request_over_scratch` count the same from the records (every record of the windows, at every look):
+the check of the folds, and what a rollup that does not fit falls back on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection
 from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When, Window
@@ -30,7 +37,11 @@ from django.db.models.functions import RowNumber
 
 from experiments.analysis.paired import PAIRED_FIELDS
 from experiments.analysis.sessions import RECORDS, unit_expression
+from experiments.models import RollupUnit
 from serving.selectors import request_records, shadow_pairs
+
+if TYPE_CHECKING:
+    from experiments.analysis.preperiod import PrePeriod
 
 Bins = dict[int, int]
 
@@ -57,12 +68,82 @@ def _grouped(inner: QuerySet[Any], where: str, group: str) -> list[tuple[Any, ..
         return list(cursor.fetchall())
 
 
+def _folds(rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]],
+           thresholds: Mapping[str, Sequence[float]] | None, pre_period: Any) -> list[Any] | None:  # fmt: skip
+    """Each window's rollup after this look's fold, the earliest first; None when a rollup does not fit."""
+    from experiments.analysis import records_rollup
+
+    folds = []
+    for since, until in sorted(windows, key=lambda w: w[0]):
+        folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=thresholds or {},
+                                pre_period=pre_period)  # fmt: skip
+        if folded is None:
+            return None
+        folds.append(folded)
+    return folds
+
+
+def _repeated(folds: Sequence[Any], name: str, arm: str | None = None) -> list[tuple[str, int, float]]:
+    """(arm, bucket, latency) of the first requests that a later window holds of sessions with a first request
+    in an earlier one (their first in the windows together is the earlier one)."""
+    index = list(RECORDS.latency).index(name)
+    units = RollupUnit._meta.db_table
+    found: list[tuple[str, int, float]] = []
+    for j in range(1, len(folds)):
+        earlier = [f.window_id for f in folds[:j]]
+        marks = ", ".join(["%s"] * len(earlier))
+        by_arm = " AND u.arm = %s" if arm is not None else ""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT u.arm, u.first{index}_k, u.first{index}_x FROM {units} u WHERE u.window_id = %s{by_arm} "
+                f"AND u.first{index}_at IS NOT NULL AND EXISTS (SELECT 1 FROM {units} e WHERE e.window_id IN ({marks}) "
+                f"AND e.unit = u.unit AND e.arm = u.arm AND e.first{index}_at IS NOT NULL)",
+                [folds[j].window_id, *([arm] if arm is not None else []), *earlier],
+            )  # fmt: skip
+            found += [(str(a), int(k), float(x)) for a, k, x in cursor.fetchall()]
+    return found
+
+
 def first_request_bins(
+    *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], fields: Iterable[str],
+    relative_accuracy: float | None = None, thresholds: Mapping[str, Sequence[float]] | None = None,
+    pre_period: PrePeriod | None = None,
+) -> dict[str, dict[str, Bins]]:  # fmt: skip
+    """{arm: {field: {bucket: sessions}}}: per arm, each session's first request in the windows that measured
+    the field, by its sketch bucket. From the windows' rollups (`thresholds` and `pre_period`: the plan's tail
+    SLO thresholds and the rollout's pre-period, as `arm_sums` is given them, so that the rollups are the
+    ones its looks fold already)."""
+    from experiments.rollups import RELATIVE_ACCURACY
+
+    names = list(fields)
+    folds = _folds(rollout_id, windows, thresholds, pre_period) if relative_accuracy in (None, RELATIVE_ACCURACY) else None
+    if folds is None:
+        return first_request_bins_scratch(rollout_id=rollout_id, windows=windows, fields=names,
+                                          relative_accuracy=relative_accuracy)  # fmt: skip
+    totals: dict[tuple[str, str], dict[int, int]] = {}
+    for folded in folds:
+        for arm, rollup in folded.arms.items():
+            for name in names:
+                bins = totals.setdefault((arm, name), {})
+                for key, n in rollup.firsts.get(name, {}).items():
+                    bins[key] = bins.get(key, 0) + n
+    for name in names:
+        for arm, key, _ in _repeated(folds, name):
+            bins = totals.setdefault((arm, name), {})
+            bins[key] = bins.get(key, 0) - 1
+    out: dict[str, dict[str, Bins]] = {}
+    for (arm, name), bins in sorted(totals.items()):
+        kept = {key: n for key, n in sorted(bins.items()) if n}
+        if kept:
+            out.setdefault(arm, {})[name] = kept
+    return out
+
+
+def first_request_bins_scratch(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], fields: Iterable[str],
     relative_accuracy: float | None = None,
 ) -> dict[str, dict[str, Bins]]:  # fmt: skip
-    """{arm: {field: {bucket: sessions}}}: per arm, each session's first request in the windows that measured
-    the field, by its sketch bucket."""
+    """`first_request_bins` counted from every record of the windows."""
     from experiments.rollups import RELATIVE_ACCURACY, sketch_key
 
     accuracy = RELATIVE_ACCURACY if relative_accuracy is None else relative_accuracy
@@ -109,10 +190,36 @@ def shadow_pair_bins(
 
 def first_request_over(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], thresholds: Mapping[str, Sequence[float]],
-    arm: str = "candidate",
+    arm: str = "candidate", pre_period: PrePeriod | None = None,
 ) -> dict[tuple[str, float], tuple[int, int]]:  # fmt: skip
     """{(field, threshold): (sessions whose first request was over it, sessions)}: the tail SLOs' sample,
-    one request per session as for the guardrails, counted exactly at each threshold (no bins)."""
+    one request per session as for the guardrails, counted exactly at each threshold (no bins). From the
+    windows' rollups, whose spec counts the first requests over each of `thresholds` (the plan's; with
+    `pre_period`, the rollout's, as for `first_request_bins`)."""
+    from experiments.rollups import over_key
+
+    if not windows:
+        return {}
+    folds = _folds(rollout_id, windows, thresholds, pre_period)
+    if folds is None:
+        return first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=thresholds, arm=arm)
+    out: dict[tuple[str, float], tuple[int, int]] = {}
+    for name, limits in thresholds.items():
+        if not limits:
+            continue
+        repeated = _repeated(folds, name, arm)
+        n = sum(sum(f.arms[arm].firsts.get(name, {}).values()) for f in folds if arm in f.arms) - len(repeated)
+        for limit in limits:
+            over = sum(f.arms[arm].over.get(over_key(name, limit), 0) for f in folds if arm in f.arms)
+            out[(name, float(limit))] = (over - sum(1 for _, _, x in repeated if x > limit), n)
+    return out
+
+
+def first_request_over_scratch(
+    *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], thresholds: Mapping[str, Sequence[float]],
+    arm: str = "candidate",
+) -> dict[tuple[str, float], tuple[int, int]]:  # fmt: skip
+    """`first_request_over` counted from every record of the windows."""
     out: dict[tuple[str, float], tuple[int, int]] = {}
     if not windows:
         return out

@@ -16,6 +16,12 @@ from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Quer
 from django.db.models.functions import Concat
 from django.utils import timezone
 
+from experiments.analysis.tails import (
+    first_request_bins,
+    first_request_bins_scratch,
+    first_request_over,
+    first_request_over_scratch,
+)
 from experiments.models import RollupUnit, RollupWindow
 from experiments.rollups import (
     RELATIVE_ACCURACY,
@@ -32,6 +38,9 @@ SPEC = RollupSpec(
     columns=COLUMNS,
     pairs=tuple(itertools.combinations_with_replacement(("requests", "errors", "ttft_n", "ttft_s"), 2)),
     sketch=(("ttft_ms", "ttft_ms"),),
+    # The tail checks' samples: each session's first request per field, its bucket and TTFT over 90 ms.
+    firsts=(("ttft_ms", "ttft_ms"), ("e2e_ms", "e2e_ms")),
+    over=(("ttft_ms", 90.0), ("ttft_ms", 150.0)),
 )
 ROLLOUT = 7
 
@@ -94,6 +103,68 @@ def test_looks_folded_one_after_another_equal_the_computation_from_scratch() -> 
         settled += folded.settled
         # Each record is settled by one look only, and each look reads at most what it has not settled.
         assert settled + folded.unsettled == 80 * (look + 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_first_requests_replaced_by_earlier_ones_committed_late_equal_the_computation_from_scratch() -> None:
+    """The tail checks' sample: a session's first request is set when folded and replaced only by an earlier
+    one (by time, then id), as a batch committed late brings it; the buckets and the counts over thresholds
+    follow, as from scratch."""
+    rng = random.Random(31)
+    since = timezone.now() - timedelta(hours=1)
+    # An id below every record's (another rollout's record, deleted later): a late request's, tied in time.
+    reserved = RequestRecord.objects.create(request_id="reserved", created_at=since, alias="adder", rollout_id=ROLLOUT + 1,
+                                            endpoint="chat.completions", status_code=200, outcome="ok").pk  # fmt: skip
+    batch(rng, 80, start=since + timedelta(minutes=10))
+    folded = fold(since)
+    assert arms_from_scratch_equal(folded.arms, scratch(since)) == []
+    assert sum(folded.arms["baseline"].firsts["ttft_ms"].values()) > 10
+    assert folded.arms["baseline"].over  # some first requests over 90 ms
+    # The same sticky sessions' requests from earlier, committed after that look: they are the first ones.
+    batch(rng, 80, start=since + timedelta(minutes=2))
+    refolded = fold(since)
+    assert arms_from_scratch_equal(refolded.arms, scratch(since)) == []
+    assert refolded.arms["baseline"].firsts != folded.arms["baseline"].firsts
+    # A tie in time: the lower id is first, whichever was folded first.
+    units = RollupUnit.objects.filter(window_id=refolded.window_id, unit__startswith="s", first0_at__isnull=False)
+    unit = units.values_list("pk", "first0_id").first()
+    assert unit is not None
+    assert unit[1] is not None
+    stored = RequestRecord.objects.get(pk=unit[1])
+    RequestRecord.objects.filter(pk=reserved).delete()
+    # A higher id (not first), then a lower one (first): PostgreSQL's commit order is the writing
+    # transaction's, so a lower id can commit late; SQLite's is the id, which only grows.
+    tied_requests = [(None, 1.0)] + ([(reserved, 5000.0)] if connection.vendor == "postgresql" else [])
+    for pk, ttft in tied_requests:
+        RequestRecord.objects.create(
+            pk=pk, request_id=f"tie-{ttft}", created_at=stored.created_at, alias="adder", rollout_id=ROLLOUT,
+            arm=stored.arm, endpoint="chat.completions", stream=True, session_hash=stored.session_hash,
+            status_code=200, outcome="ok", ttft_ms=ttft, e2e_ms=10.0,
+        )  # fmt: skip
+        tied = fold(since)
+        problems = arms_from_scratch_equal(tied.arms, scratch(since))
+        assert problems == [], problems
+        assert RollupUnit.objects.values_list("first0_x", flat=True).get(pk=unit[0]) == (stored.ttft_ms if pk is None else 5000.0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tail_samples_over_steps_from_the_rollups_equal_the_computation_from_scratch() -> None:
+    """first_request_bins and first_request_over read the folded windows (a session seen in two steps counts
+    at its first request, in the earlier one), look after look, a late batch among them."""
+    rng = random.Random(12)
+    since = timezone.now() - timedelta(hours=1)
+    middle = since + timedelta(minutes=5)
+    windows = [(since, middle), (middle, None)]
+    limits = {"ttft_ms": [90.0, 150.0], "e2e_ms": [5.0]}
+    for look, minute in enumerate((0, 6, 1, 7, 3)):  # 1 and 3: late batches into the first step
+        batch(rng, 60, start=since + timedelta(minutes=minute))
+        bins = first_request_bins(rollout_id=ROLLOUT, windows=windows, fields=["ttft_ms", "e2e_ms"], thresholds=limits)
+        assert bins == first_request_bins_scratch(rollout_id=ROLLOUT, windows=windows, fields=["ttft_ms", "e2e_ms"]), look
+        for arm in ("baseline", "candidate"):
+            over = first_request_over(rollout_id=ROLLOUT, windows=windows, thresholds=limits, arm=arm)
+            assert over == first_request_over_scratch(rollout_id=ROLLOUT, windows=windows, thresholds=limits, arm=arm)
+            assert over[("ttft_ms", 90.0)][1] == sum(bins.get(arm, {}).get("ttft_ms", {}).values())
+    assert set(bins) == {"baseline", "candidate"}
 
 
 @pytest.mark.django_db(transaction=True)
