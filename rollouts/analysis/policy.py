@@ -6,8 +6,9 @@ A step ends on evidence, never on silence: once its minimums are met (at least M
 decide), it ends (advance, ask for the next approval, or promote) only when every check that can gather
 evidence at its split is shown safe. A check not yet shown safe holds the step (`holding_checks`; the look's
 reason, the page and `rolloutctl status` name each with about how many more candidate requests it needs).
-When the step's candidate requests reach its planned sample (`rollouts.planning.step_planned_sample`, the
-power estimate the plan shows, fixed once the step's minimums are met) and a check still holds it, the plan's
+When the step's candidate requests reach its planned sample (`rollouts.planning.step_planned_sample`: the
+figure the plan shows, where a candidate as good as the baseline has been shown safe on every check in all
+but 5 % of rollouts; fixed once the step's minimums are met) and a check still holds it, the plan's
 `on_inconclusive` applies: `pause` (the default: a person decides; the pause is notified like an approval
 request, and after a resume the step collects another planned sample before pausing again), `advance`,
 or `rollback`. A breach rolls back at any time.

@@ -129,9 +129,11 @@ def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
 def simulate(
     plan: Plan, *, effect: Effect, seed: int, sims: int, looks: int, look_s: float = 10.0,
     bake_effect: Effect | None = None, metrics: tuple[str, ...] = ("tpot_gmean_ms", "error_rate"),
+    planned: list[int | None] | None = None,
 ) -> Ended:  # fmt: skip
     """`sims` rollouts of `plan` for at most `looks` looks, the candidate's `effect` in its steps and
-    `bake_effect` (default the same) once it bakes; only the checks on `metrics` are computed."""
+    `bake_effect` (default the same) once it bakes; only the checks on `metrics` are computed. `planned`:
+    each step's planned sample (default `planned_samples`, as `rollouts.planning` computes it)."""
     alpha = check_alpha_share(plan)
     guardrails = [g for g in plan.guardrails if g.metric in metrics]
     slos = [s for s in plan.slos if s.metric in metrics]
@@ -143,7 +145,7 @@ def simulate(
         }
         for g in guardrails
     }  # fmt: skip
-    planned = planned_samples(plan, seed, look_s)
+    planned = planned if planned is not None else planned_samples(plan, seed, look_s)
     weights = [s.weight for s in plan.steps] + [1.0 - plan.holdout]  # the bake is one more stratum
     bake = len(plan.steps)
     min_looks = [math.ceil(max(s.min_duration_s, MIN_STEP_DURATION_S) / look_s) for s in plan.steps]

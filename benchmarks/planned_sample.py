@@ -1,0 +1,106 @@
+"""Where a step's planned sample falls for a candidate as good as the baseline, without the database: A/A
+rollouts of a demo plan through `tests/rollouts/policy_sim.py` (the real checks and the policy's rules on
+sticky, heavy-tailed simulated traffic), side by side with the planned samples of the current
+`rollouts.planning` and, with `--before`, of another version of that module (the same rollouts, the same
+seed; only the planned samples differ). Prints how many rollouts paused (reached a planned sample with a
+check still holding), with a Clopper-Pearson 95 % interval.
+
+    git show da90b9f:rollouts/planning.py > /tmp/old_planning.py   # the 80 %-power normal approximation
+    .venv/bin/python benchmarks/planned_sample.py --plan adder-slow-demo --metrics tpot_gmean_ms --sims 120 \\
+        --looks 330 --look-s 20 --before /tmp/old_planning.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+class _History:
+    """What an old planning module reads (`ArmSums.ratio_for`), from the simulated history's RatioStats."""
+
+    def __init__(self, stats: dict[str, Any]) -> None:
+        self.stats = stats
+
+    def ratio_for(self, metric: Any, threshold: float | None = None, prices: tuple[float, float] = (0.0, 0.0)) -> Any:
+        return self.stats.get(metric if isinstance(metric, str) else metric.name)
+
+
+def _before(path: Path, plan: Any, seed: int, look_s: float, metrics: tuple[str, ...]) -> list[int | None]:
+    import numpy as np
+
+    from experiments.stats.simulation import Effect, arm_look, draw_interval, draw_users, interval_totals
+    from tests.rollouts import policy_sim
+
+    spec = importlib.util.spec_from_file_location("planning_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # The same history `policy_sim.planned_samples` draws.
+    rng = np.random.default_rng([seed, 7])
+    traffic = policy_sim._traffic(policy_sim.HISTORY_LOOKS, look_s)
+    span = policy_sim.SPAN_S / look_s
+    users = draw_users(rng, traffic, Effect(), sims=1, looks=policy_sim.HISTORY_LOOKS, span=span, lead=span)
+    totals: dict[str, Any] = {}
+    nobody = np.zeros(users.shape, dtype=bool)
+    for look in range(1, policy_sim.HISTORY_LOOKS + 1):
+        for name, values in interval_totals(draw_interval(rng, traffic, Effect(), users, look, nobody), users.shape).items():
+            totals[name] = totals.get(name, 0.0) + values
+    arm = arm_look(totals, np.ones(users.shape, dtype=bool), ("tpot_log", "errors"))
+    history = _History({m: arm.ratio(source, 0) for m, source in policy_sim.SOURCES.items() if m in metrics})
+    out: list[int | None] = []
+    for index, step in enumerate(plan.steps):
+        entry = module._step_entry(plan, index, history, 20.0)
+        needs = [c["candidate_n"] for c in entry["checks"] if "candidate_n" in c and c.get("metric") in metrics]
+        # As the policy stores it: never below the step's minimum.
+        out.append(max([*needs, step.min_candidate_requests]) if needs else None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--plan", default="adder-slow-demo", help="a plan of rollouts.demo.DEMO_PLANS")
+    parser.add_argument("--metrics", default="tpot_gmean_ms,error_rate", help="the checks simulated (tpot_gmean_ms, error_rate)")
+    parser.add_argument("--sims", type=int, default=120)
+    parser.add_argument("--looks", type=int, default=330)
+    parser.add_argument("--look-s", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=1802)
+    parser.add_argument("--before", type=Path, default=None, help="another version of rollouts/planning.py to compare with")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    os.environ.setdefault("SECRET_KEY", "planned-sample-benchmark-key-xxxxxxxxxxxxxxxxxxxxxxxx")
+    import django
+
+    django.setup()
+    from benchmarks.decision_policy import clopper_pearson
+    from experiments.stats.simulation import Effect
+    from rollouts.demo import DEMO_PLANS
+    from rollouts.plans import plan_normalise
+    from tests.rollouts.policy_sim import planned_samples, simulate
+
+    plan = plan_normalise(DEMO_PLANS[args.plan])
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    versions = [("now", planned_samples(plan, args.seed, args.look_s))]
+    if args.before is not None:
+        versions.insert(0, (f"before ({args.before.name})", _before(args.before, plan, args.seed, args.look_s, metrics)))
+    print(f"# {args.plan}, A/A, {args.sims} rollouts, a look every {args.look_s:g} s for at most {args.looks}, "
+          f"checks on {', '.join(metrics)}; seed {args.seed}")  # fmt: skip
+    for label, planned in versions:
+        ended = simulate(plan, effect=Effect(), seed=args.seed, sims=args.sims, looks=args.looks, look_s=args.look_s,
+                         metrics=metrics, planned=planned)  # fmt: skip
+        paused = int(ended.paused.sum())
+        low, high = clopper_pearson(paused, args.sims)
+        print(f"{label}: planned samples {planned}; paused {paused}/{args.sims} ({low:.1%}-{high:.1%}), rolled back "
+              f"{int(ended.rolled_back.sum())}, promoted {int(ended.promoted.sum())}", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
