@@ -480,8 +480,10 @@ def _fill_units(window_id: int, after_id: int, spec: RollupSpec, fill: UnitFill)
         cursor.execute(f"SELECT f.arm, {', '.join(['0', '0', *sums, *products])} FROM {FILL} f GROUP BY f.arm")
         for arm_label, *row in cursor.fetchall():
             found.deltas[str(arm_label)] = [float(v or 0.0) for v in row]
-        sets = ", ".join(f"{slot[c]} = (SELECT f.{quote(c)} FROM {FILL} f WHERE f.unit_id = {UNITS}.id)" for c in filled)
-        cursor.execute(f"UPDATE {UNITS} SET {sets} WHERE id IN (SELECT unit_id FROM {FILL})")
+        # UPDATE ... FROM joins once (PostgreSQL, SQLite 3.33+); a subquery per column and row would scan
+        # the temporary table for each (seconds at 10,000 new sessions).
+        sets = ", ".join(f"{slot[c]} = f.{quote(c)}" for c in filled)
+        cursor.execute(f"UPDATE {UNITS} SET {sets} FROM {FILL} f WHERE f.unit_id = {UNITS}.id")
         cursor.execute(f"DROP TABLE {FILL}")
     return found
 
