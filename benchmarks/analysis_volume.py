@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import os
 import secrets
@@ -366,6 +367,15 @@ def binary_rows(n: int, columns: list[tuple[str, str, Any]]) -> bytes:
     return rows.tobytes()
 
 
+def ab_plan(k: int) -> dict[str, Any]:
+    return {
+        "alias": f"bench-ab-{k:02d}", "baseline": "bench-v1", "candidate": "bench-v2", "strategy": "ab",
+        "ab": {"weight": 0.5, "min_duration_s": 3600, "horizon_s": 604800},
+        "primary_metric": {"metric": "tpot_mean_ms", "min_effect": 1.0},
+        "guardrails": [{"metric": "error_rate", "margin": 0.005}, {"metric": "ttft_mean_ms", "margin": "15%"}],
+    }  # fmt: skip
+
+
 def fill_rollouts(stamp: datetime) -> list[int]:
     """ROLLOUTS A/B rollouts on their own aliases, all started a day ago; ids in alias order."""
     from rollouts.actors import SYSTEM
@@ -377,13 +387,7 @@ def fill_rollouts(stamp: datetime) -> list[int]:
     version("bench-v2")
     ids = []
     for k in range(ROLLOUTS):
-        plan = {
-            "alias": f"bench-ab-{k:02d}", "baseline": "bench-v1", "candidate": "bench-v2", "strategy": "ab",
-            "ab": {"weight": 0.5, "min_duration_s": 3600, "horizon_s": 604800},
-            "primary_metric": {"metric": "tpot_mean_ms", "min_effect": 1.0},
-            "guardrails": [{"metric": "error_rate", "margin": 0.005}, {"metric": "ttft_mean_ms", "margin": "15%"}],
-        }  # fmt: skip
-        rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
+        rollout = rollout_create(plan=ab_plan(k), actor=SYSTEM, start=True).rollout
         ids.append(rollout.pk)
     day_ago = stamp - timedelta(days=1)
     Rollout.objects.filter(pk__in=ids).update(
@@ -564,9 +568,17 @@ def fill_phase(args: argparse.Namespace) -> dict[str, Any]:
 STEADY_RECORDS = 10_000
 
 
-def bench_spec() -> tuple[Any, Any]:
+# `--tail`: the live rollout's plan gets docs/examples/canary.yaml's tail SLO and a tail guardrail.
+TAIL_SLO = "ttft_p99_ms <= 800"
+TAIL_GUARDRAIL = {"metric": "ttft_p90_ms", "margin": "10%"}
+TAIL_LIMITS = {"ttft_ms": [800.0]}
+
+
+def bench_spec(*, tail: bool = False) -> tuple[Any, Any]:
     """The rollup spec and per-session rows a look of the live rollout keeps (experiments.analysis's own,
-    with no tail thresholds: the A/B plan has none)."""
+    with no tail thresholds: the A/B plan has none). `tail`: with the tail checks' first requests per
+    session for the fields of `TAIL_LIMITS`, and the counts over them (what the fold keeps for the tail checks
+    of `--tail`'s plan: TTFT)."""
     from experiments.analysis.sessions import (
         RECORDS,
         numeric_columns,
@@ -576,13 +588,15 @@ def bench_spec() -> tuple[Any, Any]:
     )
     from experiments.rollups import RollupSpec
 
+    limits = TAIL_LIMITS if tail else {}
     spec = RollupSpec(
-        columns=tuple(numeric_columns(RECORDS, {})), pairs=tuple(product_pairs(ratio_specs(RECORDS, {}).values())),
-        sketch=tuple(RECORDS.latency.items()),
+        columns=tuple(numeric_columns(RECORDS, limits)), pairs=tuple(product_pairs(ratio_specs(RECORDS, limits).values())),
+        sketch=tuple(RECORDS.latency.items()), firsts=tuple((name, RECORDS.latency[name]) for name in limits),
+        over=tuple((name, limit) for name, values in limits.items() for limit in values),
     )  # fmt: skip
 
     def rows(records: Any) -> Any:
-        return session_rows(records, source=RECORDS, thresholds={})
+        return session_rows(records, source=RECORDS, thresholds=limits)
 
     return spec, rows
 
@@ -744,11 +758,12 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     live = Rollout.objects.select_related("baseline", "candidate").get(pk=state["live_rollout"])
     since = live.step_started_at
     assert since is not None
-    spec, rows = bench_spec()
+    spec, rows = bench_spec(tail=args.tail)
     looks_reset(state)
     live_records = state["records"] // 10
     print(f"\n== looks: the live rollout ({live_records:,} of the {state['records']:,} records, {len(spec.columns)} "
-          f"per-session columns, {len(spec.pairs)} products, 3 sketches); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"per-session columns, {len(spec.pairs)} products, 3 sketches{', first requests per session' if spec.firsts else ''}); "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     scratch_ms, scratch = timed(lambda: window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec,
                                                        session_rows=rows))  # fmt: skip
     print(f"  from scratch (every record of the window, as each look did):     {scratch_ms:10,.0f} ms")
@@ -815,8 +830,11 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     print(f"  incremental == from scratch on the same records (horizon {horizon}): "
           f"{'yes' if not problems else 'NO: ' + '; '.join(problems[:5])}")  # fmt: skip
     if before is not None:
-        problems = arms_from_scratch_equal(fold_before().arms, window_scratch(
-            rollout_id=live.pk, since=before_since, until=None, spec=spec, session_rows=rows))  # fmt: skip
+        # (the fold as it was keeps no first requests: compared without them)
+        plain = dataclasses.replace(spec, firsts=(), over=())
+        arms = {arm: rollups.ArmRollup(a.units, a.exposed, a.sums, a.products, a.sketches) for arm, a in fold_before().arms.items()}
+        problems = arms_from_scratch_equal(arms, window_scratch(
+            rollout_id=live.pk, since=before_since, until=None, spec=plain, session_rows=rows))  # fmt: skip
         print(f"  (the fold at {args.before} == from scratch: {'yes' if not problems else 'NO: ' + '; '.join(problems[:5])})")
     for arm in ("baseline", "candidate"):
         a = final.arms.get(arm)
@@ -840,9 +858,14 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         finally:
             fold_ms.append((time.perf_counter() - started) * 1000)
 
+    if args.tail:
+        tail_plan(live)
+    samples = TailSamples() if args.tail else None
     rollups.window_fold = timed_fold  # type: ignore[assignment]
     try:
         cold_ms, (first, _) = timed(lambda: rollout_look(rollout=live))
+        if samples is not None:
+            samples.calls.clear()
         print(f"  the whole look (rollouts.analysis.rollout_look, nothing applied), first (cold): {cold_ms:,.0f} ms, "
               f"of which the fold {sum(fold_ms):,.0f} ms; decision {first.decision}")  # fmt: skip
         whole: list[CpuClock] = []
@@ -856,14 +879,96 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
                 rollout_look(rollout=live)
             whole.append(clock)
             folds.append(sum(fold_ms))
+            if samples is not None:
+                samples.compare()
     finally:
         rollups.window_fold = real_fold  # type: ignore[assignment]
+        if samples is not None:
+            samples.restore()
     walls = [c.wall_ms for c in whole]
     rest = [w - f for w, f in zip(walls, folds, strict=True)]
     print(f"  the whole look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks (load average "
           f"{min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, max {max(walls):,.0f} ms; the fold "
           f"median {median(folds):,.0f} ms, the rest (outcomes, engines, checks, policy) median {median(rest):,.0f} ms")  # fmt: skip
     print(f"    {cpu_text(whole)}")
+    if samples is not None:
+        samples.report()
+
+
+def tail_plan(live: Any) -> None:
+    """Give the live rollout's plan `TAIL_SLO` and `TAIL_GUARDRAIL` (its looks then count each session's
+    first request)."""
+    from rollouts.models import Rollout
+    from rollouts.plans.normalise import plan_normalise
+
+    plan = ab_plan(int(live.alias_name.rsplit("-", 1)[1]))
+    plan["slos"] = [TAIL_SLO]
+    plan["guardrails"] = [*plan["guardrails"], TAIL_GUARDRAIL]
+    live.plan = plan_normalise(plan, enforce_floors=False).to_dict()
+    Rollout.objects.filter(pk=live.pk).update(plan=live.plan)
+    print(f"  (--tail: the live rollout's plan has the tail SLO {TAIL_SLO!r} and the tail guardrail {TAIL_GUARDRAIL})")
+
+
+class TailSamples:
+    """The tail checks' samples of each whole look (rollouts.analysis.checks' first_request_bins and
+    first_request_over, timed: read from the folded windows), then the same counted from scratch over every
+    record of the windows (what each look did before), timed on the same records and compared."""
+
+    def __init__(self) -> None:
+        from rollouts.analysis import checks
+
+        self.checks = checks
+        self.real = (checks.first_request_bins, checks.first_request_over)
+        self.calls: list[tuple[str, dict[str, Any], Any, CpuClock]] = []
+        self.folded: list[CpuClock] = []
+        self.scratch: list[CpuClock] = []
+        self.equal = True
+
+        def timed_call(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(**kwargs: Any) -> Any:
+                with CpuClock() as clock:
+                    value = fn(**kwargs)
+                self.calls.append((name, kwargs, value, clock))
+                return value
+
+            return call
+
+        checks.first_request_bins = timed_call("bins", self.real[0])  # type: ignore[assignment]
+        checks.first_request_over = timed_call("over", self.real[1])  # type: ignore[assignment]
+
+    def restore(self) -> None:
+        self.checks.first_request_bins, self.checks.first_request_over = self.real  # type: ignore[assignment]
+
+    def compare(self) -> None:
+        from experiments.analysis.tails import first_request_bins_scratch, first_request_over_scratch
+
+        folded, scratch = CpuClock(), CpuClock()
+        folded.wall_ms = folded.client_ms = folded.server_ms = 0.0
+        scratch.wall_ms = scratch.client_ms = scratch.server_ms = 0.0
+        other: Any
+        for name, kwargs, value, clock in self.calls:
+            for attr in ("wall_ms", "client_ms", "server_ms"):
+                setattr(folded, attr, getattr(folded, attr) + getattr(clock, attr))
+            if name == "bins":
+                args = {k: v for k, v in kwargs.items() if k not in ("thresholds", "pre_period", "first_fields")}
+                with CpuClock() as again:
+                    other = first_request_bins_scratch(**args)
+            else:
+                args = {k: v for k, v in kwargs.items() if k not in ("pre_period", "first_fields")}
+                with CpuClock() as again:
+                    other = first_request_over_scratch(**args)
+            self.equal &= other == value
+            for attr in ("wall_ms", "client_ms", "server_ms"):
+                setattr(scratch, attr, getattr(scratch, attr) + getattr(again, attr))
+        self.folded.append(folded)
+        self.scratch.append(scratch)
+        self.calls.clear()
+
+    def report(self) -> None:
+        for label, clocks in (("from the folded windows", self.folded), ("from scratch (as before)", self.scratch)):
+            print(f"  the tail checks' samples per whole look, {label}: median {median([c.wall_ms for c in clocks]):,.0f} ms; "
+                  f"{cpu_text(clocks)}")  # fmt: skip
+        print(f"  the tail checks' samples folded == from scratch on the same records: {'yes' if self.equal else 'NO'}")
 
 
 def looks_stored(state: dict[str, Any], *, history: int) -> int:
@@ -986,6 +1091,9 @@ def main() -> int:
     parser.add_argument("--before", default="",
                         help="also time the fold of experiments/rollups.py at this git revision, side by side")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database at the end")
+    parser.add_argument("--tail", action="store_true",
+                        help="the looks with tail checks: the fold keeps first requests per session, the live plan "
+                             f"gets {TAIL_SLO!r} and a ttft_p90_ms guardrail (samples timed beside from scratch)")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL", "")
     if not url.startswith(("postgres://", "postgresql://")):

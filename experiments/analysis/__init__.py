@@ -10,7 +10,7 @@ for display (one single-value query each). `ArmSums.ratio_for(metric)` is the `R
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -137,15 +137,18 @@ def arm_sums(
     percentiles: bool = True,
     outcomes: bool = True,
     pre_period: PrePeriod | None = None,
+    first_fields: Sequence[str] = (),
 ) -> dict[str, ArmSums]:
     """Per-arm statistics over sessions of a rollout's served requests in [since, until).
 
     `thresholds` maps a latency field (ttft_ms, tpot_ms, e2e_ms) to the limits of tail SLOs: each gets a
     count of requests over it, and together they define goodput. `pre_period`: where the sessions' requests
-    before the rollout are, the latencies' second covariate (`preperiod`)."""
+    before the rollout are, the latencies' second covariate (`preperiod`). `first_fields`: the latency fields
+    of the plan's tail checks, whose first request per session the window's rollup keeps for them
+    (`tails`: they read the same rollup when given the same fields, thresholds and pre-period)."""
     limits = _thresholds(thresholds)
     records = _window(request_records(rollout_id=rollout_id), since, until)
-    incremental = _incremental(rollout_id, since, until, limits, pre_period) if since is not None else None
+    incremental = _incremental(rollout_id, since, until, limits, pre_period, first_fields) if since is not None else None
     if incremental is not None:
         moments, specs, sketched = incremental
     else:
@@ -166,14 +169,15 @@ def arm_sums(
 
 def _incremental(
     rollout_id: int, since: datetime, until: datetime | None, limits: dict[str, tuple[float, ...]],
-    pre_period: PrePeriod | None = None,
+    pre_period: PrePeriod | None = None, first_fields: Sequence[str] = (),
 ) -> tuple[dict[str, UnitMoments], dict[str, RatioSpec], dict[str, dict[str, float | None]]] | None:
     """A window's moments from its rollup (experiments.rollups): the look reads only the records committed
     since the previous one. Percentiles come from the window's DDSketches, each within
     rollups.RELATIVE_ACCURACY of the nearest-rank value. None when the spec does not fit a rollup. A
     session's history (`pre_period`) is read once, when the rollup first stores the session."""
     specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
-    folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=limits, pre_period=pre_period)
+    folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=limits, pre_period=pre_period,
+                            first_fields=first_fields)  # fmt: skip
     if folded is None:
         return None
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
@@ -187,25 +191,31 @@ def _incremental(
     return moments, specs, tails
 
 
+def first_request_fields(fields: Iterable[str]) -> tuple[str, ...]:
+    """The first-request fields of a rollup, in the order of its unit rows' slots."""
+    return tuple(sorted(set(fields)))
+
+
 def records_rollup(
     *, rollout_id: int, since: datetime, until: datetime | None, limits: Mapping[str, Sequence[float]],
-    pre_period: PrePeriod | None = None,
+    pre_period: PrePeriod | None = None, first_fields: Sequence[str] = (),
 ) -> Folded | None:
     """The window's rollup after this look's fold (experiments.rollups.window_fold): the moments, the
-    sketches, and the tail checks' first requests per session (experiments.analysis.tails) with their
-    counts over the tail SLOs' thresholds `limits`. None when the spec does not fit a rollup. The same
-    `limits` and `pre_period`, the same window (`arm_sums`' and the tail checks' folds share it)."""
+    sketches, and for `first_fields` (the tail checks' latency fields) each session's first request
+    (experiments.analysis.tails) with the counts over the tail SLOs' thresholds `limits`. None when the
+    spec does not fit a rollup. The same arguments, the same window (`arm_sums`' and the tail checks' folds
+    share it). Only the fields a plan's tail checks name: keeping a field costs the fold per touched session."""
     from experiments.rollups import RollupSpec, UnitFill, window_fold
 
     limits = _thresholds(limits)
+    fields = first_request_fields(first_fields)
     specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
     before = pre_column_names(RECORDS) if pre_period is not None else []
     try:
         spec = RollupSpec(
             columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
-            sketch=tuple(RECORDS.latency.items()), firsts=tuple(RECORDS.latency.items()),
-            over=tuple((name, float(limit)) for name, values in sorted(limits.items()) if name in RECORDS.latency
-                       for limit in values),
+            sketch=tuple(RECORDS.latency.items()), firsts=tuple((name, RECORDS.latency[name]) for name in fields),
+            over=tuple((name, float(limit)) for name, values in sorted(limits.items()) if name in fields for limit in values),
         )  # fmt: skip
     except ValueError:
         return None

@@ -69,24 +69,27 @@ def _grouped(inner: QuerySet[Any], where: str, group: str) -> list[tuple[Any, ..
 
 
 def _folds(rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]],
-           thresholds: Mapping[str, Sequence[float]] | None, pre_period: Any) -> list[Any] | None:  # fmt: skip
+           thresholds: Mapping[str, Sequence[float]] | None, pre_period: Any,
+           first_fields: Sequence[str]) -> list[Any] | None:  # fmt: skip
     """Each window's rollup after this look's fold, the earliest first; None when a rollup does not fit."""
     from experiments.analysis import records_rollup
 
     folds = []
     for since, until in sorted(windows, key=lambda w: w[0]):
         folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=thresholds or {},
-                                pre_period=pre_period)  # fmt: skip
+                                pre_period=pre_period, first_fields=first_fields)  # fmt: skip
         if folded is None:
             return None
         folds.append(folded)
     return folds
 
 
-def _repeated(folds: Sequence[Any], name: str, arm: str | None = None) -> list[tuple[str, int, float]]:
+def _repeated(folds: Sequence[Any], name: str, first_fields: Sequence[str], arm: str | None = None) -> list[tuple[str, int, float]]:
     """(arm, bucket, latency) of the first requests that a later window holds of sessions with a first request
     in an earlier one (their first in the windows together is the earlier one)."""
-    index = list(RECORDS.latency).index(name)
+    from experiments.analysis import first_request_fields
+
+    index = first_request_fields(first_fields).index(name)
     units = RollupUnit._meta.db_table
     found: list[tuple[str, int, float]] = []
     for j in range(1, len(folds)):
@@ -107,16 +110,20 @@ def _repeated(folds: Sequence[Any], name: str, arm: str | None = None) -> list[t
 def first_request_bins(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], fields: Iterable[str],
     relative_accuracy: float | None = None, thresholds: Mapping[str, Sequence[float]] | None = None,
-    pre_period: PrePeriod | None = None,
+    pre_period: PrePeriod | None = None, first_fields: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Bins]]:  # fmt: skip
     """{arm: {field: {bucket: sessions}}}: per arm, each session's first request in the windows that measured
     the field, by its sketch bucket. From the windows' rollups (`thresholds` and `pre_period`: the plan's tail
-    SLO thresholds and the rollout's pre-period, as `arm_sums` is given them, so that the rollups are the
-    ones its looks fold already)."""
+    SLO thresholds and the rollout's pre-period, and `first_fields` the fields of all its tail checks (by
+    default `fields`), as `arm_sums` is given them, so that the rollups are the ones its looks fold already)."""
     from experiments.rollups import RELATIVE_ACCURACY
 
     names = list(fields)
-    folds = _folds(rollout_id, windows, thresholds, pre_period) if relative_accuracy in (None, RELATIVE_ACCURACY) else None
+    kept = tuple(names if first_fields is None else first_fields)
+    if set(names) - set(kept) or relative_accuracy not in (None, RELATIVE_ACCURACY):
+        folds = None
+    else:
+        folds = _folds(rollout_id, windows, thresholds, pre_period, kept)
     if folds is None:
         return first_request_bins_scratch(rollout_id=rollout_id, windows=windows, fields=names,
                                           relative_accuracy=relative_accuracy)  # fmt: skip
@@ -128,14 +135,14 @@ def first_request_bins(
                 for key, n in rollup.firsts.get(name, {}).items():
                     bins[key] = bins.get(key, 0) + n
     for name in names:
-        for arm, key, _ in _repeated(folds, name):
+        for arm, key, _ in _repeated(folds, name, kept):
             bins = totals.setdefault((arm, name), {})
             bins[key] = bins.get(key, 0) - 1
     out: dict[str, dict[str, Bins]] = {}
     for (arm, name), bins in sorted(totals.items()):
-        kept = {key: n for key, n in sorted(bins.items()) if n}
-        if kept:
-            out.setdefault(arm, {})[name] = kept
+        nonzero = {key: n for key, n in sorted(bins.items()) if n}
+        if nonzero:
+            out.setdefault(arm, {})[name] = nonzero
     return out
 
 
@@ -190,24 +197,28 @@ def shadow_pair_bins(
 
 def first_request_over(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], thresholds: Mapping[str, Sequence[float]],
-    arm: str = "candidate", pre_period: PrePeriod | None = None,
+    arm: str = "candidate", pre_period: PrePeriod | None = None, first_fields: Sequence[str] | None = None,
 ) -> dict[tuple[str, float], tuple[int, int]]:  # fmt: skip
     """{(field, threshold): (sessions whose first request was over it, sessions)}: the tail SLOs' sample,
     one request per session as for the guardrails, counted exactly at each threshold (no bins). From the
     windows' rollups, whose spec counts the first requests over each of `thresholds` (the plan's; with
-    `pre_period`, the rollout's, as for `first_request_bins`)."""
+    `pre_period` and `first_fields`, as for `first_request_bins`; by default the fields of `thresholds`)."""
     from experiments.rollups import over_key
 
     if not windows:
         return {}
-    folds = _folds(rollout_id, windows, thresholds, pre_period)
+    kept = tuple(name for name, limits in thresholds.items() if limits) if first_fields is None else tuple(first_fields)
+    folds = _folds(rollout_id, windows, thresholds, pre_period, kept)
     if folds is None:
         return first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=thresholds, arm=arm)
-    out: dict[tuple[str, float], tuple[int, int]] = {}
+    # A field whose first requests the rollups do not keep (a goodput threshold, no tail check): counted
+    # from the records.
+    others = {name: limits for name, limits in thresholds.items() if limits and name not in kept}
+    out = first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=others, arm=arm) if others else {}
     for name, limits in thresholds.items():
-        if not limits:
+        if not limits or name in others:
             continue
-        repeated = _repeated(folds, name, arm)
+        repeated = _repeated(folds, name, kept, arm)
         n = sum(sum(f.arms[arm].firsts.get(name, {}).values()) for f in folds if arm in f.arms) - len(repeated)
         for limit in limits:
             over = sum(f.arms[arm].over.get(over_key(name, limit), 0) for f in folds if arm in f.arms)

@@ -602,8 +602,11 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     pre = None
     if rollout.started_at is not None:
         pre = PrePeriod(alias=rollout.alias_name, until=rollout.started_at, model_version_id=rollout.baseline_id)
+    # The latency fields of the plan's tail checks: the windows' rollups keep each session's first request.
+    firsts = tail_fields(plan)
     sums = {w.step_index: arm_sums(rollout_id=rollout.pk, since=w.since, until=None if w.current else w.until,
-                                   thresholds=thresholds, percentiles=w.current, pre_period=pre) for w in windows}  # fmt: skip
+                                   thresholds=thresholds, percentiles=w.current, pre_period=pre, first_fields=firsts)
+            for w in windows}  # fmt: skip
     base = sums[current.step_index]["baseline"]
     cand = (
         shadow_candidate_sums(rollout_id=rollout.pk, since=current.since, thresholds=thresholds) if shadow_step
@@ -640,17 +643,18 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
                 slo_cand = slo_cand.merge(sums[w.step_index]["candidate"])
                 slo_steps.append(w.step_index)
 
-    firsts = None
+    over = None
     if not shadow_step and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
         spans = [(w.since, None if w.current else w.until) for w in windows if w.weight > 0.0]
-        firsts = first_request_over(rollout_id=rollout.pk, windows=spans, thresholds=thresholds, pre_period=pre)
+        over = first_request_over(rollout_id=rollout.pk, windows=spans, thresholds=thresholds, pre_period=pre,
+                                  first_fields=firsts)  # fmt: skip
     look.checks = [
-        _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps, firsts)
+        _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps, over)
         for slo in plan.slos
     ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
-    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre)
+    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre, firsts)
     look.checks += [
         _tail_guardrail_check(g, tails, alpha, guardrail_tuning_n(plan, g), share, compared, shadow_step)
         if METRICS[g.metric].shape == "percentile"
@@ -669,7 +673,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
 
 def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int], shadow_step: bool,
-               window_start: datetime, pre: PrePeriod | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
+               window_start: datetime, pre: PrePeriod | None = None,
+               firsts: tuple[str, ...] | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
     """The tail guardrails' samples (`experiments.analysis.tails`): the first request of each session over the
     same steps the other guardrails pool (a shadow step: its own pairs). Empty when no guardrail is a tail.
     Read from the windows' rollups that `arm_sums` folded (the same thresholds and pre-period)."""
@@ -680,7 +685,13 @@ def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: li
         return shadow_pair_bins(rollout_id=rollout.pk, since=window_start, fields=fields)
     spans = [(w.since, None if w.current else w.until) for w in windows if w.step_index in compared]
     return first_request_bins(rollout_id=rollout.pk, windows=spans, fields=fields, thresholds=plan.latency_thresholds,
-                              pre_period=pre)  # fmt: skip
+                              pre_period=pre, first_fields=firsts)  # fmt: skip
+
+
+def tail_fields(plan: Plan) -> tuple[str, ...]:
+    """The latency fields of the plan's tail guardrails and tail SLOs (their samples: sessions' first requests)."""
+    checks: list[Any] = [*plan.guardrails, *plan.slos]
+    return tuple(sorted({METRICS[c.metric].source for c in checks if METRICS[c.metric].shape == "percentile"}))
 
 
 # Reported beside the decisions on the experiments page: the gateway's own metrics and any outcome kinds.
