@@ -31,11 +31,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, F, FloatField, Q, QuerySet, Sum, Value
+from django.db.models import Q, QuerySet
 from django.db.models.expressions import RawSQL
-from django.db.models.functions import Greatest, Ln
 
-from experiments.analysis.sessions import LOG_FLOOR_MS, RECORDS, SessionSource
+from experiments.analysis.sessions import RECORDS, SessionSource, latency_sums
 from serving.selectors import request_records
 
 # How far back a session's history reaches: a day covers a daily user's previous visit, and bounds what the
@@ -76,12 +75,7 @@ def pre_columns(source: SessionSource = RECORDS) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     for name, column in source.latency.items():
         present = own & Q(**{f"{column}__isnull": False})
-        columns[f"pre_{name}_n"] = Count("pk", filter=present)
-        columns[f"pre_{name}_s"] = Sum(column, filter=present, output_field=FloatField())
-        columns[f"pre_{name}_l"] = Sum(
-            Ln(Greatest(F(column), Value(LOG_FLOOR_MS), output_field=FloatField())), filter=present,
-            output_field=FloatField(),
-        )  # fmt: skip
+        columns.update(latency_sums(f"pre_{name}", column, present))
     return columns
 
 

@@ -121,6 +121,20 @@ def _good_filter(source: SessionSource, ok: Q, thresholds: Mapping[str, Sequence
     return good
 
 
+def latency_sums(prefix: str, column: str, present: Q) -> dict[str, Any]:
+    """A latency column's count, sum and sum of logs (floored at LOG_FLOOR_MS) over the rows `present`
+    selects, as `<prefix>_n`, `<prefix>_s` and `<prefix>_l`: the moments of the mean and geometric-mean
+    guardrails, for a look's requests and for a session's history alike."""
+    return {
+        f"{prefix}_n": Count("pk", filter=present),
+        f"{prefix}_s": Sum(column, filter=present, output_field=FloatField()),
+        f"{prefix}_l": Sum(
+            Ln(Greatest(F(column), Value(LOG_FLOOR_MS), output_field=FloatField())), filter=present,
+            output_field=FloatField(),
+        ),
+    }
+
+
 def session_columns(source: SessionSource, thresholds: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     """The per-unit aggregates (column name -> ORM aggregate) of ``session_rows``."""
     ok = Q(**{source.outcome: "ok"})
@@ -141,12 +155,7 @@ def session_columns(source: SessionSource, thresholds: Mapping[str, Sequence[flo
     own = Q(**{source.failover: False}) if source.failover else Q()
     for name, column in source.latency.items():
         present = ok & own & Q(**{f"{column}__isnull": False})
-        columns[f"{name}_n"] = Count("pk", filter=present)
-        columns[f"{name}_s"] = Sum(column, filter=present, output_field=FloatField())
-        columns[f"{name}_l"] = Sum(
-            Ln(Greatest(F(column), Value(LOG_FLOOR_MS), output_field=FloatField())), filter=present,
-            output_field=FloatField(),
-        )  # fmt: skip
+        columns.update(latency_sums(name, column, present))
         for i, limit in enumerate(thresholds.get(name, ())):
             columns[over_column(name, i)] = Count("pk", filter=present & Q(**{f"{column}__gt": limit}))
     tokens = ok & Q(**{f"{source.completion_tokens}__isnull": False})
