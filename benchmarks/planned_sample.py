@@ -23,45 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-class _History:
-    """What an old planning module reads (`ArmSums.ratio_for`), from the simulated history's RatioStats."""
-
-    def __init__(self, stats: dict[str, Any]) -> None:
-        self.stats = stats
-
-    def ratio_for(self, metric: Any, threshold: float | None = None, prices: tuple[float, float] = (0.0, 0.0)) -> Any:
-        return self.stats.get(metric if isinstance(metric, str) else metric.name)
-
-
-def _before(path: Path, plan: Any, seed: int, look_s: float, metrics: tuple[str, ...]) -> list[int | None]:
-    import numpy as np
-
-    from experiments.stats.simulation import Effect, arm_look, draw_interval, draw_users, interval_totals
+def _before(path: Path, plan: Any, seed: int, look_s: float) -> list[int | None]:
+    """The planned samples of another version of rollouts/planning.py, from the same simulated history and
+    over the same checks as `policy_sim.planned_samples` (only the module differs)."""
     from tests.rollouts import policy_sim
 
     spec = importlib.util.spec_from_file_location("planning_before", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # The same history `policy_sim.planned_samples` draws.
-    rng = np.random.default_rng([seed, 7])
-    traffic = policy_sim._traffic(policy_sim.HISTORY_LOOKS, look_s)
-    span = policy_sim.SPAN_S / look_s
-    users = draw_users(rng, traffic, Effect(), sims=1, looks=policy_sim.HISTORY_LOOKS, span=span, lead=span)
-    totals: dict[str, Any] = {}
-    nobody = np.zeros(users.shape, dtype=bool)
-    for look in range(1, policy_sim.HISTORY_LOOKS + 1):
-        for name, values in interval_totals(draw_interval(rng, traffic, Effect(), users, look, nobody), users.shape).items():
-            totals[name] = totals.get(name, 0.0) + values
-    arm = arm_look(totals, np.ones(users.shape, dtype=bool), ("tpot_log", "errors"))
-    history = _History({m: arm.ratio(source, 0) for m, source in policy_sim.SOURCES.items() if m in metrics})
-    out: list[int | None] = []
-    for index, step in enumerate(plan.steps):
-        entry = module._step_entry(plan, index, history, 20.0)
-        needs = [c["candidate_n"] for c in entry["checks"] if "candidate_n" in c and c.get("metric") in metrics]
-        # As the policy stores it: never below the step's minimum.
-        out.append(max([*needs, step.min_candidate_requests]) if needs else None)
-    return out
+    return policy_sim.planned_from(module._step_entry, plan, policy_sim.baseline_history(seed, look_s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     versions = [("now", planned_samples(plan, args.seed, args.look_s))]
     if args.before is not None:
-        versions.insert(0, (f"before ({args.before.name})", _before(args.before, plan, args.seed, args.look_s, metrics)))
+        versions.insert(0, (f"before ({args.before.name})", _before(args.before, plan, args.seed, args.look_s)))
     print(f"# {args.plan}, A/A, {args.sims} rollouts, a look every {args.look_s:g} s for at most {args.looks}, "
           f"checks on {', '.join(metrics)}; seed {args.seed}")  # fmt: skip
     for label, planned in versions:

@@ -38,6 +38,7 @@ the policy compares the step's candidate requests with before applying the plan'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -118,8 +119,8 @@ def _at(stats: RatioStats, n: float) -> RatioStats | None:
     return stats.replicated(n / stats.den)
 
 
-def _smallest(enough: Any, start: int) -> int | None:
-    return smallest_enough(enough, start=max(2, start), limit=MAX_N)
+def _smallest(enough: Callable[[int], bool]) -> int | None:
+    return smallest_enough(enough, start=2, limit=MAX_N)
 
 
 def guardrail_planned_sample(
@@ -162,7 +163,7 @@ def guardrail_planned_sample(
             return False
         return ratio_guardrail_check(base, cand, **options).decision is Decision.SAFE
 
-    n = _smallest(enough, 2)
+    n = _smallest(enough)
     if n is None:
         return {"metric": guardrail.metric, "error": "no sample up to 10^8 shows it: the margin is too small for the spread"}
     return {"metric": guardrail.metric, "candidate_n": n, "assumed": assumed}
@@ -203,7 +204,7 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
                                            design_effect=deff, project=False)  # fmt: skip
             return found.decision is Decision.SAFE
 
-        n = _smallest(enough_share, 2)
+        n = _smallest(enough_share)
         if n is None:
             return {"metric": slo.metric, "error": "no sample up to 10^8 shows it within the limit"}
         if metric.shape == "percentile":
@@ -228,7 +229,7 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
                                   tuning_n=tuning_n)  # fmt: skip
         return found.decision is Decision.SAFE
 
-    n = _smallest(enough_mean, 2)
+    n = _smallest(enough_mean)
     if n is None:
         return {"metric": slo.metric, "error": "no sample up to 10^8 shows it within the limit"}
     return {"metric": slo.metric, "candidate_n": n, "assumed": assumed}
@@ -261,7 +262,8 @@ def step_miss(plan: Plan, index: int) -> float:
     return PAUSE_TARGET / max(steps, 1) / max(_checks_in_step(plan, index), 1)
 
 
-def _step_entry(plan: Plan, index: int, history: ArmSums | None, rate: float, prices: tuple[float, float]) -> dict[str, Any]:
+def _step_entry(plan: Plan, index: int, history: ArmSums | None, rate: float,
+                prices: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:  # fmt: skip
     step = plan.steps[index]
     alpha = check_alpha_share(plan)
     share = _share(plan, index)

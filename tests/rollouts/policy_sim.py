@@ -24,6 +24,7 @@ rollout is left paused (a person would decide).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -38,6 +39,7 @@ from experiments.stats import (
     ratio_guardrail_check,
 )
 from experiments.stats.simulation import (
+    METRIC_TOTALS,
     Effect,
     Traffic,
     Users,
@@ -46,9 +48,9 @@ from experiments.stats.simulation import (
     draw_users,
     interval_totals,
 )
+from rollouts import planning
 from rollouts.analysis.checks import guardrail_tuning_n, slo_tuning_n
 from rollouts.analysis.policy import holding_checks
-from rollouts.planning import guardrail_planned_sample, slo_planned_sample, step_miss
 from rollouts.plans import Plan
 from rollouts.plans.alpha import check_alpha_share
 from rollouts.plans.model import MIN_STEP_DURATION_S
@@ -58,7 +60,6 @@ SPAN_S = 900.0  # how long a user stays
 HISTORY_LOOKS = 120  # the baseline alone before the rollout: what the planned samples are estimated from
 # The simulator's metric for each check's metric (TOTALS of `experiments.stats.simulation`).
 SOURCES = {"tpot_gmean_ms": "tpot_log", "error_rate": "errors"}
-KEPT = ("n", "log", "chars", "err", "requests")
 
 
 @dataclass
@@ -85,14 +86,29 @@ def _stats(sums: dict[str, dict[str, np.ndarray]], units: np.ndarray, name: str,
     return RatioStats(int(units[sim]), **{k: float(v[sim]) for k, v in sums[name].items()})
 
 
+def _totals_of(metric: str) -> tuple[str, ...]:
+    num, den, covariate = METRIC_TOTALS[metric]
+    return (num, den, *(covariate or ()))
+
+
 def _rows(users: Users, rows: np.ndarray) -> Users:
     return Users(**{f.name: (value[rows] if isinstance(value := getattr(users, f.name), np.ndarray) else value)
                     for f in fields(Users)})  # fmt: skip
 
 
-def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
-    """Each step's planned sample as `rollouts.planning` computes it, from HISTORY_LOOKS of the baseline alone
-    (the plan's checks the simulator can measure)."""
+class SimulatedHistory:
+    """What `rollouts.planning` reads of the alias's history (`ArmSums.ratio_for`), from simulated RatioStats
+    per metric name (None for a metric the simulator has no data for)."""
+
+    def __init__(self, stats: dict[str, RatioStats]) -> None:
+        self.stats = stats
+
+    def ratio_for(self, metric: Any, threshold: float | None = None, prices: tuple[float, float] = (0.0, 0.0)) -> Any:
+        return self.stats.get(metric if isinstance(metric, str) else metric.name)
+
+
+def baseline_history(seed: int, look_s: float) -> SimulatedHistory:
+    """HISTORY_LOOKS of the baseline serving the alias alone, before the rollout (`SOURCES`' metrics)."""
     rng = np.random.default_rng([seed, 7])
     traffic = _traffic(HISTORY_LOOKS, look_s)
     users = draw_users(rng, traffic, Effect(), sims=1, looks=HISTORY_LOOKS, span=SPAN_S / look_s, lead=SPAN_S / look_s)
@@ -101,29 +117,26 @@ def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
     for look in range(1, HISTORY_LOOKS + 1):
         for name, values in interval_totals(draw_interval(rng, traffic, Effect(), users, look, nobody), users.shape).items():
             totals[name] = totals.get(name, 0.0) + values
-    arm = arm_look(totals, np.ones(users.shape, dtype=bool), ("tpot_log", "errors"))
-    history = {metric: arm.ratio(source, 0) for metric, source in SOURCES.items()}
-    alpha = check_alpha_share(plan)
+    arm = arm_look(totals, np.ones(users.shape, dtype=bool), tuple(SOURCES.values()))
+    return SimulatedHistory({metric: arm.ratio(source, 0) for metric, source in SOURCES.items()})
+
+
+def planned_from(step_entry: Callable[..., dict[str, Any]], plan: Plan, history: SimulatedHistory) -> list[int | None]:
+    """Each step's planned sample from a planning module's `_step_entry` (this one's or, in
+    `benchmarks/planned_sample.py`, an older one's) on `history`: the largest of its checks on `SOURCES`'
+    metrics, never below the step's minimum (as the policy stores it); None where none of them has a figure."""
     out: list[int | None] = []
     for index, step in enumerate(plan.steps):
-        miss = step_miss(plan, index)
-        needs = [
-            slo_planned_sample(slo=slo, history=history[slo.metric], alpha=alpha, tuning_n=slo_tuning_n(plan, slo),
-                               miss=miss).get("candidate_n")
-            for slo in plan.slos if slo.metric in SOURCES
-        ]  # fmt: skip
-        if 0.0 < step.weight < 1.0:
-            needs += [
-                guardrail_planned_sample(
-                    guardrail=g, history=history[g.metric], candidate_share=step.weight, alpha=alpha,
-                    tuning_n=guardrail_tuning_n(plan, g), breach_tuning_n=guardrail_tuning_n(plan, g, breach=True),
-                    miss=miss,
-                ).get("candidate_n")
-                for g in plan.guardrails if g.metric in SOURCES
-            ]  # fmt: skip
-        found = [int(n) for n in needs if n is not None]
-        out.append(max([*found, step.min_candidate_requests]) if found else None)
+        entry = step_entry(plan, index, history, 0.0)
+        needs = [int(c["candidate_n"]) for c in entry["checks"] if "candidate_n" in c and c.get("metric") in SOURCES]
+        out.append(max([*needs, step.min_candidate_requests]) if needs else None)
     return out
+
+
+def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
+    """Each step's planned sample as `rollouts.planning` computes it (over the plan's checks the simulator can
+    measure, whichever of them `simulate` computes), from `baseline_history`."""
+    return planned_from(planning._step_entry, plan, baseline_history(seed, look_s))
 
 
 def simulate(
@@ -157,7 +170,10 @@ def simulate(
     span = SPAN_S / look_s
     users = draw_users(rng, traffic, effect, sims=sims, looks=looks, span=span, lead=span)
     sticky = rng.random(shape)  # the gateway's hash of each session: on the candidate while below the weight
-    strata = {i: {name: np.zeros(shape) for name in KEPT} for i in range(len(weights)) if weights[i] > 0.0}
+    wanted = tuple(dict.fromkeys(SOURCES[m] for m in [*(g.metric for g in guardrails), *(x.metric for x in slos)]))
+    # The per-user totals those metrics need (and `requests`); strata only where a check reads them.
+    kept = tuple(dict.fromkeys([*(name for w in wanted for name in _totals_of(w)), "requests"]))
+    strata = {i: {name: np.zeros(shape) for name in kept} for i, w in enumerate(weights) if (slos and w > 0.0) or 0.0 < w < 1.0}
     step = np.zeros(sims, dtype=int)
     step_looks = np.zeros(sims, dtype=int)
     step_requests = np.zeros(sims)
@@ -195,17 +211,16 @@ def simulate(
         for i in strata:
             here = step[rows] == i
             if here.any():
-                for name in KEPT:
+                for name in kept:
                     strata[i][name][rows[here]] += added[name][here]
         reached = int(step[live].max())
-        wanted = tuple(dict.fromkeys(SOURCES[m] for m in [g.metric for g in guardrails] + [x.metric for x in slos]))
         position = np.full(sims, -1)
         position[rows] = np.arange(rows.size)
         arms = {}
         for i in strata:
             # Guardrails compare the split steps; SLOs sum the candidate over every live step.
-            if i <= reached and (slos or 0.0 < weights[i] < 1.0):
-                part = {name: strata[i][name][rows] for name in KEPT}
+            if i <= reached:
+                part = {name: strata[i][name][rows] for name in kept}
                 arms[i] = (arm_look(part, sticky[rows] >= weights[i], wanted), arm_look(part, sticky[rows] < weights[i], wanted))
         for s in rows:
             at = int(position[s])
