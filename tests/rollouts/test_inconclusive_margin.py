@@ -54,9 +54,11 @@ def test_an_aa_rollout_of_the_demo_canary_reaches_a_planned_sample_undecided_at_
 
 def test_an_aa_rollout_of_the_slow_demo_plan_reaches_a_planned_sample_undecided_at_most_5_percent_of_the_time() -> None:
     plan = _plan("adder-slow-demo")
-    planned_looks = 330  # past the first two steps' planned samples at 20 requests/s, looking every 20 s
+    # 110 minutes: past the first step's planned sample (about 200 looks at 5 candidate requests/s); a rollout
+    # still undecided in a later step at the horizon fails the promotion's assert below instead.
+    planned_looks = 330
     ended = simulate(plan, effect=Effect(), seed=1702, sims=40, looks=planned_looks, look_s=20.0, metrics=("tpot_gmean_ms",))
-    assert ended.inconclusive.mean() <= 0.05, ended.inconclusive.mean()  # 0/60 at this seed
+    assert ended.inconclusive.mean() <= 0.05, ended.inconclusive.mean()  # 1/40 at this seed (paused)
     assert not ended.rolled_back.any()
     assert ended.promoted.mean() >= 0.95, ended.promoted.mean()
 
