@@ -68,16 +68,28 @@ def _grouped(inner: QuerySet[Any], where: str, group: str) -> list[tuple[Any, ..
         return list(cursor.fetchall())
 
 
+Rollups = dict[tuple[Any, ...], Any]
+
+
 def _folds(rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]],
            thresholds: Mapping[str, Sequence[float]] | None, pre_period: Any,
-           first_fields: Sequence[str]) -> list[Any] | None:  # fmt: skip
-    """Each window's rollup after this look's fold, the earliest first; None when a rollup does not fit."""
+           first_fields: Sequence[str], rollups: Rollups | None = None) -> list[Any] | None:  # fmt: skip
+    """Each window's rollup after this look's fold, the earliest first; None when a rollup does not fit.
+    ``rollups``: a dict one look passes to all its tail checks' samples, so that each window is folded and
+    read once for them (a fold locks the window's row and reads it back even when nothing is new)."""
     from experiments.analysis import records_rollup
 
+    limits = tuple(sorted((name, tuple(float(x) for x in values)) for name, values in (thresholds or {}).items()))
     folds = []
     for since, until in sorted(windows, key=lambda w: w[0]):
-        folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=thresholds or {},
-                                pre_period=pre_period, first_fields=first_fields)  # fmt: skip
+        key = (rollout_id, since, until, limits, pre_period, tuple(first_fields))
+        if rollups is not None and key in rollups:
+            folded = rollups[key]
+        else:
+            folded = records_rollup(rollout_id=rollout_id, since=since, until=until, limits=thresholds or {},
+                                    pre_period=pre_period, first_fields=first_fields)  # fmt: skip
+            if rollups is not None:
+                rollups[key] = folded
         if folded is None:
             return None
         folds.append(folded)
@@ -110,12 +122,13 @@ def _repeated(folds: Sequence[Any], name: str, first_fields: Sequence[str], arm:
 def first_request_bins(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], fields: Iterable[str],
     relative_accuracy: float | None = None, thresholds: Mapping[str, Sequence[float]] | None = None,
-    pre_period: PrePeriod | None = None, first_fields: Sequence[str] | None = None,
+    pre_period: PrePeriod | None = None, first_fields: Sequence[str] | None = None, rollups: Rollups | None = None,
 ) -> dict[str, dict[str, Bins]]:  # fmt: skip
     """{arm: {field: {bucket: sessions}}}: per arm, each session's first request in the windows that measured
     the field, by its sketch bucket. From the windows' rollups (`thresholds` and `pre_period`: the plan's tail
     SLO thresholds and the rollout's pre-period, and `first_fields` the fields of all its tail checks (by
-    default `fields`), as `arm_sums` is given them, so that the rollups are the ones its looks fold already)."""
+    default `fields`), as `arm_sums` is given them, so that the rollups are the ones its looks fold already;
+    `rollups`: the look's windows already read, `_folds`)."""
     from experiments.rollups import RELATIVE_ACCURACY
 
     names = list(fields)
@@ -123,7 +136,7 @@ def first_request_bins(
     if set(names) - set(kept) or relative_accuracy not in (None, RELATIVE_ACCURACY):
         folds = None
     else:
-        folds = _folds(rollout_id, windows, thresholds, pre_period, kept)
+        folds = _folds(rollout_id, windows, thresholds, pre_period, kept, rollups)
     if folds is None:
         return first_request_bins_scratch(rollout_id=rollout_id, windows=windows, fields=names,
                                           relative_accuracy=relative_accuracy)  # fmt: skip
@@ -198,17 +211,19 @@ def shadow_pair_bins(
 def first_request_over(
     *, rollout_id: int, windows: Sequence[tuple[datetime, datetime | None]], thresholds: Mapping[str, Sequence[float]],
     arm: str = "candidate", pre_period: PrePeriod | None = None, first_fields: Sequence[str] | None = None,
+    rollups: Rollups | None = None,
 ) -> dict[tuple[str, float], tuple[int, int]]:  # fmt: skip
     """{(field, threshold): (sessions whose first request was over it, sessions)}: the tail SLOs' sample,
     one request per session as for the guardrails, counted exactly at each threshold (no bins). From the
     windows' rollups, whose spec counts the first requests over each of `thresholds` (the plan's; with
-    `pre_period` and `first_fields`, as for `first_request_bins`; by default the fields of `thresholds`)."""
+    `pre_period`, `first_fields` and `rollups`, as for `first_request_bins`; by default the fields of
+    `thresholds`)."""
     from experiments.rollups import over_key
 
     if not windows:
         return {}
     kept = tuple(name for name, limits in thresholds.items() if limits) if first_fields is None else tuple(first_fields)
-    folds = _folds(rollout_id, windows, thresholds, pre_period, kept)
+    folds = _folds(rollout_id, windows, thresholds, pre_period, kept, rollups)
     if folds is None:
         return first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=thresholds, arm=arm)
     # A field whose first requests the rollups do not keep (a goodput threshold, no tail check): counted

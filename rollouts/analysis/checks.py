@@ -50,6 +50,7 @@ from experiments.analysis import (
     shadow_pair_bins,
     shadow_paired_latency,
 )
+from experiments.analysis.tails import Rollups
 from experiments.metrics import HIGHER, LOWER, METRICS, Metric
 from experiments.stats import (
     DEFAULT_MIN_UNITS,
@@ -644,17 +645,18 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
                 slo_steps.append(w.step_index)
 
     over = None
+    rollups: Rollups = {}  # the windows' rollups as the tail checks' samples read them: once per look
     if not shadow_step and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
         spans = [(w.since, None if w.current else w.until) for w in windows if w.weight > 0.0]
         over = first_request_over(rollout_id=rollout.pk, windows=spans, thresholds=thresholds, pre_period=pre,
-                                  first_fields=firsts)  # fmt: skip
+                                  first_fields=firsts, rollups=rollups)  # fmt: skip
     look.checks = [
         _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps, over)
         for slo in plan.slos
     ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
-    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre, firsts)
+    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre, firsts, rollups)
     look.checks += [
         _tail_guardrail_check(g, tails, alpha, guardrail_tuning_n(plan, g), share, compared, shadow_step)
         if METRICS[g.metric].shape == "percentile"
@@ -673,8 +675,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
 
 def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int], shadow_step: bool,
-               window_start: datetime, pre: PrePeriod | None = None,
-               firsts: tuple[str, ...] | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
+               window_start: datetime, pre: PrePeriod | None = None, firsts: tuple[str, ...] | None = None,
+               rollups: Rollups | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
     """The tail guardrails' samples (`experiments.analysis.tails`): the first request of each session over the
     same steps the other guardrails pool (a shadow step: its own pairs). Empty when no guardrail is a tail.
     Read from the windows' rollups that `arm_sums` folded (the same thresholds and pre-period)."""
@@ -685,7 +687,7 @@ def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: li
         return shadow_pair_bins(rollout_id=rollout.pk, since=window_start, fields=fields)
     spans = [(w.since, None if w.current else w.until) for w in windows if w.step_index in compared]
     return first_request_bins(rollout_id=rollout.pk, windows=spans, fields=fields, thresholds=plan.latency_thresholds,
-                              pre_period=pre, first_fields=firsts)  # fmt: skip
+                              pre_period=pre, first_fields=firsts, rollups=rollups)  # fmt: skip
 
 
 def tail_fields(plan: Plan) -> tuple[str, ...]:
