@@ -69,6 +69,7 @@ from scipy import special
 from ._checks import check_alpha, check_finite, check_non_negative, check_positive
 from .decisions import Decision
 from .proportions import log_mixture, min_trials, mixture_weight, quantile_cs_ranks
+from .sequential import half_width
 
 RELATIVE_ACCURACY = 0.01  # the rollups' sketches (experiments.rollups.RELATIVE_ACCURACY)
 FLOOR = 1e-3  # latencies at or under this are clamped to it before binning (experiments.rollups.SKETCH_FLOOR_MS)
@@ -360,12 +361,10 @@ def quantile_guardrail_check(
 
 
 def _rank_half_width(n: float, quantile: float, alpha: float, tuning: float) -> float:
-    """The sequence's half-width in probability at n, by the two-sided normal mixture the beta-binomial one
-    tends to (Howard et al. 2021, the closed form of its boundary): a projection's yardstick, not a bound."""
-    v = n * quantile * (1.0 - quantile)
-    log_inv = math.log(1.0 / alpha)
-    rho = tuning * quantile * (1.0 - quantile) / (2.0 * log_inv + math.log(1.0 + 2.0 * log_inv))
-    return math.sqrt((v + rho) * (math.log1p(v / rho) + 2.0 * log_inv)) / max(n, 1.0)
+    """The sequence's half-width in probability at n (at least 1), by the two-sided normal mixture the
+    beta-binomial one tends to (``sequential.half_width`` of a share's variance q (1 - q) / n, rho set by the
+    same N*): a projection's yardstick, not a bound."""
+    return half_width(variance=quantile * (1.0 - quantile) / n, n_total=n, alpha=alpha, tuning_n=tuning)
 
 
 def _more_sessions(base_now: QuantileBounds, cand_now: QuantileBounds, quantile: float, margin: float, alpha: float,
