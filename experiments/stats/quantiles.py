@@ -155,7 +155,9 @@ def quantile_tuning_n(*, quantile: float, alpha: float, margin: float | None = N
 
 @dataclass(frozen=True)
 class SortedSample:
-    """An arm's observations (one per session), as values: the order statistics are exact."""
+    """An arm's observations (one per session), as values: the order statistics are exact. A look reads
+    bins (``BinnedSample``); this is the simulations' sample and the reference the bins are checked against
+    (tests/experiments/stats/test_stats_quantiles.py)."""
 
     values: np.ndarray
 
@@ -267,8 +269,9 @@ def quantile_bounds(sample: Sample, quantile: float, *, alpha: float, tuning_n: 
 
 
 def first_per_unit(units: np.ndarray, order: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The reference of what the look does in SQL: per unit, the value of its first observation by
-    ``order``, the units in the order of their first observation."""
+    """The reference of what the look does in SQL (`experiments.analysis.tails`), for the simulations in
+    tests: per unit, the value of its first observation by ``order``, the units in the order of their first
+    observation."""
     units, order, values = np.asarray(units), np.asarray(order), np.asarray(values, dtype=float)
     by_time = np.lexsort((np.arange(order.size), order))
     _, first = np.unique(units[by_time], return_index=True)
