@@ -222,17 +222,16 @@ def first_request_over(
 
     if not windows:
         return {}
-    kept = tuple(name for name, limits in thresholds.items() if limits) if first_fields is None else tuple(first_fields)
-    folds = _folds(rollout_id, windows, thresholds, pre_period, kept, rollups)
+    named = tuple(name for name, limits in thresholds.items() if limits)
+    kept = named if first_fields is None else tuple(first_fields)
+    # A field whose first requests the rollups do not keep: all counted from the records, as in
+    # first_request_bins (a plan's tail SLOs' fields are always among its tail checks' fields).
+    folds = None if set(named) - set(kept) else _folds(rollout_id, windows, thresholds, pre_period, kept, rollups)
     if folds is None:
         return first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=thresholds, arm=arm)
-    # A field whose first requests the rollups do not keep (a goodput threshold, no tail check): counted
-    # from the records.
-    others = {name: limits for name, limits in thresholds.items() if limits and name not in kept}
-    out = first_request_over_scratch(rollout_id=rollout_id, windows=windows, thresholds=others, arm=arm) if others else {}
-    for name, limits in thresholds.items():
-        if not limits or name in others:
-            continue
+    out: dict[tuple[str, float], tuple[int, int]] = {}
+    for name in named:
+        limits = thresholds[name]
         repeated = _repeated(folds, name, kept, arm)
         n = sum(sum(f.arms[arm].firsts.get(name, {}).values()) for f in folds if arm in f.arms) - len(repeated)
         for limit in limits:
