@@ -288,16 +288,23 @@ def merge_rows(
     selects += [f"SUM({col(c)})" for c in columns]
     selects += [f"SUM({col(a)} * {col(b)})" for a, b in pairs]
     window = f", MIN(s.{quote('first_at')}) OVER (PARTITION BY s.{quote('unit')}) AS unit_first" if exposure else ""
-    join, join_params = "", ()
+    head, source, join = "", f"({inner})", ""
     if joined is not None:
-        found_sql, join_params = joined((f"SELECT s.unit FROM ({inner}) s", tuple(params)))
-        join = f" LEFT JOIN ({found_sql}) p ON p.{quote(first_column(found_sql))} = t.unit"
+        # The per-unit rows and their units' history are each computed once (MATERIALIZED on PostgreSQL): the
+        # history's units are read from the rows, not by grouping the window's records a second time, and as
+        # a subquery joined to the rows the history could be re-run (a probe per unit) for every unit row, as
+        # it was in `experiments.rollups._fill_units`.
+        materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
+        found_sql, found_params = joined(("SELECT s.unit FROM unit_rows s", ()))
+        head = f"WITH unit_rows AS {materialized}({inner}), history AS {materialized}({found_sql}) "
+        source, join = "unit_rows", f" LEFT JOIN history p ON p.{quote(first_column(found_sql))} = t.unit"
+        params = (*params, *found_params)
     sql = (
-        f"SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM ({inner}) s) t{join} GROUP BY t.{quote(group)}"
+        f"{head}SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM {source} s) t{join} GROUP BY t.{quote(group)}"
     )
     out: dict[str, UnitMoments] = {}
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, *join_params])
+        cursor.execute(sql, list(params))
         for row in cursor.fetchall():
             values = [float(v) if v is not None else 0.0 for v in row[3:]]
             sums = dict(zip(columns, values[: len(columns)], strict=True))
