@@ -248,7 +248,8 @@ def window_fold(
                 rollout_id=rollout_id, since=since, spec_hash=key, defaults={"until": until, "spec": spec.as_dict()}
             )
         rebuilt = False
-        if until != window.until:
+        changed = until != window.until
+        if changed:
             if until is not None and window.max_created_at is not None and window.max_created_at >= until:
                 # Records past the window's new end were folded while it was open: start it over.
                 RollupUnit.objects.filter(window=window).delete()
@@ -266,6 +267,7 @@ def window_fold(
         tail = request_records_committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
         tail_seen = True
         if horizon > window.watermark:
+            changed = True
             fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
             if window.records == 0 and connection.vendor == "postgresql":
                 # The first look groups every record of the window so far (at 20 million records, 2 million
@@ -286,7 +288,8 @@ def window_fold(
                 window.max_created_at = found.last_at
             window.arms = {arm: rollup.to_json() for arm, rollup in arms.items()}
             tail_seen = found.tail
-        window.save()
+        if changed:  # (a look with nothing new to fold leaves the row, its arms' JSON with it, as it was)
+            window.save()
         seen = arms
         unsettled = 0
         if tail_seen:
