@@ -579,21 +579,12 @@ def bench_spec(*, tail: bool = False) -> tuple[Any, Any]:
     with no tail thresholds: the A/B plan has none). `tail`: with the tail checks' first requests per
     session for the fields of `TAIL_LIMITS`, and the counts over them (what the fold keeps for the tail checks
     of `--tail`'s plan: TTFT)."""
-    from experiments.analysis.sessions import (
-        RECORDS,
-        numeric_columns,
-        product_pairs,
-        ratio_specs,
-        session_rows,
-    )
-    from experiments.rollups import RollupSpec
+    from experiments.analysis import records_rollup_spec
+    from experiments.analysis.sessions import RECORDS, session_rows
 
     limits = TAIL_LIMITS if tail else {}
-    spec = RollupSpec(
-        columns=tuple(numeric_columns(RECORDS, limits)), pairs=tuple(product_pairs(ratio_specs(RECORDS, limits).values())),
-        sketch=tuple(RECORDS.latency.items()), firsts=tuple((name, RECORDS.latency[name]) for name in limits),
-        over=tuple((name, limit) for name, values in limits.items() for limit in values),
-    )  # fmt: skip
+    spec = records_rollup_spec(limits=limits, first_fields=tuple(limits))
+    assert spec is not None
 
     def rows(records: Any) -> Any:
         return session_rows(records, source=RECORDS, thresholds=limits)

@@ -43,7 +43,7 @@ from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
 
 if TYPE_CHECKING:
-    from experiments.rollups import Folded
+    from experiments.rollups import Folded, RollupSpec
 
 BASELINE = "baseline"
 CANDIDATE = "candidate"
@@ -196,6 +196,28 @@ def first_request_fields(fields: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(fields)))
 
 
+def records_rollup_spec(
+    *, limits: Mapping[str, Sequence[float]], history: bool = False, first_fields: Sequence[str] = ()
+) -> RollupSpec | None:
+    """What `records_rollup`'s window keeps: the per-session columns of the request records with the tail
+    SLOs' `limits` (and the history's, with `history`), the products their metrics need, the sketches, and
+    the first requests of `first_fields` with the counts over `limits`. None when it does not fit a rollup."""
+    from experiments.rollups import RollupSpec
+
+    limits = _thresholds(limits)
+    fields = first_request_fields(first_fields)
+    specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if history else None)
+    before = pre_column_names(RECORDS) if history else []
+    try:
+        return RollupSpec(
+            columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
+            sketch=tuple(RECORDS.latency.items()), firsts=tuple((name, RECORDS.latency[name]) for name in fields),
+            over=tuple((name, float(limit)) for name, values in sorted(limits.items()) if name in fields for limit in values),
+        )  # fmt: skip
+    except ValueError:
+        return None
+
+
 def records_rollup(
     *, rollout_id: int, since: datetime, until: datetime | None, limits: Mapping[str, Sequence[float]],
     pre_period: PrePeriod | None = None, first_fields: Sequence[str] = (),
@@ -205,20 +227,13 @@ def records_rollup(
     (experiments.analysis.tails) with the counts over the tail SLOs' thresholds `limits`. None when the
     spec does not fit a rollup. The same arguments, the same window (`arm_sums`' and the tail checks' folds
     share it). Only the fields a plan's tail checks name: keeping a field costs the fold per touched session."""
-    from experiments.rollups import RollupSpec, UnitFill, window_fold
+    from experiments.rollups import UnitFill, window_fold
 
     limits = _thresholds(limits)
-    fields = first_request_fields(first_fields)
-    specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if pre_period is not None else None)
-    before = pre_column_names(RECORDS) if pre_period is not None else []
-    try:
-        spec = RollupSpec(
-            columns=(*numeric_columns(RECORDS, limits), *before), pairs=tuple(product_pairs(specs.values())),
-            sketch=tuple(RECORDS.latency.items()), firsts=tuple((name, RECORDS.latency[name]) for name in fields),
-            over=tuple((name, float(limit)) for name, values in sorted(limits.items()) if name in fields for limit in values),
-        )  # fmt: skip
-    except ValueError:
+    spec = records_rollup_spec(limits=limits, history=pre_period is not None, first_fields=first_fields)
+    if spec is None:
         return None
+    before = pre_column_names(RECORDS) if pre_period is not None else []
     fill = None
     if pre_period is not None:
         period = pre_period
