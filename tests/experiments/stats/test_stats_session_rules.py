@@ -92,6 +92,16 @@ def test_a_clear_tpot_regression_is_caught_within_the_first_step() -> None:
     assert np.median(found["at"]) < 200  # candidate requests: 50 % slower is plain on the log scale
 
 
+def test_a_clear_tpot_regression_is_caught_with_the_sessions_history_too() -> None:
+    # The history covariate must tighten the bounds, not hide a regression it cannot explain (theta is pooled
+    # across arms, and the history is the baseline's for both).
+    traffic = TRAFFIC.with_(users=2000, history=True)
+    looks = list(simulate(traffic, Effect(tpot_factor=1.5), sims=SIMS, looks=LOOKS, weight=0.1, seed=17))
+    found = _run_guardrail(looks, metric="tpot_log", scale="log", margin=0.10, relative=True, weight=0.1)
+    assert found["breach"].mean() >= 0.95
+    assert np.median(found["at"]) < 200
+
+
 def test_an_error_guardrail_at_its_margin_with_rare_errors_is_wrong_at_most_alpha() -> None:
     # 0.5 % errors on the baseline, 1.5 % on the candidate: exactly the 1 point margin.
     looks = list(simulate(TRAFFIC, Effect(error_add=0.01), sims=SIMS, looks=LOOKS, weight=0.1, seed=14))
