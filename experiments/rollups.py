@@ -265,10 +265,14 @@ def window_fold(
         # Records already visible but not settled yet (committed by a transaction above the horizon while an
         # older one is still open): counted in this look, folded for good by a later one.
         tail = request_records_committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
-        tail_seen = True
-        if horizon > window.watermark:
+        tail_seen: bool | None = None
+        fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
+        # A window with nothing new below the horizon (a closed step's, or one folded already in this look: the
+        # tail checks read the windows arm_sums folded) costs an index probe, not a fold statement and a write
+        # of its row. Its watermark stays: no record can commit below the horizon any more, so the next fold
+        # finds nothing more there.
+        if horizon > window.watermark and fresh.exists():
             changed = True
-            fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
             if window.records == 0 and connection.vendor == "postgresql":
                 # The first look groups every record of the window so far (at 20 million records, 2 million
                 # of them in 600,000 sessions): its hash tables and sorts in memory, not in batches on disk.
@@ -292,6 +296,8 @@ def window_fold(
             window.save()
         seen = arms
         unsettled = 0
+        if tail_seen is None:  # (nothing folded: a probe says whether there is a tail to count)
+            tail_seen = tail.exists()
         if tail_seen:
             seen = {arm: ArmRollup.from_json(rollup.to_json()) for arm, rollup in arms.items()}
             above = _fold(window.pk, queries, tail, persist=False)
