@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serving.gateway.meter import _data_of
-
-_DONE = b"[DONE]"
 # Chat deltas' text fields, concatenated into the message.
 _DELTA_TEXT = ("content", "reasoning", "reasoning_content", "refusal")
 _CHOICE_OWN = frozenset(("index", "delta", "text", "logprobs", "finish_reason", "stop_reason", "token_ids"))
@@ -54,7 +51,8 @@ class _Choice:
 
 
 class Assembler:
-    """Fed whole SSE events (as `StreamMeter.feed` returns them); `body()` is the non-streamed answer."""
+    """Fed each chunk of the engine's stream as `StreamMeter` parses it (`StreamMeter(assembler=...)`: one
+    parse per event for both); `body()` is the non-streamed answer."""
 
     __slots__ = ("_chat", "_choices", "_top", "events", "usage")
 
@@ -65,19 +63,8 @@ class Assembler:
         self.usage: dict[str, Any] | None = None
         self.events = 0
 
-    def feed(self, events: bytes) -> None:
-        for event in events.split(b"\n\n"):
-            payload = _data_of(event) if event else None
-            if not payload or payload == _DONE:
-                continue
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "error" not in obj:
-                self._chunk(obj)
-
-    def _chunk(self, obj: dict[str, Any]) -> None:
+    def chunk(self, obj: dict[str, Any]) -> None:
+        """One chunk of the stream (not an error event: the meter keeps those)."""
         self.events += 1
         top = self._top
         for name, value in obj.items():
@@ -111,7 +98,9 @@ class Assembler:
                 choice.stop_reason = raw["stop_reason"]
             token_ids = raw.get("token_ids")
             if isinstance(token_ids, list):
-                choice.token_ids = (choice.token_ids or []) + token_ids
+                if choice.token_ids is None:
+                    choice.token_ids = []
+                choice.token_ids.extend(token_ids)
             for name, value in raw.items():
                 if name not in _CHOICE_OWN and value is not None:
                     choice.extra[name] = value

@@ -393,17 +393,13 @@ class Forwarder:
         client until then, so a stream that breaks off or ends in an error event is tried again elsewhere,
         as a failed non-streamed answer would be."""
         assert ex.started is not None
-        meter = StreamMeter(sent_at=ex.started)
         assembler = Assembler(chat=ex.endpoint == CHAT)
+        meter = StreamMeter(sent_at=ex.started, assembler=assembler)  # it hands the assembler each parsed chunk
         perf = time.perf_counter
         try:
             async for chunk in response.chunks():
-                out = meter.feed(chunk, perf())
-                if out:
-                    assembler.feed(out)
-            tail = meter.finish(perf())
-            if tail:
-                assembler.feed(tail)
+                meter.feed(chunk, perf())
+            meter.finish(perf())
         except UpstreamHeadTimeout as exc:
             self._failed(attempt, 504, "ttfb_timeout", str(exc))
         except UpstreamError as exc:

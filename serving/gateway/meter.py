@@ -6,13 +6,17 @@ body) - sent; TPOT = (E2E - TTFT) / (n - 1) with n = `usage.completion_tokens`, 
 Parsing every chunk's JSON would be the most expensive thing the gateway does per token, so a stream is
 cut into whole SSE events with byte searches only, and an event's JSON is parsed only while the first
 token is still awaited, when it may carry `usage` or an `error`, or when the text is wanted (stored
-prompts, shadow pairs).
+prompts, shadow pairs) or the whole answer is (a non-streamed request asked of the engine as a stream: each
+chunk, parsed once here, goes to its `Assembler`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.gateway.assemble import Assembler
 
 _DONE = b"[DONE]"
 _USAGE = b'"usage"'
@@ -21,10 +25,14 @@ _ERROR = b'"error"'
 
 class StreamMeter:
     __slots__ = (
-        "_collect", "_parts", "_pending", "_strip_usage", "done_at", "error", "first_token_at", "sent_at", "usage",
+        "_assembler", "_collect", "_every", "_parts", "_pending", "_strip_usage", "done_at", "error",
+        "first_token_at", "sent_at", "usage",
     )
 
-    def __init__(self, *, sent_at: float, strip_usage: bool = False, collect_text: bool = False) -> None:
+    def __init__(
+        self, *, sent_at: float, strip_usage: bool = False, collect_text: bool = False,
+        assembler: Assembler | None = None,
+    ) -> None:
         self.sent_at = sent_at
         self.first_token_at: float | None = None
         self.done_at: float | None = None
@@ -32,6 +40,9 @@ class StreamMeter:
         self.error: str | None = None
         self._strip_usage = strip_usage
         self._collect = collect_text
+        self._assembler = assembler
+        # Every event's JSON is wanted, not only until the first token.
+        self._every = collect_text or assembler is not None
         self._parts: list[str] = []
         self._pending = b""
 
@@ -48,7 +59,7 @@ class StreamMeter:
         ready, self._pending = data[:cut], data[cut:]
         if (
             self.first_token_at is not None
-            and not self._collect
+            and not self._every
             and _USAGE not in ready
             and _ERROR not in ready
             and _DONE not in ready
@@ -86,7 +97,7 @@ class StreamMeter:
             if self.done_at is None:
                 self.done_at = now
             return True
-        if not (self.first_token_at is None or self._collect or _USAGE in payload or _ERROR in payload):
+        if not (self.first_token_at is None or self._every or _USAGE in payload or _ERROR in payload):
             return True
         try:
             obj = json.loads(payload)
@@ -98,8 +109,10 @@ class StreamMeter:
         if error is not None:
             self.error = _error_message(error)
             return True
+        if self._assembler is not None:
+            self._assembler.chunk(obj)
         choices = obj.get("choices")
-        if isinstance(choices, list):
+        if isinstance(choices, list) and (self.first_token_at is None or self._collect):
             for index, choice in enumerate(choices):
                 text, has_token = _choice_text(choice)
                 if has_token and self.first_token_at is None:

@@ -124,6 +124,17 @@ async def running(
         await gateway.shutdown()
 
 
+def timed_out_on_1_then_answered_by_2(records: list[RecordDraft]) -> list[RecordDraft]:
+    """Every try that was not the answer timed out waiting for the first event (TTFB timeout 0.3 s) on replica
+    1, and every answer came from replica 2; returns the timed-out tries."""
+    timed_out = [r for r in records if not r.final]
+    assert timed_out and {(r.error_kind, r.status_code, r.engine_worker_id) for r in timed_out} == {
+        ("ttfb_timeout", 504, 1)}
+    assert all(250 <= (r.e2e_ms or 0) < 1000 for r in timed_out)
+    assert {(r.outcome, r.engine_worker_id) for r in records if r.final} == {("ok", 2)}
+    return timed_out
+
+
 async def asgi_post(
     app: Any, path: str, body: dict[str, Any], *, key: str = KEY, headers: dict[str, str] | None = None
 ) -> Reply:

@@ -13,7 +13,14 @@ import pytest
 
 from serving.gateway.routing import BASELINE, CANDIDATE
 from serving.gateway.tracing import Tracing
-from tests.serving.gateway.inprocess import CHAT, alias, rows, running, workers
+from tests.serving.gateway.inprocess import (
+    CHAT,
+    alias,
+    rows,
+    running,
+    timed_out_on_1_then_answered_by_2,
+    workers,
+)
 from tests.support.engines import free_port
 from tests.support.fake_engine import FakeEngine
 
@@ -120,12 +127,7 @@ def test_a_stream_whose_head_came_but_no_event_within_the_ttfb_timeout_is_tried_
                 reply = await gw.call({**CHAT, "stream": True, "user": f"user-{n}"})
                 assert reply.status == 200 and b"[DONE]" in reply.body, reply.body
                 assert time.monotonic() - started < 2.0
-            records = await gw.settled()
-            timed_out = [r for r in records if not r.final]
-            assert timed_out and {(r.error_kind, r.status_code, r.engine_worker_id) for r in timed_out} == {
-                ("ttfb_timeout", 504, 1)}
-            assert all(250 <= (r.e2e_ms or 0) < 1000 for r in timed_out)
-            assert {(r.outcome, r.engine_worker_id) for r in records if r.final} == {("ok", 2)}
+            timed_out = timed_out_on_1_then_answered_by_2(await gw.settled())
         assert mute.seen.cancelled == 0 and len(mute.seen.requests) == len(timed_out)
 
     asyncio.run(scenario())
@@ -271,7 +273,8 @@ def test_traces_follow_the_request_and_each_try_into_the_engine(engine: Callable
     assert server.attributes is not None
     attributes = dict(server.attributes)
     # Asked of the engine as a stream (three tokens from the stand-in) and timed like one.
-    assert attributes.pop("ramp.ttft_ms") > 0
+    ttft_ms = attributes.pop("ramp.ttft_ms")
+    assert isinstance(ttft_ms, float) and ttft_ms > 0
     assert attributes == {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "vllm",
