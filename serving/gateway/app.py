@@ -99,6 +99,8 @@ class Gateway:
         self._rng = random.Random()
         self._request_id_key = os.urandom(32)
         self._request_count = itertools.count()
+        # The switch interval this gateway's start-up lowered, put back at its shutdown (tests start many).
+        self._switch_interval: float | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class Gateway:
 
         config = self.config
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-shadow")
         self.shadow = ShadowQueue(
@@ -153,6 +156,9 @@ class Gateway:
         if self._shadow_executor is not None:
             self._shadow_executor.shutdown(wait=True, cancel_futures=False)
         self.tracing.shutdown()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         if _RUNNING is self:
             _RUNNING = None
         metrics_process_exit()

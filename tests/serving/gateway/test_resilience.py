@@ -184,4 +184,5 @@ def test_a_busy_thread_holds_the_gil_from_the_streams_for_half_a_millisecond_at_
             pass
 
     asyncio.run(scenario())
-    assert seen == [GIL_SWITCH_INTERVAL_S] and GIL_SWITCH_INTERVAL_S <= 0.0005
+    # Lowered at start-up, put back at shutdown (a test process starts many gateways).
+    assert seen == [GIL_SWITCH_INTERVAL_S, 0.005] and GIL_SWITCH_INTERVAL_S <= 0.0005
