@@ -28,7 +28,10 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _add(total: float | None, value: float) -> float | None:
+def _add(total: float | None, value: float | None) -> float | None:
+    """`total` + `value`, where an unknown (None) or non-finite value adds nothing and None + x is x."""
+    if value is None:
+        return total
     finite = _finite(value)
     if finite is None:
         return total
@@ -59,11 +62,16 @@ def parse_vllm_metrics(text: str) -> dict[str, Any]:
         raise MetricsParseError(f"not Prometheus text: {exc}") from exc
     result: dict[str, Any] = dict(scalars)
     for name, histogram in histograms.items():
-        # Buckets as [upper bound, cumulative count] in order; "+Inf" stays a string (JSON has no infinity).
-        ordered = sorted(histogram["buckets"].items(), key=lambda item: float(item[0]))
-        result[name] = {"count": histogram["count"], "sum": histogram["sum"],
-                        "buckets": [[le if le == "+Inf" else float(le), count] for le, count in ordered]}
+        result[name] = _histogram_out(histogram)
     return result
+
+
+def _histogram_out(histogram: dict[str, Any]) -> dict[str, Any]:
+    """Buckets (upper bound -> cumulative count) as [upper bound, cumulative count] in order; "+Inf" stays a
+    string (JSON has no infinity)."""
+    ordered = sorted(histogram["buckets"].items(), key=lambda item: float(item[0]))
+    return {"count": histogram["count"], "sum": histogram["sum"],
+            "buckets": [[le if le == "+Inf" else float(le), count] for le, count in ordered]}
 
 
 def in_flight_from(text: str, gauges: tuple[str, ...]) -> float | None:
@@ -92,41 +100,33 @@ def requests_in_flight(metrics: dict[str, Any]) -> float | None:
 
 
 def merge_replica_metrics(scrapes: list[dict[str, Any]]) -> dict[str, Any]:
-    """One worker's figures from its replicas' scrapes (the pods of a Kubernetes engine): requests running and
-    waiting, counters and histogram buckets add up; the KV-cache usage is the replicas' mean (each replica has
-    its own cache, so the sum would not be a share). `replicas_scraped` says how many replicas the figures cover."""
+    """One worker's figures from its replicas' scrapes (the pods of a Kubernetes engine), added up as
+    `parse_vllm_metrics` adds up a page's labels: requests running and waiting, counters, histograms' counts,
+    sums and buckets (a bound only some replicas have counts theirs only, never a made-up count for the
+    others); the KV-cache usage is the replicas' mean (each replica has its own cache, so the sum would not be
+    a share). `replicas_scraped` says how many replicas the figures cover."""
     merged: dict[str, Any] = {}
-    kv_cache = [float(s["vllm:kv_cache_usage_perc"]) for s in scrapes
-                if s.get("vllm:kv_cache_usage_perc") is not None]
+    histograms: dict[str, dict[str, Any]] = {}
+    kv_cache: list[float] = []
     for scrape in scrapes:
         for name, value in scrape.items():
-            if name == "vllm:kv_cache_usage_perc" or value is None:
+            if value is None:
                 continue
-            if name in HISTOGRAMS:
-                merged[name] = _histograms_add(merged.get(name), value)
+            if name == "vllm:kv_cache_usage_perc":
+                kv_cache.append(float(value))
+            elif name in HISTOGRAMS:
+                histogram = histograms.setdefault(name, {"count": None, "sum": None, "buckets": {}})
+                histogram["count"] = _add(histogram["count"], value.get("count"))
+                histogram["sum"] = _add(histogram["sum"], value.get("sum"))
+                buckets = histogram["buckets"]
+                for le, count in value.get("buckets", ()):
+                    buckets[le] = _add(buckets.get(le), count)
             elif name in GAUGES or name in COUNTERS:
-                merged[name] = (merged.get(name) or 0.0) + float(value)
+                merged[name] = _add(merged.get(name), float(value))
+    for name, histogram in histograms.items():
+        merged[name] = _histogram_out(histogram)
     if kv_cache:
         merged["vllm:kv_cache_usage_perc"] = sum(kv_cache) / len(kv_cache)
     if scrapes:
         merged["replicas_scraped"] = len(scrapes)
     return merged
-
-
-def _histograms_add(total: dict[str, Any] | None, histogram: dict[str, Any]) -> dict[str, Any]:
-    """Two replicas' histograms of one series; replicas of one engine share their bucket bounds, and a bound
-    only one of them has keeps its own count (a cumulative count is never made up for the other)."""
-    if total is None:
-        return {"count": histogram.get("count"), "sum": histogram.get("sum"),
-                "buckets": [list(bucket) for bucket in histogram.get("buckets", [])]}
-    counts: dict[Any, float] = {}
-    for le, count in [*total["buckets"], *histogram.get("buckets", [])]:
-        if count is not None:
-            counts[le] = counts.get(le, 0.0) + count
-
-    def added(a: float | None, b: float | None) -> float | None:
-        return b if a is None else a if b is None else a + b
-
-    return {"count": added(total.get("count"), histogram.get("count")),
-            "sum": added(total.get("sum"), histogram.get("sum")),
-            "buckets": [[le, counts[le]] for le in sorted(counts, key=lambda le: float(le))]}

@@ -52,7 +52,7 @@ from serving.engines.kubernetes.manifests import (
 from serving.engines.kubernetes.spec import DeploymentSpec, SpecError
 from serving.engines.kubernetes.status import PodView, pod_view, pods_summary, ready_addresses
 from serving.engines.metrics import merge_replica_metrics
-from serving.engines.probe import engine_client, probe_readiness, scrape_metrics
+from serving.engines.probe import Scrape, engine_client, probe_readiness, scrape_metrics
 from serving.models import EngineWorker
 
 logger = logging.getLogger("serving.engines.kubernetes")
@@ -381,27 +381,23 @@ class KubernetesReconciler:
         self._scraped[worker.pk] = now
         urls = [pod["url"] for pod in pods if pod["routable"]]
         key = worker.api_key
-
-        def scrape(url: str) -> tuple[str, dict[str, Any] | None, str]:
-            with engine_client(url, api_key=key, timeout_s=5.0) as client:
-                result = scrape_metrics(client)
-            return url, result.metrics, result.detail
-
         scrapes = []
-        for url, metrics, detail in self._pool.map(scrape, urls):
-            if metrics is None:
-                logger.info("engine %s: no metrics from %s: %s", worker.pk, url, detail)
+        for url, result in zip(urls, self._pool.map(lambda url: self._scrape(url, key), urls), strict=True):
+            if result.metrics is None:
+                logger.info("engine %s: no metrics from %s: %s", worker.pk, url, result.detail)
             else:
-                scrapes.append(metrics)
+                scrapes.append(result.metrics)
         if scrapes:
             engine_services.engine_metrics_record(
                 worker_id=worker.pk, agent=self.claim, metrics=merge_replica_metrics(scrapes)
             )
 
-    def _in_flight(self, url: str) -> float | None:
-        with engine_client(url, timeout_s=5.0) as client:
-            scrape = scrape_metrics(client)
-        return scrape.in_flight
+    @staticmethod
+    def _scrape(url: str, api_key: str = "") -> Scrape:
+        """A pod's /metrics: the routable pods' figures (`_record_metrics`) and a draining pod's requests in
+        flight (`_drained`; the two never read the same pod in one pass)."""
+        with engine_client(url, api_key=api_key, timeout_s=5.0) as client:
+            return scrape_metrics(client)
 
     def _drained(self, worker_id: int, views: list[PodView]) -> bool:
         """Every pod in `views` is out of routing long enough and has nothing in flight (or its time is up)."""
@@ -422,8 +418,7 @@ class KubernetesReconciler:
                     self.config.drain_timeout_s,
                 )
                 continue
-            in_flight = self._in_flight(view.url)
-            if in_flight:
+            if self._scrape(view.url).in_flight:
                 pending.append(view)
         return not pending
 
