@@ -119,8 +119,13 @@ def _at(stats: RatioStats, n: float) -> RatioStats | None:
     return stats.replicated(n / stats.den)
 
 
-def _smallest(enough: Callable[[int], bool]) -> int | None:
-    return smallest_enough(enough, start=2, limit=MAX_N)
+def _planned(metric: str, enough: Callable[[int], bool], assumed: dict[str, Any], unshown: str) -> dict[str, Any]:
+    """{"metric", "candidate_n" (or "error"), "assumed"}: the smallest n at which `enough(n)` (the check's own
+    test shown safe on data `z` standard errors on the harmful side) holds, up to MAX_N."""
+    n = smallest_enough(enough, start=2, limit=MAX_N)
+    if n is None:
+        return {"metric": metric, "error": f"no sample up to 10^8 shows it{unshown}"}
+    return {"metric": metric, "candidate_n": n, "assumed": assumed}
 
 
 def guardrail_planned_sample(
@@ -163,10 +168,7 @@ def guardrail_planned_sample(
             return False
         return ratio_guardrail_check(base, cand, **options).decision is Decision.SAFE
 
-    n = _smallest(enough)
-    if n is None:
-        return {"metric": guardrail.metric, "error": "no sample up to 10^8 shows it: the margin is too small for the spread"}
-    return {"metric": guardrail.metric, "candidate_n": n, "assumed": assumed}
+    return _planned(guardrail.metric, enough, assumed, ": the margin is too small for the spread")
 
 
 def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tuning_n: float, miss: float) -> dict[str, Any]:
@@ -204,12 +206,11 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
                                            design_effect=deff, project=False)  # fmt: skip
             return found.decision is Decision.SAFE
 
-        n = _smallest(enough_share)
-        if n is None:
-            return {"metric": slo.metric, "error": "no sample up to 10^8 shows it within the limit"}
-        if metric.shape == "percentile":
-            return {"metric": slo.metric, "candidate_n": math.ceil(n * per_session), "sessions": n, "assumed": assumed}
-        return {"metric": slo.metric, "candidate_n": n, "assumed": assumed}
+        found = _planned(slo.metric, enough_share, assumed, " within the limit")
+        if metric.shape == "percentile" and "candidate_n" in found:
+            sessions = found["candidate_n"]
+            found.update(candidate_n=math.ceil(sessions * per_session), sessions=sessions)
+        return found
     if stats is None:
         return {"metric": slo.metric, "error": "no history on the alias to plan a limit on a mean from"}
     log = metric.shape == "gmean"
@@ -229,10 +230,7 @@ def slo_planned_sample(*, slo: Any, history: RatioStats | None, alpha: float, tu
                                   tuning_n=tuning_n)  # fmt: skip
         return found.decision is Decision.SAFE
 
-    n = _smallest(enough_mean)
-    if n is None:
-        return {"metric": slo.metric, "error": "no sample up to 10^8 shows it within the limit"}
-    return {"metric": slo.metric, "candidate_n": n, "assumed": assumed}
+    return _planned(slo.metric, enough_mean, assumed, " within the limit")
 
 
 def _history(plan: Plan, baseline: ModelVersion | None) -> tuple[ArmSums | None, float]:
