@@ -38,6 +38,8 @@ pytestmark = [pytest.mark.engines, pytest.mark.django_db(transaction=True), pyte
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs"
 AGENT = "rollout-engine-tests"
 DECIDE_WITHIN_S = 600
+# Three steps of at least a minute each, each bounded by its planned sample, and a minute's bake.
+PROMOTE_WITHIN_S = 900
 
 def registered(label: str, pool: EnginePool) -> ModelVersion:
     """The version, and a static engine worker marked READY the way the engine agent does it."""
@@ -118,9 +120,12 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
         "bake_s": 60,
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
-    platform.load("adder-good", rate=5)
+    # At 8 requests/s the first step's candidate gets about 1.6 a second. Its planned sample (some 340 candidate
+    # requests on this plan) bounds each step, so the flow takes 4 to 6 minutes on a quiet machine, and up to
+    # about 10 where TPOT is noisy on a busy one (CI's serial part ran past 600 s there at 5 requests/s).
+    platform.load("adder-good", rate=8)
 
-    ended = until_ended(rollout)
+    ended = until_ended(rollout, timeout_s=PROMOTE_WITHIN_S)
     assert ended.state == "promoted", ended.state_reason
     kinds = list(ended.events.order_by("seq").values_list("kind", "actor"))
     assert kinds == [
