@@ -186,31 +186,33 @@ def draw_users(
 
 @dataclass
 class History:
-    """Per user (the users' shape), what it sent before the rollout started, on the baseline: successes and
-    the sum of their log TPOT."""
+    """Per user (the users' shape), what it sent before the rollout started, on the baseline: successes, the
+    sum of their log TPOT and the sum of their TPOT."""
 
     n: np.ndarray
     log: np.ndarray
+    x: np.ndarray
 
 
 def draw_history(rng: np.random.Generator, traffic: Traffic, users: Users) -> History:
     """Each user's requests before the rollout: the part of its visit before the first interval (a user
     whose span starts before 0), and for ``returning_share`` of the users an earlier visit of its usual size,
-    TPOT drawn as on the baseline with the same per-user slowness (the prompt-length term and per-request
-    spread summed in closed form: a sum of n normals is a normal). Drawn from its own ``rng`` so that the
+    each request's TPOT drawn as on the baseline with the same per-user slowness (the prompt-length term and
+    the per-request spread as one normal) and the same heavy tail. Drawn from its own ``rng`` so that the
     rollout's own draws do not depend on it."""
     shape = users.shape
     ongoing = users.total / users.span * np.clip(-users.start, 0.0, users.span)
     earlier = np.where(rng.random(shape) < traffic.returning_share, users.total, 0.0)
     n = rng.poisson(ongoing + earlier).astype(float)
     n = n - rng.binomial(n.astype(np.int64), traffic.error_rate)  # the failures have no TPOT
+    owner = np.repeat(np.arange(n.size), n.astype(np.int64).ravel())
     spread = math.sqrt(traffic.tpot_sigma**2 + (traffic.chars_slope * traffic.chars_sigma) ** 2)
-    log = n * (math.log(traffic.tpot_median_ms) + users.user_log) + spread * np.sqrt(n) * rng.standard_normal(shape)
-    tails = rng.binomial(n.astype(np.int64), traffic.tail_share)
-    owner = np.repeat(np.arange(n.size), tails.ravel())
-    extra = np.log1p(rng.pareto(traffic.tail_alpha, owner.size))
-    log = log + np.bincount(owner, weights=extra, minlength=n.size).reshape(shape)
-    return History(n, log)
+    log = math.log(traffic.tpot_median_ms) + users.user_log.ravel()[owner] + spread * rng.standard_normal(owner.size)
+    tail = rng.random(owner.size) < traffic.tail_share
+    log = log + np.where(tail, np.log1p(rng.pareto(traffic.tail_alpha, owner.size)), 0.0)
+    per_user = {name: np.bincount(owner, weights=values, minlength=n.size).reshape(shape)
+                for name, values in (("log", log), ("x", np.exp(log)))}  # fmt: skip
+    return History(n, per_user["log"], per_user["x"])
 
 
 @dataclass
@@ -292,9 +294,9 @@ def request_details(rng: np.random.Generator, traffic: Traffic, batch: Interval,
 
 
 # Per user, what the sums of a look are made of: successes, their log TPOT, TPOT, errors, prompt characters
-# of successes, thumbs-up, requests; and before the rollout (`History`), successes and their log TPOT.
+# of successes, thumbs-up, requests; and before the rollout (`History`), successes, their log TPOT and TPOT.
 TOTALS = ("n", "log", "x", "err", "chars", "thumbs", "requests")
-PRE_TOTALS = ("pre_n", "pre_log")
+PRE_TOTALS = ("pre_n", "pre_log", "pre_x")
 
 
 def interval_totals(batch: Interval, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -318,7 +320,7 @@ METRIC_TOTALS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "thumbs": ("thumbs", "n", None),
 }
 # The metrics with a pre-rollout covariate, when the totals carry one.
-METRIC_PRE: dict[str, tuple[str, str]] = {"tpot_log": ("pre_log", "pre_n")}
+METRIC_PRE: dict[str, tuple[str, str]] = {"tpot_log": ("pre_log", "pre_n"), "tpot": ("pre_x", "pre_n")}
 
 
 def arm_look(totals: dict[str, np.ndarray], mask: np.ndarray, metrics: tuple[str, ...] = tuple(METRIC_TOTALS)) -> ArmLook:
@@ -350,7 +352,7 @@ def simulate(
     totals = {name: np.zeros(shape) for name in TOTALS}
     if traffic.history:
         history = draw_history(np.random.default_rng([seed, 1]), traffic, users)
-        totals.update(pre_n=history.n, pre_log=history.log)
+        totals.update(pre_n=history.n, pre_log=history.log, pre_x=history.x)
     for look in range(1, looks + 1):
         batch = draw_interval(rng, traffic, effect, users, look, candidate)
         for name, values in interval_totals(batch, shape).items():

@@ -102,6 +102,30 @@ def test_a_clear_tpot_regression_is_caught_with_the_sessions_history_too() -> No
     assert np.median(found["at"]) < 200
 
 
+def test_a_tpot_mean_guardrail_at_its_margin_is_wrong_at_most_alpha_with_and_without_history() -> None:
+    # `tpot_mean_ms`: the arithmetic mean, where the 2 % Pareto tail (infinite variance) weighs in full. The
+    # candidate is exactly 10 % slower on the mean; with the prompt-length covariate alone, and with the
+    # sessions' history (their mean TPOT before the rollout) as a second one.
+    cases = ((TRAFFIC.with_(chars_slope=0.6), 0.1, 21), (TRAFFIC.with_(chars_slope=0.6), 0.5, 22),
+             (TRAFFIC.with_(history=True), 0.1, 25), (TRAFFIC.with_(history=True), 0.5, 26))  # fmt: skip
+    for traffic, weight, seed in cases:
+        looks = list(simulate(traffic, Effect(tpot_factor=1.10), sims=SIMS, looks=LOOKS, weight=weight, seed=seed))
+        found = _run_guardrail(looks, metric="tpot", scale="mean", margin=0.10, relative=True, weight=weight)
+        assert found["breach"].mean() <= ALPHA, (traffic.history, weight)
+        assert found["safe"].mean() <= ALPHA, (traffic.history, weight)
+        if traffic.history:
+            assert np.median(found["reduction"]) > 0.2  # the users' own speed, explained by their history
+
+
+def test_a_clear_regression_on_the_tpot_mean_is_caught_with_and_without_history() -> None:
+    for history, seed in ((False, 23), (True, 27)):
+        traffic = TRAFFIC.with_(users=2000, history=history)
+        looks = list(simulate(traffic, Effect(tpot_factor=1.5), sims=SIMS, looks=LOOKS, weight=0.1, seed=seed))
+        found = _run_guardrail(looks, metric="tpot", scale="mean", margin=0.10, relative=True, weight=0.1)
+        assert found["breach"].mean() >= 0.95, history
+        assert np.median(found["at"]) < 250, history
+
+
 def test_an_error_guardrail_at_its_margin_with_rare_errors_is_wrong_at_most_alpha() -> None:
     # 0.5 % errors on the baseline, 1.5 % on the candidate: exactly the 1 point margin.
     looks = list(simulate(TRAFFIC, Effect(error_add=0.01), sims=SIMS, looks=LOOKS, weight=0.1, seed=14))
