@@ -9,12 +9,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from config.errors import Conflict, DomainError
-from experiments.analysis import arm_summary, arm_sums
 from rollouts.actors import ANALYSIS
-from rollouts.analysis.checks import arm_prices
 from rollouts.analysis.look import LEASE_S, D, Look
 from rollouts.analysis.policy import rollout_look
 from rollouts.models import Rollout, RolloutAnalysis
@@ -99,26 +96,22 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
 
 
 def rollout_evidence(*, rollout_id: int) -> dict[str, Any]:
-    """Per-arm statistics of the current step's window now, and the latest look's checks: what a person's
-    transition records as its evidence."""
-    rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
-    if rollout is None or rollout.started_at is None:
+    """What a person's transition records as its evidence: the latest look, its arms over the window it read
+    and its checks, as the rollout's page showed them. Read, never recomputed: folding the step's records
+    inside a person's request would cost up to a cold look (seconds on a busy rollout) and keep a second
+    rollup window beside the looks' own. Empty before the first look."""
+    latest = RolloutAnalysis.objects.filter(rollout_id=rollout_id).order_by("-created_at", "-id").first()
+    if latest is None:
         return {}
-    now = timezone.now()
-    since = rollout.step_started_at or rollout.started_at
-    sums = arm_sums(rollout_id=rollout.pk, since=since, percentiles=False)
-    prices = arm_prices(rollout)
-    window_s = max((now - since).total_seconds(), 1e-3)
     evidence: dict[str, Any] = {
-        "window_start": since.isoformat(),
-        "arms": {arm: arm_summary(s, window_s=window_s, prices=prices[arm]) for arm, s in sums.items()},
-    }
-    latest = RolloutAnalysis.objects.filter(rollout_id=rollout.pk).order_by("-created_at", "-id").first()
-    if latest is not None:
-        evidence["latest_analysis"] = {
-            "at": latest.created_at.isoformat(), "decision": latest.decision, "reason": latest.reason,
-            "checks": latest.checks, "srm": latest.srm,
-        }  # fmt: skip
+        "arms": latest.arms or {},
+        "latest_analysis": {
+            "at": latest.created_at.isoformat(), "step_index": latest.step_index, "decision": latest.decision,
+            "reason": latest.reason, "checks": latest.checks, "srm": latest.srm,
+        },
+    }  # fmt: skip
+    if latest.window_start is not None:
+        evidence["window_start"] = latest.window_start.isoformat()
     return evidence
 
 

@@ -104,7 +104,9 @@ def test_the_rollups_of_an_ended_rollout_go_with_its_looks_compaction() -> None:
         records(rollout, arm="candidate", n=5, at=since + timedelta(minutes=1), alias=alias)
         arm_sums(rollout_id=rollout.pk, since=since)  # a look: folds the records into the window's rollup
     assert set(RollupWindow.objects.values_list("rollout_id", flat=True)) == {ended.pk, live.pk}
-    rollout_abort(rollout=ended, actor=SYSTEM)  # its evidence is a look too: another window
+    before = RollupWindow.objects.filter(rollout_id=ended.pk).count()
+    rollout_abort(rollout=ended, actor=SYSTEM)  # its evidence is the latest stored look: nothing folded
+    assert RollupWindow.objects.filter(rollout_id=ended.pk).count() == before
     assert retention_apply().rollup_windows_deleted == 0  # ended just now: a look may still be running
     Rollout.objects.filter(pk=ended.pk).update(ended_at=timezone.now() - timedelta(hours=2))
     windows = RollupWindow.objects.filter(rollout_id=ended.pk).count()

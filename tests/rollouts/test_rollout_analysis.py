@@ -178,6 +178,10 @@ def test_an_approval_step_waits_for_a_person(owner: Any, approver: Any, versions
     assert (again.decision, again.reason) == ("hold", "waiting for an approval")
     rollout_approve(rollout=rollout, actor=approver.user)
     assert fresh(rollout).step_index == 1
+    # The approval records the evidence the approver saw: the latest look, read rather than measured again.
+    approved = fresh(rollout).events.get(kind="approved")
+    assert approved.evidence["arms"] == again.arms and again.arms["candidate"]["n"] == 60
+    assert approved.evidence["latest_analysis"]["checks"] == again.checks
 
 
 def test_the_last_step_promotes_the_candidate(owner: Any, versions: None) -> None:
