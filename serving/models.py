@@ -272,6 +272,9 @@ class ShadowPair(models.Model):
     created_at = models.DateTimeField(db_index=True)
     alias = models.CharField(max_length=64)
     rollout_id = models.PositiveBigIntegerField(null=True, blank=True)
+    # The session the gateway hashed for the request's record (keyed, never the user's own id); blank when
+    # the request had none. The shadow checks take sessions as their units, as the live checks do.
+    session_hash = models.CharField(max_length=32, blank=True, default="")
     baseline_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
     candidate_version = models.ForeignKey(ModelVersion, null=True, on_delete=models.SET_NULL, related_name="+")
     prompt_text = models.TextField(blank=True, help_text="Redacted.")

@@ -463,6 +463,7 @@ class Gateway:
                 "created_at": attempts[0].created_at.isoformat(),
                 "alias": route.name,
                 "rollout_id": route.rollout_id,
+                "session_hash": session,
                 "endpoint": ex.endpoint,
                 "body": client_body,
                 "store_prompts": route.store_prompts,

@@ -61,7 +61,8 @@ class ShadowQueue:
 
 def shadow_payload_redact(payload: dict[str, Any]) -> dict[str, Any]:
     """The mirror as the broker may carry it for an alias that does not store prompts: message contents
-    and prompts redacted, no session id, no stored texts."""
+    and prompts redacted, no session id, no stored texts. The session's keyed hash stays: it is what the
+    request's record stores in every case, and the shadow checks group pairs by it."""
     body = dict(payload["body"])
     body.pop("user", None)
     if isinstance(body.get("messages"), list):
@@ -217,6 +218,7 @@ def shadow_pair_mirror(*, payload: dict[str, Any], final_attempt: bool, timeout_
         "created_at": _when(payload.get("created_at")),
         "alias": str(payload.get("alias", ""))[:64],
         "rollout_id": payload.get("rollout_id"),
+        "session_hash": str(payload.get("session_hash") or "")[:32],
         "baseline_version_id": payload.get("baseline_version_id"),
         "candidate_version": candidate,
         "texts_stored": store,

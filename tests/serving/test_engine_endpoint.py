@@ -44,11 +44,12 @@ def test_the_endpoint_of_an_azure_deployment_carries_its_key_in_api_key(deployme
 
 def test_a_shadow_mirror_reaches_an_azure_candidate_with_its_key(deployment: ModelVersion, azure: FakeEngine) -> None:
     payload = {"request_id": "azure-mirror", "candidate_version_id": deployment.pk, "baseline_version_id": None,
-               "endpoint": "chat.completions", "store_prompts": False, "alias": "gpt",
+               "endpoint": "chat.completions", "store_prompts": False, "alias": "gpt", "session_hash": "5e" * 16,
                "body": {"model": "gpt", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 2}}
     assert shadow_pair_mirror(payload=payload, final_attempt=True) is True
     pair = ShadowPair.objects.get(request_id="azure-mirror")
     assert (pair.candidate_outcome, pair.candidate_error) == ("ok", "")
+    assert pair.session_hash == "5e" * 16  # the unit the shadow checks group the pair in
     assert pair.candidate_completion_tokens == 3
     assert azure.seen.keys == ["az-key"] and azure.seen.paths == ["/openai/v1/chat/completions"]
 
