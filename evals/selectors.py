@@ -14,7 +14,8 @@ from config.errors import DomainError, NotFound
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
 from evals.paired import PairedItem, compare_paired
 from evals.scorers import FLIP_SUFFIX, SCORERS
-from experiments.stats.bounded import bounded_mean_bounds
+from experiments.stats import RatioStats
+from experiments.stats.bounded import session_mean_bounds
 from serving.selectors import shadow_pairs
 
 # --- suites ---------------------------------------------------------------------------------------
@@ -263,9 +264,12 @@ def eval_gate_get(*, rollout_id: int) -> EvalGate | None:
 class ShadowQuality:
     """The mean score of the candidate's shadow answers, scored against the baseline's answers to the same
     requests, with always-valid one-sided bounds at `alpha` (the analysis looks at it every interval, so a
-    fixed-n interval would not do; see experiments.stats.bounded). `reference` is what the baseline scores
-    against itself on this scorer: 1 for a reference-based scorer (1 = the same answer), 0.5 for a pairwise
-    judge (a tie), so a margin reads "at most max_drop below the baseline". `sd` is the scores' spread (for
+    fixed-n interval would not do). The unit is the session, as for the live checks: a sticky user's pairs
+    share their prompts, so the mean is sum of scores over sum of counts across sessions with the
+    delta-method variance (experiments.stats.bounded.session_mean_bounds); a pair with no session is its own
+    unit. `units` counts them. `reference` is what the baseline scores against itself on this scorer: 1 for
+    a reference-based scorer (1 = the same answer), 0.5 for a pairwise judge (a tie), so a margin reads "at
+    most max_drop below the baseline". `sd` is the spread per pair the bounds used, clustering included (for
     how many more pairs a decision needs). `judge_flip_rate`: for a pairwise judge, the share of pairs whose
     verdict changed when the two answers swapped places (None otherwise, or before any judged pair)."""
 
@@ -277,8 +281,9 @@ class ShadowQuality:
     alpha: float = 0.05
     reference: float = 1.0
     sd: float | None = None
-    method: str = "empirical-bernstein-cs"
+    method: str = "session-delta-method-cs"
     judge_flip_rate: float | None = None
+    units: int | None = None
 
 
 def shadow_scoring_get(*, rollout_id: int) -> ShadowScoring | None:
@@ -293,8 +298,8 @@ def _scorer_reference(spec: dict[str, Any]) -> float:
 def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float = 0.05) -> ShadowQuality | None:
     """None when the rollout has no shadow scoring; n = 0 (and no mean) until a pair is scored.
 
-    `scorer` is a label of the configured scorers (default: the first). Scores are read in the order the
-    pairs were served, as the confidence sequence needs."""
+    `scorer` is a label of the configured scorers (default: the first). Each pair's score joins its
+    session's sum and count (the pair's own when it has no session)."""
     config = shadow_scoring_get(rollout_id=rollout_id)
     if config is None or not config.scorers:
         return None
@@ -303,25 +308,27 @@ def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float =
     if label not in specs:
         raise DomainError(f"the rollout's shadow pairs are not scored with {label!r}", field="scorer")
     reference = _scorer_reference(specs[label])
-    values = []
+    sums: dict[str, list[float]] = {}
     flips = judged = 0
-    pairs = shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).order_by("created_at", "id")
-    for scores in pairs.values_list("scores", flat=True):
+    pairs = shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).order_by()
+    for session, request_id, scores in pairs.values_list("session_hash", "request_id", "scores"):
         value = (scores or {}).get(label)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            values.append(min(1.0, max(0.0, float(value))))
+            unit = sums.setdefault(session or f"r:{request_id}", [0.0, 0.0])
+            unit[0] += min(1.0, max(0.0, float(value)))
+            unit[1] += 1.0
             flipped = (scores or {}).get(f"{label}{FLIP_SUFFIX}")
             if isinstance(flipped, bool):
                 judged += 1
                 flips += flipped
     flip_rate = flips / judged if judged else None
-    if not values:
+    if not sums:
         return ShadowQuality(n=0, mean=None, ci_low=None, ci_high=None, scorer=label, alpha=alpha, reference=reference)
-    bounds = bounded_mean_bounds(values, alpha=alpha)
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    totals = np.array(list(sums.values()), dtype=float)
+    bounds = session_mean_bounds(RatioStats.from_units(totals[:, 0], totals[:, 1]), alpha=alpha)
     return ShadowQuality(
         n=bounds.n, mean=bounds.mean, ci_low=bounds.lower, ci_high=bounds.upper, scorer=label, alpha=alpha,
-        reference=reference, sd=sd, judge_flip_rate=flip_rate,
+        reference=reference, sd=bounds.sd, judge_flip_rate=flip_rate, units=bounds.units,
     )  # fmt: skip
 
 

@@ -1,6 +1,12 @@
 """Shadow latency, pair by pair: the mirror task asks the candidate and the baseline the same request at
 the same moment through the same code (serving.gateway.shadow), so each shadow pair is a matched
-comparison. One aggregate query gives, per latency field, the sums any paired test of the two needs."""
+comparison. The pairs of one session are not independent of each other, though: a user is sticky, sends
+many requests (their count heavy-tailed) and brings their own prompts, so their pairs share an effect. The
+session is the unit (DESIGN.md, "Real traffic and production"); a pair with no session is its own unit.
+
+One aggregate query gives one row per unit and latency field: the unit's count of pairs and its sums of
+b, c and ln(c / b). Summed over the units, with the products of those totals, they give any paired statistic
+as a ratio over sessions (``experiments.stats.RatioStats``: the delta-method variance)."""
 
 from __future__ import annotations
 
@@ -9,10 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, F, FloatField, Q, Sum
-from django.db.models.functions import Ln
+import numpy as np
+from django.db.models import Case, CharField, Count, F, FloatField, Q, Sum, Value, When
+from django.db.models.functions import Concat, Ln
 
-from experiments.stats import ArmStats
+from experiments.stats import RatioStats
 from serving.selectors import shadow_pairs
 
 # The two sides of a shadow pair, each timed by the mirror task (baseline, candidate).
@@ -21,15 +28,19 @@ PAIRED_FIELDS = {
     "tpot_ms": ("baseline_replay_tpot_ms", "candidate_tpot_ms"),
     "e2e_ms": ("baseline_replay_e2e_ms", "candidate_e2e_ms"),
 }
-SUMS = ("b", "b2", "c", "c2", "bc", "lr", "lr2")
+SUMS = ("b", "b2", "c", "c2", "bc", "lr", "lr2", "n2", "nb", "nc", "nlr")
 
 
 @dataclass(frozen=True)
 class PairedSums:
-    """n pairs (b_i, c_i) of one latency field: sums of b, b^2, c, c^2, b c, and of the log ratio
-    ln(c / b) and its square. Every paired statistic below is a linear function of one pair."""
+    """n pairs (b_j, c_j) of one latency field in `units` units (sessions, or pairs without one). With
+    n_u, b_u, c_u, lr_u a unit's count of pairs and its sums of b, c and ln(c / b): b, c, lr are the sums
+    of those over the units, and b2, c2, bc, lr2, n2, nb, nc, nlr the sums over the units of the products
+    b_u^2, c_u^2, b_u c_u, lr_u^2, n_u^2, n_u b_u, n_u c_u, n_u lr_u. Every paired statistic below is a
+    linear function of one pair, so a unit's total of it is the same function of the unit's totals."""
 
     n: int
+    units: int
     b: float = 0.0
     b2: float = 0.0
     c: float = 0.0
@@ -37,21 +48,48 @@ class PairedSums:
     bc: float = 0.0
     lr: float = 0.0
     lr2: float = 0.0
+    n2: float = 0.0
+    nb: float = 0.0
+    nc: float = 0.0
+    nlr: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {self.n!r}")
+        for name in ("n", "units"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.units > self.n or (self.n and not self.units):
+            raise ValueError(f"{self.n} pairs cannot be in {self.units} units")
         for name in SUMS:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite")
 
-    def log_ratio(self) -> ArmStats:
-        """Per pair ln(c / b): its mean is the log of the ratio of geometric means."""
-        return ArmStats(self.n, self.lr, self.lr2)
+    @classmethod
+    def from_units(
+        cls, counts: np.ndarray, b: np.ndarray, c: np.ndarray, lr: np.ndarray
+    ) -> PairedSums:
+        """From per-unit totals: each unit's count of pairs and its sums of b, c and ln(c / b)."""
+        n, b, c, lr = (np.asarray(v, dtype=float) for v in (counts, b, c, lr))
+        keep = n > 0
+        n, b, c, lr = n[keep], b[keep], c[keep], lr[keep]
+        return cls(
+            int(n.sum()), int(n.size), b=float(b.sum()), b2=float(b @ b), c=float(c.sum()), c2=float(c @ c),
+            bc=float(b @ c), lr=float(lr.sum()), lr2=float(lr @ lr), n2=float(n @ n), nb=float(n @ b),
+            nc=float(n @ c), nlr=float(n @ lr),
+        )  # fmt: skip
 
-    def scaled_difference(self, k: float) -> ArmStats:
-        """Per pair c - k b: k = 1 is the difference in ms; k = 1 + m tests "mean c <= (1 + m) mean b"."""
-        return ArmStats(self.n, self.c - k * self.b, self.c2 - 2.0 * k * self.bc + k * k * self.b2)
+    def log_ratio(self) -> RatioStats:
+        """Per pair ln(c / b) over the units: its ratio is the log of the ratio of geometric means."""
+        return RatioStats(self.units, num=self.lr, den=float(self.n), num_sq=self.lr2, den_sq=self.n2,
+                          num_den=self.nlr)  # fmt: skip
+
+    def scaled_difference(self, k: float) -> RatioStats:
+        """Per pair c - k b over the units: k = 1 is the difference in ms; k = 1 + m tests "mean c <= (1 + m)
+        mean b"."""
+        return RatioStats(
+            self.units, num=self.c - k * self.b, den=float(self.n), num_sq=self.c2 - 2.0 * k * self.bc + k * k * self.b2,
+            den_sq=self.n2, num_den=self.nc - k * self.nb,
+        )  # fmt: skip
 
     @property
     def baseline_mean(self) -> float:
@@ -70,11 +108,17 @@ class PairedLatency:
     fields: dict[str, PairedSums]
 
 
+def _unit() -> Case:
+    """The pair's unit: its session, or the pair itself when the gateway had no session to hash."""
+    own = Concat(Value("r:"), F("request_id"), output_field=CharField())
+    return Case(When(session_hash="", then=own), default=F("session_hash"), output_field=CharField())
+
+
 def shadow_paired_latency(
     *, rollout_id: int, since: datetime | None = None, until: datetime | None = None
 ) -> PairedLatency:
-    """One aggregate query over the rollout's shadow pairs in [since, until). Pairs from before the baseline
-    was replayed have no baseline side and never enter."""
+    """One aggregate query over the rollout's shadow pairs in [since, until), grouped by unit. Pairs from
+    before the baseline was replayed have no baseline side and never enter."""
     pairs = shadow_pairs(rollout_id=rollout_id).order_by()
     if since is not None:
         pairs = pairs.filter(created_at__gte=since)
@@ -85,22 +129,14 @@ def shadow_paired_latency(
     for logical, (base, cand) in PAIRED_FIELDS.items():
         present = both_ok & Q(**{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
         b, c = F(base), F(cand)
-        log_ratio = Ln(c) - Ln(b)
-        terms = {
-            "b": b,
-            "b2": b * b,
-            "c": c,
-            "c2": c * c,
-            "bc": b * c,
-            "lr": log_ratio,
-            "lr2": log_ratio * log_ratio,
-        }
         aggregates[f"{logical}__n"] = Count("pk", filter=present)
-        for name, term in terms.items():
+        for name, term in (("b", b), ("c", c), ("lr", Ln(c) - Ln(b))):
             aggregates[f"{logical}__{name}"] = Sum(term, filter=present, output_field=FloatField())
-    row = pairs.aggregate(**aggregates)
+    rows = list(pairs.annotate(unit=_unit()).values("unit").annotate(**aggregates).values_list(*aggregates))
+    table = np.array(rows, dtype=float).reshape(len(rows), len(aggregates))
+    table = np.nan_to_num(table)  # a unit with no pair of a field sums to NULL there
     fields = {}
-    for logical in PAIRED_FIELDS:
-        n = int(row[f"{logical}__n"] or 0)
-        fields[logical] = PairedSums(n, **{name: float(row[f"{logical}__{name}"] or 0.0) for name in SUMS})
+    for i, logical in enumerate(PAIRED_FIELDS):
+        n, b, c, lr = (table[:, 4 * i + j] for j in range(4))
+        fields[logical] = PairedSums.from_units(n, b, c, lr)
     return PairedLatency(fields=fields)

@@ -17,8 +17,7 @@ What it does not, and why:
 
 - ``compare``, ``guardrail_check``, ``mean_slo_check``, ``tail_slo_check``,
   ``srm_check``: per-request versions, valid when requests are independent;
-  the rollout's units are sessions. Kept as the per-observation facade (and
-  ``mean_slo_check`` for shadow pairs, which are independent requests).
+  the rollout's units are sessions. Kept as the per-observation facade.
 - ``Monitor`` (running intersection of intervals): valid only if the effect
   is the same over time; load changes across steps make it drift, and the
   intersection would then lock in an early interval. Each look's confidence

@@ -74,7 +74,7 @@ from experiments.stats import (
     srm_sequential,
     step_tuning_n,
 )
-from experiments.stats.bounded import bounded_mean_n_needed
+from experiments.stats.bounded import session_mean_n_needed
 from experiments.stats.estimators import arm_difference
 from experiments.stats.quantiles import (
     BinnedSample,
@@ -504,9 +504,11 @@ def _quality_check(plan: Plan, rollout_id: int, alpha: float) -> dict[str, Any]:
     """Shadow quality at this check's share `alpha` of the rollout's alpha: the candidate's mean score
     against the baseline's answers, with always-valid one-sided bounds (each at alpha), against a floor:
     `min_mean`, or the baseline's own score on the scorer (1, or 0.5 for a pairwise judge) less `max_drop`.
-    Breach when the upper bound is under the floor, safe when the lower bound is at or over it. The bounds
-    never have zero width, so there is no minimum count: a handful of pairs is simply undecided, with an
-    estimate of how many more a decision needs."""
+    Breach when the upper bound is under the floor, safe when the lower bound is at or over it. The sessions
+    are the units (a sticky user's pairs are not independent; evals.selectors.shadow_quality). The bounds
+    never have zero width: under 30 units they are all of [0, 1], and past that the sessions' variance is
+    shrunk towards the largest a score can have, so a handful of pairs is simply undecided, with an estimate
+    of how many more a decision needs."""
     config = plan.shadow_quality
     assert config is not None
     out: dict[str, Any] = {"type": "quality", "name": config.label, "alpha": alpha, "margin": config.max_drop}
@@ -531,8 +533,8 @@ def _quality_check(plan: Plan, rollout_id: int, alpha: float) -> dict[str, Any]:
     if decision is Decision.UNDECIDED:
         # The side to clear is the one nearer the floor; the sequence must narrow to the gap between the
         # mean and the floor.
-        total = bounded_mean_n_needed(mean=quality.mean, sd=quality.sd or 0.0, gap=abs(quality.mean - floor),
-                                      alpha=alpha)  # fmt: skip
+        total = session_mean_n_needed(n=quality.n, units=quality.units or quality.n, sd=quality.sd or 0.0,
+                                      gap=abs(quality.mean - floor), alpha=alpha)  # fmt: skip
         out["pairs_needed"] = None if total is None else max(0, total - quality.n)
         out["reason"] = (
             f"{quality.n} scored pairs cannot tell yet"

@@ -1,5 +1,6 @@
-"""Shadow latency compared request by request: the paired sums in SQL, and the guardrail at its margin on
-simulated shadow traffic (heavy-tailed prompts and stalls, a machine whose load drifts)."""
+"""Shadow latency compared request by request: the paired sums per session in SQL, and the guardrail at its
+margin on simulated shadow traffic (heavy-tailed prompts and stalls, a machine whose load drifts) of pairs
+without a session, each its own unit (sticky users: test_shadow_sessions)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from django.utils import timezone
 
 from experiments.analysis import PairedLatency, PairedSums, shadow_paired_latency
 from experiments.metrics import METRICS
+from experiments.stats import RatioStats
 from rollouts.analysis.shadow import shadow_latency_guardrail
 
 
@@ -23,6 +25,7 @@ def test_paired_sums_match_the_pairs_where_both_sides_answered() -> None:
 
     rng = np.random.default_rng(4)
     rows, kept = [], []
+    sessions = [f"{s:032x}" for s in range(8)]
     for i in range(60):
         base, cand = float(rng.lognormal(3, 0.5)), float(rng.lognormal(3.1, 0.5))
         base_outcome = "ok" if i % 10 else "engine_error"
@@ -31,23 +34,32 @@ def test_paired_sums_match_the_pairs_where_both_sides_answered() -> None:
             base_outcome = ""  # a pair from before the baseline was replayed
         rows.append(ShadowPair(
             request_id=os.urandom(8).hex(), created_at=timezone.now(), alias="adder", rollout_id=3,
+            session_hash=sessions[i % 8] if i % 3 else "",
             candidate_outcome=cand_outcome, candidate_ttft_ms=cand, candidate_tpot_ms=cand / 10, candidate_e2e_ms=cand * 2,
             baseline_replay_outcome=base_outcome, baseline_replay_ttft_ms=base, baseline_replay_tpot_ms=base / 10,
             baseline_replay_e2e_ms=base * 2, baseline_ttft_ms=1.0, baseline_e2e_ms=1.0,
         ))  # fmt: skip
         if base_outcome == "ok" and cand_outcome == "ok":
-            kept.append((base, cand))
+            # The unit: the session, or the pair itself without one.
+            kept.append((sessions[i % 8] if i % 3 else f"own{i}", base, cand))
     ShadowPair.objects.bulk_create(rows)
     paired = shadow_paired_latency(rollout_id=3)
-    base_v, cand_v = np.array(kept).T
+    units = sorted({unit for unit, _, _ in kept})
+    index = np.array([units.index(unit) for unit, _, _ in kept])
+    base_v, cand_v = np.array([(b, c) for _, b, c in kept]).T
     log_ratio = np.log(cand_v) - np.log(base_v)
+    per_unit = np.bincount(index, weights=log_ratio)
+    counts = np.bincount(index).astype(float)
+    expected = RatioStats.from_units(per_unit, counts)
     stats = paired.fields["ttft_ms"].log_ratio()
-    assert stats.n == len(kept) > 30
-    assert stats.sum == pytest.approx(log_ratio.sum(), rel=1e-9)
-    assert stats.sum_squares == pytest.approx((log_ratio**2).sum(), rel=1e-9)
+    assert stats.den == len(kept) > 30 and stats.units == len(units) == 8 + sum(u.startswith("own") for u in units)
+    for name in ("num", "num_sq", "den_sq", "num_den"):
+        assert getattr(stats, name) == pytest.approx(getattr(expected, name), rel=1e-9), name
     scaled = paired.fields["e2e_ms"].scaled_difference(1.1)
-    assert scaled.sum == pytest.approx(2 * (cand_v - 1.1 * base_v).sum(), rel=1e-9)
-    assert scaled.sum_squares == pytest.approx(4 * ((cand_v - 1.1 * base_v) ** 2).sum(), rel=1e-9)
+    differences = np.bincount(index, weights=2 * (cand_v - 1.1 * base_v))
+    assert scaled.num == pytest.approx(differences.sum(), rel=1e-9)
+    assert scaled.num_sq == pytest.approx((differences**2).sum(), rel=1e-9)
+    assert scaled.num_den == pytest.approx(differences @ counts, rel=1e-9)
     assert shadow_paired_latency(rollout_id=4).fields["tpot_ms"].n == 0
 
 
@@ -81,7 +93,9 @@ def _first_decisions(log_ratios: np.ndarray, *, every: int, alpha: float) -> lis
     for rep in range(log_ratios.shape[0]):
         decided = ("undecided", n)
         for looked in range(every, n + 1, every):
-            sums_here = PairedSums(looked, lr=float(sums[rep, looked - 1]), lr2=float(squares[rep, looked - 1]))
+            # Independent pairs, each its own unit: a unit's n_u^2 = n_u = 1 and n_u lr_u = lr_u.
+            lr = float(sums[rep, looked - 1])
+            sums_here = PairedSums(looked, looked, lr=lr, lr2=float(squares[rep, looked - 1]), n2=looked, nlr=lr)
             paired = PairedLatency(fields={"tpot_ms": sums_here})
             check: dict[str, Any] = shadow_latency_guardrail(
                 guardrail, metric, paired, alpha=alpha, tuning_n=500
