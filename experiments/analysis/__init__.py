@@ -259,8 +259,9 @@ def shadow_candidate_sums(
     thresholds: Mapping[str, Sequence[float]] | None = None,
     percentiles: bool = True,
 ) -> ArmSums:
-    """The candidate's statistics from its shadow replies (weight-0 steps): no user saw these answers, and
-    each reply is its own unit (mirrors are sampled request by request)."""
+    """The candidate's statistics from its shadow replies (weight-0 steps): no user saw these answers. The
+    units are sessions, as for the live arms: the pair keeps its request's session hash, and a sticky user's
+    replies share their prompts; a pair without a session is its own unit."""
     limits = _thresholds(thresholds)
     pairs = _window(shadow_pairs(rollout_id=rollout_id), since, until)
     moments, specs = window_moments(pairs, source=SHADOW, thresholds=limits)

@@ -65,7 +65,7 @@ RECORDS = SessionSource(
 SHADOW = SessionSource(
     outcome="candidate_outcome",
     latency={"ttft_ms": "candidate_ttft_ms", "tpot_ms": "candidate_tpot_ms", "e2e_ms": "candidate_e2e_ms"},
-    completion_tokens="candidate_completion_tokens", arm=None,
+    completion_tokens="candidate_completion_tokens", session="session_hash", arm=None,
 )  # fmt: skip
 
 

@@ -63,6 +63,32 @@ def test_paired_sums_match_the_pairs_where_both_sides_answered() -> None:
     assert shadow_paired_latency(rollout_id=4).fields["tpot_ms"].n == 0
 
 
+@pytest.mark.django_db
+def test_the_candidates_shadow_sums_are_over_sessions() -> None:
+    """The candidate's SLO sums in a shadow step, by hand: session a has TPOTs 10 and 30 and a failed reply,
+    session b 50, and two pairs without a session (20 and 40) are one unit each."""
+    from experiments.analysis import shadow_candidate_sums
+    from serving.models import ShadowPair
+
+    def pair(session: str, tpot: float | None) -> ShadowPair:
+        return ShadowPair(
+            request_id=os.urandom(8).hex(), created_at=timezone.now(), alias="adder", rollout_id=5, session_hash=session,
+            candidate_outcome="ok" if tpot else "engine_error", candidate_tpot_ms=tpot, baseline_ttft_ms=1.0,
+            baseline_e2e_ms=1.0,
+        )  # fmt: skip
+
+    ShadowPair.objects.bulk_create([pair("a", 10.0), pair("a", 30.0), pair("a", None), pair("b", 50.0),
+                                    pair("", 20.0), pair("", 40.0)])  # fmt: skip
+    sums = shadow_candidate_sums(rollout_id=5, percentiles=False)
+    tpot = sums.ratio_for("tpot_mean_ms")
+    assert tpot is not None and sums.sessions == 4
+    # Units a, b, and the two own units: sums (40, 50, 20, 40) over counts (2, 1, 1, 1).
+    assert (tpot.units, tpot.num, tpot.den) == (4, 150.0, 5.0)
+    assert (tpot.num_sq, tpot.den_sq, tpot.num_den) == (40**2 + 50**2 + 20**2 + 40**2, 4 + 1 + 1 + 1, 80 + 50 + 20 + 40)
+    errors = sums.ratio_for("error_rate")
+    assert errors is not None and (errors.num, errors.den, errors.num_sq, errors.den_sq, errors.num_den) == (1, 6, 1, 12, 3)
+
+
 def _shadow_traffic(rng: np.random.Generator, reps: int, n: int, ratio: float) -> np.ndarray:
     """Per-pair log ratios ln(candidate / baseline) of `reps` rollouts of `n` mirrored requests.
 
