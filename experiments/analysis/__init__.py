@@ -37,7 +37,12 @@ from experiments.analysis.sessions import (
     session_rows,
     unit_expression,
 )
-from experiments.analysis.tails import first_request_bins, first_request_over, shadow_pair_bins
+from experiments.analysis.tails import (
+    first_request_bins,
+    first_request_over,
+    shadow_pair_bins,
+    shadow_pair_over,
+)
 from experiments.models import OutcomeEvent
 from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
@@ -72,6 +77,7 @@ __all__ = [
     "records_rollup",
     "shadow_candidate_sums",
     "shadow_pair_bins",
+    "shadow_pair_over",
     "shadow_paired_latency",
     "window_moments",
 ]

@@ -10,8 +10,11 @@ without a session is its own unit (`sessions.unit_expression`). A session that t
 other arm between steps has a first request in each arm; the two arms' sequences need not be independent
 of each other (the guardrail is a union bound over them), only each arm's observations among themselves.
 
-Shadow steps: each shadow pair is its own unit (mirrors are sampled request by request, as the rest of the
-shadow analysis treats them), and its two sides, both timed by the mirror task, are the arms.
+Shadow steps: the same, over shadow pairs. A pair keeps its request's session hash, so each session
+contributes its first pair (by `created_at`, then id) among those that measured the field, and a pair
+without a session is its own unit (`sessions.SHADOW`). For a guardrail the pair must have both sides, both
+timed by the mirror task, and its two sides are the arms; for a tail SLO the candidate's side alone
+(`shadow_pair_over`). Read pair by pair, one heavy user's slow pairs would be most of the sample.
 
 Folded look by look (experiments.rollups): each window's unit row keeps, per latency field, the session's
 first request (its time and id, latency and sketch bucket), replaced only by an earlier one (a batch
@@ -32,11 +35,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import connection
-from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When, Window
+from django.db.models import Case, CharField, F, IntegerField, Q, QuerySet, Value, When, Window
 from django.db.models.functions import RowNumber
 
 from experiments.analysis.paired import PAIRED_FIELDS
-from experiments.analysis.sessions import RECORDS, unit_expression
+from experiments.analysis.sessions import RECORDS, SHADOW, unit_expression
 from experiments.models import RollupUnit
 from serving.selectors import request_records, shadow_pairs
 
@@ -187,25 +190,64 @@ def first_request_bins_scratch(
 def shadow_pair_bins(
     *, rollout_id: int, since: datetime | None, fields: Iterable[str], relative_accuracy: float | None = None
 ) -> dict[str, dict[str, Bins]]:
-    """{"baseline" | "candidate": {field: {bucket: pairs}}}: both sides of the shadow pairs since `since`
-    where both answered ok with the latency, each pair its own unit."""
-    from django.db.models import Count
-
+    """{"baseline" | "candidate": {field: {bucket: sessions}}}: both sides of each session's first shadow pair
+    since `since` among those where both sides answered ok with the latency."""
     from experiments.rollups import RELATIVE_ACCURACY, sketch_key
 
     accuracy = RELATIVE_ACCURACY if relative_accuracy is None else relative_accuracy
-    pairs = shadow_pairs(rollout_id=rollout_id).order_by()
-    if since is not None:
-        pairs = pairs.filter(created_at__gte=since)
+    pairs = _since(shadow_pairs(rollout_id=rollout_id).order_by(), since)
+    first = Window(RowNumber(), partition_by=[unit_expression(SHADOW)], order_by=[F("created_at").asc(), F("pk").asc()])
     out: dict[str, dict[str, Bins]] = {}
     for name in fields:
         base, cand = PAIRED_FIELDS[name]
         both = pairs.filter(candidate_outcome="ok", baseline_replay_outcome="ok", **{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
         for arm, column in (("baseline", base), ("candidate", cand)):
-            rows = both.annotate(bucket=sketch_key(column, accuracy)).values("bucket").annotate(n=Count("pk"))
-            for row in rows:
-                out.setdefault(arm, {}).setdefault(name, {})[int(row["bucket"])] = int(row["n"])
+            inner = both.annotate(side=Value(arm, output_field=CharField()), first=first,
+                                  bucket=sketch_key(column, accuracy)).values("side", "first", "bucket")  # fmt: skip
+            for _, bucket, count in _grouped(inner, f"t.{connection.ops.quote_name('first')} = 1", "side"):
+                out.setdefault(arm, {}).setdefault(name, {})[int(bucket)] = int(count)
     return out
+
+
+def shadow_pair_over(
+    *, rollout_id: int, since: datetime | None, thresholds: Mapping[str, Sequence[float]]
+) -> dict[tuple[str, float], tuple[int, int]]:
+    """{(field, threshold): (sessions whose first shadow reply was over it, sessions)}: a shadow step's tail SLO
+    sample, as `first_request_over` for live steps, over the candidate's replies since `since` that answered
+    ok with the latency."""
+    pairs = _since(shadow_pairs(rollout_id=rollout_id).order_by(), since)
+    out: dict[tuple[str, float], tuple[int, int]] = {}
+    for name, limits in thresholds.items():
+        column = SHADOW.latency.get(name)
+        if column is None or not limits:
+            continue
+        present = Q(**{SHADOW.outcome: "ok", f"{column}__isnull": False})
+        out.update(_first_over(pairs.filter(present), unit=unit_expression(SHADOW), name=name, column=column,
+                               limits=limits))  # fmt: skip
+    return out
+
+
+def _since(rows: QuerySet[Any], since: datetime | None) -> QuerySet[Any]:
+    return rows if since is None else rows.filter(created_at__gte=since)
+
+
+def _first_over(
+    rows: QuerySet[Any], *, unit: Any, name: str, column: str, limits: Sequence[float]
+) -> dict[tuple[str, float], tuple[int, int]]:
+    """Among `rows` (those that measured `column`), each unit's first (by `created_at`, then id): how many
+    were over each of `limits`, and how many units there are."""
+    quote = connection.ops.quote_name
+    first = Window(RowNumber(), partition_by=[unit], order_by=[F("created_at").asc(), F("pk").asc()])
+    overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
+             for i, limit in enumerate(limits)}  # fmt: skip
+    inner = rows.annotate(first=first, **overs).values("first", *overs)
+    sql, params = inner.query.sql_with_params()
+    sums = ", ".join(f"SUM(t.{quote(key)})" for key in overs)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*), {sums} FROM ({sql}) t WHERE t.{quote('first')} = 1", params)
+        row = cursor.fetchone()
+    n = int(row[0] or 0)
+    return {(name, float(limit)): (int(row[1 + i] or 0), n) for i, limit in enumerate(limits)}
 
 
 def first_request_over(
@@ -248,7 +290,6 @@ def first_request_over_scratch(
     out: dict[tuple[str, float], tuple[int, int]] = {}
     if not windows:
         return out
-    quote = connection.ops.quote_name
     records = request_records(rollout_id=rollout_id).filter(_in_windows(windows), arm=arm).order_by()
     unit = unit_expression(RECORDS)
     for name, limits in thresholds.items():
@@ -258,16 +299,5 @@ def first_request_over_scratch(
         present = Q(**{RECORDS.outcome: "ok", f"{column}__isnull": False})
         if RECORDS.failover:
             present &= Q(**{RECORDS.failover: False})
-        first = Window(RowNumber(), partition_by=[unit], order_by=[F("created_at").asc(), F("pk").asc()])
-        overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
-                 for i, limit in enumerate(limits)}  # fmt: skip
-        inner = records.filter(present).annotate(first=first, **overs).values("first", *overs)
-        sql, params = inner.query.sql_with_params()
-        sums = ", ".join(f"SUM(t.{quote(key)})" for key in overs)
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT COUNT(*), {sums} FROM ({sql}) t WHERE t.{quote('first')} = 1", params)
-            row = cursor.fetchone()
-        n = int(row[0] or 0)
-        for i, limit in enumerate(limits):
-            out[(name, float(limit))] = (int(row[1 + i] or 0), n)
+        out.update(_first_over(records.filter(present), unit=unit, name=name, column=column, limits=limits))
     return out

@@ -48,6 +48,7 @@ from experiments.analysis import (
     first_request_over,
     shadow_candidate_sums,
     shadow_pair_bins,
+    shadow_pair_over,
     shadow_paired_latency,
 )
 from experiments.analysis.tails import Rollups
@@ -312,16 +313,17 @@ def _more(growth: float | None, requests: float) -> int | None:
 
 
 def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: float, tuning_n: float,
-               steps: list[int], firsts: dict[tuple[str, float], tuple[int, int]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """`firsts`: the tail SLOs' sample, one request per session (`experiments.analysis.first_request_over`);
-    None in a shadow step, whose pairs are each their own unit already."""
+               steps: list[int], firsts: dict[tuple[str, float], tuple[int, int]] | None = None,
+               shadow: bool = False) -> dict[str, Any]:  # fmt: skip
+    """`firsts`: the tail SLOs' sample, one request per session (`experiments.analysis.first_request_over`,
+    or in a shadow step one shadow pair per session, `shadow_pair_over`)."""
     metric = METRICS[slo.metric]
     out: dict[str, Any] = {
         "type": "slo", "name": slo.label, "metric": slo.metric, "limit": slo.threshold, "alpha": num(alpha),
         "steps": steps, "more_unit": MORE_UNIT, "min_n": _slo_min_n(slo, alpha, tuning_n),
     }  # fmt: skip
     if metric.shape == "percentile" and firsts is not None:
-        return {**out, **_tail_slo(slo, metric, firsts, alpha, tuning_n)}
+        return {**out, **_tail_slo(slo, metric, firsts, alpha, tuning_n, shadow=shadow)}
     stats = cand.ratio_for(metric, threshold=slo.threshold, prices=prices)
     if stats is None or stats.den <= 0:
         return {**out, "decision": Decision.UNDECIDED.value, "n": 0, "more_n": out["min_n"], "reason": "no requests yet"}
@@ -353,14 +355,15 @@ def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: floa
 
 
 def _tail_slo(slo: Any, metric: Metric, firsts: dict[tuple[str, float], tuple[int, int]], alpha: float,
-              tuning_n: float) -> dict[str, Any]:  # fmt: skip
+              tuning_n: float, shadow: bool = False) -> dict[str, Any]:  # fmt: skip
     """A tail SLO ("ttft_p99_ms <= 800": at most 1 % over 800 ms) on the candidate's sessions' first requests:
     independent 0/1 observations, so the beta-binomial sequence is exact with no design effect. (On every
     request, deflated by an estimated design effect, a share sitting at its limit with sticky users was
     called met 2.9 % of the time at alpha 0.0125 over 40 looks; on first requests 0.1 %.)"""
     share_limit = 1.0 - float(metric.quantile or 0.99)
     over, n = firsts.get((metric.source, float(slo.threshold)), (0, 0))
-    out: dict[str, Any] = {"more_unit": "candidate sessions", "unit": "first request of each session",
+    out: dict[str, Any] = {"more_unit": SHADOW_MORE_UNIT if shadow else "candidate sessions",
+                           "unit": SHADOW_UNIT if shadow else "first request of each session",
                            "share_limit": num(share_limit)}  # fmt: skip
     if n <= 0:
         return {**out, "decision": Decision.UNDECIDED.value, "n": 0, "sessions": 0, "more_n": None,
@@ -426,6 +429,9 @@ def _guardrail_check(
 
 
 TAIL_TEST = "quantile confidence sequences (Howard and Ramdas 2022), one request per session, each arm at alpha/2"
+# A shadow step's tail checks read each session's first shadow pair (experiments.analysis.tails).
+SHADOW_UNIT = "first shadow pair of each session"
+SHADOW_MORE_UNIT = "shadow sessions"
 
 
 def _tail_guardrail_check(
@@ -441,8 +447,8 @@ def _tail_guardrail_check(
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
         "relative": True, "scale": "quantile", "quantile": quantile, "alpha": num(alpha), "steps": steps,
-        "more_unit": "candidate sessions" if not shadow_step else "shadow pairs", "test": TAIL_TEST,
-        "unit": "first request of each session" if not shadow_step else "shadow pair",
+        "more_unit": "candidate sessions" if not shadow_step else SHADOW_MORE_UNIT, "test": TAIL_TEST,
+        "unit": "first request of each session" if not shadow_step else SHADOW_UNIT,
         "min_n": tail_min_n(quantile=quantile, alpha=alpha, tuning_n=tuning_n) if 0 < share < 1 else None,
     }  # fmt: skip
     base = BinnedSample.of(bins.get("baseline", {}).get(field, {}))
@@ -648,12 +654,14 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
     over = None
     rollups: Rollups = {}  # the windows' rollups as the tail checks' samples read them: once per look
-    if not shadow_step and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
+    if shadow_step and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
+        over = shadow_pair_over(rollout_id=rollout.pk, since=current.since, thresholds=thresholds)
+    elif any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
         spans = [(w.since, None if w.current else w.until) for w in windows if w.weight > 0.0]
         over = first_request_over(rollout_id=rollout.pk, windows=spans, thresholds=thresholds, pre_period=pre,
                                   first_fields=firsts, rollups=rollups)  # fmt: skip
     look.checks = [
-        _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps, over)
+        _slo_check(slo, slo_cand, prices["candidate"], alpha, slo_tuning_n(plan, slo), slo_steps, over, shadow_step)
         for slo in plan.slos
     ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
@@ -680,7 +688,7 @@ def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: li
                window_start: datetime, pre: PrePeriod | None = None, firsts: tuple[str, ...] | None = None,
                rollups: Rollups | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
     """The tail guardrails' samples (`experiments.analysis.tails`): the first request of each session over the
-    same steps the other guardrails pool (a shadow step: its own pairs). Empty when no guardrail is a tail.
+    same steps the other guardrails pool (a shadow step: the first of each session's pairs in it). Empty when no guardrail is a tail.
     Read from the windows' rollups that `arm_sums` folded (the same thresholds and pre-period)."""
     fields = sorted({METRICS[g.metric].source for g in plan.guardrails if METRICS[g.metric].shape == "percentile"})
     if not fields:

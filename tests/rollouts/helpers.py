@@ -156,21 +156,23 @@ def shadow_pairs(
     seed: int | None = None,
     baseline_ttft: tuple[float, float] = (100.0, 10.0),
     baseline_tpot: tuple[float, float] = (20.0, 2.0),
+    sessions: list[str] | None = None,
 ) -> None:
     """`n` shadow pairs as serving's shadow mirroring stores them: the candidate's answer, and the baseline
-    asked the same request beside it (its replay timings, `baseline_ttft` / `baseline_tpot`)."""
+    asked the same request beside it (its replay timings, `baseline_ttft` / `baseline_tpot`). `sessions`:
+    the session hashes the pairs take in turn (none: each pair without a session, its own unit)."""
     from serving.models import ShadowPair
 
     rng = random.Random(seed)
     start = at or timezone.now()
     rows = []
-    for _ in range(n):
+    for i in range(n):
         failed = rng.random() < error_rate
         ttft_ms, tpot_ms = max(1.0, rng.gauss(*ttft)), max(0.1, rng.gauss(*tpot))
         base_ttft, base_tpot = max(1.0, rng.gauss(*baseline_ttft)), max(0.1, rng.gauss(*baseline_tpot))
         pair = ShadowPair(
             request_id=os.urandom(12).hex(), created_at=start, alias=rollout.alias_name, rollout_id=rollout.pk,
-            baseline_version=rollout.baseline, candidate_version=rollout.candidate,
+            session_hash=sessions[i % len(sessions)] if sessions else "", baseline_version=rollout.baseline, candidate_version=rollout.candidate,
             baseline_ttft_ms=100.0, baseline_e2e_ms=160.0, baseline_completion_tokens=4,
             candidate_ttft_ms=None if failed else ttft_ms, candidate_tpot_ms=None if failed else tpot_ms,
             candidate_e2e_ms=None if failed else ttft_ms + 3 * tpot_ms,

@@ -103,14 +103,58 @@ def test_too_few_sessions_hold_the_step_and_say_how_many(owner: Any, versions: N
 
 
 def test_a_shadow_step_compares_both_sides_of_its_pairs(owner: Any, versions: None) -> None:
-    plan = canary_plan(strategy="shadow", steps=None, shadow={"rate": 0.5}, guardrails=[TAIL])
-    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
-    step_back(rollout, 30)
+    rollout = _shadow_rollout(owner)
     shadow_pairs(rollout, n=800, tpot=(40.0, 3.0), baseline_tpot=(20.0, 2.0), seed=51)
     analysis = look(rollout)
     (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
-    assert check["decision"] == "breach" and check["unit"] == "shadow pair" and check["n"] == [800, 800]
+    # Pairs without a session: each its own unit.
+    assert check["decision"] == "breach" and check["unit"] == "first shadow pair of each session"
+    assert check["n"] == [800, 800] and check["more_unit"] == "shadow sessions"
     assert analysis.decision == "rollback"
+
+
+def _shadow_rollout(owner: Any, **overrides: Any) -> Any:
+    plan = canary_plan(**{"strategy": "shadow", "steps": None, "shadow": {"rate": 0.5}, "guardrails": [TAIL], **overrides})
+    rollout = rollout_create(plan=plan, actor=owner.user, start=True).rollout
+    step_back(rollout, 30)
+    return rollout
+
+
+def _heavy_shadow_user(rollout: Any, *, sessions: bool, slow: dict[str, tuple[float, float]]) -> None:
+    """300 sessions with one pair each, candidate and baseline alike; then one heavy user whose first pair
+    is alike too and whose 600 later pairs are `slow` on the candidate's side. With `sessions` False the
+    600 slow pairs come from 600 sessions of one pair each instead."""
+    now = timezone.now()
+    shadow_pairs(rollout, n=300, seed=81, sessions=[f"u{i}" for i in range(300)], at=now - timedelta(seconds=20))
+    shadow_pairs(rollout, n=1, sessions=["heavy"], at=now - timedelta(seconds=20))
+    later = ["heavy"] if sessions else [f"v{i}" for i in range(600)]
+    shadow_pairs(rollout, n=600, seed=82, sessions=later, at=now - timedelta(seconds=10), **slow)
+
+
+@pytest.mark.parametrize("heavy", [True, False], ids=["one-heavy-user", "600-users"])
+def test_one_heavy_shadow_user_does_not_decide_the_tail_guardrail(owner: Any, versions: None, heavy: bool) -> None:
+    """A shadow step where one user sends 600 of its 901 pairs, all four times slower on the candidate: each
+    session's first pair is the sample, so the heavy user counts once and the guardrail is not breached.
+    The same pairs from 600 users (what a pair-by-pair reading amounts to) breach it."""
+    rollout = _shadow_rollout(owner)
+    _heavy_shadow_user(rollout, sessions=heavy, slow={"tpot": (80.0, 2.0)})
+    analysis = look(rollout)
+    (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
+    if heavy:
+        assert check["n"] == [301, 301] and check["sessions"] == [301, 301] and check["decision"] != "breach", check
+        assert analysis.decision != "rollback"
+    else:
+        assert check["n"] == [901, 901] and check["decision"] == "breach"
+
+
+def test_a_shadow_tail_slo_counts_each_sessions_first_reply(owner: Any, versions: None) -> None:
+    """A shadow step's tail SLO on the candidate's replies: 301 sessions' first replies are fast, the heavy
+    user's 600 later ones slow. Per reply two thirds would be over the limit; per session none is."""
+    rollout = _shadow_rollout(owner, guardrails=[], slos=["ttft_p99_ms <= 800"])
+    _heavy_shadow_user(rollout, sessions=True, slow={"ttft": (1500.0, 50.0)})
+    (slo,) = look(rollout).checks
+    assert (slo["n"], slo["sessions"], slo["estimate"]) == (301, 301, 0.0) and slo["decision"] != "breach"
+    assert (slo["unit"], slo["more_unit"]) == ("first shadow pair of each session", "shadow sessions")
 
 
 def test_the_planned_sample_counts_candidate_sessions() -> None:
