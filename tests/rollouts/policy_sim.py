@@ -10,7 +10,8 @@ lognormal requests per user; a per-user latency factor and error rate; a heavy t
 candidate's requests of every live step, with the plan's alpha share and each check's N*); the plan's steps
 as normalised (minimums with their floors, the policy's 60 s floor on durations); each step's planned sample
 from `rollouts.planning` (the same functions the policy calls, on the history of the baseline serving the
-alias alone for 20 minutes first); and the rules of `rollouts.analysis.policy`: a breach rolls back at any
+alias alone for 20 minutes first, or as many looks as `planned_samples` is given: the planner reads the
+last hour, `rollouts.planning.HISTORY`); and the rules of `rollouts.analysis.policy`: a breach rolls back at any
 look, a step ends when its minimums are met and no check holds it (`holding_checks`), its planned sample
 reached with a check holding applies `on_inconclusive`, and the last step's end bakes: the candidate at
 1 - holdout of the sessions (the sessions the gateway's hash put furthest from the candidate stay on the
@@ -73,6 +74,8 @@ class Ended:
     rolled_back_before_half: np.ndarray
     inconclusive: np.ndarray  # reached a planned sample with a check still holding (whatever the rule did then)
     planned: list[int | None] = field(default_factory=list)  # each step's planned sample
+    # Per rollout that reached a planned sample undecided: (the step, the checks holding it there).
+    undecided: dict[int, tuple[int, list[str]]] = field(default_factory=dict)
     step_ends: dict[int, list[float]] = field(default_factory=dict)  # per step: candidate requests when it ended on evidence
 
 
@@ -107,14 +110,14 @@ class SimulatedHistory:
         return self.stats.get(metric if isinstance(metric, str) else metric.name)
 
 
-def baseline_history(seed: int, look_s: float) -> SimulatedHistory:
-    """HISTORY_LOOKS of the baseline serving the alias alone, before the rollout (`SOURCES`' metrics)."""
+def baseline_history(seed: int, look_s: float, looks: int = HISTORY_LOOKS) -> SimulatedHistory:
+    """`looks` of the baseline serving the alias alone, before the rollout (`SOURCES`' metrics)."""
     rng = np.random.default_rng([seed, 7])
-    traffic = _traffic(HISTORY_LOOKS, look_s)
-    users = draw_users(rng, traffic, Effect(), sims=1, looks=HISTORY_LOOKS, span=SPAN_S / look_s, lead=SPAN_S / look_s)
+    traffic = _traffic(looks, look_s)
+    users = draw_users(rng, traffic, Effect(), sims=1, looks=looks, span=SPAN_S / look_s, lead=SPAN_S / look_s)
     totals: dict[str, np.ndarray] = {}
     nobody = np.zeros(users.shape, dtype=bool)
-    for look in range(1, HISTORY_LOOKS + 1):
+    for look in range(1, looks + 1):
         for name, values in interval_totals(draw_interval(rng, traffic, Effect(), users, look, nobody), users.shape).items():
             totals[name] = totals.get(name, 0.0) + values
     arm = arm_look(totals, np.ones(users.shape, dtype=bool), tuple(SOURCES.values()))
@@ -133,10 +136,10 @@ def planned_from(step_entry: Callable[..., dict[str, Any]], plan: Plan, history:
     return out
 
 
-def planned_samples(plan: Plan, seed: int, look_s: float) -> list[int | None]:
+def planned_samples(plan: Plan, seed: int, look_s: float, looks: int = HISTORY_LOOKS) -> list[int | None]:
     """Each step's planned sample as `rollouts.planning` computes it (over the plan's checks the simulator can
-    measure, whichever of them `simulate` computes), from `baseline_history`."""
-    return planned_from(planning._step_entry, plan, baseline_history(seed, look_s))
+    measure, whichever of them `simulate` computes), from `baseline_history` (`looks` of it)."""
+    return planned_from(planning._step_entry, plan, baseline_history(seed, look_s, looks))
 
 
 def simulate(
@@ -182,6 +185,7 @@ def simulate(
     rolled_back_in_bake = np.zeros(sims, dtype=bool)
     inconclusive = np.zeros(sims, dtype=bool)
     step_ends: dict[int, list[float]] = {i: [] for i in range(len(plan.steps))}
+    undecided: dict[int, tuple[int, list[str]]] = {}
     weight_of = np.array(weights)
     for look in range(1, looks + 1):
         live = state == 0
@@ -266,6 +270,7 @@ def simulate(
                 step_ends[current].append(float(step_requests[s]))
             elif due is not None and step_requests[s] >= due:
                 inconclusive[s] = True
+                undecided.setdefault(int(s), (current, [c["name"] for c in holding]))
                 if plan.on_inconclusive == "pause":
                     state[s] = 3
                 elif plan.on_inconclusive == "rollback":
@@ -283,5 +288,5 @@ def simulate(
     return Ended(
         promoted=state == 1, rolled_back=rolled_back, paused=state == 3, rolled_back_in_bake=rolled_back_in_bake,
         rolled_back_before_half=rolled_back & (max_weight < 0.5), inconclusive=inconclusive, planned=planned,
-        step_ends=step_ends,
+        step_ends=step_ends, undecided=undecided,
     )  # fmt: skip
