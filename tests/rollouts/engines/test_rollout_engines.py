@@ -107,22 +107,24 @@ def test_a_canary_to_adder_v2_promotes_through_all_its_steps(demo_engines: Engin
     plan = {
         "alias": "adder-good", "baseline": "adder-v1", "candidate": "adder-v2", "strategy": "canary",
         # Each step ends once its guardrail is shown safe after a minute and its floor of requests; then the
-        # promotion bakes for a minute against a 5 % holdout.
+        # promotion bakes for a minute against a 5 % holdout. Two engines, the gateway, the worker and the load
+        # share two cores, so TPOT is noisy: the first step takes half the traffic and the margin is wide, so
+        # that the first step (where the evidence starts from nothing) ends in minutes even on a busy machine
+        # (at 20 % and a 50 % margin it once took 12 of them). The later steps pool the evidence so far.
         "steps": [
-            {"weight": "20%", "min_duration_s": 60},
             {"weight": "50%", "min_duration_s": 60},
+            {"weight": "80%", "min_duration_s": 60},
             {"weight": "100%", "min_duration_s": 60},
         ],
-        "guardrails": [{"metric": "tpot_gmean_ms", "margin": "50%"}],
+        "guardrails": [{"metric": "tpot_gmean_ms", "margin": "100%"}],
         # The test follows the flow through real engines; on a shared CPU a step may not show the margin
         # within the test's time, so one left undecided at its planned sample goes on rather than pausing.
         "on_inconclusive": "advance",
         "bake_s": 60,
     }  # fmt: skip
     rollout = rollout_create(plan=plan, actor=SYSTEM, start=True).rollout
-    # At 8 requests/s the first step's candidate gets about 1.6 a second. Its planned sample (some 340 candidate
-    # requests on this plan) bounds each step, so the flow takes 4 to 6 minutes on a quiet machine, and up to
-    # about 10 where TPOT is noisy on a busy one (CI's serial part ran past 600 s there at 5 requests/s).
+    # At 8 requests/s the first step's candidate gets about 4 a second; each step is bounded by its planned sample
+    # (on_inconclusive: advance), so the flow ends within minutes of its four minimum minutes.
     platform.load("adder-good", rate=8)
 
     ended = until_ended(rollout, timeout_s=PROMOTE_WITHIN_S)
