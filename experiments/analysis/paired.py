@@ -16,9 +16,10 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from django.db.models import Case, CharField, Count, F, FloatField, Q, Sum, Value, When
-from django.db.models.functions import Concat, Ln
+from django.db.models import Count, F, FloatField, Q, Sum
+from django.db.models.functions import Ln
 
+from experiments.analysis.sessions import SHADOW, unit_expression
 from experiments.stats import RatioStats
 from serving.selectors import shadow_pairs
 
@@ -108,12 +109,6 @@ class PairedLatency:
     fields: dict[str, PairedSums]
 
 
-def _unit() -> Case:
-    """The pair's unit: its session, or the pair itself when the gateway had no session to hash."""
-    own = Concat(Value("r:"), F("request_id"), output_field=CharField())
-    return Case(When(session_hash="", then=own), default=F("session_hash"), output_field=CharField())
-
-
 def shadow_paired_latency(
     *, rollout_id: int, since: datetime | None = None, until: datetime | None = None
 ) -> PairedLatency:
@@ -132,7 +127,7 @@ def shadow_paired_latency(
         aggregates[f"{logical}__n"] = Count("pk", filter=present)
         for name, term in (("b", b), ("c", c), ("lr", Ln(c) - Ln(b))):
             aggregates[f"{logical}__{name}"] = Sum(term, filter=present, output_field=FloatField())
-    rows = list(pairs.annotate(unit=_unit()).values("unit").annotate(**aggregates).values_list(*aggregates))
+    rows = list(pairs.annotate(unit=unit_expression(SHADOW)).values("unit").annotate(**aggregates).values_list(*aggregates))
     table = np.array(rows, dtype=float).reshape(len(rows), len(aggregates))
     table = np.nan_to_num(table)  # a unit with no pair of a field sums to NULL there
     fields = {}
