@@ -3,12 +3,16 @@ rollouts app, and the shadow-quality guardrail. The web UI builds its pages from
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from django.db.models import Count, Q, QuerySet
+from django.db import NotSupportedError
+from django.db.models import CharField, Count, F, FloatField, IntegerField, Q, QuerySet, Sum, Value
+from django.db.models.expressions import Case, Func, When
+from django.db.models.functions import Concat
 
 from config.errors import DomainError, NotFound
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
@@ -295,11 +299,72 @@ def _scorer_reference(spec: dict[str, Any]) -> float:
     return 0.5 if pairwise else 1.0
 
 
+def _json_path(key: str) -> str:
+    """SQLite's JSON path of an object's key, quoted as Django quotes it (`$."key"`)."""
+    return f"$.{json.dumps(key)}"
+
+
+class _ScoreOf(Func):
+    """A JSON object column's value at `key` as shadow quality counts it: a finite JSON number (not a bool,
+    not a string) clamped to [0, 1]; NULL for anything else or a missing key. PostgreSQL (jsonb) and SQLite."""
+
+    output_field = FloatField()
+
+    def __init__(self, column: str, key: str) -> None:
+        super().__init__(F(column))
+        self.key = key
+
+    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
+        raise NotSupportedError(f"shadow scores are read on PostgreSQL and SQLite, not {connection.vendor}")
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        column, params = compiler.compile(self.get_source_expressions()[0])
+        # jsonb holds no NaN or infinity; a number past a double's range (10^400) is clamped as a numeric.
+        sql = (f"CASE WHEN jsonb_typeof({column} -> %s) = 'number' "
+               f"THEN LEAST(GREATEST(({column} ->> %s)::numeric, 0), 1)::double precision END")  # fmt: skip
+        return sql, (*params, self.key, *params, self.key)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        column, params = compiler.compile(self.get_source_expressions()[0])
+        path = _json_path(self.key)
+        value = f"json_extract({column}, %s)"
+        # SQLite's JSON reads a true as the integer 1: the type tells a bool from a number. Past a double's
+        # range (an Infinity) is not finite.
+        sql = (f"CASE WHEN json_type({column}, %s) IN ('integer', 'real') "
+               f"AND abs({value}) <= 1.7976931348623157e308 THEN MIN(MAX({value}, 0.0), 1.0) END")  # fmt: skip
+        return sql, (*params, path, *params, path, *params, path)
+
+
+class _FlagOf(Func):
+    """A JSON object column's value at `key` as 1 (true) or 0 (false); NULL when it is not a bool."""
+
+    output_field = IntegerField()
+
+    def __init__(self, column: str, key: str) -> None:
+        super().__init__(F(column))
+        self.key = key
+
+    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
+        raise NotSupportedError(f"shadow scores are read on PostgreSQL and SQLite, not {connection.vendor}")
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        column, params = compiler.compile(self.get_source_expressions()[0])
+        sql = (f"CASE jsonb_typeof({column} -> %s) WHEN 'boolean' "
+               f"THEN CASE WHEN ({column} ->> %s) = 'true' THEN 1 ELSE 0 END END")  # fmt: skip
+        return sql, (*params, self.key, *params, self.key)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        column, params = compiler.compile(self.get_source_expressions()[0])
+        return f"CASE json_type({column}, %s) WHEN 'true' THEN 1 WHEN 'false' THEN 0 END", (
+            *params, _json_path(self.key))  # fmt: skip
+
+
 def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float = 0.05) -> ShadowQuality | None:
     """None when the rollout has no shadow scoring; n = 0 (and no mean) until a pair is scored.
 
     `scorer` is a label of the configured scorers (default: the first). Each pair's score joins its
-    session's sum and count (the pair's own when it has no session)."""
+    session's sum and count (the pair's own when it has no session); the database sums them per session
+    and then across sessions, so a look reads one row however many pairs were scored."""
     config = shadow_scoring_get(rollout_id=rollout_id)
     if config is None or not config.scorers:
         return None
@@ -308,24 +373,25 @@ def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float =
     if label not in specs:
         raise DomainError(f"the rollout's shadow pairs are not scored with {label!r}", field="scorer")
     reference = _scorer_reference(specs[label])
-    sums: dict[str, list[float]] = {}
-    flips = judged = 0
-    pairs = shadow_pairs(rollout_id=rollout_id).filter(scores__has_key=label).order_by()
-    for session, request_id, scores in pairs.values_list("session_hash", "request_id", "scores"):
-        value = (scores or {}).get(label)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            unit = sums.setdefault(session or f"r:{request_id}", [0.0, 0.0])
-            unit[0] += min(1.0, max(0.0, float(value)))
-            unit[1] += 1.0
-            flipped = (scores or {}).get(f"{label}{FLIP_SUFFIX}")
-            if isinstance(flipped, bool):
-                judged += 1
-                flips += flipped
+    score, flag = _ScoreOf("scores", label), _FlagOf("scores", f"{label}{FLIP_SUFFIX}")
+    own = Concat(Value("r:"), F("request_id"), output_field=CharField())
+    units = (
+        shadow_pairs(rollout_id=rollout_id).order_by().annotate(score=score).filter(score__isnull=False)
+        .annotate(unit=Case(When(session_hash="", then=own), default=F("session_hash"), output_field=CharField()))
+        .values("unit").annotate(a=Sum("score"), b=Count("pk"), f=Sum(flag), j=Count(flag))
+    )  # fmt: skip
+    # The per-unit rows stay in the database: Python gets the sums RatioStats.from_units would take of them.
+    totals = units.aggregate(
+        units=Count("unit"), num=Sum("a", output_field=FloatField()), den=Sum("b", output_field=FloatField()),
+        num_sq=Sum(F("a") * F("a"), output_field=FloatField()), den_sq=Sum(F("b") * F("b"), output_field=FloatField()),
+        num_den=Sum(F("a") * F("b"), output_field=FloatField()), flips=Sum("f"), judged=Sum("j"),
+    )  # fmt: skip
+    flips, judged = int(totals["flips"] or 0), int(totals["judged"] or 0)
     flip_rate = flips / judged if judged else None
-    if not sums:
+    if not totals["units"]:
         return ShadowQuality(n=0, mean=None, ci_low=None, ci_high=None, scorer=label, alpha=alpha, reference=reference)
-    totals = np.array(list(sums.values()), dtype=float)
-    bounds = session_mean_bounds(RatioStats.from_units(totals[:, 0], totals[:, 1]), alpha=alpha)
+    sums = {key: float(totals[key]) for key in ("num", "den", "num_sq", "den_sq", "num_den")}
+    bounds = session_mean_bounds(RatioStats(int(totals["units"]), **sums), alpha=alpha)
     return ShadowQuality(
         n=bounds.n, mean=bounds.mean, ci_low=bounds.lower, ci_high=bounds.upper, scorer=label, alpha=alpha,
         reference=reference, sd=bounds.sd, judge_flip_rate=flip_rate, units=bounds.units,

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
 import pytest
 from django.utils import timezone
 
 from config.errors import DomainError
+from evals.scorers import FLIP_SUFFIX
 from evals.selectors import shadow_quality
 from evals.services import shadow_pairs_score, shadow_scoring_configure, shadow_scoring_stop
 from evals.tasks import score_shadow_pairs
+from experiments.stats import RatioStats
+from experiments.stats.bounded import SessionMeanBounds, session_mean_bounds
 from serving.models import ShadowPair
 
 
@@ -73,3 +80,61 @@ def test_quality_bounds_never_collapse_and_judge_flips_are_counted(versions) -> 
     assert quality.judge_flip_rate == pytest.approx(0.2)
     with pytest.raises(DomainError):
         shadow_quality(rollout_id=9, scorer="nope")
+
+
+def quality_in_python(pairs: list[ShadowPair], label: str, alpha: float) -> tuple[SessionMeanBounds, float | None]:
+    """The guardrail read pair by pair in Python, as shadow_quality read it before the database summed it."""
+    sums: dict[str, list[float]] = {}
+    flips = judged = 0
+    for made in pairs:
+        value = made.scores.get(label)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            unit = sums.setdefault(made.session_hash or f"r:{made.request_id}", [0.0, 0.0])
+            unit[0] += min(1.0, max(0.0, float(value)))
+            unit[1] += 1.0
+            flipped = made.scores.get(f"{label}{FLIP_SUFFIX}")
+            if isinstance(flipped, bool):
+                judged += 1
+                flips += flipped
+    totals = np.array(list(sums.values()), dtype=float)
+    bounds = session_mean_bounds(RatioStats.from_units(totals[:, 0], totals[:, 1]), alpha=alpha)
+    return bounds, (flips / judged if judged else None)
+
+
+def test_the_database_sums_the_sessions_as_python_did(db: None) -> None:
+    shadow_scoring_configure(rollout_id=11, scorers=["exact_match"])
+    rng = np.random.default_rng(20)
+    # Scores as they may lie in the JSON: numbers in and out of [0, 1] (clamped), whole numbers, huge
+    # ones, and what is no score: a bool, a string, null.
+    raw: list[Any] = [0.0, 0.25, 0.5, 0.75, 1.0, 1, 0, 1.7, -0.4, 3, 1e300, True, False, "0.5", None]
+    flags: list[Any] = [True, False, "true", 1, None]
+    weights = 1.0 / np.arange(1, 46) ** 0.7
+    weights /= weights.sum()
+    pairs = []
+    for n in range(400):
+        # 45 sessions of one to many pairs (a few heavy), and 60 pairs with no session: each its own unit.
+        session = "" if n % 7 == 0 else f"s{int(rng.choice(45, p=weights)):02d}"
+        made = pair(n, "85", "85", rollout_id=11)
+        made.session_hash = session
+        scores: dict[str, Any] = {"exact_match": raw[int(rng.integers(len(raw)))]}
+        flag = flags[int(rng.integers(len(flags)))]
+        if flag is not None:
+            scores[f"exact_match{FLIP_SUFFIX}"] = flag
+        if n % 50 == 3:
+            scores = {"numeric": 1.0}  # not scored on this scorer
+        made.scores = scores
+        made.save(update_fields=["session_hash", "scores"])
+        pairs.append(made)
+    other = pair(999, "85", "85", rollout_id=12)  # another rollout's
+    other.scores = {"exact_match": 0.0}
+    other.save(update_fields=["scores"])
+    expected, flip_rate = quality_in_python(pairs, "exact_match", 0.05)
+    quality = shadow_quality(rollout_id=11)
+    assert quality is not None and expected.units >= 60
+    assert (quality.n, quality.units) == (expected.n, expected.units)
+    assert quality.mean == pytest.approx(expected.mean, rel=1e-12)
+    assert quality.sd == pytest.approx(expected.sd, rel=1e-9)
+    assert (quality.ci_low, quality.ci_high) == pytest.approx((expected.lower, expected.upper), rel=1e-9)
+    assert 0.0 < quality.ci_low < quality.mean < quality.ci_high < 1.0  # type: ignore[operator]
+    assert quality.judge_flip_rate == pytest.approx(flip_rate, rel=1e-12)
+    assert 0.0 < flip_rate < 1.0  # type: ignore[operator]

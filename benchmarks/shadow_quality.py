@@ -1,0 +1,216 @@
+"""The shadow-quality guardrail's look at production volume, on PostgreSQL: the database's per-session sums
+against the Python loop over every scored pair it replaced.
+
+    BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:5432/ramp_bench_shadow \\
+        .venv/bin/python benchmarks/shadow_quality.py --pairs 200000 --sessions 20000 --before 0f565ce
+
+The database named by BENCH_DATABASE_URL is created if it is missing and migrated; the benchmark owns it
+(it fills it, and drops it with --drop). One rollout's scored shadow pairs are written by COPY (kept between
+runs with the same --pairs and --sessions): sticky sessions of lognormal size, 5 % of the pairs with no
+session (each its own unit), exact-match scores of 0 or 1 with a pairwise judge's score and its flip beside
+them, and a few scores that are no score (null, a string). Then `evals.selectors.shadow_quality` as it is
+and as it was at `--before` (evals/selectors.py at that revision, loaded as a module of its own), in
+interleaved rounds: wall time and CPU of this process and of its PostgreSQL backend per look, medians side
+by side, and whether the two read the same guardrail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ROLLOUT_ID = 910_001
+ALIAS = "bench-shadow"
+
+
+def database_open(url: str) -> None:
+    """Create the database if it is missing, point Django at it and migrate it."""
+    import psycopg
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    os.environ.update({
+        "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "config.settings", "LOG_LEVEL": "WARNING",
+        "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(40),
+        "PLATFORM_VAR_DIR": os.environ.get("PLATFORM_VAR_DIR") or str(REPO / "var" / "bench-shadow"),
+    })  # fmt: skip
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def database_drop(url: str) -> None:
+    import psycopg
+
+    parts = urlsplit(url)
+    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
+
+
+def fill(pairs: int, sessions: int, seed: int) -> None:
+    """The rollout's scored pairs, by COPY; kept when the same fill is there already."""
+    from django.db import connection
+
+    from evals.services import shadow_scoring_configure
+    from serving.models import ShadowPair
+
+    judge = {"name": "judge", "params": {"judge_model": "bench-judge", "mode": "pairwise"}, "label": "judge"}
+    shadow_scoring_configure(rollout_id=ROLLOUT_ID, scorers=[{"name": "exact_match"}])
+    # The judge's spec is stored as configured (its model is not looked up here: nothing is scored).
+    from evals.models import ShadowScoring
+
+    config = ShadowScoring.objects.get(rollout_id=ROLLOUT_ID)
+    config.scorers = [*config.scorers[:1], judge]
+    config.save(update_fields=["scorers"])
+    mark = f"{pairs}-{sessions}-{seed}"
+    existing = ShadowPair.objects.filter(rollout_id=ROLLOUT_ID)
+    if existing.filter(request_id=f"fill-{mark}").exists() and existing.count() == pairs:
+        print(f"== fill: {pairs:,} scored pairs of rollout {ROLLOUT_ID} kept from an earlier run")
+        return
+    existing.delete()
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    # Sticky sessions of lognormal size (a few heavy users), 5 % of the pairs with no session.
+    weights = rng.lognormal(0.0, 1.0, sessions)
+    weights /= weights.sum()
+    hashes = [secrets.token_hex(16) for _ in range(sessions)]
+    owner = rng.choice(sessions, size=pairs, p=weights)
+    alone = rng.random(pairs) < 0.05
+    exact = (rng.random(pairs) < 0.9).astype(int)
+    verdict = rng.choice([0.0, 0.5, 1.0], size=pairs, p=[0.1, 0.8, 0.1])
+    flipped = rng.random(pairs) < 0.05
+    odd = rng.random(pairs)
+    start = datetime.now(UTC) - timedelta(hours=2)
+    buffer = io.StringIO()
+    for i in range(pairs):
+        score = "null" if odd[i] < 0.002 else '"0.5"' if odd[i] < 0.004 else str(exact[i])
+        scores = (f'{{"exact_match": {score}, "judge": {verdict[i]}, '
+                  f'"judge#flipped": {"true" if flipped[i] else "false"}}}')  # fmt: skip
+        request_id = f"fill-{mark}" if i == 0 else f"bench-{i}"
+        session = "" if alone[i] else hashes[owner[i]]
+        created = start + timedelta(microseconds=int(i * 7200e6 / pairs))
+        buffer.write(f"{request_id}\t{created.isoformat()}\t{ALIAS}\t{ROLLOUT_ID}\t{session}\t\t\t\tok\t\tt\t\t{scores}\n")
+    columns = ("request_id", "created_at", "alias", "rollout_id", "session_hash", "prompt_text", "baseline_output",
+               "candidate_output", "candidate_outcome", "candidate_error", "texts_stored", "baseline_replay_outcome",
+               "scores")  # fmt: skip
+    table = ShadowPair._meta.db_table
+    with connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            copy.write(buffer.getvalue())
+        cursor.execute(f"ANALYZE {table}")
+    units = len(set(owner[~alone].tolist())) + int(alone.sum())
+    print(f"== fill: {pairs:,} scored pairs of rollout {ROLLOUT_ID} in {units:,} units "
+          f"({int(alone.sum()):,} without a session), by COPY in {time.perf_counter() - started:.1f} s")  # fmt: skip
+
+
+def selectors_at(rev: str) -> Any:
+    """evals/selectors.py as it was at git revision `rev`, as a module of its own (same models and tables)."""
+    import importlib.util
+
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:evals/selectors.py"], check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    spec = importlib.util.spec_from_loader(f"selectors_at_{rev}", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    exec(compile(source, f"{rev}:evals/selectors.py", "exec"), module.__dict__)
+    return module
+
+
+def backend_cpu_s() -> float:
+    """CPU seconds of this connection's PostgreSQL backend so far (from /proc: the server is on this host)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(look: Any) -> tuple[float, float, float, Any]:
+    server, client, wall = backend_cpu_s(), time.process_time(), time.perf_counter()
+    result = look()
+    wall_ms = (time.perf_counter() - wall) * 1000
+    return wall_ms, (time.process_time() - client) * 1000, (backend_cpu_s() - server) * 1000, result
+
+
+def same(a: Any, b: Any) -> bool:
+    for name in ("n", "units", "mean", "ci_low", "ci_high", "sd", "judge_flip_rate"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None) or (x is not None and not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)):
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=200_000)
+    parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=20)
+    parser.add_argument("--before", default="0f565ce", help="the revision whose shadow_quality is timed beside")
+    parser.add_argument("--drop", action="store_true", help="drop the benchmark's database and stop")
+    args = parser.parse_args()
+    url = os.environ.get("BENCH_DATABASE_URL")
+    if not url or not url.startswith(("postgres://", "postgresql://")):
+        sys.exit("set BENCH_DATABASE_URL to a PostgreSQL database the benchmark may own")
+    if args.drop:
+        database_drop(url)
+        return
+    database_open(url)
+    fill(args.pairs, args.sessions, args.seed)
+
+    from evals import selectors
+
+    before = selectors_at(args.before)
+    looks = {
+        "now": lambda label: selectors.shadow_quality(rollout_id=ROLLOUT_ID, scorer=label),
+        f"at {args.before}": lambda label: before.shadow_quality(rollout_id=ROLLOUT_ID, scorer=label),
+    }
+    for label in ("exact_match", "judge"):
+        print(f"\n== shadow_quality(scorer={label!r}), {args.rounds} interleaved rounds after one warm-up each")
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in looks}
+        results = {name: look(label) for name, look in looks.items()}
+        for repeat in range(args.rounds):
+            order = list(looks) if repeat % 2 == 0 else list(reversed(looks))
+            for name in order:
+                wall, client, server, results[name] = timed(lambda name=name, label=label: looks[name](label))
+                times[name].append((wall, client, server))
+        for name, rows in times.items():
+            walls, clients, servers = zip(*rows, strict=True)
+            print(f"  {name:>14}: median {statistics.median(walls):8,.1f} ms wall "
+                  f"(min {min(walls):,.1f}, max {max(walls):,.1f}); CPU median {statistics.median(clients):,.1f} ms "
+                  f"this process, {statistics.median(servers):,.1f} ms its PostgreSQL backend")  # fmt: skip
+        now, old = results["now"], results[f"at {args.before}"]
+        print(f"  n {now.n:,} scores in {now.units:,} units, mean {now.mean:.5f}, bounds [{now.ci_low:.5f}, "
+              f"{now.ci_high:.5f}], sd {now.sd:.5f}, judge flip rate {now.judge_flip_rate}")  # fmt: skip
+        print(f"  the same guardrail as at {args.before}: {'yes' if same(now, old) else f'NO: {old}'}")
+
+
+if __name__ == "__main__":
+    main()
