@@ -626,7 +626,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     width = 2 + len(spec.columns) + len(spec.pairs)
     # UNION ALL takes each column's type from its first branch: the NULLs there are typed.
     timestamp = connection.data_types["DateTimeField"]
-    values = ["SUM(m.is_new)", "SUM(CASE WHEN m.after_at = m.a THEN 1 ELSE 0 END) - SUM(CASE WHEN m.before_at = m.b THEN 1 ELSE 0 END)"]
+    values = ["SUM(m.is_new)", "COALESCE((SELECT x.change FROM exposure x WHERE x.arm = m.arm), 0)"]
     values += [f"SUM(m.n{i})" for i in range(len(spec.columns))]
     for a, b in spec.pairs:
         i, j = index[a], index[b]
@@ -662,7 +662,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
         stored_rows = (f"SELECT o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM {UNITS} o WHERE o.window_id = %s "
                        f"AND o.unit IN (SELECT unit FROM fresh)")  # fmt: skip
     # A full join (hash or merge join only: never a loop over both sides) and window functions, not joins
-    # whose plan follows the estimates.
+    # whose plan follows the estimates. The window functions (which arm a unit's earliest first_at is in)
+    # sort only the four narrow columns exposure needs (`exposure`): sorting `merged`'s wide rows, every sum
+    # and total of each touched unit, cost a sixth of a steady look.
     ctes = f"""
         old AS ({stored_rows}),
         merged AS (
@@ -671,11 +673,13 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
                    CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}{merged_firsts}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
-        firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
-                          MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
+        exposure AS (
+            SELECT e.arm, SUM(CASE WHEN e.after_at = e.a THEN 1 ELSE 0 END) - SUM(CASE WHEN e.before_at = e.b THEN 1 ELSE 0 END) AS change
+            FROM (SELECT m.arm, m.before_at, m.after_at, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
+                         MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m) e GROUP BY e.arm)"""
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM firsts m GROUP BY m.arm{bytewise}, m.arm
+        FROM merged m GROUP BY m.arm{bytewise}, m.arm
         {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
         UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
         UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""

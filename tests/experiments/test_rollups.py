@@ -106,6 +106,34 @@ def test_looks_folded_one_after_another_equal_the_computation_from_scratch() -> 
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_session_s_exposure_moves_to_the_arm_of_its_earliest_request_when_that_commits_late() -> None:
+    """Exposure (a unit counts in the arm of its earliest non-failover request) changes for a unit whose
+    stored row is in the other arm: a look that reads an earlier request of it in the candidate moves it
+    there, a later look with a still earlier one in the baseline moves it back."""
+    since = timezone.now() - timedelta(hours=1)
+
+    def record(arm: str, seconds: int) -> None:
+        RequestRecord.objects.create(
+            request_id=f"{arm}-{seconds}", created_at=since + timedelta(seconds=seconds), alias="adder", rollout_id=ROLLOUT,
+            arm=arm, endpoint="chat.completions", stream=True, session_hash="alice", status_code=200, outcome="ok",
+            ttft_ms=100.0 + seconds, e2e_ms=10.0,
+        )  # fmt: skip
+
+    record("baseline", 300)
+    record("candidate", 400)  # bob's, below, keep the candidate's arm non-empty
+    RequestRecord.objects.filter(request_id="candidate-400").update(session_hash="bob")
+    exposed = []
+    for arm, seconds in (("baseline", 300), ("candidate", 200), ("candidate", 500), ("baseline", 100)):
+        if (arm, seconds) != ("baseline", 300):
+            record(arm, seconds)
+        folded = fold(since)
+        assert arms_from_scratch_equal(folded.arms, scratch(since)) == [], (arm, seconds)
+        exposed.append((folded.arms["baseline"].exposed, folded.arms["candidate"].exposed))
+    # alice: baseline, then the candidate (earlier), still the candidate (a later one), the baseline again.
+    assert exposed == [(1, 1), (0, 2), (0, 2), (1, 1)]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_first_requests_replaced_by_earlier_ones_committed_late_equal_the_computation_from_scratch() -> None:
     """The tail checks' sample: a session's first request is set when folded and replaced only by an earlier
     one (by time, then id), as a batch committed late brings it; the buckets and the counts over thresholds
