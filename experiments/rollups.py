@@ -664,7 +664,8 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     # A full join (hash or merge join only: never a loop over both sides) and window functions, not joins
     # whose plan follows the estimates. The window functions (which arm a unit's earliest first_at is in)
     # sort only the four narrow columns exposure needs (`exposure`): sorting `merged`'s wide rows, every sum
-    # and total of each touched unit, cost a sixth of a steady look.
+    # and total of each touched unit, cost a sixth of a steady look. (MATERIALIZED: else PostgreSQL inlines
+    # it into the scalar subquery and runs the window once per arm.)
     ctes = f"""
         old AS ({stored_rows}),
         merged AS (
@@ -673,7 +674,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
                    CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}{merged_firsts}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
-        exposure AS (
+        exposure AS {"MATERIALIZED " if postgres else ""}(
             SELECT e.arm, SUM(CASE WHEN e.after_at = e.a THEN 1 ELSE 0 END) - SUM(CASE WHEN e.before_at = e.b THEN 1 ELSE 0 END) AS change
             FROM (SELECT m.arm, m.before_at, m.after_at, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
                          MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m) e GROUP BY e.arm)"""
