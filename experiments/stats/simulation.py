@@ -294,9 +294,9 @@ def request_details(rng: np.random.Generator, traffic: Traffic, batch: Interval,
 
 
 # Per user, what the sums of a look are made of: successes, their log TPOT, TPOT, errors, prompt characters
-# of successes, thumbs-up, requests; and before the rollout (`History`), successes, their log TPOT and TPOT.
+# of successes, thumbs-up, requests. With a `History`, `simulate` adds those before the rollout: pre_n,
+# pre_log and pre_x (successes, their log TPOT and TPOT).
 TOTALS = ("n", "log", "x", "err", "chars", "thumbs", "requests")
-PRE_TOTALS = ("pre_n", "pre_log", "pre_x")
 
 
 def interval_totals(batch: Interval, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

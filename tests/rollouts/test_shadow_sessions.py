@@ -19,7 +19,7 @@ import numpy as np
 from experiments.analysis import PairedLatency, PairedSums
 from experiments.metrics import METRICS
 from experiments.stats import RatioStats
-from experiments.stats.bounded import bounded_mean_bounds, session_mean_bounds
+from experiments.stats.bounded import session_mean_bounds
 from rollouts.analysis.shadow import shadow_latency_guardrail
 
 ALPHA = 0.05
@@ -83,17 +83,15 @@ def _quality_decision(user: np.ndarray, at: np.ndarray, scores: np.ndarray, user
     for t in LOOKS:
         seen = int(np.searchsorted(at, t, side="right"))
         if per_pair:
-            # As the check read the scores before: each pair its own, in arrival order (empirical Bernstein).
-            bounds = bounded_mean_bounds(scores[:seen], alpha=ALPHA)
-            low, high = bounds.lower, bounds.upper
+            # As the check read the scores before sessions were its units: each pair its own unit.
+            total, n = scores[:seen], np.ones(seen)
         else:
             n = np.bincount(user[:seen], minlength=users).astype(float)
             total = np.bincount(user[:seen], weights=scores[:seen], minlength=users)
-            found = session_mean_bounds(RatioStats.from_units(total[n > 0], n[n > 0]), alpha=ALPHA)
-            low, high = found.lower, found.upper
-        if high < floor:
+        found = session_mean_bounds(RatioStats.from_units(total[n > 0], n[n > 0]), alpha=ALPHA)
+        if found.upper < floor:
             return "breach"
-        if low >= floor:
+        if found.lower >= floor:
             return "safe"
     return "undecided"
 
