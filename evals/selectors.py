@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 from django.db import NotSupportedError
-from django.db.models import CharField, Count, F, FloatField, IntegerField, Q, QuerySet, Sum, Value
-from django.db.models.expressions import Case, Func, When
-from django.db.models.functions import Concat
+from django.db.models import Count, F, FloatField, IntegerField, Q, QuerySet, Sum
+from django.db.models.expressions import Func
 
 from config.errors import DomainError, NotFound
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
 from evals.paired import PairedItem, compare_paired
 from evals.scorers import FLIP_SUFFIX, SCORERS
+from experiments.analysis.sessions import SHADOW, unit_expression
 from experiments.stats import RatioStats
 from experiments.stats.bounded import session_mean_bounds
 from serving.selectors import shadow_pairs
@@ -374,10 +374,9 @@ def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float =
         raise DomainError(f"the rollout's shadow pairs are not scored with {label!r}", field="scorer")
     reference = _scorer_reference(specs[label])
     score, flag = _ScoreOf("scores", label), _FlagOf("scores", f"{label}{FLIP_SUFFIX}")
-    own = Concat(Value("r:"), F("request_id"), output_field=CharField())
     units = (
         shadow_pairs(rollout_id=rollout_id).order_by().annotate(score=score).filter(score__isnull=False)
-        .annotate(unit=Case(When(session_hash="", then=own), default=F("session_hash"), output_field=CharField()))
+        .annotate(unit=unit_expression(SHADOW))
         .values("unit").annotate(a=Sum("score"), b=Count("pk"), f=Sum(flag), j=Count(flag))
     )  # fmt: skip
     # The per-unit rows stay in the database: Python gets the sums RatioStats.from_units would take of them.
