@@ -17,10 +17,9 @@ from config.errors import DomainError, NotFound
 from evals.models import EvalGate, EvalItem, EvalResult, EvalRun, EvalSuite, ShadowScoring
 from evals.paired import PairedItem, compare_paired
 from evals.scorers import FLIP_SUFFIX, SCORERS
-from experiments.analysis.sessions import SHADOW, unit_expression
 from experiments.stats import RatioStats
 from experiments.stats.bounded import session_mean_bounds
-from serving.selectors import shadow_pairs
+from serving.selectors import session_unit, shadow_pairs
 
 # --- suites ---------------------------------------------------------------------------------------
 
@@ -376,7 +375,7 @@ def shadow_quality(*, rollout_id: int, scorer: str | None = None, alpha: float =
     score, flag = _ScoreOf("scores", label), _FlagOf("scores", f"{label}{FLIP_SUFFIX}")
     units = (
         shadow_pairs(rollout_id=rollout_id).order_by().annotate(score=score).filter(score__isnull=False)
-        .annotate(unit=unit_expression(SHADOW))
+        .annotate(unit=session_unit(session="session_hash", request_id="request_id"))
         .values("unit").annotate(a=Sum("score"), b=Count("pk"), f=Sum(flag), j=Count(flag))
     )  # fmt: skip
     # The per-unit rows stay in the database: Python gets the sums RatioStats.from_units would take of them.

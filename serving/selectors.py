@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import BooleanField, QuerySet
-from django.db.models.expressions import RawSQL
+from django.db.models import BooleanField, CharField, F, QuerySet, Value
+from django.db.models.expressions import Case, RawSQL, When
+from django.db.models.functions import Concat
 
 from config.errors import NotFound
 from serving.engines.capacity import ArmCapacity, arm_capacity
@@ -249,3 +250,13 @@ def _commit_column() -> str:
 
 def shadow_pairs(*, rollout_id: int) -> QuerySet[ShadowPair]:
     return ShadowPair.objects.filter(rollout_id=rollout_id)
+
+
+def session_unit(*, session: str | None, request_id: str) -> Case | Concat:
+    """The unit a request record or shadow pair is counted in (an expression over the fields named): its
+    session hash, or "r:<request id>" when it has none. Every check that takes sessions as its units
+    (experiments' analysis, evals' shadow quality) groups by this."""
+    own = Concat(Value("r:"), F(request_id), output_field=CharField())
+    if session is None:
+        return own
+    return Case(When(**{session: ""}, then=own), default=F(session), output_field=CharField())

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections
-from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, QuerySet, Sum, Value, When
-from django.db.models.functions import Concat, Greatest, Ln
+from django.db.models import CharField, Count, F, FloatField, Min, Q, QuerySet, Sum, Value
+from django.db.models.functions import Greatest, Ln
 
 from experiments.stats import RatioStats
 from experiments.stats.clustered import product_field
+from serving.selectors import session_unit
 
 # DESIGN.md: an error is the engine's fault (5xx, connection failure, in-stream error, cut stream), and a
 # request that found no engine failed its user too. Client 4xx and cancellations are nobody's verdict.
@@ -173,10 +174,7 @@ def session_columns(source: SessionSource, thresholds: Mapping[str, Sequence[flo
 
 def unit_expression(source: SessionSource) -> Any:
     """The unit of a row: its session hash, or "r:<request id>" for a request without a session."""
-    own = Concat(Value("r:"), F(source.request_id), output_field=CharField())
-    if source.session is None:
-        return own
-    return Case(When(**{source.session: ""}, then=own), default=F(source.session), output_field=CharField())
+    return session_unit(session=source.session, request_id=source.request_id)
 
 
 def session_rows(
