@@ -147,3 +147,18 @@ def test_a_prompt_with_a_nul_byte_keeps_its_record() -> None:
     record.prompt_text = "before\x00after"
     assert records_write([record]) == 1
     assert RequestRecord.objects.get(request_id="req-1").prompt_text == "before\ufffdafter"
+
+
+@pytest.mark.django_db
+def test_a_deleted_model_version_leaves_its_records_with_no_version() -> None:
+    """The records' model version has no constraint in the database (it cost the writer); deleting a version
+    still sets its records' field to NULL, and records of other versions keep theirs."""
+    from serving.models import ModelVersion
+
+    gone, kept = (ModelVersion.objects.create(name="adder", version=v, artifact=f"/models/adder-{v}", served_model_name="adder")
+                  for v in ("v1", "v2"))  # fmt: skip
+    drafts = [draft(1), draft(2)]
+    drafts[0].model_version_id, drafts[1].model_version_id = gone.pk, kept.pk
+    assert records_write(drafts) == 2
+    gone.delete()
+    assert dict(RequestRecord.objects.values_list("request_id", "model_version_id")) == {"req-1": None, "req-2": kept.pk}
