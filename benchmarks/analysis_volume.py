@@ -56,8 +56,10 @@ INGEST_ALIAS = "bench-ingest"
 # --- set-up --------------------------------------------------------------------------------------------------
 
 
-def database_open(url: str) -> None:
-    """Create the database if it is missing, point Django at it and migrate it."""
+def database_open(url: str, *, var: str = "bench-volume") -> None:
+    """Create the database if it is missing, point Django at it and migrate it (`var`: the folder under var/
+    for the platform's files, unless PLATFORM_VAR_DIR names one). benchmarks/shadow_quality.py opens its own
+    database with it too."""
     import psycopg
 
     parts = urlsplit(url)
@@ -69,7 +71,7 @@ def database_open(url: str) -> None:
     os.environ.update({
         "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "config.settings", "LOG_LEVEL": "WARNING",
         "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(40),
-        "PLATFORM_VAR_DIR": os.environ.get("PLATFORM_VAR_DIR") or str(REPO / "var" / "bench-volume"),
+        "PLATFORM_VAR_DIR": os.environ.get("PLATFORM_VAR_DIR") or str(REPO / "var" / var),
     })  # fmt: skip
     import django
 

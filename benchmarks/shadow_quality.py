@@ -28,47 +28,16 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from analysis_volume import database_drop, database_open  # noqa: E402  (benchmarks/ is the script's own folder)
+
 ROLLOUT_ID = 910_001
 ALIAS = "bench-shadow"
-
-
-def database_open(url: str) -> None:
-    """Create the database if it is missing, point Django at it and migrate it."""
-    import psycopg
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    os.environ.update({
-        "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "config.settings", "LOG_LEVEL": "WARNING",
-        "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(40),
-        "PLATFORM_VAR_DIR": os.environ.get("PLATFORM_VAR_DIR") or str(REPO / "var" / "bench-shadow"),
-    })  # fmt: skip
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-
-
-def database_drop(url: str) -> None:
-    import psycopg
-
-    parts = urlsplit(url)
-    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
 
 
 def fill(pairs: int, sessions: int, seed: int) -> None:
@@ -182,7 +151,7 @@ def main() -> None:
     if args.drop:
         database_drop(url)
         return
-    database_open(url)
+    database_open(url, var="bench-shadow")
     fill(args.pairs, args.sessions, args.seed)
 
     from evals import selectors
