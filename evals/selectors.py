@@ -303,11 +303,8 @@ def _json_path(key: str) -> str:
     return f"$.{json.dumps(key)}"
 
 
-class _ScoreOf(Func):
-    """A JSON object column's value at `key` as shadow quality counts it: a finite JSON number (not a bool,
-    not a string) clamped to [0, 1]; NULL for anything else or a missing key. PostgreSQL (jsonb) and SQLite."""
-
-    output_field = FloatField()
+class _JsonKey(Func):
+    """A JSON object column's value at `key`, read as the subclass says, on PostgreSQL (jsonb) and SQLite."""
 
     def __init__(self, column: str, key: str) -> None:
         super().__init__(F(column))
@@ -315,6 +312,13 @@ class _ScoreOf(Func):
 
     def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
         raise NotSupportedError(f"shadow scores are read on PostgreSQL and SQLite, not {connection.vendor}")
+
+
+class _ScoreOf(_JsonKey):
+    """The value as shadow quality counts it: a finite JSON number (not a bool, not a string) clamped to
+    [0, 1]; NULL for anything else or a missing key."""
+
+    output_field = FloatField()
 
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         column, params = compiler.compile(self.get_source_expressions()[0])
@@ -334,17 +338,10 @@ class _ScoreOf(Func):
         return sql, (*params, path, *params, path, *params, path)
 
 
-class _FlagOf(Func):
-    """A JSON object column's value at `key` as 1 (true) or 0 (false); NULL when it is not a bool."""
+class _FlagOf(_JsonKey):
+    """The value as 1 (true) or 0 (false); NULL when it is not a bool."""
 
     output_field = IntegerField()
-
-    def __init__(self, column: str, key: str) -> None:
-        super().__init__(F(column))
-        self.key = key
-
-    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
-        raise NotSupportedError(f"shadow scores are read on PostgreSQL and SQLite, not {connection.vendor}")
 
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         column, params = compiler.compile(self.get_source_expressions()[0])
