@@ -13,8 +13,8 @@ decides:
   evidence at the step's split is shown safe, and there is no sample ratio mismatch (the next step, an
   approval, or promotion after the last step); when the step's planned sample is reached with a check still
   undecided, apply the plan's `on_inconclusive` (pause, advance or roll back);
-- while a promotion bakes, roll back on a breach against the holdout, and promote for good when the bake
-  ends;
+- while a promotion bakes, roll back on a breach against the holdout (of a check's pooled evidence, or of
+  a guardrail on the bake's evidence alone), and promote for good when the bake ends;
 - promote an A/B test whose primary metric wins, roll back one that loses or reaches its horizon;
 - otherwise hold.
 
@@ -23,9 +23,10 @@ The decision is applied through the rollout's services with the version the look
 refuses with a Conflict and the look is recorded as not applied. So a look that dies half-way, or two at
 once, never apply a decision twice. The look is stored as a compact `RolloutAnalysis` row.
 
-Error control: SLO, guardrail and quality checks share the plan's alpha by Bonferroni over checks and
-steps (each step's window starts a new confidence sequence), so the chance that a candidate within every
-margin is rolled back at any look of any step is at most alpha.
+Error control: the checks share the plan's alpha by Bonferroni over checks (`rollouts.plans.alpha`; each
+check's evidence is one confidence sequence across the steps, and a guardrail's check on the bake alone is
+one more check), so the chance that a candidate within every margin is rolled back at any look of any step
+or of the bake is at most alpha.
 
 The package: `look` (the record of a look), `checks` (statistics and checks), `policy` (the decision),
 `apply` (the lease, the application and the stored row).

@@ -4,8 +4,10 @@ JSON the rollout stores and the pages show. Nothing here decides what the rollou
 
 Error control, one rule for the whole rollout (`rollouts.plans.alpha`): the plan's alpha is split once,
 equally (Bonferroni), over every check that can stop or pass it: each SLO, each guardrail, the shadow
-quality check, the eval gate and an A/B's primary metric. Each check decides on an always-valid bound at its
-share, so the chance that any check of the rollout is ever wrong, at any look of any step, is at most alpha.
+quality check, the eval gate and an A/B's primary metric, and, in a plan that bakes with a holdout, each
+guardrail again on the bake's evidence alone (`bake_alone_checks`). Each check decides on an always-valid
+bound at its share, so the chance that any check of the rollout is ever wrong, at any look of any step, is at
+most alpha.
 
 Evidence carried across steps (one confidence sequence per check for the whole rollout, so no split over
 steps): every step with both arms live (0 < weight < 1) is a stratum; a guardrail compares the arms within
@@ -26,7 +28,8 @@ The check dicts every look stores (what the policy, the pages and `rolloutctl` r
 (the check's share), `min_n` (the fewest candidate requests at which it could be shown safe), `more_n` with
 `more_unit` (while undecided: about how many more candidate requests it needs at the present estimate;
 None when the estimate sits on the margin), `steps` (the step indexes its evidence pools), the estimate
-with its bounds, and `n` / `sessions`.
+with its bounds, and `n` / `sessions`; a guardrail's check on the bake alone has `scope` "bake alone" and
+`acts_on` "breach".
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
 from rollouts.analysis.shadow import shadow_latency_guardrail
 from rollouts.models import Rollout
 from rollouts.plans import Plan
-from rollouts.plans.alpha import AlphaSplit, alpha_split, check_alpha_share
+from rollouts.plans.alpha import AlphaSplit, alpha_split, bake_alone_name, bakes_alone, check_alpha_share
 from rollouts.selectors import rollout_step_starts
 
 logger = logging.getLogger(__name__)
@@ -145,6 +148,24 @@ def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False) -> f
         candidate_share=_comparing_share(plan), alpha=check_alpha_share(plan),
     )  # fmt: skip
     return found if found is not None else plan_tuning_n(plan)
+
+
+def bake_alone_tuning_n(plan: Plan, guardrail: Any) -> float:
+    """N* of a guardrail's check on the bake's evidence alone, which acts on a breach only: the breach side's
+    N* (`guardrail_tuning_n` with `breach`) at the bake's split (the candidate at 1 - holdout), so its bound
+    is narrowest where the bake's own evidence, a small holdout against nearly every session, would catch a
+    harm of three margins. A tail guardrail's is the same as its pooled one (sessions, both sides)."""
+    if plan.tuning_n:
+        return float(plan.tuning_n)
+    metric = METRICS[guardrail.metric]
+    share = 1.0 - plan.holdout
+    if metric.shape == "percentile" or not 0.0 < share < 1.0:
+        return guardrail_tuning_n(plan, guardrail, breach=True)
+    found = margin_tuning_n(
+        scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
+        candidate_share=share, alpha=check_alpha_share(plan),
+    )  # fmt: skip
+    return breach_tuning_n(found) if found is not None else guardrail_tuning_n(plan, guardrail, breach=True)
 
 
 def slo_tuning_n(plan: Plan, slo: Any) -> float:
@@ -562,6 +583,9 @@ def step_label(rollout: Rollout) -> str:
 
 
 def breach_reason(check: dict[str, Any]) -> str:
+    if check.get("scope") == "bake alone":
+        base = breach_reason({**check, "scope": None}).removeprefix("guardrail breached: ")
+        return f"guardrail breached on the bake's evidence alone ({check['name']}, the holdout since the bake began): {base}"
     if check["type"] == "guardrail" and check.get("scale") == "quantile":
         label = f"p{float(check.get('quantile') or 0.99) * 100:g}"
         return (
@@ -674,6 +698,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
                               paired, guardrail_tuning_n(plan, g, breach=True))
         for g in plan.guardrails
     ]  # fmt: skip
+    if current.step_index == len(rollout.steps) and 0.0 < weight < 1.0 and bakes_alone(plan):
+        look.checks += bake_alone_checks(rollout, plan, windows, sums, prices, alpha, pre, firsts, rollups)
     if plan.shadow_quality is not None:
         look.checks.append(_quality_check(plan, rollout.pk, alpha))
     if plan.strategy == "ab" and plan.primary_metric is not None:
@@ -682,6 +708,31 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     if not shadow_step:
         look.comparisons = exploratory_comparisons(plan, strata, prices, rollout)
     return look
+
+
+def bake_alone_checks(rollout: Rollout, plan: Plan, windows: list[Window], sums: dict[int, dict[str, ArmSums]],
+                      prices: dict[str, tuple[float, float]], alpha: float, pre: PrePeriod | None,
+                      firsts: tuple[str, ...], rollups: Rollups) -> list[dict[str, Any]]:  # fmt: skip
+    """While the promotion bakes: each guardrail again on the bake's evidence alone (the bake's window, the
+    candidate against the holdout since the bake began), as "<guardrail> (bake alone)" with its own share of
+    the plan's alpha (`rollouts.plans.alpha`) and the breach side's N* at the bake's split
+    (`bake_alone_tuning_n`). A regression that appears only in the bake (under the full load) weighs in the
+    pooled check only by the bake's share of the steps' evidence; here it is the whole of it. The policy acts
+    on its breach only (`scope`: "bake alone")."""
+    bake = windows[-1]
+    share = bake.weight
+    strata = [(sums[bake.step_index]["baseline"], sums[bake.step_index]["candidate"])]
+    tails = _tail_bins(rollout, plan, windows, [bake.step_index], False, bake.since, pre, firsts, rollups)
+    out = []
+    for g in plan.guardrails:
+        breach_n = bake_alone_tuning_n(plan, g)
+        if METRICS[g.metric].shape == "percentile":
+            check = _tail_guardrail_check(g, tails, alpha, breach_n, share, [bake.step_index], False)
+        else:
+            check = _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, False,
+                                     [bake.step_index], None, breach_n)  # fmt: skip
+        out.append({**check, "name": bake_alone_name(g.label), "scope": "bake alone", "acts_on": "breach"})
+    return out
 
 
 def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int], shadow_step: bool,

@@ -14,8 +14,8 @@ request, and after a resume the step collects another planned sample before paus
 or `rollback`. A breach rolls back at any time.
 
 Promotion bakes (`_decide_bake`): the candidate serves all but the plan's `holdout` of sessions for
-`bake_s`, compared with the holdout on the same checks; a breach then rolls back, the end of the bake
-promotes for good."""
+`bake_s`, compared with the holdout on the same checks, and each guardrail also on the bake's evidence alone
+("<guardrail> (bake alone)"); a breach of either then rolls back, the end of the bake promotes for good."""
 
 from __future__ import annotations
 
@@ -180,8 +180,10 @@ def _inconclusive_pauses(rollout: Rollout) -> int:
 
 def _decide_bake(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     """The promotion's bake: the candidate at 1 - holdout, compared with the holdout on the same checks (its
-    evidence pooled with the steps', one sequence per check, so the bake spends no alpha of its own). A
-    breach rolls back; the end of the bake with none promotes for good."""
+    evidence pooled with the steps', one sequence per check) and, so that a regression that appears only in
+    the bake is not diluted by the steps' evidence, each guardrail on the bake's evidence alone (its own
+    share of the plan's alpha, `rollouts.plans.alpha`; `checks.bake_alone_checks`). A breach of either rolls
+    back; the end of the bake with none promotes for good."""
     started = rollout.bake_started_at or now
     ends = started + timedelta(seconds=plan.bake_s)
     window_start = started + ROUTE_SETTLE

@@ -6,6 +6,14 @@ rollout's steps in one sequence per check (rollouts.analysis.checks), so the cha
 wrong, at any look of any step, is at most the plan's alpha. The rollout page, the API and `rolloutctl
 status` show this split.
 
+A plan that bakes with a holdout (`bake_s` > 0, `holdout` > 0) has one more check per guardrail, "<guardrail>
+(bake alone)": the guardrail on the bake's evidence alone (the candidate against the holdout since the bake
+began), which only a breach of acts on (a regression that appears only at full load would otherwise be
+diluted by the steps' good evidence in the pooled sequence). It is a sequence of its own, so it takes an
+equal share like every other check: k checks and g guardrails split alpha over k + g, and the union bound
+over all of them still keeps the chance that any is ever wrong at most alpha. The price is paid by every
+check: each share is alpha / (k + g) instead of alpha / k.
+
 Why not Holm: Holm's level for a check depends on where the other checks' p-values rank at that look, so
 a check's interval would change level from look to look, the page could not show one interval as "the one
 the decision used", and a check computed elsewhere (the eval gate, before any traffic) could not be told
@@ -48,9 +56,25 @@ class AlphaSplit:
         }  # fmt: skip
 
 
+BAKE_ALONE = " (bake alone)"
+
+
+def bake_alone_name(label: str) -> str:
+    """The name of a guardrail's check on the bake's evidence alone."""
+    return f"{label}{BAKE_ALONE}"
+
+
+def bakes_alone(plan: Plan) -> bool:
+    """Whether the plan's guardrails are also checked on the bake's evidence alone: it bakes with a holdout
+    to compare with (without one only the SLOs compare in the bake)."""
+    return plan.bakes and plan.holdout > 0 and bool(plan.guardrails)
+
+
 def alpha_split(plan: Plan) -> AlphaSplit:
     """Every check that can stop or pass the rollout, and the alpha each gets."""
     names = [slo.label for slo in plan.slos] + [g.label for g in plan.guardrails]
+    if bakes_alone(plan):
+        names += [bake_alone_name(g.label) for g in plan.guardrails]
     if plan.shadow_quality is not None:
         names.append("shadow quality")
     if plan.eval_gate:

@@ -175,7 +175,7 @@ def test_create_start_when_ready_asks_for_an_engine_of_a_version_without_one(env
     lacking = version("adder-v3", ready=False)
     plan = tmp_path / "later.yaml"
     plan.write_text(yaml.safe_dump(canary_plan(candidate="adder-v3", steps=[
-        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000}])))  # fmt: skip
+        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1100}])))  # fmt: skip
     code, _, err = ctl("create", str(plan), "--start-when-ready")
     assert code == EXIT_OK, err
     rollout = Rollout.objects.get()
@@ -193,7 +193,7 @@ def test_status_says_when_the_watchdog_paused_the_rollout(env: Any, owner: Any) 
     from rollouts.watchdog import rollouts_watchdog_pass, stale_after_s
 
     rollout = rollout_create(plan=canary_plan(steps=[
-        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000}]), actor=owner.user, start=True).rollout  # fmt: skip
+        {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1100}]), actor=owner.user, start=True).rollout  # fmt: skip
     assert rollouts_watchdog_pass(now=timezone.now() + timedelta(seconds=stale_after_s() + 1)).paused == [rollout.pk]
     code, out, _ = ctl("status", str(rollout.pk))
     assert code == EXIT_OK

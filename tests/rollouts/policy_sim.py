@@ -15,8 +15,9 @@ last hour, `rollouts.planning.HISTORY`); and the rules of `rollouts.analysis.pol
 look, a step ends when its minimums are met and no check holds it (`holding_checks`), its planned sample
 reached with a check holding applies `on_inconclusive`, and the last step's end bakes: the candidate at
 1 - holdout of the sessions (the sessions the gateway's hash put furthest from the candidate stay on the
-baseline), compared with the holdout on the same checks pooled with the steps' strata, for `bake_s`; a
-breach then rolls back, the end of the bake promotes.
+baseline), compared with the holdout on the same checks pooled with the steps' strata, and each guardrail on
+the bake's stratum alone (`rollouts.analysis.checks.bake_alone_checks`, with its N*), for `bake_s`; a
+breach of either then rolls back, the end of the bake promotes.
 
 Left out: checks the simulator has no data for (cost per request, TTFT tails) and the SRM check; a paused
 rollout is left paused (a person would decide).
@@ -50,10 +51,10 @@ from experiments.stats.simulation import (
     interval_totals,
 )
 from rollouts import planning
-from rollouts.analysis.checks import guardrail_tuning_n, slo_tuning_n
+from rollouts.analysis.checks import bake_alone_tuning_n, guardrail_tuning_n, slo_tuning_n
 from rollouts.analysis.policy import holding_checks
 from rollouts.plans import Plan
-from rollouts.plans.alpha import check_alpha_share
+from rollouts.plans.alpha import bake_alone_name, bakes_alone, check_alpha_share
 from rollouts.plans.model import MIN_STEP_DURATION_S
 
 RATE = 20.0  # requests per second on the alias
@@ -73,6 +74,8 @@ class Ended:
     rolled_back_in_bake: np.ndarray
     rolled_back_before_half: np.ndarray
     inconclusive: np.ndarray  # reached a planned sample with a check still holding (whatever the rule did then)
+    # Rolled back in the bake by a guardrail's check on the bake alone, the pooled checks not breached then.
+    rolled_back_by_bake_alone: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     planned: list[int | None] = field(default_factory=list)  # each step's planned sample
     # Per rollout that reached a planned sample undecided: (the step, the checks holding it there).
     undecided: dict[int, tuple[int, list[str]]] = field(default_factory=dict)
@@ -161,6 +164,9 @@ def simulate(
         }
         for g in guardrails
     }  # fmt: skip
+    # The guardrails on the bake's stratum alone: only their breach acts.
+    alone = {g.label: {**options[g.label], "breach_tuning_n": bake_alone_tuning_n(plan, g)} for g in guardrails
+             if bakes_alone(plan)}  # fmt: skip
     planned = planned if planned is not None else planned_samples(plan, seed, look_s)
     weights = [s.weight for s in plan.steps] + [1.0 - plan.holdout]  # the bake is one more stratum
     bake = len(plan.steps)
@@ -183,6 +189,7 @@ def simulate(
     max_weight = np.full(sims, weights[0])
     state = np.zeros(sims, dtype=int)  # 0 live, 1 promoted, 2 rolled back, 3 paused
     rolled_back_in_bake = np.zeros(sims, dtype=bool)
+    by_bake_alone = np.zeros(sims, dtype=bool)
     inconclusive = np.zeros(sims, dtype=bool)
     step_ends: dict[int, list[float]] = {i: [] for i in range(len(plan.steps))}
     undecided: dict[int, tuple[int, list[str]]] = {}
@@ -239,6 +246,11 @@ def simulate(
                 if bases:
                     decision = ratio_guardrail_check(bases, cands, **options[g.label]).decision.value
                 checks.append({"type": "guardrail", "name": g.label, "metric": g.metric, "decision": decision})
+                if current == bake and g.label in alone and bake in arms:
+                    found = ratio_guardrail_check(arms[bake][0].ratio(source, at), arms[bake][1].ratio(source, at),
+                                                  **alone[g.label]).decision.value  # fmt: skip
+                    checks.append({"type": "guardrail", "name": bake_alone_name(g.label), "metric": g.metric,
+                                   "decision": found, "scope": "bake alone"})  # fmt: skip
             for slo in slos:
                 total = None
                 for i in arms:
@@ -252,9 +264,11 @@ def simulate(
                         design_effect=design_effect(total), project=False,
                     ).decision.value  # fmt: skip
                 checks.append({"type": "slo", "name": slo.label, "metric": slo.metric, "decision": decision})
-            if any(c["decision"] == Decision.BREACH.value for c in checks):
+            breached = [c for c in checks if c["decision"] == Decision.BREACH.value]
+            if breached:
                 state[s] = 2
                 rolled_back_in_bake[s] = current == bake
+                by_bake_alone[s] = all(c.get("scope") == "bake alone" for c in breached)
                 continue
             minimums = step_looks[s] >= min_looks[current] and step_requests[s] >= min_requests[current]
             if current == bake:
@@ -288,5 +302,5 @@ def simulate(
     return Ended(
         promoted=state == 1, rolled_back=rolled_back, paused=state == 3, rolled_back_in_bake=rolled_back_in_bake,
         rolled_back_before_half=rolled_back & (max_weight < 0.5), inconclusive=inconclusive, planned=planned,
-        step_ends=step_ends, undecided=undecided,
+        step_ends=step_ends, undecided=undecided, rolled_back_by_bake_alone=by_bake_alone,
     )  # fmt: skip

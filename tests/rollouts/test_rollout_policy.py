@@ -192,6 +192,35 @@ def test_promotion_keeps_a_holdout_and_a_breach_during_the_bake_rolls_back(
     assert kinds(rollout)[-2:] == ["promoted", "rolled_back"]
 
 
+def test_a_regression_that_appears_only_in_the_bake_is_caught_by_the_guardrail_on_the_bake_alone(
+    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step's good evidence dilutes a bake-only regression in the pooled check (its estimate stays under
+    the margin); the same guardrail on the bake's evidence alone sees all of it and rolls back."""
+    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
+    monkeypatch.setattr("rollouts.analysis.policy.ROUTE_SETTLE", timedelta(0))
+    rollout = _baking(owner)
+    sticky_traffic(rollout, users=300, weight=0.95, seed=311)
+    calm = look(rollout)
+    assert calm.decision == "hold", calm.reason
+    alone = next(c for c in calm.checks if c["name"] == "tpot_gmean_ms at most 10% worse (bake alone)")
+    assert alone["steps"] == [1] and alone["scope"] == "bake alone" and alone["decision"] != "breach"
+    assert alone["alpha"] == 0.025 and alone["holds"] is False  # alpha 0.05 over the guardrail and this check
+    detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
+    assert "tpot_gmean_ms at most 10% worse (bake alone)" in detail["alpha_split"]["checks"]
+    assert "tpot_gmean_ms at most 10% worse (bake alone)" in logged_in(owner).get(f"/rollouts/{rollout.pk}").content.decode()
+
+    sticky_traffic(rollout, users=1500, weight=0.95, seed=312, tpot_factor=1.6)
+    caught = look(rollout)
+    pooled = next(c for c in caught.checks if c["name"] == "tpot_gmean_ms at most 10% worse")
+    assert pooled["decision"] != "breach" and pooled["effect"] < 0.1, pooled
+    assert (caught.decision, caught.applied) == ("rollback", True), caught.reason
+    assert caught.reason.startswith(
+        "during the bake: guardrail breached on the bake's evidence alone (tpot_gmean_ms at most 10% worse (bake alone), "
+    ), caught.reason
+    assert fresh(rollout).state == "rolled_back"
+
+
 def test_a_bake_with_no_breach_promotes_for_good(owner: Any, versions: None) -> None:
     rollout = _baking(owner, bake_s=300)
     Rollout.objects.filter(pk=rollout.pk).update(bake_started_at=timezone.now() - timedelta(seconds=301))

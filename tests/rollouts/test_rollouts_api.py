@@ -48,16 +48,17 @@ def test_create_start_and_follow_a_rollout(owner: Any, versions: None) -> None:
 
     rollout = Rollout.objects.get(pk=body["id"])
     step_back(rollout, 61)
-    # The step's floor is 922 candidate requests (the error-rate guardrail's): 1,000 at 10 %.
-    both_arms(rollout, total=10_000, weight=0.1, seed=21)
+    # The step's floor is 1,077 candidate requests (the error-rate guardrail's at alpha 0.0125: two guardrails,
+    # each again on the bake alone): 1,200 at 10 %.
+    both_arms(rollout, total=12_000, weight=0.1, seed=21)
     rollout_analyse(rollout_id=rollout.pk)
     detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
     assert detail["step_index"] == 1 and detail["weights"]["candidate"] == 0.5, detail["latest_analysis"]["reason"]
-    assert detail["latest_analysis"]["decision"] == "advance" and detail["latest_analysis"]["arms"]["candidate"]["n"] == 1000
+    assert detail["latest_analysis"]["decision"] == "advance" and detail["latest_analysis"]["arms"]["candidate"]["n"] == 1200
 
     events = owner.api().get(f"/api/v1/rollouts/{rollout.pk}/events").json()
     assert [e["kind"] for e in events] == ["created", "started", "step_started"]
-    assert events[-1]["actor"] == "analysis" and events[-1]["evidence"]["arms"]["baseline"]["n"] == 9000
+    assert events[-1]["actor"] == "analysis" and events[-1]["evidence"]["arms"]["baseline"]["n"] == 10_800
     assert owner.api().get(f"/api/v1/rollouts/{rollout.pk}/events?after=2").json()[0]["seq"] == 3
 
     series = owner.api().get(f"/api/v1/rollouts/{rollout.pk}/series").json()

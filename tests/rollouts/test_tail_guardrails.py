@@ -12,9 +12,9 @@ from django.utils import timezone
 
 from experiments.analysis import first_request_bins
 from experiments.stats.quantiles import quantile_tuning_n, tail_min_n
-from rollouts.analysis.checks import alpha_split, step_min_sample
-from rollouts.plans import plan_normalise
-from rollouts.services import rollout_create
+from rollouts.analysis.checks import alpha_split, check_alpha_share, step_min_sample
+from rollouts.plans import plan_from_stored, plan_normalise
+from rollouts.services import rollout_create, rollout_promote
 from tests.rollouts.helpers import canary_plan, fresh, look, records, shadow_pairs, step_back, version
 
 pytestmark = pytest.mark.django_db
@@ -39,9 +39,12 @@ def test_a_tail_guardrail_is_a_plan_check_with_its_share_and_floor() -> None:
     (tail, _) = plan.guardrails
     assert (tail.metric, tail.margin, tail.relative, tail.label) == ("tpot_p90_ms", 0.1, True, "tpot_p90_ms at most 10% worse")
     split = alpha_split(plan)
-    assert split.checks == ("tpot_p90_ms at most 10% worse", "error_rate at most 0.01 worse") and split.share == 0.025
+    # Each guardrail also on the bake's evidence alone (the plan bakes with a 5 % holdout): four checks.
+    assert split.checks == ("tpot_p90_ms at most 10% worse", "error_rate at most 0.01 worse",
+                            "tpot_p90_ms at most 10% worse (bake alone)", "error_rate at most 0.01 worse (bake alone)")
+    assert split.share == 0.0125
     # The step's floor: at least the candidate sessions at which the p90 has an upper bound at all.
-    floor = tail_min_n(quantile=0.9, alpha=0.025, tuning_n=quantile_tuning_n(quantile=0.9, alpha=0.025, margin=0.1))
+    floor = tail_min_n(quantile=0.9, alpha=0.0125, tuning_n=quantile_tuning_n(quantile=0.9, alpha=0.0125, margin=0.1))
     assert step_min_sample(plan, 0) >= floor
 
 
@@ -86,7 +89,7 @@ def test_an_a_a_is_shown_safe_and_advances(owner: Any, versions: None) -> None:
     analysis = look(rollout)
     (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
     assert check["decision"] == "safe", check
-    assert check["low"] < 0 < check["high"] < 0.1 and check["alpha"] == 0.05
+    assert check["low"] < 0 < check["high"] < 0.1 and check["alpha"] == 0.025  # its share, beside its bake-alone check's
     assert check["baseline_bounds"][0] <= check["baseline"] <= check["baseline_bounds"][1]
     assert analysis.decision == "advance"
 
@@ -164,8 +167,9 @@ def test_the_planned_sample_counts_candidate_sessions() -> None:
     plan = plan_normalise(canary_plan(guardrails=[TAIL], steps=[{"weight": 0.2}]))
     (step,) = plan_sample_sizes(plan=plan, baseline=None)["steps"]
     (check,) = step["checks"]
-    tuning = quantile_tuning_n(quantile=0.9, alpha=0.05, margin=0.1)
-    expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=0.05, tuning_n=tuning, candidate_share=0.2,
+    alpha = check_alpha_share(plan)  # 0.025: the guardrail and its check on the bake alone
+    tuning = quantile_tuning_n(quantile=0.9, alpha=alpha, margin=0.1)
+    expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=alpha, tuning_n=tuning, candidate_share=0.2,
                                 power=1.0 - step["miss_per_check"])  # fmt: skip
     assert (check["unit"], check["candidate_n"], check["assumed"]) == ("candidate sessions", expected, {"log_sd": 0.5})
     assert step["candidate_n"] >= expected
@@ -200,9 +204,32 @@ def test_the_page_the_api_and_the_alpha_split_show_the_tail_guardrail(owner: Any
     look(rollout)
     detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
     (check,) = [c for c in detail["latest_analysis"]["checks"] if c["metric"] == "tpot_p90_ms"]
-    assert check["alpha"] == 0.025 and check["scale"] == "quantile" and check["more_unit"] == "candidate sessions"
+    assert check["alpha"] == 0.0125 and check["scale"] == "quantile" and check["more_unit"] == "candidate sessions"
     assert "tpot_p90_ms at most 10% worse" in detail["alpha_split"]["checks"]
     client = Client()
     client.force_login(owner.user)
     page = client.get(f"/rollouts/{rollout.pk}").content.decode()
     assert "tpot_p90_ms at most 10% worse" in page and "candidate sessions" in page
+
+
+def test_while_baking_a_tail_guardrail_is_also_checked_on_the_bake_alone(
+    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
+    monkeypatch.setattr("rollouts.analysis.policy.ROUTE_SETTLE", timedelta(0))
+    rollout = started(owner)
+    step_back(rollout, 30)
+    records(rollout, arm="baseline", n=400, model_version=rollout.baseline, seed=81)
+    records(rollout, arm="candidate", n=400, model_version=rollout.candidate, seed=82)
+    rollout = rollout_promote(rollout=rollout, actor=owner.user, reason="test")
+    assert rollout.state == "baking"
+    # In the bake the candidate's p90 is three times the holdout's.
+    records(rollout, arm="baseline", n=300, model_version=rollout.baseline, seed=83)
+    records(rollout, arm="candidate", n=300, model_version=rollout.candidate, seed=84, tpot=(60.0, 5.0))
+    analysis = look(fresh(rollout))
+    pooled = next(c for c in analysis.checks if c["name"] == "tpot_p90_ms at most 10% worse")
+    alone = next(c for c in analysis.checks if c["name"] == "tpot_p90_ms at most 10% worse (bake alone)")
+    assert pooled["steps"] == [0, 1] and pooled["sessions"] == [700, 700]
+    assert alone["steps"] == [1] and alone["sessions"] == [300, 300] and alone["scale"] == "quantile"
+    assert alone["decision"] == "breach" and alone["alpha"] == check_alpha_share(plan_from_stored(rollout.plan))
+    assert analysis.decision == "rollback" and analysis.reason.startswith("during the bake: "), analysis.reason

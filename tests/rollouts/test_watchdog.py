@@ -26,7 +26,7 @@ from tests.rollouts.helpers import canary_plan, kinds, version
 pytestmark = pytest.mark.django_db
 
 STEPS = [
-    {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000},
+    {"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1100},
     {"weight": 0.5, "min_duration_s": 300, "min_candidate_requests": 2000},
 ]
 
