@@ -23,7 +23,7 @@ from tests.rollouts.helpers import canary_plan, version
 pytestmark = pytest.mark.django_db
 
 State = EngineWorker.State
-STEPS = [{"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1000}]
+STEPS = [{"weight": 0.1, "min_duration_s": 300, "min_candidate_requests": 1100}]
 
 
 def local_ready(label: str) -> EngineWorker:

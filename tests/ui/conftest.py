@@ -43,10 +43,10 @@ def canary(owner: Any, versions: None) -> Rollout:
 
 def awaiting(rollout: Rollout) -> Rollout:
     """Give the canary's first step its minimums (a minute, and the floor of the error-rate guardrail: about
-    900 candidate requests) so that the next look finds both guardrails safe and asks for the approval of
+    1,100 candidate requests) so that the next look finds both guardrails safe and asks for the approval of
     step 2."""
     step_back(rollout, 61)
-    both_arms(rollout, total=10_000, weight=0.1, seed=8)
+    both_arms(rollout, total=12_000, weight=0.1, seed=8)
     rollout_analyse(rollout_id=rollout.pk)
     fresh = Rollout.objects.select_related("baseline", "candidate").get(pk=rollout.pk)
     assert fresh.state == Rollout.State.AWAITING_APPROVAL, fresh.state_reason

@@ -46,7 +46,7 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
         {"weight": 0.5, "requires_approval": True},
     ]), actor=owner.user, start=True).rollout  # fmt: skip
     step_back(rollout, 61)
-    both_arms(rollout, total=10_000, weight=0.1, seed=3)  # 1,000 candidate requests: over the step's floor
+    both_arms(rollout, total=11_000, weight=0.1, seed=3)  # 1,100 candidate requests: over the step's floor (1,077)
     analysis = rollout_analyse(rollout_id=rollout.pk)
     assert analysis is not None and (analysis.decision, analysis.applied) == ("await_approval", True)
     event = last_event(rollout)
@@ -68,8 +68,8 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
     tpot = checks["tpot_mean_ms at most 10% worse"]
     assert f"effect {tpot['effect'] * 100:+.3g}% [{tpot['low'] * 100:+.3g}%, {tpot['high'] * 100:+.3g}%]" in lines["tpot_mean_ms at most 10% worse"]
     assert f": {tpot['decision']} — " in lines["tpot_mean_ms at most 10% worse"]
-    assert "n 9000 / 1000" in lines["tpot_mean_ms at most 10% worse"]
-    assert "*sample ratio*: ok (p " in text and "9000 / 1000, expected about 9000 / 1000" in text
+    assert "n 9900 / 1100" in lines["tpot_mean_ms at most 10% worse"]
+    assert "*sample ratio*: ok (p " in text and "9900 / 1100, expected about 9900 / 1100" in text
     assert "*Eval gate*: none in this plan" in text
     approve, reject, open_ = buttons(blocks)
     assert (approve["text"]["text"], reject["text"]["text"], open_["text"]["text"]) == ("Approve", "Reject", "Open rollout")
