@@ -112,6 +112,21 @@ def record_partitions_ensure(*, today: date, ahead: int = PARTITIONS_AHEAD) -> l
     return created
 
 
+def record_partition_analyse(*, day: date) -> bool:
+    """ANALYZE the day's partition (False when it does not exist). The planner's choices for a look's reads
+    of the day (each new session's history in experiments.analysis.preperiod, the fold's new records) follow
+    its statistics. Autovacuum keeps them on a default server, but with it off (this project's CI server) or
+    in the first burst of a new day they were missing, and the history of each session was read by filtering
+    the alias's whole hour: 22 s a look for 150 new sessions (benchmarks/decision_policy.py). Beat analyses
+    today's partition hourly (`serving.tasks.record_partitions_ensure`); ANALYZE samples at most 30,000 rows."""
+    name = partition_name(day)
+    if name not in record_partitions():
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {name}")
+    return True
+
+
 @dataclass(frozen=True)
 class PartitionExpiry:
     dropped: tuple[str, ...]

@@ -30,16 +30,18 @@ def shadow_mirror(self: Any, payload: dict[str, Any]) -> bool:
 
 @shared_task(name="serving.record_partitions_ensure", ignore_result=True)
 def record_partitions_ensure() -> list[str]:
-    """Beat, hourly: today's request-record partition and the next days' exist before a record needs them
-    (PostgreSQL; nothing to do on SQLite). Safe to run twice."""
+    """Beat, hourly: today's request-record partition and the next days' exist before a record needs them,
+    and today's has fresh planner statistics (PostgreSQL; nothing to do on SQLite). Safe to run twice."""
     from django.utils import timezone
 
-    from serving.partitions import partitioned
+    from serving.partitions import partitioned, record_partition_analyse
     from serving.partitions import record_partitions_ensure as ensure
 
     if not partitioned():
         return []
-    created = ensure(today=timezone.now().date())
+    today = timezone.now().date()
+    created = ensure(today=today)
+    record_partition_analyse(day=today)
     if created:
         log.info("created request-record partitions %s", ", ".join(created))
     return created

@@ -19,6 +19,7 @@ from serving.partitions import (
     partition_create,
     partition_name,
     partitioned,
+    record_partition_analyse,
     record_partitions,
     record_partitions_ensure,
 )
@@ -54,6 +55,25 @@ def test_beat_creates_the_partitions_ahead_once() -> None:
     assert created == [partition_name(far + timedelta(days=n)) for n in range(PARTITIONS_AHEAD + 1)]
     assert record_partitions_ensure(today=far) == []  # a second run creates nothing
     assert record_partitions_ensure_task() == []  # the beat task: today's are there already
+
+
+def test_beat_gives_today_s_partition_planner_statistics() -> None:
+    """Hourly, with the partitions: today's is analysed, so a look's plans do not depend on autovacuum (off on
+    the CI's server)."""
+    today = timezone.now().date()
+    records(71, arm="baseline", n=40, model_version=version("adder-v1"), seed=1, sessions=["alice", "bob", ""],
+            at=timezone.now())  # fmt: skip
+
+    def session_statistics() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM pg_stats WHERE tablename = %s AND attname = 'session_hash'",
+                           [partition_name(today)])  # fmt: skip
+            return int(cursor.fetchone()[0])
+
+    before = session_statistics()
+    assert record_partitions_ensure_task() == []
+    assert (before, session_statistics()) == (0, 1)
+    assert record_partition_analyse(day=today + timedelta(days=400)) is False  # no such partition
 
 
 def test_a_record_on_a_day_without_its_partition_waits_in_the_default_and_moves_when_the_day_is_made() -> None:
