@@ -463,9 +463,10 @@ def _last_unit_id() -> int:
 
 def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, fill: UnitFill) -> _Found:
     """Set `fill`'s columns of the window's unit rows this fold stored (ids above `after_id`, up to `upto_id`
-    read after the fold: ids only grow, and the window is locked), and return what that adds to the arms: those columns' sums, and every product
-    with one of them at the units' totals after the fold. Later folds find the values stored and add only
-    the products with their new sums (a fresh row has NULL, so 0, in these columns)."""
+    read after the fold: ids only grow, and the window is locked), and return what that adds to the arms:
+    those columns' sums, and every product with one of them at the units' totals after the fold. Later folds
+    find the values stored and add only the products with their new sums (a fresh row has NULL, so 0, in
+    these columns)."""
     quote = connection.ops.quote_name
     real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
     slot = {column: f"v{i}" for i, column in enumerate(spec.columns)}
@@ -632,7 +633,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     width = 2 + len(spec.columns) + len(spec.pairs)
     # UNION ALL takes each column's type from its first branch: the NULLs there are typed.
     timestamp = connection.data_types["DateTimeField"]
-    values = ["SUM(m.is_new)", "COALESCE((SELECT x.change FROM exposure x WHERE x.arm = m.arm), 0)"]
+    values = ["SUM(m.is_new)", "SUM(CASE WHEN m.after_at = m.a THEN 1 ELSE 0 END) - SUM(CASE WHEN m.before_at = m.b THEN 1 ELSE 0 END)"]
     values += [f"SUM(m.n{i})" for i in range(len(spec.columns))]
     for a, b in spec.pairs:
         i, j = index[a], index[b]
@@ -668,10 +669,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
         stored_rows = (f"SELECT o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM {UNITS} o WHERE o.window_id = %s "
                        f"AND o.unit IN (SELECT unit FROM fresh)")  # fmt: skip
     # A full join (hash or merge join only: never a loop over both sides) and window functions, not joins
-    # whose plan follows the estimates. The window functions (which arm a unit's earliest first_at is in)
-    # sort only the four narrow columns exposure needs (`exposure`): sorting `merged`'s wide rows, every sum
-    # and total of each touched unit, cost a sixth of a steady look. (MATERIALIZED: else PostgreSQL inlines
-    # it into the scalar subquery and runs the window once per arm.)
+    # whose plan follows the estimates.
     ctes = f"""
         old AS ({stored_rows}),
         merged AS (
@@ -680,13 +678,11 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
                    CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}{merged_firsts}
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
-        exposure AS {"MATERIALIZED " if postgres else ""}(
-            SELECT e.arm, SUM(CASE WHEN e.after_at = e.a THEN 1 ELSE 0 END) - SUM(CASE WHEN e.before_at = e.b THEN 1 ELSE 0 END) AS change
-            FROM (SELECT m.arm, m.before_at, m.after_at, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
-                         MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m) e GROUP BY e.arm)"""
+        firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
+                          MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM merged m GROUP BY m.arm{bytewise}, m.arm
+        FROM firsts m GROUP BY m.arm{bytewise}, m.arm
         {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
         UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
         UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
