@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis_volume import database_drop, database_open  # noqa: E402  (benchmarks/ is the script's own folder)
+from analysis_volume import backend_cpu_s, database_drop, database_open  # noqa: E402  (benchmarks/ is the script's own folder)
 
 ROLLOUT_ID = 910_001
 ALIAS = "bench-shadow"
@@ -108,17 +108,6 @@ def selectors_at(rev: str) -> Any:
     sys.modules[spec.name] = module  # its dataclasses look their module up
     exec(compile(source, f"{rev}:evals/selectors.py", "exec"), module.__dict__)
     return module
-
-
-def backend_cpu_s() -> float:
-    """CPU seconds of this connection's PostgreSQL backend so far (from /proc: the server is on this host)."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        pid = cursor.fetchone()[0]
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(look: Any) -> tuple[float, float, float, Any]:
