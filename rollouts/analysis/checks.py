@@ -28,8 +28,8 @@ The check dicts every look stores (what the policy, the pages and `rolloutctl` r
 (the check's share), `min_n` (the fewest candidate requests at which it could be shown safe), `more_n` with
 `more_unit` (while undecided: about how many more candidate requests it needs at the present estimate;
 None when the estimate sits on the margin), `steps` (the step indexes its evidence pools), the estimate
-with its bounds, and `n` / `sessions`; a guardrail's check on the bake alone has `scope` "bake alone" and
-`acts_on` "breach".
+with its bounds, and `n` / `sessions`; a guardrail's check on the bake alone has `scope` "bake alone" (the
+policy acts only on its breach: it never holds the bake).
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ def _comparing_share(plan: Plan) -> float:
     return 0.5
 
 
-def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False) -> float:
+def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False, share: float | None = None) -> float:
     """N* of one guardrail's sequence: the plan's, else the sample a fixed test of the guardrail's margin
-    needs at its alpha share (`experiments.stats.margin_tuning_n`), so the bound is narrowest where it
-    decides; with `breach`, its breach side's (a quarter of that: where a harm of three margins is caught)."""
+    needs at its alpha share (`experiments.stats.margin_tuning_n`) with the candidate at `share` of the
+    sessions (by default the plan's first comparing step's), so the bound is narrowest where it decides; with
+    `breach`, its breach side's (a quarter of that: where a harm of three margins is caught)."""
     if plan.tuning_n:
         return float(plan.tuning_n)
     metric = METRICS[guardrail.metric]
@@ -142,30 +143,21 @@ def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False) -> f
         # In sessions (one request each), the same N* for both sides of the interval.
         return quantile_tuning_n(quantile=float(metric.quantile or 0.99), alpha=check_alpha_share(plan), margin=guardrail.margin)
     if breach:
-        return breach_tuning_n(guardrail_tuning_n(plan, guardrail))
+        return breach_tuning_n(guardrail_tuning_n(plan, guardrail, share=share))
     found = margin_tuning_n(
         scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
-        candidate_share=_comparing_share(plan), alpha=check_alpha_share(plan),
+        candidate_share=share if share is not None and 0.0 < share < 1.0 else _comparing_share(plan),
+        alpha=check_alpha_share(plan),
     )  # fmt: skip
     return found if found is not None else plan_tuning_n(plan)
 
 
 def bake_alone_tuning_n(plan: Plan, guardrail: Any) -> float:
     """N* of a guardrail's check on the bake's evidence alone, which acts on a breach only: the breach side's
-    N* (`guardrail_tuning_n` with `breach`) at the bake's split (the candidate at 1 - holdout), so its bound
-    is narrowest where the bake's own evidence, a small holdout against nearly every session, would catch a
-    harm of three margins. A tail guardrail's is the same as its pooled one (sessions, both sides)."""
-    if plan.tuning_n:
-        return float(plan.tuning_n)
-    metric = METRICS[guardrail.metric]
-    share = 1.0 - plan.holdout
-    if metric.shape == "percentile" or not 0.0 < share < 1.0:
-        return guardrail_tuning_n(plan, guardrail, breach=True)
-    found = margin_tuning_n(
-        scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
-        candidate_share=share, alpha=check_alpha_share(plan),
-    )  # fmt: skip
-    return breach_tuning_n(found) if found is not None else guardrail_tuning_n(plan, guardrail, breach=True)
+    N* at the bake's split (the candidate at 1 - holdout), so its bound is narrowest where the bake's own
+    evidence, a small holdout against nearly every session, would catch a harm of three margins. A tail
+    guardrail's is the same as its pooled one (sessions, both sides)."""
+    return guardrail_tuning_n(plan, guardrail, breach=True, share=1.0 - plan.holdout)
 
 
 def slo_tuning_n(plan: Plan, slo: Any) -> float:
@@ -731,7 +723,7 @@ def bake_alone_checks(rollout: Rollout, plan: Plan, windows: list[Window], sums:
         else:
             check = _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, False,
                                      [bake.step_index], None, breach_n)  # fmt: skip
-        out.append({**check, "name": bake_alone_name(g.label), "scope": "bake alone", "acts_on": "breach"})
+        out.append({**check, "name": bake_alone_name(g.label), "scope": "bake alone"})
     return out
 
 
