@@ -664,19 +664,20 @@ class SteadyTraffic:
             records_write(drafts[i : i + 500])
 
 
-def rollups_at(rev: str) -> Any:
-    """experiments/rollups.py as it was at git revision `rev`, as a module of its own (it reads and writes
-    the same tables): the fold it had, to time beside today's on the same records."""
+def module_at(rev: str, path: str) -> Any:
+    """The module at `path` (e.g. experiments/rollups.py) as it was at git revision `rev`, loaded as a module
+    of its own (it reads and writes the same tables): the code it had, to time beside today's on the same
+    data. benchmarks/shadow_quality.py loads evals/selectors.py with it."""
     import importlib.util
     import subprocess
 
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:experiments/rollups.py"], check=True,
-                            capture_output=True, text=True).stdout  # fmt: skip
-    spec = importlib.util.spec_from_loader(f"rollups_at_{rev}", loader=None)
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                            text=True).stdout  # fmt: skip
+    spec = importlib.util.spec_from_loader(f"{Path(path).stem}_at_{rev}", loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
-    exec(compile(source, f"{rev}:experiments/rollups.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
 
@@ -771,7 +772,7 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {clock.wall_ms:10,.0f} ms "
           f"(target <= 60,000); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
-    before = rollups_at(args.before) if args.before else None
+    before = module_at(args.before, "experiments/rollups.py") if args.before else None
     # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
     before_since = since + timedelta(microseconds=1)
     if before is not None:

@@ -22,7 +22,6 @@ import math
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -34,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis_volume import backend_cpu_s, database_drop, database_open  # noqa: E402  (benchmarks/ is the script's own folder)
+from analysis_volume import backend_cpu_s, database_drop, database_open, module_at  # noqa: E402  (benchmarks/ is the script's own folder)
 
 ROLLOUT_ID = 910_001
 ALIAS = "bench-shadow"
@@ -96,20 +95,6 @@ def fill(pairs: int, sessions: int, seed: int) -> None:
           f"({int(alone.sum()):,} without a session), by COPY in {time.perf_counter() - started:.1f} s")  # fmt: skip
 
 
-def selectors_at(rev: str) -> Any:
-    """evals/selectors.py as it was at git revision `rev`, as a module of its own (same models and tables)."""
-    import importlib.util
-
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:evals/selectors.py"], check=True,
-                            capture_output=True, text=True).stdout  # fmt: skip
-    spec = importlib.util.spec_from_loader(f"selectors_at_{rev}", loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    exec(compile(source, f"{rev}:evals/selectors.py", "exec"), module.__dict__)
-    return module
-
-
 def timed(look: Any) -> tuple[float, float, float, Any]:
     server, client, wall = backend_cpu_s(), time.process_time(), time.perf_counter()
     result = look()
@@ -145,7 +130,7 @@ def main() -> None:
 
     from evals import selectors
 
-    before = selectors_at(args.before)
+    before = module_at(args.before, "evals/selectors.py")
     looks = {
         "now": lambda label: selectors.shadow_quality(rollout_id=ROLLOUT_ID, scorer=label),
         f"at {args.before}": lambda label: before.shadow_quality(rollout_id=ROLLOUT_ID, scorer=label),
