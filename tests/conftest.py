@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import AbstractUser
@@ -26,6 +27,14 @@ class Member:
 def _member(username: str, roles: list[Role]) -> Member:
     user = user_create(username=username, password=f"{username}-password-1", roles=roles)
     return Member(user=user, token=api_token_create(user=user, name="tests").raw)
+
+
+@pytest.fixture
+def routes_settle_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analysis counts a window's records from its start, not from ROUTE_SETTLE after it: records a test
+    writes between a rollout's transitions (steps, promotion, the bake) are in the window they were meant for."""
+    for module in ("rollouts.analysis.checks", "rollouts.analysis.policy"):
+        monkeypatch.setattr(f"{module}.ROUTE_SETTLE", timedelta(0))
 
 
 @pytest.fixture

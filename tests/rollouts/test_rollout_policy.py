@@ -153,11 +153,8 @@ def _baking(owner: Any, **plan: Any) -> Rollout:
 
 
 def test_promotion_keeps_a_holdout_and_a_breach_during_the_bake_rolls_back(
-    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+    owner: Any, versions: None, routes_settle_at_once: None
 ) -> None:
-    # Records written between this test's transitions are in their windows: no settling time to wait.
-    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
-    monkeypatch.setattr("rollouts.analysis.policy.ROUTE_SETTLE", timedelta(0))
     rollout = _baking(owner)
     assert rollout.state == "baking" and rollout.bake_started_at is not None
     alias = alias_get(name="adder")
@@ -193,12 +190,10 @@ def test_promotion_keeps_a_holdout_and_a_breach_during_the_bake_rolls_back(
 
 
 def test_a_regression_that_appears_only_in_the_bake_is_caught_by_the_guardrail_on_the_bake_alone(
-    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+    owner: Any, versions: None, routes_settle_at_once: None
 ) -> None:
     """The step's good evidence dilutes a bake-only regression in the pooled check (its estimate stays under
     the margin); the same guardrail on the bake's evidence alone sees all of it and rolls back."""
-    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
-    monkeypatch.setattr("rollouts.analysis.policy.ROUTE_SETTLE", timedelta(0))
     rollout = _baking(owner)
     sticky_traffic(rollout, users=300, weight=0.95, seed=311)
     calm = look(rollout)

@@ -213,10 +213,8 @@ def test_the_page_the_api_and_the_alpha_split_show_the_tail_guardrail(owner: Any
 
 
 def test_while_baking_a_tail_guardrail_is_also_checked_on_the_bake_alone(
-    owner: Any, versions: None, monkeypatch: pytest.MonkeyPatch
+    owner: Any, versions: None, routes_settle_at_once: None
 ) -> None:
-    monkeypatch.setattr("rollouts.analysis.checks.ROUTE_SETTLE", timedelta(0))
-    monkeypatch.setattr("rollouts.analysis.policy.ROUTE_SETTLE", timedelta(0))
     rollout = started(owner)
     step_back(rollout, 30)
     records(rollout, arm="baseline", n=400, model_version=rollout.baseline, seed=81)
