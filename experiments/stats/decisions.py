@@ -230,25 +230,31 @@ def effect_check(
     candidate_n: int = 0,
     project: bool = False,
     breach_tuning_n: float | None = None,
+    breach_alpha: float | None = None,
 ) -> GuardrailResult:
     """The guardrail decision on an effect (candidate - baseline, or a combination of per-step ones) with
     the given squared standard error; ``project`` fills ``growth`` while undecided (a search: costly).
 
     The lower bound (which calls a breach) and the upper bound (which calls the candidate safe) are two
-    one-sided sequences, each valid at alpha on its own, so each may have its own N*: ``breach_tuning_n``
-    for the lower one (by default ``tuning_n``), smaller, so a regression well past the margin is caught
-    early, while the upper one is narrowest where a candidate as good as the baseline can be shown safe."""
+    one-sided sequences, each valid at its own level, so each may have its own N* and its own alpha:
+    ``breach_tuning_n`` for the lower one (by default ``tuning_n``), smaller, so a regression well past the
+    margin is caught early, while the upper one is narrowest where a candidate as good as the baseline can be
+    shown safe; ``breach_alpha`` for the lower one (by default ``alpha``): a false breach then has chance at
+    most ``breach_alpha``, a false pass at most ``alpha`` (a rollout gives half of a guardrail's breach side
+    to its check on the bake alone, ``rollouts.plans.alpha``). ``p_value`` is the lower sequence's."""
     check_choice("direction", direction, DIRECTIONS)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
+    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
     tuning_n = check_positive("tuning_n", tuning_n)
     breach_n = check_positive("breach_tuning_n", breach_tuning_n) if breach_tuning_n is not None else tuning_n
     n_total = check_positive("n_total", n_total)
     se = math.sqrt(variance)
     harm = effect if direction == "lower_is_better" else -effect
-    lower = harm - se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=breach_n)
+    lower = harm - se * one_sided_multiplier(n_total=n_total, alpha=breach_a, tuning_n=breach_n)
     upper = harm + se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
-    p_value = one_sided_p_value(effect=harm, variance=variance, n_total=n_total, alpha=alpha, tuning_n=breach_n, null=margin)
+    p_value = one_sided_p_value(effect=harm, variance=variance, n_total=n_total, alpha=breach_a, tuning_n=breach_n,
+                                null=margin)  # fmt: skip
     decision, reason = _decide_harm(lower, upper, margin)
     growth = None
     if decision is Decision.UNDECIDED and project:
@@ -360,15 +366,25 @@ def estimate_limit_check(
     n_total: float,
     n: int = 0,
     project: bool = False,
+    breach_alpha: float | None = None,
 ) -> SloResult:
     """One arm's estimate (squared standard error ``variance``) against an absolute threshold, on the
-    one-sample confidence sequence with "time" ``n_total``."""
+    one-sample confidence sequence with "time" ``n_total``. ``breach_alpha`` (by default ``alpha``): the
+    alpha of the bound that calls a breach (the lower one when lower is better), as ``effect_check``'s;
+    the p-value is that bound's."""
     check_choice("direction", direction, DIRECTIONS)
     alpha = check_alpha(alpha)
-    width = math.sqrt(max(variance, 0.0)) * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
-    lower, upper = estimate - width, estimate + width
+    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    se = math.sqrt(max(variance, 0.0))
+    safe_width = se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
+    breach_width = safe_width if breach_a == alpha else se * one_sided_multiplier(n_total=n_total, alpha=breach_a,
+                                                                                   tuning_n=tuning_n)  # fmt: skip
+    if direction == "lower_is_better":
+        lower, upper = estimate - breach_width, estimate + safe_width
+    else:
+        lower, upper = estimate - safe_width, estimate + breach_width
     beyond, null = (estimate, threshold) if direction == "lower_is_better" else (-estimate, -threshold)
-    p_value = one_sided_p_value(effect=beyond, variance=variance, n_total=n_total, alpha=alpha, tuning_n=tuning_n,
+    p_value = one_sided_p_value(effect=beyond, variance=variance, n_total=n_total, alpha=breach_a, tuning_n=tuning_n,
                                 null=null)  # fmt: skip
     decision, reason = _decide_limit(lower, upper, threshold, direction)
     growth = None

@@ -32,7 +32,9 @@ and the check is safe once U_c / L_b - 1 < margin, breached once L_c / U_b - 1 >
 only one of the two can be wrong, so either error is at most alpha over every look of the rollout. The
 paper's own two-sample test (a p-value for equal quantiles from the infimum over x of the two arms'
 mixtures) answers "equal?", not "within a margin?"; the union of the two sequences answers the latter, at
-the price of alpha / 2 per arm.
+the price of alpha / 2 per arm. The two sides may have different levels (``breach_alpha``): L_c and U_b
+then come from the arms' sequences at breach_alpha / 2 each, U_c and L_b from theirs at alpha / 2, and the
+same union bound makes a false breach at most breach_alpha and a false pass at most alpha.
 
 **The unit.** The sequences assume independent observations. Requests of one sticky user are not: a
 user's long prompts or slow tenant make all their requests slow together, and heavy users would count many
@@ -323,21 +325,34 @@ def quantile_guardrail_check(
     alpha: float = 0.05,
     tuning_n: float | None = None,
     project: bool = True,
+    breach_alpha: float | None = None,
+    breach_tuning_n: float | None = None,
 ) -> QuantileGuardrailResult:
     """"The candidate's ``quantile`` is at most (1 + margin) times the baseline's" (lower is better: a
     latency), decided on the two arms' confidence sequences at alpha / 2 each (module docstring): safe when
     U_c / L_b - 1 < margin, breach when L_c / U_b - 1 > margin, else undecided. ``project``: estimate, while
-    undecided, how many more candidate sessions a decision needs if the estimates hold (a search)."""
+    undecided, how many more candidate sessions a decision needs if the estimates hold (a search).
+
+    ``breach_alpha`` and ``breach_tuning_n`` (by default ``alpha`` and ``tuning_n``): the breach side, L_c
+    and U_b, from the arms' sequences at breach_alpha / 2 each, so a false breach has chance at most
+    breach_alpha and a false pass (U_c and L_b, at alpha / 2 each) at most alpha. The bounds shown per arm
+    (``baseline``, ``candidate``) are the pass side's sequences."""
     quantile = _check_quantile(quantile)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
     tuning = check_positive("tuning_n", tuning_n) if tuning_n is not None else quantile_tuning_n(quantile=quantile, alpha=alpha)
+    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    breach_n = check_positive("breach_tuning_n", breach_tuning_n) if breach_tuning_n is not None else tuning
     half = alpha / 2.0
     base = quantile_bounds(baseline, quantile, alpha=half, tuning_n=tuning)
     cand = quantile_bounds(candidate, quantile, alpha=half, tuning_n=tuning)
+    base_breach, cand_breach = base, cand
+    if (breach_a, breach_n) != (alpha, tuning):
+        base_breach = quantile_bounds(baseline, quantile, alpha=breach_a / 2.0, tuning_n=breach_n)
+        cand_breach = quantile_bounds(candidate, quantile, alpha=breach_a / 2.0, tuning_n=breach_n)
     min_n = tail_min_n(quantile=quantile, alpha=alpha, tuning_n=tuning)
     high = _ratio(cand.upper, base.lower) - 1.0
-    low = _ratio(cand.lower, base.upper) - 1.0 if math.isfinite(base.upper) else -1.0
+    low = _ratio(cand_breach.lower, base_breach.upper) - 1.0 if math.isfinite(base_breach.upper) else -1.0
     low = -1.0 if math.isnan(low) else low
     high = math.inf if math.isnan(high) else high
     harm = None

@@ -237,10 +237,13 @@ def ratio_guardrail_check(
     cuped: bool = True,
     min_units: int = DEFAULT_MIN_UNITS,
     breach_tuning_n: float | None = None,
+    breach_alpha: float | None = None,
 ) -> RatioGuardrailResult:
     """Decide "candidate at most ``margin`` worse than baseline" on a metric over sessions (module docstring).
 
-    ``breach_tuning_n``: the N* of the lower bound, which calls a breach (``decisions.effect_check``).
+    ``breach_tuning_n`` and ``breach_alpha``: the N* and the alpha of the lower bound, which calls a breach
+    (``decisions.effect_check``; by default ``tuning_n`` and ``alpha``). The upper bound, which calls the
+    candidate safe, stays at ``alpha`` and ``tuning_n``.
 
     ``baseline`` and ``candidate`` may be sequences, one entry per stratum (a rollout's steps, whose weights
     and traffic differ): the arms are compared within each stratum that has ``min_units`` sessions in both,
@@ -251,6 +254,7 @@ def ratio_guardrail_check(
     check_choice("direction", direction, DIRECTIONS)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
+    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
     tuning_n = check_positive("tuning_n", tuning_n)
     if scale == "log" and not relative:
         raise ValueError("the log scale compares geometric means: give the margin as relative (10 % worse)")
@@ -282,9 +286,9 @@ def ratio_guardrail_check(
     multiplier = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
     breach_n = breach_tuning_n if breach_tuning_n is not None else tuning_n
     if scale == "proportion" and not relative:
-        breach_k = one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=breach_n)
+        breach_k = one_sided_multiplier(n_total=n_total, alpha=breach_a, tuning_n=breach_n)
         return _share_difference(eligible, pooled_b, pooled_c, margin, direction, (breach_k, multiplier), n_total,
-                                 alpha, breach_n, result)  # fmt: skip
+                                 breach_a, breach_n, result)  # fmt: skip
     combined = _combine(eligible, scale=scale, relative=relative, factor=factor, cuped=cuped, pseudo=multiplier**2)
     if combined is None:
         return result(Decision.UNDECIDED, "no step with events in the baseline yet, so a relative margin is undefined")
@@ -295,7 +299,7 @@ def ratio_guardrail_check(
         check = effect_check(
             effect, variance, margin=log_margin, direction=direction, alpha=alpha, tuning_n=tuning_n,
             n_total=n_total, kind="mean", baseline_n=pooled_b.units, candidate_n=pooled_c.units,
-            breach_tuning_n=breach_n,
+            breach_tuning_n=breach_n, breach_alpha=breach_a,
         )  # fmt: skip
 
         def shown(h: float) -> float:
@@ -315,6 +319,7 @@ def ratio_guardrail_check(
         check = effect_check(
             effect, variance, margin=0.0, direction=direction, alpha=alpha, tuning_n=tuning_n, n_total=n_total,
             kind="mean", baseline_n=pooled_b.units, candidate_n=pooled_c.units, breach_tuning_n=breach_n,
+            breach_alpha=breach_a,
         )  # fmt: skip
         # Back on the relative scale, the baseline's mean taken as known (its error is in the bound already).
         base_mean = pooled_b.ratio
@@ -328,7 +333,7 @@ def ratio_guardrail_check(
     check = effect_check(
         effect, variance, margin=margin, relative=relative, direction=direction, alpha=alpha, tuning_n=tuning_n,
         n_total=n_total, kind="proportion" if scale == "proportion" else "mean", baseline_n=pooled_b.units,
-        candidate_n=pooled_c.units, breach_tuning_n=breach_n,
+        candidate_n=pooled_c.units, breach_tuning_n=breach_n, breach_alpha=breach_a,
     )  # fmt: skip
     return result(
         check.decision, check.reason, harm=check.effect, harm_low=check.lower_bound, harm_high=check.bound,
@@ -362,13 +367,14 @@ def guardrail_more_factor(
 
 def _share_difference(
     eligible: Sequence[tuple[RatioStats, RatioStats]], pooled_b: RatioStats, pooled_c: RatioStats, margin: float,
-    direction: str, multipliers: tuple[float, float], n_total: float, alpha: float, breach_tuning_n: float,
+    direction: str, multipliers: tuple[float, float], n_total: float, breach_alpha: float, breach_tuning_n: float,
     result: Any,
 ) -> RatioGuardrailResult:  # fmt: skip
     """A share guardrail with an absolute margin ("errors at most 1 point worse"): the score test's
     inversion (``proportions.difference_bounds``), each arm's variance at the shares the hypothesis implies
     and inflated by its sessions' design effect, so rare events are neither certainty at zero nor a
-    breach on a handful."""
+    breach on a handful. ``multipliers``: the breach side's (at ``breach_alpha``, ``breach_tuning_n``, as
+    the p-value) and the safe side's."""
     strata = [
         ShareStratum(b.num, b.den, c.num, c.den, design_effect(b), design_effect(c), b.den * c.den / (b.den + c.den))
         for b, c in eligible
@@ -380,7 +386,7 @@ def _share_difference(
     estimate, low, high = difference_bounds(strata, multiplier=below, upper_multiplier=above)
     harm, harm_low, harm_high = sign * estimate, *sorted((sign * low, sign * high))
     z = sign * difference_score(strata, sign * margin)
-    p_value = one_sided_p_value(effect=z, variance=1.0, n_total=n_total, alpha=alpha, tuning_n=breach_tuning_n)
+    p_value = one_sided_p_value(effect=z, variance=1.0, n_total=n_total, alpha=breach_alpha, tuning_n=breach_tuning_n)
     if harm_low > margin:
         decision = Decision.BREACH
     elif harm_high <= margin:
