@@ -60,6 +60,7 @@ from experiments.stats import (
 )
 from rollouts.analysis.checks import (
     check_alpha_share,
+    guardrail_breach_share,
     guardrail_tuning_n,
     slo_tuning_n,
     step_min_sample,
@@ -130,12 +131,13 @@ def _planned(metric: str, enough: Callable[[int], bool], assumed: dict[str, Any]
 
 def guardrail_planned_sample(
     *, guardrail: Any, history: RatioStats | None, candidate_share: float, alpha: float, tuning_n: float,
-    breach_tuning_n: float, miss: float,
+    breach_tuning_n: float, miss: float, breach_alpha: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """{"metric", "candidate_n" (or "error"), "assumed"}: the candidate requests at which the guardrail's own
     check (`ratio_guardrail_check`, one stratum at `candidate_share`) is shown safe with probability
     1 - `miss` at that look when the candidate is as good as the baseline, whose sessions are like
-    `history`'s (the baseline's metric over its sessions on the alias; None: assumed spreads)."""
+    `history`'s (the baseline's metric over its sessions on the alias; None: assumed spreads). `breach_alpha`:
+    the check's breach side's alpha (`rollouts.plans.alpha.guardrail_breach_share`; by default `alpha`)."""
     metric = METRICS[guardrail.metric]
     stats, share, z = history, candidate_share, float(norm.isf(miss))
     assumed: dict[str, Any] = {}
@@ -153,7 +155,7 @@ def guardrail_planned_sample(
         return {"metric": guardrail.metric, "error": "a margin of 0 cannot be shown"}
     options: dict[str, Any] = {
         "scale": scale, "margin": guardrail.margin, "relative": guardrail.relative, "direction": metric.direction,
-        "alpha": alpha, "tuning_n": tuning_n, "breach_tuning_n": breach_tuning_n,
+        "alpha": alpha, "tuning_n": tuning_n, "breach_tuning_n": breach_tuning_n, "breach_alpha": breach_alpha,
     }  # fmt: skip
     harmful = 1.0 if metric.direction == LOWER else -1.0
 
@@ -285,6 +287,7 @@ def _step_entry(plan: Plan, index: int, history: ArmSums | None, rate: float,
                 guardrail=guardrail, history=_measured(history, guardrail.metric, prices=prices), candidate_share=share,
                 alpha=alpha, tuning_n=guardrail_tuning_n(plan, guardrail),
                 breach_tuning_n=guardrail_tuning_n(plan, guardrail, breach=True), miss=miss,
+                breach_alpha=guardrail_breach_share(plan),
             )  # fmt: skip
             entry["checks"].append({"check": guardrail.label, **need})
     else:

@@ -24,8 +24,8 @@ refuses with a Conflict and the look is recorded as not applied. So a look that 
 once, never apply a decision twice. The look is stored as a compact `RolloutAnalysis` row.
 
 Error control: the checks share the plan's alpha by Bonferroni over checks (`rollouts.plans.alpha`; each
-check's evidence is one confidence sequence across the steps, and a guardrail's check on the bake alone is
-one more check), so the chance that a candidate within every margin is rolled back at any look of any step
+check's evidence is one confidence sequence across the steps, and a guardrail's check on the bake alone
+takes half of its guardrail's breach side, no share of its own), so the chance that a candidate within every margin is rolled back at any look of any step
 or of the bake is at most alpha.
 
 The package: `look` (the record of a look), `checks` (statistics and checks), `policy` (the decision),

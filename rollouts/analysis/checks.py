@@ -4,10 +4,11 @@ JSON the rollout stores and the pages show. Nothing here decides what the rollou
 
 Error control, one rule for the whole rollout (`rollouts.plans.alpha`): the plan's alpha is split once,
 equally (Bonferroni), over every check that can stop or pass it: each SLO, each guardrail, the shadow
-quality check, the eval gate and an A/B's primary metric, and, in a plan that bakes with a holdout, each
-guardrail again on the bake's evidence alone (`bake_alone_checks`). Each check decides on an always-valid
-bound at its share, so the chance that any check of the rollout is ever wrong, at any look of any step, is at
-most alpha.
+quality check, the eval gate and an A/B's primary metric. Each check decides on always-valid bounds at its
+share, so the chance that any check of the rollout is ever wrong, at any look of any step, is at most alpha.
+In a plan that bakes with a holdout each guardrail is checked again on the bake's evidence alone
+(`bake_alone_checks`), which takes no share: the guardrail's breach side (the lower bound) is split in half
+between its pooled check and its bake-alone check (`guardrail_breach_share`), its pass side keeps the share.
 
 Evidence carried across steps (one confidence sequence per check for the whole rollout, so no split over
 steps): every step with both arms live (0 < weight < 1) is a stratum; a guardrail compares the arms within
@@ -25,11 +26,12 @@ task side by side (`rollouts.analysis.shadow`).
 
 The check dicts every look stores (what the policy, the pages and `rolloutctl` read): `type`, `name`,
 `metric`, `decision` ("safe", "breach", "undecided"; "win"/"loss" for an A/B's primary metric), `alpha`
-(the check's share), `min_n` (the fewest candidate requests at which it could be shown safe), `more_n` with
-`more_unit` (while undecided: about how many more candidate requests it needs at the present estimate;
-None when the estimate sits on the margin), `steps` (the step indexes its evidence pools), the estimate
-with its bounds, and `n` / `sessions`; a guardrail's check on the bake alone has `scope` "bake alone" (the
-policy acts only on its breach: it never holds the bake).
+(the check's share; a guardrail's `breach_alpha` is its breach side's), `min_n` (the fewest candidate
+requests at which it could be shown safe), `more_n` with `more_unit` (while undecided: about how many more
+candidate requests it needs at the present estimate; None when the estimate sits on the margin), `steps`
+(the step indexes its evidence pools), the estimate with its bounds, and `n` / `sessions`; a guardrail's
+check on the bake alone has `scope` "bake alone" (the policy acts only on its breach: it never holds the
+bake), and `alpha` and `breach_alpha` both its half of its guardrail's breach side.
 """
 
 from __future__ import annotations
@@ -92,12 +94,20 @@ from rollouts.analysis.look import ROUTE_SETTLE, D, Look, num
 from rollouts.analysis.shadow import shadow_latency_guardrail
 from rollouts.models import Rollout
 from rollouts.plans import Plan
-from rollouts.plans.alpha import AlphaSplit, alpha_split, bake_alone_name, bakes_alone, check_alpha_share
+from rollouts.plans.alpha import (
+    AlphaSplit,
+    alpha_split,
+    bake_alone_name,
+    bakes_alone,
+    check_alpha_share,
+    guardrail_breach_share,
+)
 from rollouts.selectors import rollout_step_starts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlphaSplit", "alpha_split", "check_alpha_share"]  # re-exported: callers of the checks use them too
+# Re-exported: callers of the checks use them too.
+__all__ = ["AlphaSplit", "alpha_split", "check_alpha_share", "guardrail_breach_share"]
 
 MORE_UNIT = "candidate requests"
 
@@ -135,28 +145,29 @@ def guardrail_tuning_n(plan: Plan, guardrail: Any, *, breach: bool = False, shar
     """N* of one guardrail's sequence: the plan's, else the sample a fixed test of the guardrail's margin
     needs at its alpha share (`experiments.stats.margin_tuning_n`) with the candidate at `share` of the
     sessions (by default the plan's first comparing step's), so the bound is narrowest where it decides; with
-    `breach`, its breach side's (a quarter of that: where a harm of three margins is caught)."""
+    `breach`, its breach side's, at the breach side's alpha (`guardrail_breach_share`: half the share when the
+    plan bakes alone): a quarter of that sample, where a harm of three margins is caught; for a tail
+    guardrail, in sessions, the same sample at that alpha."""
     if plan.tuning_n:
         return float(plan.tuning_n)
     metric = METRICS[guardrail.metric]
+    alpha = guardrail_breach_share(plan) if breach else check_alpha_share(plan)
     if metric.shape == "percentile":
-        # In sessions (one request each), the same N* for both sides of the interval.
-        return quantile_tuning_n(quantile=float(metric.quantile or 0.99), alpha=check_alpha_share(plan), margin=guardrail.margin)
-    if breach:
-        return breach_tuning_n(guardrail_tuning_n(plan, guardrail, share=share))
+        # In sessions (one request each).
+        return quantile_tuning_n(quantile=float(metric.quantile or 0.99), alpha=alpha, margin=guardrail.margin)
     found = margin_tuning_n(
         scale=_scale(metric), margin=guardrail.margin, relative=guardrail.relative, lower_is_better=metric.direction == LOWER,
-        candidate_share=share if share is not None and 0.0 < share < 1.0 else _comparing_share(plan),
-        alpha=check_alpha_share(plan),
+        candidate_share=share if share is not None and 0.0 < share < 1.0 else _comparing_share(plan), alpha=alpha,
     )  # fmt: skip
-    return found if found is not None else plan_tuning_n(plan)
+    tuning = found if found is not None else plan_tuning_n(plan)
+    return breach_tuning_n(tuning) if breach else tuning
 
 
 def bake_alone_tuning_n(plan: Plan, guardrail: Any) -> float:
     """N* of a guardrail's check on the bake's evidence alone, which acts on a breach only: the breach side's
     N* at the bake's split (the candidate at 1 - holdout), so its bound is narrowest where the bake's own
     evidence, a small holdout against nearly every session, would catch a harm of three margins. A tail
-    guardrail's is the same as its pooled one (sessions, both sides)."""
+    guardrail's is its pooled check's breach side's (sessions)."""
     return guardrail_tuning_n(plan, guardrail, breach=True, share=1.0 - plan.holdout)
 
 
@@ -393,13 +404,17 @@ def _tail_slo(slo: Any, metric: Metric, firsts: dict[tuple[str, float], tuple[in
 def _guardrail_check(
     guardrail: Any, strata: list[tuple[ArmSums, ArmSums]], prices: dict[str, tuple[float, float]], alpha: float,
     tuning_n: float, share: float, shadow_step: bool, steps: list[int], paired: PairedLatency | None = None,
-    breach_n: float | None = None,
+    breach_n: float | None = None, breach_alpha: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """`alpha` and `tuning_n`: the upper bound's (which shows the candidate safe, and sets `min_n`);
+    `breach_alpha` and `breach_n`: the lower bound's, which calls a breach (by default the same)."""
     metric = METRICS[guardrail.metric]
     scale = _scale(metric)
+    breach_alpha = alpha if breach_alpha is None else breach_alpha
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
-        "relative": guardrail.relative, "scale": scale, "alpha": num(alpha), "steps": steps, "more_unit": MORE_UNIT,
+        "relative": guardrail.relative, "scale": scale, "alpha": num(alpha), "breach_alpha": num(breach_alpha),
+        "steps": steps, "more_unit": MORE_UNIT,
         "min_n": _guardrail_min_n(guardrail, share, alpha, tuning_n) if 0 < share < 1 else None,
     }  # fmt: skip
     if shadow_step and metric.outcome:
@@ -407,7 +422,8 @@ def _guardrail_check(
                 "reason": "no user sees shadow replies, so no outcomes"}  # fmt: skip
     if shadow_step and paired is not None and metric.is_latency and metric.shape in ("gmean", "mean"):
         # Both sides of each shadow pair timed together by the mirror task: compared pair by pair.
-        return {**out, **shadow_latency_guardrail(guardrail, metric, paired, alpha=alpha, tuning_n=tuning_n)}
+        return {**out, **shadow_latency_guardrail(guardrail, metric, paired, alpha=alpha, tuning_n=tuning_n,
+                                                  breach_alpha=breach_alpha)}  # fmt: skip
     bases, cands = [], []
     for base, cand in strata:
         b = base.ratio_for(metric, prices=prices["baseline"])
@@ -420,7 +436,7 @@ def _guardrail_check(
                 "reason": "no comparable data in an arm"}  # fmt: skip
     options: dict[str, Any] = {
         "scale": scale, "margin": guardrail.margin, "relative": guardrail.relative, "direction": metric.direction,
-        "alpha": alpha, "tuning_n": tuning_n, "breach_tuning_n": breach_n,
+        "alpha": alpha, "tuning_n": tuning_n, "breach_tuning_n": breach_n, "breach_alpha": breach_alpha,
     }  # fmt: skip
     result = ratio_guardrail_check(bases, cands, **options)
     undecided = result.decision is Decision.UNDECIDED
@@ -449,17 +465,20 @@ SHADOW_MORE_UNIT = "shadow sessions"
 
 def _tail_guardrail_check(
     guardrail: Any, bins: dict[str, dict[str, dict[int, int]]], alpha: float, tuning_n: float, share: float,
-    steps: list[int], shadow_step: bool,
+    steps: list[int], shadow_step: bool, breach_alpha: float | None = None, breach_n: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A tail guardrail ("e2e_p99_ms at most 10 % worse"): the candidate's quantile against (1 + margin)
     times the baseline's, from one request per session in each arm (`experiments.stats.quantiles`). Its
-    `n` and `sessions` count sessions, and `more_n` candidate sessions."""
+    `n` and `sessions` count sessions, and `more_n` candidate sessions. `breach_alpha` and `breach_n`: the
+    breach side's alpha and N* (by default `alpha` and `tuning_n`)."""
     metric = METRICS[guardrail.metric]
     quantile = float(metric.quantile or 0.99)
     field = metric.source
+    breach_alpha = alpha if breach_alpha is None else breach_alpha
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
-        "relative": True, "scale": "quantile", "quantile": quantile, "alpha": num(alpha), "steps": steps,
+        "relative": True, "scale": "quantile", "quantile": quantile, "alpha": num(alpha),
+        "breach_alpha": num(breach_alpha), "steps": steps,
         "more_unit": "candidate sessions" if not shadow_step else SHADOW_MORE_UNIT, "test": TAIL_TEST,
         "unit": "first request of each session" if not shadow_step else SHADOW_UNIT,
         "min_n": tail_min_n(quantile=quantile, alpha=alpha, tuning_n=tuning_n) if 0 < share < 1 else None,
@@ -469,7 +488,8 @@ def _tail_guardrail_check(
     if not base.n or not cand.n:
         return {**out, "decision": Decision.UNDECIDED.value, "n": [base.n, cand.n], "sessions": [base.n, cand.n],
                 "more_n": out["min_n"], "reason": "no comparable data in an arm"}  # fmt: skip
-    result = quantile_guardrail_check(base, cand, quantile=quantile, margin=guardrail.margin, alpha=alpha, tuning_n=tuning_n)
+    result = quantile_guardrail_check(base, cand, quantile=quantile, margin=guardrail.margin, alpha=alpha, tuning_n=tuning_n,
+                                      breach_alpha=breach_alpha, breach_tuning_n=breach_n)  # fmt: skip
     undecided = result.decision is Decision.UNDECIDED
     more = None
     if undecided:
@@ -683,15 +703,19 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
     paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
     tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre, firsts, rollups)
+    # A guardrail's breach side: half its share when the plan bakes alone (the other half is its bake-alone
+    # check's, `rollouts.plans.alpha`), at every look of the rollout, so that the halves add up over its life.
+    breach_alpha = split.breach_share
     look.checks += [
-        _tail_guardrail_check(g, tails, alpha, guardrail_tuning_n(plan, g), share, compared, shadow_step)
+        _tail_guardrail_check(g, tails, alpha, guardrail_tuning_n(plan, g), share, compared, shadow_step,
+                              breach_alpha, guardrail_tuning_n(plan, g, breach=True))
         if METRICS[g.metric].shape == "percentile"
         else _guardrail_check(g, strata, prices, alpha, guardrail_tuning_n(plan, g), share, shadow_step, compared,
-                              paired, guardrail_tuning_n(plan, g, breach=True))
+                              paired, guardrail_tuning_n(plan, g, breach=True), breach_alpha)
         for g in plan.guardrails
     ]  # fmt: skip
     if current.step_index == len(rollout.steps) and 0.0 < weight < 1.0 and bakes_alone(plan):
-        look.checks += bake_alone_checks(rollout, plan, windows, sums, prices, alpha, pre, firsts, rollups)
+        look.checks += bake_alone_checks(rollout, plan, windows, sums, prices, breach_alpha, pre, firsts, rollups)
     if plan.shadow_quality is not None:
         look.checks.append(_quality_check(plan, rollout.pk, alpha))
     if plan.strategy == "ab" and plan.primary_metric is not None:
@@ -706,11 +730,12 @@ def bake_alone_checks(rollout: Rollout, plan: Plan, windows: list[Window], sums:
                       prices: dict[str, tuple[float, float]], alpha: float, pre: PrePeriod | None,
                       firsts: tuple[str, ...], rollups: Rollups) -> list[dict[str, Any]]:  # fmt: skip
     """While the promotion bakes: each guardrail again on the bake's evidence alone (the bake's window, the
-    candidate against the holdout since the bake began), as "<guardrail> (bake alone)" with its own share of
-    the plan's alpha (`rollouts.plans.alpha`) and the breach side's N* at the bake's split
-    (`bake_alone_tuning_n`). A regression that appears only in the bake (under the full load) weighs in the
-    pooled check only by the bake's share of the steps' evidence; here it is the whole of it. The policy acts
-    on its breach only (`scope`: "bake alone")."""
+    candidate against the holdout since the bake began), as "<guardrail> (bake alone)", both bounds at
+    `alpha`: half of its guardrail's breach side (`rollouts.plans.alpha`; the pooled check has the other
+    half), with the breach side's N* at the bake's split (`bake_alone_tuning_n`). A regression that appears
+    only in the bake (under the full load) weighs in the pooled check only by the bake's share of the steps'
+    evidence; here it is the whole of it. The policy acts on its breach only (`scope`: "bake alone"), so its
+    upper bound decides nothing and spends no alpha."""
     bake = windows[-1]
     share = bake.weight
     strata = [(sums[bake.step_index]["baseline"], sums[bake.step_index]["candidate"])]

@@ -182,7 +182,7 @@ def _decide_bake(rollout: Rollout, plan: Plan, now: datetime) -> Look:
     """The promotion's bake: the candidate at 1 - holdout, compared with the holdout on the same checks (its
     evidence pooled with the steps', one sequence per check) and, so that a regression that appears only in
     the bake is not diluted by the steps' evidence, each guardrail on the bake's evidence alone (its own
-    share of the plan's alpha, `rollouts.plans.alpha`; `checks.bake_alone_checks`). A breach of either rolls
+    half of its guardrail's breach side, `rollouts.plans.alpha`; `checks.bake_alone_checks`). A breach of either rolls
     back; the end of the bake with none promotes for good."""
     started = rollout.bake_started_at or now
     ends = started + timedelta(seconds=plan.bake_s)

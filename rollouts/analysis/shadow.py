@@ -38,10 +38,12 @@ MIN_PAIRS = 30
 
 
 def shadow_latency_guardrail(
-    guardrail: Any, metric: Metric, paired: PairedLatency, *, alpha: float, tuning_n: float
+    guardrail: Any, metric: Metric, paired: PairedLatency, *, alpha: float, tuning_n: float,
+    breach_alpha: float | None = None,
 ) -> dict[str, Any]:
     """The check fields (decision, effect, low, high, p, n, test, baseline, candidate) of a latency
-    guardrail on shadow pairs: positive effect is worse, a fraction when the margin is relative."""
+    guardrail on shadow pairs: positive effect is worse, a fraction when the margin is relative. The lower
+    bound, which calls a breach, at ``breach_alpha`` (by default ``alpha``; `rollouts.plans.alpha`)."""
     sums = paired.fields[metric.source]
     log_scale = metric.shape == "gmean" and guardrail.relative
     stats: RatioStats
@@ -62,7 +64,7 @@ def shadow_latency_guardrail(
     estimate = ratio_estimate(stats)
     result = estimate_limit_check(
         estimate.mean, estimate.standard_error_squared, threshold=threshold, direction="lower_is_better",
-        alpha=alpha, tuning_n=tuning_n, n_total=stats.den, n=sums.n,
+        alpha=alpha, tuning_n=tuning_n, n_total=stats.den, n=sums.n, breach_alpha=breach_alpha,
     )  # fmt: skip
     if log_scale:
         effect, low, high = (math.expm1(v) for v in (result.estimate, result.lower_bound, result.upper_bound))

@@ -217,6 +217,9 @@ def check_view(check: dict[str, Any]) -> dict[str, Any]:
         "baseline": check.get("baseline"),
         "candidate": check.get("candidate"),
         "alpha": f"{check['alpha']:.3g}" if finite(check.get("alpha")) is not None else None,
+        # A guardrail's breach side, where it differs (half its share beside its check on the bake alone).
+        "breach_alpha": f"{check['breach_alpha']:.3g}"
+        if finite(check.get("breach_alpha")) is not None and check.get("breach_alpha") != check.get("alpha") else None,
         "sessions": " / ".join(fmt(x, "count") for x in sessions) if isinstance(sessions, list) else fmt(sessions, "count") if sessions is not None else "",
         "more_n": check.get("more_n") if decision == "undecided" else None,
         "holds": bool(check.get("holds")),

@@ -45,7 +45,7 @@ def engines_down(model_version: ModelVersion) -> None:
 
 def canary_plan(**overrides: Any) -> dict[str, Any]:
     """Two steps whose minimums are their floors (60 s, and the fewest candidate requests at which the
-    guardrails can be shown safe: about 1,100 and 1,400 here, for the error-rate guardrail)."""
+    guardrails can be shown safe: 922 and 1,175 here, for the error-rate guardrail)."""
     plan: dict[str, Any] = {
         "alias": "adder",
         "baseline": "adder-v1",

@@ -7,8 +7,9 @@ the gateway's hash makes them, so a user on the candidate at 25 % stays there at
 lognormal requests per user; a per-user latency factor and error rate; a heavy tail); the checks
 (`ratio_guardrail_check` for the TPOT and error-rate guardrails, over one stratum per step as
 `rollouts.analysis.checks.measure` pools them, and `proportion_limit_check` for an error-rate SLO over the
-candidate's requests of every live step, with the plan's alpha share and each check's N*); the plan's steps
-as normalised (minimums with their floors, the policy's 60 s floor on durations); each step's planned sample
+candidate's requests of every live step, with the plan's alpha share, each guardrail's breach side at
+`guardrail_breach_share` (half the share beside its check on the bake alone), and each check's N*); the
+plan's steps as normalised (minimums with their floors, the policy's 60 s floor on durations); each step's planned sample
 from `rollouts.planning` (the same functions the policy calls, on the history of the baseline serving the
 alias alone for 20 minutes first, or as many looks as `planned_samples` is given: the planner reads the
 last hour, `rollouts.planning.HISTORY`); and the rules of `rollouts.analysis.policy`: a breach rolls back at any
@@ -16,7 +17,8 @@ look, a step ends when its minimums are met and no check holds it (`holding_chec
 reached with a check holding applies `on_inconclusive`, and the last step's end bakes: the candidate at
 1 - holdout of the sessions (the sessions the gateway's hash put furthest from the candidate stay on the
 baseline), compared with the holdout on the same checks pooled with the steps' strata, and each guardrail on
-the bake's stratum alone (`rollouts.analysis.checks.bake_alone_checks`, with its N*), for `bake_s`; a
+the bake's stratum alone (`rollouts.analysis.checks.bake_alone_checks`, at the other half of the guardrail's
+breach side and with its N*), for `bake_s`; a
 breach of either then rolls back, the end of the bake promotes.
 
 Left out: checks the simulator has no data for (cost per request, TTFT tails) and the SRM check; a paused
@@ -54,7 +56,7 @@ from rollouts import planning
 from rollouts.analysis.checks import bake_alone_tuning_n, guardrail_tuning_n, slo_tuning_n
 from rollouts.analysis.policy import holding_checks
 from rollouts.plans import Plan
-from rollouts.plans.alpha import bake_alone_name, bakes_alone, check_alpha_share
+from rollouts.plans.alpha import bake_alone_name, bakes_alone, check_alpha_share, guardrail_breach_share
 from rollouts.plans.model import MIN_STEP_DURATION_S
 
 RATE = 20.0  # requests per second on the alias
@@ -153,7 +155,7 @@ def simulate(
     """`sims` rollouts of `plan` for at most `looks` looks, the candidate's `effect` in its steps and
     `bake_effect` (default the same) once it bakes; only the checks on `metrics` are computed. `planned`:
     each step's planned sample (default `planned_samples`, as `rollouts.planning` computes it)."""
-    alpha = check_alpha_share(plan)
+    alpha, breach_alpha = check_alpha_share(plan), guardrail_breach_share(plan)
     guardrails = [g for g in plan.guardrails if g.metric in metrics]
     slos = [s for s in plan.slos if s.metric in metrics]
     options: dict[str, dict[str, Any]] = {
@@ -161,12 +163,14 @@ def simulate(
             "scale": "log" if METRICS[g.metric].shape == "gmean" else "proportion", "margin": g.margin,
             "relative": g.relative, "direction": METRICS[g.metric].direction, "alpha": alpha,
             "tuning_n": guardrail_tuning_n(plan, g), "breach_tuning_n": guardrail_tuning_n(plan, g, breach=True),
+            "breach_alpha": breach_alpha,
         }
         for g in guardrails
     }  # fmt: skip
-    # The guardrails on the bake's stratum alone: only their breach acts.
-    alone = {g.label: {**options[g.label], "breach_tuning_n": bake_alone_tuning_n(plan, g)} for g in guardrails
-             if bakes_alone(plan)}  # fmt: skip
+    # The guardrails on the bake's stratum alone: only their breach acts, at the other half of the breach side
+    # (`rollouts.analysis.checks.bake_alone_checks`: both bounds at it).
+    alone = {g.label: {**options[g.label], "alpha": breach_alpha, "breach_tuning_n": bake_alone_tuning_n(plan, g)}
+             for g in guardrails if bakes_alone(plan)}  # fmt: skip
     planned = planned if planned is not None else planned_samples(plan, seed, look_s)
     weights = [s.weight for s in plan.steps] + [1.0 - plan.holdout]  # the bake is one more stratum
     bake = len(plan.steps)

@@ -5,9 +5,10 @@ The bake (`rollouts.analysis.policy._decide_bake`): the candidate serves all but
 sessions, the ones the earlier steps kept on the baseline) for `bake_s` (600 s here, the default), compared
 with the holdout on the same checks, its stratum pooled with the steps' (one sequence per check for the
 whole rollout), and each guardrail also on the bake's stratum alone ("<guardrail> (bake alone)",
-`rollouts.analysis.checks.bake_alone_checks`), a check with its own share of the plan's alpha
-(`rollouts.plans.alpha`: the demo canary's 3 checks became 5, 0.01 each instead of 0.0167). A breach of
-either rolls back; the end of the bake promotes.
+`rollouts.analysis.checks.bake_alone_checks`), a check with half of its guardrail's breach side
+(`rollouts.plans.alpha`: the demo canary's 3 checks keep 0.0167 each; the TPOT guardrail's lower bound runs
+at 0.0083 in its pooled check and 0.0083 in its check on the bake alone). A breach of either rolls back; the
+end of the bake promotes.
 
 - At the margin: a candidate exactly at its TPOT margin through the steps and the bake, brought to the bake
   as a person or `on_inconclusive: advance` would bring it (its steps cannot show it safe), is rolled back
@@ -17,9 +18,11 @@ either rolls back; the end of the bake promotes.
   proportion to the bake's share of the evidence (the holdout is small: about 1 request/s here, 600
   candidate-weighted requests over the bake against the steps' 500 or so), so with the pooled check alone a
   bake-only TPOT x2.25 (twice the margin on the log scale) was rolled back in 0 of 40 rollouts, x3 in 26
-  of 40, x4 in 40 of 40 (at the second test's seed, 1712). The bake-alone check sees it undiluted: x2.25 is
-  rolled back in 40 of 40 at seed 1712 (39 and 38 of 40 at seeds 1715 and 1716), x3 and x4 in 40 of 40,
-  each by the bake-alone check. Milder ones, at seed 1714: x1.75 in 13 of 40, x2 in 36 of 40.
+  of 40, x4 in 40 of 40 (at the second test's seed, 1712; the pooled check at 0.0167 before the bake-alone
+  check). The bake-alone check sees it undiluted: x2.25 is rolled back in 40 of 40 at seed 1712 (38 of 40
+  at seeds 1715 and 1716), x3 and x4 in 40 of 40, each by the bake-alone check. Milder ones, at seed 1714:
+  x1.75 in 13 of 40, x2 in 36 of 40. (With a share of its own, 0.01 of 5 checks, the same but 39 of 40 at
+  seed 1715.)
 - A/A through the bake: never rolled back more than alpha, promoted by the bake's end.
 
 Only the TPOT guardrail is computed (the plan's error-rate checks can only hold a step longer or breach on
@@ -59,7 +62,7 @@ def test_a_candidate_at_the_margin_in_the_bake_alone_is_rolled_back_at_most_alph
 def test_a_regression_of_twice_the_margin_that_appears_in_the_bake_is_rolled_back_by_the_bake_alone_check() -> None:
     ended = simulate(_plan(), effect=Effect(), bake_effect=Effect(tpot_factor=2.25), seed=1712, sims=40, looks=LOOKS,
                      look_s=20.0, metrics=("tpot_gmean_ms",))  # fmt: skip
-    # 40/40 (the pooled check alone: 0/40); 39/40 and 38/40 at seeds 1715 and 1716.
+    # 40/40 (the pooled check alone: 0/40); 38/40 at seeds 1715 and 1716.
     assert ended.rolled_back_in_bake.mean() >= 0.9, ended.rolled_back_in_bake.mean()
     assert ended.rolled_back_by_bake_alone.mean() >= 0.9, ended.rolled_back_by_bake_alone.mean()
 

@@ -26,10 +26,10 @@ def base(**overrides: Any) -> dict[str, Any]:
 
 def test_defaults_are_written_out() -> None:
     plan = plan_normalise(base()).to_dict()
-    # The default error-rate guardrail cannot be shown safe on fewer than 922 candidate requests at 10 %, at
-    # alpha 0.025 (its share beside its check on the bake alone; 764 at 0.05 before that check).
+    # The default error-rate guardrail cannot be shown safe on fewer than 764 candidate requests at 10 %, at
+    # alpha 0.05: its check on the bake alone takes half of its breach side, no share (922 at 0.025 when it did).
     assert plan["steps"] == [
-        {"weight": 0.1, "shadow_rate": 0.0, "min_duration_s": 60, "min_candidate_requests": 922, "requires_approval": False}
+        {"weight": 0.1, "shadow_rate": 0.0, "min_duration_s": 60, "min_candidate_requests": 764, "requires_approval": False}
     ]
     assert (plan["on_inconclusive"], plan["holdout"], plan["bake_s"]) == ("pause", 0.05, 600)
     assert (plan["alpha"], plan["tuning_n"], plan["allow_self_approval"], plan["engine_grace_s"]) == (0.05, None, False, 30)
@@ -58,9 +58,9 @@ def test_percentages_slo_strings_and_relative_margins() -> None:
         ({"steps": [{"weight": 0}]}, "steps[0].weight", "above 0"),
         ({"steps": [{"weight": 0.1, "min_duration_s": -1}]}, "steps[0].min_duration_s", "must be from 0"),
         ({"steps": [{"weight": 0.1, "min_duration_s": 0}]}, "steps[0].min_duration_s", "at least 60 s"),
-        ({"steps": [{"weight": 0.1, "min_candidate_requests": 0}]}, "steps[0].min_candidate_requests", "at least 922"),
+        ({"steps": [{"weight": 0.1, "min_candidate_requests": 0}]}, "steps[0].min_candidate_requests", "at least 764"),
         ({"steps": [{"weight": 0.1}, {"weight": 0.5, "min_candidate_requests": 50}]}, "steps[1].min_candidate_requests",
-         "at least 1175: the fewest candidate requests at which this step's checks can be shown safe"),
+         "at least 979: the fewest candidate requests at which this step's checks can be shown safe"),
         ({"on_inconclusive": "shrug"}, "on_inconclusive", "must be one of pause, advance, rollback"),
         ({"holdout": 0.7}, "holdout", "at most 0.5"),
         ({"holdout": "-5%"}, "holdout", "must be from 0 to 1"),
@@ -102,7 +102,8 @@ def test_strategies_compile_to_steps() -> None:
     bg = plan_normalise({"alias": "a", "candidate": "c", "strategy": "blue_green", "blue_green": {"rollback_window_s": 120}})
     # The switch keeps the holdout on the baseline; its minimums meet the floors without being written.
     assert [(s.weight, s.shadow_rate, s.min_duration_s) for s in bg.steps] == [(0.0, 1.0, 300), (0.95, 0.0, 120)]
-    assert [s.min_candidate_requests for s in bg.steps] == [945, 1030]  # 782, 854 before the bake-alone checks' share
+    # 945, 1030 while the bake-alone checks took shares of their own; now half of each guardrail's breach side.
+    assert [s.min_candidate_requests for s in bg.steps] == [782, 854]
     assert errors_of({"alias": "a", "candidate": "c", "strategy": "ab"}) == {
         "primary_metric": ["required for an A/B test: the metric that decides it"]
     }

@@ -339,8 +339,8 @@ def test_evidence_is_carried_across_steps_and_counts_sessions(
     analysis = look(rollout)
     tpot = next(c for c in analysis.checks if c["metric"] == "tpot_gmean_ms")
     assert tpot["steps"] == [0, 1] and tpot["n"] == [600 + 200, 60 + 200]
-    # alpha 0.05 over the guardrail and its check on the bake alone (rollouts.plans.alpha)
-    assert tpot["sessions"][1] <= 4 + 200 and tpot["scale"] == "log" and tpot["alpha"] == 0.025
+    # alpha 0.05 for the one guardrail; its breach side has half, beside its check on the bake alone (rollouts.plans.alpha)
+    assert tpot["sessions"][1] <= 4 + 200 and tpot["scale"] == "log" and (tpot["alpha"], tpot["breach_alpha"]) == (0.05, 0.025)
     assert analysis.arms["candidate"]["n"] == 200  # the arms shown are the current step's
     assert analysis.srm is not None and analysis.srm["unit"] == "sessions at first exposure"
     assert sum(analysis.srm["counts"]) == analysis.arms["baseline"]["exposed"] + analysis.arms["candidate"]["exposed"]

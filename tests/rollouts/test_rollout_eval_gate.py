@@ -77,9 +77,9 @@ def test_a_passed_gate_starts_the_first_step(
     rollout = gated(owner, django_capture_on_commit_callbacks)
     assert rollout.state == "gating" and fake_evals.started == [rollout.pk]
     assert rollout.plan["eval_gate"]["alpha"] == 0.05  # stored as the evals app normalised it
-    # The gate runs at its share of the rollout's one alpha: two guardrails, each again on the bake alone,
-    # and the gate split 0.05.
-    assert fake_evals.alphas == [pytest.approx(0.05 / 5)]
+    # The gate runs at its share of the rollout's one alpha: two guardrails and the gate split 0.05 (the
+    # guardrails' checks on the bake alone take half of their breach sides, no share; 0.05 / 5 when they did).
+    assert fake_evals.alphas == [pytest.approx(0.05 / 3)]
     alias = alias_get(name="adder")
     assert alias is not None and alias.candidate_weight == 0.0  # no traffic moves while gating
 

@@ -200,9 +200,15 @@ def test_a_regression_that_appears_only_in_the_bake_is_caught_by_the_guardrail_o
     assert calm.decision == "hold", calm.reason
     alone = next(c for c in calm.checks if c["name"] == "tpot_gmean_ms at most 10% worse (bake alone)")
     assert alone["steps"] == [1] and alone["scope"] == "bake alone" and alone["decision"] != "breach"
-    assert alone["alpha"] == 0.025 and alone["holds"] is False  # alpha 0.05 over the guardrail and this check
+    # The guardrail's share is the whole alpha, 0.05; this check has half of its breach side, the pooled check the other.
+    assert alone["alpha"] == 0.025 and alone["holds"] is False
+    pooled = next(c for c in calm.checks if c["name"] == "tpot_gmean_ms at most 10% worse")
+    assert (pooled["alpha"], pooled["breach_alpha"]) == (0.05, 0.025)
     detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
-    assert "tpot_gmean_ms at most 10% worse (bake alone)" in detail["alpha_split"]["checks"]
+    split = detail["alpha_split"]
+    assert split["checks"] == ["tpot_gmean_ms at most 10% worse"] and (split["share"], split["breach_share"]) == (0.05, 0.025)
+    assert split["bake_alone"] == ["tpot_gmean_ms at most 10% worse (bake alone)"]
+    assert "breach side is split in half between its pooled check and its check on the bake alone" in split["text"]
     assert "tpot_gmean_ms at most 10% worse (bake alone)" in logged_in(owner).get(f"/rollouts/{rollout.pk}").content.decode()
 
     sticky_traffic(rollout, users=1500, weight=0.95, seed=312, tpot_factor=1.6)

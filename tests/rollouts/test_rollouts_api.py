@@ -48,8 +48,8 @@ def test_create_start_and_follow_a_rollout(owner: Any, versions: None) -> None:
 
     rollout = Rollout.objects.get(pk=body["id"])
     step_back(rollout, 61)
-    # The step's floor is 1,077 candidate requests (the error-rate guardrail's at alpha 0.0125: two guardrails,
-    # each again on the bake alone): 1,200 at 10 %.
+    # The step's floor is 922 candidate requests (the error-rate guardrail's at alpha 0.025: two guardrails,
+    # whose checks on the bake alone take half of their breach sides, no share; 1,077 when they did): 1,200 at 10 %.
     both_arms(rollout, total=12_000, weight=0.1, seed=21)
     rollout_analyse(rollout_id=rollout.pk)
     detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from experiments.analysis import first_request_bins
 from experiments.stats.quantiles import quantile_tuning_n, tail_min_n
-from rollouts.analysis.checks import alpha_split, check_alpha_share, step_min_sample
+from rollouts.analysis.checks import alpha_split, check_alpha_share, guardrail_breach_share, step_min_sample
 from rollouts.plans import plan_from_stored, plan_normalise
 from rollouts.services import rollout_create, rollout_promote
 from tests.rollouts.helpers import canary_plan, fresh, look, records, shadow_pairs, step_back, version
@@ -39,12 +39,13 @@ def test_a_tail_guardrail_is_a_plan_check_with_its_share_and_floor() -> None:
     (tail, _) = plan.guardrails
     assert (tail.metric, tail.margin, tail.relative, tail.label) == ("tpot_p90_ms", 0.1, True, "tpot_p90_ms at most 10% worse")
     split = alpha_split(plan)
-    # Each guardrail also on the bake's evidence alone (the plan bakes with a 5 % holdout): four checks.
-    assert split.checks == ("tpot_p90_ms at most 10% worse", "error_rate at most 0.01 worse",
-                            "tpot_p90_ms at most 10% worse (bake alone)", "error_rate at most 0.01 worse (bake alone)")
-    assert split.share == 0.0125
+    # Two checks at 0.025 each (0.0125 when the checks on the bake alone had shares of their own): each guardrail
+    # is also checked on the bake's evidence alone (the plan bakes with a 5 % holdout), at half of its breach side.
+    assert split.checks == ("tpot_p90_ms at most 10% worse", "error_rate at most 0.01 worse") and split.share == 0.025
+    assert split.bake_alone == ("tpot_p90_ms at most 10% worse (bake alone)", "error_rate at most 0.01 worse (bake alone)")
+    assert split.breach_share == guardrail_breach_share(plan) == 0.0125
     # The step's floor: at least the candidate sessions at which the p90 has an upper bound at all.
-    floor = tail_min_n(quantile=0.9, alpha=0.0125, tuning_n=quantile_tuning_n(quantile=0.9, alpha=0.0125, margin=0.1))
+    floor = tail_min_n(quantile=0.9, alpha=0.025, tuning_n=quantile_tuning_n(quantile=0.9, alpha=0.025, margin=0.1))
     assert step_min_sample(plan, 0) >= floor
 
 
@@ -89,7 +90,8 @@ def test_an_a_a_is_shown_safe_and_advances(owner: Any, versions: None) -> None:
     analysis = look(rollout)
     (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
     assert check["decision"] == "safe", check
-    assert check["low"] < 0 < check["high"] < 0.1 and check["alpha"] == 0.025  # its share, beside its bake-alone check's
+    # Its share; its breach side has half, beside its check on the bake alone.
+    assert check["low"] < 0 < check["high"] < 0.1 and (check["alpha"], check["breach_alpha"]) == (0.05, 0.025)
     assert check["baseline_bounds"][0] <= check["baseline"] <= check["baseline_bounds"][1]
     assert analysis.decision == "advance"
 
@@ -167,7 +169,7 @@ def test_the_planned_sample_counts_candidate_sessions() -> None:
     plan = plan_normalise(canary_plan(guardrails=[TAIL], steps=[{"weight": 0.2}]))
     (step,) = plan_sample_sizes(plan=plan, baseline=None)["steps"]
     (check,) = step["checks"]
-    alpha = check_alpha_share(plan)  # 0.025: the guardrail and its check on the bake alone
+    alpha = check_alpha_share(plan)  # 0.05: the one guardrail (its check on the bake alone takes no share)
     tuning = quantile_tuning_n(quantile=0.9, alpha=alpha, margin=0.1)
     expected = tail_sample_size(quantile=0.9, margin=0.1, alpha=alpha, tuning_n=tuning, candidate_share=0.2,
                                 power=1.0 - step["miss_per_check"])  # fmt: skip
@@ -204,7 +206,7 @@ def test_the_page_the_api_and_the_alpha_split_show_the_tail_guardrail(owner: Any
     look(rollout)
     detail = owner.api().get(f"/api/v1/rollouts/{rollout.pk}").json()
     (check,) = [c for c in detail["latest_analysis"]["checks"] if c["metric"] == "tpot_p90_ms"]
-    assert check["alpha"] == 0.0125 and check["scale"] == "quantile" and check["more_unit"] == "candidate sessions"
+    assert check["alpha"] == 0.025 and check["scale"] == "quantile" and check["more_unit"] == "candidate sessions"
     assert "tpot_p90_ms at most 10% worse" in detail["alpha_split"]["checks"]
     client = Client()
     client.force_login(owner.user)
@@ -229,5 +231,8 @@ def test_while_baking_a_tail_guardrail_is_also_checked_on_the_bake_alone(
     alone = next(c for c in analysis.checks if c["name"] == "tpot_p90_ms at most 10% worse (bake alone)")
     assert pooled["steps"] == [0, 1] and pooled["sessions"] == [700, 700]
     assert alone["steps"] == [1] and alone["sessions"] == [300, 300] and alone["scale"] == "quantile"
-    assert alone["decision"] == "breach" and alone["alpha"] == check_alpha_share(plan_from_stored(rollout.plan))
+    # At half of the guardrail's breach side: 0.025 of its share of 0.05 (the pooled check's breach side has the other half).
+    plan = plan_from_stored(rollout.plan)
+    assert alone["decision"] == "breach" and alone["alpha"] == guardrail_breach_share(plan) == check_alpha_share(plan) / 2
+    assert pooled["alpha"] == 0.05 and pooled["breach_alpha"] == 0.025
     assert analysis.decision == "rollback" and analysis.reason.startswith("during the bake: "), analysis.reason
