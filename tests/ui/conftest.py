@@ -42,8 +42,8 @@ def canary(owner: Any, versions: None) -> Rollout:
 
 
 def awaiting(rollout: Rollout) -> Rollout:
-    """Give the canary's first step its minimums (a minute, and the floor of the error-rate guardrail: about
-    1,100 candidate requests) so that the next look finds both guardrails safe and asks for the approval of
+    """Give the canary's first step its minimums (a minute, and the floor of the error-rate guardrail: 922
+    candidate requests; 1,200 here) so that the next look finds both guardrails safe and asks for the approval of
     step 2."""
     step_back(rollout, 61)
     both_arms(rollout, total=12_000, weight=0.1, seed=8)

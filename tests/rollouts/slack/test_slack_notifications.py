@@ -46,7 +46,7 @@ def test_an_approval_request_shows_the_step_the_evidence_and_two_buttons(owner: 
         {"weight": 0.5, "requires_approval": True},
     ]), actor=owner.user, start=True).rollout  # fmt: skip
     step_back(rollout, 61)
-    both_arms(rollout, total=11_000, weight=0.1, seed=3)  # 1,100 candidate requests: over the step's floor (1,077)
+    both_arms(rollout, total=11_000, weight=0.1, seed=3)  # 1,100 candidate requests: over the step's floor (922)
     analysis = rollout_analyse(rollout_id=rollout.pk)
     assert analysis is not None and (analysis.decision, analysis.applied) == ("await_approval", True)
     event = last_event(rollout)
