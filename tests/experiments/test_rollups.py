@@ -106,6 +106,42 @@ def test_looks_folded_one_after_another_equal_the_computation_from_scratch() -> 
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the probes' plan is PostgreSQL's")
+def test_a_fold_probes_the_stored_units_without_bitmap_scans_and_leaves_the_setting_as_it_was() -> None:
+    from django.db import transaction
+
+    rng = random.Random(21)
+    since = timezone.now() - timedelta(hours=1)
+    batch(rng, 80, start=since)
+    fold(since)  # the cold look: no stored units to probe
+    batch(rng, 80, start=since + timedelta(minutes=1))
+    seen: list[str] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("WITH base AS MATERIALIZED"):
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW enable_bitmapscan")
+                seen.append(cursor.fetchone()[0])
+        return execute(sql, params, many, context)
+
+    with transaction.atomic(), connection.execute_wrapper(watch):
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL enable_bitmapscan = off")  # a caller's own setting is kept, not turned on
+        fold(since)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW enable_bitmapscan")
+            assert cursor.fetchone()[0] == "off"
+    with connection.execute_wrapper(watch):
+        batch(rng, 80, start=since + timedelta(minutes=2))
+        fold(since)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW enable_bitmapscan")
+            assert cursor.fetchone()[0] == "on"
+    assert seen and set(seen) == {"off"}, seen
+    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_session_s_exposure_moves_to_the_arm_of_its_earliest_request_when_that_commits_late() -> None:
     """Exposure (a unit counts in the arm of its earliest non-failover request) changes for a unit whose
     stored row is in the other arm: a look that reads an earlier request of it in the candidate moves it
