@@ -35,7 +35,7 @@ What it does not, and why:
 
 from __future__ import annotations
 
-from ._checks import smallest_enough
+from ._checks import breach_level, smallest_enough
 from .arm import ArmStats
 from .bayes import BayesianSummary, bayesian_summary
 from .clustered import CupedRatio, RatioStats, cuped_ratio_estimates, ratio_estimate
@@ -126,6 +126,7 @@ __all__ = [
     "bayesian_summary",
     "benjamini_hochberg",
     "bootstrap_percentile_differences",
+    "breach_level",
     "breach_tuning_n",
     "compare",
     "cuped_ratio_estimates",

@@ -17,6 +17,12 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     return value
 
 
+def breach_level(alpha: float, breach_alpha: Any) -> float:
+    """The alpha of a check's breach bound: `breach_alpha` checked like `check_alpha`, or `alpha` when it is
+    None (both sides at one level)."""
+    return alpha if breach_alpha is None else check_alpha(breach_alpha, "breach_alpha")
+
+
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)

@@ -21,7 +21,15 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ._checks import boundary, check_alpha, check_choice, check_finite, check_non_negative, check_positive
+from ._checks import (
+    boundary,
+    breach_level,
+    check_alpha,
+    check_choice,
+    check_finite,
+    check_non_negative,
+    check_positive,
+)
 from .arm import ArmStats
 from .estimators import KINDS, ArmEstimate, arm_difference, arm_estimate, check_binary
 from .sequential import one_sided_multiplier, one_sided_p_value
@@ -245,7 +253,7 @@ def effect_check(
     check_choice("direction", direction, DIRECTIONS)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
-    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    breach_a = breach_level(alpha, breach_alpha)
     tuning_n = check_positive("tuning_n", tuning_n)
     breach_n = check_positive("breach_tuning_n", breach_tuning_n) if breach_tuning_n is not None else tuning_n
     n_total = check_positive("n_total", n_total)
@@ -374,11 +382,10 @@ def estimate_limit_check(
     the p-value is that bound's."""
     check_choice("direction", direction, DIRECTIONS)
     alpha = check_alpha(alpha)
-    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    breach_a = breach_level(alpha, breach_alpha)
     se = math.sqrt(max(variance, 0.0))
     safe_width = se * one_sided_multiplier(n_total=n_total, alpha=alpha, tuning_n=tuning_n)
-    breach_width = safe_width if breach_a == alpha else se * one_sided_multiplier(n_total=n_total, alpha=breach_a,
-                                                                                   tuning_n=tuning_n)  # fmt: skip
+    breach_width = se * one_sided_multiplier(n_total=n_total, alpha=breach_a, tuning_n=tuning_n)
     if direction == "lower_is_better":
         lower, upper = estimate - breach_width, estimate + safe_width
     else:

@@ -68,7 +68,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from ._checks import check_alpha, check_finite, check_non_negative, check_positive
+from ._checks import breach_level, check_alpha, check_finite, check_non_negative, check_positive
 from .decisions import Decision
 from .proportions import log_mixture, min_trials, mixture_weight, quantile_cs_ranks
 from .sequential import half_width
@@ -341,7 +341,7 @@ def quantile_guardrail_check(
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
     tuning = check_positive("tuning_n", tuning_n) if tuning_n is not None else quantile_tuning_n(quantile=quantile, alpha=alpha)
-    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    breach_a = breach_level(alpha, breach_alpha)
     breach_n = check_positive("breach_tuning_n", breach_tuning_n) if breach_tuning_n is not None else tuning
     half = alpha / 2.0
     base = quantile_bounds(baseline, quantile, alpha=half, tuning_n=tuning)

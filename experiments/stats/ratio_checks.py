@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import boundary, check_alpha, check_choice, check_non_negative, check_positive
+from ._checks import boundary, breach_level, check_alpha, check_choice, check_non_negative, check_positive
 from .clustered import CupedRatio, RatioStats, cuped_ratio_estimates, ratio_estimate
 from .decisions import DIRECTIONS, Decision, SloResult, effect_check, estimate_limit_check
 from .estimators import ArmEstimate, arm_difference
@@ -254,7 +254,7 @@ def ratio_guardrail_check(
     check_choice("direction", direction, DIRECTIONS)
     margin = check_non_negative("margin", margin)
     alpha = check_alpha(alpha)
-    breach_a = check_alpha(breach_alpha, "breach_alpha") if breach_alpha is not None else alpha
+    breach_a = breach_level(alpha, breach_alpha)
     tuning_n = check_positive("tuning_n", tuning_n)
     if scale == "log" and not relative:
         raise ValueError("the log scale compares geometric means: give the margin as relative (10 % worse)")

@@ -64,6 +64,7 @@ from experiments.stats import (
     RatioStats,
     always_valid_p_value,
     benjamini_hochberg,
+    breach_level,
     breach_tuning_n,
     design_effect,
     guardrail_more_factor,
@@ -410,7 +411,7 @@ def _guardrail_check(
     `breach_alpha` and `breach_n`: the lower bound's, which calls a breach (by default the same)."""
     metric = METRICS[guardrail.metric]
     scale = _scale(metric)
-    breach_alpha = alpha if breach_alpha is None else breach_alpha
+    breach_alpha = breach_level(alpha, breach_alpha)
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
         "relative": guardrail.relative, "scale": scale, "alpha": num(alpha), "breach_alpha": num(breach_alpha),
@@ -474,7 +475,7 @@ def _tail_guardrail_check(
     metric = METRICS[guardrail.metric]
     quantile = float(metric.quantile or 0.99)
     field = metric.source
-    breach_alpha = alpha if breach_alpha is None else breach_alpha
+    breach_alpha = breach_level(alpha, breach_alpha)
     out: dict[str, Any] = {
         "type": "guardrail", "name": guardrail.label, "metric": guardrail.metric, "margin": guardrail.margin,
         "relative": True, "scale": "quantile", "quantile": quantile, "alpha": num(alpha),

@@ -125,15 +125,17 @@ def _shadow_rollout(owner: Any, **overrides: Any) -> Any:
     return rollout
 
 
-def _heavy_shadow_user(rollout: Any, *, sessions: bool, slow: dict[str, tuple[float, float]]) -> None:
+def _heavy_shadow_user(rollout: Any, *, sessions: bool, slow_ttft: tuple[float, float] = (100.0, 10.0),
+                       slow_tpot: tuple[float, float] = (20.0, 2.0)) -> None:  # fmt: skip
     """300 sessions with one pair each, candidate and baseline alike; then one heavy user whose first pair
-    is alike too and whose 600 later pairs are `slow` on the candidate's side. With `sessions` False the
-    600 slow pairs come from 600 sessions of one pair each instead."""
+    is alike too and whose 600 later pairs are slower on the candidate's side. With `sessions` False the
+    600 slow pairs come from 600 sessions of one pair each instead. `slow_ttft`, `slow_tpot`: the candidate's
+    side of those 600 pairs (by default as the others)."""
     now = timezone.now()
     shadow_pairs(rollout, n=300, seed=81, sessions=[f"u{i}" for i in range(300)], at=now - timedelta(seconds=20))
     shadow_pairs(rollout, n=1, sessions=["heavy"], at=now - timedelta(seconds=20))
     later = ["heavy"] if sessions else [f"v{i}" for i in range(600)]
-    shadow_pairs(rollout, n=600, seed=82, sessions=later, at=now - timedelta(seconds=10), **slow)
+    shadow_pairs(rollout, n=600, seed=82, sessions=later, at=now - timedelta(seconds=10), ttft=slow_ttft, tpot=slow_tpot)
 
 
 @pytest.mark.parametrize("heavy", [True, False], ids=["one-heavy-user", "600-users"])
@@ -142,7 +144,7 @@ def test_one_heavy_shadow_user_does_not_decide_the_tail_guardrail(owner: Any, ve
     session's first pair is the sample, so the heavy user counts once and the guardrail is not breached.
     The same pairs from 600 users (what a pair-by-pair reading amounts to) breach it."""
     rollout = _shadow_rollout(owner)
-    _heavy_shadow_user(rollout, sessions=heavy, slow={"tpot": (80.0, 2.0)})
+    _heavy_shadow_user(rollout, sessions=heavy, slow_tpot=(80.0, 2.0))
     analysis = look(rollout)
     (check,) = [c for c in analysis.checks if c["metric"] == "tpot_p90_ms"]
     if heavy:
@@ -156,7 +158,7 @@ def test_a_shadow_tail_slo_counts_each_sessions_first_reply(owner: Any, versions
     """A shadow step's tail SLO on the candidate's replies: 301 sessions' first replies are fast, the heavy
     user's 600 later ones slow. Per reply two thirds would be over the limit; per session none is."""
     rollout = _shadow_rollout(owner, guardrails=[], slos=["ttft_p99_ms <= 800"])
-    _heavy_shadow_user(rollout, sessions=True, slow={"ttft": (1500.0, 50.0)})
+    _heavy_shadow_user(rollout, sessions=True, slow_ttft=(1500.0, 50.0))
     (slo,) = look(rollout).checks
     assert (slo["n"], slo["sessions"], slo["estimate"]) == (301, 301, 0.0) and slo["decision"] != "breach"
     assert (slo["unit"], slo["more_unit"]) == ("first shadow pair of each session", "shadow sessions")
