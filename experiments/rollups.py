@@ -430,7 +430,8 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
             cursor.execute(
                 f"WITH base AS MATERIALIZED ({base_sql}){leads}, fresh AS MATERIALIZED ({fresh_sql}), recs AS ({recs_sql}), "
                 f"tail AS ({tail_sql}), {ctes_sql}{writes} {select_sql}",
-                [*base_params, *fresh_params, *recs_params, *tail_params, window_id, *([window_id] if persist else [])],
+                [*base_params, *fresh_params, *recs_params, *tail_params, *([] if empty else [window_id]),
+                 *([window_id] if persist else [])],
             )
             rows = cursor.fetchall()
             if not empty:
@@ -441,7 +442,7 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
             cursor.execute(
                 f"WITH base AS ({base_sql}), fresh AS (SELECT * FROM {FRESH}), recs AS ({recs_sql}), tail AS ({tail_sql}), "
                 f"{ctes_sql} {select_sql}",
-                [*base_params, *recs_params, *tail_params, window_id],
+                [*base_params, *recs_params, *tail_params, *([] if empty else [window_id])],
             )
             rows = cursor.fetchall()
             if persist:
@@ -581,10 +582,10 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     """For the spec: with `firsts`, the common table expressions after WITH base and leadrecs that pick each
     unit's first request among the new records per field (`lead<i>`), and the head and tail that wrap the
     per-session rows' query into `fresh` with them; the fold's common table expressions after WITH base,
-    fresh, recs and tail (one parameter, the window), its SELECT, and what writes the unit rows (one
-    parameter, the window): on
-    PostgreSQL more common table expressions to follow those (`writes`: the touched rows rewritten in
-    place, the new ones inserted), on SQLite an upsert from the temporary table.
+    fresh, recs and tail (one parameter, the window; none for a window with no unit rows yet, whose
+    statement is `_first_fold_sql`'s), its SELECT, and what writes the unit rows (one parameter, the
+    window): on PostgreSQL more common table expressions to follow those (`writes`: the touched rows
+    rewritten in place, the new ones inserted), on SQLite an upsert from the temporary table.
 
     `merged` has a row per touched (arm, unit), the new sums `n*` and the stored ones `o*` side by side
     (and each stored row of a touched unit in another arm, with no new sums), so a product sum changes by
@@ -660,9 +661,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     # no second index probe (ON CONFLICT made one more per touched session, and its speculative insertion).
     tid = "o.tid, " if postgres else ""
     if empty:
-        tids = "CAST(NULL AS tid) AS tid, " if postgres else ""
-        stored_rows = f"SELECT {tids}o.arm, o.unit, o.first_at, {columns}{stored_firsts} FROM {UNITS} o WHERE o.window_id = %s AND 1 = 0"
-    elif postgres:
+        ctes, select, writes = _first_fold_sql(spec, sketches=sketches, padded=padded, timestamp=timestamp)
+        return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), writes
+    if postgres:
         # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
         # rows are not in the table's statistics until it is analysed again, and the fresh rows' estimate
         # comes from commit orders past the statistics too, so a plain join or IN was planned as a scan of
@@ -719,15 +720,11 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
             for i in range(len(spec.firsts)) for c in parts
         ])  # fmt: skip
         new_values = ", ".join([f"m.t{i}" for i in range(len(slots))] + [f"m.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
-        # Into an empty window, in the unique index's order: each row then goes to the index's rightmost
-        # page (a new window is the newest), not to a random one.
-        order = " ORDER BY m.unit, m.arm" if empty else ""
         writes = (
+            f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), "
             f"added AS (INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
-            f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1{order})"
+            f"SELECT %s, m.arm, m.unit, m.after_at, {new_values} FROM merged m WHERE m.is_new = 1)"
         )
-        if not empty:  # (an empty window has no row to rewrite)
-            writes = f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), {writes}"
         return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), writes
     earliest_at = earliest(f"{UNITS}.first_at", "excluded.first_at")
     updates = ", ".join(
@@ -739,11 +736,67 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
     upsert = (
         f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
-        f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1"
+        f"SELECT %s, f.arm_label, f.unit, f.{quote('first_at')}, {fresh_values} FROM fresh f WHERE 1 = 1 "
+        f"ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
     )
-    if not empty:  # (into an empty window, a conflict would be an error, not a row to add to)
-        upsert += f" ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
     return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), upsert
+
+
+def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[str]], str],
+                    timestamp: str) -> tuple[str, str, str]:  # fmt: skip
+    """`_fold_sql`'s common table expressions, SELECT and writes for a window's first fold, when it has no
+    unit row yet (a cold look: at 100 million records, 10 million records in 3 million sessions). Every
+    fresh row is then a new unit whose sums are its totals, so nothing is read back or merged: the rows
+    (kind, arm, field, at, values...) are `_fold_sql`'s, computed from `fresh` alone. Exposure (a unit
+    counts in the arm of its earliest first request) takes a window function over four narrow columns,
+    not over the wide merged rows the later folds need (at 3 million units those, 2 GB, were written to
+    disk twice: materialised, then sorted). No parameter but the writes' window."""
+    quote = connection.ops.quote_name
+    postgres = connection.vendor == "postgresql"
+    real = "DOUBLE PRECISION" if postgres else "REAL"
+    bytewise = ' COLLATE "C"' if postgres else ""
+    index = {column: i for i, column in enumerate(spec.columns)}
+    sums = [f"CAST(COALESCE(f.{quote(c)}, 0) AS {real})" for c in spec.columns]
+    totals = ["COUNT(*) AS units", *(f"SUM({n}) AS s{i}" for i, n in enumerate(sums))]
+    totals += [f"SUM({sums[index[a]]} * {sums[index[b]]}) AS p{k}" for k, (a, b) in enumerate(spec.pairs)]
+    ctes = f"""
+        exposed AS (SELECT q.arm, COUNT(*) AS n FROM (SELECT f.arm_label AS arm, f.first_at AS at,
+                           MIN(f.first_at) OVER (PARTITION BY f.unit{bytewise}) AS a FROM fresh f) q
+                    WHERE q.at = q.a GROUP BY q.arm),
+        totals AS (SELECT f.arm_label AS arm, {", ".join(totals)} FROM fresh f GROUP BY f.arm_label)"""
+    values = ["t.units", "COALESCE(e.n, 0)", *(f"t.s{i}" for i in range(len(sums))), *(f"t.p{k}" for k in range(len(spec.pairs)))]
+    select = f"""
+        SELECT 'd', t.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
+        FROM totals t LEFT JOIN exposed e ON e.arm = t.arm
+        {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
+        UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
+        UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
+    # First requests: each new unit's, per field, enters its bucket (no stored one to leave).
+    lead_bins = " UNION ALL ".join(
+        f"SELECT f.arm_label AS arm, {i} AS field, f.a{i}_k AS k, COUNT(*) AS n FROM fresh f WHERE f.a{i}_at IS NOT NULL "
+        f"GROUP BY f.arm_label, f.a{i}_k"
+        for i in range(len(spec.firsts))
+    )  # fmt: skip
+    if lead_bins:
+        select += f" UNION ALL SELECT 'f', q.arm, q.field, NULL, {padded(['q.k', 'q.n'])} FROM ({lead_bins}) q"
+    names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
+    for j, (name, limit) in enumerate(spec.over):
+        i, at = names_index[name], repr(float(limit))
+        over = f"CASE WHEN f.a{i}_at IS NOT NULL AND f.a{i}_x > {at} THEN 1 ELSE 0 END"
+        select += f" UNION ALL SELECT 'o', f.arm_label, {j}, NULL, {padded([f'SUM({over})'])} FROM fresh f GROUP BY f.arm_label"
+    parts = ("at", "id", "x", "k")
+    firsts = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in parts]
+    names = ", ".join([f"v{i}" for i in range(len(spec.columns))] + firsts)
+    new_values = ", ".join(sums + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
+    # In the unique index's order: each row then goes to the index's rightmost page (a new window is the
+    # newest), not to a random one.
+    writes = (
+        f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
+        f"SELECT %s, f.arm_label, f.unit, f.first_at, {new_values} FROM fresh f ORDER BY f.unit{bytewise}, f.arm_label"
+    )
+    if postgres:
+        writes = f"added AS ({writes})"
+    return ctes, select, writes
 
 
 def window_scratch(
