@@ -190,6 +190,8 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     split = rollout.get("alpha_split")
     if split:
         print(f"  error control: {split['text']}", file=out)
+        if split.get("bake_alone"):
+            print(f"    on the bake alone: {'; '.join(split['bake_alone'])}", file=out)
     latest = rollout.get("latest_analysis")
     if latest:
         print(f"  latest look {latest['at']}: {latest['decision']} — {latest['reason']}", file=out)

@@ -84,6 +84,9 @@ def test_status_approve_and_rollback(env: Any, approver: Any, tmp_path: Path, mo
 
     code, out, _ = ctl("status", rollout_id)
     assert code == EXIT_OK and "awaiting_approval" in out and "awaiting approval of step 2" in out
+    # The alpha split, and the guardrails' checks on the bake alone by name (the plan bakes against a holdout).
+    assert "error control: alpha 0.05 split equally over 2 checks" in out
+    assert "    on the bake alone: tpot_mean_ms at most 10% worse (bake alone); error_rate at most 0.01 worse (bake alone)" in out
     code, _, err = ctl("approve", rollout_id)
     assert code == EXIT_ERROR and "error 403" in err  # a release manager is not an approver
 

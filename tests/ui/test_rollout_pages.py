@@ -20,6 +20,8 @@ from rollouts import services
 from rollouts.actors import SYSTEM
 from rollouts.analysis import rollout_analyse
 from rollouts.models import Rollout, RolloutEvent
+from rollouts.plans import plan_from_stored
+from rollouts.plans.alpha import alpha_split
 from tests.conftest import Member
 from tests.rollouts.helpers import both_arms, step_back
 from tests.ui.conftest import awaiting, logged_in
@@ -357,3 +359,16 @@ def test_the_page_shows_who_approved_and_who_is_still_needed_and_asks_again_once
     )
     assert "Ask again for approval: done. The rollout is now awaiting approval. 0 of 2 approvals for step 2 of 2; 2 " \
            "more from role approver (approver, second)." in response.content.decode()  # fmt: skip
+
+
+def test_the_status_names_every_check_alpha_is_split_over_and_those_checked_on_the_bake_alone(
+    viewer: Any, canary: Rollout
+) -> None:
+    split = alpha_split(plan_from_stored(canary.plan))
+    assert split.bake_alone, "the canary fixture bakes against a holdout: its guardrails are also checked alone"
+    html = status_html(logged_in(viewer), canary)
+    line = html[html.index("Error control:") :]
+    line = line[: line.index("</p>")]
+    assert f"({'; '.join(split.checks)})" in line
+    assert f"; and on the bake alone: {'; '.join(split.bake_alone)}." in line
+    assert all("(bake alone)" in name for name in split.bake_alone)
