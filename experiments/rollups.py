@@ -690,12 +690,6 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
             FROM fresh f FULL JOIN old o ON o.arm = f.arm_label AND o.unit = f.unit),
         firsts AS (SELECT m.*, MIN(m.before_at) OVER (PARTITION BY m.unit) AS b,
                           MIN(m.after_at) OVER (PARTITION BY m.unit) AS a FROM merged m)"""
-    select = f"""
-        SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM firsts m GROUP BY m.arm{bytewise}, m.arm
-        {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
-        UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
-        UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
     # First requests: a unit whose first request changes leaves its stored bucket for the new one.
     lead_bins = " UNION ALL ".join(
         f"SELECT m.arm, {i} AS field, m.a{i}_k AS k, COUNT(*) AS n FROM merged m WHERE m.c{i} = 1 GROUP BY m.arm, m.a{i}_k "
@@ -703,8 +697,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
         f"GROUP BY m.arm, m.p{i}_k"
         for i in range(len(spec.firsts))
     )  # fmt: skip
-    if lead_bins:
-        select += f" UNION ALL SELECT 'f', q.arm, q.field, NULL, {padded(['q.k', 'q.n'])} FROM ({lead_bins}) q"
+    select = f"""
+        SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
+        FROM firsts m GROUP BY m.arm{bytewise}, m.arm {_select_rest(sketches, padded, lead_bins)}"""
     names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
     for j, (name, limit) in enumerate(spec.over):
         i, at = names_index[name], repr(float(limit))
@@ -742,6 +737,19 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), upsert
 
 
+def _select_rest(sketches: str, padded: Callable[[list[str]], str], lead_bins: str) -> str:
+    """A fold's SELECT after its "d" rows, alike in every fold (`_fold_sql`'s docstring): the sketches'
+    buckets ("s"), the records read ("c"), whether the tail holds a record ("t") and, with `lead_bins`, the
+    first requests' bucket changes ("f")."""
+    rest = f"""
+        {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
+        UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
+        UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
+    if lead_bins:
+        rest += f" UNION ALL SELECT 'f', q.arm, q.field, NULL, {padded(['q.k', 'q.n'])} FROM ({lead_bins}) q"
+    return rest
+
+
 def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[str]], str],
                     timestamp: str) -> tuple[str, str, str]:  # fmt: skip
     """`_fold_sql`'s common table expressions, SELECT and writes for a window's first fold, when it has no
@@ -765,20 +773,15 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
                     WHERE q.at = q.a GROUP BY q.arm),
         totals AS (SELECT f.arm_label AS arm, {", ".join(totals)} FROM fresh f GROUP BY f.arm_label)"""
     values = ["t.units", "COALESCE(e.n, 0)", *(f"t.s{i}" for i in range(len(sums))), *(f"t.p{k}" for k in range(len(spec.pairs)))]
-    select = f"""
-        SELECT 'd', t.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM totals t LEFT JOIN exposed e ON e.arm = t.arm
-        {"UNION ALL SELECT 's', s.arm, s.field, NULL, " + padded(["s.k", "s.n"]) + f" FROM ({sketches}) s" if sketches else ""}
-        UNION ALL SELECT 'c', NULL, NULL, MAX(r.created_at), {padded(["COUNT(*)"])} FROM recs r
-        UNION ALL SELECT 't', NULL, NULL, NULL, {padded(["(SELECT COUNT(*) FROM tail)"])}"""
     # First requests: each new unit's, per field, enters its bucket (no stored one to leave).
     lead_bins = " UNION ALL ".join(
         f"SELECT f.arm_label AS arm, {i} AS field, f.a{i}_k AS k, COUNT(*) AS n FROM fresh f WHERE f.a{i}_at IS NOT NULL "
         f"GROUP BY f.arm_label, f.a{i}_k"
         for i in range(len(spec.firsts))
     )  # fmt: skip
-    if lead_bins:
-        select += f" UNION ALL SELECT 'f', q.arm, q.field, NULL, {padded(['q.k', 'q.n'])} FROM ({lead_bins}) q"
+    select = f"""
+        SELECT 'd', t.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
+        FROM totals t LEFT JOIN exposed e ON e.arm = t.arm {_select_rest(sketches, padded, lead_bins)}"""
     names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
     for j, (name, limit) in enumerate(spec.over):
         i, at = names_index[name], repr(float(limit))
