@@ -12,6 +12,13 @@ them, and a few scores that are no score (null, a string). Then `evals.selectors
 and as it was at `--before` (evals/selectors.py at that revision, loaded as a module of its own), in
 interleaved rounds: wall time and CPU of this process and of its PostgreSQL backend per look, medians side
 by side, and whether the two read the same guardrail.
+
+Then the shadow step's other reads of a look over the same pairs, each timed the same way (nothing to compare
+them with: they read every pair of the step at each look, as the quality did): the candidate's SLO sums
+(`shadow_candidate_sums`), the paired latency guardrail's per-session sums (`shadow_paired_latency`), the tail
+guardrails' first pair of each session (`shadow_pair_bins`, TTFT and TPOT) and the tail SLO's count over its
+threshold (`shadow_pair_over`). The pairs carry lognormal latencies on both sides for these (the candidate's
+TPOT 5 % longer).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def fill(pairs: int, sessions: int, seed: int) -> None:
     config = ShadowScoring.objects.get(rollout_id=ROLLOUT_ID)
     config.scorers = [*config.scorers[:1], judge]
     config.save(update_fields=["scorers"])
-    mark = f"{pairs}-{sessions}-{seed}"
+    mark = f"{pairs}-{sessions}-{seed}-timed"
     existing = ShadowPair.objects.filter(rollout_id=ROLLOUT_ID)
     if existing.filter(request_id=f"fill-{mark}").exists() and existing.count() == pairs:
         print(f"== fill: {pairs:,} scored pairs of rollout {ROLLOUT_ID} kept from an earlier run")
@@ -72,6 +79,10 @@ def fill(pairs: int, sessions: int, seed: int) -> None:
     verdict = rng.choice([0.0, 0.5, 1.0], size=pairs, p=[0.1, 0.8, 0.1])
     flipped = rng.random(pairs) < 0.05
     odd = rng.random(pairs)
+    # Both sides' latencies, lognormal, per session a factor shared by its pairs.
+    factor = rng.lognormal(0.0, 0.3, sessions)[owner]
+    ttft = rng.lognormal(np.log(120.0), 0.5, (2, pairs)) * factor
+    tpot = rng.lognormal(np.log(25.0), 0.3, (2, pairs)) * factor * np.array([[1.0], [1.05]])
     start = datetime.now(UTC) - timedelta(hours=2)
     buffer = io.StringIO()
     for i in range(pairs):
@@ -81,10 +92,14 @@ def fill(pairs: int, sessions: int, seed: int) -> None:
         request_id = f"fill-{mark}" if i == 0 else f"bench-{i}"
         session = "" if alone[i] else hashes[owner[i]]
         created = start + timedelta(microseconds=int(i * 7200e6 / pairs))
-        buffer.write(f"{request_id}\t{created.isoformat()}\t{ALIAS}\t{ROLLOUT_ID}\t{session}\t\t\t\tok\t\tt\t\t{scores}\n")
+        tokens = 40 + i % 200
+        timings = (f"{ttft[0, i]:.3f}\t{tpot[0, i]:.4f}\t{ttft[0, i] + tpot[0, i] * tokens:.3f}\t"
+                   f"{ttft[1, i]:.3f}\t{tpot[1, i]:.4f}\t{ttft[1, i] + tpot[1, i] * tokens:.3f}\t{tokens}")  # fmt: skip
+        buffer.write(f"{request_id}\t{created.isoformat()}\t{ALIAS}\t{ROLLOUT_ID}\t{session}\t\t\t\tok\t\tt\tok\t{timings}\t{scores}\n")
     columns = ("request_id", "created_at", "alias", "rollout_id", "session_hash", "prompt_text", "baseline_output",
                "candidate_output", "candidate_outcome", "candidate_error", "texts_stored", "baseline_replay_outcome",
-               "scores")  # fmt: skip
+               "baseline_replay_ttft_ms", "baseline_replay_tpot_ms", "baseline_replay_e2e_ms", "candidate_ttft_ms",
+               "candidate_tpot_ms", "candidate_e2e_ms", "candidate_completion_tokens", "scores")  # fmt: skip
     table = ShadowPair._meta.db_table
     with connection.cursor() as cursor:
         with cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
@@ -153,6 +168,38 @@ def main() -> None:
         print(f"  n {now.n:,} scores in {now.units:,} units, mean {now.mean:.5f}, bounds [{now.ci_low:.5f}, "
               f"{now.ci_high:.5f}], sd {now.sd:.5f}, judge flip rate {now.judge_flip_rate}")  # fmt: skip
         print(f"  the same guardrail as at {args.before}: {'yes' if same(now, old) else f'NO: {old}'}")
+    step_reads(args.rounds)
+
+
+def step_reads(rounds: int) -> None:
+    """The shadow step's other per-look reads over every pair, timed (`rounds` rounds after one warm-up)."""
+    from experiments.analysis import (
+        shadow_candidate_sums,
+        shadow_pair_bins,
+        shadow_pair_over,
+        shadow_paired_latency,
+    )
+
+    reads = {
+        "shadow_candidate_sums": lambda: shadow_candidate_sums(rollout_id=ROLLOUT_ID, thresholds={"ttft_ms": [800.0]}),
+        "shadow_paired_latency": lambda: shadow_paired_latency(rollout_id=ROLLOUT_ID),
+        "shadow_pair_bins (ttft, tpot)": lambda: shadow_pair_bins(
+            rollout_id=ROLLOUT_ID, since=None, fields=("ttft_ms", "tpot_ms")
+        ),
+        "shadow_pair_over (ttft > 800)": lambda: shadow_pair_over(
+            rollout_id=ROLLOUT_ID, since=None, thresholds={"ttft_ms": [800.0]}
+        ),
+    }
+    print(f"\n== the shadow step's other reads of a look, over every pair, {rounds} rounds after one warm-up each")
+    total = 0.0
+    for name, read in reads.items():
+        read()
+        rows = [timed(read)[:3] for _ in range(rounds)]
+        walls, clients, servers = zip(*rows, strict=True)
+        total += statistics.median(walls)
+        print(f"  {name:>30}: median {statistics.median(walls):8,.1f} ms wall (max {max(walls):,.1f}); CPU median "
+              f"{statistics.median(clients):,.1f} ms this process, {statistics.median(servers):,.1f} ms PostgreSQL")  # fmt: skip
+    print(f"  {'together':>30}: {total:8,.1f} ms a look (the sum of the medians)")
 
 
 if __name__ == "__main__":
