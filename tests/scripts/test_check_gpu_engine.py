@@ -97,7 +97,7 @@ def test_the_cpu_path_serves_through_the_agent_and_the_gateway_and_prints_the_fi
         "--concurrency",
         "2",
         "--max-tokens",
-        "8",
+        "32",
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -105,6 +105,10 @@ def test_the_cpu_path_serves_through_the_agent_and_the_gateway_and_prints_the_fi
         r"^eager\s+([\d.]+)\s+6/6\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", done.stdout, re.M
     )
     assert row, done.stdout[-2000:]
-    start_s, ttft_p50, _, tpot_p50, _ = map(float, row.groups())
-    assert start_s > 0 and ttft_p50 > 0 and tpot_p50 > 0
+    start_s, ttft_p50, _, _, tpot_p90 = map(float, row.groups())
+    # The tiny demo model decodes faster than vLLM's server streams: the engine may hand the gateway a
+    # request's tokens in a single chunk, whose TPOT is then 0 as measured (it passed at 8 tokens for many
+    # runs, then printed a TPOT p50 of 0.00 once in session 27). At 32 tokens a request, at least one of the
+    # six streams its tokens over time.
+    assert start_s > 0 and ttft_p50 > 0 and tpot_p90 > 0
     assert "ready after" in done.stdout and "GPUs (none: CPU build)" in done.stdout
