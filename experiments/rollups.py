@@ -577,6 +577,20 @@ def _sketch_rows(records: QuerySet[Any], spec: RollupSpec, ok: Q) -> QuerySet[An
     return records.order_by().annotate(**keys).values("arm", "created_at", *keys)
 
 
+# What a unit row keeps of its first request per `firsts` field (`first<i>_at`, `_id`, `_x`, `_k`): when it
+# was made, its id (the tie-break), its latency and its sketch bucket.
+FIRST_PARTS = ("at", "id", "x", "k")
+
+
+def _sql_types() -> tuple[str, str]:
+    """The fold's floating type, and the collation its sessions group and sort by: on PostgreSQL their
+    bytes (the database's collation, C.UTF-8 or en_US, would compare every pair through strcoll, a good
+    part of a look at thousands of touched sessions)."""
+    if connection.vendor == "postgresql":
+        return "DOUBLE PRECISION", ' COLLATE "C"'
+    return "REAL", ""
+
+
 @functools.cache
 def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, str, str, str]:
     """For the spec: with `firsts`, the common table expressions after WITH base and leadrecs that pick each
@@ -599,10 +613,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     the stored one is missing or later (by time, then id)."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
-    real = "DOUBLE PRECISION" if postgres else "REAL"
-    # Sessions sort and group by their bytes on PostgreSQL: the database's collation (C.UTF-8, en_US...)
-    # would compare every pair through strcoll, a good part of a look at thousands of touched sessions.
-    bytewise = ' COLLATE "C"' if postgres else ""
+    real, bytewise = _sql_types()
     slots = [f"v{i}" for i in range(len(spec.columns))]
     index = {column: i for i, column in enumerate(spec.columns)}
 
@@ -617,13 +628,12 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
         f"AS rn FROM leadrecs r WHERE r.x{i} IS NOT NULL) q WHERE q.rn = 1)"
         for i in range(len(spec.firsts))
     )  # fmt: skip
-    parts = ("at", "id", "x", "k")
     fresh_head, fresh_tail = "", ""
     if spec.firsts:
-        picked = ", ".join(f"l{i}.{c} AS a{i}_{c}" for i in range(len(spec.firsts)) for c in parts)
+        picked = ", ".join(f"l{i}.{c} AS a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS)
         joins = " ".join(f"LEFT JOIN lead{i} l{i} ON l{i}.arm = s.arm_label AND l{i}.unit = s.unit" for i in range(len(spec.firsts)))
         fresh_head, fresh_tail = f"SELECT s.*, {picked} FROM (", f") s {joins}"
-    first_columns = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in parts]
+    first_columns = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     stored_firsts = "".join(f", o.{c}" for c in first_columns)
 
     def newer(new: str, old: str) -> str:
@@ -632,7 +642,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
 
     merged_firsts = "".join(
         f", CASE WHEN {newer(f'f.a{i}', f'o.first{i}')} THEN 1 ELSE 0 END AS c{i}"
-        + "".join(f", f.a{i}_{c} AS a{i}_{c}, o.first{i}_{c} AS p{i}_{c}" for c in parts)
+        + "".join(f", f.a{i}_{c} AS a{i}_{c}, o.first{i}_{c} AS p{i}_{c}" for c in FIRST_PARTS)
         for i in range(len(spec.firsts))
     )  # fmt: skip
 
@@ -712,9 +722,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
         # every other fold off them), the new (arm, unit) rows are inserted.
         sets = ", ".join(["first_at = m.after_at"] + [f"v{i} = m.t{i}" for i in range(len(slots))] + [
             f"first{i}_{c} = CASE WHEN m.c{i} = 1 THEN m.a{i}_{c} ELSE m.p{i}_{c} END"
-            for i in range(len(spec.firsts)) for c in parts
+            for i in range(len(spec.firsts)) for c in FIRST_PARTS
         ])  # fmt: skip
-        new_values = ", ".join([f"m.t{i}" for i in range(len(slots))] + [f"m.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
+        new_values = ", ".join([f"m.t{i}" for i in range(len(slots))] + [f"m.a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS])
         writes = (
             f"rewrite AS (UPDATE {UNITS} u SET {sets} FROM merged m WHERE u.ctid = m.tid AND m.touched = 1 AND m.is_new = 0), "
             f"added AS (INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
@@ -725,9 +735,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     updates = ", ".join(
         [f"first_at = {earliest_at}"] + [f"{s} = COALESCE({UNITS}.{s}, 0) + COALESCE(excluded.{s}, 0)" for s in slots]
         + [f"first{i}_{c} = CASE WHEN {newer(f'excluded.first{i}', f'{UNITS}.first{i}')} THEN excluded.first{i}_{c} "
-           f"ELSE {UNITS}.first{i}_{c} END" for i in range(len(spec.firsts)) for c in parts]
+           f"ELSE {UNITS}.first{i}_{c} END" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     )  # fmt: skip
-    fresh_values = ", ".join([f"f.{quote(c)}" for c in spec.columns] + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
+    fresh_values = ", ".join([f"f.{quote(c)}" for c in spec.columns] + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS])
     # "WHERE 1 = 1": SQLite reads ON CONFLICT after a bare SELECT as a join's ON.
     upsert = (
         f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
@@ -761,8 +771,7 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
     disk twice: materialised, then sorted). No parameter but the writes' window."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
-    real = "DOUBLE PRECISION" if postgres else "REAL"
-    bytewise = ' COLLATE "C"' if postgres else ""
+    real, bytewise = _sql_types()
     index = {column: i for i, column in enumerate(spec.columns)}
     sums = [f"CAST(COALESCE(f.{quote(c)}, 0) AS {real})" for c in spec.columns]
     totals = ["COUNT(*) AS units", *(f"SUM({n}) AS s{i}" for i, n in enumerate(sums))]
@@ -787,10 +796,9 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
         i, at = names_index[name], repr(float(limit))
         over = f"CASE WHEN f.a{i}_at IS NOT NULL AND f.a{i}_x > {at} THEN 1 ELSE 0 END"
         select += f" UNION ALL SELECT 'o', f.arm_label, {j}, NULL, {padded([f'SUM({over})'])} FROM fresh f GROUP BY f.arm_label"
-    parts = ("at", "id", "x", "k")
-    firsts = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in parts]
+    firsts = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     names = ", ".join([f"v{i}" for i in range(len(spec.columns))] + firsts)
-    new_values = ", ".join(sums + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in parts])
+    new_values = ", ".join(sums + [f"f.a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS])
     # In the unique index's order: each row then goes to the index's rightmost page (a new window is the
     # newest), not to a random one.
     writes = (

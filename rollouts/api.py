@@ -193,7 +193,8 @@ class RolloutDetailOutput(RolloutOutput):
     )
     analysis_staleness = serializers.SerializerMethodField(
         help_text="How long since the last analysis, the limit (three intervals) past which the watchdog pauses or "
-        "rolls back, and whether it paused this rollout; null when the rollout is not analysed (draft, ended)."
+        "rolls back, whether it paused this rollout, and whether a look is running now (the watchdog leaves a rollout "
+        "under a running look alone); null when the rollout is not analysed (draft, ended)."
     )
 
     def _latest(self, rollout: Rollout) -> RolloutAnalysis | None:
@@ -205,7 +206,8 @@ class RolloutDetailOutput(RolloutOutput):
 
     @extend_schema_field({"type": "object", "nullable": True, "properties": {
         "last_analysed_at": {"type": "string", "format": "date-time", "nullable": True}, "age_s": {"type": "number"},
-        "limit_s": {"type": "number"}, "stale": {"type": "boolean"}, "paused_by_watchdog": {"type": "boolean"}}})
+        "limit_s": {"type": "number"}, "stale": {"type": "boolean"}, "paused_by_watchdog": {"type": "boolean"},
+        "looking": {"type": "boolean"}}})
     def get_analysis_staleness(self, rollout: Rollout) -> dict[str, Any] | None:
         from rollouts.watchdog import rollout_staleness
 

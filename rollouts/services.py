@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -954,17 +954,26 @@ def rollout_start_when_ready(*, rollout: Rollout) -> Rollout | None:
 # --- analysis bookkeeping (not transitions) -------------------------------------------------------------
 
 
-def rollout_analysis_claim(*, rollout_id: int, lease_s: float) -> bool:
-    """Compare-and-set lease: one analysis of a rollout at a time; a dead worker's lease runs out."""
-    from datetime import timedelta
-
+def rollout_analysis_claim(*, rollout_id: int, lease_s: float) -> datetime | None:
+    """Compare-and-set lease: one analysis of a rollout at a time; a dead worker's lease runs out. The
+    lease's end when claimed (what `rollout_analysis_renew` is given), None when another look holds it."""
     from django.db.models import Q
 
     now = timezone.now()
+    until = now + timedelta(seconds=lease_s)
     claimed = Rollout.objects.filter(
         Q(analysis_lease_until__isnull=True) | Q(analysis_lease_until__lt=now), pk=rollout_id
-    ).update(analysis_lease_until=now + timedelta(seconds=lease_s))
-    return claimed == 1
+    ).update(analysis_lease_until=until)
+    return until if claimed == 1 else None
+
+
+def rollout_analysis_renew(*, rollout_id: int, held_until: datetime, lease_s: float) -> datetime | None:
+    """Extend the lease of a look still running: compare-and-set on the end it was claimed or last renewed
+    with (`held_until`), so a lease that ran out and was claimed by another look is never taken back. The
+    new end, or None when the lease is no longer this look's."""
+    until = timezone.now() + timedelta(seconds=lease_s)
+    renewed = Rollout.objects.filter(pk=rollout_id, analysis_lease_until=held_until).update(analysis_lease_until=until)
+    return until if renewed == 1 else None
 
 
 def rollout_analysis_release(

@@ -2,7 +2,9 @@
 candidate's traffic share unwatched.
 
 A rollout whose last look (`Rollout.last_analysed_at`, written when a look completes) is older than
-three analysis intervals (`ROLLOUT_STALE_INTERVALS`) while its candidate takes traffic (running, or
+three analysis intervals (`ROLLOUT_STALE_INTERVALS`), with no look under way (a look keeps its lease while
+it runs, up to ROLLOUT_LOOK_MAX_S: a step's first look over a busy window can take minutes, and the
+analysis has not stopped then), while its candidate takes traffic (running, or
 awaiting an approval) is paused at its current weights, or rolled back when its plan says `on_stale_analysis: rollback` (a
 rollout a person paused, or a promotion still baking, is rolled back then too; with the plan's default
 they stay as they are: a bake ends only on a look, so it holds its split without one). The
@@ -121,13 +123,21 @@ class Staleness:
     limit_s: float
     stale: bool
     paused_by_watchdog: bool
+    looking: bool = False  # a look holds the rollout's lease now (`look_running`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "last_analysed_at": self.last_analysed_at.isoformat() if self.last_analysed_at else None,
             "age_s": round(self.age_s, 1), "limit_s": self.limit_s, "stale": self.stale,
-            "paused_by_watchdog": self.paused_by_watchdog,
+            "paused_by_watchdog": self.paused_by_watchdog, "looking": self.looking,
         }  # fmt: skip
+
+
+def look_running(rollout: Rollout, now: datetime) -> bool:
+    """A look holds the rollout's lease: the analysis is alive, however long since a look last completed. A
+    running look renews its lease (`rollouts.analysis.apply.LeaseKept`), up to ROLLOUT_LOOK_MAX_S; one whose
+    worker died stops renewing it, and the lease runs out within `rollouts.analysis.look.LEASE_S`."""
+    return rollout.analysis_lease_until is not None and rollout.analysis_lease_until > now
 
 
 def rollout_staleness(*, rollout: Rollout, now: datetime | None = None) -> Staleness | None:
@@ -138,9 +148,10 @@ def rollout_staleness(*, rollout: Rollout, now: datetime | None = None) -> Stale
     by_watchdog = rollout_stale_paused(rollout=rollout)
     age = max(0.0, (now - _reference(rollout, None, paused_by_watchdog=by_watchdog)).total_seconds())
     limit = stale_after_s()
+    looking = look_running(rollout, now)
     return Staleness(
-        last_analysed_at=rollout.last_analysed_at, age_s=age, limit_s=limit, stale=by_watchdog or age > limit,
-        paused_by_watchdog=by_watchdog,
+        last_analysed_at=rollout.last_analysed_at, age_s=age, limit_s=limit,
+        stale=by_watchdog or (age > limit and not looking), paused_by_watchdog=by_watchdog, looking=looking,
     )  # fmt: skip
 
 
@@ -214,7 +225,7 @@ def rollouts_watchdog_pass(*, now: datetime | None = None, watching_since: datet
             report.stale.append(rollout.pk)  # it waits for the analysis: nothing more to do
             continue
         age = (now - _reference(rollout, watching_since)).total_seconds()
-        if since_look <= limit:
+        if since_look <= limit or look_running(rollout, now):
             continue
         report.stale.append(rollout.pk)
         action = _action_for(rollout)

@@ -4,11 +4,14 @@ rollout's services with the version the look read, and store the look as a `Roll
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 
 from config.errors import Conflict, DomainError
 from rollouts.actors import ANALYSIS
@@ -19,6 +22,7 @@ from rollouts.services import (
     rollout_advance,
     rollout_analysis_claim,
     rollout_analysis_release,
+    rollout_analysis_renew,
     rollout_eval_gate_decided,
     rollout_pause,
     rollout_promote,
@@ -53,11 +57,66 @@ def _apply(rollout: Rollout, look: Look) -> bool:
     return True
 
 
+class LeaseKept:
+    """While a look runs, a thread of its own (with its own database connection) renews the look's lease
+    every third of `lease_s`, for at most ROLLOUT_LOOK_MAX_S. A long look (a step's first over a busy
+    window: minutes at 100 million records a day) then keeps other workers from starting the same look
+    beside it, and the watchdog, which reads a held lease as a look under way, from pausing the rollout
+    as if its analysis had stopped. A worker that dies stops renewing: the lease runs out within `lease_s`.
+    A look inside a caller's transaction renews nothing (no other connection sees its lease)."""
+
+    def __init__(self, rollout_id: int, held_until: datetime, *, lease_s: float) -> None:
+        self.rollout_id, self.held_until, self.lease_s = rollout_id, held_until, lease_s
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKept:
+        if not connection.in_atomic_block:
+            self._thread = threading.Thread(target=self._run, name=f"lease-{self.rollout_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + float(settings.ROLLOUT_LOOK_MAX_S)
+        try:
+            while not self._stop.wait(self.lease_s / 3):
+                if time.monotonic() >= deadline:
+                    logger.warning("rollout %s: a look running for over %g s no longer renews its lease",
+                                   self.rollout_id, settings.ROLLOUT_LOOK_MAX_S)  # fmt: skip
+                    return
+                try:
+                    until = rollout_analysis_renew(rollout_id=self.rollout_id, held_until=self.held_until,
+                                                   lease_s=self.lease_s)  # fmt: skip
+                except DatabaseError:  # (the database restarting, SQLite's lock): the next renewal tries again
+                    logger.warning("rollout %s: the look's lease was not renewed", self.rollout_id, exc_info=True)
+                    continue
+                if until is None:
+                    logger.warning("rollout %s: a running look lost its lease", self.rollout_id)
+                    return
+                self.held_until = until
+                self.renewals += 1
+        finally:
+            connection.close()  # this thread's own connection
+
+
 def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutAnalysis | None:
     """One look at one rollout: measure, decide, apply (at most once), record. None when skipped
-    (another worker holds the lease, the rollout is gone or not live)."""
-    if not rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S):
+    (another worker holds the lease, the rollout is gone or not live). The lease is renewed while the
+    look runs (`LeaseKept`)."""
+    held_until = rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S)
+    if held_until is None:
         return None
+    with LeaseKept(rollout_id, held_until, lease_s=LEASE_S):
+        return _analyse(rollout_id, now)
+
+
+def _analyse(rollout_id: int, now: datetime | None) -> RolloutAnalysis | None:
     readiness: dict[str, Any] | None = None
     completed = False  # only a look that completes counts as one (rollouts.watchdog reads last_analysed_at)
     try:

@@ -15,7 +15,8 @@ D = RolloutAnalysis.Decision
 # Gateways see a route change within a second; requests in the first seconds of a step may still have
 # been split by the previous weights, which would read as a sample ratio mismatch.
 ROUTE_SETTLE = timedelta(seconds=2)
-# Longer than a look can take; a worker that dies holding it delays the next look by at most this.
+# A look's lease on its rollout, renewed every third of it while the look runs (`apply.LeaseKept`, up to
+# ROLLOUT_LOOK_MAX_S): a worker that dies holding it delays the next look by at most this.
 LEASE_S = 60.0
 
 

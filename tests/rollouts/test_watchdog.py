@@ -229,3 +229,89 @@ def test_the_number_of_intervals_is_a_setting(owner: Any, settings: Any) -> None
     assert rollouts_watchdog_pass(now=analysed_ago(rollout, 45)).paused == []
     assert rollouts_watchdog_pass(now=analysed_ago(rollout, 61)).paused == [rollout.pk]
     assert "the limit is 6 intervals, 60 s" in Rollout.objects.get(pk=rollout.pk).state_reason
+
+
+def test_a_look_under_way_is_not_a_stopped_analysis(owner: Any, viewer: Any) -> None:
+    """The last look completed long ago but a look holds the lease (a step's first look over a busy window,
+    minutes at 100 million records a day): the watchdog leaves the rollout alone, the page and the API say a
+    look is running. Once the lease has run out (its worker died), the watchdog pauses as before."""
+    rollout = running(owner)
+    now = analysed_ago(rollout, stale_after_s() + 120)
+    Rollout.objects.filter(pk=rollout.pk).update(analysis_lease_until=now + timedelta(seconds=40))
+    report = rollouts_watchdog_pass(now=now)
+    assert report.stale == report.paused == [] and Rollout.objects.get(pk=rollout.pk).state == "running"
+    staleness = rollout_staleness(rollout=Rollout.objects.get(pk=rollout.pk), now=now)
+    assert staleness is not None and (staleness.stale, staleness.looking) == (False, True)
+    client = Client()
+    client.force_login(viewer.user)
+    page = client.get(reverse("rollout-detail", args=[rollout.pk])).content.decode()
+    assert 'id="look-running"' in page and 'id="stale-analysis"' not in page
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {viewer.token}").get(f"/api/v1/rollouts/{rollout.pk}").json()
+    assert api["analysis_staleness"]["looking"] is True and api["analysis_staleness"]["stale"] is False
+
+    report = rollouts_watchdog_pass(now=now + timedelta(seconds=41))
+    assert report.paused == [rollout.pk] and Rollout.objects.get(pk=rollout.pk).state == "paused"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_look_renews_its_lease_and_keeps_the_watchdog_and_other_looks_off(
+    owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look that runs three times as long as its lease: the lease is renewed while it runs, so a second
+    worker's claim is refused and a watchdog pass does nothing, though the last completed look is an hour
+    old; after it, the lease is let go and the look counts as one."""
+    import time
+
+    from rollouts.analysis import apply
+    from rollouts.services import rollout_analysis_claim
+
+    rollout = running(owner)
+    analysed_ago(rollout, 3600)
+    lease_s = 0.6
+    monkeypatch.setattr(apply, "LEASE_S", lease_s)
+    real_look = apply.rollout_look
+    seen: dict[str, Any] = {}
+
+    def long_look(**kwargs: Any) -> Any:
+        claimed = Rollout.objects.get(pk=rollout.pk).analysis_lease_until
+        time.sleep(3 * lease_s)
+        seen["renewed"] = Rollout.objects.get(pk=rollout.pk).analysis_lease_until > claimed
+        seen["claim"] = rollout_analysis_claim(rollout_id=rollout.pk, lease_s=lease_s)
+        seen["watchdog"] = rollouts_watchdog_pass()
+        return real_look(**kwargs)
+
+    monkeypatch.setattr(apply, "rollout_look", long_look)
+    assert analyse_rollout(rollout.pk) == "hold"
+    assert seen["renewed"] and seen["claim"] is None
+    assert seen["watchdog"].stale == seen["watchdog"].paused == []
+    after = Rollout.objects.get(pk=rollout.pk)
+    assert after.state == "running" and after.analysis_lease_until is None
+    assert after.last_analysed_at is not None and timezone.now() - after.last_analysed_at < timedelta(seconds=30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_look_past_the_longest_a_look_may_take_lets_its_lease_run_out(
+    owner: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """A look stuck past ROLLOUT_LOOK_MAX_S stops renewing: its lease runs out, another worker may claim the
+    rollout and the watchdog acts on it."""
+    import time
+
+    from rollouts.analysis import apply
+
+    rollout = running(owner)
+    analysed_ago(rollout, 3600)
+    lease_s = 0.6
+    monkeypatch.setattr(apply, "LEASE_S", lease_s)
+    settings.ROLLOUT_LOOK_MAX_S = 0.5
+    seen: dict[str, Any] = {}
+
+    def stuck_look(**kwargs: Any) -> Any:
+        time.sleep(0.5 + 2 * lease_s)
+        seen["watchdog"] = rollouts_watchdog_pass()
+        raise RuntimeError("stuck, then failed")
+
+    monkeypatch.setattr(apply, "rollout_look", stuck_look)
+    with pytest.raises(RuntimeError):
+        analyse_rollout(rollout.pk)
+    assert seen["watchdog"].paused == [rollout.pk]
