@@ -13,12 +13,12 @@ and as it was at `--before` (evals/selectors.py at that revision, loaded as a mo
 interleaved rounds: wall time and CPU of this process and of its PostgreSQL backend per look, medians side
 by side, and whether the two read the same guardrail.
 
-Then the shadow step's other reads of a look over the same pairs, each timed the same way (nothing to compare
-them with: they read every pair of the step at each look, as the quality did): the candidate's SLO sums
-(`shadow_candidate_sums`), the paired latency guardrail's per-session sums (`shadow_paired_latency`), the tail
-guardrails' first pair of each session (`shadow_pair_bins`, TTFT and TPOT) and the tail SLO's count over its
-threshold (`shadow_pair_over`). The pairs carry lognormal latencies on both sides for these (the candidate's
-TPOT 5 % longer).
+Then the shadow step's other per-look reads over the same pairs, each timed the same way beside itself at
+`--before-reads` (they read every pair of the step at each look, as the quality does): the candidate's SLO
+sums (`shadow_candidate_sums`), the paired latency guardrail's per-session sums (`shadow_paired_latency`),
+the tail guardrails' first pair of each session (`shadow_pair_bins`, TTFT and TPOT) and the tail SLO's
+count over its threshold (`shadow_pair_over`). The pairs carry lognormal latencies on both sides for these
+(the candidate's TPOT 5 % longer).
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--before", default="0f565ce", help="the revision whose shadow_quality is timed beside")
+    parser.add_argument("--before-reads", default="HEAD",
+                        help="the revision whose shadow step reads (candidate sums, paired latency, tail bins) are timed beside")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database and stop")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL")
@@ -168,38 +170,72 @@ def main() -> None:
         print(f"  n {now.n:,} scores in {now.units:,} units, mean {now.mean:.5f}, bounds [{now.ci_low:.5f}, "
               f"{now.ci_high:.5f}], sd {now.sd:.5f}, judge flip rate {now.judge_flip_rate}")  # fmt: skip
         print(f"  the same guardrail as at {args.before}: {'yes' if same(now, old) else f'NO: {old}'}")
-    step_reads(args.rounds)
+    step_reads(args.rounds, args.before_reads)
 
 
-def step_reads(rounds: int) -> None:
-    """The shadow step's other per-look reads over every pair, timed (`rounds` rounds after one warm-up)."""
+def step_reads(rounds: int, before_rev: str) -> None:
+    """The shadow step's other per-look reads over every pair, timed (`rounds` interleaved rounds after one
+    warm-up), each beside the same read at `before_rev` (its module at that revision) where it changed, with
+    whether the two agree: the same paired sums (to 1e-9) and tail bins, the same candidate moments, and
+    the candidate's percentiles within the sketches' relative accuracy of the nearest ranks."""
     from experiments.analysis import (
         shadow_candidate_sums,
         shadow_pair_bins,
         shadow_pair_over,
         shadow_paired_latency,
     )
+    from experiments.rollups import RELATIVE_ACCURACY
 
-    reads = {
-        "shadow_candidate_sums": lambda: shadow_candidate_sums(rollout_id=ROLLOUT_ID, thresholds={"ttft_ms": [800.0]}),
-        "shadow_paired_latency": lambda: shadow_paired_latency(rollout_id=ROLLOUT_ID),
-        "shadow_pair_bins (ttft, tpot)": lambda: shadow_pair_bins(
-            rollout_id=ROLLOUT_ID, since=None, fields=("ttft_ms", "tpot_ms")
-        ),
-        "shadow_pair_over (ttft > 800)": lambda: shadow_pair_over(
-            rollout_id=ROLLOUT_ID, since=None, thresholds={"ttft_ms": [800.0]}
-        ),
-    }
-    print(f"\n== the shadow step's other reads of a look, over every pair, {rounds} rounds after one warm-up each")
-    total = 0.0
-    for name, read in reads.items():
-        read()
-        rows = [timed(read)[:3] for _ in range(rounds)]
-        walls, clients, servers = zip(*rows, strict=True)
-        total += statistics.median(walls)
-        print(f"  {name:>30}: median {statistics.median(walls):8,.1f} ms wall (max {max(walls):,.1f}); CPU median "
-              f"{statistics.median(clients):,.1f} ms this process, {statistics.median(servers):,.1f} ms PostgreSQL")  # fmt: skip
-    print(f"  {'together':>30}: {total:8,.1f} ms a look (the sum of the medians)")
+    analysis = module_at(before_rev, "experiments/analysis/__init__.py")
+    paired = module_at(before_rev, "experiments/analysis/paired.py")
+    tails = module_at(before_rev, "experiments/analysis/tails.py")
+    limits = {"ttft_ms": [800.0]}
+    fields = ("ttft_ms", "tpot_ms")
+
+    def sums_agree(a: Any, b: Any) -> bool:
+        # (PostgreSQL's parallel workers add in no fixed order: the last digits of a sum may differ run to run.)
+        if a.moments.units != b.moments.units or a.moments.sums.keys() != b.moments.sums.keys() or not all(
+                math.isclose(a.moments.sums[k], b.moments.sums[k], rel_tol=1e-9) for k in a.moments.sums):
+            return False
+        return all((a.percentiles[k] is None) == (b.percentiles[k] is None)
+                   and (a.percentiles[k] is None or abs(a.percentiles[k] / b.percentiles[k] - 1) <= RELATIVE_ACCURACY)
+                   for k in b.percentiles)  # fmt: skip
+
+    def paired_agree(a: Any, b: Any) -> bool:
+        return all((x.n, x.units) == (y.n, y.units) and all(math.isclose(getattr(x, k), getattr(y, k), rel_tol=1e-9)
+                   for k in ("b", "b2", "c", "c2", "bc", "lr", "lr2", "n2", "nb", "nc", "nlr"))
+                   for x, y in ((a.fields[f], b.fields[f]) for f in a.fields))  # fmt: skip
+
+    reads: dict[str, tuple[Any, Any, Any]] = {
+        "shadow_candidate_sums": (
+            lambda: shadow_candidate_sums(rollout_id=ROLLOUT_ID, thresholds=limits),
+            lambda: analysis.shadow_candidate_sums(rollout_id=ROLLOUT_ID, thresholds=limits), sums_agree),
+        "shadow_paired_latency": (lambda: shadow_paired_latency(rollout_id=ROLLOUT_ID),
+                                  lambda: paired.shadow_paired_latency(rollout_id=ROLLOUT_ID), paired_agree),
+        "shadow_pair_bins (ttft, tpot)": (
+            lambda: shadow_pair_bins(rollout_id=ROLLOUT_ID, since=None, fields=fields),
+            lambda: tails.shadow_pair_bins(rollout_id=ROLLOUT_ID, since=None, fields=fields), lambda a, b: a == b),
+        "shadow_pair_over (ttft > 800)": (
+            lambda: shadow_pair_over(rollout_id=ROLLOUT_ID, since=None, thresholds=limits),
+            lambda: tails.shadow_pair_over(rollout_id=ROLLOUT_ID, since=None, thresholds=limits), lambda a, b: a == b),
+    }  # fmt: skip
+    print(f"\n== the shadow step's other reads of a look, over every pair, now and at {before_rev}, {rounds} "
+          "interleaved rounds after one warm-up each")  # fmt: skip
+    totals = {"now": 0.0, before_rev: 0.0}
+    for name, (now, old, agree) in reads.items():
+        results = {"now": now(), before_rev: old()}
+        times: dict[str, list[tuple[float, float, float]]] = {"now": [], before_rev: []}
+        for repeat in range(rounds):
+            for label in (["now", before_rev] if repeat % 2 == 0 else [before_rev, "now"]):
+                wall, client, server, results[label] = timed(now if label == "now" else old)
+                times[label].append((wall, client, server))
+        print(f"  {name}: the same as at {before_rev}: {'yes' if agree(results['now'], results[before_rev]) else 'NO'}")
+        for label, rows in times.items():
+            walls, clients, servers = zip(*rows, strict=True)
+            totals[label] += statistics.median(walls)
+            print(f"  {label:>14}: median {statistics.median(walls):8,.1f} ms wall (max {max(walls):,.1f}); CPU median "
+                  f"{statistics.median(clients):,.1f} ms this process, {statistics.median(servers):,.1f} ms PostgreSQL")  # fmt: skip
+    print(f"  together (the sum of the medians): {totals['now']:,.1f} ms a look now, {totals[before_rev]:,.1f} ms at {before_rev}")
 
 
 if __name__ == "__main__":

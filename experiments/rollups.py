@@ -43,7 +43,7 @@ from django.db.models import Case, Count, F, FloatField, IntegerField, Q, QueryS
 from django.db.models.functions import Ceil, Greatest, Ln, RowNumber
 from django.utils.dateparse import parse_datetime
 
-from experiments.analysis.sessions import RECORDS, first_column, unit_expression
+from experiments.analysis.sessions import RECORDS, bytewise, first_column, unit_expression
 from experiments.models import FIRST_SLOTS, ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
 
@@ -613,7 +613,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     the stored one is missing or later (by time, then id)."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
-    real, bytewise = _sql_types()
+    real, by_bytes = _sql_types()
     slots = [f"v{i}" for i in range(len(spec.columns))]
     index = {column: i for i, column in enumerate(spec.columns)}
 
@@ -624,7 +624,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     # in merged), and whether the new one replaces it (c<i>).
     leads = ", ".join(
         f"lead{i} AS (SELECT q.arm, q.unit, q.at, q.id, q.x, q.k FROM (SELECT r.arm, r.unit, r.created_at AS at, r.pk AS id, "
-        f"r.x{i} AS x, r.k{i} AS k, ROW_NUMBER() OVER (PARTITION BY r.arm, r.unit{bytewise} ORDER BY r.created_at, r.pk) "
+        f"r.x{i} AS x, r.k{i} AS k, ROW_NUMBER() OVER (PARTITION BY r.arm, r.unit{by_bytes} ORDER BY r.created_at, r.pk) "
         f"AS rn FROM leadrecs r WHERE r.x{i} IS NOT NULL) q WHERE q.rn = 1)"
         for i in range(len(spec.firsts))
     )  # fmt: skip
@@ -693,7 +693,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     ctes = f"""
         old AS ({stored_rows}),
         merged AS (
-            SELECT {tid}COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit){bytewise} AS unit,
+            SELECT {tid}COALESCE(f.arm_label, o.arm) AS arm, COALESCE(f.unit, o.unit){by_bytes} AS unit,
                    o.first_at AS before_at, {earliest("o.first_at", "f.first_at")} AS after_at,
                    CASE WHEN o.unit IS NULL THEN 1 ELSE 0 END AS is_new,
                    CASE WHEN f.unit IS NULL THEN 0 ELSE 1 END AS touched, {fresh_sums}, {stored}, {totals}{merged_firsts}
@@ -709,7 +709,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     )  # fmt: skip
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM firsts m GROUP BY m.arm{bytewise}, m.arm {_select_rest(sketches, padded, lead_bins)}"""
+        FROM firsts m GROUP BY m.arm{by_bytes}, m.arm {_select_rest(sketches, padded, lead_bins)}"""
     names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
     for j, (name, limit) in enumerate(spec.over):
         i, at = names_index[name], repr(float(limit))
@@ -771,14 +771,14 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
     disk twice: materialised, then sorted). No parameter but the writes' window."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
-    real, bytewise = _sql_types()
+    real, by_bytes = _sql_types()
     index = {column: i for i, column in enumerate(spec.columns)}
     sums = [f"CAST(COALESCE(f.{quote(c)}, 0) AS {real})" for c in spec.columns]
     totals = ["COUNT(*) AS units", *(f"SUM({n}) AS s{i}" for i, n in enumerate(sums))]
     totals += [f"SUM({sums[index[a]]} * {sums[index[b]]}) AS p{k}" for k, (a, b) in enumerate(spec.pairs)]
     ctes = f"""
         exposed AS (SELECT q.arm, COUNT(*) AS n FROM (SELECT f.arm_label AS arm, f.first_at AS at,
-                           MIN(f.first_at) OVER (PARTITION BY f.unit{bytewise}) AS a FROM fresh f) q
+                           MIN(f.first_at) OVER (PARTITION BY f.unit{by_bytes}) AS a FROM fresh f) q
                     WHERE q.at = q.a GROUP BY q.arm),
         totals AS (SELECT f.arm_label AS arm, {", ".join(totals)} FROM fresh f GROUP BY f.arm_label)"""
     values = ["t.units", "COALESCE(e.n, 0)", *(f"t.s{i}" for i in range(len(sums))), *(f"t.p{k}" for k in range(len(spec.pairs)))]
@@ -803,7 +803,7 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
     # newest), not to a random one.
     writes = (
         f"INSERT INTO {UNITS} (window_id, arm, unit, first_at, {names}) "
-        f"SELECT %s, f.arm_label, f.unit, f.first_at, {new_values} FROM fresh f ORDER BY f.unit{bytewise}, f.arm_label"
+        f"SELECT %s, f.arm_label, f.unit, f.first_at, {new_values} FROM fresh f ORDER BY f.unit{by_bytes}, f.arm_label"
     )
     if postgres:
         writes = f"added AS ({writes})"
@@ -874,7 +874,7 @@ def firsts_scratch(records: QuerySet[Any], column: str, *, first_ok: Q, unit: An
     limit]). One grouped query over every record: what the fold keeps look by look."""
     quote = connection.ops.quote_name
     present = first_ok & Q(**{f"{column}__isnull": False})
-    first = Window(RowNumber(), partition_by=[F("arm"), unit], order_by=[F("created_at").asc(), F("pk").asc()])
+    first = Window(RowNumber(), partition_by=[F("arm"), bytewise(unit)], order_by=[F("created_at").asc(), F("pk").asc()])
     overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
              for i, limit in enumerate(limits)}  # fmt: skip
     inner = records.order_by().filter(present).annotate(first=first, bucket=sketch_key(column, relative_accuracy), **overs)

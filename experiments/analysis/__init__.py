@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from django.db import connection
 from django.db.models import CharField, Count, F, FloatField, Max, Q, QuerySet, Sum, Value
 from django.db.models.functions import Cast, Concat
 from django.utils import timezone
@@ -272,8 +273,36 @@ def shadow_candidate_sums(
     pairs = _window(shadow_pairs(rollout_id=rollout_id), since, until)
     moments, specs = window_moments(pairs, source=SHADOW, thresholds=limits)
     candidate = moments.get(CANDIDATE, UnitMoments())
-    tails = _percentiles(pairs, SHADOW, candidate) if percentiles else {}
+    tails = _sketched_percentiles(pairs, SHADOW) if percentiles else {}
     return ArmSums(candidate, specs, limits, {}, tails)
+
+
+def _sketched_percentiles(rows: QuerySet[Any], source: SessionSource) -> dict[str, float | None]:
+    """`_percentiles` read from DDSketch buckets, as the live arms' are (`_incremental`): each within
+    `experiments.rollups.RELATIVE_ACCURACY` of the nearest-rank value, the buckets of every latency field
+    counted in one statement (a hash aggregate per field, where nearest ranks sorted the rows twice per field:
+    400 of a shadow step's 730 ms for these sums at 200,000 pairs)."""
+    from experiments.rollups import RELATIVE_ACCURACY, ArmRollup, sketch_key
+
+    quote = connection.ops.quote_name
+    names = list(source.latency)
+    parts, params = [], []
+    for i, name in enumerate(names):
+        column = source.latency[name]
+        measured = rows.order_by().filter(**{source.outcome: "ok", f"{column}__isnull": False})
+        buckets = measured.annotate(bucket=sketch_key(column, RELATIVE_ACCURACY)).values("bucket").annotate(n=Count("pk"))
+        sql, found = buckets.values_list("bucket", "n").query.sql_with_params()
+        parts.append(f"SELECT {i}, t.{quote('bucket')}, t.{quote('n')} FROM ({sql}) t")
+        params += found
+    sketched = ArmRollup()
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        for index, bucket, n in cursor.fetchall():
+            sketched.sketches.setdefault(names[int(index)], {})[int(bucket)] = int(n)
+    return {
+        f"{name.removesuffix('_ms')}_{label}_ms": sketched.quantile(name, q)
+        for name in names for label, q in SUMMARY_PERCENTILES.items()
+    }  # fmt: skip
 
 
 def outcome_unit_stats(

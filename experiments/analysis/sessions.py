@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connections
+from django.db import connection, connections
 from django.db.models import CharField, Count, F, FloatField, Min, Q, QuerySet, Sum, Value
-from django.db.models.functions import Greatest, Ln
+from django.db.models.functions import Collate, Greatest, Ln
 
 from experiments.stats import RatioStats
 from experiments.stats.clustered import product_field
@@ -175,6 +175,13 @@ def session_columns(source: SessionSource, thresholds: Mapping[str, Sequence[flo
 def unit_expression(source: SessionSource) -> Any:
     """The unit of a row: its session hash, or "r:<request id>" for a request without a session."""
     return session_unit(session=source.session, request_id=source.request_id)
+
+
+def bytewise(unit: Any) -> Any:
+    """A unit as a window partitions (sorts) by it: on PostgreSQL by its bytes. The partitions are the same
+    as under the database's collation (a deterministic one: equal only when the bytes are), without a
+    strcoll call per comparison (at 200,000 shadow pairs, 257 against 183 ms to find each session's first)."""
+    return Collate(unit, "C") if connection.vendor == "postgresql" else unit
 
 
 def session_rows(

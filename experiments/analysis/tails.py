@@ -35,11 +35,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import connection
-from django.db.models import Case, CharField, F, IntegerField, Q, QuerySet, Value, When, Window
+from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When, Window
 from django.db.models.functions import RowNumber
 
 from experiments.analysis.paired import PAIRED_FIELDS
-from experiments.analysis.sessions import RECORDS, SHADOW, unit_expression
+from experiments.analysis.sessions import RECORDS, SHADOW, bytewise, unit_expression
 from experiments.models import RollupUnit
 from serving.selectors import request_records, shadow_pairs
 
@@ -180,7 +180,7 @@ def first_request_bins_scratch(
         present = Q(**{RECORDS.outcome: "ok", f"{column}__isnull": False})
         if RECORDS.failover:
             present &= Q(**{RECORDS.failover: False})
-        first = Window(RowNumber(), partition_by=[F("arm"), unit], order_by=[F("created_at").asc(), F("pk").asc()])
+        first = Window(RowNumber(), partition_by=[F("arm"), bytewise(unit)], order_by=[F("created_at").asc(), F("pk").asc()])
         inner = records.filter(present).annotate(first=first, bucket=sketch_key(column, accuracy)).values("arm", "first", "bucket")
         for arm, bucket, count in _grouped(inner, f"t.{connection.ops.quote_name('first')} = 1", "arm"):
             out.setdefault(str(arm), {}).setdefault(name, {})[int(bucket)] = int(count)
@@ -196,16 +196,25 @@ def shadow_pair_bins(
 
     accuracy = RELATIVE_ACCURACY if relative_accuracy is None else relative_accuracy
     pairs = _since(shadow_pairs(rollout_id=rollout_id).order_by(), since)
-    first = Window(RowNumber(), partition_by=[unit_expression(SHADOW)], order_by=[F("created_at").asc(), F("pk").asc()])
+    first = Window(RowNumber(), partition_by=[bytewise(unit_expression(SHADOW))], order_by=[F("created_at").asc(), F("pk").asc()])
+    quote = connection.ops.quote_name
+    materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
     out: dict[str, dict[str, Bins]] = {}
     for name in fields:
         base, cand = PAIRED_FIELDS[name]
         both = pairs.filter(candidate_outcome="ok", baseline_replay_outcome="ok", **{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
-        for arm, column in (("baseline", base), ("candidate", cand)):
-            inner = both.annotate(side=Value(arm, output_field=CharField()), first=first,
-                                  bucket=sketch_key(column, accuracy)).values("side", "first", "bucket")  # fmt: skip
-            for _, bucket, count in _grouped(inner, f"t.{connection.ops.quote_name('first')} = 1", "side"):
-                out.setdefault(arm, {}).setdefault(name, {})[int(bucket)] = int(count)
+        # Each session's first pair once, both sides' buckets beside it (one window over the pairs per field).
+        inner = both.annotate(first=first, kb=sketch_key(base, accuracy), kc=sketch_key(cand, accuracy))
+        sql, params = inner.values("first", "kb", "kc").query.sql_with_params()
+        statement = (
+            f"WITH f AS {materialized}(SELECT t.{quote('kb')} AS kb, t.{quote('kc')} AS kc FROM ({sql}) t "
+            f"WHERE t.{quote('first')} = 1) "
+            "SELECT 'baseline', f.kb, COUNT(*) FROM f GROUP BY f.kb UNION ALL SELECT 'candidate', f.kc, COUNT(*) FROM f GROUP BY f.kc"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            for arm, bucket, count in cursor.fetchall():
+                out.setdefault(str(arm), {}).setdefault(name, {})[int(bucket)] = int(count)
     return out
 
 
@@ -237,7 +246,7 @@ def _first_over(
     """Among `rows` (those that measured `column`), each unit's first (by `created_at`, then id): how many
     were over each of `limits`, and how many units there are."""
     quote = connection.ops.quote_name
-    first = Window(RowNumber(), partition_by=[unit], order_by=[F("created_at").asc(), F("pk").asc()])
+    first = Window(RowNumber(), partition_by=[bytewise(unit)], order_by=[F("created_at").asc(), F("pk").asc()])
     overs = {f"over{i}": Case(When(**{f"{column}__gt": limit}, then=Value(1)), default=Value(0), output_field=IntegerField())
              for i, limit in enumerate(limits)}  # fmt: skip
     inner = rows.annotate(first=first, **overs).values("first", *overs)

@@ -156,3 +156,57 @@ def test_a_candidate_25_percent_slower_is_caught_within_a_few_hundred_pairs() ->
     caught = sorted(n for d, n in decisions if d == "breach")
     print(f"+25 %: caught in {len(caught)} of 300, median after {caught[len(caught) // 2]} pairs")
     assert len(caught) == 300 and caught[len(caught) // 2] <= 300
+
+
+@pytest.mark.django_db
+def test_shadow_tail_bins_and_percentiles_match_the_pairs() -> None:
+    """The shadow tail guardrails' sample, by hand: per field, each session's first pair (by time, then id)
+    among those where both sides answered ok with a positive latency, both sides' sketch buckets from that
+    one pair; the candidate's displayed percentiles within the sketches' 1 % of the nearest ranks."""
+    from datetime import timedelta
+
+    from ddsketch.mapping import LogarithmicMapping
+
+    from experiments.analysis import shadow_candidate_sums, shadow_pair_bins
+    from experiments.rollups import RELATIVE_ACCURACY
+    from serving.models import ShadowPair
+
+    rng = np.random.default_rng(11)
+    start = timezone.now() - timedelta(minutes=5)
+    rows = []
+    for i in range(400):
+        cand_ok, base_ok = i % 9 != 0, i % 11 != 0
+        ttft = (float(rng.lognormal(4.5, 0.6)), float(rng.lognormal(4.6, 0.6)))
+        tpot = (0.0 if i % 13 == 0 else float(rng.lognormal(3.0, 0.3)), float(rng.lognormal(3.1, 0.3)))
+        rows.append(ShadowPair(
+            request_id=f"p{i}", created_at=start + timedelta(seconds=int(rng.integers(0, 60))), alias="adder",
+            rollout_id=6, session_hash=f"s{int(rng.integers(0, 40))}" if i % 5 else "",
+            candidate_outcome="ok" if cand_ok else "engine_error", candidate_ttft_ms=ttft[1] if cand_ok else None,
+            candidate_tpot_ms=tpot[1] if cand_ok else None, candidate_e2e_ms=ttft[1] * 3 if cand_ok else None,
+            baseline_replay_outcome="ok" if base_ok else "engine_error", baseline_replay_ttft_ms=ttft[0],
+            baseline_replay_tpot_ms=tpot[0], baseline_replay_e2e_ms=ttft[0] * 3, baseline_ttft_ms=1.0, baseline_e2e_ms=1.0,
+        ))  # fmt: skip
+    ShadowPair.objects.bulk_create(rows)
+    pairs = sorted(ShadowPair.objects.filter(rollout_id=6), key=lambda p: (p.created_at, p.pk))
+    key = LogarithmicMapping(RELATIVE_ACCURACY).key
+    expected: dict[str, dict[str, dict[int, int]]] = {}
+    for name in ("ttft_ms", "tpot_ms"):
+        seen: set[str] = set()
+        for p in pairs:
+            b, c = getattr(p, f"baseline_replay_{name}"), getattr(p, f"candidate_{name}")
+            unit = p.session_hash or f"r:{p.request_id}"
+            if p.candidate_outcome != "ok" or p.baseline_replay_outcome != "ok" or not b or not c or unit in seen:
+                continue
+            seen.add(unit)
+            for arm, value in (("baseline", b), ("candidate", c)):
+                bins = expected.setdefault(arm, {}).setdefault(name, {})
+                bins[key(value)] = bins.get(key(value), 0) + 1
+    assert shadow_pair_bins(rollout_id=6, since=None, fields=["ttft_ms", "tpot_ms"]) == expected
+    assert sum(expected["candidate"]["tpot_ms"].values()) < sum(expected["candidate"]["ttft_ms"].values()) <= 40 + 80
+
+    shown = shadow_candidate_sums(rollout_id=6).percentiles
+    for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        values = sorted(getattr(p, f"candidate_{name}") for p in pairs if p.candidate_outcome == "ok")
+        for label, q in (("p50", 0.50), ("p99", 0.99)):
+            exact = values[max(1, math.ceil(q * len(values))) - 1]
+            assert shown[f"{name.removesuffix('_ms')}_{label}_ms"] == pytest.approx(exact, rel=RELATIVE_ACCURACY)
