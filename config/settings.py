@@ -312,7 +312,7 @@ ROLLOUT_WATCHDOG = env_bool("ROLLOUT_WATCHDOG", True)
 # How many analysis intervals without a completed look make a rollout's analysis stale.
 ROLLOUT_STALE_INTERVALS = env_int("ROLLOUT_STALE_INTERVALS", 3, minimum=2, maximum=100)
 # A look still running keeps its lease, and so counts as the analysis being alive, for at most this long
-# (a step's first look over a busy window takes minutes at 100 million records a day); past it the lease
+# (one that builds a window's rollup from a day of records takes minutes at 100 million records a day); past it the lease
 # runs out, another look may start and the watchdog acts on the rollout. By default a look task's hard
 # time limit, past which its worker kills it anyway.
 ROLLOUT_LOOK_MAX_S = env_float("ROLLOUT_LOOK_MAX_S", float(CELERY_TASK_TIME_LIMIT), minimum=60.0)

@@ -166,8 +166,8 @@ def _print_status(rollout: dict[str, Any], out: TextIO) -> None:
     elif stale.get("stale"):
         print(f"  analysis stale: no look for {stale['age_s']:g} s (the limit is {stale['limit_s']:g} s)", file=out)
     elif stale.get("looking") and stale.get("age_s", 0) > stale.get("limit_s", 0):
-        print(f"  analysis: a look is running; the last one completed {stale['age_s']:g} s ago (a step's first look "
-              "over a busy window can take minutes)", file=out)
+        print(f"  analysis: a look is running; the last one completed {stale['age_s']:g} s ago (a look that builds "
+              "a window's rollup from a day of records can take minutes)", file=out)
     progress = rollout.get("progress") or {}
     bake = progress.get("bake")
     if bake:

@@ -3,8 +3,8 @@ candidate's traffic share unwatched.
 
 A rollout whose last look (`Rollout.last_analysed_at`, written when a look completes) is older than
 three analysis intervals (`ROLLOUT_STALE_INTERVALS`), with no look under way (a look keeps its lease while
-it runs, up to ROLLOUT_LOOK_MAX_S: a step's first look over a busy window can take minutes, and the
-analysis has not stopped then), while its candidate takes traffic (running, or
+it runs, up to ROLLOUT_LOOK_MAX_S: a look that builds a window's rollup from a day of records can take
+minutes, and the analysis has not stopped then), while its candidate takes traffic (running, or
 awaiting an approval) is paused at its current weights, or rolled back when its plan says `on_stale_analysis: rollback` (a
 rollout a person paused, or a promotion still baking, is rolled back then too; with the plan's default
 they stay as they are: a bake ends only on a look, so it holds its split without one). The

@@ -59,8 +59,8 @@ def _apply(rollout: Rollout, look: Look) -> bool:
 
 class LeaseKept:
     """While a look runs, a thread of its own (with its own database connection) renews the look's lease
-    every third of `lease_s`, for at most ROLLOUT_LOOK_MAX_S. A long look (a step's first over a busy
-    window: minutes at 100 million records a day) then keeps other workers from starting the same look
+    every third of `lease_s`, for at most ROLLOUT_LOOK_MAX_S. A long look (one that builds a window's
+    rollup from a day of records: minutes at 100 million records a day) then keeps other workers from starting the same look
     beside it, and the watchdog, which reads a held lease as a look under way, from pausing the rollout
     as if its analysis had stopped. A worker that dies stops renewing: the lease runs out within `lease_s`.
     A look inside a caller's transaction renews nothing (no other connection sees its lease)."""

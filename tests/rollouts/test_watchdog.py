@@ -232,8 +232,8 @@ def test_the_number_of_intervals_is_a_setting(owner: Any, settings: Any) -> None
 
 
 def test_a_look_under_way_is_not_a_stopped_analysis(owner: Any, viewer: Any) -> None:
-    """The last look completed long ago but a look holds the lease (a step's first look over a busy window,
-    minutes at 100 million records a day): the watchdog leaves the rollout alone, the page and the API say a
+    """The last look completed long ago but a look holds the lease (one that builds a window's rollup from a day
+    of records: minutes at 100 million records a day): the watchdog leaves the rollout alone, the page and the API say a
     look is running. Once the lease has run out (its worker died), the watchdog pauses as before."""
     rollout = running(owner)
     now = analysed_ago(rollout, stale_after_s() + 120)
