@@ -977,12 +977,19 @@ def rollout_analysis_renew(*, rollout_id: int, held_until: datetime, lease_s: fl
 
 
 def rollout_analysis_release(
-    *, rollout_id: int, readiness: dict[str, Any] | None = None, analysed: bool = True
+    *, rollout_id: int, readiness: dict[str, Any] | None = None, analysed: bool = True,
+    held_until: datetime | None = None,
 ) -> None:
     """Let go of the lease, with the look's bookkeeping: when each version was first seen unready, and the
     planned sample of a step fixed at its first look (`planned_samples`); `analysed`: the look completed (the
-    watchdog reads `last_analysed_at`)."""
-    changes: dict[str, Any] = {"analysis_lease_until": None}
+    watchdog reads `last_analysed_at`). `held_until`: the lease's end as this look last claimed or renewed
+    it; a lease that has another end by now (it ran out and another look claimed it) stays that look's."""
+    from django.db.models import Case, F, Value, When
+
+    lease: Any = None
+    if held_until is not None:
+        lease = Case(When(analysis_lease_until=held_until, then=Value(None)), default=F("analysis_lease_until"))
+    changes: dict[str, Any] = {"analysis_lease_until": lease}
     if analysed:
         changes["last_analysed_at"] = timezone.now()
     if readiness is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -112,46 +113,56 @@ def rollout_analyse(*, rollout_id: int, now: datetime | None = None) -> RolloutA
     held_until = rollout_analysis_claim(rollout_id=rollout_id, lease_s=LEASE_S)
     if held_until is None:
         return None
-    with LeaseKept(rollout_id, held_until, lease_s=LEASE_S):
-        return _analyse(rollout_id, now)
-
-
-def _analyse(rollout_id: int, now: datetime | None) -> RolloutAnalysis | None:
-    readiness: dict[str, Any] | None = None
-    completed = False  # only a look that completes counts as one (rollouts.watchdog reads last_analysed_at)
+    kept = LeaseKept(rollout_id, held_until, lease_s=LEASE_S)
+    done = _Done()
     try:
-        rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
-        if rollout is None or rollout.state not in Rollout.ANALYSED_STATES:
-            return None
-        look, readiness = rollout_look(rollout=rollout, now=now)
-        with transaction.atomic():
-            try:
-                applied = _apply(rollout, look)
-            except Conflict as exc:
-                # Another look or a person got there first: this decision was made on stale data.
-                applied = False
-                look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
-            except DomainError as exc:
-                applied = False
-                look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
-            stored = RolloutAnalysis.objects.create(
-                rollout_id=rollout.pk,
-                rollout_version=rollout.version,
-                state=rollout.state,
-                step_index=rollout.step_index,
-                window_start=look.window_start,
-                decision=look.decision,
-                reason=look.reason[:500],
-                applied=applied,
-                arms=look.arms,
-                checks=look.checks,
-                srm=look.srm,
-                comparisons=look.comparisons,
-            )
-            completed = True
-            return stored
+        with kept:
+            return _analyse(rollout_id, now, done)
     finally:
-        rollout_analysis_release(rollout_id=rollout_id, readiness=readiness, analysed=completed)
+        # After the renewals have stopped: the lease is let go at the end this look last gave it.
+        rollout_analysis_release(rollout_id=rollout_id, readiness=done.readiness, analysed=done.completed,
+                                 held_until=kept.held_until)  # fmt: skip
+
+
+@dataclass
+class _Done:
+    """What a look leaves for the release of its lease."""
+
+    readiness: dict[str, Any] | None = None
+    completed: bool = False  # only a look that completes counts as one (rollouts.watchdog reads last_analysed_at)
+
+
+def _analyse(rollout_id: int, now: datetime | None, done: _Done) -> RolloutAnalysis | None:
+    rollout = Rollout.objects.select_related("baseline", "candidate").filter(pk=rollout_id).first()
+    if rollout is None or rollout.state not in Rollout.ANALYSED_STATES:
+        return None
+    look, done.readiness = rollout_look(rollout=rollout, now=now)
+    with transaction.atomic():
+        try:
+            applied = _apply(rollout, look)
+        except Conflict as exc:
+            # Another look or a person got there first: this decision was made on stale data.
+            applied = False
+            look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
+        except DomainError as exc:
+            applied = False
+            look.reason = f"{look.reason} (not applied: {exc.message})"[:500]
+        stored = RolloutAnalysis.objects.create(
+            rollout_id=rollout.pk,
+            rollout_version=rollout.version,
+            state=rollout.state,
+            step_index=rollout.step_index,
+            window_start=look.window_start,
+            decision=look.decision,
+            reason=look.reason[:500],
+            applied=applied,
+            arms=look.arms,
+            checks=look.checks,
+            srm=look.srm,
+            comparisons=look.comparisons,
+        )
+        done.completed = True
+        return stored
 
 
 def rollout_evidence(*, rollout_id: int) -> dict[str, Any]:

@@ -315,3 +315,22 @@ def test_a_look_past_the_longest_a_look_may_take_lets_its_lease_run_out(
     with pytest.raises(RuntimeError):
         analyse_rollout(rollout.pk)
     assert seen["watchdog"].paused == [rollout.pk]
+
+
+def test_a_look_that_lost_its_lease_leaves_the_next_holders_lease_alone(owner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look whose lease ran out (stuck past ROLLOUT_LOOK_MAX_S) and was claimed by another look: when the
+    first one ends, it lets go of nothing but its own lease, so no third look starts beside the second."""
+    from rollouts.analysis import apply
+
+    rollout = running(owner)
+    theirs = timezone.now() + timedelta(seconds=45)
+    real_look = apply.rollout_look
+
+    def overtaken(**kwargs: Any) -> Any:
+        Rollout.objects.filter(pk=rollout.pk).update(analysis_lease_until=theirs)  # another worker's claim
+        return real_look(**kwargs)
+
+    monkeypatch.setattr(apply, "rollout_look", overtaken)
+    assert analyse_rollout(rollout.pk) == "hold"
+    after = Rollout.objects.get(pk=rollout.pk)
+    assert after.analysis_lease_until == theirs and after.last_analysed_at is not None
