@@ -49,7 +49,7 @@ from experiments.stats import RatioStats
 from serving.selectors import request_records, shadow_pairs
 
 if TYPE_CHECKING:
-    from experiments.rollups import Folded, RollupSpec
+    from experiments.rollups import ArmRollup, Folded, RollupSpec
 
 BASELINE = "baseline"
 CANDIDATE = "candidate"
@@ -108,7 +108,7 @@ def _percentiles(rows: QuerySet[Any], source: SessionSource, moments: UnitMoment
     for name, column in source.latency.items():
         n = int(moments.total(f"{name}_n"))
         for label, quantile in SUMMARY_PERCENTILES.items():
-            tails[f"{name.removesuffix('_ms')}_{label}_ms"] = _percentile(ok_rows, column, n, quantile)
+            tails[_percentile_key(name, label)] = _percentile(ok_rows, column, n, quantile)
     return tails
 
 
@@ -188,14 +188,19 @@ def _incremental(
     if folded is None:
         return None
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
-    tails = {
-        arm: {
-            f"{name.removesuffix('_ms')}_{label}_ms": a.quantile(name, q)
-            for name in RECORDS.latency for label, q in SUMMARY_PERCENTILES.items()
-        }
-        for arm, a in folded.arms.items()
-    }  # fmt: skip
+    tails = {arm: _sketch_percentiles(a, RECORDS.latency) for arm, a in folded.arms.items()}
     return moments, specs, tails
+
+
+def _sketch_percentiles(arm: ArmRollup, names: Iterable[str]) -> dict[str, float | None]:
+    """The display percentiles (`_percentiles`' keys) from an arm's DDSketches, each within
+    `experiments.rollups.RELATIVE_ACCURACY` of the nearest-rank value."""
+    return {_percentile_key(name, label): arm.quantile(name, q) for name in names for label, q in SUMMARY_PERCENTILES.items()}
+
+
+def _percentile_key(name: str, label: str) -> str:
+    """ttft_ms, p50 -> ttft_p50_ms: the name a display percentile goes by in `ArmSums.percentiles`."""
+    return f"{name.removesuffix('_ms')}_{label}_ms"
 
 
 def first_request_fields(fields: Iterable[str]) -> tuple[str, ...]:
@@ -299,10 +304,7 @@ def _sketched_percentiles(rows: QuerySet[Any], source: SessionSource) -> dict[st
         cursor.execute(" UNION ALL ".join(parts), params)
         for index, bucket, n in cursor.fetchall():
             sketched.sketches.setdefault(names[int(index)], {})[int(bucket)] = int(n)
-    return {
-        f"{name.removesuffix('_ms')}_{label}_ms": sketched.quantile(name, q)
-        for name in names for label, q in SUMMARY_PERCENTILES.items()
-    }  # fmt: skip
+    return _sketch_percentiles(sketched, names)
 
 
 def outcome_unit_stats(

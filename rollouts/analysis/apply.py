@@ -61,14 +61,14 @@ def _apply(rollout: Rollout, look: Look) -> bool:
 class LeaseKept:
     """While a look runs, a thread of its own (with its own database connection) renews the look's lease
     every third of `lease_s`, for at most ROLLOUT_LOOK_MAX_S. A long look (one that builds a window's
-    rollup from a day of records: minutes at 100 million records a day) then keeps other workers from starting the same look
-    beside it, and the watchdog, which reads a held lease as a look under way, from pausing the rollout
-    as if its analysis had stopped. A worker that dies stops renewing: the lease runs out within `lease_s`.
-    A look inside a caller's transaction renews nothing (no other connection sees its lease)."""
+    rollup from a day of records: minutes at 100 million records a day) then keeps other workers from
+    starting the same look beside it, and the watchdog, which reads a held lease as a look under way, from
+    pausing the rollout as if its analysis had stopped. A worker that dies stops renewing: the lease runs
+    out within `lease_s`. A look inside a caller's transaction renews nothing (no other connection sees its
+    lease). `held_until`: the lease's end as last written, what the look lets go of."""
 
     def __init__(self, rollout_id: int, held_until: datetime, *, lease_s: float) -> None:
         self.rollout_id, self.held_until, self.lease_s = rollout_id, held_until, lease_s
-        self.renewals = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,7 +101,6 @@ class LeaseKept:
                     logger.warning("rollout %s: a running look lost its lease", self.rollout_id)
                     return
                 self.held_until = until
-                self.renewals += 1
         finally:
             connection.close()  # this thread's own connection
 
