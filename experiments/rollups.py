@@ -43,7 +43,7 @@ from django.db.models import Case, Count, F, FloatField, IntegerField, Q, QueryS
 from django.db.models.functions import Ceil, Greatest, Ln, RowNumber
 from django.utils.dateparse import parse_datetime
 
-from experiments.analysis.sessions import RECORDS, bytewise, first_column, unit_expression
+from experiments.analysis.sessions import RECORDS, bytewise, first_column, sql_float, unit_expression
 from experiments.models import FIRST_SLOTS, ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
 
@@ -478,7 +478,7 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
     find the values stored and add only the products with their new sums (a fresh row has NULL, so 0, in
     these columns)."""
     quote = connection.ops.quote_name
-    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    real = sql_float(connection.vendor)
     slot = {column: f"v{i}" for i, column in enumerate(spec.columns)}
     filled = [c for c in fill.columns if c in slot]
     # The fold's new rows by their ids, a range of the primary key closed at both ends (a few hundred rows),
@@ -586,9 +586,7 @@ def _sql_types() -> tuple[str, str]:
     """The fold's floating type, and the collation its sessions group and sort by: on PostgreSQL their
     bytes (the database's collation, C.UTF-8 or en_US, would compare every pair through strcoll, a good
     part of a look at thousands of touched sessions)."""
-    if connection.vendor == "postgresql":
-        return "DOUBLE PRECISION", ' COLLATE "C"'
-    return "REAL", ""
+    return sql_float(connection.vendor), ' COLLATE "C"' if connection.vendor == "postgresql" else ""
 
 
 @functools.cache
@@ -709,7 +707,7 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     )  # fmt: skip
     select = f"""
         SELECT 'd', m.arm, CAST(NULL AS INTEGER), CAST(NULL AS {timestamp}), {", ".join(values)}
-        FROM firsts m GROUP BY m.arm{by_bytes}, m.arm {_select_rest(sketches, padded, lead_bins)}"""
+        FROM firsts m GROUP BY m.arm {_select_rest(sketches, padded, lead_bins)}"""
     names_index = {name: i for i, (name, _) in enumerate(spec.firsts)}
     for j, (name, limit) in enumerate(spec.over):
         i, at = names_index[name], repr(float(limit))
@@ -824,7 +822,7 @@ def window_scratch(
     if horizon is not None:
         records = request_records_committed(records, start=0, end=horizon)
     quote = connection.ops.quote_name
-    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    real = sql_float(connection.vendor)
     inner, params = session_rows(records).query.sql_with_params()
 
     def col(name: str) -> str:

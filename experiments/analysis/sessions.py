@@ -177,6 +177,12 @@ def unit_expression(source: SessionSource) -> Any:
     return session_unit(session=source.session, request_id=source.request_id)
 
 
+def sql_float(vendor: str) -> str:
+    """The SQL type the per-session sums are cast to on a database of this vendor: SQLite's REAL is its
+    double; PostgreSQL's REAL would be single precision."""
+    return "REAL" if vendor == "sqlite" else "DOUBLE PRECISION"
+
+
 def bytewise(unit: Any) -> Any:
     """A unit as a window partitions (sorts) by it: on PostgreSQL by its bytes. The partitions are the same
     as under the database's collation (a deterministic one: equal only when the bytes are), without a
@@ -277,7 +283,7 @@ def merge_rows(
     zeros there."""
     connection = connections[rows.db]
     quote = connection.ops.quote_name
-    real = "REAL" if connection.vendor == "sqlite" else "DOUBLE PRECISION"
+    real = sql_float(connection.vendor)
     inner, params = rows.query.sql_with_params()
 
     extra = set(joined_columns) if joined is not None else set()
