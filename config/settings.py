@@ -325,6 +325,11 @@ CELERY_BEAT_SCHEDULE["rollouts-engines-idle-stop"] = {
     "options": {"expires": 15.0},
 }
 DEMO_MODELS_DIR = Path(env_str("DEMO_MODELS_DIR") or VAR_DIR / "demo-models")
+# A window's first fold on PostgreSQL (a rollup built from the records already there: a day's at most,
+# after an upgrade that changes what a rollup keeps) is split by session into this many parts, each folded
+# by a connection of its own at the same time (PostgreSQL gives a statement that writes no parallel
+# workers). 1: one statement. A part per core the database can spare.
+ROLLUP_COLD_FOLD_PARTS = env_int("ROLLUP_COLD_FOLD_PARTS", 2, minimum=1, maximum=64)
 # Request records and shadow pairs are kept this many days (on PostgreSQL records go by whole daily
 # partitions), except what a live rollout still needs; looks of ended rollouts are compacted.
 RECORD_RETENTION_DAYS = env_int("RECORD_RETENTION_DAYS", 30, minimum=1)

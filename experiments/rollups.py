@@ -32,14 +32,16 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from ddsketch.mapping import LogarithmicMapping
+from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, Count, F, FloatField, IntegerField, Q, QuerySet, Value, When, Window
+from django.db.models import Case, Count, F, FloatField, Func, IntegerField, Q, QuerySet, Value, When, Window
 from django.db.models.functions import Ceil, Greatest, Ln, RowNumber
 from django.utils.dateparse import parse_datetime
 
@@ -231,6 +233,11 @@ def window_fold(
     queries = _fold_queries(spec, session_rows, ok, rows_key, first_ok, unit)
     key = queries.key if fill is None else hashlib.sha256(f"{queries.key} {fill.key!r}".encode()).hexdigest()
     outermost = not connection.in_atomic_block
+    window_defaults = {"until": until, "spec": spec.as_dict()}
+    if outermost:
+        # The window's row is committed before the fold: a first fold in parts commits unit rows before the
+        # look's transaction does, and retention deletes unit rows it finds without their window.
+        RollupWindow.objects.get_or_create(rollout_id=rollout_id, since=since, spec_hash=key, defaults=window_defaults)
     with transaction.atomic():
         if outermost and connection.vendor == "postgresql":
             # The rollup is derived from the records: if a crash loses this commit, it loses the watermark
@@ -245,7 +252,7 @@ def window_fold(
         window = RollupWindow.objects.select_for_update().filter(rollout_id=rollout_id, since=since, spec_hash=key).first()
         if window is None:
             window, _ = RollupWindow.objects.select_for_update().get_or_create(
-                rollout_id=rollout_id, since=since, spec_hash=key, defaults={"until": until, "spec": spec.as_dict()}
+                rollout_id=rollout_id, since=since, spec_hash=key, defaults=window_defaults
             )
         rebuilt = False
         changed = until != window.until
@@ -281,7 +288,11 @@ def window_fold(
             # A window with nothing folded yet has no unit rows: the first look inserts them, without
             # looking any up (at 2 million records, 600,000 probes that find nothing).
             last_id = _last_unit_id() if fill is not None else 0
-            found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0)
+            parts = int(settings.ROLLUP_COLD_FOLD_PARTS)
+            if window.records == 0 and outermost and not rebuilt and parts > 1 and connection.vendor == "postgresql":
+                found = _fold_in_parts(window.pk, queries, fresh, unit=unit, tail=tail, parts=parts)
+            else:
+                found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0)
             found.add_to(arms)
             if fill is not None and any(values[0] for values in found.deltas.values()):
                 _fill_units(window.pk, last_id, _last_unit_id(), spec, fill).add_to(arms)
@@ -307,6 +318,72 @@ def window_fold(
                   window_id=window.pk)  # fmt: skip
 
 
+class _UnitPart(Func):
+    """Which of `parts` parts a unit (text) falls in, 0 to parts - 1, by PostgreSQL's hash of it."""
+
+    template = "MOD(hashtext(%(expressions)s) & 2147483647, %(parts)d)"
+    output_field = IntegerField()
+
+
+def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, unit: Any, tail: QuerySet[Any],
+                   parts: int) -> _Found:  # fmt: skip
+    """A window's first fold (no unit row yet) on PostgreSQL, split by unit into `parts` parts, each folded
+    and committed by a thread and a connection of its own at the same time; what they found, added up. Every
+    row a fold returns is a sum over units or over records, and a unit (with all its records, in both arms)
+    falls in one part, so the parts' sums are the whole fold's. The caller holds the window's row lock for
+    the whole time and writes the window (watermark, arms) after the parts; if its transaction then fails,
+    the parts' rows stay without a watermark that counts them: the next first fold deletes them before it
+    starts (a window with no record folded has no unit row of its own). Needs the records committed (the
+    caller's transaction holds none: `outermost`), which rows below the commit horizon are."""
+    _on_own_connection(lambda: RollupUnit.objects.filter(window_id=window_id).delete())
+    found: list[_Found | BaseException | None] = [None] * parts
+
+    def fold_part(k: int) -> None:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL synchronous_commit = off")
+                    cursor.execute(f"SET LOCAL work_mem = '{COLD_WORK_MEM}'")
+                part = fresh.alias(fold_part=_UnitPart(unit, parts=parts)).filter(fold_part=k)
+                found[k] = _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True)
+        except BaseException as error:  # (re-raised by the caller's thread)
+            found[k] = error
+        finally:
+            connection.close()  # this thread's own connection
+
+    threads = [threading.Thread(target=fold_part, args=(k,), name=f"fold-{window_id}-{k}") for k in range(parts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = _Found(queries.spec)
+    for one in found:
+        if not isinstance(one, _Found):
+            raise one if isinstance(one, BaseException) else RuntimeError(f"a part of window {window_id}'s fold did not end")
+        total.merge(one)
+    return total
+
+
+def _on_own_connection(work: Callable[[], Any]) -> None:
+    """Run `work` in a transaction of its own, on a connection of its own, committed before it returns."""
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with transaction.atomic():
+                work()
+        except BaseException as failure:
+            error.append(failure)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+
+
 def _first_defaults(ok: Q, first_ok: Q | None, unit: Any) -> tuple[Q, Any]:
     if unit is None:
         unit = unit_expression(RECORDS)
@@ -326,6 +403,19 @@ class _Found:
     tail: bool = False  # records above the horizon exist (the statement looked)
     leads: list[tuple[str, int, int, int]] = field(default_factory=list)  # (arm, first index, key, change)
     overs: list[tuple[str, int, int]] = field(default_factory=list)  # (arm, over index, change)
+
+    def merge(self, other: _Found) -> None:
+        """Add what `other` read (another part of the same fold: other units, other records) to this."""
+        for arm_label, values in other.deltas.items():
+            mine = self.deltas.get(arm_label)
+            self.deltas[arm_label] = list(values) if mine is None else [a + b for a, b in zip(mine, values, strict=True)]
+        self.buckets += other.buckets
+        self.records += other.records
+        if other.last_at is not None and (self.last_at is None or other.last_at > self.last_at):
+            self.last_at = other.last_at
+        self.tail = self.tail or other.tail
+        self.leads += other.leads
+        self.overs += other.overs
 
     def add_to(self, arms: dict[str, ArmRollup]) -> None:
         columns, pairs = self.spec.columns, self.spec.pairs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -231,6 +232,95 @@ def test_tail_samples_over_steps_from_the_rollups_equal_the_computation_from_scr
     assert set(bins) == {"baseline", "candidate"}
     # Read from the rollups (they keep the first requests), not from the records as a spec that does not fit is.
     assert RollupUnit.objects.filter(window__rollout_id=ROLLOUT, first0_at__isnull=False).count() > 10
+
+
+def unit_rows(window: RollupWindow) -> list[tuple[Any, ...]]:
+    """A window's unit rows as they read: arm, unit, first request, sums and first requests per field."""
+    names = [f.name for f in RollupUnit._meta.fields if f.name not in ("id", "window")]
+    return sorted(RollupUnit.objects.filter(window=window).values_list(*names))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+def test_a_first_fold_in_parts_stores_and_returns_what_one_statement_does(settings: Any) -> None:
+    rng = random.Random(11)
+    since = timezone.now() - timedelta(hours=1)
+    # Failovers put sessions in both arms: each such session's records must all fall in one part.
+    batch(rng, 400, start=since, sessions=90)
+    settings.ROLLUP_COLD_FOLD_PARTS = 3
+    in_parts = fold(since)
+    settings.ROLLUP_COLD_FOLD_PARTS = 1
+    one = fold(since + timedelta(microseconds=1))  # the same records (none in the first microsecond), another window
+    assert in_parts.settled == one.settled == 400
+    assert arms_from_scratch_equal(in_parts.arms, one.arms, rel=1e-12) == []
+    assert arms_from_scratch_equal(in_parts.arms, scratch(since)) == []
+    first, second = RollupWindow.objects.filter(rollout_id=ROLLOUT).order_by("since")
+    assert unit_rows(first) == unit_rows(second) and len(unit_rows(first)) > 90
+    assert first.max_created_at == second.max_created_at
+    assert RequestRecord.objects.filter(session_hash__in=list(RequestRecord.objects.filter(arm="candidate")
+            .values_list("session_hash", flat=True)), arm="baseline").exclude(session_hash="").exists()  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+def test_a_first_fold_whose_part_failed_leaves_nothing_counted_and_the_next_look_counts_all(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import rollups
+
+    rng = random.Random(12)
+    since = timezone.now() - timedelta(hours=1)
+    assert fold(since).settled == 0  # the window's row, before any record (a step's look before its traffic)
+    batch(rng, 300, start=since, sessions=60)
+    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    real_fold = rollups._fold
+
+    def second_part_fails(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.endswith("-1"):
+            raise RuntimeError("the database went away")
+        return real_fold(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "_fold", second_part_fails)
+    with pytest.raises(RuntimeError, match="went away"):
+        fold(since)
+    window = RollupWindow.objects.get(rollout_id=ROLLOUT, since=since)
+    # The first part committed its units; the window counts none of them, nor any record.
+    assert window.records == 0 and window.watermark == 0 and not window.arms
+    assert RollupUnit.objects.filter(window=window).exists()
+    monkeypatch.setattr(rollups, "_fold", real_fold)
+    again = fold(since)
+    assert again.settled == 300
+    assert arms_from_scratch_equal(again.arms, scratch(since)) == []
+    assert sum(r.units for r in again.arms.values()) == RollupUnit.objects.filter(window=window).count()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+def test_retention_during_a_first_fold_in_parts_keeps_the_parts_unit_rows(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import rollups
+
+    rng = random.Random(13)
+    since = timezone.now() - timedelta(hours=1)
+    batch(rng, 300, start=since, sessions=60)  # a new window over records already there (a rebuilt rollup)
+    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    real_parts = rollups._fold_in_parts
+
+    def pruned_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        found = real_parts(*args, **kwargs)
+        # Retention, on a connection of its own, after the parts committed and before the look does.
+        rollups._on_own_connection(lambda: windows_prune(keep_rollout_ids=[ROLLOUT]))
+        return found
+
+    monkeypatch.setattr(rollups, "_fold_in_parts", pruned_meanwhile)
+    folded = fold(since)
+    assert folded.settled == 300
+    window = RollupWindow.objects.get(rollout_id=ROLLOUT, since=since)
+    assert sum(r.units for r in folded.arms.values()) == RollupUnit.objects.filter(window=window).count()
+    monkeypatch.setattr(rollups, "_fold_in_parts", real_parts)
+    batch(rng, 100, start=since + timedelta(minutes=2), sessions=60)
+    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
 
 
 @pytest.mark.django_db(transaction=True)
