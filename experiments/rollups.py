@@ -318,6 +318,10 @@ def window_fold(
                   window_id=window.pk)  # fmt: skip
 
 
+class _Stopped(Exception):
+    """A part of a first fold stopped because another part failed or its caller was interrupted."""
+
+
 class _UnitPart(Func):
     """Which of `parts` parts a unit (text) falls in, 0 to parts - 1, by PostgreSQL's hash of it."""
 
@@ -337,6 +341,11 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
     caller's transaction holds none: `outermost`), which rows below the commit horizon are."""
     _on_own_connection(lambda: RollupUnit.objects.filter(window_id=window_id).delete())
     found: list[_Found | BaseException | None] = [None] * parts
+    # Once a part fails or the caller is interrupted (a task's soft time limit), the other parts stop: their
+    # statements are cancelled and none of them commits.
+    stopped = threading.Event()
+    running: list[Any] = []
+    failures: list[BaseException] = []
 
     def fold_part(k: int) -> None:
         try:
@@ -344,18 +353,43 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
                 with connection.cursor() as cursor:
                     cursor.execute("SET LOCAL synchronous_commit = off")
                     cursor.execute(f"SET LOCAL work_mem = '{COLD_WORK_MEM}'")
+                running.append(connection.connection)
+                if stopped.is_set():
+                    raise _Stopped
                 part = fresh.alias(fold_part=_UnitPart(unit, parts=parts)).filter(fold_part=k)
-                found[k] = _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True)
-        except BaseException as error:  # (re-raised by the caller's thread)
+                one = _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True)
+                if stopped.is_set():
+                    raise _Stopped
+            found[k] = one
+        except BaseException as error:  # (the first part's to fail re-raised by the caller's thread)
             found[k] = error
+            if not stopped.is_set():
+                failures.append(error)
+            stop()
         finally:
             connection.close()  # this thread's own connection
+
+    def stop() -> None:
+        stopped.set()
+        for raw in list(running):
+            try:
+                raw.cancel()
+            except Exception:  # (its connection already closed)
+                pass
 
     threads = [threading.Thread(target=fold_part, args=(k,), name=f"fold-{window_id}-{k}") for k in range(parts)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        stop()
+        for thread in threads:
+            thread.join()
+        raise
+    if failures:
+        raise failures[0]
     total = _Found(queries.spec)
     for one in found:
         if not isinstance(one, _Found):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import signal
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -263,7 +265,7 @@ def test_a_first_fold_in_parts_stores_and_returns_what_one_statement_does(settin
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
-def test_a_first_fold_whose_part_failed_leaves_nothing_counted_and_the_next_look_counts_all(
+def test_a_look_that_failed_after_its_first_fold_s_parts_counts_nothing_and_the_next_look_counts_all(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from experiments import rollups
@@ -273,25 +275,101 @@ def test_a_first_fold_whose_part_failed_leaves_nothing_counted_and_the_next_look
     assert fold(since).settled == 0  # the window's row, before any record (a step's look before its traffic)
     batch(rng, 300, start=since, sessions=60)
     settings.ROLLUP_COLD_FOLD_PARTS = 2
-    real_fold = rollups._fold
+    real_add = rollups._Found.add_to
 
-    def second_part_fails(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name.endswith("-1"):
-            raise RuntimeError("the database went away")
-        return real_fold(*args, **kwargs)
+    def look_fails(self: Any, arms: Any) -> None:
+        raise RuntimeError("the worker was killed")
 
-    monkeypatch.setattr(rollups, "_fold", second_part_fails)
-    with pytest.raises(RuntimeError, match="went away"):
+    monkeypatch.setattr(rollups._Found, "add_to", look_fails)
+    with pytest.raises(RuntimeError, match="killed"):
         fold(since)
     window = RollupWindow.objects.get(rollout_id=ROLLOUT, since=since)
-    # The first part committed its units; the window counts none of them, nor any record.
+    # The parts committed their units; the window counts none of them, nor any record.
     assert window.records == 0 and window.watermark == 0 and not window.arms
-    assert RollupUnit.objects.filter(window=window).exists()
-    monkeypatch.setattr(rollups, "_fold", real_fold)
+    assert RollupUnit.objects.filter(window=window).count() > 60
+    monkeypatch.setattr(rollups._Found, "add_to", real_add)
     again = fold(since)
     assert again.settled == 300
     assert arms_from_scratch_equal(again.arms, scratch(since)) == []
     assert sum(r.units for r in again.arms.values()) == RollupUnit.objects.filter(window=window).count()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+def test_a_first_fold_s_failed_part_stops_the_others_and_commits_none(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import rollups
+
+    rng = random.Random(15)
+    since = timezone.now() - timedelta(hours=1)
+    assert fold(since).settled == 0
+    batch(rng, 300, start=since, sessions=60)
+    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    real_fold = rollups._fold
+
+    def second_part_fails(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.endswith("-1"):
+            time.sleep(0.3)
+            raise RuntimeError("the database went away")
+        with connection.cursor() as cursor:  # a long statement, cancelled when the other part fails
+            cursor.execute("SELECT pg_sleep(3)")
+        return real_fold(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "_fold", second_part_fails)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="went away"):
+        fold(since)
+    assert time.monotonic() - began < 2.5
+    window = RollupWindow.objects.get(rollout_id=ROLLOUT, since=since)
+    assert window.records == 0 and not RollupUnit.objects.filter(window=window).exists()
+    monkeypatch.setattr(rollups, "_fold", real_fold)
+    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
+
+
+class TimeLimit(Exception):
+    """What a Celery task's soft time limit raises in the worker's main thread."""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+def test_a_first_fold_in_parts_interrupted_by_a_time_limit_commits_no_part(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import rollups
+
+    rng = random.Random(14)
+    since = timezone.now() - timedelta(hours=1)
+    assert fold(since).settled == 0
+    batch(rng, 300, start=since, sessions=60)
+    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    real_fold = rollups._fold
+    started = threading.Barrier(3)
+
+    def slow_part(*args: Any, **kwargs: Any) -> Any:
+        started.wait()
+        with connection.cursor() as cursor:  # a long statement, cancelled when the look is interrupted
+            cursor.execute("SELECT pg_sleep(3)")
+        return real_fold(*args, **kwargs)
+
+    def time_limit(signum: int, frame: Any) -> None:
+        raise TimeLimit
+
+    monkeypatch.setattr(rollups, "_fold", slow_part)
+    previous = signal.signal(signal.SIGALRM, time_limit)
+    try:
+        threading.Thread(target=lambda: (started.wait(), signal.setitimer(signal.ITIMER_REAL, 0.3))).start()
+        began = time.monotonic()
+        with pytest.raises(TimeLimit):
+            fold(since)
+        assert time.monotonic() - began < 2.5  # the parts' statements were cancelled, not waited out
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    for thread in threading.enumerate():  # whatever the parts would still do, done
+        if thread.name.startswith("fold-"):
+            thread.join(timeout=30)
+    window = RollupWindow.objects.get(rollout_id=ROLLOUT, since=since)
+    assert window.records == 0 and not RollupUnit.objects.filter(window=window).exists()
+    monkeypatch.setattr(rollups, "_fold", real_fold)
+    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
 
 
 @pytest.mark.django_db(transaction=True)
