@@ -19,6 +19,7 @@ from django.db.models import Case, CharField, Count, F, FloatField, Min, Q, Quer
 from django.db.models.functions import Concat
 from django.utils import timezone
 
+from experiments import rollups
 from experiments.analysis.tails import (
     first_request_bins,
     first_request_bins_scratch,
@@ -46,6 +47,7 @@ SPEC = RollupSpec(
     over=(("ttft_ms", 90.0), ("ttft_ms", 150.0)),
 )
 ROLLOUT = 7
+IN_PARTS_ON_POSTGRESQL = pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
 
 
 def session_rows(records: QuerySet[Any]) -> QuerySet[Any]:
@@ -243,7 +245,7 @@ def unit_rows(window: RollupWindow) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+@IN_PARTS_ON_POSTGRESQL
 def test_a_first_fold_in_parts_stores_and_returns_what_one_statement_does(settings: Any) -> None:
     rng = random.Random(11)
     since = timezone.now() - timedelta(hours=1)
@@ -263,18 +265,22 @@ def test_a_first_fold_in_parts_stores_and_returns_what_one_statement_does(settin
             .values_list("session_hash", flat=True)), arm="baseline").exclude(session_hash="").exists()  # fmt: skip
 
 
+def records_for_a_first_fold_in_parts(settings: Any, *, seed: int) -> Any:
+    """A window's row (a step's look before its traffic), then 300 records in 60 sessions for its first
+    fold, which goes in 2 parts. Returns the window's start."""
+    since = timezone.now() - timedelta(hours=1)
+    assert fold(since).settled == 0
+    batch(random.Random(seed), 300, start=since, sessions=60)
+    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    return since
+
+
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+@IN_PARTS_ON_POSTGRESQL
 def test_a_look_that_failed_after_its_first_fold_s_parts_counts_nothing_and_the_next_look_counts_all(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from experiments import rollups
-
-    rng = random.Random(12)
-    since = timezone.now() - timedelta(hours=1)
-    assert fold(since).settled == 0  # the window's row, before any record (a step's look before its traffic)
-    batch(rng, 300, start=since, sessions=60)
-    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    since = records_for_a_first_fold_in_parts(settings, seed=12)
     real_add = rollups._Found.add_to
 
     def look_fails(self: Any, arms: Any) -> None:
@@ -295,15 +301,9 @@ def test_a_look_that_failed_after_its_first_fold_s_parts_counts_nothing_and_the_
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+@IN_PARTS_ON_POSTGRESQL
 def test_a_first_fold_s_failed_part_stops_the_others_and_commits_none(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from experiments import rollups
-
-    rng = random.Random(15)
-    since = timezone.now() - timedelta(hours=1)
-    assert fold(since).settled == 0
-    batch(rng, 300, start=since, sessions=60)
-    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    since = records_for_a_first_fold_in_parts(settings, seed=15)
     real_fold = rollups._fold
 
     def second_part_fails(*args: Any, **kwargs: Any) -> Any:
@@ -330,17 +330,11 @@ class TimeLimit(Exception):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+@IN_PARTS_ON_POSTGRESQL
 def test_a_first_fold_in_parts_interrupted_by_a_time_limit_commits_no_part(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from experiments import rollups
-
-    rng = random.Random(14)
-    since = timezone.now() - timedelta(hours=1)
-    assert fold(since).settled == 0
-    batch(rng, 300, start=since, sessions=60)
-    settings.ROLLUP_COLD_FOLD_PARTS = 2
+    since = records_for_a_first_fold_in_parts(settings, seed=14)
     real_fold = rollups._fold
     started = threading.Barrier(3)
 
@@ -373,12 +367,10 @@ def test_a_first_fold_in_parts_interrupted_by_a_time_limit_commits_no_part(
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="a first fold in parts is PostgreSQL's")
+@IN_PARTS_ON_POSTGRESQL
 def test_retention_during_a_first_fold_in_parts_keeps_the_parts_unit_rows(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from experiments import rollups
-
     rng = random.Random(13)
     since = timezone.now() - timedelta(hours=1)
     batch(rng, 300, start=since, sessions=60)  # a new window over records already there (a rebuilt rollup)
