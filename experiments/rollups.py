@@ -289,13 +289,17 @@ def window_fold(
             # looking any up (at 2 million records, 600,000 probes that find nothing).
             last_id = _last_unit_id() if fill is not None else 0
             parts = int(settings.ROLLUP_COLD_FOLD_PARTS)
-            if window.records == 0 and outermost and not rebuilt and parts > 1 and connection.vendor == "postgresql":
+            in_parts = window.records == 0 and outermost and not rebuilt and parts > 1 and connection.vendor == "postgresql"
+            if in_parts:
                 found = _fold_in_parts(window.pk, queries, fresh, unit=unit, tail=tail, parts=parts)
             else:
                 found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0)
             found.add_to(arms)
             if fill is not None and any(values[0] for values in found.deltas.values()):
-                _fill_units(window.pk, last_id, _last_unit_id(), spec, fill).add_to(arms)
+                if in_parts:
+                    _fill_in_parts(window.pk, last_id, _last_unit_id(), spec, fill, parts=parts).add_to(arms)
+                else:
+                    _fill_units(window.pk, last_id, _last_unit_id(), spec, fill).add_to(arms)
             read = found.records
             window.watermark = horizon
             window.records += read
@@ -332,22 +336,48 @@ class _UnitPart(Func):
 def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, unit: Any, tail: QuerySet[Any],
                    parts: int) -> _Found:  # fmt: skip
     """A window's first fold (no unit row yet) on PostgreSQL, split by unit into `parts` parts, each folded
-    and committed by a thread and a connection of its own at the same time; what they found, added up. Every
-    row a fold returns is a sum over units or over records, and a unit (with all its records, in both arms)
-    falls in one part, so the parts' sums are the whole fold's. The caller holds the window's row lock for
-    the whole time and writes the window (watermark, arms) after the parts; if its transaction then fails,
-    the parts' rows stay without a watermark that counts them: the next first fold deletes them before it
-    starts (a window with no record folded has no unit row of its own). Needs the records committed (the
-    caller's transaction holds none: `outermost`), which rows below the commit horizon are."""
+    and committed by a connection of its own at the same time (`_in_parts`); what they found, added up.
+    Every row a fold returns is a sum over units or over records, and a unit (with all its records, in both
+    arms) falls in one part, so the parts' sums are the whole fold's. The caller holds the window's row lock
+    for the whole time and writes the window (watermark, arms) after the parts; if its transaction then
+    fails, the parts' rows stay without a watermark that counts them: the next first fold deletes them
+    before it starts (a window with no record folded has no unit row of its own). Needs the records
+    committed (the caller's transaction holds none: `outermost`), which rows below the commit horizon are."""
     _on_own_connection(lambda: RollupUnit.objects.filter(window_id=window_id).delete())
-    found: list[_Found | BaseException | None] = [None] * parts
-    # Once a part fails or the caller is interrupted (a task's soft time limit), the other parts stop: their
-    # statements are cancelled and none of them commits.
+
+    def fold_part(k: int) -> _Found:
+        part = fresh.alias(fold_part=_UnitPart(unit, parts=parts)).filter(fold_part=k)
+        return _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True)
+
+    return _in_parts(queries.spec, parts, fold_part, name=f"fold-{window_id}")
+
+
+def _fill_in_parts(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, fill: UnitFill, *,
+                   parts: int) -> _Found:  # fmt: skip
+    """`_fill_units` after a first fold in parts: the new rows' ids (after_id, upto_id] cut into `parts`
+    ranges, each filled by a connection of its own at the same time (each reads its own units' history: the
+    work divides). Its rows are the fold's parts', committed already: a look that fails after this leaves
+    them to the next first fold, which deletes them."""
+    bounds = [after_id + (upto_id - after_id) * k // parts for k in range(parts + 1)]
+
+    def fill_part(k: int) -> _Found:
+        return _fill_units(window_id, bounds[k], bounds[k + 1], spec, fill)
+
+    return _in_parts(spec, parts, fill_part, name=f"fill-{window_id}")
+
+
+def _in_parts(spec: RollupSpec, parts: int, work: Callable[[int], _Found], *, name: str) -> _Found:
+    """`work(k)` for each of `parts` parts at once, each in a thread with a database connection and a
+    transaction of its own, committed when its work returns; what they found, added up. Once a part fails
+    or the caller is interrupted (a task's soft time limit), the parts still running stop: their statements
+    are cancelled and they do not commit (a part that has committed stays committed: the callers' rows are
+    found and deleted by the next first fold). The first failure is raised."""
+    found: list[_Found | None] = [None] * parts
     stopped = threading.Event()
     running: list[Any] = []
     failures: list[BaseException] = []
 
-    def fold_part(k: int) -> None:
+    def run(k: int) -> None:
         try:
             with transaction.atomic():
                 with connection.cursor() as cursor:
@@ -356,13 +386,11 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
                 running.append(connection.connection)
                 if stopped.is_set():
                     raise _Stopped
-                part = fresh.alias(fold_part=_UnitPart(unit, parts=parts)).filter(fold_part=k)
-                one = _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True)
+                one = work(k)
                 if stopped.is_set():
                     raise _Stopped
             found[k] = one
-        except BaseException as error:  # (the first part's to fail re-raised by the caller's thread)
-            found[k] = error
+        except BaseException as error:  # (the first failure is re-raised by the caller's thread)
             if not stopped.is_set():
                 failures.append(error)
             stop()
@@ -377,7 +405,7 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
             except Exception:  # (its connection already closed)
                 pass
 
-    threads = [threading.Thread(target=fold_part, args=(k,), name=f"fold-{window_id}-{k}") for k in range(parts)]
+    threads = [threading.Thread(target=run, args=(k,), name=f"{name}-{k}") for k in range(parts)]
     for thread in threads:
         thread.start()
     try:
@@ -390,10 +418,10 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
         raise
     if failures:
         raise failures[0]
-    total = _Found(queries.spec)
+    total = _Found(spec)
     for one in found:
-        if not isinstance(one, _Found):
-            raise one if isinstance(one, BaseException) else RuntimeError(f"a part of window {window_id}'s fold did not end")
+        if one is None:
+            raise RuntimeError(f"a part of {name} ended without a result")
         total.merge(one)
     return total
 
