@@ -227,7 +227,10 @@ def window_fold(
     groups it (by default `experiments.analysis.sessions.unit_expression` of the request records). A unit's
     first request is the earliest by `created_at`, then by id: a batch committed late that holds an earlier
     request of the unit replaces it (and moves the unit from one bucket to the other), as a from-scratch
-    computation would have counted it."""
+    computation would have counted it.
+
+    On PostgreSQL, called outside a transaction, a window's first fold (and its `fill`) is split by session
+    into ROLLUP_COLD_FOLD_PARTS parts folded at once on connections of their own (`_fold_in_parts`)."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
     first_ok, unit = _first_defaults(ok, first_ok, unit)
     queries = _fold_queries(spec, session_rows, ok, rows_key, first_ok, unit)
@@ -754,8 +757,8 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False) -> tuple[str, str, str, 
     `merged` has a row per touched (arm, unit), the totals after the fold `t*` (new sums plus stored) and
     the stored sums `o*` side by side (and each stored row of a touched unit in another arm, with no new
     sums), so a column's sum changes by sum t - o over it and a product's by sum t_a t_b - o_a o_b (the
-    new sums themselves are not kept: a narrower row, about 7 % of a steady fold at 1M), and exposure (a unit counts in the arm of its earliest
-    first_at) by its count after less its count before. The SELECT gives rows (kind, arm, field, at,
+    new sums themselves are not kept: a narrower row, about 7 % of a steady fold at 1M), and exposure (a
+    unit counts in the arm of its earliest first_at) by its count after less its count before. The SELECT gives rows (kind, arm, field, at,
     values...): "d" per arm, [new units, change in exposure, column sums..., product changes...]; "s" per
     arm, sketched field and bucket, [key, count]; "c" once, [records] and the latest created_at; "t" once,
     [1 if the tail holds a record]; "f" per arm, `firsts` field and bucket, [key, change in units whose
