@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import signal
 import threading
@@ -326,7 +327,7 @@ def test_a_first_fold_s_failed_part_stops_the_others_and_commits_none(settings: 
 
 
 class TimeLimit(Exception):
-    """What a Celery task's soft time limit raises in the worker's main thread."""
+    """What a Celery task's soft time limit raises in the worker's main thread (on SIGUSR1)."""
 
 
 @pytest.mark.django_db(transaction=True)
@@ -348,15 +349,15 @@ def test_a_first_fold_in_parts_interrupted_by_a_time_limit_commits_no_part(
         raise TimeLimit
 
     monkeypatch.setattr(rollups, "_fold", slow_part)
-    previous = signal.signal(signal.SIGALRM, time_limit)
+    previous = signal.signal(signal.SIGUSR1, time_limit)
     try:
-        threading.Thread(target=lambda: (started.wait(), signal.setitimer(signal.ITIMER_REAL, 0.3))).start()
+        threading.Thread(target=lambda: (started.wait(), time.sleep(0.3), os.kill(os.getpid(), signal.SIGUSR1))).start()
         began = time.monotonic()
         with pytest.raises(TimeLimit):
             fold(since)
         assert time.monotonic() - began < 2.5  # the parts' statements were cancelled, not waited out
     finally:
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGUSR1, previous)
     for thread in threading.enumerate():  # whatever the parts would still do, done
         if thread.name.startswith("fold-"):
             thread.join(timeout=30)
