@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from accounts.roles import Role
@@ -957,8 +958,6 @@ def rollout_start_when_ready(*, rollout: Rollout) -> Rollout | None:
 def rollout_analysis_claim(*, rollout_id: int, lease_s: float) -> datetime | None:
     """Compare-and-set lease: one analysis of a rollout at a time; a dead worker's lease runs out. The
     lease's end when claimed (what `rollout_analysis_renew` is given), None when another look holds it."""
-    from django.db.models import Q
-
     now = timezone.now()
     until = now + timedelta(seconds=lease_s)
     claimed = Rollout.objects.filter(
@@ -977,18 +976,13 @@ def rollout_analysis_renew(*, rollout_id: int, held_until: datetime, lease_s: fl
 
 
 def rollout_analysis_release(
-    *, rollout_id: int, readiness: dict[str, Any] | None = None, analysed: bool = True,
-    held_until: datetime | None = None,
+    *, rollout_id: int, held_until: datetime, readiness: dict[str, Any] | None = None, analysed: bool = True
 ) -> None:
     """Let go of the lease, with the look's bookkeeping: when each version was first seen unready, and the
     planned sample of a step fixed at its first look (`planned_samples`); `analysed`: the look completed (the
     watchdog reads `last_analysed_at`). `held_until`: the lease's end as this look last claimed or renewed
     it; a lease that has another end by now (it ran out and another look claimed it) stays that look's."""
-    from django.db.models import Case, F, Value, When
-
-    lease: Any = None
-    if held_until is not None:
-        lease = Case(When(analysis_lease_until=held_until, then=Value(None)), default=F("analysis_lease_until"))
+    lease = Case(When(analysis_lease_until=held_until, then=Value(None)), default=F("analysis_lease_until"))
     changes: dict[str, Any] = {"analysis_lease_until": lease}
     if analysed:
         changes["last_analysed_at"] = timezone.now()
