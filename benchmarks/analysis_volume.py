@@ -594,6 +594,10 @@ def fill_phase(args: argparse.Namespace) -> dict[str, Any]:
 # --- looks and pages --------------------------------------------------------------------------------------------
 
 STEADY_RECORDS = 10_000
+# The steady looks' new records, as the live rollout's share of them: all of them (the stricter reading,
+# every pass so far), and the fill's mix, a tenth (10,000 records are 10 s of a 1,000-request/s day, one
+# look's interval; the other records go to an alias with no rollout).
+STEADY_SHARES = (1.0, 0.1)
 
 
 # `--tail`: the live rollout's plan gets docs/examples/canary.yaml's tail SLO and a tail guardrail.
@@ -602,22 +606,19 @@ TAIL_GUARDRAIL = {"metric": "ttft_p90_ms", "margin": "10%"}
 TAIL_LIMITS = {"ttft_ms": [800.0]}
 
 
-def bench_spec(*, tail: bool = False) -> tuple[Any, Any]:
-    """The rollup spec and per-session rows a look of the live rollout keeps (experiments.analysis's own,
-    with no tail thresholds: the A/B plan has none). `tail`: with the tail checks' first requests per
-    session for the fields of `TAIL_LIMITS`, and the counts over them (what the fold keeps for the tail checks
-    of `--tail`'s plan: TTFT)."""
-    from experiments.analysis import records_rollup_spec
-    from experiments.analysis.sessions import RECORDS, session_rows
+def bench_fold(live: Any, *, tail: bool = False, history: bool = True) -> dict[str, Any]:
+    """`window_fold`'s arguments for the live rollout's window besides the window itself, as its looks fold
+    it (experiments.analysis.records_fold: the A/B plan has no tail thresholds): with `history`, the
+    sessions' requests before the rollout (CUPED's pre-period, which every look of a started rollout keeps:
+    9 more columns, 111 products in all); `tail`: each session's first request for the fields of
+    `TAIL_LIMITS`, and the counts over them (what the fold keeps for `--tail`'s plan: TTFT)."""
+    from experiments.analysis import PrePeriod, records_fold
 
     limits = TAIL_LIMITS if tail else {}
-    spec = records_rollup_spec(limits=limits, first_fields=tuple(limits))
-    assert spec is not None
-
-    def rows(records: Any) -> Any:
-        return session_rows(records, source=RECORDS, thresholds=limits)
-
-    return spec, rows
+    pre = PrePeriod(alias=live.alias_name, until=live.started_at, model_version_id=live.baseline_id) if history else None
+    fold = records_fold(limits=limits, pre_period=pre, first_fields=tuple(limits))
+    assert fold is not None
+    return fold
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -682,10 +683,16 @@ class SteadyTraffic:
         self.sessions.extend(fresh)
         return drafts
 
-    def write(self, count: int) -> None:
+    def write(self, count: int, *, share: float = 1.0) -> None:
+        """`count` new records, `share` of them the live rollout's, the rest `PLAIN_ALIAS`'s (no rollout)."""
         from serving.gateway.records import records_write
 
-        drafts = self.drafts(count)
+        live = round(count * share)
+        drafts = self.drafts(live)
+        if count > live:
+            seen = len(self.sessions)
+            drafts += [dataclasses.replace(d, alias=PLAIN_ALIAS, rollout_id=None) for d in self.drafts(count - live)]
+            del self.sessions[seen:]  # (their new sessions are not the window's)
         for i in range(0, len(drafts), 500):
             records_write(drafts[i : i + 500])
 
@@ -748,11 +755,13 @@ def looks_reset(state: dict[str, Any]) -> None:
     """Back to the fill: the records earlier runs' looks added (all after the fill's stamp) and the live
     rollout's rollups go, so that every run measures the same window."""
     from django.db import connection
+    from django.db.models import Q
 
     from experiments.rollups import window_drop
     from serving.models import RequestRecord
 
-    added, _ = RequestRecord.objects.filter(rollout_id=state["live_rollout"], created_at__gte=state["stamp"]).delete()
+    added, _ = RequestRecord.objects.filter(Q(rollout_id=state["live_rollout"]) | Q(alias=PLAIN_ALIAS),
+                                            created_at__gte=state["stamp"]).delete()  # fmt: skip
     window_drop(rollout_ids=[state["live_rollout"]])
     with connection.cursor() as cursor:
         if added:
@@ -784,20 +793,22 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     live = Rollout.objects.select_related("baseline", "candidate").get(pk=state["live_rollout"])
     since = live.step_started_at
     assert since is not None
-    spec, rows = bench_spec(tail=args.tail)
+    fold_args = bench_fold(live, tail=args.tail, history=not args.no_history)
+    spec = fold_args["spec"]
+    scratch_args = {k: v for k, v in fold_args.items() if k != "rows_key"}
+    history = ", the sessions' history" if fold_args["fill"] is not None else ""
     looks_reset(state)
     live_records = state["records"] // 10
     print(f"\n== looks: the live rollout ({live_records:,} of the {state['records']:,} records, {len(spec.columns)} "
-          f"per-session columns, {len(spec.pairs)} products, 3 sketches{', first requests per session' if spec.firsts else ''}); "
+          f"per-session columns, {len(spec.pairs)} products, 3 sketches{', first requests per session' if spec.firsts else ''}"
+          f"{history}); "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    scratch_ms, scratch = timed(lambda: window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec,
-                                                       session_rows=rows))  # fmt: skip
+    scratch_ms, scratch = timed(lambda: window_scratch(rollout_id=live.pk, since=since, until=None, **scratch_args))
     print(f"  from scratch (every record of the window, as each look did):     {scratch_ms:10,.0f} ms")
     window_drop(rollout_ids=[live.pk])  # a cold look: no rollup yet
 
     def fold() -> Any:
-        return window_fold(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows,
-                           rows_key=("bench",))  # fmt: skip
+        return window_fold(rollout_id=live.pk, since=since, until=None, **fold_args)
 
     with CpuClock(whole_server=True) as clock:
         cold = fold()
@@ -810,7 +821,7 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     if before is not None:
 
         def fold_before() -> Any:
-            return before.window_fold(rollout_id=live.pk, since=before_since, until=None, spec=spec, session_rows=rows)
+            return before.window_fold(rollout_id=live.pk, since=before_since, until=None, **fold_args)
 
         with CpuClock(whole_server=True) as clock:
             fold_before()
@@ -819,39 +830,40 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
     print(f"  {unit_statistics_text()}")
     traffic = SteadyTraffic(live.pk, since)
-    now_clocks: list[CpuClock] = []
-    before_clocks: list[CpuClock] = []
-    reads: list[int] = []
-    settled: list[int] = []
-    loads: list[float] = []
-    for look in range(args.steady_looks):
-        traffic.write(STEADY_RECORDS)
-        loads.append(os.getloadavg()[0])
-        runs: list[tuple[list[CpuClock], Callable[[], Any]]] = [(now_clocks, fold)]
+    for share in STEADY_SHARES:
+        now_clocks: list[CpuClock] = []
+        before_clocks: list[CpuClock] = []
+        reads: list[int] = []
+        settled: list[int] = []
+        loads: list[float] = []
+        for look in range(args.steady_looks):
+            traffic.write(STEADY_RECORDS, share=share)
+            loads.append(os.getloadavg()[0])
+            runs: list[tuple[list[CpuClock], Callable[[], Any]]] = [(now_clocks, fold)]
+            if before is not None:
+                runs.append((before_clocks, fold_before))
+            for clocks, run in runs if look % 2 == 0 else reversed(runs):
+                with CpuClock() as clock:
+                    folded = run()
+                clocks.append(clock)
+                if clocks is now_clocks:
+                    reads.append(folded.records_read)
+                    settled.append(folded.settled)
+        walls = [c.wall_ms for c in now_clocks]
+        print(f"  steady-state look after {STEADY_RECORDS:,} new records, {share:.0%} of them the live rollout's, "
+              f"{args.steady_looks} looks (load average {min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, "
+              f"max {max(walls):,.0f} ms (target <= 100); records read per look {min(reads):,}-{max(reads):,}, settled "
+              f"{min(settled):,}-{max(settled):,} (the rest was above the horizon: other transactions open on the server)")  # fmt: skip
+        print(f"    {cpu_text(now_clocks)}")
         if before is not None:
-            runs.append((before_clocks, fold_before))
-        for clocks, run in runs if look % 2 == 0 else reversed(runs):
-            with CpuClock() as clock:
-                folded = run()
-            clocks.append(clock)
-            if clocks is now_clocks:
-                reads.append(folded.records_read)
-                settled.append(folded.settled)
-    walls = [c.wall_ms for c in now_clocks]
-    print(f"  steady-state look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks (load average "
-          f"{min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, max {max(walls):,.0f} ms (target <= 100); "
-          f"records read per look {min(reads):,}-{max(reads):,}, settled {min(settled):,}-{max(settled):,} (the rest "
-          f"was above the horizon: other transactions open on the server)")  # fmt: skip
-    print(f"    {cpu_text(now_clocks)}")
-    if before is not None:
-        walls = [c.wall_ms for c in before_clocks]
-        print(f"  side by side, the fold as it was at {args.before}: median {median(walls):,.0f} ms, "
-              f"max {max(walls):,.0f} ms")  # fmt: skip
-        print(f"    {cpu_text(before_clocks)}")
+            walls = [c.wall_ms for c in before_clocks]
+            print(f"  side by side, the fold as it was at {args.before}: median {median(walls):,.0f} ms, "
+                  f"max {max(walls):,.0f} ms")  # fmt: skip
+            print(f"    {cpu_text(before_clocks)}")
     print(f"  {unit_statistics_text()}")
     horizon = record_commit_horizon()
     final = fold()
-    check = window_scratch(rollout_id=live.pk, since=since, until=None, spec=spec, session_rows=rows)
+    check = window_scratch(rollout_id=live.pk, since=since, until=None, **scratch_args)
     problems = arms_from_scratch_equal(final.arms, check)
     print(f"  incremental == from scratch on the same records (horizon {horizon}): "
           f"{'yes' if not problems else 'NO: ' + '; '.join(problems[:5])}")  # fmt: skip
@@ -860,7 +872,7 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         plain = dataclasses.replace(spec, firsts=(), over=())
         arms = {arm: rollups.ArmRollup(a.units, a.exposed, a.sums, a.products, a.sketches) for arm, a in fold_before().arms.items()}
         problems = arms_from_scratch_equal(arms, window_scratch(
-            rollout_id=live.pk, since=before_since, until=None, spec=plain, session_rows=rows))  # fmt: skip
+            rollout_id=live.pk, since=before_since, until=None, **{**scratch_args, "spec": plain}))  # fmt: skip
         print(f"  (the fold at {args.before} == from scratch: {'yes' if not problems else 'NO: ' + '; '.join(problems[:5])})")
     for arm in ("baseline", "candidate"):
         a = final.arms.get(arm)
@@ -887,6 +899,7 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     if args.tail:
         tail_plan(live)
     samples = TailSamples() if args.tail else None
+    window_drop(rollout_ids=[live.pk])  # (the steady folds' window may be the look's: its first look is cold)
     rollups.window_fold = timed_fold  # type: ignore[assignment]
     try:
         cold_ms, (first, _) = timed(lambda: rollout_look(rollout=live))
@@ -894,29 +907,31 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
             samples.calls.clear()
         print(f"  the whole look (rollouts.analysis.rollout_look, nothing applied), first (cold): {cold_ms:,.0f} ms, "
               f"of which the fold {sum(fold_ms):,.0f} ms; decision {first.decision}")  # fmt: skip
-        whole: list[CpuClock] = []
-        folds: list[float] = []
-        loads = []
-        for _ in range(args.steady_looks):
-            traffic.write(STEADY_RECORDS)
-            loads.append(os.getloadavg()[0])
-            fold_ms.clear()
-            with CpuClock() as clock:
-                rollout_look(rollout=live)
-            whole.append(clock)
-            folds.append(sum(fold_ms))
-            if samples is not None:
-                samples.compare()
+        for share in STEADY_SHARES:
+            whole: list[CpuClock] = []
+            folds: list[float] = []
+            loads = []
+            for _ in range(args.steady_looks):
+                traffic.write(STEADY_RECORDS, share=share)
+                loads.append(os.getloadavg()[0])
+                fold_ms.clear()
+                with CpuClock() as clock:
+                    rollout_look(rollout=live)
+                whole.append(clock)
+                folds.append(sum(fold_ms))
+                if samples is not None:
+                    samples.compare()
+            walls = [c.wall_ms for c in whole]
+            rest = [w - f for w, f in zip(walls, folds, strict=True)]
+            print(f"  the whole look after {STEADY_RECORDS:,} new records, {share:.0%} of them the live rollout's, "
+                  f"{args.steady_looks} looks (load average {min(loads):.1f}-{max(loads):.1f}): median "
+                  f"{median(walls):,.0f} ms, max {max(walls):,.0f} ms; the fold median {median(folds):,.0f} ms, the rest "
+                  f"(outcomes, engines, checks, policy) median {median(rest):,.0f} ms")  # fmt: skip
+            print(f"    {cpu_text(whole)}")
     finally:
         rollups.window_fold = real_fold  # type: ignore[assignment]
         if samples is not None:
             samples.restore()
-    walls = [c.wall_ms for c in whole]
-    rest = [w - f for w, f in zip(walls, folds, strict=True)]
-    print(f"  the whole look after {STEADY_RECORDS:,} new records, {args.steady_looks} looks (load average "
-          f"{min(loads):.1f}-{max(loads):.1f}): median {median(walls):,.0f} ms, max {max(walls):,.0f} ms; the fold "
-          f"median {median(folds):,.0f} ms, the rest (outcomes, engines, checks, policy) median {median(rest):,.0f} ms")  # fmt: skip
-    print(f"    {cpu_text(whole)}")
     if samples is not None:
         samples.report()
 
@@ -1123,6 +1138,9 @@ def main() -> int:
     parser.add_argument("--before", default="",
                         help="also time the fold of experiments/rollups.py at this git revision, side by side")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database at the end")
+    parser.add_argument("--no-history", action="store_true",
+                        help="the folds without the sessions' history (CUPED's pre-period), as this benchmark timed "
+                             "them before session 30; the whole look keeps it always")
     parser.add_argument("--tail", action="store_true",
                         help="the looks with tail checks: the fold keeps first requests per session, the live plan "
                              f"gets {TAIL_SLO!r} and a ttft_p90_ms guardrail (samples timed beside from scratch)")

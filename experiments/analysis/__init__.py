@@ -75,6 +75,7 @@ __all__ = [
     "first_request_bins",
     "first_request_over",
     "outcome_unit_stats",
+    "records_fold",
     "records_rollup",
     "shadow_candidate_sums",
     "shadow_pair_bins",
@@ -239,7 +240,21 @@ def records_rollup(
     (experiments.analysis.tails) with the counts over the tail SLOs' thresholds `limits`. None when the
     spec does not fit a rollup. The same arguments, the same window (`arm_sums`' and the tail checks' folds
     share it). Only the fields a plan's tail checks name: keeping a field costs the fold per touched session."""
-    from experiments.rollups import UnitFill, window_fold
+    from experiments.rollups import window_fold
+
+    fold = records_fold(limits=limits, pre_period=pre_period, first_fields=first_fields)
+    if fold is None:
+        return None
+    return window_fold(rollout_id=rollout_id, since=since, until=until, **fold)
+
+
+def records_fold(
+    *, limits: Mapping[str, Sequence[float]], pre_period: PrePeriod | None = None, first_fields: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """`records_rollup`'s arguments to `experiments.rollups.window_fold` besides the window (the spec, the
+    per-session rows, their key, the history's `fill`, what a first request is, the unit); all but `rows_key`
+    are `window_scratch`'s too. None when the spec does not fit a rollup."""
+    from experiments.rollups import UnitFill
 
     limits = _thresholds(limits)
     spec = records_rollup_spec(limits=limits, history=pre_period is not None, first_fields=first_fields)
@@ -255,12 +270,11 @@ def records_rollup(
     first_ok = Q(**{RECORDS.outcome: "ok"})
     if RECORDS.failover:
         first_ok &= Q(**{RECORDS.failover: False})
-    return window_fold(
-        rollout_id=rollout_id, since=since, until=until, spec=spec,
-        session_rows=lambda rows: session_rows(rows, source=RECORDS, thresholds=limits).annotate(**nulls),
-        rows_key=("records", tuple(sorted(limits.items())), bool(before)), fill=fill, first_ok=first_ok,
-        unit=unit_expression(RECORDS),
-    )  # fmt: skip
+    return {
+        "spec": spec, "session_rows": lambda rows: session_rows(rows, source=RECORDS, thresholds=limits).annotate(**nulls),
+        "rows_key": ("records", tuple(sorted(limits.items())), bool(before)), "fill": fill, "first_ok": first_ok,
+        "unit": unit_expression(RECORDS),
+    }  # fmt: skip
 
 
 def shadow_candidate_sums(

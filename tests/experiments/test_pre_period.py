@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
-from experiments.analysis import PrePeriod, arm_sums
+from experiments.analysis import PrePeriod, arm_sums, records_fold
 from experiments.analysis.preperiod import pre_column_names, pre_specs
 from experiments.analysis.sessions import RECORDS, ratio_specs
+from experiments.rollups import arms_from_scratch_equal, window_fold, window_scratch
 from experiments.stats import RatioStats, cuped_ratio_estimates
 from serving.models import RequestRecord
 from tests.rollouts.helpers import version
@@ -126,6 +127,14 @@ def test_history_is_read_once_per_session_and_the_looks_add_up_to_the_rows() -> 
             assert wanted.pre_den > 0 and wanted.units > wanted.pre_den / 4  # some sessions have no history
             close(incremental[arm].ratio_for("tpot_gmean_ms"), wanted)
             close(scratch[arm].ratio_for("tpot_gmean_ms"), wanted)
+        # Every column and product of the window's rollup, history included, as from scratch (the benchmark's check).
+        fold = records_fold(limits={}, pre_period=pre)
+        assert fold is not None and fold["fill"] is not None
+        folded = window_fold(rollout_id=ROLLOUT, since=start, until=None, **fold)
+        del fold["rows_key"]
+        from_scratch = window_scratch(rollout_id=ROLLOUT, since=start, until=None, **fold)
+        assert not arms_from_scratch_equal(folded.arms, from_scratch)
+        assert from_scratch["baseline"].sums["pre_tpot_ms_n"] > 0
     # The window's own requests at the start, and a session's later requests, never became history.
     assert all(r.created_at >= start for r in seen)
     # Without a pre-period nothing changes: the prompt's length is the only covariate.
