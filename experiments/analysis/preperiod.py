@@ -26,6 +26,7 @@ its commit horizon) has no history in that look, only in the next.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -119,12 +120,20 @@ def pre_period_sql(pre: PrePeriod, units: tuple[str, tuple[Any, ...]]) -> tuple[
     if connection.vendor != "postgresql":
         sql, params = pre_period_rows(pre, units=units).query.sql_with_params()
         return sql, tuple(params)
-    # The unit compares bytewise (experiments 0005); as the records' own collation, so their index serves.
-    one = _history(pre).filter(session_hash=RawSQL('d."unit" COLLATE "default"', ()))
-    inner, params = one.order_by().values("alias").annotate(**pre_columns()).query.sql_with_params()
+    inner, params = _one_session_sql(pre)
     units_sql, units_params = units
     sql = (
         f'SELECT d."unit" AS "unit", x.* FROM (SELECT DISTINCT v.unit AS "unit" FROM ({units_sql}) v) d '
         f"CROSS JOIN LATERAL ({inner} OFFSET 0) x"
     )
     return sql, (*units_params, *params)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_session_sql(pre: PrePeriod) -> tuple[str, tuple[Any, ...]]:
+    """On PostgreSQL, one session's history (the session is `d."unit"`) as SQL and its parameters: the same
+    for every look of a rollout, built once (Django's compiler took about 10 ms a look)."""
+    # The unit compares bytewise (experiments 0005); as the records' own collation, so their index serves.
+    one = _history(pre).filter(session_hash=RawSQL('d."unit" COLLATE "default"', ()))
+    sql, params = one.order_by().values("alias").annotate(**pre_columns()).query.sql_with_params()
+    return sql, tuple(params)
