@@ -45,7 +45,14 @@ from django.db.models import Case, Count, F, FloatField, Func, IntegerField, Q, 
 from django.db.models.functions import Ceil, Greatest, Ln, RowNumber
 from django.utils.dateparse import parse_datetime
 
-from experiments.analysis.sessions import RECORDS, bytewise, first_column, sql_float, unit_expression
+from experiments.analysis.sessions import (
+    RECORDS,
+    bytewise,
+    first_column,
+    merge_rows,
+    sql_float,
+    unit_expression,
+)
 from experiments.models import FIRST_SLOTS, ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
 
@@ -1000,39 +1007,11 @@ def window_scratch(
         records = records.filter(created_at__lt=until)
     if horizon is not None:
         records = request_records_committed(records, start=0, end=horizon)
-    quote = connection.ops.quote_name
-    real = sql_float(connection.vendor)
-    inner, params = session_rows(records).query.sql_with_params()
-
+    # The moments as a look from scratch computes them (`merge_rows`), the fill's columns joined per unit.
     filled = [c for c in spec.columns if fill is not None and c in fill.columns]
-    if fill is not None and filled:
-        # Each unit row's history joined by its unit, under names of its own (the rows carry the columns as NULL).
-        units = (f"SELECT DISTINCT s.{quote('unit')} FROM ({inner}) s", tuple(params))
-        found_sql, found_params = fill.sql(units)
-        known = ", ".join(f"h.{quote(c)} AS {quote('fill_' + c)}" for c in filled)
-        inner = (f"SELECT r.*, {known} FROM ({inner}) r LEFT JOIN ({found_sql}) h "
-                 f"ON h.{quote(first_column(found_sql))} = r.{quote('unit')}")  # fmt: skip
-        params = (*params, *found_params)
-
-    def col(name: str) -> str:
-        return f"CAST(COALESCE(t.{quote('fill_' + name if name in filled else name)}, 0) AS {real})"
-
-    selects = ["t.arm_label", "COUNT(*)", "SUM(CASE WHEN t.first_at = t.unit_first THEN 1 ELSE 0 END)"]
-    selects += [f"SUM({col(c)})" for c in spec.columns] + [f"SUM({col(a)} * {col(b)})" for a, b in spec.pairs]
-    sql = (
-        f"SELECT {', '.join(selects)} FROM (SELECT s.*, MIN(s.first_at) OVER (PARTITION BY s.unit) AS unit_first "
-        f"FROM ({inner}) s) t GROUP BY t.arm_label"
-    )
-    arms: dict[str, ArmRollup] = {}
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        for row in cursor.fetchall():
-            values = [float(v or 0.0) for v in row[3:]]
-            arms[str(row[0])] = ArmRollup(
-                units=int(row[1]), exposed=int(row[2] or 0),
-                sums=dict(zip(spec.columns, values[: len(spec.columns)], strict=True)),
-                products=dict(zip(spec.pairs, values[len(spec.columns) :], strict=True)),
-            )  # fmt: skip
+    moments = merge_rows(session_rows(records), columns=spec.columns, pairs=spec.pairs,
+                         joined=fill.sql if fill is not None and filled else None, joined_columns=filled)  # fmt: skip
+    arms = {arm: ArmRollup(m.units, m.exposed, dict(m.sums), dict(m.products)) for arm, m in moments.items()}
     for name, column in spec.sketch:
         buckets = (
             records.filter(ok & Q(**{f"{column}__isnull": False}))
