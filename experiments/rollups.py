@@ -226,8 +226,9 @@ def window_fold(
     spec's columns and `first_at` (experiments.analysis.sessions.session_rows). `rows_key`, when given,
     names what `session_rows` computes (the same key, the same query): its SQL is then built once per
     process, not at every look. Safe to run twice and from two workers: the window row is locked for the
-    fold. `fill`: columns each new unit row gets once, after the fold that stores it (`_fill_units`); a unit
-    first seen among the unsettled records has zeros there until a later look stores it.
+    fold. `fill`: columns each new unit row gets once: read with the records by the window's first fold,
+    after the fold that stores it by a later one (`_fill_units`); a unit first seen among the unsettled
+    records has zeros there until a later look stores it.
 
     With `spec.firsts`: a request that measured a field counts for its unit's first request when it matches
     `first_ok` (by default ok and not a failover attempt); `unit` is the unit of a record as `session_rows`
@@ -298,21 +299,22 @@ def window_fold(
                 with connection.cursor() as cursor:
                     cursor.execute(f"SET LOCAL work_mem = '{COLD_WORK_MEM}'")
             # A window with nothing folded yet has no unit rows: the first look inserts them, without
-            # looking any up (at 2 million records, 600,000 probes that find nothing).
-            last_id = _last_unit_id() if fill is not None else 0
+            # looking any up (at 2 million records, 600,000 probes that find nothing), each with its `fill`
+            # read in the same statement (`_fold`'s `joined`): every row is written once. A later fold's new
+            # units get their fill after it (`_fill_units`).
+            empty = window.records == 0
+            joined = fill if empty else None
+            last_id = _last_unit_id() if fill is not None and not empty else 0
             parts = int(settings.ROLLUP_COLD_FOLD_PARTS)
-            in_parts = window.records == 0 and outermost and not rebuilt and parts > 1 and connection.vendor == "postgresql"
+            in_parts = empty and outermost and not rebuilt and parts > 1 and connection.vendor == "postgresql"
             if in_parts:
-                found = _fold_in_parts(window.pk, queries, fresh, unit=unit, tail=tail, parts=parts, constant=constant)
+                found = _fold_in_parts(window.pk, queries, fresh, unit=unit, tail=tail, parts=parts, joined=joined)
             else:
-                found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=window.records == 0,
-                              constant=constant)  # fmt: skip
+                found = _fold(window.pk, queries, fresh, persist=True, tail=tail, empty=empty,
+                              constant=() if empty else constant, joined=joined)  # fmt: skip
             found.add_to(arms)
-            if fill is not None and any(values[0] for values in found.deltas.values()):
-                if in_parts:
-                    _fill_in_parts(window.pk, last_id, _last_unit_id(), spec, fill, parts=parts).add_to(arms)
-                else:
-                    _fill_units(window.pk, last_id, _last_unit_id(), spec, fill).add_to(arms)
+            if fill is not None and not empty and any(values[0] for values in found.deltas.values()):
+                _fill_units(window.pk, last_id, _last_unit_id(), spec, fill).add_to(arms)
             read = found.records
             window.watermark = horizon
             window.records += read
@@ -347,7 +349,7 @@ class _UnitPart(Func):
 
 
 def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, unit: Any, tail: QuerySet[Any],
-                   parts: int, constant: tuple[str, ...] = ()) -> _Found:  # fmt: skip
+                   parts: int, joined: UnitFill | None = None) -> _Found:  # fmt: skip
     """A window's first fold (no unit row yet) on PostgreSQL, split by unit into `parts` parts, each folded
     and committed by a connection of its own at the same time (`_in_parts`); what they found, added up.
     Every row a fold returns is a sum over units or over records, and a unit (with all its records, in both
@@ -355,29 +357,15 @@ def _fold_in_parts(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], 
     for the whole time and writes the window (watermark, arms) after the parts; if its transaction then
     fails, the parts' rows stay without a watermark that counts them: the next first fold deletes them
     before it starts (a window with no record folded has no unit row of its own). Needs the records
-    committed (the caller's transaction holds none: `outermost`), which rows below the commit horizon are."""
+    committed (the caller's transaction holds none: `outermost`), which rows below the commit horizon are.
+    `joined`: the window's `UnitFill`, read by each part for its own units (`_fold`)."""
     _on_own_connection(lambda: RollupUnit.objects.filter(window_id=window_id).delete())
 
     def fold_part(k: int) -> _Found:
         part = fresh.alias(fold_part=_UnitPart(unit, parts=parts)).filter(fold_part=k)
-        return _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True,
-                     constant=constant)  # fmt: skip
+        return _fold(window_id, queries, part, persist=True, tail=tail if k == 0 else None, empty=True, joined=joined)
 
     return _in_parts(queries.spec, parts, fold_part, name=f"fold-{window_id}")
-
-
-def _fill_in_parts(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, fill: UnitFill, *,
-                   parts: int) -> _Found:  # fmt: skip
-    """`_fill_units` after a first fold in parts: the new rows' ids (after_id, upto_id] cut into `parts`
-    ranges, each filled by a connection of its own at the same time (each reads its own units' history: the
-    work divides). Its rows are the fold's parts', committed already: a look that fails after this leaves
-    them to the next first fold, which deletes them."""
-    bounds = [after_id + (upto_id - after_id) * k // parts for k in range(parts + 1)]
-
-    def fill_part(k: int) -> _Found:
-        return _fill_units(window_id, bounds[k], bounds[k + 1], spec, fill)
-
-    return _in_parts(spec, parts, fill_part, name=f"fill-{window_id}")
 
 
 def _in_parts(spec: RollupSpec, parts: int, work: Callable[[int], _Found], *, name: str) -> _Found:
@@ -563,14 +551,17 @@ class _FoldQueries:
 
 
 def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
-          tail: QuerySet[Any] | None = None, empty: bool = False, constant: tuple[str, ...] = ()) -> _Found:  # fmt: skip
+          tail: QuerySet[Any] | None = None, empty: bool = False, constant: tuple[str, ...] = (),
+          joined: UnitFill | None = None) -> _Found:  # fmt: skip
     """Read the records of `fresh` once: what they add to the arms, and with `persist` add them to the
     window's unit rows. On PostgreSQL that is one statement: the records are read once (`base`), grouped
     per session for the moments and per bucket for the sketches, and the unit rows are updated by a
     data-modifying WITH that reads them as they were before. SQLite, which has no such WITH, keeps the new
     per-session rows in a temporary table for the read and the update. `tail`: also say whether it holds
     any record. `empty`: the window has no unit rows yet (none is read, and the new ones are inserted).
-    `constant`: the columns of the window's `UnitFill` (`_fold_sql`)."""
+    `constant`: the columns of the window's `UnitFill` (`_fold_sql`), in a later fold. `joined`, with
+    `empty`: the window's `UnitFill`, read for the new units in the same statement (`_fresh_filled`): their
+    rows are inserted with it, and its columns add to the sums and products like any other."""
     postgres = connection.vendor == "postgresql"
     spec = queries.spec
     base_sql, base_params = fresh.values(*queries.columns).query.sql_with_params()
@@ -582,6 +573,10 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
     if queries.leads is not None:
         leads, leads_params = f", leadrecs AS ({queries.leads[0]}), {leads_sql}", queries.leads[1]
     fresh_sql, fresh_params = f"{fresh_head}{rows_sql}{fresh_tail}", (*leads_params, *rows_params)
+    if joined is not None:
+        if not empty or constant:
+            raise ValueError("only a first fold reads its units' fill, and then no column is constant")
+        fresh_sql, fresh_params = _fresh_filled(spec, joined, fresh_sql, fresh_params)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
     found = _Found(spec)
     with connection.cursor() as cursor:
@@ -630,6 +625,27 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
         elif kind == "o":
             found.overs.append((str(arm_label), int(index), int(values[0] or 0)))
     return found
+
+
+def _fresh_filled(spec: RollupSpec, fill: UnitFill, fresh_sql: str, fresh_params: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """A first fold's per-session rows (`fresh_sql`, the units' own sums, NULL in `fill`'s columns) with
+    `fill`'s columns read for their units: what `_fill_units` would set on the rows after the fold, so the
+    rows are written once (at 100 million records, `_fill_units` rewrote 3 million rows just inserted,
+    and left the window's table and index at twice their size until a vacuum)."""
+    quote = connection.ops.quote_name
+    real = sql_float(connection.vendor)
+    filled = [c for c in spec.columns if c in fill.columns]
+    found_sql, found_params = fill.sql(("SELECT own.unit FROM own", ()))
+    kept = ["arm_label", "unit", "first_at", *(c for c in spec.columns if c not in filled)]
+    kept += [f"a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
+    values = [f"f.{quote(c)}" for c in kept] + [f"CAST(COALESCE(p.{quote(c)}, 0) AS {real}) AS {quote(c)}" for c in filled]
+    # As `_fill_units`: the units' values computed once (a subquery was re-run per unit row on PostgreSQL).
+    materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
+    sql = (
+        f"SELECT * FROM (WITH own AS {materialized}({fresh_sql}), p AS {materialized}({found_sql}) "
+        f"SELECT {', '.join(values)} FROM own f LEFT JOIN p ON p.{quote(first_column(found_sql))} = f.unit) filled"
+    )
+    return sql, (*fresh_params, *found_params)
 
 
 def _last_unit_id() -> int:
@@ -778,8 +794,8 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False, constant: tuple[str, ...
     over it]. A unit's first request changes (`c<i>` = 1) when the new records hold one for the field and
     the stored one is missing or later (by time, then id).
 
-    `constant`: columns no fold changes (a `UnitFill`'s: NULL in the new sums, set by `_fill_units` after
-    the fold that first stores the unit). A fold adds nothing to their sums; a product of two of them does
+    `constant`: columns no later fold changes (a `UnitFill`'s: NULL in the new sums, stored with the unit by
+    the window's first fold or set by `_fill_units` after the later fold that first stores it). A fold adds nothing to their sums; a product of two of them does
     not change, and one with another column changes by the constant's stored value times that column's
     change, so neither takes a product of totals (with the history's 9 columns, 54 of a look's 111
     products; about 6 % of a steady fold at 1M); they are not rewritten."""
@@ -849,7 +865,9 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False, constant: tuple[str, ...
     # no second index probe (ON CONFLICT made one more per touched session, and its speculative insertion).
     tid = "o.tid, " if postgres else ""
     if empty:
-        ctes, select, writes = _first_fold_sql(spec, sketches=sketches, padded=padded, timestamp=timestamp, constant=constant)
+        if constant:
+            raise ValueError("a first fold has no constant column: it reads its units' fill (`_fresh_filled`)")
+        ctes, select, writes = _first_fold_sql(spec, sketches=sketches, padded=padded, timestamp=timestamp)
         return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), writes
     if postgres:
         # One index probe per touched unit, whatever the planner believes of the sizes: a new window's unit
@@ -939,24 +957,23 @@ def _select_rest(sketches: str, padded: Callable[[list[str]], str], lead_bins: s
     return rest
 
 
-def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[str]], str], timestamp: str,
-                    constant: tuple[str, ...] = ()) -> tuple[str, str, str]:  # fmt: skip
+def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[str]], str],
+                    timestamp: str) -> tuple[str, str, str]:  # fmt: skip
     """`_fold_sql`'s common table expressions, SELECT and writes for a window's first fold, when it has no
     unit row yet (a cold look: at 100 million records, 10 million records in 3 million sessions). Every
     fresh row is then a new unit whose sums are its totals, so nothing is read back or merged: the rows
     (kind, arm, field, at, values...) are `_fold_sql`'s, computed from `fresh` alone. Exposure (a unit
     counts in the arm of its earliest first request) takes a window function over four narrow columns,
     not over the wide merged rows the later folds need (at 3 million units those, 2 GB, were written to
-    disk twice: materialised, then sorted). The `constant` columns are NULL in every fresh row: their sums
-    and every product with one of them are 0 (`_fill_units` adds them). No parameter but the writes' window."""
+    disk twice: materialised, then sorted). A `UnitFill`'s columns are in the fresh rows already
+    (`_fresh_filled`): they add up like the others. No parameter but the writes' window."""
     quote = connection.ops.quote_name
     postgres = connection.vendor == "postgresql"
     real, by_bytes = _sql_types()
     index = {column: i for i, column in enumerate(spec.columns)}
     sums = [f"CAST(COALESCE(f.{quote(c)}, 0) AS {real})" for c in spec.columns]
-    totals = ["COUNT(*) AS units", *(f"{'0' if c in constant else f'SUM({n})'} AS s{i}" for i, (c, n) in enumerate(zip(spec.columns, sums, strict=True)))]
-    totals += [f"{'0' if a in constant or b in constant else f'SUM({sums[index[a]]} * {sums[index[b]]})'} AS p{k}"
-               for k, (a, b) in enumerate(spec.pairs)]  # fmt: skip
+    totals = ["COUNT(*) AS units", *(f"SUM({n}) AS s{i}" for i, n in enumerate(sums))]
+    totals += [f"SUM({sums[index[a]]} * {sums[index[b]]}) AS p{k}" for k, (a, b) in enumerate(spec.pairs)]
     ctes = f"""
         exposed AS (SELECT q.arm, COUNT(*) AS n FROM (SELECT f.arm_label AS arm, f.first_at AS at,
                            MIN(f.first_at) OVER (PARTITION BY f.unit{by_bytes}) AS a FROM fresh f) q
