@@ -142,6 +142,27 @@ def test_history_is_read_once_per_session_and_the_looks_add_up_to_the_rows() -> 
     assert plain is not None and plain.pre_den == 0 and plain.cov_den > 0
 
 
+def test_a_session_first_seen_by_a_later_look_gets_its_history_and_only_it() -> None:
+    """A later fold's new unit rows get their history after the fold (`_fill_units`, by the new rows' ids);
+    the first fold's get it in the same statement. One new session per look: the id range's ends count."""
+    base, other = version("adder-v1"), version("adder-v2")
+    start = timezone.now().replace(microsecond=0) - timedelta(minutes=30)
+    RequestRecord.objects.bulk_create(history(start, base.pk, other.pk, random.Random(8)))
+    fold = records_fold(limits={}, pre_period=PrePeriod(alias="adder", until=start, model_version_id=base.pk))
+    assert fold is not None
+    scratch_args = {k: v for k, v in fold.items() if k != "rows_key"}
+    # s5 has 2 requests in the pre-period that count, s6 has 3 (`history`), n0 none. The last look touches
+    # them again: its products take their stored history.
+    wanted = {"n0": 0.0, "s5": 2.0, "s6": 5.0}
+    for look, sessions in enumerate((["n0"], ["s5"], ["s6"], ["n0", "s5", "s6"])):
+        RequestRecord.objects.bulk_create([record(at=start + timedelta(minutes=look), session=session, tpot=30.0 + look,
+                                                  version_id=base.pk) for session in sessions])  # fmt: skip
+        folded = window_fold(rollout_id=ROLLOUT, since=start, until=None, **fold)
+        assert folded.arms["baseline"].sums["pre_tpot_ms_n"] == wanted[sessions[-1]]
+        assert not arms_from_scratch_equal(folded.arms, window_scratch(rollout_id=ROLLOUT, since=start, until=None,
+                                                                       **scratch_args))  # fmt: skip
+
+
 def test_the_history_covariate_removes_the_sessions_own_speed() -> None:
     base, other = version("adder-v1"), version("adder-v2")
     rng = random.Random(6)
