@@ -751,6 +751,16 @@ def unit_statistics_text() -> str:
     return f"unit rows {row[0]:,}, {row[1]:,} changed since the table was last analysed ({at})"
 
 
+def units_vacuum() -> None:
+    """The unit rows dropped windows left dead: what autovacuum would have reclaimed by the next look (it may
+    be off on a benchmark's server: this one's is), so that no fold's writes fight an earlier window's
+    garbage for room on their pages."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE experiments_rollupunit")
+
+
 def looks_reset(state: dict[str, Any]) -> None:
     """Back to the fill: the records earlier runs' looks added (all after the fill's stamp) and the live
     rollout's rollups go, so that every run measures the same window."""
@@ -766,12 +776,9 @@ def looks_reset(state: dict[str, Any]) -> None:
     with connection.cursor() as cursor:
         if added:
             cursor.execute("VACUUM ANALYZE serving_requestrecord")
-        # The unit rows earlier runs' windows left dead: what autovacuum would have reclaimed by now (it may
-        # be off on a benchmark's server: this one's is), so that no run's updates fight an earlier run's
-        # garbage for room on their pages.
-        cursor.execute("VACUUM ANALYZE experiments_rollupunit")
         cursor.execute("SHOW autovacuum")
         autovacuum = cursor.fetchone()[0]
+    units_vacuum()
     if added:
         print(f"  (removed the {added:,} records earlier runs' looks had added)")
     print(f"  (autovacuum on this server: {autovacuum}; the rollup unit table vacuumed before the looks)")
@@ -900,6 +907,7 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
         tail_plan(live)
     samples = TailSamples() if args.tail else None
     window_drop(rollout_ids=[live.pk])  # (the steady folds' window may be the look's: its first look is cold)
+    units_vacuum()
     rollups.window_fold = timed_fold  # type: ignore[assignment]
     try:
         cold_ms, (first, _) = timed(lambda: rollout_look(rollout=live))
