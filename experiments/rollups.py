@@ -276,6 +276,7 @@ def window_fold(
                 window.watermark, window.records, window.arms, window.max_created_at = 0, 0, {}, None
                 rebuilt = True
             window.until = until
+        jit = _jit_off() if window.records and connection.vendor == "postgresql" else None
         horizon = record_commit_horizon()
         arms = {arm: ArmRollup.from_json(data) for arm, data in (window.arms or {}).items()}
         records = request_records(rollout_id=rollout_id).filter(created_at__gte=since)
@@ -333,8 +334,22 @@ def window_fold(
             above = _fold(window.pk, queries, tail, persist=False, constant=constant)
             above.add_to(seen)
             unsettled = above.records
+        if jit is not None:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('jit', %s, true)", [jit])
     return Folded(arms=seen, settled=read, unsettled=unsettled, rebuilt=rebuilt, watermark=window.watermark,
                   window_id=window.pk)  # fmt: skip
+
+
+def _jit_off() -> str:
+    """Turn PostgreSQL's JIT compilation off until the transaction ends (or `set_config` gives back the
+    value returned). A later fold's statements read a few thousand rows, but the planner, which cannot know
+    how few (fresh unit rows and commit orders are past the tables' statistics), can estimate one above
+    `jit_above_cost`: at 100 million records the history fill of 33 new sessions ran in 0.3 ms after 56 ms
+    of compiling, half of a 110 ms look. A first fold, which reads the whole window, keeps it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
+        return str(cursor.fetchone()[0])
 
 
 class _Stopped(Exception):

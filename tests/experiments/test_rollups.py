@@ -148,6 +148,40 @@ def test_a_fold_probes_the_stored_units_without_bitmap_scans_and_leaves_the_sett
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="JIT compilation is PostgreSQL's")
+def test_a_later_fold_runs_without_jit_and_gives_the_caller_its_setting_back() -> None:
+    from django.db import transaction
+
+    rng = random.Random(22)
+    since = timezone.now() - timedelta(hours=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW jit")
+        server = cursor.fetchone()[0]
+    seen: list[str] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("WITH base AS MATERIALIZED"):
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW jit")
+                seen.append(cursor.fetchone()[0])
+        return execute(sql, params, many, context)
+
+    looks = []
+    for look in range(2):  # (in the caller's transaction: one statement on this connection, not parts)
+        batch(rng, 80, start=since + timedelta(minutes=look))
+        with transaction.atomic(), connection.execute_wrapper(watch):
+            fold(since)
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW jit")
+                assert cursor.fetchone()[0] == server
+        looks.append(list(seen))
+        seen.clear()
+    # The first fold reads the whole window and keeps the server's setting; the later one turns it off.
+    assert looks == [[server], ["off"]]
+    assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_session_s_exposure_moves_to_the_arm_of_its_earliest_request_when_that_commits_late() -> None:
     """Exposure (a unit counts in the arm of its earliest non-failover request) changes for a unit whose
     stored row is in the other arm: a look that reads an earlier request of it in the candidate moves it
