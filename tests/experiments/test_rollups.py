@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -111,6 +112,24 @@ def test_looks_folded_one_after_another_equal_the_computation_from_scratch() -> 
         assert settled + folded.unsettled == 80 * (look + 1)
 
 
+def shown(setting: str) -> str:
+    """PostgreSQL's `setting` on this connection now."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SHOW {setting}")
+        return str(cursor.fetchone()[0])
+
+
+def fold_statements_watch(setting: str, seen: list[str]) -> Callable[..., Any]:
+    """An execute wrapper that appends to `seen` PostgreSQL's `setting` as each fold statement runs."""
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("WITH base AS MATERIALIZED"):
+            seen.append(shown(setting))
+        return execute(sql, params, many, context)
+
+    return watch
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="the probes' plan is PostgreSQL's")
 def test_a_fold_probes_the_stored_units_without_bitmap_scans_and_leaves_the_setting_as_it_was() -> None:
@@ -122,27 +141,16 @@ def test_a_fold_probes_the_stored_units_without_bitmap_scans_and_leaves_the_sett
     fold(since)  # the cold look: no stored units to probe
     batch(rng, 80, start=since + timedelta(minutes=1))
     seen: list[str] = []
-
-    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if sql.startswith("WITH base AS MATERIALIZED"):
-            with connection.cursor() as cursor:
-                cursor.execute("SHOW enable_bitmapscan")
-                seen.append(cursor.fetchone()[0])
-        return execute(sql, params, many, context)
-
+    watch = fold_statements_watch("enable_bitmapscan", seen)
     with transaction.atomic(), connection.execute_wrapper(watch):
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL enable_bitmapscan = off")  # a caller's own setting is kept, not turned on
         fold(since)
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW enable_bitmapscan")
-            assert cursor.fetchone()[0] == "off"
+        assert shown("enable_bitmapscan") == "off"
     with connection.execute_wrapper(watch):
         batch(rng, 80, start=since + timedelta(minutes=2))
         fold(since)
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW enable_bitmapscan")
-            assert cursor.fetchone()[0] == "on"
+        assert shown("enable_bitmapscan") == "on"
     assert seen and set(seen) == {"off"}, seen
     assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
 
@@ -154,26 +162,14 @@ def test_a_later_fold_runs_without_jit_and_gives_the_caller_its_setting_back() -
 
     rng = random.Random(22)
     since = timezone.now() - timedelta(hours=1)
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW jit")
-        server = cursor.fetchone()[0]
+    server = shown("jit")
     seen: list[str] = []
-
-    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if sql.startswith("WITH base AS MATERIALIZED"):
-            with connection.cursor() as cursor:
-                cursor.execute("SHOW jit")
-                seen.append(cursor.fetchone()[0])
-        return execute(sql, params, many, context)
-
     looks = []
     for look in range(2):  # (in the caller's transaction: one statement on this connection, not parts)
         batch(rng, 80, start=since + timedelta(minutes=look))
-        with transaction.atomic(), connection.execute_wrapper(watch):
+        with transaction.atomic(), connection.execute_wrapper(fold_statements_watch("jit", seen)):
             fold(since)
-            with connection.cursor() as cursor:
-                cursor.execute("SHOW jit")
-                assert cursor.fetchone()[0] == server
+            assert shown("jit") == server
         looks.append(list(seen))
         seen.clear()
     # The first fold reads the whole window and keeps the server's setting; the later one turns it off.
