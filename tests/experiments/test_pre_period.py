@@ -151,8 +151,8 @@ def test_a_session_first_seen_by_a_later_look_gets_its_history_and_only_it() -> 
     fold = records_fold(limits={}, pre_period=PrePeriod(alias="adder", until=start, model_version_id=base.pk))
     assert fold is not None
     scratch_args = {k: v for k, v in fold.items() if k != "rows_key"}
-    # s5 has 2 requests in the pre-period that count, s6 has 3 (`history`), n0 none. The last look touches
-    # them again: its products take their stored history.
+    # s5 has 2 requests in the pre-period that count, s6 has 3 (`history`), n0 none: the window's count after
+    # the look that adds each. The last look touches all three again: its products take their stored history.
     wanted = {"n0": 0.0, "s5": 2.0, "s6": 5.0}
     for look, sessions in enumerate((["n0"], ["s5"], ["s6"], ["n0", "s5", "s6"])):
         RequestRecord.objects.bulk_create([record(at=start + timedelta(minutes=look), session=session, tpot=30.0 + look,
