@@ -52,6 +52,7 @@ from experiments.analysis.sessions import (
     merge_rows,
     sql_float,
     unit_expression,
+    with_unit_history,
 )
 from experiments.models import FIRST_SLOTS, ROLLUP_SLOTS, RollupUnit, RollupWindow
 from serving.selectors import record_commit_horizon, request_records, request_records_committed
@@ -589,8 +590,8 @@ def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persis
         leads, leads_params = f", leadrecs AS ({queries.leads[0]}), {leads_sql}", queries.leads[1]
     fresh_sql, fresh_params = f"{fresh_head}{rows_sql}{fresh_tail}", (*leads_params, *rows_params)
     if joined is not None:
-        if not empty or constant:
-            raise ValueError("only a first fold reads its units' fill, and then no column is constant")
+        if not empty:
+            raise ValueError("only a first fold reads its units' fill in its statement")
         fresh_sql, fresh_params = _fresh_filled(spec, joined, fresh_sql, fresh_params)
     tail_sql, tail_params = ("SELECT 1 WHERE 1 = 0", ()) if tail is None else tail.values("pk")[:1].query.sql_with_params()
     found = _Found(spec)
@@ -650,17 +651,12 @@ def _fresh_filled(spec: RollupSpec, fill: UnitFill, fresh_sql: str, fresh_params
     quote = connection.ops.quote_name
     real = sql_float(connection.vendor)
     filled = [c for c in spec.columns if c in fill.columns]
-    found_sql, found_params = fill.sql(("SELECT own.unit FROM own", ()))
     kept = ["arm_label", "unit", "first_at", *(c for c in spec.columns if c not in filled)]
     kept += [f"a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     values = [f"f.{quote(c)}" for c in kept] + [f"CAST(COALESCE(p.{quote(c)}, 0) AS {real}) AS {quote(c)}" for c in filled]
-    # As `_fill_units`: the units' values computed once (a subquery was re-run per unit row on PostgreSQL).
-    materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
-    sql = (
-        f"SELECT * FROM (WITH own AS {materialized}({fresh_sql}), p AS {materialized}({found_sql}) "
-        f"SELECT {', '.join(values)} FROM own f LEFT JOIN p ON p.{quote(first_column(found_sql))} = f.unit) filled"
-    )
-    return sql, (*fresh_params, *found_params)
+    head, params, key = with_unit_history(fresh_sql, fresh_params, fill.sql, vendor=connection.vendor)
+    sql = f"SELECT * FROM ({head}SELECT {', '.join(values)} FROM unit_rows f LEFT JOIN history p ON p.{key} = f.unit) filled"
+    return sql, params
 
 
 def _last_unit_id() -> int:

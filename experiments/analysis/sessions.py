@@ -301,15 +301,8 @@ def merge_rows(
     window = f", MIN(s.{quote('first_at')}) OVER (PARTITION BY s.{quote('unit')}) AS unit_first" if exposure else ""
     head, source, join = "", f"({inner})", ""
     if joined is not None:
-        # The per-unit rows and their units' history are each computed once (MATERIALIZED on PostgreSQL): the
-        # history's units are read from the rows, not by grouping the window's records a second time, and as
-        # a subquery joined to the rows the history could be re-run (a probe per unit) for every unit row, as
-        # it was in `experiments.rollups._fill_units`.
-        materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
-        found_sql, found_params = joined(("SELECT s.unit FROM unit_rows s", ()))
-        head = f"WITH unit_rows AS {materialized}({inner}), history AS {materialized}({found_sql}) "
-        source, join = "unit_rows", f" LEFT JOIN history p ON p.{quote(first_column(found_sql))} = t.unit"
-        params = (*params, *found_params)
+        head, params, key = with_unit_history(inner, params, joined, vendor=connection.vendor)
+        source, join = "unit_rows", f" LEFT JOIN history p ON p.{key} = t.unit"
     sql = (
         f"{head}SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM {source} s) t{join} GROUP BY t.{quote(group)}"
     )
@@ -322,6 +315,23 @@ def merge_rows(
             products = dict(zip(pairs, values[len(columns) :], strict=True))
             out[str(row[0])] = UnitMoments(int(row[1]), int(row[2] or 0), sums, products)
     return out
+
+
+def with_unit_history(
+    rows_sql: str, rows_params: Sequence[Any], history: Callable[[tuple[str, tuple[Any, ...]]], tuple[str, tuple[Any, ...]]],
+    *, vendor: str,
+) -> tuple[str, tuple[Any, ...], str]:  # fmt: skip
+    """Per-unit rows (`rows_sql`, a ``unit`` column) beside their units' history, as ``WITH unit_rows AS
+    (...), history AS (...) `` and its parameters, and the history's unit column, quoted: the caller's query
+    that follows joins ``history p ON p.<column> = <row>.unit``. `history`, given the SQL of one column of
+    units, gives one row per unit it knows (a `rollups.UnitFill`'s `sql`). Each is computed once
+    (MATERIALIZED on PostgreSQL): the history's units are read from the rows, not by grouping the records a
+    second time, and as a subquery joined to the rows the history could be re-run (a probe per unit) for
+    every unit row, as it was in `experiments.rollups._fill_units`."""
+    materialized = "MATERIALIZED " if vendor == "postgresql" else ""
+    found_sql, found_params = history(("SELECT s.unit FROM unit_rows s", ()))
+    head = f"WITH unit_rows AS {materialized}({rows_sql}), history AS {materialized}({found_sql}) "
+    return head, (*rows_params, *found_params), f'"{first_column(found_sql)}"'
 
 
 def first_column(sql: str) -> str:
