@@ -277,7 +277,7 @@ def window_fold(
                 window.watermark, window.records, window.arms, window.max_created_at = 0, 0, {}, None
                 rebuilt = True
             window.until = until
-        jit = _jit_off() if window.records and connection.vendor == "postgresql" else None
+        jit = _jit_off() if connection.vendor == "postgresql" else None
         horizon = record_commit_horizon()
         arms = {arm: ArmRollup.from_json(data) for arm, data in (window.arms or {}).items()}
         records = request_records(rollout_id=rollout_id).filter(created_at__gte=since)
@@ -344,10 +344,14 @@ def window_fold(
 
 def _jit_off() -> str:
     """Turn PostgreSQL's JIT compilation off until the transaction ends (or `set_config` gives back the
-    value returned). A later fold's statements read a few thousand rows, but the planner, which cannot know
-    how few (fresh unit rows and commit orders are past the tables' statistics), can estimate one above
-    `jit_above_cost`: at 100 million records the history fill of 33 new sessions ran in 0.3 ms after 56 ms
-    of compiling, half of a 110 ms look. A first fold, which reads the whole window, keeps it."""
+    value returned); a first fold's parts turn it off on their own connections (`_in_parts`). A later
+    fold's statements read a few thousand rows, but the planner, which cannot know how few (fresh unit rows
+    and commit orders are past the tables' statistics), can estimate one above `jit_above_cost`: at 100
+    million records the history fill of 33 new sessions ran in 0.3 ms after 56 ms of compiling, half of a
+    110 ms look. A first fold's statement is costed above `jit_optimize_above_cost` from about 20 million
+    records on, and optimising and inlining its hundreds of expressions took some 4 s a part for no faster
+    a run: at 20 million records the cold look took 11.3-13.5 s without JIT against 15.5-17.0 s with it
+    (benchmarks/README.md, ninth pass)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
         return str(cursor.fetchone()[0])
@@ -401,6 +405,7 @@ def _in_parts(spec: RollupSpec, parts: int, work: Callable[[int], _Found], *, na
                 with connection.cursor() as cursor:
                     cursor.execute("SET LOCAL synchronous_commit = off")
                     cursor.execute(f"SET LOCAL work_mem = '{COLD_WORK_MEM}'")
+                    cursor.execute("SET LOCAL jit = off")  # (as every fold: `_jit_off`)
                 running.append(connection.connection)
                 if stopped.is_set():
                     raise _Stopped

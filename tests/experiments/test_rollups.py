@@ -157,12 +157,13 @@ def test_a_fold_probes_the_stored_units_without_bitmap_scans_and_leaves_the_sett
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="JIT compilation is PostgreSQL's")
-def test_a_later_fold_runs_without_jit_and_gives_the_caller_its_setting_back() -> None:
+def test_every_fold_runs_without_jit_and_gives_the_caller_its_setting_back() -> None:
     from django.db import transaction
 
     rng = random.Random(22)
     since = timezone.now() - timedelta(hours=1)
     server = shown("jit")
+    assert server == "on"  # (else this test could not tell a fold's setting from the server's)
     seen: list[str] = []
     looks = []
     for look in range(2):  # (in the caller's transaction: one statement on this connection, not parts)
@@ -172,8 +173,8 @@ def test_a_later_fold_runs_without_jit_and_gives_the_caller_its_setting_back() -
             assert shown("jit") == server
         looks.append(list(seen))
         seen.clear()
-    # The first fold reads the whole window and keeps the server's setting; the later one turns it off.
-    assert looks == [[server], ["off"]]
+    # The first fold (the whole window) and a later one alike.
+    assert looks == [["off"], ["off"]]
     assert arms_from_scratch_equal(fold(since).arms, scratch(since)) == []
 
 
@@ -304,6 +305,26 @@ def records_for_a_first_fold_in_parts(settings: Any, *, seed: int) -> Any:
     batch(random.Random(seed), 300, start=since, sessions=60)
     settings.ROLLUP_COLD_FOLD_PARTS = 2
     return since
+
+
+@pytest.mark.django_db(transaction=True)
+@IN_PARTS_ON_POSTGRESQL
+def test_a_first_fold_s_parts_run_without_jit(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    since = records_for_a_first_fold_in_parts(settings, seed=23)
+    assert shown("jit") == "on"
+    real_fold = rollups._fold
+    seen: list[tuple[str, str]] = []
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        # (in a part's thread, `connection` is the part's own)
+        seen.append((threading.current_thread().name, shown("jit")))
+        return real_fold(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "_fold", watched)
+    assert fold(since).settled == 300
+    assert len(seen) == 2 and all(name.startswith("fold-") for name, _ in seen), seen
+    assert {setting for _, setting in seen} == {"off"}
+    assert shown("jit") == "on"
 
 
 @pytest.mark.django_db(transaction=True)
