@@ -14,7 +14,8 @@ looks    The live rollout's window from scratch, its first incremental look (col
          10,000 new records each (sticky sessions, most already in the window), the check that they equal
          the from-scratch computation, and the whole look (rollout_look: fold, checks, policy); wall time
          and CPU per look (this process and its PostgreSQL backend). `--before REV`: the fold of
-         experiments/rollups.py at git revision REV, on a window of its own, interleaved with today's.
+         experiments/rollups.py at git revision REV, on a window of its own, interleaved with today's;
+         with `--cold-looks N` also both first folds N times each first, alternating (medians, ranges).
 pages    /experiments (50 A/B rollouts, each with stored looks) and the dashboard through the test client,
          and the list's rows built as now and as before, side by side.
 ingest   The gateway's record writer (`serving.gateway.records.records_write`) into the request-record
@@ -784,6 +785,33 @@ def looks_reset(state: dict[str, Any]) -> None:
     print(f"  (autovacuum on this server: {autovacuum}; the rollup unit table vacuumed before the looks)")
 
 
+def colds_side_by_side(rounds: int, live_rollout: int, folds: dict[str, Callable[[], Any]]) -> None:
+    """Each of `folds` (a window's first fold, by name) `rounds` times, the order alternating, each on a window
+    dropped and vacuumed just before: the wall and server CPU medians and ranges. The windows are dropped
+    after."""
+    from experiments.rollups import window_drop
+
+    clocks: dict[str, list[CpuClock]] = {name: [] for name in folds}
+    loads: list[float] = []
+    for k in range(rounds):
+        for name in list(folds) if k % 2 == 0 else list(reversed(folds)):
+            window_drop(rollout_ids=[live_rollout])
+            units_vacuum()
+            loads.append(os.getloadavg()[0])
+            with CpuClock(whole_server=True) as clock:
+                folds[name]()
+            clocks[name].append(clock)
+    window_drop(rollout_ids=[live_rollout])
+    units_vacuum()
+    print(f"  the first look (cold), {rounds} rounds side by side, the order alternating (load average "
+          f"{min(loads):.1f}-{max(loads):.1f}):")  # fmt: skip
+    for name, found in clocks.items():
+        walls = [c.wall_ms for c in found]
+        cpus = [c.server_ms for c in found]
+        print(f"    {name:>12}: median {median(walls):10,.0f} ms ({min(walls):,.0f}-{max(walls):,.0f}), PostgreSQL CPU "
+              f"median {median(cpus):,.0f} ms ({min(cpus):,.0f}-{max(cpus):,.0f})")  # fmt: skip
+
+
 def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     """The live rollout's look: from scratch (what every look did), the first incremental one (cold: it
     builds the rollup), and steady-state ones after 10,000 new records each (the fold alone, beside the
@@ -817,14 +845,18 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     def fold() -> Any:
         return window_fold(rollout_id=live.pk, since=since, until=None, **fold_args)
 
+    before = module_at(args.before, "experiments/rollups.py") if args.before else None
+    # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
+    before_since = since + timedelta(microseconds=1)
+    if before is not None and args.cold_looks > 1:
+        colds_side_by_side(args.cold_looks, live.pk, {
+            "now": fold, args.before: lambda: before.window_fold(rollout_id=live.pk, since=before_since, until=None, **fold_args),
+        })  # fmt: skip
     with CpuClock(whole_server=True) as clock:
         cold = fold()
     print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {clock.wall_ms:10,.0f} ms "
           f"(target <= 60,000); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
-    before = module_at(args.before, "experiments/rollups.py") if args.before else None
-    # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
-    before_since = since + timedelta(microseconds=1)
     if before is not None:
 
         def fold_before() -> Any:
@@ -1143,6 +1175,9 @@ def main() -> int:
     parser.add_argument("--page-repeats", type=int, default=5, help="page loads each (5)")
     parser.add_argument("--look-history", type=int, default=100,
                         help="stored looks per rollout before the latest, for the pages (100)")
+    parser.add_argument("--cold-looks", type=int, default=1,
+                        help="with --before, also the first look (cold) now and at --before this many times each, "
+                             "interleaved, before the looks (1: once each, as part of them)")
     parser.add_argument("--before", default="",
                         help="also time the fold of experiments/rollups.py at this git revision, side by side")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database at the end")
