@@ -1191,6 +1191,8 @@ def main() -> int:
     url = os.environ.get("BENCH_DATABASE_URL", "")
     if not url.startswith(("postgres://", "postgresql://")):
         parser.error("BENCH_DATABASE_URL must name a PostgreSQL database (the benchmark creates it if missing)")
+    if args.cold_looks < 1 or (args.cold_looks > 1 and not args.before):
+        parser.error("--cold-looks: a whole number of at least 1, above 1 only with --before (the fold it is timed beside)")
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:

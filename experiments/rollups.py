@@ -350,8 +350,9 @@ def _jit_off() -> str:
     million records the history fill of 33 new sessions ran in 0.3 ms after 56 ms of compiling, half of a
     110 ms look. A first fold's statement is costed above `jit_optimize_above_cost` from about 20 million
     records on, and optimising and inlining its hundreds of expressions took some 4 s a part for no faster
-    a run: at 20 million records the cold look took 11.3-13.5 s without JIT against 15.5-17.0 s with it
-    (benchmarks/README.md, ninth pass)."""
+    a run: at 20 million records the cold look took 11.3-13.5 s without JIT against 15.5-17.0 s with it; at
+    100 million, where the compiled code saves about what compiling costs, the two were within this
+    machine's noise (benchmarks/README.md, ninth pass)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
         return str(cursor.fetchone()[0])
