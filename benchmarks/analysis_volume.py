@@ -848,20 +848,19 @@ def looks_phase(args: argparse.Namespace, state: dict[str, Any]) -> None:
     before = module_at(args.before, "experiments/rollups.py") if args.before else None
     # The fold as it was, on a window of its own (a microsecond later: the same records, another window).
     before_since = since + timedelta(microseconds=1)
+
+    def fold_before() -> Any:
+        assert before is not None
+        return before.window_fold(rollout_id=live.pk, since=before_since, until=None, **fold_args)
+
     if before is not None and args.cold_looks > 1:
-        colds_side_by_side(args.cold_looks, live.pk, {
-            "now": fold, args.before: lambda: before.window_fold(rollout_id=live.pk, since=before_since, until=None, **fold_args),
-        })  # fmt: skip
+        colds_side_by_side(args.cold_looks, live.pk, {"now": fold, args.before: fold_before})
     with CpuClock(whole_server=True) as clock:
         cold = fold()
     print(f"  first incremental look (cold: builds the rollup of {cold.records_read:,} records): {clock.wall_ms:10,.0f} ms "
           f"(target <= 60,000); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"    {cpu_text([clock]).replace('per look', 'of the look')}")
     if before is not None:
-
-        def fold_before() -> Any:
-            return before.window_fold(rollout_id=live.pk, since=before_since, until=None, **fold_args)
-
         with CpuClock(whole_server=True) as clock:
             fold_before()
         print(f"  the same, as the fold was at {args.before}: {clock.wall_ms:10,.0f} ms (its records read second: "

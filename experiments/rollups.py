@@ -660,7 +660,7 @@ def _fresh_filled(spec: RollupSpec, fill: UnitFill, fresh_sql: str, fresh_params
     kept = ["arm_label", "unit", "first_at", *(c for c in spec.columns if c not in filled)]
     kept += [f"a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     values = [f"f.{quote(c)}" for c in kept] + [f"CAST(COALESCE(p.{quote(c)}, 0) AS {real}) AS {quote(c)}" for c in filled]
-    head, params, key = with_unit_history(fresh_sql, fresh_params, fill.sql, vendor=connection.vendor)
+    head, params, key = with_unit_history(fresh_sql, fresh_params, fill.sql, connection)
     sql = f"SELECT * FROM ({head}SELECT {', '.join(values)} FROM unit_rows f LEFT JOIN history p ON p.{key} = f.unit) filled"
     return sql, params
 

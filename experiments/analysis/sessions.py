@@ -25,7 +25,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection, connections
 from django.db.models import CharField, Count, F, FloatField, Min, Q, QuerySet, Sum, Value
@@ -34,6 +34,9 @@ from django.db.models.functions import Collate, Greatest, Ln
 from experiments.stats import RatioStats
 from experiments.stats.clustered import product_field
 from serving.selectors import session_unit
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 # DESIGN.md: an error is the engine's fault (5xx, connection failure, in-stream error, cut stream), and a
 # request that found no engine failed its user too. Client 4xx and cancellations are nobody's verdict.
@@ -301,7 +304,7 @@ def merge_rows(
     window = f", MIN(s.{quote('first_at')}) OVER (PARTITION BY s.{quote('unit')}) AS unit_first" if exposure else ""
     head, source, join = "", f"({inner})", ""
     if joined is not None:
-        head, params, key = with_unit_history(inner, params, joined, vendor=connection.vendor)
+        head, params, key = with_unit_history(inner, params, joined, connection)
         source, join = "unit_rows", f" LEFT JOIN history p ON p.{key} = t.unit"
     sql = (
         f"{head}SELECT {', '.join(selects)} FROM (SELECT s.*{window} FROM {source} s) t{join} GROUP BY t.{quote(group)}"
@@ -319,7 +322,7 @@ def merge_rows(
 
 def with_unit_history(
     rows_sql: str, rows_params: Sequence[Any], history: Callable[[tuple[str, tuple[Any, ...]]], tuple[str, tuple[Any, ...]]],
-    *, vendor: str,
+    connection: BaseDatabaseWrapper,
 ) -> tuple[str, tuple[Any, ...], str]:  # fmt: skip
     """Per-unit rows (`rows_sql`, a ``unit`` column) beside their units' history, as ``WITH unit_rows AS
     (...), history AS (...) `` and its parameters, and the history's unit column, quoted: the caller's query
@@ -327,11 +330,12 @@ def with_unit_history(
     units, gives one row per unit it knows (a `rollups.UnitFill`'s `sql`). Each is computed once
     (MATERIALIZED on PostgreSQL): the history's units are read from the rows, not by grouping the records a
     second time, and as a subquery joined to the rows the history could be re-run (a probe per unit) for
-    every unit row, as it was in `experiments.rollups._fill_units`."""
-    materialized = "MATERIALIZED " if vendor == "postgresql" else ""
+    every unit row, as it was in `experiments.rollups._fill_units`. `connection`: the database the SQL is
+    for (its dialect and quoting)."""
+    materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
     found_sql, found_params = history(("SELECT s.unit FROM unit_rows s", ()))
     head = f"WITH unit_rows AS {materialized}({rows_sql}), history AS {materialized}({found_sql}) "
-    return head, (*rows_params, *found_params), f'"{first_column(found_sql)}"'
+    return head, (*rows_params, *found_params), connection.ops.quote_name(first_column(found_sql))
 
 
 def first_column(sql: str) -> str:
