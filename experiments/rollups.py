@@ -695,31 +695,42 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
     sums = [f"SUM(f.{quote(c)})" if c in filled else "0" for c in spec.columns]
     products = [f"SUM(f.{quote(a)} * f.{quote(b)})" if a in filled or b in filled else "0" for a, b in spec.pairs]
     found = _Found(spec)
+    sets = ", ".join(f"{slot[c]} = f.{quote(c)}" for c in filled)
+    joined = (f"SELECT u.id AS unit_id, u.arm AS arm, {', '.join(values)} FROM {UNITS} u "
+              f"LEFT JOIN p ON p.{quote(first_column(found_sql))} = u.unit WHERE {mine}")  # fmt: skip
+
+    def grouped(rows: str) -> str:
+        return f"SELECT f.arm, {', '.join(['0', '0', *sums, *products])} FROM {rows} f GROUP BY f.arm"
+
+    # UPDATE ... FROM joins once (PostgreSQL, SQLite 3.33+); a subquery per column and row would scan the
+    # per-unit rows for each (seconds at 10,000 new sessions). The new rows' id range keeps it to them: by
+    # the join alone PostgreSQL, which cannot know how few rows `f` has, hashed it and read every unit row
+    # of every window (14 ms of a 70 ms look at 1M records, the whole 3 million at 100M).
+    def update(rows: str) -> str:
+        return f"UPDATE {UNITS} SET {sets} FROM {rows} f WHERE f.unit_id = {UNITS}.id AND {UNITS}.id > %s AND {UNITS}.id <= %s"
+
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP TABLE IF EXISTS {FILL}")
-        # The sessions' values are computed once (MATERIALIZED): as a plain subquery, PostgreSQL, which cannot
-        # know how few fresh unit rows there are, re-ran it (a probe per session) for every unit row: minutes
-        # for a thousand sessions.
-        materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
-        cursor.execute(
-            f"CREATE TEMP TABLE {FILL} AS WITH p AS {materialized}({found_sql}) "
-            f"SELECT u.id AS unit_id, u.arm AS arm, {', '.join(values)} "
-            f"FROM {UNITS} u LEFT JOIN p ON p.{quote(first_column(found_sql))} = u.unit "
-            f"WHERE {mine}",
-            [*found_params, after_id, upto_id, window_id],
-        )
-        cursor.execute(f"SELECT f.arm, {', '.join(['0', '0', *sums, *products])} FROM {FILL} f GROUP BY f.arm")
-        for arm_label, *row in cursor.fetchall():
-            found.deltas[str(arm_label)] = [float(v or 0.0) for v in row]
-        # UPDATE ... FROM joins once (PostgreSQL, SQLite 3.33+); a subquery per column and row would scan
-        # the temporary table for each (seconds at 10,000 new sessions). The new rows' id range keeps it to
-        # them: by the join alone PostgreSQL, which knows nothing of the temporary table's size, hashed it
-        # and read every unit row of every window (14 ms of a 70 ms look at 1M records, the whole 3 million
-        # at 100M).
-        sets = ", ".join(f"{slot[c]} = f.{quote(c)}" for c in filled)
-        cursor.execute(f"UPDATE {UNITS} SET {sets} FROM {FILL} f WHERE f.unit_id = {UNITS}.id AND {UNITS}.id > %s "
-                       f"AND {UNITS}.id <= %s", [after_id, upto_id])  # fmt: skip
-        cursor.execute(f"DROP TABLE {FILL}")
+        if connection.vendor == "postgresql":
+            # One statement: the sessions' values computed once (MATERIALIZED: as a plain subquery PostgreSQL,
+            # which cannot know how few fresh unit rows there are, re-ran it, a probe per session, for every
+            # unit row: minutes for a thousand sessions), the rows updated by a data-modifying WITH, the sums
+            # read from the same values. (It was a temporary table created and dropped at every look: five
+            # statements, and the catalog's rows for a table of 30 columns written and deleted each time.)
+            cursor.execute(
+                f"WITH p AS MATERIALIZED ({found_sql}), f AS MATERIALIZED ({joined}), "
+                f"written AS ({update('f')}) {grouped('f')}",
+                [*found_params, after_id, upto_id, window_id, after_id, upto_id],
+            )
+            rows = cursor.fetchall()
+        else:  # (SQLite has no data-modifying WITH: the rows in a temporary table for the read and the update)
+            cursor.execute(f"DROP TABLE IF EXISTS {FILL}")
+            cursor.execute(f"CREATE TEMP TABLE {FILL} AS WITH p AS ({found_sql}) {joined}", [*found_params, after_id, upto_id, window_id])
+            cursor.execute(grouped(FILL))
+            rows = cursor.fetchall()
+            cursor.execute(update(FILL), [after_id, upto_id])
+            cursor.execute(f"DROP TABLE {FILL}")
+    for arm_label, *row in rows:
+        found.deltas[str(arm_label)] = [float(v or 0.0) for v in row]
     return found
 
 

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from experiments.analysis import PrePeriod, arm_sums, records_fold
@@ -157,8 +159,11 @@ def test_a_session_first_seen_by_a_later_look_gets_its_history_and_only_it() -> 
     for look, sessions in enumerate((["n0"], ["s5"], ["s6"], ["n0", "s5", "s6"])):
         RequestRecord.objects.bulk_create([record(at=start + timedelta(minutes=look), session=session, tpot=30.0 + look,
                                                   version_id=base.pk) for session in sessions])  # fmt: skip
-        folded = window_fold(rollout_id=ROLLOUT, since=start, until=None, **fold)
+        with CaptureQueriesContext(connection) as queries:
+            folded = window_fold(rollout_id=ROLLOUT, since=start, until=None, **fold)
         assert folded.arms["baseline"].sums["pre_tpot_ms_n"] == wanted[sessions[-1]]
+        if connection.vendor == "postgresql":  # (one statement there: no temporary table made and dropped)
+            assert not [q["sql"] for q in queries.captured_queries if "TEMP TABLE" in q["sql"]]
         assert not arms_from_scratch_equal(folded.arms, window_scratch(rollout_id=ROLLOUT, since=start, until=None,
                                                                        **scratch_args))  # fmt: skip
 
