@@ -743,13 +743,15 @@ def unit_statistics_text() -> str:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT n_live_tup, n_mod_since_analyze, GREATEST(last_analyze, last_autoanalyze) "
+        cursor.execute("SELECT n_live_tup, n_mod_since_analyze, GREATEST(last_analyze, last_autoanalyze), "
+                       "pg_relation_size(relid), pg_indexes_size(relid) "
                        "FROM pg_stat_user_tables WHERE relname = 'experiments_rollupunit'")  # fmt: skip
         row = cursor.fetchone()
     if row is None:
         return "unit rows: no statistics"
     at = f"{row[2]:%H:%M:%S}" if row[2] is not None else "never"
-    return f"unit rows {row[0]:,}, {row[1]:,} changed since the table was last analysed ({at})"
+    return (f"unit rows {row[0]:,} (table {row[3] / 2**20:,.0f} MB, its indexes {row[4] / 2**20:,.0f} MB), "
+            f"{row[1]:,} changed since the table was last analysed ({at})")  # fmt: skip
 
 
 def units_vacuum() -> None:
@@ -777,12 +779,14 @@ def looks_reset(state: dict[str, Any]) -> None:
     with connection.cursor() as cursor:
         if added:
             cursor.execute("VACUUM ANALYZE serving_requestrecord")
-        cursor.execute("SHOW autovacuum")
-        autovacuum = cursor.fetchone()[0]
+        cursor.execute("SELECT current_setting('autovacuum'), current_setting('shared_buffers')")
+        autovacuum, buffers = cursor.fetchone()
     units_vacuum()
     if added:
         print(f"  (removed the {added:,} records earlier runs' looks had added)")
-    print(f"  (autovacuum on this server: {autovacuum}; the rollup unit table vacuumed before the looks)")
+    # (shared_buffers decides whether a look's touched unit rows and their index pages are found in
+    # PostgreSQL's own cache: README.md, "PostgreSQL at volume")
+    print(f"  (this server: autovacuum {autovacuum}, shared_buffers {buffers}; the rollup unit table vacuumed before the looks)")
 
 
 def colds_side_by_side(rounds: int, live_rollout: int, folds: dict[str, Callable[[], Any]]) -> None:
