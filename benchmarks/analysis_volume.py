@@ -785,7 +785,8 @@ def looks_reset(state: dict[str, Any]) -> None:
     if added:
         print(f"  (removed the {added:,} records earlier runs' looks had added)")
     # (shared_buffers decides whether a look's touched unit rows and their index pages are found in
-    # PostgreSQL's own cache: README.md, "PostgreSQL at volume")
+    # PostgreSQL's own cache; at 100M a larger one did not make the steady look faster: benchmarks/README.md,
+    # "Tenth pass")
     print(f"  (this server: autovacuum {autovacuum}, shared_buffers {buffers}; the rollup unit table vacuumed before the looks)")
 
 
