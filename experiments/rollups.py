@@ -48,7 +48,6 @@ from django.utils.dateparse import parse_datetime
 from experiments.analysis.sessions import (
     RECORDS,
     bytewise,
-    first_column,
     merge_rows,
     sql_float,
     unit_expression,
@@ -687,8 +686,11 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
     # 973,043 entries, twice: 210 of a look's 810 ms, for 332 rows); `+ 0` keeps it off that index. With the
     # range open above, the same statistics made it scan the whole table.
     mine = "u.id > %s AND u.id <= %s AND u.window_id + 0 = %s"
-    units_sql = f"SELECT u.unit FROM {UNITS} u WHERE {mine}"
-    found_sql, found_params = fill.sql((units_sql, (after_id, upto_id, window_id)))
+    kept = [slot[c] for c in spec.columns if c not in filled]
+    rows_sql = f"SELECT {', '.join(['u.id AS unit_id', 'u.arm AS arm', 'u.unit AS unit', *(f'u.{v}' for v in kept)])} FROM {UNITS} u WHERE {mine}"
+    # The new rows read once, their units' history from them (`with_unit_history`: each MATERIALIZED on
+    # PostgreSQL, where as a plain subquery the history was re-run, a probe per session, for every unit row).
+    head, params, key = with_unit_history(rows_sql, (after_id, upto_id, window_id), fill.sql, connection)
     # Per new unit row, its values (0 where `sql` knows nothing of the unit) and its stored totals.
     values = [f"CAST(COALESCE(p.{quote(c)}, 0) AS {real}) AS {quote(c)}" for c in filled]
     values += [f"CAST(COALESCE(u.{slot[c]}, 0) AS {real}) AS {quote(c)}" for c in spec.columns if c not in filled]
@@ -696,8 +698,7 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
     products = [f"SUM(f.{quote(a)} * f.{quote(b)})" if a in filled or b in filled else "0" for a, b in spec.pairs]
     found = _Found(spec)
     sets = ", ".join(f"{slot[c]} = f.{quote(c)}" for c in filled)
-    joined = (f"SELECT u.id AS unit_id, u.arm AS arm, {', '.join(values)} FROM {UNITS} u "
-              f"LEFT JOIN p ON p.{quote(first_column(found_sql))} = u.unit WHERE {mine}")  # fmt: skip
+    joined = f"SELECT u.unit_id AS unit_id, u.arm AS arm, {', '.join(values)} FROM unit_rows u LEFT JOIN history p ON p.{key} = u.unit"
 
     def grouped(rows: str) -> str:
         return f"SELECT f.arm, {', '.join(['0', '0', *sums, *products])} FROM {rows} f GROUP BY f.arm"
@@ -711,20 +712,17 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
 
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # One statement: the sessions' values computed once (MATERIALIZED: as a plain subquery PostgreSQL,
-            # which cannot know how few fresh unit rows there are, re-ran it, a probe per session, for every
-            # unit row: minutes for a thousand sessions), the rows updated by a data-modifying WITH, the sums
-            # read from the same values. (It was a temporary table created and dropped at every look: five
-            # statements, and the catalog's rows for a table of 30 columns written and deleted each time.)
+            # One statement: the rows updated by a data-modifying WITH, the sums read from the same values.
+            # (It was a temporary table created and dropped at every look: five statements, and the catalog's
+            # rows for a table of 30 columns written and deleted each time.)
             cursor.execute(
-                f"WITH p AS MATERIALIZED ({found_sql}), f AS MATERIALIZED ({joined}), "
-                f"written AS ({update('f')}) {grouped('f')}",
-                [*found_params, after_id, upto_id, window_id, after_id, upto_id],
+                f"{head}, f AS MATERIALIZED ({joined}), written AS ({update('f')}) {grouped('f')}",
+                [*params, after_id, upto_id],
             )
             rows = cursor.fetchall()
         else:  # (SQLite has no data-modifying WITH: the rows in a temporary table for the read and the update)
             cursor.execute(f"DROP TABLE IF EXISTS {FILL}")
-            cursor.execute(f"CREATE TEMP TABLE {FILL} AS WITH p AS ({found_sql}) {joined}", [*found_params, after_id, upto_id, window_id])
+            cursor.execute(f"CREATE TEMP TABLE {FILL} AS {head}{joined}", list(params))
             cursor.execute(grouped(FILL))
             rows = cursor.fetchall()
             cursor.execute(update(FILL), [after_id, upto_id])

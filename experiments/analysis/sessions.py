@@ -330,7 +330,7 @@ def with_unit_history(
     units, gives one row per unit it knows (a `rollups.UnitFill`'s `sql`). Each is computed once
     (MATERIALIZED on PostgreSQL): the history's units are read from the rows, not by grouping the records a
     second time, and as a subquery joined to the rows the history could be re-run (a probe per unit) for
-    every unit row, as it was in `experiments.rollups._fill_units`. `connection`: the database the SQL is
+    every unit row (minutes for a thousand sessions, once, in `experiments.rollups._fill_units`). `connection`: the database the SQL is
     for (its dialect and quoting)."""
     materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
     found_sql, found_params = history(("SELECT s.unit FROM unit_rows s", ()))
