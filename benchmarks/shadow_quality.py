@@ -19,6 +19,13 @@ sums (`shadow_candidate_sums`), the paired latency guardrail's per-session sums 
 the tail guardrails' first pair of each session (`shadow_pair_bins`, TTFT and TPOT) and the tail SLO's
 count over its threshold (`shadow_pair_over`). The pairs carry lognormal latencies on both sides for these
 (the candidate's TPOT 5 % longer).
+
+Then the shadow step's look as the analysis runs it, folded (`experiments.analysis.shadow.shadow_step_sums`:
+the four reads above from one window over the step's pairs, each look folding only the pairs committed
+since the previous one): its first look (every pair, cold), then `--steady-looks` looks each after
+`--steady-pairs` new pairs (written by COPY and committed; 80 % of them from sessions the step has seen),
+each beside the four from-scratch reads over the same pairs, and whether the two give the same numbers.
+The pairs those looks add are removed at the start of the next run.
 """
 
 from __future__ import annotations
@@ -134,6 +141,11 @@ def main() -> None:
     parser.add_argument("--before", default="0f565ce", help="the revision whose shadow_quality is timed beside")
     parser.add_argument("--before-reads", default="HEAD",
                         help="the revision whose shadow step reads (candidate sums, paired latency, tail bins) are timed beside")
+    parser.add_argument("--steady-looks", type=int, default=7, help="folded looks after new pairs (7)")
+    parser.add_argument("--steady-pairs", type=int, default=1000,
+                        help="new pairs before each folded look (1,000: 10 s at 100 mirrored requests/s)")
+    parser.add_argument("--skip-reads", action="store_true",
+                        help="time neither shadow_quality nor the reads beside their earlier revisions, only the folded look")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark's database and stop")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL")
@@ -144,6 +156,9 @@ def main() -> None:
         return
     database_open(url, var="bench-shadow")
     fill(args.pairs, args.sessions, args.seed)
+    if args.skip_reads:
+        folded_looks(args.steady_looks, args.steady_pairs, args.seed)
+        return
 
     from evals import selectors
 
@@ -170,7 +185,11 @@ def main() -> None:
         print(f"  n {now.n:,} scores in {now.units:,} units, mean {now.mean:.5f}, bounds [{now.ci_low:.5f}, "
               f"{now.ci_high:.5f}], sd {now.sd:.5f}, judge flip rate {now.judge_flip_rate}")  # fmt: skip
         print(f"  the same guardrail as at {args.before}: {'yes' if same(now, old) else f'NO: {old}'}")
-    step_reads(args.rounds, args.before_reads)
+    if args.skip_reads:
+        print("\n== the reads beside their earlier revision: skipped (--skip-reads)")
+    else:
+        step_reads(args.rounds, args.before_reads)
+    folded_looks(args.steady_looks, args.steady_pairs, args.seed)
 
 
 def step_reads(rounds: int, before_rev: str) -> None:
@@ -236,6 +255,91 @@ def step_reads(rounds: int, before_rev: str) -> None:
             print(f"  {label:>14}: median {statistics.median(walls):8,.1f} ms wall (max {max(walls):,.1f}); CPU median "
                   f"{statistics.median(clients):,.1f} ms this process, {statistics.median(servers):,.1f} ms PostgreSQL")  # fmt: skip
     print(f"  together (the sum of the medians): {totals['now']:,.1f} ms a look now, {totals[before_rev]:,.1f} ms at {before_rev}")
+
+
+STEADY = "steady-"
+
+
+def folded_looks(looks: int, new_pairs: int, seed: int) -> None:
+    """The shadow step's folded look: cold, then after each batch of `new_pairs`, beside the four reads from
+    scratch over the same pairs (`assert_folded_as_scratch`)."""
+    from django.db import connection
+
+    from experiments.analysis.shadow import shadow_step_differences, shadow_step_scratch, shadow_step_sums
+    from experiments.rollups import window_drop
+    from serving.models import ShadowPair
+
+    ShadowPair.objects.filter(rollout_id=ROLLOUT_ID, request_id__startswith=STEADY).delete()
+    window_drop(rollout_ids=[ROLLOUT_ID])
+    table = ShadowPair._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"VACUUM ANALYZE {table}")
+        cursor.execute("VACUUM ANALYZE experiments_rollupunit")
+    pairs = ShadowPair.objects.filter(rollout_id=ROLLOUT_ID)
+    since = pairs.order_by("created_at").values_list("created_at", flat=True).first()
+    if since is None:
+        sys.exit("no pairs to look at")
+    sessions = list(pairs.exclude(session_hash="").values_list("session_hash", flat=True).distinct()[:50_000])
+    limits = {"ttft_ms": [800.0], "tpot_ms": [40.0]}
+    fields = ("ttft_ms", "tpot_ms")
+
+    def folded() -> Any:
+        return shadow_step_sums(rollout_id=ROLLOUT_ID, since=since, thresholds=limits, bin_fields=fields)
+
+    def scratch() -> Any:
+        return shadow_step_scratch(rollout_id=ROLLOUT_ID, since=since, thresholds=limits, bin_fields=fields)
+
+    print(f"\n== the shadow step's look, folded (shadow_step_sums: candidate sums, paired sums, tail bins of TTFT and "
+          f"TPOT, first replies over TTFT 800 / TPOT 40 ms) against the four reads from scratch, {pairs.count():,} pairs")
+    wall, client, server, _ = timed(folded)
+    print(f"  first look (cold, every pair): {wall:,.1f} ms wall; CPU {client:,.1f} ms this process, {server:,.1f} ms PostgreSQL")
+    rng = np.random.default_rng(seed + 1)
+    times: dict[str, list[tuple[float, float, float]]] = {"folded": [], "from scratch": []}
+    step = checked = None
+    for look in range(looks):
+        _write_steady(rng, new_pairs, sessions, look)
+        order = ["folded", "from scratch"] if look % 2 == 0 else ["from scratch", "folded"]
+        for label in order:
+            wall, client, server, result = timed(folded if label == "folded" else scratch)
+            times[label].append((wall, client, server))
+            if label == "folded":
+                step = result
+            else:
+                checked = result
+    for label, rows in times.items():
+        walls, clients, servers = zip(*rows, strict=True)
+        print(f"  {label:>13}: after {new_pairs:,} new pairs, median {statistics.median(walls):8,.1f} ms wall (min "
+              f"{min(walls):,.1f}, max {max(walls):,.1f}); CPU median {statistics.median(clients):,.1f} ms this process, "
+              f"{statistics.median(servers):,.1f} ms PostgreSQL")  # fmt: skip
+    if step is not None and checked is not None:
+        problems = shadow_step_differences(step, checked)
+        print(f"  folded == from scratch after the last look: {'yes' if not problems else 'NO: ' + '; '.join(problems)}")
+
+
+def _write_steady(rng: Any, n: int, sessions: list[str], look: int) -> None:
+    """`n` new pairs by COPY, committed, as the fill's: 80 % from sessions seen, the rest new ones."""
+    from django.db import connection, transaction
+
+    from serving.models import ShadowPair
+
+    now = datetime.now(UTC)
+    buffer = io.StringIO()
+    for i in range(n):
+        session = sessions[int(rng.integers(len(sessions)))] if sessions and rng.random() < 0.8 else secrets.token_hex(16)
+        ttft = rng.lognormal(np.log(120.0), 0.5, 2)
+        tpot = rng.lognormal(np.log(25.0), 0.3, 2) * np.array([1.0, 1.05])
+        tokens = 40 + i % 200
+        timings = (f"{ttft[0]:.3f}\t{tpot[0]:.4f}\t{ttft[0] + tpot[0] * tokens:.3f}\t"
+                   f"{ttft[1]:.3f}\t{tpot[1]:.4f}\t{ttft[1] + tpot[1] * tokens:.3f}\t{tokens}")  # fmt: skip
+        created = now - timedelta(microseconds=int(rng.integers(0, 5_000_000)))
+        buffer.write(f"{STEADY}{look}-{i}\t{created.isoformat()}\t{ALIAS}\t{ROLLOUT_ID}\t{session}\t\t\t\tok\t\tt\tok\t{timings}\t{{}}\n")
+    columns = ("request_id", "created_at", "alias", "rollout_id", "session_hash", "prompt_text", "baseline_output",
+               "candidate_output", "candidate_outcome", "candidate_error", "texts_stored", "baseline_replay_outcome",
+               "baseline_replay_ttft_ms", "baseline_replay_tpot_ms", "baseline_replay_e2e_ms", "candidate_ttft_ms",
+               "candidate_tpot_ms", "candidate_e2e_ms", "candidate_completion_tokens", "scores")  # fmt: skip
+    with transaction.atomic(), connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {ShadowPair._meta.db_table} ({', '.join(columns)}) FROM STDIN") as copy:
+            copy.write(buffer.getvalue())
 
 
 if __name__ == "__main__":

@@ -107,8 +107,10 @@ for _slot in range(ROLLUP_SLOTS):
 # The tail checks' sample (experiments.analysis.tails): per latency field the window's spec names in
 # `firsts` (in that order), the unit's first request that measured it: its time and id (the order: earliest
 # time, then lowest id), its latency and its sketch bucket. Set when that request is folded, replaced only
-# by an earlier one (a batch committed late).
-FIRST_SLOTS = 3
+# by an earlier one (a batch committed late). A live window keeps at most three fields; a shadow step's
+# window up to nine (experiments.analysis.shadow: both sides of each session's first pair, and the
+# candidate's first reply).
+FIRST_SLOTS = 9
 for _slot in range(FIRST_SLOTS):
     RollupUnit.add_to_class(f"first{_slot}_at", models.DateTimeField(null=True, blank=True))
     RollupUnit.add_to_class(f"first{_slot}_id", models.BigIntegerField(null=True, blank=True))

@@ -19,6 +19,9 @@ their timestamps: a gateway batch that commits after a look has an order at or a
 so the next look reads it, and no look reads a record twice. A window whose end becomes known (its step
 ended) after records past that end were folded is rebuilt once from scratch.
 
+A window folds the rows of one table (`FoldTable`): the request records (`RECORD_TABLE`), or a shadow
+step's shadow pairs, which carry a commit order of their own (experiments.analysis.shadow).
+
 Why DDSketch: its quantiles come with a guarantee, each within a relative error `RELATIVE_ACCURACY` of the
 true nearest-rank value, whatever the distribution; its buckets add, so the sketch of a window is the same
 whichever looks built it (t-digest's merge is approximate and depends on the order of merging, and gives
@@ -197,6 +200,24 @@ SessionRows = Callable[[QuerySet[Any]], QuerySet[Any]]
 
 
 @dataclass(frozen=True)
+class FoldTable:
+    """The rows a window folds, all of one table: `rows(rollout_id)` a rollout's (every row's with None),
+    each with an `arm`, a `created_at` and an id; `horizon()` their commit order's horizon now (below it
+    every row that will ever exist is visible); `committed(rows, start=, end=)` those of `rows` whose commit
+    order is in [start, end). `name` tells two tables' windows apart."""
+
+    name: str
+    rows: Callable[[int | None], QuerySet[Any]]
+    horizon: Callable[[], int]
+    committed: Callable[..., QuerySet[Any]]
+
+
+RECORD_TABLE = FoldTable(
+    "records", lambda rollout_id: request_records(rollout_id=rollout_id), record_commit_horizon, request_records_committed
+)
+
+
+@dataclass(frozen=True)
 class UnitFill:
     """Columns of a unit row set once, when the fold first stores the unit, and constant after: a covariate
     from before the window (`experiments.analysis.preperiod`). `session_rows` gives them as NULL; `sql`,
@@ -220,6 +241,7 @@ def window_fold(
     fill: UnitFill | None = None,
     first_ok: Q | None = None,
     unit: Any = None,
+    table: FoldTable = RECORD_TABLE,
 ) -> Folded:
     """Fold the records of a rollout's window [since, until) committed since the window's watermark into
     its rollup, and return the arms. `session_rows(records)` gives one row per (arm_label, unit) with the
@@ -237,11 +259,14 @@ def window_fold(
     request of the unit replaces it (and moves the unit from one bucket to the other), as a from-scratch
     computation would have counted it.
 
+    `table`: whose rows the window folds (the request records by default; `ok`, `first_ok`, `unit` and
+    `session_rows` are over its rows).
+
     On PostgreSQL, called outside a transaction, a window's first fold (and its `fill`) is split by session
     into ROLLUP_COLD_FOLD_PARTS parts folded at once on connections of their own (`_fold_in_parts`)."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
     first_ok, unit = _first_defaults(ok, first_ok, unit)
-    queries = _fold_queries(spec, session_rows, ok, rows_key, first_ok, unit)
+    queries = _fold_queries(spec, session_rows, ok, rows_key, first_ok, unit, table)
     # The fill's columns: NULL in the records' per-session rows, set once when a unit is first stored.
     constant = tuple(c for c in spec.columns if fill is not None and c in fill.columns)
     key = queries.key if fill is None else hashlib.sha256(f"{queries.key} {fill.key!r}".encode()).hexdigest()
@@ -277,17 +302,17 @@ def window_fold(
                 rebuilt = True
             window.until = until
         jit = _jit_off() if connection.vendor == "postgresql" else None
-        horizon = record_commit_horizon()
+        horizon = table.horizon()
         arms = {arm: ArmRollup.from_json(data) for arm, data in (window.arms or {}).items()}
-        records = request_records(rollout_id=rollout_id).filter(created_at__gte=since)
+        records = table.rows(rollout_id).filter(created_at__gte=since)
         if until is not None:
             records = records.filter(created_at__lt=until)
         read = 0
         # Records already visible but not settled yet (committed by a transaction above the horizon while an
         # older one is still open): counted in this look, folded for good by a later one.
-        tail = request_records_committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
+        tail = table.committed(records, start=max(horizon, window.watermark), end=2**63 - 1).order_by()
         tail_seen: bool | None = None
-        fresh = request_records_committed(records, start=window.watermark, end=horizon).order_by()
+        fresh = table.committed(records, start=window.watermark, end=horizon).order_by()
         # A window with nothing new below the horizon (a closed step's, or one folded already in this look: the
         # tail checks read the windows arm_sums folded) costs an index probe, not a fold statement and a write
         # of its row. Its watermark stays: no record can commit below the horizon any more, so the next fold
@@ -532,15 +557,15 @@ _QUERIES: dict[Hashable, _FoldQueries] = {}
 
 
 def _fold_queries(spec: RollupSpec, session_rows: SessionRows, ok: Q, rows_key: Hashable | None, first_ok: Q,
-                  unit: Any) -> _FoldQueries:  # fmt: skip
+                  unit: Any, table: FoldTable) -> _FoldQueries:  # fmt: skip
     if rows_key is None:
-        return _FoldQueries.of(spec, session_rows, ok, first_ok, unit)
-    key = (connection.vendor, spec, rows_key, ok, first_ok, unit)
+        return _FoldQueries.of(spec, session_rows, ok, first_ok, unit, table)
+    key = (connection.vendor, table.name, spec, rows_key, ok, first_ok, unit)
     found = _QUERIES.get(key)
     if found is None:
         if len(_QUERIES) >= 256:  # plans' thresholds come and go: keep the cache small
             _QUERIES.clear()
-        found = _QUERIES[key] = _FoldQueries.of(spec, session_rows, ok, first_ok, unit)
+        found = _QUERIES[key] = _FoldQueries.of(spec, session_rows, ok, first_ok, unit, table)
     return found
 
 
@@ -554,12 +579,13 @@ class _FoldQueries:
     rows: tuple[str, tuple[Any, ...]]
     recs: tuple[str, tuple[Any, ...]]
     leads: tuple[str, tuple[Any, ...]] | None = None
+    model: Any = None  # the table's model (its columns are what `base` may read)
 
     @classmethod
-    def of(cls, spec: RollupSpec, session_rows: SessionRows, ok: Q, first_ok: Q, unit: Any) -> _FoldQueries:
-        records = request_records()
-        leads = _over_base(_lead_rows(records, spec, first_ok, unit)) if spec.firsts else None
-        return cls(spec, _over_base(session_rows(records)), _over_base(_sketch_rows(records, spec, ok)), leads)
+    def of(cls, spec: RollupSpec, session_rows: SessionRows, ok: Q, first_ok: Q, unit: Any, table: FoldTable) -> _FoldQueries:
+        rows = table.rows(None)
+        leads = _over_base(_lead_rows(rows, spec, first_ok, unit)) if spec.firsts else None
+        return cls(spec, _over_base(session_rows(rows)), _over_base(_sketch_rows(rows, spec, ok)), leads, rows.model)
 
     @property
     def key(self) -> str:
@@ -568,7 +594,7 @@ class _FoldQueries:
 
     @functools.cached_property
     def columns(self) -> tuple[str, ...]:
-        return _base_columns(self.rows, self.recs, *([self.leads] if self.leads is not None else []))
+        return _base_columns(self.model, self.rows, self.recs, *([self.leads] if self.leads is not None else []))
 
 
 def _fold(window_id: int, queries: _FoldQueries, fresh: QuerySet[Any], *, persist: bool,
@@ -732,17 +758,17 @@ def _fill_units(window_id: int, after_id: int, upto_id: int, spec: RollupSpec, f
     return found
 
 
-def _base_columns(*queries: tuple[str, tuple[Any, ...]]) -> tuple[str, ...]:
-    """What a fold reads of a record: the columns the queries over `base` name, and no other (a record's
-    other columns, ids and hashes, are most of its width: the statement keeps `base` in memory, not on disk)."""
-    model = request_records().model
+def _base_columns(model: Any, *queries: tuple[str, tuple[Any, ...]]) -> tuple[str, ...]:
+    """What a fold reads of a row of `model`: the columns the queries over `base` name, and no other (a
+    record's other columns, ids and hashes, are most of its width: the statement keeps `base` in memory,
+    not on disk)."""
     table = re.escape(connection.ops.quote_name(model._meta.db_table))
     named = {m for sql, _ in queries for m in re.findall(rf'{table}\.{_QUOTED}', sql)}
     fields = [f for f in model._meta.concrete_fields if f.column in named]
     columns = tuple(f.attname for f in fields)
     missing = named - {f.column for f in fields}
     if missing or "created_at" not in columns:
-        raise RuntimeError(f"the fold's queries name columns the record has not: {sorted(missing)}")
+        raise RuntimeError(f"the fold's queries name columns {model.__name__} has not: {sorted(missing)}")
     return columns
 
 
@@ -1041,7 +1067,7 @@ def _first_fold_sql(spec: RollupSpec, *, sketches: str, padded: Callable[[list[s
 def window_scratch(
     *, rollout_id: int, since: datetime, until: datetime | None, spec: RollupSpec, session_rows: SessionRows,
     outcome_ok: Q | None = None, horizon: int | None = None, first_ok: Q | None = None, unit: Any = None,
-    fill: UnitFill | None = None,
+    fill: UnitFill | None = None, table: FoldTable = RECORD_TABLE,
 ) -> dict[str, ArmRollup]:  # fmt: skip
     """The same arms computed from scratch over every record of the window (below `horizon` in commit order
     when given): what each look computed before rollups, and the check that the folds add up to it. With
@@ -1049,11 +1075,11 @@ def window_scratch(
     store them."""
     ok = outcome_ok if outcome_ok is not None else Q(outcome="ok")
     first_ok, unit = _first_defaults(ok, first_ok, unit)
-    records = request_records(rollout_id=rollout_id).filter(created_at__gte=since).order_by()
+    records = table.rows(rollout_id).filter(created_at__gte=since).order_by()
     if until is not None:
         records = records.filter(created_at__lt=until)
     if horizon is not None:
-        records = request_records_committed(records, start=0, end=horizon)
+        records = table.committed(records, start=0, end=horizon)
     # The moments as a look from scratch computes them (`merge_rows`), the fill's columns joined per unit.
     filled = [c for c in spec.columns if fill is not None and c in fill.columns]
     moments = merge_rows(session_rows(records), columns=spec.columns, pairs=spec.pairs,

@@ -4,6 +4,7 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import connection
 from django.db.models import BooleanField, CharField, F, QuerySet, Value
@@ -211,9 +212,19 @@ def record_commit_horizon() -> int:
 
     SQLite has one writer at a time and ids that only grow, so every id below the largest committed one's
     successor is settled."""
+    return _commit_horizon(RequestRecord._meta.db_table, _commit_column())
+
+
+def shadow_pair_commit_horizon() -> int:
+    """`record_commit_horizon` for shadow pairs: on PostgreSQL the same (the writing transaction's id is
+    their commit order too, serving migration 0010), on SQLite the pairs' own ids."""
+    return _commit_horizon(ShadowPair._meta.db_table, _shadow_commit_column())
+
+
+def _commit_horizon(table: str, column: str) -> int:
     with connection.cursor() as cursor:
-        if _commit_column() != "commit_xid":
-            cursor.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {RequestRecord._meta.db_table}")
+        if column != "commit_xid":
+            cursor.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}")
             return int(cursor.fetchone()[0])
         cursor.execute("SELECT pg_stat_clear_snapshot()")
         cursor.execute(_HORIZON_SQL)
@@ -236,8 +247,18 @@ _HORIZON_SQL = """
 
 def request_records_committed(records: QuerySet[RequestRecord], *, start: int, end: int) -> QuerySet[RequestRecord]:
     """The records of `records` whose commit order is in [start, end) (see `record_commit_horizon`)."""
-    column = f"{connection.ops.quote_name(RequestRecord._meta.db_table)}.{connection.ops.quote_name(_commit_column())}"
-    return records.filter(RawSQL(f"{column} >= %s AND {column} < %s", (start, end), output_field=BooleanField()))
+    return _committed(records, _commit_column(), start, end)
+
+
+def shadow_pairs_committed(pairs: QuerySet[ShadowPair], *, start: int, end: int) -> QuerySet[ShadowPair]:
+    """The pairs of `pairs` whose commit order is in [start, end) (see `shadow_pair_commit_horizon`)."""
+    return _committed(pairs, _shadow_commit_column(), start, end)
+
+
+def _committed(rows: QuerySet[Any], order: str, start: int, end: int) -> QuerySet[Any]:
+    quote = connection.ops.quote_name
+    column = f"{quote(rows.model._meta.db_table)}.{quote(order)}"
+    return rows.filter(RawSQL(f"{column} >= %s AND {column} < %s", (start, end), output_field=BooleanField()))
 
 
 @functools.cache
@@ -248,8 +269,15 @@ def _commit_column() -> str:
     return "commit_xid" if partitioned() else "id"
 
 
-def shadow_pairs(*, rollout_id: int) -> QuerySet[ShadowPair]:
-    return ShadowPair.objects.filter(rollout_id=rollout_id)
+def _shadow_commit_column() -> str:
+    # Added on PostgreSQL by serving migration 0010.
+    return "commit_xid" if connection.vendor == "postgresql" else "id"
+
+
+def shadow_pairs(*, rollout_id: int | None) -> QuerySet[ShadowPair]:
+    """A rollout's shadow pairs (every rollout's with None)."""
+    pairs = ShadowPair.objects.all()
+    return pairs if rollout_id is None else pairs.filter(rollout_id=rollout_id)
 
 
 def session_unit(*, session: str | None, request_id: str) -> Case | Concat:

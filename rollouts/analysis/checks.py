@@ -51,11 +51,8 @@ from experiments.analysis import (
     arm_sums,
     first_request_bins,
     first_request_over,
-    shadow_candidate_sums,
-    shadow_pair_bins,
-    shadow_pair_over,
-    shadow_paired_latency,
 )
+from experiments.analysis.shadow import ShadowStepSums, shadow_step_sums
 from experiments.analysis.tails import Rollups
 from experiments.metrics import HIGHER, LOWER, METRICS, Metric
 from experiments.stats import (
@@ -654,10 +651,13 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
                                    thresholds=thresholds, percentiles=w.current, pre_period=pre, first_fields=firsts)
             for w in windows}  # fmt: skip
     base = sums[current.step_index]["baseline"]
-    cand = (
-        shadow_candidate_sums(rollout_id=rollout.pk, since=current.since, thresholds=thresholds) if shadow_step
-        else sums[current.step_index]["candidate"]
-    )  # fmt: skip
+    # A shadow step's candidate evidence: its shadow pairs, folded look by look into a window of their own
+    # (the candidate's sums, the paired sums, the first pairs of the tail checks).
+    shadowed = None
+    if shadow_step:
+        shadowed = shadow_step_sums(rollout_id=rollout.pk, since=current.since, thresholds=thresholds,
+                                    bin_fields=tail_guardrail_fields(plan))  # fmt: skip
+    cand = shadowed.candidate if shadowed is not None else sums[current.step_index]["candidate"]
     window_s = max((now - window_start).total_seconds(), 1e-3)
     look.arms = {
         "baseline": arm_summary(base, window_s=window_s, prices=prices["baseline"]),
@@ -691,8 +691,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
 
     over = None
     rollups: Rollups = {}  # the windows' rollups as the tail checks' samples read them: once per look
-    if shadow_step and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
-        over = shadow_pair_over(rollout_id=rollout.pk, since=current.since, thresholds=thresholds)
+    if shadowed is not None and any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
+        over = shadowed.over
     elif any(METRICS[slo.metric].shape == "percentile" for slo in plan.slos):
         spans = [(w.since, None if w.current else w.until) for w in windows if w.weight > 0.0]
         over = first_request_over(rollout_id=rollout.pk, windows=spans, thresholds=thresholds, pre_period=pre,
@@ -702,8 +702,8 @@ def measure(rollout: Rollout, plan: Plan, step: dict[str, Any], window_start: da
         for slo in plan.slos
     ]
     share = weight or float(step["shadow_rate"]) / (1.0 + float(step["shadow_rate"]))
-    paired = shadow_paired_latency(rollout_id=rollout.pk, since=window_start) if shadow_step else None
-    tails = _tail_bins(rollout, plan, windows, compared, shadow_step, window_start, pre, firsts, rollups)
+    paired = shadowed.paired if shadowed is not None else None
+    tails = _tail_bins(rollout, plan, windows, compared, shadowed, pre, firsts, rollups)
     # A guardrail's breach side: half its share when the plan bakes alone (the other half is its bake-alone
     # check's, `rollouts.plans.alpha`), at every look of the rollout, so that the halves add up over its life.
     breach_alpha = split.breach_share
@@ -740,7 +740,7 @@ def bake_alone_checks(rollout: Rollout, plan: Plan, windows: list[Window], sums:
     bake = windows[-1]
     share = bake.weight
     strata = [(sums[bake.step_index]["baseline"], sums[bake.step_index]["candidate"])]
-    tails = _tail_bins(rollout, plan, windows, [bake.step_index], False, bake.since, pre, firsts, rollups)
+    tails = _tail_bins(rollout, plan, windows, [bake.step_index], None, pre, firsts, rollups)
     out = []
     for g in plan.guardrails:
         breach_n = bake_alone_tuning_n(plan, g)
@@ -753,20 +753,26 @@ def bake_alone_checks(rollout: Rollout, plan: Plan, windows: list[Window], sums:
     return out
 
 
-def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int], shadow_step: bool,
-               window_start: datetime, pre: PrePeriod | None = None, firsts: tuple[str, ...] | None = None,
+def _tail_bins(rollout: Rollout, plan: Plan, windows: list[Window], compared: list[int],
+               shadowed: ShadowStepSums | None, pre: PrePeriod | None = None, firsts: tuple[str, ...] | None = None,
                rollups: Rollups | None = None) -> dict[str, dict[str, dict[int, int]]]:  # fmt: skip
     """The tail guardrails' samples (`experiments.analysis.tails`): the first request of each session over the
-    same steps the other guardrails pool (a shadow step: the first of each session's pairs in it). Empty when no guardrail is a tail.
-    Read from the windows' rollups that `arm_sums` folded (the same thresholds and pre-period)."""
-    fields = sorted({METRICS[g.metric].source for g in plan.guardrails if METRICS[g.metric].shape == "percentile"})
+    same steps the other guardrails pool (a shadow step, `shadowed`: the first of each session's pairs in it).
+    Empty when no guardrail is a tail. Read from the windows' rollups that `arm_sums` folded (the same
+    thresholds and pre-period), or that the shadow step's fold kept."""
+    fields = tail_guardrail_fields(plan)
     if not fields:
         return {}
-    if shadow_step:
-        return shadow_pair_bins(rollout_id=rollout.pk, since=window_start, fields=fields)
+    if shadowed is not None:
+        return shadowed.bins
     spans = [(w.since, None if w.current else w.until) for w in windows if w.step_index in compared]
     return first_request_bins(rollout_id=rollout.pk, windows=spans, fields=fields, thresholds=plan.latency_thresholds,
                               pre_period=pre, first_fields=firsts, rollups=rollups)  # fmt: skip
+
+
+def tail_guardrail_fields(plan: Plan) -> tuple[str, ...]:
+    """The latency fields of the plan's tail guardrails."""
+    return tuple(sorted({METRICS[g.metric].source for g in plan.guardrails if METRICS[g.metric].shape == "percentile"}))
 
 
 def tail_fields(plan: Plan) -> tuple[str, ...]:
