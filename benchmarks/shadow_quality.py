@@ -70,6 +70,7 @@ def fill(pairs: int, sessions: int, seed: int) -> None:
     config.save(update_fields=["scorers"])
     mark = f"{pairs}-{sessions}-{seed}-timed"
     existing = ShadowPair.objects.filter(rollout_id=ROLLOUT_ID)
+    existing.filter(request_id__startswith=STEADY).delete()  # (an earlier run's folded looks added them)
     if existing.filter(request_id=f"fill-{mark}").exists() and existing.count() == pairs:
         print(f"== fill: {pairs:,} scored pairs of rollout {ROLLOUT_ID} kept from an earlier run")
         return
