@@ -1035,11 +1035,11 @@ class TailSamples:
             for attr in ("wall_ms", "client_ms", "server_ms"):
                 setattr(folded, attr, getattr(folded, attr) + getattr(clock, attr))
             if name == "bins":
-                args = {k: v for k, v in kwargs.items() if k not in ("thresholds", "pre_period", "first_fields")}
+                args = {k: v for k, v in kwargs.items() if k not in ("thresholds", "pre_period", "first_fields", "rollups")}
                 with CpuClock() as again:
                     other = first_request_bins_scratch(**args)
             else:
-                args = {k: v for k, v in kwargs.items() if k not in ("pre_period", "first_fields")}
+                args = {k: v for k, v in kwargs.items() if k not in ("pre_period", "first_fields", "rollups")}
                 with CpuClock() as again:
                     other = first_request_over_scratch(**args)
             self.equal &= other == value

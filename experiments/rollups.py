@@ -874,12 +874,27 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False, constant: tuple[str, ...
     )  # fmt: skip
     fresh_head, fresh_tail = "", ""
     timestamp = connection.data_types["DateTimeField"]
-    if spec.firsts and empty:
-        picked = ", ".join(f"l{i}.{c} AS a{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS)
-        joins = " ".join(f"LEFT JOIN lead{i} l{i} ON l{i}.arm = s.arm_label AND l{i}.unit = s.unit" for i in range(len(spec.firsts)))
-        fresh_head, fresh_tail = f"SELECT s.*, {picked} FROM (", f") s {joins}"
-    elif spec.firsts:
-        fresh_head, fresh_tail = _leads_beside(spec, real, timestamp)
+    if spec.firsts:
+        # Each unit's first requests in one row (`leadall`, computed once), joined to its new sums once. A
+        # join of the rows to each field's `lead<i>` was planned from estimates: once the new records' commit
+        # orders lay past the table's statistics, both sides were estimated at a row and joined by nested
+        # loops that ran the field's window over every new record again for each session (at 1,000 shadow
+        # pairs and seven fields, 3.5 s of a look).
+        parts = [(i, c) for i in range(len(spec.firsts)) for c in FIRST_PARTS]
+        kind = {"at": timestamp, "id": "BIGINT", "x": real, "k": real}
+
+        def branch(i: int) -> str:
+            # (UNION ALL takes each column's type from the first branch: its NULLs are typed and named.)
+            values = [f"l.{c}" if j == i else f"CAST(NULL AS {kind[c]})" if i == 0 else "NULL" for j, c in parts]
+            named = [f"{v} AS a{j}_{c}" for v, (j, c) in zip(values, parts, strict=True)] if i == 0 else values
+            return f"SELECT l.arm AS arm, l.unit AS unit, {', '.join(named)} FROM lead{i} l"
+
+        stacked = " UNION ALL ".join(branch(i) for i in range(len(spec.firsts)))
+        taken = ", ".join(f"MAX(u.a{i}_{c}) AS a{i}_{c}" for i, c in parts)
+        materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
+        leads += f", leadall AS {materialized}(SELECT u.arm, u.unit, {taken} FROM ({stacked}) u GROUP BY u.arm, u.unit)"
+        picked = ", ".join(f"la.a{i}_{c} AS a{i}_{c}" for i, c in parts)
+        fresh_head, fresh_tail = f"SELECT s.*, {picked} FROM (", ") s LEFT JOIN leadall la ON la.arm = s.arm_label AND la.unit = s.unit"
     first_columns = [f"first{i}_{c}" for i in range(len(spec.firsts)) for c in FIRST_PARTS]
     stored_firsts = "".join(f", o.{c}" for c in first_columns)
 
@@ -1000,30 +1015,6 @@ def _fold_sql(spec: RollupSpec, *, empty: bool = False, constant: tuple[str, ...
         f"ON CONFLICT (window_id, arm, unit) DO UPDATE SET {updates}"
     )
     return leads, fresh_head, fresh_tail, " ".join(ctes.split()), " ".join(select.split()), upsert
-
-
-def _leads_beside(spec: RollupSpec, real: str, timestamp: str) -> tuple[str, str]:
-    """A later fold's per-session rows with each unit's first request per `firsts` field beside them
-    (`a<i>_at`, `_id`, `_x`, `_k`), as the head and tail around the rows' SQL: the rows and the `lead<i>`
-    rows (one per unit and field) stacked by UNION ALL and grouped per unit, each column's one non-NULL
-    value taken. A join of the rows to each `lead<i>` was planned from estimates: once the new records'
-    commit orders lay past the table's statistics, both sides were estimated at a row and joined by a
-    nested loop that ran the field's window over every new record again for each session (at 1,000
-    shadow pairs and seven fields, 3.5 s of a look). Grouping is linear whatever the estimates."""
-    quote = connection.ops.quote_name
-    n = len(spec.firsts)
-    own = ["first_at", *spec.columns]
-    kind = {"at": timestamp, "id": "BIGINT", "x": real, "k": real}
-    parts = [(i, c) for i in range(n) for c in FIRST_PARTS]
-    rows = ", ".join(["s.arm_label AS arm_label", "s.unit AS unit", *(f"s.{quote(c)} AS {quote(c)}" for c in own),
-                      *(f"CAST(NULL AS {kind[c]}) AS a{i}_{c}" for i, c in parts)])  # fmt: skip
-    leads = " ".join(
-        f"UNION ALL SELECT l.arm, l.unit, {', '.join(['NULL'] * len(own) + [f'l.{c}' if j == i else 'NULL' for j, c in parts])} "
-        f"FROM lead{i} l"
-        for i in range(n)
-    )  # fmt: skip
-    taken = ", ".join([*(f"MAX(g.{quote(c)}) AS {quote(c)}" for c in own), *(f"MAX(g.a{i}_{c}) AS a{i}_{c}" for i, c in parts)])
-    return f"SELECT g.arm_label AS arm_label, g.unit AS unit, {taken} FROM (SELECT {rows} FROM (", f") s {leads}) g GROUP BY g.arm_label, g.unit"
 
 
 def _select_rest(sketches: str, padded: Callable[[list[str]], str], lead_bins: str) -> str:
