@@ -14,7 +14,9 @@ Shadow steps: the same, over shadow pairs. A pair keeps its request's session ha
 contributes its first pair (by `created_at`, then id) among those that measured the field, and a pair
 without a session is its own unit (`sessions.SHADOW`). For a guardrail the pair must have both sides, both
 timed by the mirror task, and its two sides are the arms; for a tail SLO the candidate's side alone
-(`shadow_pair_over`). Read pair by pair, one heavy user's slow pairs would be most of the sample.
+(`shadow_pair_over`). Read pair by pair, one heavy user's slow pairs would be most of the sample. A shadow
+step's look reads both from its folded window (`experiments.analysis.shadow`); `shadow_pair_bins` and
+`shadow_pair_over` count them from every pair of the step, the fold's check.
 
 Folded look by look (experiments.rollups): each window's unit row keeps, per latency field, the session's
 first request (its time and id, latency and sketch bucket), replaced only by an earlier one (a batch

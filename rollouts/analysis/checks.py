@@ -338,7 +338,7 @@ def _slo_check(slo: Any, cand: ArmSums, prices: tuple[float, float], alpha: floa
                steps: list[int], firsts: dict[tuple[str, float], tuple[int, int]] | None = None,
                shadow: bool = False) -> dict[str, Any]:  # fmt: skip
     """`firsts`: the tail SLOs' sample, one request per session (`experiments.analysis.first_request_over`,
-    or in a shadow step one shadow pair per session, `shadow_pair_over`)."""
+    or in a shadow step one shadow pair per session, `experiments.analysis.shadow.ShadowStepSums.over`)."""
     metric = METRICS[slo.metric]
     out: dict[str, Any] = {
         "type": "slo", "name": slo.label, "metric": slo.metric, "limit": slo.threshold, "alpha": num(alpha),

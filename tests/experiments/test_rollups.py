@@ -38,6 +38,7 @@ from experiments.rollups import (
     windows_prune,
 )
 from serving.models import RequestRecord
+from tests.support.postgres import connect_beside
 
 COLUMNS = ("requests", "ok", "errors", "ttft_n", "ttft_s")
 SPEC = RollupSpec(
@@ -491,9 +492,7 @@ def test_a_look_sees_records_of_its_own_transaction_without_settling_them() -> N
     if postgres:
         # A newer transaction ends meanwhile (other work on the server): the horizon still stays at this
         # transaction's own id, which the records it writes after the look carry too.
-        settings = connection.settings_dict
-        with psycopg.connect(dbname="postgres", user=settings["USER"], host=settings["HOST"], autocommit=True,
-                             port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None) as other:  # fmt: skip
+        with connect_beside("postgres", autocommit=True) as other:
             other.execute("SELECT pg_current_xact_id()")
     first = fold(since)
     assert arms_from_scratch_equal(first.arms, scratch(since)) == []
@@ -537,9 +536,7 @@ def test_a_batch_committed_late_is_counted_exactly_once() -> None:
     batch(rng, 40, start=since)
     first = fold(since)
     assert first.records_read == 40
-    settings = connection.settings_dict
-    late = psycopg.connect(dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
-                           port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None)  # fmt: skip
+    late = connect_beside()
     try:
         with late.cursor() as cursor:  # the late batch: written, not committed
             cursor.execute(
@@ -620,8 +617,7 @@ def test_the_horizon_waits_for_this_database_s_transactions_only() -> None:
     settings = connection.settings_dict
 
     def open_transaction(dbname: str) -> tuple[psycopg.Connection[Any], int]:
-        conn = psycopg.connect(dbname=dbname, user=settings["USER"], host=settings["HOST"],
-                               port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None)  # fmt: skip
+        conn = connect_beside(dbname)
         xid = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]  # type: ignore[index]
         return conn, int(xid)
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
-from typing import Any
 
-import psycopg
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -24,6 +22,7 @@ from experiments.analysis.shadow import (
 from experiments.models import RollupWindow
 from experiments.rollups import arms_from_scratch_equal, window_scratch
 from serving.models import ShadowPair
+from tests.support.postgres import connect_beside
 
 ROLLOUT = 31
 LIMITS = {"ttft_ms": (120.0, 300.0), "tpot_ms": (25.0,)}
@@ -99,12 +98,6 @@ def test_an_empty_shadow_step_reads_as_empty() -> None:
     assert step.bins == {} and step.over == {("ttft_ms", 120.0): (0, 0), ("ttft_ms", 300.0): (0, 0), ("tpot_ms", 25.0): (0, 0)}
 
 
-def _connect() -> Any:
-    settings = connection.settings_dict
-    return psycopg.connect(dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
-                           port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None)  # fmt: skip
-
-
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="concurrent writers: PostgreSQL's commit order")
 @pytest.mark.django_db(transaction=True)
 def test_a_shadow_pair_committed_late_is_counted_exactly_once() -> None:
@@ -115,7 +108,7 @@ def test_a_shadow_pair_committed_late_is_counted_exactly_once() -> None:
     since = timezone.now() - timedelta(hours=1)
     pairs(rng, 40, start=since + timedelta(minutes=5))
     first = look(since)
-    late = _connect()
+    late = connect_beside()
     try:
         with late.cursor() as cursor:  # the late pair: written, not committed
             cursor.execute(
