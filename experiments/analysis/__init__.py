@@ -132,7 +132,7 @@ def window_moments(
     return moments, specs
 
 
-def _thresholds(thresholds: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
+def threshold_tuples(thresholds: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
     return {name: tuple(limits) for name, limits in (thresholds or {}).items()}
 
 
@@ -154,7 +154,7 @@ def arm_sums(
     before the rollout are, the latencies' second covariate (`preperiod`). `first_fields`: the latency fields
     of the plan's tail checks, whose first request per session the window's rollup keeps for them
     (`tails`: they read the same rollup when given the same fields, thresholds and pre-period)."""
-    limits = _thresholds(thresholds)
+    limits = threshold_tuples(thresholds)
     records = _window(request_records(rollout_id=rollout_id), since, until)
     incremental = _incremental(rollout_id, since, until, limits, pre_period, first_fields) if since is not None else None
     if incremental is not None:
@@ -189,11 +189,11 @@ def _incremental(
     if folded is None:
         return None
     moments = {arm: UnitMoments(a.units, a.exposed, dict(a.sums), dict(a.products)) for arm, a in folded.arms.items()}
-    tails = {arm: _sketch_percentiles(a, RECORDS.latency) for arm, a in folded.arms.items()}
+    tails = {arm: sketch_percentiles(a, RECORDS.latency) for arm, a in folded.arms.items()}
     return moments, specs, tails
 
 
-def _sketch_percentiles(arm: ArmRollup, names: Iterable[str]) -> dict[str, float | None]:
+def sketch_percentiles(arm: ArmRollup, names: Iterable[str]) -> dict[str, float | None]:
     """The display percentiles (`_percentiles`' keys) from an arm's DDSketches, each within
     `experiments.rollups.RELATIVE_ACCURACY` of the nearest-rank value."""
     return {_percentile_key(name, label): arm.quantile(name, q) for name in names for label, q in SUMMARY_PERCENTILES.items()}
@@ -217,7 +217,7 @@ def records_rollup_spec(
     the first requests of `first_fields` with the counts over `limits`. None when it does not fit a rollup."""
     from experiments.rollups import RollupSpec
 
-    limits = _thresholds(limits)
+    limits = threshold_tuples(limits)
     fields = first_request_fields(first_fields)
     specs = ratio_specs(RECORDS, limits, pre=pre_specs(RECORDS) if history else None)
     before = pre_column_names(RECORDS) if history else []
@@ -256,7 +256,7 @@ def records_fold(
     are `window_scratch`'s too. None when the spec does not fit a rollup."""
     from experiments.rollups import UnitFill
 
-    limits = _thresholds(limits)
+    limits = threshold_tuples(limits)
     spec = records_rollup_spec(limits=limits, history=pre_period is not None, first_fields=first_fields)
     if spec is None:
         return None
@@ -288,7 +288,7 @@ def shadow_candidate_sums(
     """The candidate's statistics from its shadow replies (weight-0 steps): no user saw these answers. The
     units are sessions, as for the live arms: the pair keeps its request's session hash, and a sticky user's
     replies share their prompts; a pair without a session is its own unit."""
-    limits = _thresholds(thresholds)
+    limits = threshold_tuples(thresholds)
     pairs = _window(shadow_pairs(rollout_id=rollout_id), since, until)
     moments, specs = window_moments(pairs, source=SHADOW, thresholds=limits)
     candidate = moments.get(CANDIDATE, UnitMoments())
@@ -318,7 +318,7 @@ def _sketched_percentiles(rows: QuerySet[Any], source: SessionSource) -> dict[st
         cursor.execute(" UNION ALL ".join(parts), params)
         for index, bucket, n in cursor.fetchall():
             sketched.sketches.setdefault(names[int(index)], {})[int(bucket)] = int(n)
-    return _sketch_percentiles(sketched, names)
+    return sketch_percentiles(sketched, names)
 
 
 def outcome_unit_stats(
@@ -362,7 +362,7 @@ def alias_history(
     if model_version_id is not None:
         records = records.filter(model_version_id=model_version_id)
     source = replace(RECORDS, arm=None)
-    limits = _thresholds(thresholds)
+    limits = threshold_tuples(thresholds)
     moments, specs = window_moments(records, source=source, thresholds=limits)
     span = max((timezone.now() - since).total_seconds(), 1.0)
     return ArmSums(moments.get(CANDIDATE, UnitMoments()), specs, limits), rate_n / span

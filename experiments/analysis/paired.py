@@ -11,6 +11,7 @@ as a ratio over sessions (``experiments.stats.RatioStats``: the delta-method var
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -110,6 +111,26 @@ class PairedLatency:
     fields: dict[str, PairedSums]
 
 
+def both_answered(name: str) -> Q:
+    """A shadow pair that counts for the paired statistics of latency field `name`: both sides answered ok
+    with a positive value (pairs from before the baseline was replayed have no baseline side)."""
+    base, cand = PAIRED_FIELDS[name]
+    return Q(candidate_outcome="ok", baseline_replay_outcome="ok", **{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
+
+
+def paired_unit_sums(name_of: Callable[[str, str], str]) -> dict[str, Any]:
+    """Per latency field, a unit's aggregates over its pairs that count (`both_answered`): their count ("n")
+    and their sums of b ("b"), c ("c") and ln(c / b) ("lr"), each named `name_of(field, part)`."""
+    out: dict[str, Any] = {}
+    for logical, (base, cand) in PAIRED_FIELDS.items():
+        present = both_answered(logical)
+        b, c = F(base), F(cand)
+        out[name_of(logical, "n")] = Count("pk", filter=present)
+        for part, term in (("b", b), ("c", c), ("lr", Ln(c) - Ln(b))):
+            out[name_of(logical, part)] = Sum(term, filter=present, output_field=FloatField())
+    return out
+
+
 def shadow_paired_latency(
     *, rollout_id: int, since: datetime | None = None, until: datetime | None = None
 ) -> PairedLatency:
@@ -123,14 +144,7 @@ def shadow_paired_latency(
         pairs = pairs.filter(created_at__gte=since)
     if until is not None:
         pairs = pairs.filter(created_at__lt=until)
-    both_ok = Q(candidate_outcome="ok", baseline_replay_outcome="ok")
-    aggregates: dict[str, Any] = {}
-    for logical, (base, cand) in PAIRED_FIELDS.items():
-        present = both_ok & Q(**{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
-        b, c = F(base), F(cand)
-        aggregates[f"{logical}__n"] = Count("pk", filter=present)
-        for name, term in (("b", b), ("c", c), ("lr", Ln(c) - Ln(b))):
-            aggregates[f"{logical}__{name}"] = Sum(term, filter=present, output_field=FloatField())
+    aggregates = paired_unit_sums(lambda logical, part: f"{logical}__{part}")
     per_unit = pairs.annotate(unit=unit_expression(SHADOW)).values("unit").annotate(**aggregates).values_list(*aggregates)
     sql, params = per_unit.query.sql_with_params()
     quote = connection.ops.quote_name

@@ -34,13 +34,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from django.db.models import CharField, Count, F, FloatField, Q, QuerySet, Sum, Value, When
+from django.db.models import CharField, F, FloatField, Q, QuerySet, Value, When
 from django.db.models.expressions import Case
-from django.db.models.functions import Ln
 
-from experiments.analysis import CANDIDATE, _sketch_percentiles, _thresholds, shadow_candidate_sums
+from experiments.analysis import CANDIDATE, shadow_candidate_sums, sketch_percentiles, threshold_tuples
 from experiments.analysis.arms import ArmSums
-from experiments.analysis.paired import PAIRED_FIELDS, SUMS, PairedLatency, PairedSums, shadow_paired_latency
+from experiments.analysis.paired import (
+    PAIRED_FIELDS,
+    SUMS,
+    PairedLatency,
+    PairedSums,
+    both_answered,
+    paired_unit_sums,
+    shadow_paired_latency,
+)
 from experiments.analysis.sessions import (
     SHADOW,
     UnitMoments,
@@ -56,26 +63,22 @@ from serving.selectors import shadow_pair_commit_horizon, shadow_pairs, shadow_p
 if TYPE_CHECKING:
     from experiments.rollups import ArmRollup, FoldTable, RollupSpec
 
-# A paired field's per-session columns: the pairs counted, and the sums of b, c and ln(c / b).
-PAIRED_PARTS = ("pn", "pb", "pc", "plr")
-# The `PairedSums` product sums, as products of a session's columns (n, b, c, lr).
-_PAIRED_PRODUCTS = {"b2": ("pb", "pb"), "c2": ("pc", "pc"), "bc": ("pb", "pc"), "lr2": ("plr", "plr"),
-                    "n2": ("pn", "pn"), "nb": ("pn", "pb"), "nc": ("pn", "pc"), "nlr": ("pn", "plr")}  # fmt: skip
+# A paired field's per-session columns (`paired.paired_unit_sums`): the pairs counted, and the sums of b, c
+# and ln(c / b).
+PAIRED_PARTS = ("n", "b", "c", "lr")
+# The `PairedSums` product sums, as products of a session's columns.
+_PAIRED_PRODUCTS = {"b2": ("b", "b"), "c2": ("c", "c"), "bc": ("b", "c"), "lr2": ("lr", "lr"), "n2": ("n", "n"),
+                    "nb": ("n", "b"), "nc": ("n", "c"), "nlr": ("n", "lr")}  # fmt: skip
 
 
 def paired_column(name: str, part: str) -> str:
-    return f"{name}_{part}"
-
-
-def _both_sides(name: str) -> Q:
-    """A pair that counts for the paired statistics of a latency field: both sides answered ok with it."""
-    base, cand = PAIRED_FIELDS[name]
-    return Q(candidate_outcome="ok", baseline_replay_outcome="ok", **{f"{base}__gt": 0.0, f"{cand}__gt": 0.0})
+    """The window's column of a paired field's part: ttft_ms, n -> ttft_ms_pn."""
+    return f"{name}_p{part}"
 
 
 def _side(name: str, side: int) -> str:
     """The annotation that is one side of a pair (0 the baseline's, 1 the candidate's) of a latency field
-    where the pair counts (`_both_sides`), else NULL: a first-request slot of the fold."""
+    where the pair counts (`paired.both_answered`), else NULL: a first-request slot of the fold."""
     return f"paired_{name}_{'bc'[side]}"
 
 
@@ -83,7 +86,7 @@ def _pairs(rollout_id: int | None) -> QuerySet[Any]:
     """The rows a shadow window folds: the rollout's pairs, each the candidate's, with both sides of every
     latency field where the pair counts for it."""
     sides = {
-        _side(name, side): Case(When(_both_sides(name), then=F(columns[side])), default=None, output_field=FloatField())
+        _side(name, side): Case(When(both_answered(name), then=F(columns[side])), default=None, output_field=FloatField())
         for name, columns in PAIRED_FIELDS.items() for side in (0, 1)
     }  # fmt: skip
     return shadow_pairs(rollout_id=rollout_id).annotate(arm=Value(CANDIDATE, output_field=CharField()), **sides)
@@ -96,24 +99,13 @@ def shadow_table() -> FoldTable:
     return FoldTable("shadow", _pairs, shadow_pair_commit_horizon, shadow_pairs_committed)
 
 
-def _paired_columns() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, (base, cand) in PAIRED_FIELDS.items():
-        present = _both_sides(name)
-        out[paired_column(name, "pn")] = Count("pk", filter=present)
-        out[paired_column(name, "pb")] = Sum(base, filter=present, output_field=FloatField())
-        out[paired_column(name, "pc")] = Sum(cand, filter=present, output_field=FloatField())
-        out[paired_column(name, "plr")] = Sum(Ln(F(cand)) - Ln(F(base)), filter=present, output_field=FloatField())
-    return out
-
-
 def shadow_rollup_spec(*, limits: Mapping[str, Sequence[float]], bin_fields: Sequence[str] = ()) -> RollupSpec:
     """What a shadow step's window keeps (the module's docstring): the candidate's columns with the tail SLOs'
     `limits`, the paired sums, the sketches, and the first pairs: both sides for `bin_fields` (the tail
     guardrails'), the baseline side for every field, the candidate's first reply for the fields of `limits`."""
     from experiments.rollups import RollupSpec
 
-    limits = _thresholds(limits)
+    limits = threshold_tuples(limits)
     paired = [paired_column(name, part) for name in PAIRED_FIELDS for part in PAIRED_PARTS]
     pairs = set(product_pairs(ratio_specs(SHADOW, limits).values()))
     for name in PAIRED_FIELDS:
@@ -132,10 +124,10 @@ def shadow_rollup_spec(*, limits: Mapping[str, Sequence[float]], bin_fields: Seq
 
 def shadow_fold(*, limits: Mapping[str, Sequence[float]], bin_fields: Sequence[str] = ()) -> dict[str, Any]:
     """The arguments to `experiments.rollups.window_fold` (and `window_scratch`) besides the window."""
-    limits = _thresholds(limits)
+    limits = threshold_tuples(limits)
     return {
         "spec": shadow_rollup_spec(limits=limits, bin_fields=bin_fields),
-        "session_rows": lambda rows: session_rows(rows, source=SHADOW, thresholds=limits).annotate(**_paired_columns()),
+        "session_rows": lambda rows: session_rows(rows, source=SHADOW, thresholds=limits).annotate(**paired_unit_sums(paired_column)),
         "rows_key": ("shadow", tuple(sorted(limits.items()))), "outcome_ok": Q(candidate_outcome="ok"),
         "first_ok": Q(candidate_outcome="ok"), "unit": unit_expression(SHADOW), "table": shadow_table(),
     }  # fmt: skip
@@ -164,7 +156,7 @@ def shadow_step_sums(
     From scratch when the spec does not fit a rollup (more thresholds than its slots)."""
     from experiments.rollups import window_fold
 
-    limits = _thresholds(thresholds)
+    limits = threshold_tuples(thresholds)
     try:
         fold = shadow_fold(limits=limits, bin_fields=bin_fields)
     except ValueError:
@@ -179,18 +171,18 @@ def shadow_step_from(
     """`ShadowStepSums` from a shadow window's candidate arm (none yet: an empty step)."""
     from experiments.rollups import ArmRollup, over_key
 
-    limits = _thresholds(limits)
+    limits = threshold_tuples(limits)
     arm = arm if arm is not None else ArmRollup()
     specs = ratio_specs(SHADOW, limits)
     moments = UnitMoments(arm.units, arm.exposed, dict(arm.sums), dict(arm.products))
-    candidate = ArmSums(moments, specs, limits, {}, _sketch_percentiles(arm, SHADOW.latency))
+    candidate = ArmSums(moments, specs, limits, {}, sketch_percentiles(arm, SHADOW.latency))
     fields = {}
     for name in PAIRED_FIELDS:
         column = {part: paired_column(name, part) for part in PAIRED_PARTS}
-        sums = {"b": moments.total(column["pb"]), "c": moments.total(column["pc"]), "lr": moments.total(column["plr"])}
+        sums = {part: moments.total(column[part]) for part in ("b", "c", "lr")}
         sums.update({key: moments.product(column[a], column[b]) for key, (a, b) in _PAIRED_PRODUCTS.items()})
         units = sum(arm.firsts.get(f"{name}:baseline", {}).values())
-        fields[name] = PairedSums(round(moments.total(column["pn"])), units, **{key: sums[key] for key in SUMS})
+        fields[name] = PairedSums(round(moments.total(column["n"])), units, **{key: sums[key] for key in SUMS})
     bins: dict[str, dict[str, Bins]] = {}
     for name in sorted(set(bin_fields)):
         for side in ("baseline", "candidate"):
@@ -213,7 +205,7 @@ def shadow_step_scratch(
 ) -> ShadowStepSums:  # fmt: skip
     """`shadow_step_sums` from scratch: the four reads over every pair of the step, what each look did before
     the fold, and what the fold is checked against."""
-    limits = _thresholds(thresholds)
+    limits = threshold_tuples(thresholds)
     return ShadowStepSums(
         shadow_candidate_sums(rollout_id=rollout_id, since=since, thresholds=limits),
         shadow_paired_latency(rollout_id=rollout_id, since=since),

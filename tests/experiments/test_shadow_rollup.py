@@ -20,7 +20,7 @@ from experiments.analysis.shadow import (
     shadow_step_sums,
 )
 from experiments.models import RollupWindow
-from experiments.rollups import arms_from_scratch_equal, window_scratch
+from experiments.rollups import ArmRollup, arms_from_scratch_equal, window_scratch
 from serving.models import ShadowPair
 from tests.support.postgres import connect_beside
 
@@ -85,8 +85,6 @@ def test_a_shadow_step_folded_look_by_look_reads_what_the_pairs_give_from_scratc
         k: v for k, v in shadow_fold(limits=LIMITS, bin_fields=BIN_FIELDS).items() if k != "rows_key"})
     folded = look(since)  # nothing new: the window as stored
     assert folded == step
-    from experiments.rollups import ArmRollup
-
     stored = {arm: ArmRollup.from_json(data) for arm, data in RollupWindow.objects.get(pk=window.pk).arms.items()}
     assert arms_from_scratch_equal(stored, arms) == []
 
